@@ -1,0 +1,338 @@
+"""Capture ops: the runtime unit of per-sample gradient capture.
+
+A capture op replaces one use of trainable parameters in the graph (a
+``call_module`` on a leaf, a functional op, or a small parameter subgraph and its
+consumer). Its forward is the original op. Its backward (an
+``autograd.Function``) returns the usual gradients of the activations -- computed
+by PyTorch's own derivative of the op, with the parameters detached -- and hands
+the record (activations, output gradients) to the ``Recorder``, which turns it
+into per-sample gradients with the op's rule. The op's output is a fresh tensor,
+so in-place ops after it (``nn.ReLU(inplace=True)``) are fine.
+
+This is the observer of torch.ao.quantization's FX mode: ``DPModule.strip()``
+removes capture ops and gives back the plain graph.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, FrozenSet, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from .errors import BatchDimensionError, PerSampleGradientError, UnsupportedOpError, where
+
+__all__ = ["CaptureOp", "Recorder", "LayerRecord"]
+
+
+@dataclass
+class LayerRecord:
+    """What one capture op recorded in one backward pass."""
+
+    op: "CaptureOp"
+    inputs: List[Any]  # detached dynamic inputs (activations, parameters, buffers)
+    grads: List[Optional[Tensor]]  # gradients of the flat outputs
+    params: Dict[int, nn.Parameter]  # dynamic-input index -> parameter needing per-sample grads
+    batch_size: int
+    generation: int
+    batch_dims: Tuple[Tuple[Any, ...], Tuple[Any, ...]]  # (inputs, outputs) batch dims
+
+
+class Recorder:
+    """Shared state of one privatized module's capture ops.
+
+    Holds the per-forward context (batch size, batch dimensions of every captured
+    tensor) and writes per-sample gradients into ``p.grad_sample`` following
+    Opacus' convention (for ``loss_reduction="mean"`` rows are multiplied by the
+    batch size, so row i is sample i's own gradient).
+    """
+
+    def __init__(self, loss_reduction: str = "mean", mode: str = "materialize") -> None:
+        if loss_reduction not in ("mean", "sum"):
+            raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
+        self.loss_reduction = loss_reduction
+        self.mode = mode
+        self.generation = 0
+        self.batch_size: Optional[int] = None
+        #: capture name -> (input batch dims, output batch dims) for the current forward
+        self.batch_dims: Dict[str, Tuple[Tuple[Any, ...], Tuple[Any, ...]]] = {}
+        self.strict_batch_dims = True
+        self._owner: Dict[int, Tuple[int, int]] = {}  # id(param) -> (generation, rows of that generation)
+        self.records: List[LayerRecord] = []
+
+    def begin_forward(self, batch_size: Optional[int], batch_dims: Dict[str, Any]) -> None:
+        self.generation += 1
+        self.batch_size = batch_size
+        self.batch_dims = batch_dims
+
+    # -- per-sample gradients -------------------------------------------------
+    def on_backward(self, rec: LayerRecord) -> Dict[int, Tensor]:
+        """Per-sample gradients for one record; returns the summed (ordinary)
+        gradient of each parameter input."""
+        raw = rec.op.per_sample_grads(rec)
+        summed: Dict[int, Tensor] = {}
+        scale = rec.batch_size if self.loss_reduction == "mean" else 1
+        for idx, p in rec.params.items():
+            gs = raw[idx]
+            summed[idx] = gs.sum(0)
+            self._accumulate(p, gs * scale if scale != 1 else gs, rec)
+        return summed
+
+    def _accumulate(self, p: nn.Parameter, gs: Tensor, rec: LayerRecord) -> None:
+        gs = gs.to(p.dtype)
+        prev = getattr(p, "grad_sample", None)
+        gen, rows = self._owner.get(id(p), (None, 0))
+        if prev is None:
+            p.grad_sample = gs
+            self._owner[id(p)] = (rec.generation, gs.shape[0])
+        elif gen == rec.generation:
+            # another use of the same (tied) parameter in the same forward: add
+            head, tail = prev[: prev.shape[0] - rows], prev[prev.shape[0] - rows :]
+            p.grad_sample = torch.cat([head, tail + gs]) if head.shape[0] else tail + gs
+        else:
+            # a new batch before the previous per-sample gradients were consumed:
+            # its rows are appended (Opacus' gradient-accumulation semantics)
+            p.grad_sample = torch.cat([prev, gs])
+            self._owner[id(p)] = (rec.generation, gs.shape[0])
+
+
+def _batch_of(t: Tensor, B: Optional[int], hint: Any, what: str, op: "CaptureOp", strict: bool) -> Optional[int]:
+    """Resolve the batch dimension of tensor ``t`` from the propagated ``hint``."""
+    if isinstance(hint, int):
+        if B is not None and t.dim() > hint and t.shape[hint] != B:
+            raise BatchDimensionError(
+                f"{what} of {op.where()} has size {t.shape[hint]} at its batch dimension {hint}, "
+                f"but the batch has {B} samples. Fix: keep one batch dimension through the model."
+            )
+        return hint
+    if hint is None:
+        return None
+    if isinstance(hint, tuple) and hint and hint[0] == "fold":
+        raise BatchDimensionError(
+            f"{what} of {op.where()} folds the batch into dimension {hint[1]} (size B*{hint[2]}): per-sample "
+            "gradients need each sample's rows apart. Fix: keep the batch dimension separate before this layer "
+            "(e.g. apply the layer to a [B, T, d] tensor instead of x.view(B*T, d); Linear accepts any rank)."
+        )
+    if hint == "unknown":  # propagation could not run: use the unique dimension of size B
+        if B is None:
+            return None
+        dims = [d for d, s in enumerate(t.shape) if s == B]
+        if len(dims) == 1:
+            return dims[0]
+        if not dims:
+            return None
+        if not strict and 0 in dims:
+            return 0
+        raise BatchDimensionError(
+            f"cannot tell which dimension of {what} of {op.where()} (shape {tuple(t.shape)}) is the batch "
+            f"(batch size {B}). Fix: pass example_inputs to fxdp.privatize so the batch dimension is traced, "
+            "or use a batch size that differs from the other dimensions."
+        )
+    raise BatchDimensionError(f"{what} of {op.where()}: batch dimension {hint!r} is not supported")
+
+
+class _CaptureFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, op: "CaptureOp", *dyn: Any):  # type: ignore[override]
+        rec = op.recorder
+        needs_grad = [
+            isinstance(x, Tensor) and x.requires_grad and i not in op.param_index and i not in op.buffer_index
+            for i, x in enumerate(dyn)
+        ]
+        inner = [x.detach() if isinstance(x, Tensor) else x for x in dyn]
+        for i, need in enumerate(needs_grad):
+            if need:
+                inner[i] = inner[i].requires_grad_(True)
+        with torch.enable_grad() if any(needs_grad) else torch.no_grad():
+            out = op.compute_for_capture(inner)
+        flat, spec = tree_flatten(out)
+        for o in flat:
+            if not isinstance(o, Tensor):
+                raise UnsupportedOpError(f"{op.where()} returns a non-tensor {type(o).__name__}; cannot capture it")
+        ctx.op = op
+        ctx.spec = spec
+        ctx.inner = (inner, flat, needs_grad)
+        ctx.params = {i: dyn[i] for i in op.param_index if dyn[i].requires_grad}
+        ctx.batch_size = rec.batch_size
+        ctx.generation = rec.generation
+        ctx.batch_dims = rec.batch_dims.get(op.capture_name, op.default_batch_dims)
+        nondiff = [o for o in flat if not o.is_floating_point() and not o.is_complex()]
+        if nondiff:
+            ctx.mark_non_differentiable(*nondiff)
+        outs = tuple(o.detach() for o in flat)
+        op._last_spec = spec
+        return outs
+
+    @staticmethod
+    def backward(ctx, *grads: Optional[Tensor]):  # type: ignore[override]
+        op: CaptureOp = ctx.op
+        if ctx.inner is None:
+            raise PerSampleGradientError(
+                f"backward ran twice through the same forward of {op.where()}. Per-sample gradients are "
+                "recorded once per forward. Fix: sum the losses and call backward once, or run a new forward."
+            )
+        inner, flat, needs_grad = ctx.inner
+        ctx.inner = None  # free activations as soon as they are used
+        in_grads: List[Optional[Tensor]] = [None] * len(inner)
+        want = [i for i, n in enumerate(needs_grad) if n]
+        if want:
+            outs = [(o, g) for o, g in zip(flat, grads) if g is not None and o.requires_grad]
+            if outs:
+                got = torch.autograd.grad(
+                    [o for o, _ in outs], [inner[i] for i in want], [g for _, g in outs], allow_unused=True
+                )
+                for i, g in zip(want, got):
+                    in_grads[i] = g
+        if ctx.params:
+            rec = LayerRecord(
+                op=op,
+                inputs=[x.detach() if isinstance(x, Tensor) else x for x in inner],
+                grads=list(grads),
+                params=ctx.params,
+                batch_size=ctx.batch_size,
+                generation=ctx.generation,
+                batch_dims=ctx.batch_dims,
+            )
+            for i, g in op.recorder.on_backward(rec).items():
+                in_grads[i] = g
+        return (None, *in_grads)
+
+
+class CaptureOp(nn.Module):
+    """A graph node's op with per-sample gradient capture.
+
+    ``compute(dyn)`` runs the op on the node's dynamic inputs (activations,
+    parameters, buffers, in node-argument order); ``per_sample_grads(record)``
+    turns a backward record into raw per-sample gradients ``{input index:
+    [B, *shape]}``. Subclasses: ``RuleCapture`` (a registered rule) and
+    ``FuncCapture`` (``torch.func`` fallback). Holds no parameters or buffers, so
+    privatizing does not change the ``state_dict``.
+    """
+
+    kind = "capture"
+
+    def __init__(
+        self,
+        capture_name: str,
+        recorder: Recorder,
+        param_index: Dict[int, str],
+        buffer_index: Sequence[int] = (),
+        module_path: str = "",
+        source: Optional[str] = None,
+        op_name: str = "",
+    ) -> None:
+        super().__init__()
+        self.capture_name = capture_name
+        object.__setattr__(self, "recorder", recorder)  # shared, not a submodule
+        self.param_index = dict(param_index)  # dynamic-input index -> parameter name
+        self.buffer_index = set(buffer_index)
+        self.module_path = module_path
+        self.source = source
+        self.op_name = op_name
+        self.default_batch_dims: Tuple[Tuple[Any, ...], Tuple[Any, ...]] = ((), ())
+        self._last_spec = None
+
+    def where(self) -> str:
+        return where(self.module_path, self.op_name, self.source)
+
+    def compute(self, dyn: Sequence[Any]) -> Any:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def compute_for_capture(self, dyn: Sequence[Any]) -> Any:
+        """``compute`` inside a capturing forward (where fallbacks add checks)."""
+        return self.compute(dyn)
+
+    def per_sample_grads(self, rec: LayerRecord) -> Dict[int, Tensor]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def rule_name(self) -> str:
+        return self.kind
+
+    def forward(self, *dyn: Any) -> Any:
+        active = (
+            self.training
+            and torch.is_grad_enabled()
+            and any(isinstance(dyn[i], Tensor) and dyn[i].requires_grad for i in self.param_index)
+        )
+        if not active:
+            # eval mode, no_grad regions and frozen parameters: the plain op, ordinary autograd
+            return self.compute(list(dyn))
+        flat = _CaptureFunction.apply(self, *dyn)
+        return tree_unflatten(list(flat), self._last_spec)
+
+    def extra_repr(self) -> str:
+        return f"{self.op_name}, rule={self.rule_name()}, params={sorted(set(self.param_index.values()))}"
+
+    # -- batch dims -------------------------------------------------------------
+    def resolve_batch_dims(self, rec: LayerRecord) -> Tuple[List[Optional[int]], List[Optional[int]]]:
+        hints_in, hints_out = rec.batch_dims
+        strict = self.recorder.strict_batch_dims
+        B = rec.batch_size
+        dims_in: List[Optional[int]] = []
+        for i, x in enumerate(rec.inputs):
+            if not isinstance(x, Tensor) or i in self.param_index or i in self.buffer_index:
+                dims_in.append(None)
+                continue
+            hint = hints_in[i] if i < len(hints_in) else "unknown"
+            dims_in.append(_batch_of(x, B, hint, f"input {i}", self, strict))
+        dims_out: List[Optional[int]] = []
+        for j, g in enumerate(rec.grads):
+            hint = hints_out[j] if j < len(hints_out) else "unknown"
+            dims_out.append(None if g is None else _batch_of(g, B, hint, f"output {j}", self, strict))
+        return dims_in, dims_out
+
+
+def _move_to_front(t: Tensor, dim: Optional[int], what: str, op: CaptureOp) -> Tensor:
+    if dim is None:
+        raise BatchDimensionError(
+            f"{what} of {op.where()} has no batch dimension, so its per-sample gradients are undefined. "
+            "Fix: make sure the layer is applied to batched activations."
+        )
+    return t if dim == 0 else t.movedim(dim, 0)
+
+
+class RuleCapture(CaptureOp):
+    """Capture served by a registered per-sample rule (``fxdp.rules``)."""
+
+    kind = "rule"
+
+    def __init__(self, *, rule, op: Callable, names: Sequence[str], static: Dict[str, Any], **kw: Any) -> None:
+        super().__init__(**kw)
+        self.rule = rule
+        self.op = op
+        self.names = list(names)
+        self.static = dict(static)
+
+    def rule_name(self) -> str:
+        return self.rule.describe()
+
+    def bound(self, dyn: Sequence[Any]) -> Dict[str, Any]:
+        args = dict(zip(self.names, dyn))
+        args.update(self.static)
+        return args
+
+    def compute(self, dyn: Sequence[Any]) -> Any:
+        return self.rule.forward(self.op, self.bound(dyn))
+
+    def prepared(self, rec: LayerRecord) -> Tuple[Dict[str, Any], Tensor, FrozenSet[str]]:
+        """Bound arguments and output gradient, batch-first, and the needed names."""
+        dims_in, dims_out = self.resolve_batch_dims(rec)
+        args = self.bound(rec.inputs)
+        g = rec.grads[0]
+        if g is None:  # output unused by the loss
+            g = torch.zeros_like(self.compute(rec.inputs))
+            dims_out = [dims_out[0] if dims_out and dims_out[0] is not None else 0]
+        g = _move_to_front(g, dims_out[0], "the output", self)
+        if self.rule.input_arg is not None and self.rule.input_arg in self.names:
+            i = self.names.index(self.rule.input_arg)
+            args[self.rule.input_arg] = _move_to_front(args[self.rule.input_arg], dims_in[i], "the input", self)
+        needs = frozenset(self.names[i] for i in rec.params)
+        return args, g, needs
+
+    def per_sample_grads(self, rec: LayerRecord) -> Dict[int, Tensor]:
+        args, g, needs = self.prepared(rec)
+        if g.shape[0] == 0:  # empty batch: no samples, no rows
+            return {i: rec.inputs[i].new_zeros((0,) + tuple(rec.inputs[i].shape)) for i in rec.params}
+        raw = self.rule.grad_sample(args, g, needs)
+        return {i: raw[self.names[i]] for i in rec.params}

@@ -1,0 +1,183 @@
+"""DPModule: the privatized GraphModule.
+
+Same forward signature, outputs, parameters and ``state_dict`` as the original
+model; every use of a trainable parameter runs through a capture op (see
+``fxdp.capture``). After ``loss.backward()`` each trainable parameter has
+``p.grad_sample`` (Opacus' convention) besides its ordinary ``p.grad``.
+``strip()`` gives back a plain GraphModule without capture ops.
+"""
+from __future__ import annotations
+
+import copy
+import warnings
+from collections import OrderedDict
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+import torch.fx as fx
+from torch import Tensor, nn
+from torch.utils._pytree import tree_flatten
+
+from .capture import CaptureOp, Recorder
+from .passes.batch_dims import input_batch_dim, propagate_batch_dims
+from .passes.capture import CAPTURES
+
+__all__ = ["DPModule", "adopt"]
+
+
+def adopt(gm: fx.GraphModule, model: nn.Module, extra: Optional[Dict[str, nn.Module]] = None) -> fx.GraphModule:
+    """Make ``gm`` own exactly ``model``'s children, parameters and buffers (same
+    objects, same order), so its ``state_dict`` equals the model's.
+
+    ``GraphModule(root, graph)`` copies only the attributes the graph references,
+    as bare containers; a DP model must keep every weight and module type."""
+    mods = OrderedDict((k, v) for k, v in model._modules.items() if k != CAPTURES)
+    for k, v in (extra or {}).items():
+        mods[k] = v
+    gm._modules = mods
+    gm._parameters = OrderedDict(model._parameters)
+    gm._buffers = OrderedDict(model._buffers)
+    gm._non_persistent_buffers_set = set(model._non_persistent_buffers_set)
+    gm.training = model.training
+    return gm
+
+
+def _signature(args: Tuple[Any, ...], batch_dim: int) -> Tuple[Optional[int], tuple]:
+    """(batch size, a key of everything but the batch size)."""
+    flat, spec = tree_flatten(args)
+    B: Optional[int] = None
+    key: List[Any] = [str(spec)]
+    for t in flat:
+        if isinstance(t, Tensor):
+            d = input_batch_dim(t, batch_dim)
+            shape = list(t.shape)
+            if d is not None:
+                if B is None:
+                    B = shape[d]
+                shape[d] = -1
+            key.append((tuple(shape), t.dtype, t.device.type))
+        else:
+            key.append(type(t).__name__)
+    return B, tuple(key)
+
+
+class DPModule(fx.GraphModule):
+    """A privatized model (a ``torch.fx.GraphModule``)."""
+
+    def __init__(
+        self,
+        root: nn.Module,
+        graph: fx.Graph,
+        *,
+        plain_graph: fx.Graph,
+        recorder: Recorder,
+        batch_first: bool = True,
+        class_name: str = "DPModule",
+        untraceable: Optional[Dict[str, str]] = None,
+        rewrites: Optional[List[Dict[str, Any]]] = None,
+    ) -> None:
+        super().__init__(root, graph, class_name)
+        adopt(self, root, {CAPTURES: getattr(root, CAPTURES)})
+        self.recorder = recorder
+        self.batch_first = batch_first
+        self.batch_dim = 0 if batch_first else 1
+        self._plain_graph = plain_graph
+        self._class_name = class_name
+        self.untraceable: Dict[str, str] = dict(untraceable or {})
+        self.rewrites: List[Dict[str, Any]] = list(rewrites or [])
+        self._batch_dims_cache: Dict[tuple, Dict[str, Any]] = {}
+
+    # -- capture ops ----------------------------------------------------------------
+    @property
+    def captures(self) -> List[CaptureOp]:
+        return list(getattr(self, CAPTURES).children())
+
+    def capture_table(self) -> List[Dict[str, Any]]:
+        """One row per capture op: module path, op, rule, parameters, source line."""
+        return [
+            dict(
+                name=c.capture_name,
+                module=c.module_path,
+                op=c.op_name,
+                rule=c.rule_name(),
+                params=sorted(set(c.param_index.values())),
+                source=c.source,
+            )
+            for c in self.captures
+        ]
+
+    # -- forward ------------------------------------------------------------------
+    def batch_dims_for(self, args: Tuple[Any, ...]) -> Dict[str, Any]:
+        """Batch dimensions of every capture op's inputs and outputs for inputs like
+        ``args`` (cached per input signature)."""
+        B, key = _signature(args, self.batch_dim)
+        dims = self._batch_dims_cache.get(key)
+        if dims is None:
+            hints = propagate_batch_dims(self, args, self.batch_dim)
+            dims = {}
+            for n in self.graph.nodes:
+                name = n.meta.get("fxdp_capture")
+                if name is None:
+                    continue
+                if hints is None:
+                    dims[name] = (("unknown",) * len(n.args), ("unknown",) * 8)
+                    continue
+                ins = tuple(hints.get(a.name, [None])[0] if isinstance(a, fx.Node) else None for a in n.args)
+                dims[name] = (ins, tuple(hints.get(n.name, [])))
+            self._batch_dims_cache[key] = dims
+        return dims
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.training and torch.is_grad_enabled():
+            if kwargs:
+                args = self._positional(args, kwargs)
+                kwargs = {}
+            B, _ = _signature(args, self.batch_dim)
+            self.recorder.begin_forward(B, self.batch_dims_for(args))
+        return super().__call__(*args, **kwargs)
+
+    def _positional(self, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Tuple[Any, ...]:
+        names = [n.target for n in self.graph.nodes if n.op == "placeholder"]
+        out = list(args)
+        for name in names[len(args):]:
+            if name in kwargs:
+                out.append(kwargs.pop(name))
+            else:
+                default = [n for n in self.graph.nodes if n.op == "placeholder" and n.target == name][0].args
+                if not default:
+                    raise TypeError(f"forward() missing argument {name!r}")
+                out.append(default[0])
+        if kwargs:
+            raise TypeError(f"forward() got unexpected keyword arguments {sorted(kwargs)}")
+        return tuple(out)
+
+    # -- per-sample gradients -------------------------------------------------------
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clear ``p.grad`` and ``p.grad_sample``."""
+        super().zero_grad(set_to_none=set_to_none)
+        for p in self.parameters():
+            p.grad_sample = None
+
+    def grad_samples(self) -> Dict[str, Optional[Tensor]]:
+        return {n: getattr(p, "grad_sample", None) for n, p in self.named_parameters()}
+
+    # -- strip ----------------------------------------------------------------------
+    def strip(self) -> fx.GraphModule:
+        """A plain GraphModule without capture ops: same submodules and parameters
+        (shared, not copied), same outputs."""
+        original = getattr(self, "_original_model", None)
+        if original is not None:  # an untraceable model kept whole
+            return original
+        gm = fx.GraphModule(self, copy.deepcopy(self._plain_graph), self._class_name)
+        adopt(gm, self)
+        return gm
+
+    def __deepcopy__(self, memo: Dict[int, Any]) -> "DPModule":
+        cls = type(self)
+        res = cls.__new__(cls)
+        memo[id(self)] = res
+        state = copy.deepcopy(self.__dict__, memo)
+        graph = state.pop("_graph")
+        res.__dict__.update(state)
+        res.graph = graph  # re-owns the graph and regenerates the code
+        return res

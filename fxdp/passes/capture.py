@@ -1,0 +1,319 @@
+"""Capture pass: replace every use of a trainable parameter by a capture op.
+
+A *use* is the first node that combines batched data with a parameter:
+
+* a leaf module with trainable parameters (``call_module``): its registered rule
+  (``fxdp.rules``), or the ``torch.func`` fallback when none is registered;
+* a functional op with a registered rule whose parameter arguments are
+  parameters (``F.linear(x, self.weight)``, ``F.conv2d``, ...);
+* anything else (raw parameters: ``x + self.pos``, ``x @ self.W.t()``,
+  ``self.cls.expand(B, -1, -1)``): the op and the parameter-only subgraph before
+  it, through the fallback.
+
+A parameter used by several capture ops (tied weights) gets the sum of their
+per-sample contributions. Frozen parameters are left alone. Nodes get
+``meta["fxdp_capture"]`` (the capture op's name).
+"""
+from __future__ import annotations
+
+import operator
+from typing import Any, Dict, List, Optional, Set, Tuple
+
+import torch
+import torch.fx as fx
+from torch import Tensor, nn
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from ..capture import CaptureOp, Recorder, RuleCapture
+from ..errors import UnsupportedModelError, UnsupportedOpError, where
+from ..rules import module_call_for, rule_for_op
+from ..rules.functorch import FuncCapture
+
+__all__ = ["insert_captures", "CAPTURES"]
+
+CAPTURES = "_fxdp_captures"
+
+#: functional ops whose output for one sample depends on the other samples
+MIXING_OPS = {torch.nn.functional.batch_norm, torch.batch_norm}
+
+
+def _op_name(n: fx.Node) -> str:
+    if n.op == "call_module":
+        return f"call_module {n.target}"
+    t = n.target
+    name = getattr(t, "__name__", str(t))
+    mod = getattr(t, "__module__", None) or ""
+    if mod.startswith("torch.nn.functional"):
+        name = f"F.{name}"
+    return name if n.op == "call_function" else f".{name}()"
+
+
+def _where(n: fx.Node) -> str:
+    return where(n.meta.get("fxdp_module"), _op_name(n), n.meta.get("fxdp_source"))
+
+
+class FunctionalModuleCall:
+    """``module(*args, **kwargs)`` with the trainable parameters passed explicitly
+    (``torch.func.functional_call``), for the fallback rule. A plain object
+    holding the module, so deep copies of the DP model stay consistent."""
+
+    def __init__(self, module: nn.Module, pnames: List[str], template: List[Any], spec: Any, slots: List[int]):
+        self.module = module
+        self.pnames = pnames
+        self.template = template
+        self.spec = spec
+        self.slots = slots
+
+    def __call__(self, *dyn: Any) -> Any:
+        vals = list(self.template)
+        k = len(self.slots)
+        for i, v in zip(self.slots, dyn[:k]):
+            vals[i] = v
+        args, kwargs = tree_unflatten(vals, self.spec)
+        params = dict(zip(self.pnames, dyn[k:]))
+        return torch.func.functional_call(self.module, params, tuple(args), dict(kwargs))
+
+
+class _CaptureBuilder:
+    def __init__(self, gm: fx.GraphModule, recorder: Recorder) -> None:
+        self.gm = gm
+        self.graph = gm.graph
+        self.recorder = recorder
+        self.trainable: Dict[int, str] = {
+            id(p): n for n, p in gm.named_parameters() if p.requires_grad
+        }
+        if not hasattr(gm, CAPTURES):
+            gm.add_module(CAPTURES, nn.Module())
+        self.container: nn.Module = getattr(gm, CAPTURES)
+        self.input_dep: Dict[fx.Node, bool] = {}
+        self.pdeps: Dict[fx.Node, Set[str]] = {}
+
+    # -- analysis ---------------------------------------------------------------
+    def _attr(self, n: fx.Node) -> Any:
+        obj: Any = self.gm
+        for part in str(n.target).split("."):
+            obj = getattr(obj, part)
+        return obj
+
+    def _module(self, n: fx.Node) -> nn.Module:
+        return self.gm.get_submodule(str(n.target))
+
+    def _own_trainable(self, n: fx.Node) -> Set[str]:
+        if n.op == "get_attr":
+            v = self._attr(n)
+            return {self.trainable[id(v)]} if isinstance(v, Tensor) and id(v) in self.trainable else set()
+        if n.op == "call_module" and not str(n.target).startswith(CAPTURES):
+            m = self._module(n)
+            return {self.trainable[id(p)] for p in m.parameters() if id(p) in self.trainable}
+        return set()
+
+    def analyze(self) -> None:
+        for n in self.graph.nodes:
+            args = [a for a in n.all_input_nodes]
+            self.input_dep[n] = n.op == "placeholder" or any(self.input_dep[a] for a in args)
+            deps = set(self._own_trainable(n))
+            for a in args:
+                deps |= self.pdeps[a]
+            self.pdeps[n] = deps
+
+    def param_derived(self, n: Any) -> bool:
+        return isinstance(n, fx.Node) and not self.input_dep[n] and bool(self.pdeps[n])
+
+    # -- capture construction -----------------------------------------------------
+    def run(self) -> List[CaptureOp]:
+        self.analyze()
+        made: List[CaptureOp] = []
+        for n in list(self.graph.nodes):
+            if n.op == "output":
+                bad = [a for a in tree_flatten((n.args, n.kwargs))[0] if self.param_derived(a)]
+                if bad:
+                    names = sorted(set().union(*(self.pdeps[a] for a in bad)))
+                    raise UnsupportedModelError(
+                        f"parameters {names} reach the model's output without passing through the batch "
+                        f"(at {_where(bad[0])}); their per-sample gradients are undefined. Fix: compute "
+                        "terms that do not depend on the data (e.g. weight penalties) outside the model."
+                    )
+                continue
+            if not self.input_dep[n]:
+                continue
+            own = self._own_trainable(n)
+            derived = [a for a in n.all_input_nodes if self.param_derived(a)]
+            if not own and not derived:
+                continue
+            made.append(self.capture(n, derived))
+        self.graph.eliminate_dead_code()
+        self.gm.recompile()
+        return made
+
+    def _common(self, n: fx.Node) -> Dict[str, Any]:
+        name = n.name
+        return dict(
+            capture_name=name,
+            recorder=self.recorder,
+            module_path=n.meta.get("fxdp_module", ""),
+            source=n.meta.get("fxdp_source"),
+            op_name=_op_name(n),
+        )
+
+    def _get_attr(self, before: fx.Node, target: str) -> fx.Node:
+        with self.graph.inserting_before(before):
+            node = self.graph.get_attr(target)
+        self.input_dep[node] = False
+        self.pdeps[node] = self._own_trainable(node)
+        return node
+
+    def _indices(self, dyn: List[Any]) -> Tuple[Dict[int, str], List[int]]:
+        params: Dict[int, str] = {}
+        buffers: List[int] = []
+        for i, d in enumerate(dyn):
+            if isinstance(d, fx.Node) and d.op == "get_attr":
+                v = self._attr(d)
+                if isinstance(v, Tensor) and id(v) in self.trainable:
+                    params[i] = self.trainable[id(v)]
+                elif isinstance(v, Tensor):
+                    buffers.append(i)
+        return params, buffers
+
+    def capture(self, n: fx.Node, derived: List[fx.Node]) -> CaptureOp:
+        if n.op == "call_module" and not derived:
+            m = self._module(n)
+            adapter = module_call_for(m)
+            if adapter is not None:
+                return self._module_rule(n, m, adapter(m))
+            return self._module_fallback(n, m)
+        if n.op == "call_function":
+            rule = rule_for_op(n.target)
+            if rule is not None and all(a.op == "get_attr" for a in derived):
+                return self._op_rule(n, rule)
+        return self._subgraph(n)
+
+    def _install(self, n: fx.Node, cap: CaptureOp, dyn: List[Any]) -> CaptureOp:
+        self.container.add_module(cap.capture_name, cap)
+        with self.graph.inserting_before(n):
+            new = self.graph.call_module(f"{CAPTURES}.{cap.capture_name}", tuple(dyn))
+        new.meta.update(n.meta)
+        new.meta["fxdp_capture"] = cap.capture_name
+        self.input_dep[new] = True
+        self.pdeps[new] = set()  # the capture op owns these parameters' per-sample gradients
+        n.replace_all_uses_with(new)
+        self.graph.erase_node(n)
+        if hasattr(new, "_rename"):
+            new._rename(n.name)  # keep the user's variable name in the generated code
+        return cap
+
+    def _validate(self, n: fx.Node, rule: Any, bound: Dict[str, Any]) -> None:
+        try:
+            rule.bind((), bound)
+        except UnsupportedOpError as e:
+            raise UnsupportedOpError(f"{_where(n)}: {e}") from None
+
+    def _module_rule(self, n: fx.Node, m: nn.Module, mc: Any) -> CaptureOp:
+        rule = rule_for_op(mc.op)
+        if rule is None:
+            raise UnsupportedOpError(f"{_where(n)}: module adapter names op {mc.op} with no registered rule")
+        if n.kwargs:
+            raise UnsupportedOpError(f"{_where(n)}: keyword arguments to a captured module call are not supported")
+        if len(n.args) > len(mc.inputs):
+            raise UnsupportedOpError(
+                f"{_where(n)}: called with {len(n.args)} arguments, the rule expects {len(mc.inputs)}"
+            )
+        bound: Dict[str, Any] = dict(zip(mc.inputs, n.args))
+        for arg, attr in mc.params.items():
+            v = getattr(m, attr)
+            bound[arg] = self._get_attr(n, f"{n.target}.{attr}") if v is not None else None
+        bound.update(mc.kwargs)
+        names = [k for k, v in bound.items() if isinstance(v, fx.Node)]
+        static = {k: v for k, v in bound.items() if not isinstance(v, fx.Node)}
+        self._validate(n, rule, {k: (self._attr(v) if isinstance(v, fx.Node) and v.op == "get_attr" else v)
+                                 for k, v in bound.items()})
+        dyn = [bound[k] for k in names]
+        params, buffers = self._indices(dyn)
+        cap = RuleCapture(rule=rule, op=mc.op, names=names, static=static, param_index=params,
+                          buffer_index=buffers, **self._common(n))
+        return self._install(n, cap, dyn)
+
+    def _op_rule(self, n: fx.Node, rule: Any) -> CaptureOp:
+        try:
+            bound = rule.bind(tuple(n.args), dict(n.kwargs))
+        except UnsupportedOpError as e:
+            raise UnsupportedOpError(f"{_where(n)}: {e}") from None
+        except TypeError as e:
+            raise UnsupportedOpError(f"{_where(n)}: cannot bind the call for rule {rule.name}: {e}") from None
+        names = [k for k, v in bound.items() if isinstance(v, fx.Node)]
+        static = {k: v for k, v in bound.items() if not isinstance(v, fx.Node)}
+        dyn = [bound[k] for k in names]
+        params, buffers = self._indices(dyn)
+        bad = [names[i] for i in params if names[i] not in rule.param_args]
+        if bad:
+            return self._subgraph(n)  # a parameter in an unusual slot: the exact fallback
+        cap = RuleCapture(rule=rule, op=n.target, names=names, static=static, param_index=params,
+                          buffer_index=buffers, **self._common(n))
+        return self._install(n, cap, dyn)
+
+    def _module_fallback(self, n: fx.Node, m: nn.Module) -> CaptureOp:
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            raise UnsupportedOpError(
+                f"{_where(n)}: {type(m).__name__} normalizes with batch statistics, so one sample's output "
+                "depends on the others and per-sample gradients (and the DP guarantee) break. Fix: replace it "
+                "with nn.GroupNorm (keeps the affine weights) or nn.LayerNorm."
+            )
+        leaves, spec = tree_flatten((n.args, n.kwargs))
+        slots = [i for i, v in enumerate(leaves) if isinstance(v, fx.Node)]
+        pnames = [k for k, p in m.named_parameters() if p.requires_grad]
+        pnodes = [self._get_attr(n, f"{n.target}.{k}") for k in pnames]
+        fn = FunctionalModuleCall(m, pnames, [None if i in slots else v for i, v in enumerate(leaves)], spec, slots)
+        dyn = [leaves[i] for i in slots] + pnodes
+        params, buffers = self._indices(dyn)
+        cap = FuncCapture(fn=fn, description=type(m).__name__, param_index=params, buffer_index=buffers,
+                          **self._common(n))
+        return self._install(n, cap, dyn)
+
+    def _subgraph(self, n: fx.Node) -> CaptureOp:
+        if n.op == "call_function" and n.target in MIXING_OPS:
+            raise UnsupportedOpError(
+                f"{_where(n)} normalizes with batch statistics, so one sample's output depends on the others "
+                "and per-sample gradients (and the DP guarantee) break. Fix: use GroupNorm/LayerNorm, or "
+                "fxdp.privatize's BatchNorm replacement."
+            )
+        # the parameter-only ancestors of n (stop at batched values)
+        region: List[fx.Node] = []
+        seen: Set[fx.Node] = set()
+
+        def visit(x: fx.Node) -> None:
+            if x in seen or self.input_dep[x]:
+                return
+            seen.add(x)
+            for a in x.all_input_nodes:
+                visit(a)
+            region.append(x)
+
+        for a in n.all_input_nodes:
+            visit(a)
+        order = {x: i for i, x in enumerate(self.graph.nodes)}
+        region.sort(key=order.__getitem__)
+        acts = [a for a in n.all_input_nodes if self.input_dep[a]]
+        attrs = [x for x in region if x.op == "get_attr"]
+        for x in region:
+            if x.op == "placeholder":  # pragma: no cover - placeholders are input-dependent
+                raise UnsupportedOpError(f"{_where(n)}: unexpected input in a parameter subgraph")
+        sub = fx.Graph()
+        env: Dict[fx.Node, fx.Node] = {}
+        for i, a in enumerate(acts):
+            env[a] = sub.placeholder(f"act_{i}")
+        for x in attrs:
+            env[x] = sub.placeholder(x.name)
+        for x in region:
+            if x.op != "get_attr":
+                env[x] = sub.node_copy(x, env.__getitem__)
+        sub.output(sub.node_copy(n, env.__getitem__))
+        fn = fx.GraphModule(self.gm, sub, "ParamUse")
+        dyn = acts + attrs
+        params, buffers = self._indices(dyn)
+        desc = _op_name(n)
+        cap = FuncCapture(fn=fn, description=desc, param_index=params, buffer_index=buffers, **self._common(n))
+        return self._install(n, cap, dyn)
+
+
+def insert_captures(gm: fx.GraphModule, recorder: Recorder) -> List[CaptureOp]:
+    """Insert capture ops into ``gm`` in place; returns them in graph order."""
+    return _CaptureBuilder(gm, recorder).run()

@@ -1,0 +1,154 @@
+"""fxdp.privatize: trace, rewrite, capture -> DPModule."""
+from __future__ import annotations
+
+import copy
+import inspect
+import warnings
+from typing import Any, Iterable, Optional, Sequence, Tuple
+
+import torch.fx as fx
+from torch import nn
+
+from .capture import Recorder
+from .errors import UnsupportedModelError
+from .module import DPModule
+from .passes.capture import CAPTURES, insert_captures
+from .tracer import DPTracer, trace
+
+__all__ = ["privatize"]
+
+
+def whole_model_graph(model: nn.Module, error: Exception) -> fx.GraphModule:
+    """A graph with one placeholder per ``forward`` argument and a single call of
+    the model, for models whose own ``forward`` cannot be traced."""
+    graph = fx.Graph()
+    phs = []
+    for name, prm in inspect.signature(model.forward).parameters.items():
+        if prm.kind in (prm.VAR_POSITIONAL, prm.VAR_KEYWORD):
+            raise UnsupportedModelError(
+                f"cannot trace {type(model).__name__}.forward symbolically ({type(error).__name__}: {error}) and "
+                "it takes *args/**kwargs, so it cannot be kept whole either. Fix: give forward named arguments, "
+                "or move the untraceable code into a submodule."
+            ) from error
+        default = () if prm.default is prm.empty else (prm.default,)
+        phs.append(graph.placeholder(name, default_value=default[0] if default else inspect.Signature.empty))
+    node = graph.call_function(_call_whole, tuple(phs))
+    node.meta["fxdp_module"] = ""
+    node.meta["fxdp_untraceable_root"] = f"{type(error).__name__}: {error}"
+    graph.output(node)
+    gm = fx.GraphModule(nn.Module(), graph, type(model).__name__)
+    gm.meta["fxdp_untraceable"] = {"": f"{type(error).__name__}: {error}".strip()}
+    return gm
+
+
+def _call_whole(*args: Any) -> Any:  # pragma: no cover - replaced by a capture op
+    raise RuntimeError("placeholder for an untraceable model")
+
+
+def whole_model_capture(gm: fx.GraphModule, model: nn.Module, recorder: Recorder) -> list:
+    """Serve an untraceable model with one fallback capture op."""
+    from torch.utils._pytree import tree_flatten
+
+    from .passes.capture import FunctionalModuleCall
+    from .rules.functorch import FuncCapture
+
+    gm.add_module(CAPTURES, nn.Module())
+    node = next(n for n in gm.graph.nodes if n.target is _call_whole)
+    phs = list(node.args)
+    pnames = [k for k, p in model.named_parameters() if p.requires_grad]
+    _, spec = tree_flatten((tuple(phs), {}))
+    fn = FunctionalModuleCall(model, pnames, [None] * len(phs), spec, list(range(len(phs))))
+    with gm.graph.inserting_before(node):
+        pnodes = [gm.graph.get_attr(k) for k in pnames]
+        cap = FuncCapture(fn=fn, description=type(model).__name__, capture_name="model", recorder=recorder,
+                          param_index={len(phs) + i: k for i, k in enumerate(pnames)}, module_path="",
+                          op_name=f"{type(model).__name__}.forward")
+        getattr(gm, CAPTURES).add_module("model", cap)
+        new = gm.graph.call_module(f"{CAPTURES}.model", tuple(phs) + tuple(pnodes))
+    new.meta.update(node.meta)
+    new.meta["fxdp_capture"] = "model"
+    node.replace_all_uses_with(new)
+    gm.graph.erase_node(node)
+    # get_attr targets must resolve on the GraphModule: borrow the model's tree
+    from .module import adopt
+
+    adopt(gm, model, {CAPTURES: getattr(gm, CAPTURES)})
+    gm.recompile()
+    return [cap]
+
+GRAD_SAMPLE_MODES = ("materialize",)
+
+
+def privatize(
+    model: nn.Module,
+    *,
+    loss_reduction: str = "mean",
+    batch_first: bool = True,
+    example_inputs: Optional[Sequence[Any]] = None,
+    leaf_modules: Iterable[type] = (),
+    grad_sample_mode: str = "materialize",
+) -> DPModule:
+    """Rewrite ``model``'s graph so one backward pass gives per-sample gradients.
+
+    Args:
+        model: any ``nn.Module`` traceable by ``torch.fx`` (submodules that are not
+            are kept whole and served by the ``torch.func`` fallback).
+        loss_reduction: ``"mean"`` or ``"sum"``, how the loss reduces over the
+            batch; ``p.grad_sample[i]`` is then sample i's own gradient.
+        batch_first: ``False`` when sequence inputs are ``[T, B, ...]``.
+        example_inputs: optional inputs to analyze batch dimensions up front
+            (otherwise done on the first forward pass of each input signature).
+        leaf_modules: module classes to keep whole (served by a rule or the fallback).
+        grad_sample_mode: ``"materialize"``: ``p.grad_sample`` per parameter.
+
+    Returns:
+        A ``DPModule`` (a ``torch.fx.GraphModule``) sharing ``model``'s parameters.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"fxdp.privatize expects an nn.Module, got {type(model).__name__}")
+    if isinstance(model, DPModule):
+        raise UnsupportedModelError("this model is already privatized (a DPModule); privatize the original model")
+    if loss_reduction not in ("mean", "sum"):
+        raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
+    if not isinstance(batch_first, bool):
+        raise TypeError(f"batch_first must be True or False, got {batch_first!r}")
+    if grad_sample_mode not in GRAD_SAMPLE_MODES:
+        raise ValueError(f"grad_sample_mode must be one of {GRAD_SAMPLE_MODES}, got {grad_sample_mode!r}")
+
+    tracer = DPTracer(leaf_modules=leaf_modules)
+    whole = False
+    try:
+        gm = trace(model, tracer)
+    except Exception as e:
+        # the model's own forward is not traceable: keep it whole (one fallback capture)
+        gm = whole_model_graph(model, e)
+        whole = True
+    plain_graph = copy.deepcopy(gm.graph)
+    recorder = Recorder(loss_reduction=loss_reduction, mode=grad_sample_mode)
+    captures = whole_model_capture(gm, model, recorder) if whole else insert_captures(gm, recorder)
+    dp = DPModule(
+        gm,
+        gm.graph,
+        plain_graph=plain_graph,
+        recorder=recorder,
+        batch_first=batch_first,
+        class_name=type(model).__name__,
+        untraceable=gm.meta.get("fxdp_untraceable"),
+    )
+    # adopt the user's module tree (GraphModule copies only referenced attributes)
+    from .module import adopt
+
+    adopt(dp, model, {CAPTURES: getattr(gm, CAPTURES)})
+    if whole:
+        dp._original_model = model
+    fallbacks = [c for c in captures if c.kind == "functorch"]
+    if fallbacks or dp.untraceable:
+        lines = [f"  {c.module_path or c.capture_name}: {c.rule_name()}" for c in fallbacks]
+        lines += [f"  {k}: kept whole, not traceable ({v.splitlines()[0][:120]})" for k, v in dp.untraceable.items()]
+        warnings.warn(
+            "fxdp.privatize: these parts use the exact but slower torch.func fallback:\n" + "\n".join(lines),
+            stacklevel=2,
+        )
+    if example_inputs is not None:
+        dp.batch_dims_for(tuple(example_inputs))
+    return dp

@@ -1,0 +1,133 @@
+"""Fallback rule: per-sample gradients with ``torch.func`` (vmap over vjp).
+
+Serves (1) leaf modules with trainable parameters and no registered rule, and
+(2) raw ``nn.Parameter`` uses: the first op that combines batched data with a
+parameter (``x + self.pos``, ``x * self.scale``, ``x @ self.W``,
+``self.cls.expand(B, -1, -1)``), together with any parameter-only ops before it
+(``self.W.t()``). For sample i it evaluates the op on sample i alone and pulls
+sample i's output gradient back to the parameters (the definition of a
+per-sample gradient, so it is exact for any op that does not mix samples). Ints
+equal to the batch size (``B`` in ``expand(B, -1, -1)``) become 1 for the
+single-sample evaluation.
+
+``torch.vmap`` batches the per-sample evaluations; where an op has no batching
+rule, a loop over samples gives the same result more slowly. Ops that draw random
+numbers (dropout inside a fallback layer) are refused: re-evaluating them per
+sample would not reproduce the forward pass's randomness.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import torch
+from torch import Tensor
+from torch.utils._pytree import tree_flatten
+
+from ..capture import CaptureOp, LayerRecord
+from ..errors import BatchDimensionError, UnsupportedOpError
+
+__all__ = ["FuncCapture"]
+
+_warned: set = set()
+
+
+class FuncCapture(CaptureOp):
+    """Capture whose per-sample gradients come from ``torch.func``."""
+
+    kind = "functorch"
+
+    def __init__(self, *, fn: Callable[..., Any], description: str = "", **kw: Any) -> None:
+        super().__init__(**kw)
+        object.__setattr__(self, "fn", fn)  # may close over shared modules: not a submodule
+        self.description = description
+
+    def rule_name(self) -> str:
+        return f"functorch fallback ({self.description})" if self.description else "functorch fallback"
+
+    def compute(self, dyn: Sequence[Any]) -> Any:
+        return self.fn(*dyn)
+
+    def compute_for_capture(self, dyn: Sequence[Any]) -> Any:
+        state = torch.random.get_rng_state()
+        out = self.fn(*dyn)
+        if not torch.equal(state, torch.random.get_rng_state()):
+            raise UnsupportedOpError(
+                f"{self.where()} draws random numbers (e.g. dropout) inside a fallback layer; its per-sample "
+                "gradients cannot be recomputed exactly. Fix: set its dropout to 0, move the dropout out of "
+                "this layer, or register a per-sample rule for it (docs/custom_rules.md)."
+            )
+        return out
+
+    def per_sample_grads(self, rec: LayerRecord) -> Dict[int, Tensor]:
+        B = rec.batch_size
+        dims_in, dims_out = self.resolve_batch_dims(rec)
+        hints_in = rec.batch_dims[0]
+        dyn = list(rec.inputs)
+        for i, x in enumerate(dyn):
+            if isinstance(x, Tensor) or i in self.param_index:
+                continue
+            hint = hints_in[i] if i < len(hints_in) else None
+            if hint == "B":
+                dyn[i] = 1
+            elif hint not in (None, "unknown"):
+                raise BatchDimensionError(
+                    f"{self.where()} takes an argument derived from the batch size ({dyn[i]!r}) that is not the "
+                    "batch size itself; per-sample gradients would be wrong. Fix: keep the batch dimension "
+                    "separate (avoid folding it into other dimensions) around trainable parameters."
+                )
+        pidx = list(rec.params)
+        bidx = [i for i, d in enumerate(dims_in) if d is not None]
+        oidx = [j for j, g in enumerate(rec.grads) if g is not None]
+        for j in oidx:
+            if dims_out[j] is None:
+                raise BatchDimensionError(
+                    f"output {j} of {self.where()} has no batch dimension but receives a gradient: it mixes all "
+                    "samples, so per-sample gradients are undefined."
+                )
+        if B == 0 or not oidx:
+            n = B if B is not None else 0
+            return {i: torch.zeros((n,) + tuple(rec.inputs[i].shape), dtype=rec.inputs[i].dtype) for i in pidx}
+
+        def one(xs: Sequence[Tensor], gs: Sequence[Tensor]) -> tuple:
+            d = list(dyn)
+            for i, x in zip(bidx, xs):
+                d[i] = x
+
+            def f(*ps: Tensor) -> tuple:
+                dd = list(d)
+                for i, p in zip(pidx, ps):
+                    dd[i] = p
+                flat, _ = tree_flatten(self.fn(*dd))
+                return tuple(flat[j] for j in oidx)
+
+            _, vjp = torch.func.vjp(f, *[rec.inputs[i] for i in pidx])
+            return vjp(tuple(gs))
+
+        xs = [rec.inputs[i] for i in bidx]
+        gs = [rec.grads[j] for j in oidx]
+        try:
+            def vmapped(*args: Tensor) -> tuple:
+                k = len(bidx)
+                xs1 = [a.unsqueeze(dims_in[i]) for a, i in zip(args[:k], bidx)]
+                gs1 = [g.unsqueeze(dims_out[j]) for g, j in zip(args[k:], oidx)]
+                return one(xs1, gs1)
+
+            in_dims = tuple(dims_in[i] for i in bidx) + tuple(dims_out[j] for j in oidx)
+            out = torch.func.vmap(vmapped, in_dims=in_dims)(*xs, *gs)
+        except Exception as e:  # no batching rule for some op: loop over samples
+            key = (self.capture_name, type(e).__name__)
+            if key not in _warned:
+                _warned.add(key)
+                warnings.warn(
+                    f"fxdp: {self.where()}: torch.vmap failed ({type(e).__name__}); computing per-sample "
+                    "gradients of this fallback layer one sample at a time (exact, slower).",
+                    stacklevel=2,
+                )
+            rows: List[tuple] = []
+            for s in range(B):
+                xs1 = [x.narrow(dims_in[i], s, 1) for x, i in zip(xs, bidx)]
+                gs1 = [g.narrow(dims_out[j], s, 1) for g, j in zip(gs, oidx)]
+                rows.append(one(xs1, gs1))
+            out = tuple(torch.stack([r[k] for r in rows]) for k in range(len(pidx)))
+        return {i: o for i, o in zip(pidx, out)}

@@ -1,0 +1,49 @@
+"""Reference per-sample gradients: each sample run alone (batch of one), plain PyTorch."""
+from __future__ import annotations
+
+from typing import Callable, Dict, Sequence
+
+import torch
+from torch import Tensor, nn
+
+
+def batch_of_one_grads(
+    model: nn.Module,
+    inputs: Sequence[Tensor],
+    loss_fn: Callable[..., Tensor],
+    batch_dims: Sequence[int] | None = None,
+) -> Dict[str, Tensor]:
+    """``{param name: [B, *shape]}``: gradient of ``loss_fn(model(*inputs_i), i)`` for
+    each sample i alone. ``loss_fn(output, i)`` returns sample i's loss term (a
+    scalar) from the model's output on that sample alone. ``batch_dims[k]`` is the
+    batch dimension of ``inputs[k]`` (default 0; ``None`` for a non-batched input).
+    """
+    batch_dims = list(batch_dims) if batch_dims is not None else [0] * len(inputs)
+    B = next(t.shape[d] for t, d in zip(inputs, batch_dims) if d is not None)
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    out = {n: torch.zeros((B,) + p.shape, dtype=p.dtype) for n, p in named}
+    for i in range(B):
+        xi = [t if d is None else t.narrow(d, i, 1) for t, d in zip(inputs, batch_dims)]
+        loss = loss_fn(model(*xi), i)
+        grads = torch.autograd.grad(loss, [p for _, p in named], allow_unused=True)
+        for (n, _), gr in zip(named, grads):
+            if gr is not None:
+                out[n][i] = gr
+    return out
+
+
+def assert_grad_samples_match(model: nn.Module, expected: Dict[str, Tensor], rtol: float = 1e-6, atol: float = 1e-9):
+    """Every trainable parameter's ``grad_sample`` equals the batch-of-one gradients."""
+    for n, p in model.named_parameters():
+        if not p.requires_grad:
+            assert getattr(p, "grad_sample", None) is None, f"frozen {n} got grad_sample"
+            continue
+        gs = getattr(p, "grad_sample", None)
+        if gs is None and p.grad is None:
+            # not reached by the backward pass (e.g. used under torch.no_grad())
+            assert not expected[n].any(), f"{n} has no grad_sample but a nonzero reference gradient"
+            continue
+        assert gs is not None, f"{n} has no grad_sample"
+        exp = expected[n]
+        assert gs.shape == exp.shape, f"{n}: shape {tuple(gs.shape)} != {tuple(exp.shape)}"
+        torch.testing.assert_close(gs, exp, rtol=rtol, atol=atol, msg=lambda m: f"{n}: {m}")
