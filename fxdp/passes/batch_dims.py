@@ -11,6 +11,7 @@ Hints per flattened value: an int (batch dimension), ``None`` (no batch),
 """
 from __future__ import annotations
 
+import logging
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -90,6 +91,9 @@ def propagate_batch_dims(
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     runs = []
+    log = logging.getLogger("torch._subclasses.fake_tensor")
+    level = log.level
+    log.setLevel(logging.CRITICAL)  # a failed fake run is expected for data-dependent code
     try:
         for b in sizes:
             with FakeTensorMode(allow_non_fake_inputs=True), torch.no_grad():
@@ -98,6 +102,8 @@ def propagate_batch_dims(
             runs.append(rec.values)
     except Exception:
         return None
+    finally:
+        log.setLevel(level)
     b1, b2 = sizes
     out: Dict[str, List[Any]] = {}
     for name, vals1 in runs[0].items():

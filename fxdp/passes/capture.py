@@ -141,7 +141,12 @@ class _CaptureBuilder:
             if not own and not derived:
                 continue
             made.append(self.capture(n, derived))
-        self.graph.eliminate_dead_code()
+        # drop parameter-only nodes the capture ops absorbed; a general dead-code
+        # elimination would also drop in-place ops whose results are unused (x.mul_(2))
+        for n in reversed(list(self.graph.nodes)):
+            if n.op in ("get_attr", "call_function", "call_method") and not self.input_dep.get(n, True) \
+                    and not n.users and not n.is_impure():
+                self.graph.erase_node(n)
         self.gm.recompile()
         return made
 

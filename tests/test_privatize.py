@@ -1,0 +1,461 @@
+"""fxdp.privatize end to end: per-sample gradients equal batch-of-one gradients (float64)."""
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import fxdp
+from oracle import assert_grad_samples_match, batch_of_one_grads
+
+torch.set_default_dtype(torch.float64)
+
+
+@pytest.fixture(autouse=True)
+def _float64():
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(prev)
+
+
+def privatize(model, **kw):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return fxdp.privatize(model, **kw)
+
+
+def check(model, x, *, reduction="mean", batch_first=True, in_dim=0, out_dim=None, seed=0):
+    """privatize(model); loss = weighted sum of outputs (mean or sum over the batch);
+    compare every grad_sample with the batch-of-one reference."""
+    out_dim = in_dim if out_dim is None else out_dim
+    dp = privatize(model, loss_reduction=reduction, batch_first=batch_first)
+    out = dp(x)
+    ref = model(x)
+    o = out[0] if isinstance(out, tuple) else out
+    r = ref[0] if isinstance(ref, tuple) else ref
+    torch.testing.assert_close(o, r, rtol=0, atol=1e-10)
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(o.shape, generator=gen)
+    B = x.shape[in_dim]
+    loss = (o * w).sum()
+    if reduction == "mean":
+        loss = loss / B
+    loss.backward()
+
+    def sample_loss(oi, i):
+        oi = oi[0] if isinstance(oi, tuple) else oi
+        return (oi * w.narrow(out_dim, i, 1)).sum()
+
+    expected = batch_of_one_grads(model, [x], sample_loss, [in_dim])
+    assert_grad_samples_match(dp, expected)
+    # p.grad keeps its usual meaning
+    scale = 1.0 / B if reduction == "mean" else 1.0
+    for n, p in dp.named_parameters():
+        if p.requires_grad and p.grad is not None:
+            torch.testing.assert_close(p.grad, expected[n].sum(0) * scale, rtol=1e-6, atol=1e-9)
+    return dp
+
+
+# -- Linear on every rank, both reductions -----------------------------------------------
+
+@pytest.mark.parametrize("shape", [(5, 4), (3, 6, 4), (2, 3, 2, 4), (1, 4)])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_any_rank(shape, reduction, bias):
+    torch.manual_seed(sum(shape))
+    model = nn.Sequential(nn.Linear(4, 7, bias=bias), nn.Tanh(), nn.Linear(7, 3, bias=bias))
+    check(model, torch.randn(*shape), reduction=reduction)
+
+
+class FunctionalLinear(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(5, 4))
+        self.b = nn.Parameter(torch.randn(5))
+
+    def forward(self, x):
+        return F.linear(x, self.w, self.b) + F.linear(x, self.w)  # two uses of one weight
+
+
+def test_functional_linear_and_tied_uses():
+    torch.manual_seed(1)
+    dp = check(FunctionalLinear(), torch.randn(4, 3, 4))
+    assert [c["rule"] for c in dp.capture_table()] == ["linear", "linear"]
+
+
+class LinearSub(nn.Linear):
+    pass
+
+
+class LinearOverride(nn.Linear):
+    def forward(self, x):
+        return F.linear(x * 2.0, self.weight, self.bias)
+
+
+def test_subclasses_get_the_base_rule_unless_forward_is_overridden():
+    torch.manual_seed(2)
+    model = nn.Sequential(LinearSub(4, 5), nn.ReLU(), LinearOverride(5, 3))
+    dp = check(model, torch.randn(6, 4))
+    rules = {c["module"]: c["rule"] for c in dp.capture_table()}
+    assert rules == {"0": "linear", "2": "linear"}
+
+
+# -- tied, frozen, nested, in-place ------------------------------------------------
+
+class TiedLM(nn.Module):
+    def __init__(self, V=11, D=6):
+        super().__init__()
+        self.enc = nn.Linear(D, D, bias=False)
+        self.out = nn.Linear(D, V)
+        self.inp = nn.Linear(V, D, bias=False)
+        self.inp.weight = nn.Parameter(self.out.weight.detach().t().contiguous())
+        self.dec = nn.Linear(D, D, bias=False)
+        self.dec.weight = self.enc.weight  # shared parameter
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.dec(torch.tanh(self.enc(self.inp(x))))))
+
+
+def test_tied_weights_sum_their_uses():
+    torch.manual_seed(3)
+    dp = check(TiedLM(), torch.randn(5, 4, 11))
+    assert sum(1 for c in dp.capture_table() if "enc.weight" in c["params"]) == 2
+
+
+class Frozen(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(3, 4)
+        self.b = nn.Linear(4, 2)
+        self.a.requires_grad_(False)
+        self.b.bias.requires_grad_(False)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)))
+
+
+def test_frozen_parameters_are_not_captured():
+    torch.manual_seed(4)
+    dp = check(Frozen(), torch.randn(5, 3))
+    table = dp.capture_table()
+    assert [c["module"] for c in table] == ["b"] and table[0]["params"] == ["b.weight"]
+    assert dp.a.weight.grad is None and getattr(dp.a.weight, "grad_sample", None) is None
+
+
+class Block(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.fc = nn.Linear(d, d)
+        self.act = nn.ReLU(inplace=True)
+        self.scale = nn.Parameter(torch.rand(d) + 0.5)
+
+    def forward(self, x):
+        h = self.fc(x)
+        h.mul_(0.5)  # in-place op on a captured layer's output
+        h = self.act(h)  # in-place activation
+        return (h + x) * self.scale
+
+
+class Nested(nn.Module):
+    def __init__(self, d=5):
+        super().__init__()
+        self.blocks = nn.Sequential(Block(d), Block(d), nn.Sequential(Block(d)))
+        self.head = nn.Linear(d, 2)
+
+    def forward(self, x):
+        return self.head(F.relu_(self.blocks(x)))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_nested_model_with_inplace_activations(reduction):
+    torch.manual_seed(5)
+    check(Nested(), torch.randn(6, 5), reduction=reduction)
+
+
+# -- raw parameters -----------------------------------------------------------------
+
+class RawParams(nn.Module):
+    def __init__(self, T=5, D=4):
+        super().__init__()
+        self.cls_token = nn.Parameter(torch.randn(1, 1, D))
+        self.pos_embedding = nn.Parameter(torch.randn(1, T + 1, D))
+        self.layer_scale = nn.Parameter(torch.randn(D))
+        self.W = nn.Parameter(torch.randn(D, 3))
+        self.V = nn.Parameter(torch.randn(D, 3))
+        self.shift = nn.Parameter(torch.randn(T + 1, 1))
+
+    def forward(self, x):
+        B = x.shape[0]
+        x = torch.cat([self.cls_token.expand(B, -1, -1), x], 1)
+        x = x + self.pos_embedding
+        x = x * self.layer_scale
+        x = x - self.shift
+        x = x / (1.5 + self.layer_scale.abs())
+        return torch.tanh(x @ self.W) @ self.V.t()
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_raw_parameters(reduction):
+    torch.manual_seed(6)
+    check(RawParams(), torch.randn(4, 5, 4), reduction=reduction)
+
+
+# -- batch_first=False --------------------------------------------------------------
+
+class SeqModel(nn.Module):
+    """[T, B, d] sequence layers, then a [B, d] head: the batch moves from dim 1 to dim 0."""
+
+    def __init__(self, d=4):
+        super().__init__()
+        self.proj = nn.Linear(d, d)
+        self.rnn = nn.GRU(d, d)
+        self.head = nn.Linear(d, 3)
+
+    def forward(self, x):
+        h, _ = self.rnn(torch.tanh(self.proj(x)))
+        return self.head(h[-1])
+
+
+@pytest.mark.parametrize("T,B", [(5, 3), (4, 4)])  # T == B must not confuse the batch dimension
+def test_batch_first_false(T, B):
+    torch.manual_seed(7)
+    check(SeqModel(), torch.randn(T, B, 4), batch_first=False, in_dim=1, out_dim=0)
+
+
+def test_batch_first_true_sequence():
+    torch.manual_seed(8)
+    model = nn.Sequential(nn.Linear(4, 6), nn.GELU(), nn.Linear(6, 2))
+    check(model, torch.randn(3, 7, 4))
+
+
+# -- fallback: leaf modules without a rule, untraceable submodules ---------------------
+
+class DataDependent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(3, 3)
+
+    def forward(self, x):
+        for _ in range(int(x.shape[-1]) - 2):  # not symbolically traceable
+            x = torch.tanh(self.fc(x))
+        return x
+
+
+class WithUntraceable(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inner = DataDependent()
+        self.head = nn.Linear(3, 2)
+
+    def forward(self, x):
+        return self.head(self.inner(x))
+
+
+def test_untraceable_submodule_is_kept_whole_and_named():
+    torch.manual_seed(9)
+    with pytest.warns(UserWarning, match="inner"):
+        dp = fxdp.privatize(WithUntraceable())
+    assert "inner" in dp.untraceable
+    assert "fallback" in [c["rule"] for c in dp.capture_table() if c["module"] == "inner"][0]
+    check(WithUntraceable(), torch.randn(4, 3))
+
+
+def test_untraceable_model_is_kept_whole():
+    torch.manual_seed(10)
+    model = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+    dp = check(model, torch.randn(3, 5, 8))
+    assert "" in dp.untraceable
+    assert dp.strip() is model
+
+
+def test_fallback_refuses_random_ops():
+    model = nn.Sequential(nn.TransformerEncoderLayer(8, 2, 16, dropout=0.5, batch_first=True))
+    dp = privatize(model)
+    with pytest.raises(fxdp.UnsupportedOpError, match="random"):
+        dp(torch.randn(3, 5, 8)).sum().backward()
+
+
+# -- no_grad, eval, empty batches, repeated backward -----------------------------------
+
+class NoGradPart(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(3, 4)
+        self.b = nn.Linear(4, 2)
+
+    def forward(self, x):
+        with torch.no_grad():
+            h = self.a(x)
+        return self.b(h)
+
+
+def test_no_grad_region_is_kept():
+    torch.manual_seed(11)
+    dp = check(NoGradPart(), torch.randn(4, 3))
+    assert "_set_grad_enabled" in dp.code
+    assert dp.a.weight.grad is None and getattr(dp.a.weight, "grad_sample", None) is None
+
+
+def test_empty_batch_gives_empty_grad_samples():
+    torch.manual_seed(12)
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    model.add_module("scale", nn.Identity())
+    dp = privatize(RawParams())
+    dp(torch.randn(0, 5, 4)).sum().backward()
+    for p in dp.parameters():
+        assert p.grad_sample.shape == (0,) + p.shape
+    dp = privatize(model)
+    dp(torch.randn(0, 3)).sum().backward()
+    for p in dp.parameters():
+        assert p.grad_sample.shape == (0,) + p.shape
+
+
+def test_eval_mode_is_plain_inference():
+    torch.manual_seed(13)
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    dp = privatize(model).eval()
+    x = torch.randn(5, 3)
+    dp(x).sum().backward()  # ordinary gradients, no per-sample capture
+    assert all(getattr(p, "grad_sample", None) is None for p in dp.parameters())
+    assert all(p.grad is not None for p in dp.parameters())
+
+
+def test_second_backward_through_same_forward_is_refused():
+    model = nn.Sequential(nn.Linear(3, 2))
+    dp = privatize(model)
+    out = dp(torch.randn(4, 3))
+    out.sum().backward(retain_graph=True)
+    with pytest.raises(fxdp.PerSampleGradientError, match="twice"):
+        out.sum().backward()
+
+
+def test_unconsumed_grad_samples_accumulate_as_rows():
+    """A second batch before the per-sample gradients are consumed appends its rows
+    (Opacus' gradient-accumulation semantics); zero_grad consumes them."""
+    torch.manual_seed(14)
+    model = nn.Sequential(nn.Linear(3, 2))
+    dp = privatize(model)
+    x1, x2 = torch.randn(4, 3), torch.randn(2, 3)
+    dp(x1).sum().backward()
+    first = dp[0].weight.grad_sample.clone() if hasattr(dp, "__getitem__") else dp.get_submodule("0").weight.grad_sample.clone()
+    dp(x2).sum().backward()
+    w = dp.get_submodule("0").weight
+    assert w.grad_sample.shape == (6, 2, 3)
+    torch.testing.assert_close(w.grad_sample[:4], first)
+    dp.zero_grad()
+    assert w.grad_sample is None and w.grad is None
+
+
+# -- outputs, state_dict, strip ------------------------------------------------------
+
+def test_outputs_state_dict_and_strip():
+    torch.manual_seed(15)
+    model = Nested()
+    ref = copy.deepcopy(model)
+    dp = privatize(model)
+    x = torch.randn(7, 5)
+    torch.testing.assert_close(dp(x), ref(x), rtol=0, atol=1e-10)
+    assert list(dp.state_dict().keys()) == list(ref.state_dict().keys())
+    for k, v in ref.state_dict().items():
+        torch.testing.assert_close(dp.state_dict()[k], v, rtol=0, atol=0)
+    plain = dp.strip()
+    assert "_fxdp_captures" not in plain.code
+    assert not any(isinstance(m, fxdp.capture.CaptureOp) for m in plain.modules())
+    torch.testing.assert_close(plain(x), ref(x), rtol=0, atol=1e-10)
+    assert list(plain.state_dict().keys()) == list(ref.state_dict().keys())
+    # the privatized model can load the original's state_dict and vice versa
+    dp.load_state_dict(ref.state_dict())
+    ref.load_state_dict(dp.state_dict())
+
+
+def test_deepcopy_keeps_capture():
+    torch.manual_seed(16)
+    dp = privatize(WithUntraceable())
+    dp2 = copy.deepcopy(dp)
+    x = torch.randn(3, 3)
+    dp2(x).sum().backward()
+    assert all(getattr(p, "grad_sample", None) is None for p in dp.parameters())
+    assert all(p.grad_sample is not None for p in dp2.parameters())
+
+
+def test_forward_signature_and_kwargs():
+    class TwoInputs(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(3, 2)
+            self.b = nn.Linear(4, 2)
+
+        def forward(self, x, y=None):
+            return self.a(x) + (self.b(y) if y is not None else 0)
+
+    torch.manual_seed(17)
+    model = TwoInputs()
+    dp = privatize(model)
+    x, y = torch.randn(5, 3), torch.randn(5, 4)
+    torch.testing.assert_close(dp(x, y=y), model(x, y=y), rtol=0, atol=1e-10)
+    dp(x, y=y).sum().backward()
+    assert dp.b.weight.grad_sample.shape == (5, 2, 4)
+
+
+# -- clear errors --------------------------------------------------------------------
+
+def test_batchnorm_is_refused_with_a_fix():
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
+    with pytest.raises(fxdp.UnsupportedOpError, match="GroupNorm"):
+        privatize(model)
+
+
+def test_functional_batch_norm_is_refused():
+    class FBN(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.g = nn.Parameter(torch.ones(4))
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.fc(F.batch_norm(x, None, None, self.g, None, training=True))
+
+    with pytest.raises(fxdp.UnsupportedOpError, match="batch statistics"):
+        privatize(FBN())
+
+
+def test_parameter_reaching_output_without_data_is_refused():
+    class Penalty(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3, 2)
+
+        def forward(self, x):
+            return self.fc(x), self.fc.weight.pow(2).sum()
+
+    with pytest.raises(fxdp.UnsupportedModelError, match="fc.weight"):
+        privatize(Penalty())
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="loss_reduction"):
+        fxdp.privatize(nn.Linear(2, 2), loss_reduction="avg")
+    with pytest.raises(TypeError, match="nn.Module"):
+        fxdp.privatize(lambda x: x)
+    with pytest.raises(fxdp.UnsupportedModelError, match="already privatized"):
+        fxdp.privatize(privatize(nn.Linear(2, 2)))
+
+
+def test_folded_batch_is_refused_with_a_fix():
+    class Folded(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, x):
+            B, T, D = x.shape
+            return self.fc(x.reshape(B * T, D)).reshape(B, T, 2)
+
+    dp = privatize(Folded())
+    with pytest.raises(fxdp.BatchDimensionError, match="folds the batch"):
+        dp(torch.randn(3, 5, 4)).sum().backward()
