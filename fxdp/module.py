@@ -84,7 +84,7 @@ class DPModule(fx.GraphModule):
         self._plain_graph = plain_graph
         self._class_name = class_name
         self.untraceable: Dict[str, str] = dict(untraceable or {})
-        self.rewrites: List[Dict[str, Any]] = list(rewrites or [])
+        self.rewrites: List[Any] = list(rewrites or [])  # fxdp.passes.rewrite.Rewrite records
         self._batch_dims_cache: Dict[tuple, Dict[str, Any]] = {}
 
     # -- capture ops ----------------------------------------------------------------
@@ -168,9 +168,25 @@ class DPModule(fx.GraphModule):
         original = getattr(self, "_original_model", None)
         if original is not None:  # an untraceable model kept whole
             return original
+        if any(r.reversible for r in self.rewrites):
+            return self._restored()
         gm = fx.GraphModule(self, copy.deepcopy(self._plain_graph), self._class_name)
         adopt(gm, self)
         return gm
+
+    def _restored(self) -> fx.GraphModule:
+        """Trace a module tree in which reversible rewrites are undone (standard
+        torch modules with the trained weights)."""
+        from .passes.rewrite import _own_containers, replace_submodule
+        from .tracer import DPTracer, trace
+
+        root = _own_containers(self._source_root)
+        copied: set = set()
+        for r in self.rewrites:
+            if r.reversible and r.restore is not None:
+                replace_submodule(root, r.path, r.restore(self._source_root.get_submodule(r.path)), copied)
+        gm = trace(root, DPTracer())
+        return adopt(gm, root)
 
     def __deepcopy__(self, memo: Dict[int, Any]) -> "DPModule":
         cls = type(self)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import copy
 import inspect
 import warnings
-from typing import Any, Iterable, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch.fx as fx
 from torch import nn
@@ -13,6 +13,7 @@ from .capture import Recorder
 from .errors import UnsupportedModelError
 from .module import DPModule
 from .passes.capture import CAPTURES, insert_captures
+from .passes.rewrite import Rewrite, _own_containers
 from .tracer import DPTracer, trace
 
 __all__ = ["privatize"]
@@ -78,6 +79,28 @@ def whole_model_capture(gm: fx.GraphModule, model: nn.Module, recorder: Recorder
 
 GRAD_SAMPLE_MODES = ("materialize",)
 
+#: rewrite passes, in order: (root, options, copied) -> [Rewrite]; each replaces
+#: submodules of ``root`` via ``fxdp.passes.rewrite.replace_submodule``
+REWRITE_PASSES: List[Callable[[nn.Module, Dict[str, Any], set], List[Rewrite]]] = []
+
+
+def apply_rewrites(model: nn.Module, options: Dict[str, Any]) -> Tuple[nn.Module, List[Rewrite]]:
+    """Run the rewrite passes on a container copy of ``model`` (parameters shared,
+    the user's module objects untouched). Returns the root to trace and the rewrites."""
+    root = _own_containers(model)
+    copied: set = set()
+    rewrites: List[Rewrite] = []
+    for rewrite_pass in REWRITE_PASSES:
+        rewrites += rewrite_pass(root, options, copied)
+    unknown = set(options) - _KNOWN_OPTIONS
+    if unknown:
+        raise ValueError(f"unknown rewrite_options {sorted(unknown)}; known: {sorted(_KNOWN_OPTIONS)}")
+    return (root if rewrites else model), rewrites
+
+
+#: option names the registered rewrite passes accept (each pass adds its own)
+_KNOWN_OPTIONS: set = set()
+
 
 def privatize(
     model: nn.Module,
@@ -87,6 +110,7 @@ def privatize(
     example_inputs: Optional[Sequence[Any]] = None,
     leaf_modules: Iterable[type] = (),
     grad_sample_mode: str = "materialize",
+    rewrite_options: Optional[Dict[str, Any]] = None,
 ) -> DPModule:
     """Rewrite ``model``'s graph so one backward pass gives per-sample gradients.
 
@@ -100,6 +124,7 @@ def privatize(
             (otherwise done on the first forward pass of each input signature).
         leaf_modules: module classes to keep whole (served by a rule or the fallback).
         grad_sample_mode: ``"materialize"``: ``p.grad_sample`` per parameter.
+        rewrite_options: options of the rewrite passes (see ``docs/rewrites.md``).
 
     Returns:
         A ``DPModule`` (a ``torch.fx.GraphModule``) sharing ``model``'s parameters.
@@ -115,17 +140,18 @@ def privatize(
     if grad_sample_mode not in GRAD_SAMPLE_MODES:
         raise ValueError(f"grad_sample_mode must be one of {GRAD_SAMPLE_MODES}, got {grad_sample_mode!r}")
 
+    root, rewrites = apply_rewrites(model, dict(rewrite_options or {}))
     tracer = DPTracer(leaf_modules=leaf_modules)
     whole = False
     try:
-        gm = trace(model, tracer)
+        gm = trace(root, tracer)
     except Exception as e:
         # the model's own forward is not traceable: keep it whole (one fallback capture)
-        gm = whole_model_graph(model, e)
+        gm = whole_model_graph(root, e)
         whole = True
     plain_graph = copy.deepcopy(gm.graph)
     recorder = Recorder(loss_reduction=loss_reduction, mode=grad_sample_mode)
-    captures = whole_model_capture(gm, model, recorder) if whole else insert_captures(gm, recorder)
+    captures = whole_model_capture(gm, root, recorder) if whole else insert_captures(gm, recorder)
     dp = DPModule(
         gm,
         gm.graph,
@@ -134,13 +160,16 @@ def privatize(
         batch_first=batch_first,
         class_name=type(model).__name__,
         untraceable=gm.meta.get("fxdp_untraceable"),
+        rewrites=rewrites,
     )
     # adopt the user's module tree (GraphModule copies only referenced attributes)
     from .module import adopt
 
-    adopt(dp, model, {CAPTURES: getattr(gm, CAPTURES)})
+    adopt(dp, root, {CAPTURES: getattr(gm, CAPTURES)})
+    # kept outside the module tree (no duplicate state_dict keys): strip() rebuilds from them
+    object.__setattr__(dp, "_source_root", root)
     if whole:
-        dp._original_model = model
+        object.__setattr__(dp, "_original_model", root)
     fallbacks = [c for c in captures if c.kind == "functorch"]
     if fallbacks or dp.untraceable:
         lines = [f"  {c.module_path or c.capture_name}: {c.rule_name()}" for c in fallbacks]
