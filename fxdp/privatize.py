@@ -13,7 +13,7 @@ from .capture import Recorder
 from .errors import UnsupportedModelError
 from .module import DPModule
 from .passes.capture import CAPTURES, insert_captures
-from .passes.rewrite import Rewrite, _own_containers
+from .passes.rewrite import Rewrite, _own_containers, known_options, rewrite_passes
 from .tracer import DPTracer, trace
 
 __all__ = ["privatize"]
@@ -79,27 +79,18 @@ def whole_model_capture(gm: fx.GraphModule, model: nn.Module, recorder: Recorder
 
 GRAD_SAMPLE_MODES = ("materialize",)
 
-#: rewrite passes, in order: (root, options, copied) -> [Rewrite]; each replaces
-#: submodules of ``root`` via ``fxdp.passes.rewrite.replace_submodule``
-REWRITE_PASSES: List[Callable[[nn.Module, Dict[str, Any], set], List[Rewrite]]] = []
-
-
 def apply_rewrites(model: nn.Module, options: Dict[str, Any]) -> Tuple[nn.Module, List[Rewrite]]:
     """Run the rewrite passes on a container copy of ``model`` (parameters shared,
     the user's module objects untouched). Returns the root to trace and the rewrites."""
     root = _own_containers(model)
     copied: set = set()
     rewrites: List[Rewrite] = []
-    for rewrite_pass in REWRITE_PASSES:
-        rewrites += rewrite_pass(root, options, copied)
-    unknown = set(options) - _KNOWN_OPTIONS
+    unknown = set(options) - known_options()
     if unknown:
-        raise ValueError(f"unknown rewrite_options {sorted(unknown)}; known: {sorted(_KNOWN_OPTIONS)}")
+        raise ValueError(f"unknown rewrite_options {sorted(unknown)}; known: {sorted(known_options())}")
+    for rewrite_pass in rewrite_passes():
+        rewrites += rewrite_pass(root, options, copied)
     return (root if rewrites else model), rewrites
-
-
-#: option names the registered rewrite passes accept (each pass adds its own)
-_KNOWN_OPTIONS: set = set()
 
 
 def privatize(

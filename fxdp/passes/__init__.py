@@ -1,0 +1,3 @@
+"""Graph passes, one job per file: batch_dims (analysis), capture (insertion of
+capture ops), rewrite (shared substitution machinery) and the rewrite passes,
+which register themselves in ``fxdp.passes.rewrite`` on import."""

@@ -15,7 +15,7 @@ from typing import Any, Callable, Dict, List, Optional
 
 from torch import nn
 
-__all__ = ["Rewrite", "replace_submodule", "RewritePass"]
+__all__ = ["Rewrite", "replace_submodule", "RewritePass", "register_rewrite", "rewrite_passes", "known_options"]
 
 
 @dataclass
@@ -37,8 +37,33 @@ class Rewrite:
         return d
 
 
-#: a rewrite pass: (root module, options) -> rewrites applied to ``root`` in place
-RewritePass = Callable[[nn.Module, Dict[str, Any]], List[Rewrite]]
+#: a rewrite pass: (root module, options, copied paths) -> rewrites applied to
+#: ``root`` in place through ``replace_submodule(root, path, new, copied)``
+RewritePass = Callable[[nn.Module, Dict[str, Any], set], List[Rewrite]]
+
+_PASSES: List[tuple] = []  # (order, pass)
+_OPTIONS: set = set()
+
+
+def register_rewrite(order: int, options: tuple = ()) -> Callable[[RewritePass], RewritePass]:
+    """Decorator: run this rewrite pass in privatize (lower ``order`` first); it
+    accepts the ``rewrite_options`` keys named in ``options``."""
+
+    def deco(fn: RewritePass) -> RewritePass:
+        _PASSES.append((order, fn))
+        _PASSES.sort(key=lambda t: t[0])
+        _OPTIONS.update(options)
+        return fn
+
+    return deco
+
+
+def rewrite_passes() -> List[RewritePass]:
+    return [fn for _, fn in _PASSES]
+
+
+def known_options() -> set:
+    return set(_OPTIONS)
 
 
 def _own_containers(m: nn.Module) -> nn.Module:
