@@ -1,0 +1,127 @@
+"""Poisson subsampling: the batch sampler that DP-SGD's privacy amplification assumes.
+
+Each example joins each batch independently with probability ``q`` (Abadi et al. 2016;
+Mironov, Talwar, Zhang 2019, "Renyi Differential Privacy of the Sampled Gaussian
+Mechanism"), so batch sizes are Binomial(N, q) and may be 0.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from numbers import Integral, Real
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils.data import Sampler
+
+__all__ = ["PoissonSampler", "UniformWithReplacementSampler", "default_num_steps"]
+
+
+def default_num_steps(sample_rate: float) -> int:
+    """``floor(1/q)`` batches per epoch (Opacus), robust to rounding in ``q = 1/n``."""
+    # 1/(1/n) can land a few ulps below n (n = 93 gives 92.99999999999999)
+    return max(1, int(1.0 / sample_rate * (1 + 1e-12)))
+
+
+class PoissonSampler(Sampler[list[int]]):
+    """Batch sampler drawing each of ``num_samples`` indices with probability ``sample_rate``.
+
+    Yields ``steps`` (default ``floor(1/q)``) sorted index lists per epoch, possibly
+    empty. Drop-in for Opacus' ``UniformWithReplacementSampler``.
+
+    Randomness comes from ``generator``; without one a private generator is seeded from
+    the global RNG, so ``torch.manual_seed`` still makes runs reproducible while the
+    sampler's state stays capturable by :meth:`state_dict`.
+    """
+
+    def __init__(
+        self,
+        num_samples: int,
+        sample_rate: float,
+        generator: torch.Generator | None = None,
+        steps: int | None = None,
+    ) -> None:
+        if isinstance(num_samples, bool) or not isinstance(num_samples, Integral) or num_samples <= 0:
+            raise ValueError(f"num_samples must be a positive integer, got num_samples={num_samples!r}")
+        if isinstance(sample_rate, bool) or not isinstance(sample_rate, Real) or not 0 < sample_rate <= 1:
+            raise ValueError(f"sample_rate must be in (0, 1], got sample_rate={sample_rate!r}")
+        if steps is not None and (isinstance(steps, bool) or not isinstance(steps, Integral) or steps <= 0):
+            raise ValueError(f"steps must be a positive integer or None, got steps={steps!r}")
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+        self.num_samples = int(num_samples)
+        self.sample_rate = float(sample_rate)
+        self.steps = int(steps) if steps is not None else default_num_steps(self.sample_rate)
+        if generator is None:
+            generator = torch.Generator()
+            generator.manual_seed(int(torch.randint(0, 2**62, (), dtype=torch.int64)))
+        self.generator = generator
+        # Resume bookkeeping: generator state at the start of the current epoch and the
+        # number of batches drawn since; a loaded state replays from there.
+        self._epoch_start_state: Tensor | None = None
+        self._drawn = 0
+        self._resume: tuple[Tensor, int] | None = None
+
+    @property
+    def expected_batch_size(self) -> float:
+        """``q * N``, the denominator DP-SGD uses for a mean loss."""
+        return self.sample_rate * self.num_samples
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def _draw(self) -> list[int]:
+        mask = torch.rand(self.num_samples, generator=self.generator) < self.sample_rate
+        return mask.nonzero().reshape(-1).tolist()
+
+    def __iter__(self) -> Iterator[list[int]]:
+        skip = 0
+        if self._resume is not None:
+            # Restored here rather than in load_state_dict: a DataLoader may draw its
+            # worker base seed from the same generator in between.
+            state, skip = self._resume
+            self._resume = None
+            self.generator.set_state(state)
+            if skip >= self.steps:  # saved at the end of an epoch: start the next one
+                for _ in range(skip):
+                    self._draw()
+                skip = 0
+        self._epoch_start_state = self.generator.get_state()
+        self._drawn = 0
+        for i in range(self.steps):
+            batch = self._draw()
+            self._drawn += 1
+            if i >= skip:
+                yield batch
+
+    def state_dict(self, num_consumed: int | None = None) -> dict[str, Any]:
+        """State to resume sampling exactly: the epoch's starting generator state and the
+        number of batches consumed (tensors and ints only, ``weights_only``-loadable).
+
+        ``num_consumed`` defaults to the batches drawn so far in this epoch. A
+        ``DataLoader`` with ``num_workers > 0`` draws index lists ahead of training, so
+        pass the number of batches actually trained on in that case.
+        """
+        drawn = self._drawn if num_consumed is None else int(num_consumed)
+        if not 0 <= drawn <= self.steps:
+            raise ValueError(f"num_consumed must be in [0, {self.steps}], got {num_consumed!r}")
+        if self._epoch_start_state is None:  # no epoch started yet
+            return {"epoch_start_generator_state": self.generator.get_state(), "num_consumed": 0}
+        return {"epoch_start_generator_state": self._epoch_start_state.clone(), "num_consumed": drawn}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Make the next ``iter()`` yield the rest of the saved epoch (then full epochs).
+
+        A state saved at the end of an epoch (all batches consumed) resumes with the next
+        full epoch.
+        """
+        state = state_dict["epoch_start_generator_state"]
+        consumed = int(state_dict["num_consumed"])
+        if not isinstance(state, Tensor) or consumed < 0:
+            raise ValueError("invalid PoissonSampler state_dict")
+        self._resume = (state.clone(), consumed)
+
+
+#: Opacus' name for the same sampler (same keyword arguments).
+UniformWithReplacementSampler = PoissonSampler

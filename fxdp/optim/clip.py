@@ -1,0 +1,205 @@
+"""Clipping math for DP-SGD (Abadi et al. 2016, "Deep Learning with Differential Privacy").
+
+Pure functions over lists of per-sample gradients ``g[k]`` of shape ``[B, *p_k.shape]``.
+They are split (norms -> factors -> clipped sum) so that a code path which gets norms
+and clipped sums without materialising per-sample gradients (e.g. ghost clipping) can
+reuse the same factor and statistics logic.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "EPS",
+    "ClipStats",
+    "per_param_sample_norms",
+    "per_sample_norms",
+    "clip_factors",
+    "clipped_sum",
+    "clip_statistics",
+    "first_non_finite",
+    "adaptive_gradient_noise_multiplier",
+    "private_unclipped_fraction",
+    "geometric_clipbound_update",
+]
+
+#: Added to norms before dividing, as Opacus does, so that zero gradients give factor 1.
+EPS = 1e-6
+
+
+def per_param_sample_norms(grad_samples: Sequence[Tensor]) -> Tensor:
+    """L2 norm of each sample's gradient, separately for each parameter: ``[B, K]``.
+
+    Norms are computed in at least float32 (low-precision squares overflow or lose
+    the small entries) and gathered on the device of the first parameter.
+    """
+    if len(grad_samples) == 0:
+        raise ValueError("per_param_sample_norms needs at least one per-sample gradient")
+    norms = [
+        torch.linalg.vector_norm(
+            g.reshape(g.shape[0], math.prod(g.shape[1:])),
+            dim=1,
+            dtype=torch.promote_types(g.dtype, torch.float32),
+        )
+        for g in grad_samples
+    ]
+    dtype = functools.reduce(torch.promote_types, (n.dtype for n in norms))
+    device = norms[0].device
+    return torch.stack([n.to(device=device, dtype=dtype) for n in norms], dim=1)
+
+
+def per_sample_norms(grad_samples: Sequence[Tensor]) -> Tensor:
+    """L2 norm of each sample's gradient over all parameters together: ``[B]``."""
+    return torch.linalg.vector_norm(per_param_sample_norms(grad_samples), dim=1)
+
+
+def clip_factors(norms: Tensor, max_norm: float | Tensor) -> Tensor:
+    """Per-sample scale ``min(1, C / (norm + 1e-6))``, so that ``factor * norm <= C``.
+
+    ``norms`` is ``[B]`` (flat clipping, scalar ``C``) or ``[B, K]`` with ``max_norm``
+    broadcastable to ``[K]`` (per-layer clipping).
+    """
+    return (max_norm / (norms + EPS)).clamp(max=1.0)
+
+
+def clipped_sum(grad_samples: Sequence[Tensor], factors: Tensor) -> list[Tensor]:
+    """``sum_i factors[i] * g[i]`` for each parameter (one einsum, no clipped copy).
+
+    ``factors`` is ``[B]`` (shared by all parameters) or ``[B, K]`` (column ``k`` for
+    parameter ``k``). The result has each parameter's shape and its gradient's dtype.
+    """
+    out = []
+    for k, g in enumerate(grad_samples):
+        f = factors if factors.dim() == 1 else factors[:, k]
+        out.append(torch.einsum("i,i...->...", f.to(device=g.device, dtype=g.dtype), g))
+    return out
+
+
+def first_non_finite(norms: Tensor) -> tuple[int, int] | None:
+    """``(sample, parameter)`` of the first non-finite entry of a ``[B, K]`` norm matrix.
+
+    A NaN or inf anywhere in a sample's gradient makes its norm non-finite, so checking
+    the ``B x K`` norms is enough and costs one device sync.
+    """
+    bad = ~torch.isfinite(norms)
+    if not bool(bad.any()):
+        return None
+    i, k = (int(v) for v in bad.nonzero()[0])
+    return i, k
+
+
+@dataclass(frozen=True)
+class ClipStats:
+    """Per-sample gradient norm statistics of one optimizer step, for tuning ``C``.
+
+    They are computed from the raw per-sample norms and are therefore *not*
+    differentially private: use them for debugging, don't publish them.
+    """
+
+    num_samples: int
+    max_grad_norm: float
+    fraction_clipped: float
+    mean_norm: float
+    min_norm: float
+    q25_norm: float
+    median_norm: float
+    q75_norm: float
+    max_norm: float
+
+    @property
+    def quantiles(self) -> dict[float, float]:
+        """Norm quantiles ``{0.0: min, 0.25: .., 0.5: median, 0.75: .., 1.0: max}``."""
+        return {
+            0.0: self.min_norm,
+            0.25: self.q25_norm,
+            0.5: self.median_norm,
+            0.75: self.q75_norm,
+            1.0: self.max_norm,
+        }
+
+
+def clip_statistics(norms: Tensor, clipped: Tensor, max_grad_norm: float) -> ClipStats:
+    """Summarise per-sample ``norms`` ``[B]`` and the ``clipped`` mask ``[B]`` of a step."""
+    n = int(norms.numel())
+    if n == 0:
+        nan = math.nan
+        return ClipStats(0, float(max_grad_norm), nan, nan, nan, nan, nan, nan, nan)
+    x = norms.detach().to(torch.float64).flatten()
+    q = torch.quantile(x, torch.tensor([0.0, 0.25, 0.5, 0.75, 1.0], dtype=torch.float64, device=x.device))
+    q0, q25, q50, q75, q100 = (float(v) for v in q)
+    return ClipStats(
+        num_samples=n,
+        max_grad_norm=float(max_grad_norm),
+        fraction_clipped=float(clipped.to(torch.float64).mean()),
+        mean_norm=float(x.mean()),
+        min_norm=q0,
+        q25_norm=q25,
+        median_norm=q50,
+        q75_norm=q75,
+        max_norm=q100,
+    )
+
+
+# --- Adaptive clipping: Andrew, Thakkar, McMahan, Ramaswamy 2021 ----------------------
+# "Differentially Private Learning with Adaptive Clipping" (NeurIPS 2021, arXiv:1905.03871).
+
+
+def adaptive_gradient_noise_multiplier(noise_multiplier: float, unclipped_num_std: float) -> float:
+    """Noise multiplier left for the gradient sum when the clip count is also released.
+
+    Theorem 1 of Andrew et al. 2021: releasing the clipped gradient sum with noise
+    ``sigma_grad * C`` and the centred unclipped count ``sum_i (b_i - 1/2)`` (sensitivity
+    1/2) with noise ``sigma_b`` is exactly as private as one Gaussian mechanism with
+    noise multiplier ``sigma`` where ``sigma^-2 = sigma_grad^-2 + (2 sigma_b)^-2``. Hence
+
+        sigma_grad = (sigma^-2 - (2 sigma_b)^-2)^(-1/2),
+
+    which is defined only for ``sigma < 2 sigma_b``. ``sigma = 0`` (no privacy) gives 0.
+    """
+    if noise_multiplier == 0:
+        return 0.0
+    if not noise_multiplier < 2 * unclipped_num_std:
+        raise ValueError(
+            "adaptive clipping: the gradient noise multiplier "
+            "sigma_grad = (sigma^-2 - (2*sigma_b)^-2)^(-1/2) (Andrew et al. 2021, Theorem 1) "
+            f"is undefined for noise_multiplier={noise_multiplier} and "
+            f"unclipped_num_std={unclipped_num_std}; it needs "
+            "noise_multiplier < 2 * unclipped_num_std (increase unclipped_num_std; the paper "
+            "suggests about expected_batch_size / 20)"
+        )
+    return (noise_multiplier**-2 - (2 * unclipped_num_std) ** -2) ** -0.5
+
+
+def private_unclipped_fraction(
+    unclipped: float, num_samples: int, noise: float, expected_num: float
+) -> float:
+    """Noisy fraction of unclipped samples, ``(sum_i (b_i - 1/2) + noise) / m + 1/2``.
+
+    Centring the bits makes the sensitivity 1/2 (Theorem 1 above), and dividing by the
+    public expected count ``m`` instead of the actual batch size keeps the batch size,
+    which Poisson sampling makes private, out of the released value.
+    """
+    return (unclipped - 0.5 * num_samples + noise) / expected_num + 0.5
+
+
+def geometric_clipbound_update(
+    clipbound: float,
+    unclipped_fraction: float,
+    target_unclipped_quantile: float,
+    learning_rate: float,
+    min_clipbound: float,
+    max_clipbound: float,
+) -> float:
+    """Geometric step ``C * exp(-lr * (b - gamma))`` towards the target quantile, clamped.
+
+    Too many unclipped samples (``b > gamma``) shrink ``C``; too few grow it.
+    """
+    new = clipbound * math.exp(-learning_rate * (unclipped_fraction - target_unclipped_quantile))
+    return min(max(new, min_clipbound), max_clipbound)

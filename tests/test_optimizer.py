@@ -1,0 +1,683 @@
+"""Tests of fxdp.optim: DP-SGD clipping, noise, per-layer/adaptive clipping, API surface."""
+
+from __future__ import annotations
+
+import copy
+import io
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+from fxdp.optim import AdaClipDPOptimizer, DPOptimizer, DPPerLayerOptimizer, get_optimizer_class
+from fxdp.optim.clip import (
+    adaptive_gradient_noise_multiplier,
+    clip_factors,
+    clipped_sum,
+    geometric_clipbound_update,
+    per_param_sample_norms,
+    per_sample_norms,
+    private_unclipped_fraction,
+)
+from fxdp.optim.noise import gaussian_noise
+
+DT = torch.float64
+
+
+# --- helpers: per-sample gradients without the rest of fxdp -----------------------------
+
+
+def make_model(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 2)).to(DT)
+
+
+def make_data(n: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 4, generator=g, dtype=DT), torch.randn(n, 2, generator=g, dtype=DT)
+
+
+def per_sample_grads(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Gradient of each sample's own MSE loss (Opacus' grad_sample convention)."""
+    params = {n: p.detach() for n, p in model.named_parameters()}
+
+    def loss_one(p, xi, yi):
+        out = functional_call(model, p, (xi.unsqueeze(0),))
+        return nn.functional.mse_loss(out, yi.unsqueeze(0))
+
+    if len(x) == 0:
+        return {n: torch.zeros(0, *p.shape, dtype=p.dtype) for n, p in params.items()}
+    return vmap(grad(loss_one), in_dims=(None, 0, 0))(params, x, y)
+
+
+def backward(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
+    """What a privatised model's backward leaves behind: p.grad and p.grad_sample."""
+    if len(x):
+        nn.functional.mse_loss(model(x), y).backward()
+    gs = per_sample_grads(model, x, y)
+    for n, p in model.named_parameters():
+        p.grad_sample = gs[n]
+
+
+def set_grad_samples(model: nn.Module, gs: list[torch.Tensor]) -> None:
+    for p, g in zip(model.parameters(), gs):
+        p.grad_sample = g
+
+
+def dp(model: nn.Module, *, opt=None, **kw) -> DPOptimizer:
+    kw.setdefault("noise_multiplier", 0.0)
+    kw.setdefault("max_grad_norm", 1.0)
+    kw.setdefault("expected_batch_size", 8)
+    return DPOptimizer(opt or torch.optim.SGD(model.parameters(), lr=0.1), **kw)
+
+
+def flat_params(model: nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+# --- step semantics -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("opt_cls", [torch.optim.SGD, torch.optim.Adam])
+def test_no_noise_huge_bound_equals_non_private(opt_cls):
+    x, y = make_data(8)
+    model, ref = make_model(), make_model()
+    opt = dp(model, opt=opt_cls(model.parameters(), lr=0.05), max_grad_norm=1e8, expected_batch_size=8)
+    ref_opt = opt_cls(ref.parameters(), lr=0.05)
+    for _ in range(3):
+        backward(model, x, y)
+        opt.step()
+        opt.zero_grad()
+        nn.functional.mse_loss(ref(x), y).backward()
+        ref_opt.step()
+        ref_opt.zero_grad()
+    torch.testing.assert_close(flat_params(model), flat_params(ref), rtol=1e-12, atol=1e-12)
+
+
+def test_small_bound_clips_each_sample_and_divides_by_expected_batch_size():
+    x, y = make_data(7)
+    model = make_model()
+    before = [p.detach().clone() for p in model.parameters()]
+    C, expected_bs, lr = 0.05, 10, 0.3
+    opt = dp(
+        model,
+        opt=torch.optim.SGD(model.parameters(), lr=lr),
+        max_grad_norm=C,
+        expected_batch_size=expected_bs,
+    )
+    backward(model, x, y)
+    gs = [p.grad_sample.clone() for p in model.parameters()]
+    opt.step()
+
+    total = [torch.zeros_like(p) for p in model.parameters()]
+    for i in range(7):
+        g_i = [g[i] for g in gs]
+        norm = torch.sqrt(sum((g**2).sum() for g in g_i))
+        c = min(1.0, C / (float(norm) + 1e-6))
+        contribution = [c * g for g in g_i]
+        assert float(torch.sqrt(sum((g**2).sum() for g in contribution))) <= C * (1 + 1e-9)
+        total = [t + g for t, g in zip(total, contribution)]
+    for p, b, t in zip(model.parameters(), before, total):
+        torch.testing.assert_close(p.grad, t / expected_bs, rtol=1e-12, atol=1e-15)
+        torch.testing.assert_close(p.detach(), b - lr * t / expected_bs, rtol=1e-12, atol=1e-15)
+
+    stats = opt.clip_stats
+    norms = np.sort(per_sample_norms(gs).numpy())
+    assert stats.num_samples == 7 and stats.fraction_clipped == 1.0 and stats.max_grad_norm == C
+    np.testing.assert_allclose(
+        [stats.min_norm, stats.q25_norm, stats.median_norm, stats.q75_norm, stats.max_norm],
+        np.quantile(norms, [0, 0.25, 0.5, 0.75, 1]),
+        rtol=1e-12,
+    )
+    assert stats.mean_norm == pytest.approx(norms.mean(), rel=1e-12)
+
+
+def _noise_only_grad(opt_factory, shape=(200, 500), batch=16) -> torch.Tensor:
+    """p.grad after one step on zero per-sample gradients: noise / expected batch size."""
+    p = nn.Parameter(torch.zeros(shape, dtype=DT))
+    opt = opt_factory([p])
+    p.grad_sample = torch.zeros(batch, *shape, dtype=DT)
+    opt.step()
+    return p.grad.detach().reshape(-1)
+
+
+def _assert_std(sample: torch.Tensor, std: float) -> None:
+    # n iid N(0, s^2): the sample std has standard error s / sqrt(2(n-1)) and the mean
+    # s / sqrt(n) (normal theory); 6 standard errors => false alarm prob. < 1e-8.
+    n = sample.numel()
+    assert abs(float(sample.mean())) < 6 * std / math.sqrt(n)
+    assert abs(float(sample.std()) - std) < 6 * std / math.sqrt(2 * (n - 1))
+
+
+def test_noise_std_is_sigma_c_over_expected_batch_size():
+    sigma, C, B = 1.3, 0.7, 16
+    g = torch.Generator().manual_seed(0)
+    sample = _noise_only_grad(
+        lambda ps: DPOptimizer(
+            torch.optim.SGD(ps, lr=0.0),
+            noise_multiplier=sigma,
+            max_grad_norm=C,
+            expected_batch_size=B,
+            generator=g,
+        ),
+        batch=B,
+    )
+    _assert_std(sample, sigma * C / B)
+
+
+def test_noise_is_reproducible_from_generator_and_sum_reduction_is_unscaled():
+    def run(seed, reduction):
+        return _noise_only_grad(
+            lambda ps: DPOptimizer(
+                torch.optim.SGD(ps, lr=0.0),
+                noise_multiplier=1.0,
+                max_grad_norm=2.0,
+                expected_batch_size=None if reduction == "sum" else 4,
+                loss_reduction=reduction,
+                generator=torch.Generator().manual_seed(seed),
+            ),
+            shape=(10,),
+            batch=4,
+        )
+
+    torch.testing.assert_close(run(3, "mean"), run(3, "sum") / 4)
+    assert not torch.equal(run(3, "mean"), run(4, "mean"))
+
+
+def test_empty_batch_is_a_noisy_step():
+    model = make_model()
+    before = flat_params(model)
+    opt = dp(model, noise_multiplier=1.0, generator=torch.Generator().manual_seed(0))
+    calls = []
+    opt.attach_step_hook(lambda o: calls.append(o.accumulated_iterations))
+    backward(model, *make_data(0))
+    opt.step()
+    assert calls == [1]
+    assert not torch.equal(flat_params(model), before)
+    assert opt.clip_stats.num_samples == 0 and math.isnan(opt.clip_stats.mean_norm)
+
+
+def test_accumulated_backward_passes_are_clipped_and_averaged_together():
+    x, y = make_data(12)
+    model = make_model()
+    opt = dp(model, max_grad_norm=0.1, expected_batch_size=6)
+    g1, g2 = per_sample_grads(model, x[:6], y[:6]), per_sample_grads(model, x[6:], y[6:])
+    for n, p in model.named_parameters():
+        p.grad_sample = [g1[n], g2[n]]
+    assert opt.accumulated_iterations == 2
+    gs = opt.grad_samples
+    expected = clipped_sum(gs, clip_factors(per_sample_norms(gs), 0.1))
+    opt.pre_step()
+    for p, e in zip(model.parameters(), expected):
+        torch.testing.assert_close(p.grad, e / 12)
+
+
+def test_closure_loss_is_returned():
+    x, y = make_data(4)
+    model = make_model()
+    opt = dp(model)
+
+    def closure():
+        loss = nn.functional.mse_loss(model(x), y)
+        backward(model, x, y)
+        return loss
+
+    assert torch.is_tensor(opt.step(closure))
+
+
+# --- per-layer clipping ---------------------------------------------------------------
+
+
+def test_per_layer_clips_each_parameter_to_its_bound():
+    x, y = make_data(9)
+    model = make_model()
+    bounds = [0.05, 0.01, 0.2, 0.03]
+    opt = dp(model, clipping="per_layer", max_grad_norm=bounds, expected_batch_size=9)
+    assert isinstance(opt, DPPerLayerOptimizer)
+    assert opt.max_grad_norm == pytest.approx(math.sqrt(sum(c * c for c in bounds)))
+    backward(model, x, y)
+    gs = [p.grad_sample.clone() for p in model.parameters()]
+    opt.pre_step()
+    for p, g, c in zip(model.parameters(), gs, bounds):
+        norms = g.reshape(9, -1).norm(dim=1)
+        factors = (c / (norms + 1e-6)).clamp(max=1)
+        assert (factors * norms <= c * (1 + 1e-9)).all()
+        torch.testing.assert_close(p.grad, torch.einsum("i,i...->...", factors, g) / 9)
+
+
+def test_per_layer_noise_std_uses_total_bound():
+    bounds = [0.3, 0.4]  # C_total = 0.5
+    g = torch.Generator().manual_seed(1)
+    ps = [nn.Parameter(torch.zeros(100, 500, dtype=DT)), nn.Parameter(torch.zeros(3, dtype=DT))]
+    opt = DPPerLayerOptimizer(
+        torch.optim.SGD(ps, lr=0.0),
+        noise_multiplier=2.0,
+        max_grad_norm=bounds,
+        expected_batch_size=10,
+        generator=g,
+    )
+    for p in ps:
+        p.grad_sample = torch.zeros(10, *p.shape, dtype=DT)
+    opt.step()
+    _assert_std(ps[0].grad.reshape(-1), 2.0 * 0.5 / 10)
+
+
+# --- adaptive clipping ----------------------------------------------------------------
+
+
+def ada(params, **kw) -> AdaClipDPOptimizer:
+    base = dict(
+        noise_multiplier=0.0,
+        max_grad_norm=1.0,
+        expected_batch_size=10,
+        target_unclipped_quantile=0.5,
+        clipbound_learning_rate=0.2,
+        max_clipbound=100.0,
+        min_clipbound=0.01,
+        unclipped_num_std=0.0,
+    )
+    base.update(kw)
+    return DPOptimizer(torch.optim.SGD(params, lr=0.0), clipping="adaptive", **base)
+
+
+def test_adaptive_noise_multiplier_formula():
+    sigma, sigma_b = 1.1, 5.0
+    assert adaptive_gradient_noise_multiplier(sigma, sigma_b) == pytest.approx(
+        (sigma**-2 - (2 * sigma_b) ** -2) ** -0.5
+    )
+    assert adaptive_gradient_noise_multiplier(sigma, sigma_b) > sigma  # count noise costs some budget
+    assert adaptive_gradient_noise_multiplier(0.0, 0.0) == 0.0
+    with pytest.raises(ValueError, match="noise_multiplier < 2 \\* unclipped_num_std"):
+        adaptive_gradient_noise_multiplier(2.0, 1.0)
+    with pytest.raises(ValueError, match="undefined"):
+        ada([nn.Parameter(torch.zeros(2))], noise_multiplier=1.0, unclipped_num_std=0.5)
+
+
+def test_adaptive_gradient_noise_std_uses_sigma_grad():
+    sigma, sigma_b, C, B = 1.0, 1.0, 0.5, 10
+    g = torch.Generator().manual_seed(2)
+    sample = _noise_only_grad(
+        lambda ps: ada(
+            ps,
+            noise_multiplier=sigma,
+            unclipped_num_std=sigma_b,
+            max_grad_norm=C,
+            expected_batch_size=B,
+            generator=g,
+        ),
+        batch=B,
+    )
+    _assert_std(sample, adaptive_gradient_noise_multiplier(sigma, sigma_b) * C / B)
+
+
+def _const_norm_grad_samples(norms: torch.Tensor) -> torch.Tensor:
+    return norms.to(DT).reshape(-1, 1)  # one scalar-per-sample parameter of shape [1]
+
+
+def test_adaptive_bound_moves_towards_target_quantile():
+    p = nn.Parameter(torch.zeros(1, dtype=DT))
+    lr, gamma = 0.2, 0.5
+    opt = ada([p], clipbound_learning_rate=lr, target_unclipped_quantile=gamma)
+    # every sample clipped (b = 0 < gamma): the bound grows by exp(lr * gamma)
+    p.grad_sample = _const_norm_grad_samples(torch.full((10,), 5.0))
+    opt.step()
+    opt.zero_grad()
+    assert opt.max_grad_norm == pytest.approx(math.exp(lr * gamma))
+    # no sample clipped (b = 1 > gamma): it shrinks by exp(-lr * (1 - gamma))
+    p.grad_sample = _const_norm_grad_samples(torch.full((10,), 1e-3))
+    opt.step()
+    opt.zero_grad()
+    assert opt.max_grad_norm == pytest.approx(1.0)
+    # clamped to [min_clipbound, max_clipbound]
+    assert geometric_clipbound_update(1.0, 0.0, 1.0, 100.0, 0.1, 3.0) == 3.0
+    assert geometric_clipbound_update(1.0, 1.0, 0.0, 100.0, 0.1, 3.0) == 0.1
+
+
+def test_adaptive_bound_converges_to_quantile():
+    p = nn.Parameter(torch.zeros(1, dtype=DT))
+    opt = ada([p], target_unclipped_quantile=0.3, max_grad_norm=1.0, expected_batch_size=100)
+    norms = torch.arange(1, 101, dtype=DT)  # the 30% quantile is ~30
+    for _ in range(300):
+        p.grad_sample = _const_norm_grad_samples(norms)
+        opt.step()
+        opt.zero_grad()
+    assert 27 <= opt.max_grad_norm <= 33
+
+
+def test_private_unclipped_fraction_is_centred_on_expected_batch_size():
+    # 6 of 10 unclipped, expected batch 12: (6 - 5 + 0) / 12 + 1/2
+    assert private_unclipped_fraction(6, 10, 0.0, 12) == pytest.approx(1 / 12 + 0.5)
+    assert private_unclipped_fraction(5, 10, 1.2, 10) == pytest.approx(0.62)
+
+
+def test_adaptive_state_dict_keeps_bound():
+    p = nn.Parameter(torch.zeros(1, dtype=DT))
+    opt = ada([p])
+    p.grad_sample = _const_norm_grad_samples(torch.full((10,), 5.0))
+    opt.step()
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    buf.seek(0)
+    state = torch.load(buf, weights_only=True)
+    fresh = ada([p])
+    fresh.load_state_dict(state)
+    assert fresh.max_grad_norm == opt.max_grad_norm != 1.0
+
+
+# --- API surface ----------------------------------------------------------------------
+
+
+def test_wraps_optimizer_state_and_groups():
+    model = make_model()
+    inner = torch.optim.Adam(model.parameters(), lr=0.01)
+    opt = dp(model, opt=inner)
+    assert isinstance(opt, torch.optim.Optimizer)
+    assert (
+        opt.param_groups is inner.param_groups and opt.state is inner.state and opt.defaults is inner.defaults
+    )
+    assert opt.original_optimizer is inner
+    assert opt.params == list(model.parameters())
+    assert "DPOptimizer" in repr(opt) and "Adam" in repr(opt)
+
+
+def test_lr_scheduler():
+    model = make_model()
+    opt = dp(model, opt=torch.optim.SGD(model.parameters(), lr=1.0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+        for _ in range(2):
+            backward(model, *make_data(4))
+            opt.step()
+            opt.zero_grad()
+            sched.step()
+    assert opt.original_optimizer.param_groups[0]["lr"] == 0.25
+
+
+def test_state_dict_round_trip_resumes_identically():
+    x, y = make_data(8)
+
+    def fresh(model):
+        return dp(
+            model,
+            opt=torch.optim.Adam(model.parameters(), lr=0.01),
+            noise_multiplier=1.0,
+            generator=torch.Generator().manual_seed(11),
+        )
+
+    model = make_model()
+    opt = fresh(model)
+    for _ in range(2):
+        backward(model, x, y)
+        opt.step()
+        opt.zero_grad()
+    buf = io.BytesIO()
+    torch.save(
+        {"model": model.state_dict(), "optim": opt.state_dict(), "noise": opt.noise_generator_state()}, buf
+    )
+    buf.seek(0)
+    ckpt = torch.load(buf, weights_only=True)
+
+    resumed = make_model(seed=5)
+    resumed.load_state_dict(ckpt["model"])
+    opt2 = fresh(resumed)
+    opt2.load_state_dict(ckpt["optim"])
+    opt2.set_noise_generator_state(ckpt["noise"])
+    for m, o in ((model, opt), (resumed, opt2)):
+        backward(m, x, y)
+        o.step()
+        o.zero_grad()
+    torch.testing.assert_close(flat_params(model), flat_params(resumed), rtol=0, atol=0)
+
+
+def test_zero_grad_clears_per_sample_state():
+    model = make_model()
+    opt = dp(model)
+    backward(model, *make_data(4))
+    opt.step()
+    opt.zero_grad()
+    for p in model.parameters():
+        assert p.grad is None and p.grad_sample is None and p.summed_grad is None
+
+
+def test_class_dispatch():
+    assert get_optimizer_class("flat") is DPOptimizer
+    assert get_optimizer_class("per_layer") is DPPerLayerOptimizer
+    assert get_optimizer_class("adaptive") is AdaClipDPOptimizer
+    p = nn.Parameter(torch.zeros(2))
+    assert (
+        type(
+            DPOptimizer(
+                torch.optim.SGD([p], lr=1), noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=2
+            )
+        )
+        is DPOptimizer
+    )
+    with pytest.raises(ValueError, match="clipping='adaptive'"):
+        DPPerLayerOptimizer(
+            torch.optim.SGD([p], lr=1),
+            noise_multiplier=1.0,
+            max_grad_norm=[1.0],
+            expected_batch_size=2,
+            clipping="adaptive",
+        )
+
+
+def test_secure_mode_uses_unpredictable_generator():
+    grads = [
+        _noise_only_grad(
+            lambda ps: DPOptimizer(
+                torch.optim.SGD(ps, lr=0.0),
+                noise_multiplier=1.0,
+                max_grad_norm=1.0,
+                expected_batch_size=1,
+                secure_mode=True,
+            ),
+            shape=(5,),
+            batch=1,
+        )
+        for _ in range(2)
+    ]
+    assert not torch.equal(*grads)
+    p = nn.Parameter(torch.zeros(1))
+    opt = DPOptimizer(
+        torch.optim.SGD([p], lr=0.0),
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+        expected_batch_size=1,
+        secure_mode=True,
+    )
+    assert opt.generator is not None and opt.noise_generator_state() is None
+
+
+# --- hooks and ordering ---------------------------------------------------------------
+
+
+def test_guard_can_abort_before_any_state_changes():
+    x, y = make_data(6)
+    model = make_model()
+    opt = dp(
+        model,
+        opt=torch.optim.Adam(model.parameters(), lr=0.1),
+        noise_multiplier=1.0,
+        generator=torch.Generator().manual_seed(0),
+    )
+    order = []
+    opt.attach_step_hook(lambda o: order.append("hook"))
+    opt.register_step_pre_hook(lambda *a: order.append("update"))
+
+    class Budget(RuntimeError):
+        pass
+
+    def guard(o):
+        order.append("guard")
+        raise Budget("over budget")
+
+    handle = opt.register_step_guard(guard)
+    backward(model, x, y)
+    params, gen = flat_params(model), opt.noise_generator_state()
+    grads = [p.grad.clone() for p in model.parameters()]
+    with pytest.raises(Budget):
+        opt.step()
+    assert order == ["guard"]
+    assert torch.equal(flat_params(model), params) and torch.equal(opt.noise_generator_state(), gen)
+    assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads))
+    assert all(p.summed_grad is None for p in model.parameters()) and len(opt.state) == 0
+
+    handle.remove()
+    opt.register_step_guard(lambda o: order.append("guard2"))
+    opt.step()
+    assert order == ["guard", "guard2", "hook", "update"]
+
+
+def test_skipped_step_accumulates_without_noise_hooks_or_update():
+    model = make_model()
+    opt = dp(model, noise_multiplier=1.0, generator=torch.Generator().manual_seed(0))
+    calls = []
+    opt.attach_step_hook(lambda o: calls.append("hook"))
+    opt.register_step_guard(lambda o: calls.append("guard"))
+    before, gen = flat_params(model), opt.noise_generator_state()
+    opt.signal_skip_step(True)
+    backward(model, *make_data(3))
+    opt.step()
+    opt.zero_grad()
+    assert (
+        calls == []
+        and torch.equal(flat_params(model), before)
+        and torch.equal(opt.noise_generator_state(), gen)
+    )
+    assert all(p.summed_grad is not None and p.grad_sample is None for p in model.parameters())
+    backward(model, *make_data(2, seed=3))
+    opt.step()
+    assert calls == ["guard", "hook"] and opt.clip_stats.num_samples == 5
+
+
+# --- errors ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (
+            dict(noise_multiplier=-1.0),
+            "noise_multiplier must be a finite number >= 0, got noise_multiplier=-1.0",
+        ),
+        (dict(noise_multiplier=float("nan")), "noise_multiplier"),
+        (dict(max_grad_norm=0.0), "max_grad_norm must be a finite number > 0, got max_grad_norm=0.0"),
+        (dict(max_grad_norm=[1.0, 1.0]), "flat clipping takes one bound.*clipping='per_layer'"),
+        (dict(expected_batch_size=0), "expected_batch_size must be a number > 0.*expected_batch_size=0"),
+        (dict(expected_batch_size=None), "expected_batch_size.*loss_reduction='mean'"),
+        (dict(loss_reduction="avg"), "loss_reduction must be 'mean' or 'sum', got loss_reduction='avg'"),
+        (dict(clipping="sometimes"), "unknown clipping mode clipping='sometimes'"),
+        (
+            dict(clipping="per_layer", max_grad_norm=[1.0]),
+            "got 1 bounds in max_grad_norm for 4 trainable parameters",
+        ),
+        (dict(clipping="per_layer", max_grad_norm=1.0), "per_layer clipping needs max_grad_norm as a list"),
+        (dict(clipping="per_layer", max_grad_norm=[1.0, 1.0, -1.0, 1.0]), r"max_grad_norm\[2\]"),
+    ],
+)
+def test_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        dp(make_model(), **kwargs)
+
+
+def test_bad_adaptive_arguments():
+    p = [nn.Parameter(torch.zeros(1))]
+    with pytest.raises(ValueError, match="target_unclipped_quantile must be in \\[0, 1\\]"):
+        ada(p, target_unclipped_quantile=1.5)
+    with pytest.raises(ValueError, match="min_clipbound must be < max_clipbound"):
+        ada(p, min_clipbound=2.0, max_clipbound=1.0)
+    with pytest.raises(ValueError, match="must lie in \\[min_clipbound, max_clipbound\\]"):
+        ada(p, max_grad_norm=1000.0)
+    with pytest.raises(ValueError, match="adaptive clipping needs expected_batch_size"):
+        ada(p, expected_batch_size=None, loss_reduction="sum")
+
+
+def test_not_an_optimizer():
+    with pytest.raises(TypeError, match="torch.optim.Optimizer"):
+        DPOptimizer(
+            [nn.Parameter(torch.zeros(1))], noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=1
+        )
+
+
+def test_missing_grad_sample():
+    model = make_model()
+    opt = dp(model)
+    nn.functional.mse_loss(model(make_data(3)[0]), make_data(3)[1]).backward()
+    with pytest.raises(ValueError, match="per-sample gradients are missing.*not made private.*backward"):
+        opt.step()
+
+
+def test_non_finite_per_sample_gradient_names_the_sample():
+    x, y = make_data(6)
+    model = make_model()
+    opt = dp(model)
+    backward(model, x, y)
+    list(model.parameters())[2].grad_sample[3, 1] = float("nan")
+    before = flat_params(model)
+    with pytest.raises(FloatingPointError, match="sample index 3 .*parameter #2"):
+        opt.step()
+    assert torch.equal(flat_params(model), before)
+    assert all(p.summed_grad is None for p in model.parameters())
+
+
+def test_reusing_gradients_without_zero_grad_raises():
+    model = make_model()
+    opt = dp(model)
+    backward(model, *make_data(4))
+    opt.step()
+    with pytest.raises(ValueError, match="zero_grad"):
+        opt.step()
+
+
+# --- pure functions -------------------------------------------------------------------
+
+
+def test_clip_functions_match_loops():
+    g = torch.Generator().manual_seed(0)
+    gs = [
+        torch.randn(5, 3, 2, generator=g, dtype=DT),
+        torch.randn(5, generator=g, dtype=DT),
+    ]  # 2nd: scalar param
+    norms = per_param_sample_norms(gs)
+    for i in range(5):
+        assert float(norms[i, 0]) == pytest.approx(float(gs[0][i].norm()))
+        assert float(norms[i, 1]) == pytest.approx(abs(float(gs[1][i])))
+    total = per_sample_norms(gs)
+    f = clip_factors(total, 1.0)
+    sums = clipped_sum(gs, f)
+    torch.testing.assert_close(sums[0], sum(f[i] * gs[0][i] for i in range(5)))
+    torch.testing.assert_close(sums[1], sum(f[i] * gs[1][i] for i in range(5)))
+    empty = [torch.zeros(0, 3, 2), torch.zeros(0)]
+    assert per_sample_norms(empty).shape == (0,)
+    assert [s.shape for s in clipped_sum(empty, clip_factors(per_sample_norms(empty), 1.0))] == [(3, 2), ()]
+
+
+def test_gaussian_noise_zero_std_draws_nothing():
+    g = torch.Generator().manual_seed(0)
+    state = g.get_state()
+    assert torch.equal(gaussian_noise(0.0, (3,), generator=g), torch.zeros(3))
+    assert torch.equal(g.get_state(), state)
+    assert gaussian_noise(1.0, (4,), dtype=torch.bfloat16, generator=g).dtype == torch.bfloat16
+    with pytest.raises(ValueError):
+        gaussian_noise(-1.0, (3,))
+
+
+def test_deepcopy():
+    model = make_model()
+    opt = dp(model, noise_multiplier=1.0)
+    clone = copy.deepcopy(opt)
+    assert clone.noise_multiplier == 1.0 and clone.param_groups is not opt.param_groups
+
+
+def test_add_param_group_goes_to_wrapped_optimizer():
+    model, extra = make_model(), nn.Parameter(torch.zeros(3, dtype=DT))
+    opt = dp(model)
+    opt.add_param_group({"params": [extra], "lr": 0.5})
+    assert len(opt.original_optimizer.param_groups) == 2 and opt.params[-1] is extra
+    assert extra.summed_grad is None
