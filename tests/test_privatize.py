@@ -12,7 +12,6 @@ import torch.nn.functional as F
 import fxdp
 from oracle import assert_grad_samples_match, batch_of_one_grads
 
-torch.set_default_dtype(torch.float64)
 
 
 @pytest.fixture(autouse=True)

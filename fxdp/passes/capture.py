@@ -28,6 +28,7 @@ from ..capture import CaptureOp, Recorder, RuleCapture
 from ..errors import UnsupportedModelError, UnsupportedOpError, where
 from ..rules import module_call_for, rule_for_op
 from ..rules.functorch import FuncCapture
+from ..rules.params import ELEMENTWISE, MATMUL, ParamCapture
 
 __all__ = ["insert_captures", "CAPTURES"]
 
@@ -139,6 +140,8 @@ class _CaptureBuilder:
             own = self._own_trainable(n)
             derived = [a for a in n.all_input_nodes if self.param_derived(a)]
             if not own and not derived:
+                if n.op == "call_module":
+                    self._module_adapter(n, self._module(n))  # options refused even when frozen
                 continue
             made.append(self.capture(n, derived))
         # drop parameter-only nodes the capture ops absorbed; a general dead-code
@@ -182,15 +185,25 @@ class _CaptureBuilder:
     def capture(self, n: fx.Node, derived: List[fx.Node]) -> CaptureOp:
         if n.op == "call_module" and not derived:
             m = self._module(n)
-            adapter = module_call_for(m)
-            if adapter is not None:
-                return self._module_rule(n, m, adapter(m))
+            mc = self._module_adapter(n, m)
+            if mc is not None:
+                return self._module_rule(n, m, mc)
             return self._module_fallback(n, m)
         if n.op == "call_function":
             rule = rule_for_op(n.target)
             if rule is not None and all(a.op == "get_attr" for a in derived):
                 return self._op_rule(n, rule)
         return self._subgraph(n)
+
+    def _module_adapter(self, n: fx.Node, m: nn.Module) -> Any:
+        """The module's ModuleCall (validating its options), or None without a rule."""
+        adapter = module_call_for(m)
+        if adapter is None:
+            return None
+        try:
+            return adapter(m)
+        except UnsupportedOpError as e:
+            raise UnsupportedOpError(f"{_where(n)}: {e}") from None
 
     def _install(self, n: fx.Node, cap: CaptureOp, dyn: List[Any]) -> CaptureOp:
         self.container.add_module(cap.capture_name, cap)
@@ -314,9 +327,26 @@ class _CaptureBuilder:
         fn = fx.GraphModule(self.gm, sub, "ParamUse")
         dyn = acts + attrs
         params, buffers = self._indices(dyn)
-        desc = _op_name(n)
-        cap = FuncCapture(fn=fn, description=desc, param_index=params, buffer_index=buffers, **self._common(n))
+        fast, pos = self._fast_param_rule(n, params, dyn)
+        cap = ParamCapture(fn=fn, description=_op_name(n), fast=fast, param_pos=pos, param_index=params,
+                           buffer_index=buffers, **self._common(n))
         return self._install(n, cap, dyn)
+
+    def _fast_param_rule(self, n: fx.Node, params: Dict[int, str], dyn: List[Any]) -> Tuple[Optional[str], int]:
+        """An explicit raw-parameter rule applies to ``op(x, p)`` / ``op(p, x)`` with a
+        parameter used directly (no parameter-only ops before it)."""
+        if n.kwargs or len(n.args) != 2 or len(dyn) != 2 or len(params) != 1:
+            return None, 1
+        (pi,) = params
+        if set(n.args) != set(dyn) or dyn[pi] not in n.args:
+            return None, 1
+        pos = n.args.index(dyn[pi])  # the parameter's position in the op's arguments
+        key = n.target
+        if key in ELEMENTWISE:
+            return ELEMENTWISE[key], pos
+        if key in MATMUL and pos == 1:
+            return "matmul", pos
+        return None, 1
 
 
 def insert_captures(gm: fx.GraphModule, recorder: Recorder) -> List[CaptureOp]:

@@ -1,0 +1,371 @@
+"""Per-sample rules for embeddings: ``F.embedding`` / ``torch.embedding`` /
+``nn.Embedding`` and ``F.embedding_bag`` / ``nn.EmbeddingBag``.
+
+Embedding. For a lookup ``y_{i,t} = W[x_{i,t}]`` with indices ``x: [B, ...]`` into
+``W: [V, D]`` and output gradients ``g: [B, ..., D]``, sample i's gradient is a
+scatter-add of its output-gradient rows into the rows of ``W`` it looked up
+(Yousefpour et al. 2021, "Opacus: user-friendly differential privacy library in
+PyTorch", embedding grad sampler):
+
+    grad W_i[v] = sum_{t : x_{i,t} = v, v != padding_idx} g_{i,t}.
+
+Unlike Opacus this honours ``padding_idx``: as in PyTorch's own backward, the
+padding row receives no gradient. Materialized per-sample gradients are
+``[B, V, D]``, which is rarely affordable; the book-keeping hooks (Bu et al. 2023,
+"Differentially private optimization on large model at small cost") never build
+it. Grouping equal token ids within a sample (a segment sum over the (sample,
+token) pairs, found with one sort) gives
+
+    ||grad W_i||^2 = sum_{v} || sum_{t : x_{i,t} = v} g_{i,t} ||^2,
+
+in O(B T D) time and memory against the O(B T^2) of the ghost norm of Li et al.
+2021 ("Large language models can be strong differentially private learners",
+``<1[x_t = x_s], g_t g_s^T>``) and the O(B V D) of materializing. The clipped sum
+``sum_i c_i grad W_i`` is one ``index_add`` of the scaled rows into ``[V, D]``.
+
+Embedding bag. Bags are samples: the output is ``[B, D]``. In ``sum``/``mean``
+mode the j-th index of bag i contributes ``w_j g_i`` to row ``x_j``, with ``w_j``
+the per-sample weight (``sum``), ``1 / |bag i|`` (``mean``, padding entries not
+counted) or 1; so ``grad W_i[v] = c_{i,v} g_i`` with ``c_{i,v} = sum_{j in bag
+i : x_j = v} w_j`` and ``||grad W_i||^2 = ||g_i||^2 sum_v c_{i,v}^2``. In ``max``
+mode feature d of bag i is copied from the row ``m_{i,d}`` holding the maximum
+(PyTorch's own ``max_indices``, recomputed in backward, so ties break as in
+PyTorch): ``grad W_i[m_{i,d}, d] = g_{i,d}`` and ``||grad W_i||^2 = ||g_i||^2``
+(empty bags: zero).
+
+Refused options (``UnsupportedOpError``): ``max_norm`` renormalizes the looked-up
+rows of ``W`` in place during the forward pass, a side effect that depends on
+the whole batch; ``scale_grad_by_freq`` scales gradients by token frequencies
+counted over the whole batch, mixing samples; ``sparse=True`` produces sparse
+gradients that per-sample clipping cannot use.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, FrozenSet, Mapping, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..errors import UnsupportedOpError
+from . import ModuleCall, PerSampleRule, register_module, register_rule
+
+__all__ = ["EmbeddingRule", "TorchEmbeddingRule", "EmbeddingBagRule"]
+
+
+def _check_options(op_name: str, args: Mapping[str, Any]) -> None:
+    """Refuse the options that cannot be made exact or private."""
+    if args.get("max_norm", None) is not None:
+        raise UnsupportedOpError(
+            f"{op_name} with max_norm={args['max_norm']} is not supported: max_norm renormalizes the "
+            "looked-up rows of the weight in place during the forward pass, a side effect that depends "
+            "on every sample of the batch. Fix: use max_norm=None (clip the weight rows outside the "
+            "model if needed)."
+        )
+    if args.get("scale_grad_by_freq", False):
+        raise UnsupportedOpError(
+            f"{op_name} with scale_grad_by_freq=True is not supported: the gradient is scaled by token "
+            "frequencies counted over the whole batch, which mixes samples. Fix: use "
+            "scale_grad_by_freq=False."
+        )
+    if args.get("sparse", False):
+        raise UnsupportedOpError(
+            f"{op_name} with sparse=True is not supported: sparse gradients cannot be clipped per "
+            "sample. Fix: use sparse=False."
+        )
+
+
+# --------------------------------------------------------------------------- embedding
+
+
+def _token_rows(idx: Tensor, g: Tensor, V: int, padding_idx: Optional[int]) -> Tuple[Tensor, Tensor, int]:
+    """Flatten a lookup to rows: ``keys = i * V + x_{i,t}`` and ``rows = g_{i,t}``
+    (``[N]``, ``[N, D]``), dropping padding positions; also returns B."""
+    B = idx.shape[0]
+    D = g.shape[-1]
+    idx = idx.reshape(B, -1).long()  # int32 indices: keys i * V + x may overflow
+    rows = g.reshape(-1, D)
+    keys = (idx + torch.arange(B, device=idx.device).view(B, 1) * V).reshape(-1)
+    if rows.shape[0] != keys.shape[0]:  # pragma: no cover - malformed call
+        raise ValueError(f"embedding: {keys.shape[0]} indices but {rows.shape[0]} gradient rows")
+    if padding_idx is not None:
+        keep = idx.reshape(-1) != padding_idx
+        keys, rows = keys[keep], rows[keep]
+    return keys, rows, B
+
+
+def _segment_norms(keys: Tensor, rows: Tensor, B: int, V: int) -> Tensor:
+    """``[B]``: per sample, the squared norm of the rows summed per equal key."""
+    out = torch.zeros(B, dtype=rows.dtype, device=rows.device)
+    if keys.numel() == 0:
+        return out
+    uniq, inv = torch.unique(keys, return_inverse=True)
+    seg = torch.zeros(uniq.shape[0], rows.shape[1], dtype=rows.dtype, device=rows.device)
+    seg.index_add_(0, inv, rows)
+    return out.index_add_(0, torch.div(uniq, V, rounding_mode="floor"), seg.pow(2).sum(1))
+
+
+@register_rule(F.embedding)
+class EmbeddingRule(PerSampleRule):
+    """``F.embedding(input, weight, padding_idx, max_norm, norm_type, scale_grad_by_freq, sparse)``."""
+
+    name = "embedding"
+    param_args = ("weight",)
+    input_arg = "input"
+
+    def signature(self, input, weight, padding_idx=None, max_norm=None, norm_type=2.0,
+                  scale_grad_by_freq=False, sparse=False):  # noqa: D401 - binding only
+        pass
+
+    def bind(self, args: tuple, kwargs: Mapping[str, Any]) -> Dict[str, Any]:
+        bound = super().bind(args, kwargs)
+        _check_options(self.name, bound)
+        return bound
+
+    def forward(self, op, args):
+        _check_options(self.name, args)
+        return op(**args)
+
+    # layout helpers (overridden by the torch.embedding alias)
+    def _indices(self, args: Mapping[str, Any]) -> Tensor:
+        return args[self.input_arg]
+
+    def _padding_idx(self, args: Mapping[str, Any], V: int) -> Optional[int]:
+        p = args.get("padding_idx", None)
+        if p is None:
+            return None
+        p = int(p)
+        return p + V if p < 0 else p
+
+    def _rows(self, args: Mapping[str, Any], grad_output: Tensor):
+        V = args["weight"].shape[0]
+        keys, rows, B = _token_rows(self._indices(args), grad_output, V, self._padding_idx(args, V))
+        return keys, rows, B, V
+
+    def grad_sample(self, args: Mapping[str, Any], grad_output: Tensor, needs: FrozenSet[str]) -> Dict[str, Tensor]:
+        if "weight" not in needs:
+            return {}
+        keys, rows, B, V = self._rows(args, grad_output)
+        out = torch.zeros(B * V, rows.shape[1], dtype=rows.dtype, device=rows.device)
+        out.index_add_(0, keys, rows)
+        return {"weight": out.view(B, V, rows.shape[1])}
+
+    def norm_sample_sq(self, args: Mapping[str, Any], grad_output: Tensor, needs: FrozenSet[str]) -> Dict[str, Tensor]:
+        if "weight" not in needs:
+            return {}
+        keys, rows, B, V = self._rows(args, grad_output)
+        return {"weight": _segment_norms(keys, rows, B, V)}
+
+    def clipped_sum(
+        self, args: Mapping[str, Any], grad_output: Tensor, factors: Tensor, needs: FrozenSet[str]
+    ) -> Dict[str, Tensor]:
+        if "weight" not in needs:
+            return {}
+        keys, rows, _, V = self._rows(args, grad_output)
+        sample = torch.div(keys, V, rounding_mode="floor")
+        scaled = rows * factors.to(rows.dtype)[sample].unsqueeze(1)
+        out = torch.zeros(V, rows.shape[1], dtype=rows.dtype, device=rows.device)
+        return {"weight": out.index_add_(0, keys - sample * V, scaled)}
+
+
+@register_rule(torch.embedding)
+class TorchEmbeddingRule(EmbeddingRule):
+    """The ATen form ``torch.embedding(weight, indices, padding_idx=-1,
+    scale_grad_by_freq=False, sparse=False)``: a negative ``padding_idx`` means none."""
+
+    name = "torch.embedding"
+    input_arg = "indices"
+
+    def signature(self, weight, indices, padding_idx=-1, scale_grad_by_freq=False,
+                  sparse=False):  # noqa: D401 - binding only
+        pass
+
+    def forward(self, op, args):
+        _check_options(self.name, args)
+        return op(args["weight"], args["indices"], args.get("padding_idx", -1),
+                  args.get("scale_grad_by_freq", False), args.get("sparse", False))
+
+    def _padding_idx(self, args: Mapping[str, Any], V: int) -> Optional[int]:
+        p = args.get("padding_idx", -1)
+        return None if p is None or int(p) < 0 else int(p)
+
+
+@register_module(nn.Embedding)
+def _embedding_call(m: nn.Embedding) -> ModuleCall:
+    kwargs = {
+        "padding_idx": m.padding_idx,
+        "max_norm": m.max_norm,
+        "norm_type": m.norm_type,
+        "scale_grad_by_freq": m.scale_grad_by_freq,
+        "sparse": m.sparse,
+    }
+    _check_options("nn.Embedding", kwargs)
+    return ModuleCall(F.embedding, params={"weight": "weight"}, kwargs=kwargs)
+
+
+# --------------------------------------------------------------------------- embedding bag
+
+_MODES = {"sum": 0, "mean": 1, "max": 2}
+
+
+@register_rule(F.embedding_bag)
+class EmbeddingBagRule(PerSampleRule):
+    """``F.embedding_bag``: 2-D ``input [B, L]`` (B bags of L) or 1-D ``input`` with
+    ``offsets`` (``include_last_offset`` honoured); modes sum, mean and max;
+    ``per_sample_weights`` (sum mode); ``padding_idx``. Bags are samples."""
+
+    name = "embedding_bag"
+    param_args = ("weight",)
+    input_arg = None  # bags are always dim 0 of the output; 1-D input + offsets handled here
+
+    def signature(self, input, weight, offsets=None, max_norm=None, norm_type=2, scale_grad_by_freq=False,
+                  mode="mean", sparse=False, per_sample_weights=None, include_last_offset=False,
+                  padding_idx=None):  # noqa: D401 - binding only
+        pass
+
+    def bind(self, args: tuple, kwargs: Mapping[str, Any]) -> Dict[str, Any]:
+        bound = super().bind(args, kwargs)
+        self._check(bound)
+        return bound
+
+    def _check(self, args: Mapping[str, Any]) -> None:
+        _check_options(self.name, args)
+        mode = args.get("mode", "mean")
+        if mode not in _MODES:
+            raise UnsupportedOpError(f"{self.name} with mode={mode!r} is not supported; use 'sum', 'mean' or 'max'.")
+
+    def forward(self, op, args):
+        self._check(args)
+        return op(**args)
+
+    # ----------------------------------------------------------------- layout
+    @staticmethod
+    def _padding_idx(args: Mapping[str, Any], V: int) -> Optional[int]:
+        p = args.get("padding_idx", None)
+        if p is None:
+            return None
+        p = int(p)
+        return p + V if p < 0 else p
+
+    @staticmethod
+    def _flat(args: Mapping[str, Any]) -> Tuple[Tensor, Tensor, Optional[Tensor], int]:
+        """1-D indices, offsets (of the B bag starts), flat per-sample weights, B."""
+        x = args["input"].long()
+        psw = args.get("per_sample_weights", None)
+        if x.dim() == 2:
+            B, L = x.shape
+            offsets = torch.arange(B, device=x.device, dtype=torch.long) * L
+            return x.reshape(-1), offsets, (None if psw is None else psw.reshape(-1)), B
+        if x.dim() != 1:
+            raise UnsupportedOpError(f"embedding_bag: input must be 1-D or 2-D, got {x.dim()}-D")
+        offsets = args.get("offsets", None)
+        if offsets is None:
+            raise UnsupportedOpError("embedding_bag: a 1-D input needs offsets")
+        B = offsets.numel() - (1 if args.get("include_last_offset", False) else 0)
+        return x, offsets[:B].long(), psw, B
+
+    def _entries(self, args: Mapping[str, Any]) -> Tuple[Tensor, Tensor, Tensor, int, int]:
+        """sum/mean: for each counted index j, its bag ``b_j``, token ``x_j`` and
+        coefficient ``w_j`` (``[N]`` each), plus B and V."""
+        V = args["weight"].shape[0]
+        x, starts, psw, B = self._flat(args)
+        pos = torch.arange(x.numel(), device=x.device)
+        bag = torch.searchsorted(starts.contiguous(), pos, right=True) - 1
+        keep = bag >= 0
+        pad = self._padding_idx(args, V)
+        if pad is not None:
+            keep = keep & (x != pad)
+        bag, tok = bag[keep], x[keep]
+        dtype = args["weight"].dtype
+        if psw is not None:
+            coef = psw[keep].to(dtype)
+        else:
+            coef = torch.ones(bag.shape[0], dtype=dtype, device=x.device)
+        if args.get("mode", "mean") == "mean":
+            count = torch.bincount(bag, minlength=B).to(dtype)
+            coef = coef / count[bag]
+        return bag, tok, coef, B, V
+
+    def _max_indices(self, args: Mapping[str, Any]) -> Tuple[Tensor, Tensor]:
+        """max mode: PyTorch's ``max_indices [B, D]`` and a ``[B]`` mask of non-empty bags."""
+        weight = args["weight"]
+        V = weight.shape[0]
+        x, starts, _, _ = self._flat(args)
+        pad = self._padding_idx(args, V)
+        with torch.no_grad():
+            # include_last_offset=False with the B bag starts: the last bag runs to the end.
+            _, _, bag_size, max_idx = torch.embedding_bag(
+                weight.detach(), x, starts, False, _MODES["max"], False, None, False,
+                -1 if pad is None else pad,
+            )
+        return max_idx, bag_size > 0
+
+    # ----------------------------------------------------------------- rules
+    def grad_sample(self, args: Mapping[str, Any], grad_output: Tensor, needs: FrozenSet[str]) -> Dict[str, Tensor]:
+        if "weight" not in needs:
+            return {}
+        g = grad_output
+        B, D = g.shape
+        V = args["weight"].shape[0]
+        if args.get("mode", "mean") == "max":
+            max_idx, valid = self._max_indices(args)
+            out = torch.zeros(B, V, D, dtype=g.dtype, device=g.device)
+            src = (g * valid.to(g.dtype).unsqueeze(1)).unsqueeze(1)
+            return {"weight": out.scatter_add_(1, max_idx.unsqueeze(1), src)}
+        bag, tok, coef, B, V = self._entries(args)
+        out = torch.zeros(B * V, D, dtype=g.dtype, device=g.device)
+        out.index_add_(0, bag * V + tok, g[bag] * coef.to(g.dtype).unsqueeze(1))
+        return {"weight": out.view(B, V, D)}
+
+    def norm_sample_sq(self, args: Mapping[str, Any], grad_output: Tensor, needs: FrozenSet[str]) -> Dict[str, Tensor]:
+        if "weight" not in needs:
+            return {}
+        g = grad_output
+        gsq = g.pow(2).sum(1)
+        if args.get("mode", "mean") == "max":
+            _, valid = self._max_indices(args)
+            return {"weight": gsq * valid.to(g.dtype)}
+        bag, tok, coef, B, V = self._entries(args)
+        out = torch.zeros(B, dtype=g.dtype, device=g.device)
+        if bag.numel() == 0:
+            return {"weight": out}
+        uniq, inv = torch.unique(bag * V + tok, return_inverse=True)
+        c = torch.zeros(uniq.shape[0], dtype=g.dtype, device=g.device).index_add_(0, inv, coef.to(g.dtype))
+        out.index_add_(0, torch.div(uniq, V, rounding_mode="floor"), c.pow(2))
+        return {"weight": out * gsq}
+
+    def clipped_sum(
+        self, args: Mapping[str, Any], grad_output: Tensor, factors: Tensor, needs: FrozenSet[str]
+    ) -> Dict[str, Tensor]:
+        if "weight" not in needs:
+            return {}
+        g = grad_output
+        D = g.shape[1]
+        V = args["weight"].shape[0]
+        f = factors.to(g.dtype)
+        out = torch.zeros(V, D, dtype=g.dtype, device=g.device)
+        if args.get("mode", "mean") == "max":
+            max_idx, valid = self._max_indices(args)
+            return {"weight": out.scatter_add_(0, max_idx, g * (f * valid.to(g.dtype)).unsqueeze(1))}
+        bag, tok, coef, _, _ = self._entries(args)
+        return {"weight": out.index_add_(0, tok, g[bag] * (coef.to(g.dtype) * f[bag]).unsqueeze(1))}
+
+
+@register_module(nn.EmbeddingBag)
+def _embedding_bag_call(m: nn.EmbeddingBag) -> ModuleCall:
+    kwargs = {
+        "max_norm": m.max_norm,
+        "norm_type": m.norm_type,
+        "scale_grad_by_freq": m.scale_grad_by_freq,
+        "mode": m.mode,
+        "sparse": m.sparse,
+        "include_last_offset": m.include_last_offset,
+        "padding_idx": m.padding_idx,
+    }
+    _check_options("nn.EmbeddingBag", kwargs)
+    return ModuleCall(
+        F.embedding_bag,
+        inputs=("input", "offsets", "per_sample_weights"),
+        params={"weight": "weight"},
+        kwargs=kwargs,
+    )

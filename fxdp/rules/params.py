@@ -1,0 +1,97 @@
+"""Per-sample rules for raw ``nn.Parameter`` uses: broadcasting and matmul.
+
+A parameter ``p`` combined with batched data by an elementwise op,
+``out = x (+ - * /) p``, broadcasts over the batch; sample i's gradient is the
+chain-rule term restricted to sample i and summed back over the dimensions ``p``
+was broadcast along:
+
+    grad p_i = sum_to(p.shape) [ g_i * d out_i / d p ]
+
+with ``d out/d p`` = 1 (add), -1 (subtrahend), x (mul), 1/x (numerator),
+-x/p^2 (denominator). For ``out = x @ W`` (``W`` of shape [k, n]), as for
+Linear: ``grad W_i = sum_t x_{i,t}^T g_{i,t}``.
+
+Other raw-parameter uses (``self.W.t()`` before the op, ``self.cls.expand(B,
+-1, -1)``, ``torch.cat`` with a parameter...) go through ``torch.func`` on the
+same capture (exact, slower); see ``fxdp/rules/functorch.py``.
+"""
+from __future__ import annotations
+
+import operator
+from typing import Any, Dict, Optional
+
+import torch
+from torch import Tensor
+
+from ..capture import LayerRecord
+from ..errors import BatchDimensionError
+from . import batch_sum
+from .functorch import FuncCapture
+
+__all__ = ["ParamCapture", "ELEMENTWISE", "MATMUL"]
+
+#: op -> kind for elementwise binary ops with a fast rule
+ELEMENTWISE: Dict[Any, str] = {
+    operator.add: "add", torch.add: "add", "add": "add", operator.iadd: "add",
+    operator.sub: "sub", torch.sub: "sub", "sub": "sub",
+    operator.mul: "mul", torch.mul: "mul", "mul": "mul", operator.imul: "mul",
+    operator.truediv: "div", torch.div: "div", "div": "div", torch.true_divide: "div",
+}
+MATMUL = {operator.matmul, torch.matmul, "matmul"}
+
+
+class ParamCapture(FuncCapture):
+    """Capture of a raw parameter use; explicit rules for elementwise ops and
+    ``x @ W``, ``torch.func`` otherwise."""
+
+    kind = "param"
+
+    def __init__(self, *, fast: Optional[str] = None, param_pos: int = 1, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.fast = fast  # "add" | "sub" | "mul" | "div" | "matmul" | None
+        self.param_pos = param_pos  # position of the parameter in the op's two arguments
+
+    def rule_name(self) -> str:
+        return f"raw parameter ({self.fast})" if self.fast else "raw parameter (torch.func)"
+
+    def per_sample_grads(self, rec: LayerRecord) -> Dict[int, Tensor]:
+        if self.fast is None or rec.grads[0] is None:
+            return super().per_sample_grads(rec)
+        dims_in, dims_out = self.resolve_batch_dims(rec)
+        (pi,) = rec.params
+        p = rec.inputs[pi]
+        xi = 1 - pi  # dynamic inputs are [activation, parameter] or [parameter, activation]
+        x = rec.inputs[xi]
+        g, bo = rec.grads[0], dims_out[0]
+        if bo is None:
+            raise BatchDimensionError(f"the output of {self.where()} has no batch dimension")
+        if g.shape[bo] == 0:  # empty batch
+            return {pi: p.new_zeros((0,) + tuple(p.shape))}
+        if self.fast == "matmul":
+            bx = dims_in[xi]
+            if bx is None or x.dim() < 2 or p.dim() != 2 or bx != bo:
+                return super().per_sample_grads(rec)
+            a = x.movedim(bx, 0)
+            a = a.reshape(a.shape[0], -1, a.shape[-1])
+            gg = g.movedim(bo, 0)
+            gg = gg.reshape(gg.shape[0], -1, gg.shape[-1])
+            return {pi: torch.bmm(a.transpose(1, 2), gg)}
+        if not isinstance(x, Tensor):
+            x = torch.as_tensor(x, dtype=g.dtype)
+        if self.fast == "add":
+            d = g
+        elif self.fast == "sub":
+            d = g if self.param_pos == 0 else -g
+        elif self.fast == "mul":
+            d = g * x
+        else:  # div
+            d = g / x if self.param_pos == 0 else -g * x / (p * p)
+        d = d.expand(g.shape).movedim(bo, 0)
+        R, r = g.dim(), p.dim()
+        shape = list(p.shape)
+        if bo >= R - r:  # p spans the batch dimension: it must broadcast along it
+            k = bo - (R - r)
+            if shape[k] != 1:
+                return super().per_sample_grads(rec)
+            shape.pop(k)
+        return {pi: batch_sum(d, torch.Size(shape)).reshape((d.shape[0],) + tuple(p.shape))}
