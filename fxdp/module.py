@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import warnings
 from collections import OrderedDict
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.fx as fx
@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten
 
 from .capture import CaptureOp, Recorder
-from .passes.batch_dims import input_batch_dim, propagate_batch_dims
+from .passes.batch_dims import input_batch_dim, per_arg, propagate_batch_dims
 from .passes.capture import CAPTURES
 
 __all__ = ["DPModule", "adopt"]
@@ -42,22 +42,24 @@ def adopt(gm: fx.GraphModule, model: nn.Module, extra: Optional[Dict[str, nn.Mod
     return gm
 
 
-def _signature(args: Tuple[Any, ...], batch_dim: int) -> Tuple[Optional[int], tuple]:
+def _signature(args: Tuple[Any, ...], batch_dim: Any) -> Tuple[Optional[int], tuple]:
     """(batch size, a key of everything but the batch size)."""
-    flat, spec = tree_flatten(args)
     B: Optional[int] = None
-    key: List[Any] = [str(spec)]
-    for t in flat:
-        if isinstance(t, Tensor):
-            d = input_batch_dim(t, batch_dim)
-            shape = list(t.shape)
-            if d is not None:
-                if B is None:
-                    B = shape[d]
-                shape[d] = -1
-            key.append((tuple(shape), t.dtype, t.device.type))
-        else:
-            key.append(type(t).__name__)
+    key: List[Any] = []
+    for arg, bd in zip(args, per_arg(args, batch_dim)):
+        flat, spec = tree_flatten(arg)
+        key.append(str(spec))
+        for t in flat:
+            if isinstance(t, Tensor):
+                d = input_batch_dim(t, bd)
+                shape = list(t.shape)
+                if d is not None:
+                    if B is None:
+                        B = shape[d]
+                    shape[d] = -1
+                key.append((tuple(shape), t.dtype, t.device.type))
+            else:
+                key.append(type(t).__name__)
     return B, tuple(key)
 
 
@@ -72,6 +74,7 @@ class DPModule(fx.GraphModule):
         plain_graph: fx.Graph,
         recorder: Recorder,
         batch_first: bool = True,
+        input_batch_dims: Optional[Sequence[Optional[int]]] = None,
         class_name: str = "DPModule",
         untraceable: Optional[Dict[str, str]] = None,
         rewrites: Optional[List[Dict[str, Any]]] = None,
@@ -80,7 +83,8 @@ class DPModule(fx.GraphModule):
         adopt(self, root, {CAPTURES: getattr(root, CAPTURES)})
         self.recorder = recorder
         self.batch_first = batch_first
-        self.batch_dim = 0 if batch_first else 1
+        # one int for every input, or one entry per positional input (None: no batch dim)
+        self.batch_dim: Any = list(input_batch_dims) if input_batch_dims is not None else (0 if batch_first else 1)
         self._plain_graph = plain_graph
         self._class_name = class_name
         self.untraceable: Dict[str, str] = dict(untraceable or {})

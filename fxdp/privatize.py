@@ -98,6 +98,7 @@ def privatize(
     *,
     loss_reduction: str = "mean",
     batch_first: bool = True,
+    input_batch_dims: Optional[Sequence[Optional[int]]] = None,
     example_inputs: Optional[Sequence[Any]] = None,
     leaf_modules: Iterable[type] = (),
     grad_sample_mode: str = "materialize",
@@ -111,6 +112,9 @@ def privatize(
         loss_reduction: ``"mean"`` or ``"sum"``, how the loss reduces over the
             batch; ``p.grad_sample[i]`` is then sample i's own gradient.
         batch_first: ``False`` when sequence inputs are ``[T, B, ...]``.
+        input_batch_dims: the batch dimension of each positional input, ``None``
+            for an input without one (e.g. ``nn.EmbeddingBag``'s flat indices next
+            to ``offsets``); overrides ``batch_first``.
         example_inputs: optional inputs to analyze batch dimensions up front
             (otherwise done on the first forward pass of each input signature).
         leaf_modules: module classes to keep whole (served by a rule or the fallback).
@@ -149,6 +153,7 @@ def privatize(
         plain_graph=plain_graph,
         recorder=recorder,
         batch_first=batch_first,
+        input_batch_dims=input_batch_dims,
         class_name=type(model).__name__,
         untraceable=gm.meta.get("fxdp_untraceable"),
         rewrites=rewrites,

@@ -458,3 +458,31 @@ def test_folded_batch_is_refused_with_a_fix():
     dp = privatize(Folded())
     with pytest.raises(fxdp.BatchDimensionError, match="folds the batch"):
         dp(torch.randn(3, 5, 4)).sum().backward()
+
+
+def test_embedding_bag_with_flat_indices_and_offsets():
+    """Flat indices have no batch dimension; the batch is the number of bags."""
+
+    class Bags(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bag = nn.EmbeddingBag(20, 4, mode="mean")
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, idx, offsets):
+            return self.fc(self.bag(idx, offsets))
+
+    torch.manual_seed(18)
+    model = Bags()
+    dp = privatize(model, input_batch_dims=(None, 0))
+    idx = torch.randint(0, 20, (9,))
+    offsets = torch.tensor([0, 2, 3, 7])
+    w = torch.randn(4, 2)
+    (dp(idx, offsets) * w).sum().div(4).backward()
+    ends = offsets.tolist()[1:] + [len(idx)]
+    expected = {n: torch.zeros((4,) + p.shape) for n, p in model.named_parameters()}
+    for i, (s, e) in enumerate(zip(offsets.tolist(), ends)):
+        loss = (model(idx[s:e], torch.tensor([0])) * w[i : i + 1]).sum()
+        for (n, p), g in zip(model.named_parameters(), torch.autograd.grad(loss, list(model.parameters()))):
+            expected[n][i] = g
+    assert_grad_samples_match(dp, expected)

@@ -12,23 +12,37 @@ Hints per flattened value: an int (batch dimension), ``None`` (no batch),
 from __future__ import annotations
 
 import logging
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.fx as fx
 from torch import Tensor
 from torch.utils._pytree import tree_flatten, tree_map
 
-__all__ = ["propagate_batch_dims", "classify", "input_batch_dim"]
+__all__ = ["propagate_batch_dims", "classify", "input_batch_dim", "per_arg"]
 
 SIZES = (5, 7)
 
 
-def input_batch_dim(t: Tensor, batch_dim: int) -> Optional[int]:
-    """Batch dimension of a model input: ``batch_dim`` when the tensor has it, else 0."""
-    if t.dim() == 0:
+def input_batch_dim(t: Tensor, batch_dim: Optional[int]) -> Optional[int]:
+    """Batch dimension of a model input: ``batch_dim`` when the tensor has it, else 0
+    (``None``: the input has no batch dimension, e.g. EmbeddingBag's flat indices)."""
+    if t.dim() == 0 or batch_dim is None:
         return None
     return batch_dim if t.dim() > batch_dim else 0
+
+
+BatchDims = Union[int, Sequence[Optional[int]]]
+
+
+def per_arg(args: Sequence[Any], batch_dim: BatchDims) -> List[Optional[int]]:
+    """The batch dimension for each positional input: one int for all, or one per input."""
+    if isinstance(batch_dim, int):
+        return [batch_dim] * len(args)
+    dims = list(batch_dim)
+    if len(dims) < len(args):
+        dims += [dims[-1] if dims else 0] * (len(args) - len(dims))
+    return dims
 
 
 def classify(v1: Any, v2: Any, b1: int, b2: int) -> Any:
@@ -70,21 +84,24 @@ class _Recorder(fx.Interpreter):
         return out
 
 
-def _fake_inputs(args: Sequence[Any], batch_dim: int, b: int) -> List[Any]:
-    def make(t: Any) -> Any:
-        if not isinstance(t, Tensor):
-            return t
-        d = input_batch_dim(t, batch_dim)
-        shape = list(t.shape)
-        if d is not None:
-            shape[d] = b
-        return torch.zeros(shape, dtype=t.dtype, device=t.device)
+def _fake_inputs(args: Sequence[Any], batch_dim: BatchDims, b: int) -> List[Any]:
+    def maker(bd: Optional[int]) -> Any:
+        def make(t: Any) -> Any:
+            if not isinstance(t, Tensor):
+                return t
+            d = input_batch_dim(t, bd)
+            shape = list(t.shape)
+            if d is not None:
+                shape[d] = b
+            return torch.zeros(shape, dtype=t.dtype, device=t.device)
 
-    return [tree_map(make, a) for a in args]
+        return make
+
+    return [tree_map(maker(bd), a) for a, bd in zip(args, per_arg(args, batch_dim))]
 
 
 def propagate_batch_dims(
-    gm: fx.GraphModule, args: Sequence[Any], batch_dim: int = 0, sizes: Tuple[int, int] = SIZES
+    gm: fx.GraphModule, args: Sequence[Any], batch_dim: BatchDims = 0, sizes: Tuple[int, int] = SIZES
 ) -> Optional[Dict[str, List[Any]]]:
     """``{node name: [hint per flattened value]}``, or ``None`` when the graph
     cannot run on fake tensors (data-dependent code)."""
