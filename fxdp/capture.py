@@ -58,7 +58,7 @@ class Recorder:
         #: capture name -> (input batch dims, output batch dims) for the current forward
         self.batch_dims: Dict[str, Tuple[Tuple[Any, ...], Tuple[Any, ...]]] = {}
         self.strict_batch_dims = True
-        self._owner: Dict[int, Tuple[int, int]] = {}  # id(param) -> (generation, rows of that generation)
+        self._owner: Dict[int, int] = {}  # id(param) -> generation of its last per-sample gradient
         self.records: List[LayerRecord] = []
 
     def begin_forward(self, batch_size: Optional[int], batch_dims: Dict[str, Any]) -> None:
@@ -82,19 +82,20 @@ class Recorder:
     def _accumulate(self, p: nn.Parameter, gs: Tensor, rec: LayerRecord) -> None:
         gs = gs.to(p.dtype)
         prev = getattr(p, "grad_sample", None)
-        gen, rows = self._owner.get(id(p), (None, 0))
+        gen = self._owner.get(id(p))
         if prev is None:
             p.grad_sample = gs
-            self._owner[id(p)] = (rec.generation, gs.shape[0])
         elif gen == rec.generation:
             # another use of the same (tied) parameter in the same forward: add
-            head, tail = prev[: prev.shape[0] - rows], prev[prev.shape[0] - rows :]
-            p.grad_sample = torch.cat([head, tail + gs]) if head.shape[0] else tail + gs
+            if isinstance(prev, list):
+                prev[-1] = prev[-1] + gs
+            else:
+                p.grad_sample = prev + gs
         else:
             # a new batch before the previous per-sample gradients were consumed:
-            # its rows are appended (Opacus' gradient-accumulation semantics)
-            p.grad_sample = torch.cat([prev, gs])
-            self._owner[id(p)] = (rec.generation, gs.shape[0])
+            # a list with one entry per backward pass (Opacus' gradient accumulation)
+            p.grad_sample = (prev if isinstance(prev, list) else [prev]) + [gs]
+        self._owner[id(p)] = rec.generation
 
 
 def _batch_of(t: Tensor, B: Optional[int], hint: Any, what: str, op: "CaptureOp", strict: bool) -> Optional[int]:
