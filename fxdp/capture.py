@@ -23,7 +23,16 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .errors import BatchDimensionError, PerSampleGradientError, UnsupportedOpError, where
 
-__all__ = ["CaptureOp", "Recorder", "LayerRecord"]
+__all__ = ["CaptureOp", "Recorder", "LayerRecord", "ClipConfig"]
+
+
+@dataclass
+class ClipConfig:
+    """Clipping for book-keeping, set by the DP optimizer: ``bounds()`` returns the
+    current bound (flat) or ``{id(param): bound}`` (per-layer)."""
+
+    bounds: Callable[[], Any]
+    per_layer: bool = False
 
 
 @dataclass
@@ -59,7 +68,20 @@ class Recorder:
         self.batch_dims: Dict[str, Tuple[Tuple[Any, ...], Tuple[Any, ...]]] = {}
         self.strict_batch_dims = True
         self._owner: Dict[int, int] = {}  # id(param) -> generation of its last per-sample gradient
-        self.records: List[LayerRecord] = []
+        self.records: List[LayerRecord] = []  # book-keeping: this backward pass's records
+        #: book-keeping: the clipping the optimizer asks for, and what each backward produced
+        self.clipping: Optional["ClipConfig"] = None
+        self.clipped: Dict[int, Tensor] = {}  # id(param) -> sum of clipped per-sample gradients
+        self.clipped_params: Dict[int, nn.Parameter] = {}
+        self.norms: List[Tensor] = []  # per backward pass: per-sample gradient norms [B] (or [B, P])
+        self.factors: List[Tensor] = []
+        self.passes = 0  # backward passes accumulated since the optimizer consumed them
+
+    def _end_of_backward(self) -> None:
+        from .bookkeeping import finish_backward
+
+        records, self.records = self.records, []
+        finish_backward(self, records)
 
     def begin_forward(self, batch_size: Optional[int], batch_dims: Dict[str, Any]) -> None:
         self.generation += 1
@@ -69,7 +91,13 @@ class Recorder:
     # -- per-sample gradients -------------------------------------------------
     def on_backward(self, rec: LayerRecord) -> Dict[int, Tensor]:
         """Per-sample gradients for one record; returns the summed (ordinary)
-        gradient of each parameter input."""
+        gradient of each parameter input (book-keeping: keeps the record until the
+        backward pass ends and returns nothing: no weight gradient is computed)."""
+        if self.mode == "bk":
+            if not self.records:
+                torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
+            self.records.append(rec)
+            return {}
         raw = rec.op.per_sample_grads(rec)
         summed: Dict[int, Tensor] = {}
         scale = rec.batch_size if self.loss_reduction == "mean" else 1
@@ -247,6 +275,17 @@ class CaptureOp(nn.Module):
     def per_sample_grads(self, rec: LayerRecord) -> Dict[int, Tensor]:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def norm_sample_sq(self, rec: LayerRecord, idx: Sequence[int]) -> Dict[int, Tensor]:
+        """Raw per-sample squared gradient norms ``[B]`` of the inputs ``idx``
+        (book-keeping); materializes by default."""
+        gs = self.per_sample_grads(rec)
+        return {i: gs[i].flatten(1).pow(2).sum(1) for i in idx}
+
+    def clipped_sum(self, rec: LayerRecord, factors: Dict[int, Tensor]) -> Dict[int, Tensor]:
+        """``sum_i factors[k][i] * raw_grad_i`` for each input k in ``factors``."""
+        gs = self.per_sample_grads(rec)
+        return {i: torch.einsum("b,b...->...", f.to(gs[i].dtype), gs[i]) for i, f in factors.items()}
+
     def rule_name(self) -> str:
         return self.kind
 
@@ -337,3 +376,24 @@ class RuleCapture(CaptureOp):
             return {i: rec.inputs[i].new_zeros((0,) + tuple(rec.inputs[i].shape)) for i in rec.params}
         raw = self.rule.grad_sample(args, g, needs)
         return {i: raw[self.names[i]] for i in rec.params}
+
+    def norm_sample_sq(self, rec: LayerRecord, idx: Sequence[int]) -> Dict[int, Tensor]:
+        args, g, _ = self.prepared(rec)
+        if g.shape[0] == 0:
+            return {i: g.new_zeros(0) for i in idx}
+        out = self.rule.norm_sample_sq(args, g, frozenset(self.names[i] for i in idx))
+        return {i: out[self.names[i]] for i in idx}
+
+    def clipped_sum(self, rec: LayerRecord, factors: Dict[int, Tensor]) -> Dict[int, Tensor]:
+        args, g, _ = self.prepared(rec)
+        if g.shape[0] == 0:
+            return {i: torch.zeros_like(rec.inputs[i]) for i in factors}
+        out: Dict[int, Tensor] = {}
+        # one rule call per distinct factor vector (flat clipping: a single call)
+        groups: Dict[int, List[int]] = {}
+        for i, f in factors.items():
+            groups.setdefault(id(f), []).append(i)
+        for ids in groups.values():
+            res = self.rule.clipped_sum(args, g, factors[ids[0]], frozenset(self.names[i] for i in ids))
+            out.update({i: res[self.names[i]] for i in ids})
+        return out

@@ -77,7 +77,7 @@ def whole_model_capture(gm: fx.GraphModule, model: nn.Module, recorder: Recorder
     gm.recompile()
     return [cap]
 
-GRAD_SAMPLE_MODES = ("materialize",)
+GRAD_SAMPLE_MODES = ("materialize", "bk")
 
 def apply_rewrites(model: nn.Module, options: Dict[str, Any]) -> Tuple[nn.Module, List[Rewrite]]:
     """Run the rewrite passes on a container copy of ``model`` (parameters shared,
@@ -118,7 +118,10 @@ def privatize(
         example_inputs: optional inputs to analyze batch dimensions up front
             (otherwise done on the first forward pass of each input signature).
         leaf_modules: module classes to keep whole (served by a rule or the fallback).
-        grad_sample_mode: ``"materialize"``: ``p.grad_sample`` per parameter.
+        grad_sample_mode: ``"materialize"``: ``p.grad_sample`` per parameter;
+            ``"bk"`` (book-keeping): per-sample norms and clipped sums without
+            per-sample gradients, formed when the backward pass ends (needs the
+            clip bound: use ``PrivacyEngine.make_private``; see ``fxdp.bookkeeping``).
         rewrite_options: options of the rewrite passes (see ``docs/rewrites.md``).
 
     Returns:

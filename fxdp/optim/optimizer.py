@@ -208,6 +208,9 @@ class DPOptimizer(Optimizer):
         self._last_clip: tuple[Tensor, Tensor, float] | None = None
         self._clip_stats: ClipStats | None = None
         self._init_clipping(max_grad_norm)
+        #: book-keeping source of clipped sums (fxdp.capture.Recorder), if attached
+        self._recorder: Any = None
+        self._bk_passes = 0
 
         for p in self.params:
             p.summed_grad = None
@@ -336,6 +339,8 @@ class DPOptimizer(Optimizer):
 
         Privacy accountants multiply the sample rate by it (Opacus semantics).
         """
+        if self._recorder is not None:
+            return max(self._bk_passes, 1)
         counts = set()
         for k, p in enumerate(self.params):
             gs = getattr(p, "grad_sample", None)
@@ -411,6 +416,67 @@ class DPOptimizer(Optimizer):
     def clip_and_accumulate(self) -> None:
         """Clip each sample's gradient and add the sum to ``p.summed_grad``."""
         self._clip_and_accumulate(self._checked_grad_samples())
+
+    # -- book-keeping (fxdp.bookkeeping): clipped sums without per-sample gradients -----
+
+    def attach_bookkeeping(self, recorder: Any) -> None:
+        """Take clipped sums from a privatized model in ``grad_sample_mode="bk"``.
+
+        The model's capture ops form ``sum_i c_i g_i`` at the end of each backward
+        pass with this optimizer's clip bound(s) (read at that moment, so adaptive
+        clipping and clip schedulers apply); ``step()`` then noises and applies them.
+        """
+        from ..capture import ClipConfig
+
+        if self.clipping == "per_layer":
+            ids = [id(p) for p in self.params]
+            recorder.clipping = ClipConfig(
+                bounds=lambda: dict(zip(ids, self.max_grad_norms)), per_layer=True
+            )
+        else:
+            recorder.clipping = ClipConfig(bounds=lambda: self.max_grad_norm)
+        self._recorder = recorder
+
+    def _bk_check(self) -> None:
+        rec = self._recorder
+        if rec.passes == 0:
+            raise ValueError(
+                "no clipped gradients: call loss.backward() on the privatized model (in training mode) "
+                "before optimizer.step(), and optimizer.zero_grad() after it"
+            )
+        for norms in rec.norms:
+            bad = first_non_finite(norms if norms.dim() == 2 else norms[:, None])
+            if bad is not None:
+                raise FloatingPointError(
+                    f"non-finite per-sample gradient: sample index {bad[0]} of the current batch has "
+                    "gradient norm " + str(float(norms[bad[0]].flatten()[0 if norms.dim() == 1 else bad[1]]))
+                    + "; the step was not applied. Check the loss/inputs of that sample."
+                )
+
+    def _bk_accumulate(self) -> None:
+        rec = self._recorder
+        for p in self.params:
+            s = rec.clipped.get(id(p))
+            if s is None:
+                s = torch.zeros_like(p)  # not reached by the backward pass: zero for every sample
+            if p.summed_grad is None:
+                p.summed_grad = s
+            else:
+                p.summed_grad.add_(s)
+        for norms, factors in zip(rec.norms, rec.factors):
+            clipped = factors < 1
+            self._pending_norms.append(torch.linalg.vector_norm(norms, dim=1) if norms.dim() == 2 else norms)
+            self._pending_clipped.append(clipped.any(dim=1) if clipped.dim() == 2 else clipped)
+        self._bk_passes = rec.passes
+        self._bk_reset()
+
+    def _bk_reset(self) -> None:
+        rec = self._recorder
+        rec.clipped.clear()
+        rec.clipped_params.clear()
+        rec.norms.clear()
+        rec.factors.clear()
+        rec.passes = 0
 
     def _clip_and_accumulate(self, grad_samples: list[Tensor]) -> None:
         params = self.params
@@ -490,11 +556,19 @@ class DPOptimizer(Optimizer):
         """Everything of a DP step except the wrapped update; ``False`` if it was skipped."""
         if not self.params:
             return True  # nothing trainable: behave as the wrapped optimizer
-        grad_samples = self._checked_grad_samples()
+        bk = self._recorder is not None
+        if bk:
+            self._bk_check()
+            self._bk_passes = self._recorder.passes  # guards see accumulated_iterations
+        else:
+            grad_samples = self._checked_grad_samples()
         if not self._check_skip_next_step(pop_next=False):
             for guard in list(self._step_guards.values()):
                 guard(self)
-        self._clip_and_accumulate(grad_samples)
+        if bk:
+            self._bk_accumulate()
+        else:
+            self._clip_and_accumulate(grad_samples)
         if self._check_skip_next_step():
             self._is_last_step_skipped = True
             return False
@@ -526,6 +600,8 @@ class DPOptimizer(Optimizer):
                 p.summed_grad = None
         if not self._is_last_step_skipped:
             self._pending_norms, self._pending_clipped = [], []
+        if self._recorder is not None:
+            self._bk_reset()
         self.original_optimizer.zero_grad(set_to_none)
 
     # -- checkpoints -------------------------------------------------------------------
