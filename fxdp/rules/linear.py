@@ -34,7 +34,7 @@ def _flat(t: Tensor) -> Tensor:
 class LinearRule(PerSampleRule):
     name = "linear"
 
-    #: ghost norms when T^2 (d + p) <= ghost_ratio * p d (a tunable threshold)
+    #: ghost norms when 2BT^2(d + p) <= ghost_ratio * 2BTpd, i.e. T(d + p) <= ratio * p d
     ghost_ratio: float = 1.0
 
     def signature(self, input, weight, bias=None):  # noqa: D401 - binding only
@@ -50,7 +50,7 @@ class LinearRule(PerSampleRule):
         return out
 
     def use_ghost(self, T: int, d: int, p: int) -> bool:
-        return T > 1 and T * T * (d + p) <= self.ghost_ratio * p * d
+        return T > 1 and T * (d + p) <= self.ghost_ratio * p * d
 
     def norm_sample_sq(self, args: Mapping[str, Any], grad_output: Tensor, needs: FrozenSet[str]) -> Dict[str, Tensor]:
         a, g = _flat(args["input"]), _flat(grad_output)

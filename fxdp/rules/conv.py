@@ -1,0 +1,565 @@
+"""Per-sample rules for convolutions: ``F.conv1d/2d/3d``, ``F.conv_transpose1d/2d/3d``
+and the modules ``nn.Conv1d/2d/3d`` (every ``padding_mode``) and
+``nn.ConvTranspose1d/2d/3d``.
+
+Math. For ``y = conv(x, W) + b`` with groups ``G`` let ``P_i[t]`` be sample i's
+input patch under output position t (``C/G * prod(k)`` values per group, read from
+the *padded* input) and ``g_i[t]`` the output gradient there. Sample i's gradient
+is a sum of outer products over the T output positions (Goodfellow 2015,
+"Efficient per-example gradient computations"; Rochette et al. 2019, "Efficient
+per-example gradient computations in convolutional neural networks"):
+
+    grad W_i[group] = sum_t g_i[t, group]^T P_i[t, group],     grad b_i = sum_t g_i[t].
+
+Padding modes. ``nn.ConvNd`` with ``padding_mode`` reflect / replicate / circular
+pads the input with ``F.pad`` and convolves with no padding; the patches ``P_i``
+must then be read from *that* padded input, not from a zero-padded one (Opacus
+1.6 unfolds with zero padding: its per-sample gradients are wrong for reflect,
+replicate and circular padding, checked against batch-of-one gradients). The module adapter maps these
+modules onto :func:`conv_nd`, which mirrors ``nn.ConvNd._conv_forward`` exactly,
+and the rule pads the recorded input the same way before extracting gradients.
+
+Transposed convolutions are the adjoints of convolutions: ``<conv_transpose(x, W),
+g> = <x, conv(g, W)>`` with the same stride, padding, dilation and groups (the
+output padding only fixes the output's size), so the per-sample gradient of
+``conv_transpose`` is the per-sample gradient of a plain convolution whose input
+is the output gradient ``g`` and whose output gradient is ``x``.
+
+Computing the per-sample weight gradients. Two exact methods, chosen per layer
+from the shapes:
+
+* ``groups``: the per-sample weight gradients *are* the weight gradient of one
+  grouped convolution that puts every sample in its own group: the input viewed
+  as ``[1, B*C, ...]`` (a free view), the output gradient as ``[1, B*O, ...]`` and
+  ``groups = B*G``; ``aten.convolution_backward`` with output mask (weight only)
+  returns ``[B*O, C/G, *k]``, i.e. ``[B, *W.shape]``. No patch tensor is formed.
+* ``unfold``: patches ``[B, C*prod(k), T]`` (``F.unfold``; 3-d by a strided view),
+  then one batched matmul per group.
+
+Timing (float32, torch 2.13, this project's 2-core CPU, 2 threads, ms per layer,
+min of 5 on a lightly loaded machine; ``groups`` = batch-as-groups
+``convolution_backward``, ``strided`` = ``as_strided`` patch view + einsum,
+``rochette`` = forward conv of the channel-transposed input with the output
+gradient as kernel, ``sum`` = the ordinary (non-per-sample) weight gradient, a
+floor; ``pick`` = the rule's choice)::
+
+    layer (batch)                     unfold  strided  groups  rochette   sum   pick
+    MNIST 1->16 k8 s2 p3 @28 (512)      13.2      7.6     8.1       6.1   1.6  groups
+    MNIST 16->32 k4 s2 @14 (512)        10.5     11.2     5.5       7.5   2.6  groups
+    CIFAR 3->32 k3 @32 (128)             7.2      9.3     9.9       5.6   2.8  groups
+    CIFAR 32->32 k3 @32 (128)           89.5    170.2    17.8      78.4  16.9  groups
+    CIFAR 64->64 k3 @16 (128)           70.6     90.8    18.7      60.9  15.0  groups
+    CIFAR 64->128 k3 @8 (128)           29.2     34.1    40.9      54.6   8.4  unfold
+    CIFAR 128->256 k3 @4 (128)          61.8     65.4   142.0     144.8   9.6  unfold
+    CIFAR 256->256 k3 @4 (128)         136.4    143.6   305.0     315.0  17.0  unfold
+    depthwise 64 k3 @16 (128)           52.1     75.7     3.3       3.3   3.3  groups
+    groups=4 64->128 k3 @16 (128)       48.2     62.4    11.7      43.2   9.6  groups
+
+``groups`` is 1.0-1.3x the non-per-sample floor on the large CIFAR maps and
+grouped/depthwise layers (4-16x faster than ``unfold``) and 2-5x the floor on the
+MNIST layers (1.6-1.9x faster than ``unfold``). ``unfold`` + bmm wins on small
+maps with wide layers, where oneDNN's weight-gradient kernel with many large
+groups is slow. ``strided`` (the einsum copies the strided view) and
+``rochette`` are never clearly best (``rochette``'s edge on the two 1-input-channel
+rows did not hold in a single-thread rerun: MNIST 1->16 groups 23 / rochette 20 /
+unfold 49, CIFAR 3->32 20 / 29 / 29). A sweep of 3x3 layers (channels 16-256, maps
+4-16, batch 128) puts the crossover at a per-group weight ``O/G * C/G * prod(k)``
+of about 1000 per output position ``T``; the rule picks ``groups`` below
+``groups_weight_per_position * T`` (a tunable class attribute), else ``unfold``.
+The MNIST 16->32 layer at its real 13x13 input (T = 25) is near the crossover
+(the two methods within noise of each other). On the wide, small layers the
+book-keeping ghost norm is far cheaper still (below). Heuristics were tuned on
+CPU only.
+
+Book-keeping (Bu et al. 2023). ``norm_sample_sq`` uses the ghost norm (Li et al.
+2021) ``||grad W_i||^2 = sum_groups <P_i P_i^T, g_i g_i^T>`` (two T x T Gram
+matrices) when its cost ``T^2 (d + p)`` is below ``ghost_ratio * T p d`` of the
+materialized gradient (per group, ``d = C/G prod(k)``, ``p = O/G``; this also
+bounds the Gram matrices' memory by that of the gradients), else it materializes
+with the fast method above. ``clipped_sum`` scales the output gradient by the
+clipping factors and takes one ordinary weight gradient
+(``aten.convolution_backward``), never forming per-sample gradients. Measured
+(same machine, but busy, so only the ratios mean much; ms, batch 128): norms of
+CIFAR 128->256 @4 ghost 7.6 vs materialized 247, 256->256 @4 24 vs 234, 64->128 @8
+36 vs 91; ``clipped_sum`` vs per-sample gradients + weighted sum 12-40 vs 58-274 on
+those layers and 2.2 vs 7.8 on MNIST 1->16.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Dict, FrozenSet, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..errors import UnsupportedOpError
+from . import ModuleCall, PerSampleRule, register_module, register_rule
+
+__all__ = ["conv_nd", "conv_transpose_nd", "ConvRule", "ConvNdRule", "ConvTransposeRule", "ConvTransposeNdRule"]
+
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+_CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
+_PAD_MODES = ("zeros", "reflect", "replicate", "circular")
+
+
+# ----------------------------------------------------------------------------
+# functional ops for the modules
+# ----------------------------------------------------------------------------
+def _tuple(v: Any, n: int, what: str) -> Tuple[int, ...]:
+    if isinstance(v, int):
+        return (v,) * n
+    v = tuple(int(e) for e in v)
+    if len(v) == 1:
+        return v * n
+    if len(v) != n:
+        raise ValueError(f"{what} must be an int or {n} ints, got {v}")
+    return v
+
+
+def _pad_pairs(padding: Any, kernel: Sequence[int], dilation: Sequence[int]) -> List[Tuple[int, int]]:
+    """Per spatial dim ``(left, right)`` padding, as PyTorch computes it (``"same"``
+    puts the odd extra element on the right)."""
+    n = len(kernel)
+    if isinstance(padding, str):
+        if padding == "valid":
+            return [(0, 0)] * n
+        if padding == "same":
+            out = []
+            for d, k in zip(dilation, kernel):
+                total = d * (k - 1)
+                out.append((total // 2, total - total // 2))
+            return out
+        raise ValueError(f"invalid padding string {padding!r}, should be 'same' or 'valid'")
+    return [(p, p) for p in _tuple(padding, n, "padding")]
+
+
+def _f_pad_arg(pairs: Sequence[Tuple[int, int]]) -> List[int]:
+    """``F.pad``'s argument (last dim first) from per-dim ``(left, right)`` pairs."""
+    out: List[int] = []
+    for left, right in reversed(pairs):
+        out += [left, right]
+    return out
+
+
+def conv_nd(
+    input: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor] = None,
+    stride: Any = 1,
+    padding: Any = 0,
+    dilation: Any = 1,
+    groups: int = 1,
+    padding_mode: str = "zeros",
+) -> Tensor:
+    """``nn.Conv{1,2,3}d``'s forward as a function (dimension from ``weight``): for
+    ``padding_mode != "zeros"`` the input is padded with ``F.pad(..., mode=padding_mode)``
+    (``"same"`` asymmetric like the module) and convolved with no padding, exactly as
+    ``nn.ConvNd._conv_forward``."""
+    n = weight.dim() - 2
+    conv = _CONV[n]
+    if padding_mode == "zeros":
+        return conv(input, weight, bias, stride, padding, dilation, groups)
+    if padding_mode not in _PAD_MODES:
+        raise ValueError(f"padding_mode must be one of {_PAD_MODES}, got {padding_mode!r}")
+    k = tuple(weight.shape[2:])
+    pairs = _pad_pairs(padding, k, _tuple(dilation, n, "dilation"))
+    return conv(F.pad(input, _f_pad_arg(pairs), mode=padding_mode), weight, bias, stride, 0, dilation, groups)
+
+
+def _transpose_output_padding(
+    input: Tensor,
+    output_size: Optional[Sequence[int]],
+    output_padding: Any,
+    stride: Sequence[int],
+    padding: Sequence[int],
+    kernel: Sequence[int],
+    dilation: Sequence[int],
+) -> Any:
+    """``nn.ConvTransposeNd._output_padding``: the output padding giving ``output_size``."""
+    if output_size is None:
+        return output_padding
+    n = len(kernel)
+    output_size = list(output_size)
+    if len(output_size) == n + 2:
+        output_size = output_size[2:]
+    if len(output_size) != n:
+        raise ValueError(f"output_size must have {n} or {n + 2} elements (got {len(output_size)})")
+    res = []
+    for d in range(n):
+        lo = (input.size(d + 2) - 1) * stride[d] - 2 * padding[d] + dilation[d] * (kernel[d] - 1) + 1
+        if not lo <= output_size[d] <= lo + stride[d] - 1:
+            raise ValueError(f"requested an output size of {output_size}, but valid sizes range from a minimum of {lo}")
+        res.append(output_size[d] - lo)
+    return tuple(res)
+
+
+def conv_transpose_nd(
+    input: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor] = None,
+    stride: Any = 1,
+    padding: Any = 0,
+    output_padding: Any = 0,
+    groups: int = 1,
+    dilation: Any = 1,
+    output_size: Optional[Sequence[int]] = None,
+) -> Tensor:
+    """``nn.ConvTranspose{1,2,3}d``'s forward as a function (``output_size`` picks the
+    output padding as the module does)."""
+    n = weight.dim() - 2
+    if output_size is not None:
+        output_padding = _transpose_output_padding(
+            input,
+            output_size,
+            output_padding,
+            _tuple(stride, n, "stride"),
+            _tuple(padding, n, "padding"),
+            tuple(weight.shape[2:]),
+            _tuple(dilation, n, "dilation"),
+        )
+    return _CONV_T[n](input, weight, bias, stride, padding, output_padding, groups, dilation)
+
+
+# ----------------------------------------------------------------------------
+# core: per-sample weight gradients of a plain convolution
+# ----------------------------------------------------------------------------
+class _Geom:
+    """A convolution normalized for gradient extraction: ``x`` (batch first, padded
+    explicitly when the padding is asymmetric or not zeros), symmetric zero
+    padding ``pad`` still to apply, and the conv's static parameters."""
+
+    __slots__ = ("x", "k", "stride", "pad", "dilation", "groups", "n")
+
+    def __init__(self, x: Tensor, k, stride, pad, dilation, groups: int) -> None:
+        self.x, self.k, self.stride, self.pad, self.dilation, self.groups = x, tuple(k), stride, pad, dilation, groups
+        self.n = len(self.k)
+
+
+def _check_batched(input: Tensor, weight: Tensor, what: str) -> None:
+    n = weight.dim() - 2
+    if not isinstance(input, Tensor) or input.dim() != n + 2:
+        rank = input.dim() if isinstance(input, Tensor) else type(input).__name__
+        raise UnsupportedOpError(
+            f"{what}: per-sample gradients need a batched input of rank {n + 2} "
+            f"([B, C, {', '.join('*' * n)}]), got rank {rank}"
+            + (" (an unbatched input)." if rank == n + 1 else ".")
+            + " Fix: add the batch dimension (x.unsqueeze(0)) before the layer."
+        )
+
+
+def _conv_geom(args: Mapping[str, Any]) -> _Geom:
+    x, w = args["input"], args["weight"]
+    _check_batched(x, w, f"conv{w.dim() - 2}d")
+    n = w.dim() - 2
+    k = tuple(w.shape[2:])
+    stride = _tuple(args.get("stride", 1), n, "stride")
+    dilation = _tuple(args.get("dilation", 1), n, "dilation")
+    mode = args.get("padding_mode", "zeros") or "zeros"
+    pairs = _pad_pairs(args.get("padding", 0), k, dilation)
+    if mode == "zeros" and all(a == b for a, b in pairs):
+        pad = tuple(a for a, _ in pairs)
+    else:
+        if any(a or b for a, b in pairs):
+            x = F.pad(x, _f_pad_arg(pairs), mode="constant" if mode == "zeros" else mode)
+        pad = (0,) * n
+    return _Geom(x, k, stride, pad, dilation, int(args.get("groups", 1)))
+
+
+def _transpose_geom(args: Mapping[str, Any], grad_output: Tensor) -> Tuple[_Geom, Tensor]:
+    """The plain convolution whose per-sample weight gradients are those of the
+    transposed convolution: input ``g``, output gradient ``x``."""
+    x, w = args["input"], args["weight"]
+    _check_batched(x, w, f"conv_transpose{w.dim() - 2}d")
+    n = w.dim() - 2
+    stride = _tuple(args.get("stride", 1), n, "stride")
+    dilation = _tuple(args.get("dilation", 1), n, "dilation")
+    pad = _tuple(args.get("padding", 0), n, "padding")
+    k = tuple(w.shape[2:])
+    g = grad_output
+    # an output padding >= stride (allowed when dilation > stride) adds output
+    # positions no input reaches: cut the (zero-padded) gradient to the reached span
+    reach = [(x.shape[2 + i] - 1) * stride[i] + (k[i] - 1) * dilation[i] + 1 for i in range(n)]
+    if any(g.shape[2 + i] + 2 * pad[i] - reach[i] >= stride[i] for i in range(n)):
+        if any(pad):
+            g = F.pad(g, _f_pad_arg([(p, p) for p in pad]))
+        for i in range(n):
+            g = g.narrow(2 + i, 0, reach[i])
+        pad = (0,) * n
+    return _Geom(g, k, stride, pad, dilation, int(args.get("groups", 1))), x
+
+
+def _weight_shape(geo: _Geom, g: Tensor) -> Tuple[int, ...]:
+    return (g.shape[1], geo.x.shape[1] // geo.groups) + geo.k
+
+
+def _wgrad(geo: _Geom, g: Tensor, x: Tensor, groups: int, weight_shape: Sequence[int]) -> Tensor:
+    w = g.new_empty(1).expand(*weight_shape)
+    n = geo.n
+    return torch.ops.aten.convolution_backward(
+        g,
+        x,
+        w,
+        None,
+        list(geo.stride),
+        list(geo.pad),
+        list(geo.dilation),
+        False,
+        [0] * n,
+        groups,
+        (False, True, False),
+    )[1]
+
+
+def _ps_groups(geo: _Geom, g: Tensor) -> Tensor:
+    """Per-sample weight gradients as the weight gradient of a conv with one group per sample."""
+    x = geo.x
+    B, C, O = x.shape[0], x.shape[1], g.shape[1]
+    xs = x.reshape(1, B * C, *x.shape[2:])
+    gs = g.reshape(1, B * O, *g.shape[2:]).contiguous()
+    w = _wgrad(geo, gs, xs, B * geo.groups, (B * O, C // geo.groups) + geo.k)
+    return w.reshape(B, O, C // geo.groups, *geo.k)
+
+
+def _patches(geo: _Geom, out_spatial: Sequence[int]) -> Tensor:
+    """Input patches ``[B, C * prod(k), T]`` (channel-major, like ``F.unfold``)."""
+    x = geo.x
+    B, C = x.shape[:2]
+    if geo.n == 2:
+        return F.unfold(x, geo.k, dilation=geo.dilation, padding=geo.pad, stride=geo.stride)
+    if geo.n == 1:
+        return F.unfold(
+            x.unsqueeze(2),
+            (1, geo.k[0]),
+            dilation=(1, geo.dilation[0]),
+            padding=(0, geo.pad[0]),
+            stride=(1, geo.stride[0]),
+        )
+    if any(geo.pad):
+        x = F.pad(x, _f_pad_arg([(p, p) for p in geo.pad]))
+    x = x.contiguous()
+    st = x.stride()
+    sp = st[2:]
+    view = x.as_strided(
+        (B, C) + geo.k + tuple(out_spatial),
+        st[:2] + tuple(s * d for s, d in zip(sp, geo.dilation)) + tuple(s * t for s, t in zip(sp, geo.stride)),
+    )
+    return view.reshape(B, C * math.prod(geo.k), math.prod(out_spatial))
+
+
+def _grouped(geo: _Geom, g: Tensor) -> Tuple[Tensor, Tensor]:
+    """Patches ``[B*G, T, d]`` and output gradients ``[B*G, T, p]`` per group."""
+    B, O, G = g.shape[0], g.shape[1], geo.groups
+    P = _patches(geo, g.shape[2:])
+    T = P.shape[-1]
+    P = P.reshape(B * G, -1, T).transpose(1, 2)
+    gg = g.reshape(B * G, O // G, T).transpose(1, 2)
+    return P, gg
+
+
+def _ps_unfold(geo: _Geom, g: Tensor) -> Tensor:
+    B, O, C, G = g.shape[0], g.shape[1], geo.x.shape[1], geo.groups
+    P, gg = _grouped(geo, g)
+    return torch.bmm(gg.transpose(1, 2), P).reshape(B, O, C // G, *geo.k)
+
+
+class _ConvMath:
+    """Shared per-sample machinery; rules provide ``_setup(args, g) -> (geo, gout)``."""
+
+    #: per-sample weight gradients by batch-as-groups conv backward when the
+    #: per-group weight ``O/G x C/G prod(k)`` has at most this many entries per
+    #: output position (``T``), else by unfold + bmm (measured, see the module doc)
+    groups_weight_per_position: float = 1000.0
+    #: ghost norms when ``T (d + p) <= ghost_ratio * p d`` (per group)
+    ghost_ratio: float = 1.0
+
+    def _setup(self, args: Mapping[str, Any], grad_output: Tensor) -> Tuple[_Geom, Tensor]:  # pragma: no cover
+        raise NotImplementedError
+
+    def method(self, geo: _Geom, gout: Tensor) -> str:
+        """``"groups"`` or ``"unfold"`` for the per-sample weight gradients."""
+        T = math.prod(gout.shape[2:])
+        per_group = (gout.shape[1] // geo.groups) * (geo.x.shape[1] // geo.groups) * math.prod(geo.k)
+        return "groups" if per_group <= self.groups_weight_per_position * T else "unfold"
+
+    def use_ghost(self, geo: _Geom, gout: Tensor) -> bool:
+        T = math.prod(gout.shape[2:])
+        d = geo.x.shape[1] // geo.groups * math.prod(geo.k)
+        p = gout.shape[1] // geo.groups
+        return T > 1 and T * (d + p) <= self.ghost_ratio * p * d
+
+    def _weight_ps(self, geo: _Geom, gout: Tensor) -> Tensor:
+        if self.method(geo, gout) == "groups":
+            return _ps_groups(geo, gout)
+        return _ps_unfold(geo, gout)
+
+    def grad_sample(self, args: Mapping[str, Any], grad_output: Tensor, needs: FrozenSet[str]) -> Dict[str, Tensor]:
+        _check_batched(args["input"], args["weight"], self.name)
+        out: Dict[str, Tensor] = {}
+        if "weight" in needs:
+            out["weight"] = self._weight_ps(*self._setup(args, grad_output))
+        if "bias" in needs:
+            out["bias"] = self._bias_ps(args, grad_output)
+        return out
+
+    @staticmethod
+    def _bias_ps(args: Mapping[str, Any], grad_output: Tensor) -> Tensor:
+        return grad_output.sum(tuple(range(2, grad_output.dim()))) if grad_output.dim() > 2 else grad_output
+
+    def norm_sample_sq(self, args: Mapping[str, Any], grad_output: Tensor, needs: FrozenSet[str]) -> Dict[str, Tensor]:
+        _check_batched(args["input"], args["weight"], self.name)
+        out: Dict[str, Tensor] = {}
+        if "weight" in needs:
+            geo, gout = self._setup(args, grad_output)
+            B = gout.shape[0]
+            if self.use_ghost(geo, gout):
+                P, gg = _grouped(geo, gout)
+                gram = torch.bmm(P, P.transpose(1, 2)) * torch.bmm(gg, gg.transpose(1, 2))
+                out["weight"] = gram.reshape(B, -1).sum(1)
+            else:
+                out["weight"] = self._weight_ps(geo, gout).reshape(B, -1).pow(2).sum(1)
+        if "bias" in needs:
+            out["bias"] = self._bias_ps(args, grad_output).pow(2).sum(1)
+        return out
+
+    def clipped_sum(
+        self, args: Mapping[str, Any], grad_output: Tensor, factors: Tensor, needs: FrozenSet[str]
+    ) -> Dict[str, Tensor]:
+        _check_batched(args["input"], args["weight"], self.name)
+        B = grad_output.shape[0]
+        f = factors.to(grad_output.dtype).reshape((B,) + (1,) * (grad_output.dim() - 1))
+        out: Dict[str, Tensor] = {}
+        if "weight" in needs:
+            geo, gout = self._setup(args, grad_output)
+            gout = gout * f  # bilinear in (input, output gradient): scale either
+            out["weight"] = _wgrad(geo, gout.contiguous(), geo.x, geo.groups, _weight_shape(geo, gout))
+        if "bias" in needs:
+            out["bias"] = self._bias_ps(args, grad_output * f).sum(0)
+        return out
+
+
+# ----------------------------------------------------------------------------
+# rules
+# ----------------------------------------------------------------------------
+@register_rule(F.conv1d, F.conv2d, F.conv3d, torch.conv1d, torch.conv2d, torch.conv3d)
+class ConvRule(_ConvMath, PerSampleRule):
+    """``F.conv{1,2,3}d`` (zero padding: ints, tuples, ``"same"``, ``"valid"``)."""
+
+    name = "conv"
+
+    def signature(self, input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):  # noqa: D401
+        pass
+
+    def forward(self, op, args: Mapping[str, Any]) -> Any:
+        return op(
+            args["input"], args["weight"], args["bias"], args["stride"], args["padding"], args["dilation"], args["groups"]
+        )
+
+    def _setup(self, args, grad_output):
+        return _conv_geom(args), grad_output
+
+
+@register_rule(conv_nd)
+class ConvNdRule(ConvRule):
+    """:func:`conv_nd` (``nn.Conv{1,2,3}d`` with any ``padding_mode``)."""
+
+    name = "conv_nd"
+
+    def signature(
+        self, input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, padding_mode="zeros"
+    ):  # noqa: D401
+        pass
+
+    def forward(self, op, args: Mapping[str, Any]) -> Any:
+        return op(**args)
+
+
+@register_rule(F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)
+class ConvTransposeRule(_ConvMath, PerSampleRule):
+    """``F.conv_transpose{1,2,3}d``: the adjoint of a convolution (see module doc)."""
+
+    name = "conv_transpose"
+
+    def signature(self, input, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1, dilation=1):
+        pass
+
+    def forward(self, op, args: Mapping[str, Any]) -> Any:
+        return op(
+            args["input"],
+            args["weight"],
+            args["bias"],
+            args["stride"],
+            args["padding"],
+            args["output_padding"],
+            args["groups"],
+            args["dilation"],
+        )
+
+    def _setup(self, args, grad_output):
+        return _transpose_geom(args, grad_output)
+
+
+@register_rule(conv_transpose_nd)
+class ConvTransposeNdRule(ConvTransposeRule):
+    """:func:`conv_transpose_nd` (``nn.ConvTranspose{1,2,3}d``)."""
+
+    name = "conv_transpose_nd"
+
+    def signature(
+        self, input, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1, dilation=1, output_size=None
+    ):
+        pass
+
+    def forward(self, op, args: Mapping[str, Any]) -> Any:
+        return op(**args)
+
+
+# ----------------------------------------------------------------------------
+# modules
+# ----------------------------------------------------------------------------
+_BASES = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3, nn.ConvTranspose1d: 1, nn.ConvTranspose2d: 2, nn.ConvTranspose3d: 3}
+
+
+def _base_of(m: nn.Module) -> type:
+    for base in type(m).__mro__:
+        if base in _BASES:
+            return base
+    raise TypeError(type(m).__name__)  # pragma: no cover - only registered types get here
+
+
+def _check_conv_forward(m: nn.Module) -> None:
+    base = _base_of(m)
+    if getattr(type(m), "_conv_forward", None) is not getattr(base, "_conv_forward", None):
+        raise UnsupportedOpError(
+            f"{type(m).__name__} overrides _conv_forward of {base.__name__}, so its computation is not a plain "
+            "convolution of its weight. Fix: override forward instead (the module is then traced through and "
+            "its F.conv call captured), or register a rule for it (docs/custom_rules.md)."
+        )
+
+
+@register_module(nn.Conv1d, nn.Conv2d, nn.Conv3d)
+def _conv_call(m: nn.modules.conv._ConvNd) -> ModuleCall:
+    _check_conv_forward(m)
+    return ModuleCall(
+        conv_nd,
+        params={"weight": "weight", "bias": "bias"},
+        kwargs=dict(
+            stride=m.stride, padding=m.padding, dilation=m.dilation, groups=m.groups, padding_mode=m.padding_mode
+        ),
+    )
+
+
+@register_module(nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+def _conv_transpose_call(m: nn.modules.conv._ConvTransposeNd) -> ModuleCall:
+    if m.padding_mode != "zeros":
+        raise UnsupportedOpError(
+            f"{type(m).__name__} with padding_mode={m.padding_mode!r}: PyTorch supports only 'zeros' here."
+        )
+    return ModuleCall(
+        conv_transpose_nd,
+        inputs=("input", "output_size"),
+        params={"weight": "weight", "bias": "bias"},
+        kwargs=dict(
+            stride=m.stride, padding=m.padding, output_padding=m.output_padding, groups=m.groups, dilation=m.dilation
+        ),
+    )

@@ -1,0 +1,503 @@
+"""Per-sample rules for convolutions (``F.conv*``, ``torch.conv*``, ``nn.Conv*`` with
+every padding mode, transposed convolutions) against batch-of-one gradients
+(float64), both extraction methods, and the book-keeping hooks against the
+materialized path."""
+from __future__ import annotations
+
+import zlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import fxdp
+from fxdp.errors import FxdpError, UnsupportedOpError
+from fxdp.rules import module_call_for, rule_for_op
+from fxdp.rules import conv as C
+
+from oracle import assert_grad_samples_match, batch_of_one_grads
+
+pytestmark = pytest.mark.filterwarnings("ignore:Using padding=.same. with even kernel lengths")
+
+DT = torch.float64
+RTOL, ATOL = 1e-6, 1e-9
+METHODS = ("groups", "unfold")
+MODES = ("zeros", "reflect", "replicate", "circular")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """The tensors here are tiny: one intra-op thread avoids OpenMP hand-off cost
+    (large on a busy 2-core machine); restored for the other test modules."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _seed(*key) -> int:
+    return zlib.crc32(repr(key).encode())
+
+
+class FnModel(nn.Module):
+    """Holds ``weight``/``bias``; forward calls ``op(x, weight, bias, **kwargs)``."""
+
+    def __init__(self, op, weight, bias, kwargs):
+        super().__init__()
+        self.weight = nn.Parameter(weight.clone())
+        self.bias = nn.Parameter(bias.clone()) if bias is not None else None
+        self.op, self.kwargs = op, kwargs
+
+    def forward(self, x):
+        return self.op(x, self.weight, self.bias, **self.kwargs)
+
+
+def _force(monkeypatch, rule, method):
+    """Make ``rule`` use one extraction method (``None``: its own heuristic)."""
+    if method == "groups":
+        monkeypatch.setattr(rule, "groups_weight_per_position", float("inf"))
+    elif method == "unfold":
+        monkeypatch.setattr(rule, "groups_weight_per_position", -1.0)
+
+
+def _loss(out, reduction, r):
+    """Loss of the batch and the oracle's per-sample loss term."""
+    B = out.shape[0]
+    if reduction == "square":
+        return 0.5 * (out**2).sum() / B, lambda o, i: 0.5 * (o**2).sum() / B
+    scale = 1.0 / B if reduction == "mean" else 1.0
+    return (out * r).sum() * scale, lambda o, i: (o * r[i : i + 1]).sum() * scale
+
+
+def _run(model, rule, op, bound, x, reduction, seed):
+    """Forward through the rule, output gradient, per-sample grads and the oracle's."""
+    torch.manual_seed(seed + 1)
+    with torch.no_grad():
+        out = rule.forward(op, bound)
+    torch.testing.assert_close(out, model(x), rtol=1e-12, atol=1e-12)  # the rule's forward is the model's
+    r = torch.randn_like(out)
+    o = out.detach().requires_grad_(True)
+    loss, per_sample = _loss(o, reduction, r)
+    (g,) = torch.autograd.grad(loss, o)
+    needs = frozenset(n for n in ("weight", "bias") if getattr(model, n, None) is not None)
+    args = {**bound, "input": x}
+    got = rule.grad_sample(args, g, needs)
+    exp = batch_of_one_grads(model, [x], per_sample)
+    assert set(got) == set(needs)
+    for n in needs:
+        assert got[n].shape == exp[n].shape, n
+        torch.testing.assert_close(got[n], exp[n], rtol=RTOL, atol=ATOL, msg=lambda m, n=n: f"{n}: {m}")
+    return args, g, needs
+
+
+def _check_module(m, x, reduction, seed):
+    adapter = module_call_for(m)
+    assert adapter is not None
+    call = adapter(m)
+    rule = rule_for_op(call.op)
+    bound = {"input": x, "weight": m.weight, "bias": m.bias, **call.kwargs}
+    rule.bind((), bound)  # the names the capture pass binds are the rule's
+    return _run(m, rule, call.op, bound, x, reduction, seed)
+
+
+def _check_fn(op, x, w, b, kwargs, reduction, seed):
+    model = FnModel(op, w, b, kwargs)
+    rule = rule_for_op(op)
+    bound = rule.bind((x, model.weight, model.bias), kwargs)
+    return _run(model, rule, op, bound, x, reduction, seed)
+
+
+# ----------------------------------------------------------------------------
+# registration
+# ----------------------------------------------------------------------------
+def test_registered_ops_and_aliases():
+    for n in (1, 2, 3):
+        f, t = getattr(F, f"conv{n}d"), getattr(torch, f"conv{n}d")
+        assert rule_for_op(f) is not None and rule_for_op(f) is rule_for_op(t)
+        ft, tt = getattr(F, f"conv_transpose{n}d"), getattr(torch, f"conv_transpose{n}d")
+        assert rule_for_op(ft) is not None and rule_for_op(ft) is rule_for_op(tt)
+    assert isinstance(rule_for_op(C.conv_nd), C.ConvNdRule)
+    assert isinstance(rule_for_op(C.conv_transpose_nd), C.ConvTransposeNdRule)
+
+
+def test_module_adapters_and_subclasses():
+    class Plain(nn.Conv2d):
+        pass
+
+    class OwnForward(nn.Conv2d):
+        def forward(self, x):
+            return super().forward(x) * 2
+
+    class OwnConvForward(nn.Conv2d):
+        def _conv_forward(self, x, w, b):
+            return super()._conv_forward(x, w - w.mean(), b)
+
+    for m in (nn.Conv1d(2, 2, 1), nn.Conv2d(2, 2, 1), nn.Conv3d(2, 2, 1), Plain(2, 2, 1), nn.LazyConv2d(2, 1)):
+        assert module_call_for(m)(m).op is C.conv_nd
+    for m in (nn.ConvTranspose1d(2, 2, 1), nn.ConvTranspose2d(2, 2, 1), nn.ConvTranspose3d(2, 2, 1)):
+        assert module_call_for(m)(m).op is C.conv_transpose_nd
+    assert module_call_for(OwnForward(2, 2, 1)) is None  # traced through
+    m = OwnConvForward(2, 2, 1)
+    with pytest.raises(UnsupportedOpError, match="_conv_forward"):
+        module_call_for(m)(m)
+
+
+# ----------------------------------------------------------------------------
+# functional convolutions
+# ----------------------------------------------------------------------------
+# (op, x shape, w shape, bias, kwargs)
+FN_CASES = [
+    (F.conv2d, (3, 4, 9, 8), (6, 2, 3, 3), True, dict(stride=2, padding=1, groups=2)),
+    (torch.conv2d, (3, 3, 7, 8), (4, 3, 2, 4), False, dict(padding="same", dilation=(1, 2))),
+    (F.conv2d, (3, 3, 9, 7), (5, 3, 3, 2), True, dict(padding="valid", stride=(2, 1), dilation=2)),
+    (F.conv2d, (3, 3, 7, 7), (6, 1, 3, 3), True, dict(padding=1, groups=3)),  # depthwise x2
+    (F.conv2d, (3, 4, 8, 8), (4, 1, 3, 3), False, dict(padding=(0, 2), stride=3, groups=4)),  # depthwise
+    (F.conv2d, (2, 2, 8, 8), (3, 2, 4, 4), True, dict(padding="same")),  # even kernel, asymmetric
+    (F.conv1d, (3, 3, 11), (4, 3, 4), True, dict(padding="same", dilation=3)),
+    (torch.conv1d, (3, 4, 10), (6, 2, 3), True, dict(stride=2, padding=1, groups=2)),
+    (F.conv1d, (2, 2, 9), (2, 1, 5), False, dict(stride=(3,), padding=(2,), groups=2)),
+    (F.conv3d, (2, 4, 5, 6, 5), (4, 2, 2, 3, 2), True, dict(stride=(1, 2, 1), padding=(1, 0, 1), groups=2)),
+    (torch.conv3d, (2, 2, 5, 4, 5), (3, 2, 2, 2, 3), False, dict(padding="same", dilation=(1, 2, 1))),
+    (F.conv3d, (2, 3, 6, 5, 5), (3, 1, 3, 3, 3), True, dict(stride=2, dilation=(1, 1, 2), groups=3)),
+]
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("case", range(len(FN_CASES)))
+def test_functional_conv(case, method, monkeypatch):
+    op, xs, ws, bias, kw = FN_CASES[case]
+    _force(monkeypatch, rule_for_op(op), method)
+    torch.manual_seed(_seed("fn", case))
+    x, w = torch.randn(xs, dtype=DT), torch.randn(ws, dtype=DT)
+    b = torch.randn(ws[0], dtype=DT) if bias else None
+    _check_fn(op, x, w, b, kw, ("sum", "mean", "square")[case % 3], _seed("fn", case))
+
+
+# ----------------------------------------------------------------------------
+# modules, every padding mode
+# ----------------------------------------------------------------------------
+# (dim, in, out, kernel, kwargs, spatial size)
+MOD_CASES = [
+    (1, 4, 8, 3, dict(padding=2, dilation=2, groups=4), (11,)),
+    (1, 3, 2, 4, dict(padding="same"), (9,)),
+    (2, 4, 6, 3, dict(stride=2, padding=1, groups=2), (9, 8)),
+    (2, 4, 6, (2, 3), dict(padding="same", dilation=(2, 1)), (9, 8)),
+    (2, 3, 3, 4, dict(padding="same", groups=3), (7, 8)),
+    (2, 4, 6, 4, dict(padding=(1, 2), stride=(2, 3)), (9, 8)),
+    (3, 4, 8, (2, 3, 2), dict(padding=(1, 0, 2), stride=(1, 2, 2), groups=2), (5, 6, 7)),
+    (3, 3, 6, 2, dict(padding="same", groups=3), (4, 5, 4)),
+]
+_MOD = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("case", range(len(MOD_CASES)))
+def test_conv_module(case, mode, method, monkeypatch):
+    dim, cin, cout, k, kw, size = MOD_CASES[case]
+    _force(monkeypatch, rule_for_op(C.conv_nd), method)
+    torch.manual_seed(_seed("mod", case, mode))
+    m = _MOD[dim](cin, cout, k, bias=case % 4 != 1, padding_mode=mode, **kw).to(DT)
+    x = torch.randn((3, cin) + size, dtype=DT)
+    _check_module(m, x, ("mean", "sum", "square")[case % 3], _seed("mod", case, mode))
+
+
+@st.composite
+def conv_configs(draw):
+    dim = draw(st.integers(1, 3))
+    groups = draw(st.sampled_from([1, 1, 2, 3]))
+    cin = groups * draw(st.integers(1, 2))
+    cout = groups * draw(st.integers(1, 2))
+    k = tuple(draw(st.integers(1, 3)) for _ in range(dim))
+    dilation = tuple(draw(st.integers(1, 2)) for _ in range(dim))
+    kind = draw(st.sampled_from(["int", "tuple", "same", "valid"]))
+    stride = (1,) * dim if kind == "same" else tuple(draw(st.integers(1, 2)) for _ in range(dim))
+    if kind == "int":
+        padding = draw(st.integers(0, 2))
+    elif kind == "tuple":
+        padding = tuple(draw(st.integers(0, 2)) for _ in range(dim))
+    else:
+        padding = kind
+    # large enough for one output position and for reflect's padding < size
+    size = tuple(max(dd * (kk - 1) + 1, 3) + draw(st.integers(0, 2)) for dd, kk in zip(dilation, k))
+    return dict(
+        dim=dim, cin=cin, cout=cout, k=k, groups=groups, stride=stride, padding=padding, dilation=dilation,
+        size=size, mode=draw(st.sampled_from(MODES)), bias=draw(st.booleans()), B=draw(st.integers(1, 3)),
+        method=draw(st.sampled_from(["groups", "unfold", None])), reduction=draw(st.sampled_from(["sum", "mean"])),
+    )
+
+
+@settings(max_examples=30, derandomize=True, deadline=None, suppress_health_check=list(HealthCheck))
+@given(conv_configs())
+def test_conv_module_random(cfg):
+    rule = rule_for_op(C.conv_nd)
+    with pytest.MonkeyPatch.context() as mp:
+        _force(mp, rule, cfg["method"])
+        torch.manual_seed(_seed("rand", sorted(cfg.items())))
+        m = _MOD[cfg["dim"]](
+            cfg["cin"], cfg["cout"], cfg["k"], stride=cfg["stride"], padding=cfg["padding"],
+            dilation=cfg["dilation"], groups=cfg["groups"], bias=cfg["bias"], padding_mode=cfg["mode"],
+        ).to(DT)
+        x = torch.randn((cfg["B"], cfg["cin"]) + cfg["size"], dtype=DT)
+        _check_module(m, x, cfg["reduction"], _seed("rand2", sorted(cfg.items())))
+
+
+# ----------------------------------------------------------------------------
+# transposed convolutions
+# ----------------------------------------------------------------------------
+# (dim, in, out, kernel, kwargs, spatial size)
+T_CASES = [
+    (1, 4, 6, 3, dict(stride=3, padding=2, output_padding=1), (5,)),
+    (1, 4, 4, 2, dict(stride=2, groups=4, dilation=3, output_padding=2), (4,)),
+    (2, 4, 6, 3, dict(stride=2, padding=1, output_padding=1, groups=2, dilation=2), (5, 6)),
+    (2, 3, 2, (2, 3), dict(stride=(1, 2), padding=(0, 1)), (4, 4)),
+    (3, 4, 6, 3, dict(stride=2, padding=1, output_padding=(1, 0, 1), groups=2), (3, 4, 3)),
+    (3, 2, 3, (2, 1, 2), dict(dilation=(2, 1, 1), stride=(1, 1, 2)), (3, 3, 3)),
+]
+_TMOD = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("case", range(len(T_CASES)))
+def test_conv_transpose_module(case, method, monkeypatch):
+    dim, cin, cout, k, kw, size = T_CASES[case]
+    _force(monkeypatch, rule_for_op(C.conv_transpose_nd), method)
+    torch.manual_seed(_seed("tmod", case))
+    m = _TMOD[dim](cin, cout, k, bias=case != 1, **kw).to(DT)
+    x = torch.randn((3, cin) + size, dtype=DT)
+    _check_module(m, x, ("sum", "mean", "square")[case % 3], _seed("tmod", case))
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("case", range(len(T_CASES)))
+def test_functional_conv_transpose(case, method, monkeypatch):
+    dim, cin, cout, k, kw, size = T_CASES[case]
+    op = getattr(F, f"conv_transpose{dim}d")
+    _force(monkeypatch, rule_for_op(op), method)
+    torch.manual_seed(_seed("tfn", case))
+    groups = kw.get("groups", 1)
+    ks = (k,) * dim if isinstance(k, int) else k
+    w = torch.randn((cin, cout // groups) + ks, dtype=DT)
+    b = torch.randn(cout, dtype=DT) if case % 2 else None
+    x = torch.randn((2, cin) + size, dtype=DT)
+    _check_fn(op, x, w, b, kw, ("mean", "sum")[case % 2], _seed("tfn", case))
+
+
+@st.composite
+def conv_transpose_configs(draw):
+    dim = draw(st.integers(1, 3))
+    groups = draw(st.sampled_from([1, 2]))
+    k = tuple(draw(st.integers(1, 3)) for _ in range(dim))
+    stride = tuple(draw(st.integers(1, 3)) for _ in range(dim))
+    dilation = tuple(draw(st.integers(1, 3)) for _ in range(dim))
+    output_padding = tuple(draw(st.integers(0, max(s, d) - 1)) for s, d in zip(stride, dilation))
+    padding = tuple(draw(st.integers(0, 2)) for _ in range(dim))
+    size = tuple(draw(st.integers(1, 3)) for _ in range(dim))
+    out = [(n - 1) * s - 2 * p + d * (kk - 1) + op + 1
+           for n, s, p, d, kk, op in zip(size, stride, padding, dilation, k, output_padding)]
+    assume(min(out) >= 1)
+    return dict(
+        dim=dim, cin=groups * draw(st.integers(1, 2)), cout=groups * draw(st.integers(1, 2)), k=k, stride=stride,
+        padding=padding, output_padding=output_padding, dilation=dilation, groups=groups, size=size,
+        bias=draw(st.booleans()), B=draw(st.integers(1, 3)), method=draw(st.sampled_from(["groups", "unfold", None])),
+    )
+
+
+@settings(max_examples=20, derandomize=True, deadline=None, suppress_health_check=list(HealthCheck))
+@given(conv_transpose_configs())
+def test_conv_transpose_module_random(cfg):
+    rule = rule_for_op(C.conv_transpose_nd)
+    with pytest.MonkeyPatch.context() as mp:
+        _force(mp, rule, cfg["method"])
+        torch.manual_seed(_seed("trand", sorted(cfg.items())))
+        m = _TMOD[cfg["dim"]](
+            cfg["cin"], cfg["cout"], cfg["k"], stride=cfg["stride"], padding=cfg["padding"],
+            output_padding=cfg["output_padding"], dilation=cfg["dilation"], groups=cfg["groups"], bias=cfg["bias"],
+        ).to(DT)
+        x = torch.randn((cfg["B"], cfg["cin"]) + cfg["size"], dtype=DT)
+        _check_module(m, x, "sum", _seed("trand2", sorted(cfg.items())))
+
+
+def test_conv_transpose_output_size():
+    """``m(x, output_size)`` binds ``output_size`` positionally after the input."""
+    torch.manual_seed(0)
+    m = nn.ConvTranspose2d(3, 2, 3, stride=3, padding=1).to(DT)
+    x = torch.randn(3, 3, 4, 5, dtype=DT)
+    call = module_call_for(m)(m)
+    assert call.inputs == ("input", "output_size")
+    rule = rule_for_op(call.op)
+    for size in ([11, 14], [3, 2, 12, 13]):
+        bound = {"input": x, "output_size": size, "weight": m.weight, "bias": m.bias, **call.kwargs}
+        rule.bind((), bound)
+        out = rule.forward(call.op, bound)
+        torch.testing.assert_close(out, m(x, size))
+        assert out.shape[-2:] == torch.Size(size[-2:])
+        r = torch.randn_like(out)
+        got = rule.grad_sample(bound, r, frozenset({"weight", "bias"}))
+        exp = batch_of_one_grads(m, [x, size], lambda o, i, r=r: (o * r[i : i + 1]).sum(), batch_dims=[0, None])
+        for n in ("weight", "bias"):
+            torch.testing.assert_close(got[n], exp[n], rtol=RTOL, atol=ATOL)
+
+
+# ----------------------------------------------------------------------------
+# book-keeping: norms and clipped sums against the materialized path
+# ----------------------------------------------------------------------------
+BK_CASES = [
+    ("mod", nn.Conv2d, dict(in_channels=4, out_channels=6, kernel_size=3, padding=1, groups=2), (4, 4, 6, 5)),
+    ("mod", nn.Conv2d, dict(in_channels=3, out_channels=5, kernel_size=4, padding="same", padding_mode="reflect"),
+     (3, 3, 6, 6)),
+    ("mod", nn.Conv1d, dict(in_channels=3, out_channels=6, kernel_size=3, groups=3, padding_mode="circular",
+                            padding=2), (4, 3, 7)),
+    ("mod", nn.Conv3d, dict(in_channels=2, out_channels=4, kernel_size=2, stride=2, padding=1,
+                            padding_mode="replicate"), (2, 2, 4, 5, 4)),
+    ("mod", nn.ConvTranspose2d, dict(in_channels=4, out_channels=2, kernel_size=3, stride=2, output_padding=1,
+                                     groups=2), (3, 4, 3, 4)),
+    ("mod", nn.ConvTranspose1d, dict(in_channels=2, out_channels=3, kernel_size=4, dilation=2), (3, 2, 5)),
+    ("fn", F.conv2d, dict(stride=2, padding=(1, 0)), ((3, 3, 7, 6), (4, 3, 3, 2))),
+]
+
+
+@pytest.mark.parametrize("ghost", [True, False])
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("case", range(len(BK_CASES)))
+def test_book_keeping(case, method, ghost, monkeypatch):
+    kind, ctor, kw, shape = BK_CASES[case]
+    torch.manual_seed(_seed("bk", case))
+    if kind == "mod":
+        m = ctor(**kw).to(DT)
+        call = module_call_for(m)(m)
+        rule, op = rule_for_op(call.op), call.op
+        x = torch.randn(shape, dtype=DT)
+        bound = {"input": x, "weight": m.weight, "bias": m.bias, **call.kwargs}
+    else:
+        rule, op = rule_for_op(ctor), ctor
+        x = torch.randn(shape[0], dtype=DT)
+        bound = rule.bind((x, torch.randn(shape[1], dtype=DT), torch.randn(shape[1][0], dtype=DT)), kw)
+    _force(monkeypatch, rule, method)
+    monkeypatch.setattr(rule, "ghost_ratio", float("inf") if ghost else 0.0)
+    out = rule.forward(op, bound)
+    g = torch.randn_like(out)
+    needs = frozenset({"weight", "bias"})
+    gs = rule.grad_sample(bound, g, needs)
+    norms = rule.norm_sample_sq(bound, g, needs)
+    factors = torch.rand(x.shape[0], dtype=DT)
+    sums = rule.clipped_sum(bound, g, factors, needs)
+    for n in needs:
+        torch.testing.assert_close(norms[n], gs[n].flatten(1).pow(2).sum(1), rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(sums[n], torch.einsum("b,b...->...", factors, gs[n]), rtol=1e-9, atol=1e-12)
+    for needs1 in (frozenset({"weight"}), frozenset({"bias"})):
+        assert set(rule.norm_sample_sq(bound, g, needs1)) == needs1
+        assert set(rule.clipped_sum(bound, g, factors, needs1)) == needs1
+
+
+def test_method_heuristics():
+    """Per-sample conv backward for large maps / small weights, unfold + bmm for
+    wide layers on small maps; ghost norms only where cheaper (see the module doc)."""
+    rule = rule_for_op(F.conv2d)
+
+    def geo(B, cin, cout, H, k, s, p):
+        x = torch.zeros(B, cin, H, H)
+        g = F.conv2d(x, torch.zeros(cout, cin, k, k), None, s, p)
+        return rule._setup(rule.bind((x, torch.zeros(cout, cin, k, k)), dict(stride=s, padding=p)), g)
+
+    assert rule.method(*geo(2, 1, 16, 28, 8, 2, 3)) == "groups"  # MNIST
+    assert rule.method(*geo(2, 32, 32, 32, 3, 1, 1)) == "groups"  # CIFAR, large maps
+    assert rule.method(*geo(2, 256, 256, 4, 3, 1, 1)) == "unfold"  # wide, 4x4
+    assert not rule.use_ghost(*geo(2, 32, 32, 32, 3, 1, 1))
+    assert rule.use_ghost(*geo(2, 256, 256, 4, 3, 1, 1))
+
+
+# ----------------------------------------------------------------------------
+# errors
+# ----------------------------------------------------------------------------
+@pytest.mark.parametrize("dim", [1, 2, 3])
+def test_unbatched_input_raises(dim):
+    m = _MOD[dim](2, 3, 2).to(DT)
+    x = torch.randn((2,) + (4,) * dim, dtype=DT)  # [C, *spatial]: no batch dimension
+    call = module_call_for(m)(m)
+    rule = rule_for_op(call.op)
+    bound = {"input": x, "weight": m.weight, "bias": m.bias, **call.kwargs}
+    out = rule.forward(call.op, bound)  # the plain op still runs (eval, no_grad)
+    torch.testing.assert_close(out, m(x))
+    g = torch.ones_like(out)
+    for hook in (
+        lambda: rule.grad_sample(bound, g, frozenset({"weight"})),
+        lambda: rule.norm_sample_sq(bound, g, frozenset({"weight"})),
+        lambda: rule.clipped_sum(bound, g, torch.ones(2, dtype=DT), frozenset({"weight"})),
+    ):
+        with pytest.raises(UnsupportedOpError, match="unbatched"):
+            hook()
+    trule = rule_for_op(F.conv_transpose2d)
+    with pytest.raises(UnsupportedOpError, match="batched input of rank 4"):
+        trule.grad_sample(trule.bind((torch.randn(3, 4, 4), torch.randn(3, 2, 2, 2)), {}), torch.ones(2, 5, 5),
+                          frozenset({"weight"}))
+
+
+# ----------------------------------------------------------------------------
+# end to end through fxdp.privatize
+# ----------------------------------------------------------------------------
+class MixedConvNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(2, 4, 3, padding=1, padding_mode="reflect")
+        self.c2 = nn.Conv2d(4, 4, 3, padding="same", groups=4, padding_mode="circular")
+        self.w3 = nn.Parameter(torch.randn(6, 2, 2, 2) * 0.3)
+        self.up = nn.ConvTranspose2d(6, 3, 3, stride=2, padding=1, output_padding=1)
+        self.c1d = nn.Conv1d(3, 2, 4, padding="same", padding_mode="replicate")
+        self.fc = nn.Linear(2 * 64, 5)
+
+    def forward(self, x):
+        h = torch.tanh(self.c1(x))
+        h = torch.relu(self.c2(h))
+        h = F.conv2d(h, self.w3, stride=2, groups=2)  # [B, 6, 4, 4]
+        h = torch.tanh(self.up(h))  # [B, 3, 8, 8]
+        h = self.c1d(h.flatten(2))  # [B, 2, 64]
+        return self.fc(h.flatten(1))
+
+
+class MnistCNN(nn.Module):
+    """Opacus' MNIST example network."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 16, 8, 2, padding=3)
+        self.conv2 = nn.Conv2d(16, 32, 4, 2)
+        self.fc1 = nn.Linear(32 * 4 * 4, 32)
+        self.fc2 = nn.Linear(32, 10)
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.conv1(x)), 2, 1)
+        x = F.max_pool2d(F.relu(self.conv2(x)), 2, 1)
+        return self.fc2(F.relu(self.fc1(x.flatten(1))))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("net,shape", [(MixedConvNet, (4, 2, 8, 8)), (MnistCNN, (3, 1, 28, 28))])
+def test_privatize_end_to_end(net, shape, reduction):
+    if not hasattr(fxdp, "privatize"):
+        pytest.skip("fxdp.privatize not available")
+    torch.manual_seed(_seed("e2e", net.__name__))
+    model = net().to(DT)
+    x = torch.randn(shape, dtype=DT)
+    y = torch.randint(0, 5, (shape[0],))
+    dp = fxdp.privatize(model) if reduction == "mean" else fxdp.privatize(model, loss_reduction="sum")
+    assert isinstance(dp, torch.fx.GraphModule)
+    out = dp(x)
+    torch.testing.assert_close(out, model(x))
+    F.cross_entropy(out, y, reduction=reduction).backward()
+    # Opacus' convention: sample i's own gradient (mean) / the raw gradient (sum)
+    exp = batch_of_one_grads(model, [x], lambda o, i: F.cross_entropy(o, y[i : i + 1]))
+    assert_grad_samples_match(dp, exp)
+    for n, p in dp.named_parameters():
+        torch.testing.assert_close(p.grad, exp[n].sum(0) / (shape[0] if reduction == "mean" else 1))
+
+
+def test_privatize_unbatched_raises():
+    if not hasattr(fxdp, "privatize"):
+        pytest.skip("fxdp.privatize not available")
+    dp = fxdp.privatize(nn.Sequential(nn.Conv1d(2, 3, 3)).to(DT))
+    with pytest.raises(FxdpError):
+        dp(torch.randn(2, 7, dtype=DT)).sum().backward()
