@@ -101,10 +101,16 @@ class Recorder:
         raw = rec.op.per_sample_grads(rec)
         summed: Dict[int, Tensor] = {}
         scale = rec.batch_size if self.loss_reduction == "mean" else 1
+        theirs = {t.data_ptr() for t in list(rec.inputs) + list(rec.grads) if isinstance(t, Tensor)}
         for idx, p in rec.params.items():
             gs = raw[idx]
             summed[idx] = gs.sum(0)
-            self._accumulate(p, gs * scale if scale != 1 else gs, rec)
+            if scale != 1:
+                # rescale in place when the rule returned a fresh tensor (saves a copy of
+                # the largest tensor of the step); never write into a view of the record
+                owned = gs._base is None and gs.data_ptr() not in theirs
+                gs = gs.mul_(scale) if owned else gs * scale
+            self._accumulate(p, gs, rec)
         return summed
 
     def _accumulate(self, p: nn.Parameter, gs: Tensor, rec: LayerRecord) -> None:

@@ -414,10 +414,25 @@ def test_forward_signature_and_kwargs():
 
 # -- clear errors --------------------------------------------------------------------
 
-def test_batchnorm_is_refused_with_a_fix():
+def test_batchnorm_is_refused_with_a_fix_when_not_replaced():
     model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
     with pytest.raises(fxdp.UnsupportedOpError, match="GroupNorm"):
-        privatize(model)
+        privatize(model, rewrite_options={"batchnorm": "off"})
+    dp = privatize(model)  # by default the BatchNorm pass replaces it
+    assert [(r.path, r.original) for r in dp.rewrites] == [("1", "BatchNorm1d")]
+
+
+def test_functional_batch_norm_without_parameters_is_refused():
+    class FBN(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.fc(F.batch_norm(x, None, None, training=True))
+
+    with pytest.raises(fxdp.UnsupportedOpError, match="batch statistics"):
+        privatize(FBN())
 
 
 def test_functional_batch_norm_is_refused():

@@ -439,4 +439,4 @@ def test_privatize_sequence_first_layer_norm():
 def test_privatize_refuses_instance_norm_running_stats():
     m = nn.Sequential(nn.InstanceNorm1d(3, affine=True, track_running_stats=True), nn.Flatten(), nn.Linear(12, 2))
     with pytest.raises(UnsupportedOpError, match="track_running_stats=False"):
-        fxdp.privatize(m)
+        fxdp.privatize(m, rewrite_options={"batchnorm": "off"})  # without the pass that turns them off

@@ -1,3 +1,6 @@
 """Graph passes, one job per file: batch_dims (analysis), capture (insertion of
 capture ops), rewrite (shared substitution machinery) and the rewrite passes,
 which register themselves in ``fxdp.passes.rewrite`` on import."""
+
+from . import batchnorm, attention  # noqa: F401
+from . import recurrent  # noqa: F401,E402

@@ -53,6 +53,15 @@ def _where(n: fx.Node) -> str:
     return where(n.meta.get("fxdp_module"), _op_name(n), n.meta.get("fxdp_source"))
 
 
+def _batch_norm_training(n: fx.Node) -> bool:
+    """Whether a batch_norm call uses batch statistics (True unless provably not)."""
+    if n.target is torch.batch_norm:  # (input, weight, bias, running_mean, running_var, training, ...)
+        v = n.args[5] if len(n.args) > 5 else n.kwargs.get("training", True)
+    else:  # F.batch_norm(input, running_mean, running_var, weight, bias, training=False, ...)
+        v = n.args[5] if len(n.args) > 5 else n.kwargs.get("training", False)
+    return not (isinstance(v, bool) and v is False)
+
+
 class FunctionalModuleCall:
     """``module(*args, **kwargs)`` with the trainable parameters passed explicitly
     (``torch.func.functional_call``), for the fallback rule. A plain object
@@ -137,6 +146,12 @@ class _CaptureBuilder:
                 continue
             if not self.input_dep[n]:
                 continue
+            if n.op == "call_function" and n.target in MIXING_OPS and _batch_norm_training(n):
+                raise UnsupportedOpError(
+                    f"{_where(n)} normalizes with batch statistics (training=True), so one sample's output "
+                    "depends on the others and per-sample gradients (and the DP guarantee) break. Fix: use "
+                    "GroupNorm/LayerNorm, or nn.BatchNorm modules (fxdp.privatize replaces those)."
+                )
             own = self._own_trainable(n)
             derived = [a for a in n.all_input_nodes if self.param_derived(a)]
             if not own and not derived:

@@ -178,4 +178,4 @@ def batch_sum(t: Tensor, shape: torch.Size) -> Tensor:
 
 
 # Built-in rules register themselves on import.
-from . import linear, embedding, norms, conv  # noqa: E402,F401
+from . import linear, embedding, norms, conv, recurrent  # noqa: E402,F401

@@ -1,0 +1,68 @@
+"""Per-sample rule for ``rnn_scan``, the recurrence of the DP recurrent layers.
+
+The recurrent weights are used once per step, always on the state the previous
+step produced, so their per-sample gradients are sums over time of outer products
+(the sequence-linear rule; Goodfellow 2015 for the outer products, BPTT (Werbos
+1990) for the gate gradients): with ``dG [B, T, G]`` the gradients of the hh
+pre-activations and ``H_prev [B, T, P]`` the state each step saw,
+
+    grad W_hh_i = sum_t dG_{i,t} h_{i,t-1}^T  = bmm(dG^T, H_prev)[i]
+    grad b_hh_i = sum_t dG_{i,t}
+    grad W_hr_i = sum_t dh_{i,t} u_{i,t}^T     (LSTM projection, u = o * tanh(c))
+
+one batched op per weight, not one capture per step. ``dG`` comes from the
+scan's autograd backward, which the capture op runs just before this rule (for
+the gradients of the input gates and initial states) and which leaves it on the
+call's ``ScanTape``; when no input needed a gradient that backward did not run
+and the rule runs the BPTT itself.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, FrozenSet, Mapping
+
+import torch
+from torch import Tensor
+
+from ..layers.recurrent import ScanTape, _mask, _prev_states, _scan_backward, _scan_forward, rnn_scan
+from . import PerSampleRule, register_rule
+
+
+@register_rule(rnn_scan)
+class RecurrentScanRule(PerSampleRule):
+    name = "recurrent_scan"
+    param_args = ("weight_hh", "bias_hh", "weight_hr")
+    input_arg = None  # the scan's tensors are batch-first by construction
+
+    def signature(self, gates_x, weight_hh, bias_hh=None, h0=None, c0=None, weight_hr=None, lengths=None,
+                  tape=None, mode="LSTM", reverse=False):  # noqa: D401 - binding only
+        pass
+
+    def _grads(self, args: Mapping[str, Any], grad_output: Tensor) -> tuple:
+        tape = args.get("tape")
+        if isinstance(tape, ScanTape) and tape.grads is not None and tape.saved is not None:
+            sv, gr = tape.saved, tape.grads
+        else:  # the scan's backward did not run: BPTT here
+            sv = tape.saved if isinstance(tape, ScanTape) else None
+            if sv is None:
+                gx = args["gates_x"]
+                with torch.no_grad():
+                    sv = _scan_forward(gx, args["weight_hh"], args.get("bias_hh"), args.get("h0"), args.get("c0"),
+                                       args.get("weight_hr"), _mask(args.get("lengths"), gx.shape[0], gx.shape[1],
+                                                                    gx.device), args["mode"], args["reverse"])
+            with torch.no_grad():
+                gr = _scan_backward(sv, grad_output)
+        if isinstance(tape, ScanTape):
+            tape.clear()  # free the saved states as soon as they are used
+        return sv, gr
+
+    def grad_sample(self, args: Mapping[str, Any], grad_output: Tensor, needs: FrozenSet[str]) -> Dict[str, Tensor]:
+        sv, gr = self._grads(args, grad_output)
+        dG = gr["dG"]
+        out: Dict[str, Tensor] = {}
+        if "weight_hh" in needs:
+            out["weight_hh"] = torch.bmm(dG.transpose(1, 2), _prev_states(sv))
+        if "bias_hh" in needs:
+            out["bias_hh"] = dG.sum(1)
+        if "weight_hr" in needs:
+            out["weight_hr"] = torch.bmm(gr["dHt"].transpose(1, 2), sv["U"])
+        return out
