@@ -10,6 +10,12 @@ from .errors import (
 from .module import DPModule
 from .privatize import privatize
 from .rules import PerSampleRule, register_module, register_rule
+from . import accountants, utils
+from .data import BatchMemoryManager
+from .engine import PrivacyEngine
+from . import check, verify  # callable modules: fxdp.check(model, x), fxdp.verify(model, x)
+from .report import CompatibilityReport
+from . import audit
 
 __version__ = "0.1.0"
 
@@ -25,4 +31,12 @@ __all__ = [
     "BatchDimensionError",
     "PerSampleGradientError",
     "PrivacyBudgetExceeded",
+    "PrivacyEngine",
+    "BatchMemoryManager",
+    "accountants",
+    "utils",
+    "check",
+    "verify",
+    "CompatibilityReport",
+    "audit",
 ]

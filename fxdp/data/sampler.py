@@ -2,7 +2,8 @@
 
 Each example joins each batch independently with probability ``q`` (Abadi et al. 2016;
 Mironov, Talwar, Zhang 2019, "Renyi Differential Privacy of the Sampled Gaussian
-Mechanism"), so batch sizes are Binomial(N, q) and may be 0.
+Mechanism"), so batch sizes are Binomial(N, q) and may be 0. ``secure=True`` draws the
+inclusions from the CSPRNG of :mod:`fxdp.optim.secure`.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from typing import Any
 import torch
 from torch import Tensor
 from torch.utils.data import Sampler
+
+from ..optim.secure import is_secure, secure_bernoulli
 
 __all__ = ["PoissonSampler", "UniformWithReplacementSampler", "default_num_steps"]
 
@@ -33,6 +36,11 @@ class PoissonSampler(Sampler[list[int]]):
     Randomness comes from ``generator``; without one a private generator is seeded from
     the global RNG, so ``torch.manual_seed`` still makes runs reproducible while the
     sampler's state stays capturable by :meth:`state_dict`.
+
+    Secure mode (``secure=True``, or a :class:`fxdp.optim.secure.SecureGenerator` as
+    ``generator``): each inclusion is a CSPRNG draw (:func:`fxdp.optim.secure.secure_bernoulli`),
+    batches cannot be predicted or replayed, and a resumed epoch continues with fresh
+    draws for its remaining batches.
     """
 
     def __init__(
@@ -41,6 +49,8 @@ class PoissonSampler(Sampler[list[int]]):
         sample_rate: float,
         generator: torch.Generator | None = None,
         steps: int | None = None,
+        *,
+        secure: bool = False,
     ) -> None:
         if isinstance(num_samples, bool) or not isinstance(num_samples, Integral) or num_samples <= 0:
             raise ValueError(f"num_samples must be a positive integer, got num_samples={num_samples!r}")
@@ -53,6 +63,11 @@ class PoissonSampler(Sampler[list[int]]):
         self.num_samples = int(num_samples)
         self.sample_rate = float(sample_rate)
         self.steps = int(steps) if steps is not None else default_num_steps(self.sample_rate)
+        self.secure = bool(secure) or is_secure(generator)
+        if generator is None and self.secure:
+            from ..optim.noise import secure_generator
+
+            generator = secure_generator()
         if generator is None:
             generator = torch.Generator()
             generator.manual_seed(int(torch.randint(0, 2**62, (), dtype=torch.int64)))
@@ -61,7 +76,7 @@ class PoissonSampler(Sampler[list[int]]):
         # number of batches drawn since; a loaded state replays from there.
         self._epoch_start_state: Tensor | None = None
         self._drawn = 0
-        self._resume: tuple[Tensor, int] | None = None
+        self._resume: tuple[Tensor | None, int] | None = None
 
     @property
     def expected_batch_size(self) -> float:
@@ -72,16 +87,38 @@ class PoissonSampler(Sampler[list[int]]):
         return self.steps
 
     def _draw(self) -> list[int]:
-        mask = torch.rand(self.num_samples, generator=self.generator) < self.sample_rate
+        if self.secure:
+            mask = secure_bernoulli(self.num_samples, self.sample_rate)
+        else:
+            mask = torch.rand(self.num_samples, generator=self.generator) < self.sample_rate
         return mask.nonzero().reshape(-1).tolist()
 
+    def _iter_secure(self) -> Iterator[list[int]]:
+        # Nothing to replay: a resumed epoch draws its remaining batches afresh.
+        skip = 0
+        if self._resume is not None:
+            _, skip = self._resume
+            self._resume = None
+            if skip >= self.steps:
+                skip = 0
+        self._epoch_start_state = None
+        self._drawn = skip
+        for _ in range(skip, self.steps):
+            batch = self._draw()
+            self._drawn += 1
+            yield batch
+
     def __iter__(self) -> Iterator[list[int]]:
+        if self.secure:
+            yield from self._iter_secure()
+            return
         skip = 0
         if self._resume is not None:
             # Restored here rather than in load_state_dict: a DataLoader may draw its
             # worker base seed from the same generator in between.
             state, skip = self._resume
             self._resume = None
+            assert state is not None  # secure states are handled by _iter_secure
             self.generator.set_state(state)
             if skip >= self.steps:  # saved at the end of an epoch: start the next one
                 for _ in range(skip):
@@ -106,6 +143,8 @@ class PoissonSampler(Sampler[list[int]]):
         drawn = self._drawn if num_consumed is None else int(num_consumed)
         if not 0 <= drawn <= self.steps:
             raise ValueError(f"num_consumed must be in [0, {self.steps}], got {num_consumed!r}")
+        if self.secure:  # no generator state: secure batches are never replayed
+            return {"secure": True, "num_consumed": drawn}
         if self._epoch_start_state is None:  # no epoch started yet
             return {"epoch_start_generator_state": self.generator.get_state(), "num_consumed": 0}
         return {"epoch_start_generator_state": self._epoch_start_state.clone(), "num_consumed": drawn}
@@ -114,8 +153,20 @@ class PoissonSampler(Sampler[list[int]]):
         """Make the next ``iter()`` yield the rest of the saved epoch (then full epochs).
 
         A state saved at the end of an epoch (all batches consumed) resumes with the next
-        full epoch.
+        full epoch. A secure sampler takes only the position (the rest of the epoch is
+        drawn afresh); a non-secure one refuses a secure state, which has nothing to replay.
         """
+        if self.secure:
+            consumed = int(state_dict["num_consumed"])
+            if consumed < 0:
+                raise ValueError("invalid PoissonSampler state_dict")
+            self._resume = (None, consumed)
+            return
+        if state_dict.get("secure", False):
+            raise ValueError(
+                "this state was saved by a secure PoissonSampler and holds no generator state to "
+                "replay; load it into a sampler built with secure=True (or a SecureGenerator)"
+            )
         state = state_dict["epoch_start_generator_state"]
         consumed = int(state_dict["num_consumed"])
         if not isinstance(state, Tensor) or consumed < 0:

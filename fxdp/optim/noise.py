@@ -1,14 +1,20 @@
-"""Gaussian noise for the Gaussian mechanism of DP-SGD (Abadi et al. 2016)."""
+"""Gaussian noise for the Gaussian mechanism of DP-SGD (Abadi et al. 2016).
+
+A :class:`~fxdp.optim.secure.SecureGenerator` (from :func:`secure_generator`) routes
+the draw to the hardened CSPRNG sampler of :mod:`fxdp.optim.secure`; any other
+generator (or none) uses PyTorch's sampler.
+"""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
-__all__ = ["gaussian_noise", "secure_generator"]
+from .secure import SecureGenerator, is_secure, secure_gaussian_mechanism, secure_normal
+
+__all__ = ["gaussian_noise", "noisy_sum", "secure_generator"]
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -27,13 +33,16 @@ def gaussian_noise(
     generator untouched. Without a ``generator`` the global RNG of ``device`` is used.
     If the generator lives on another device, sampling happens there and the result
     is moved (a CPU generator can drive noise for CUDA parameters). Half-precision
-    noise is drawn in float32 and rounded once.
+    noise is drawn in float32 and rounded once. With a secure generator the noise is
+    :func:`fxdp.optim.secure.secure_normal` (CSPRNG bits, float64, rounded once).
     """
     if not std >= 0 or std == float("inf"):
         raise ValueError(f"noise std must be finite and >= 0, got {std}")
     device = torch.device(device) if device is not None else torch.device("cpu")
     if std == 0:
         return torch.zeros(tuple(shape), dtype=dtype, device=device)
+    if is_secure(generator):
+        return secure_normal(std, shape, dtype=dtype, device=device)
     sample_device = generator.device if generator is not None else device
     sample_dtype = torch.float32 if dtype in _LOW_PRECISION else dtype
     noise = torch.normal(
@@ -47,14 +56,28 @@ def gaussian_noise(
     return noise.to(device=device, dtype=dtype)
 
 
-def secure_generator(device: torch.device | str | None = None) -> torch.Generator:
-    """A ``torch.Generator`` on ``device`` seeded with 64 bits from ``os.urandom``.
+def noisy_sum(x: Tensor, std: float, *, generator: torch.Generator | None = None) -> Tensor:
+    """The Gaussian mechanism ``x + N(0, std^2)`` on a clipped sum ``x``.
 
-    The seed cannot be predicted or replayed, but the generator itself is PyTorch's
-    Philox/Mersenne-Twister and the floating-point sampler is the standard one; a
-    stronger secure mode (cryptographic generator and noise robust to floating-point
-    attacks, Mironov 2012; Holohan & Braghin 2021) is planned behind the same flag.
+    With a secure generator this is :func:`fxdp.optim.secure.secure_gaussian_mechanism`
+    (CSPRNG noise, sum formed in float64 and snapped to a fixed power-of-two grid, so
+    the low bits of the result do not reveal ``x``); otherwise ``x +
+    gaussian_noise(std, x.shape, ...)``, bit for bit what an optimizer adding the noise
+    itself computes.
     """
-    gen = torch.Generator(device=device if device is not None else "cpu")
-    gen.manual_seed(int.from_bytes(os.urandom(8), "little") & ((1 << 63) - 1))
-    return gen
+    if is_secure(generator):
+        return secure_gaussian_mechanism(x, std)
+    return x + gaussian_noise(std, x.shape, dtype=x.dtype, device=x.device, generator=generator)
+
+
+def secure_generator(device: torch.device | str | None = None) -> SecureGenerator:
+    """A generator that makes fxdp draw from the CSPRNG (:class:`SecureGenerator`).
+
+    Noise (:func:`gaussian_noise`) and Poisson sampling (:class:`fxdp.data.PoissonSampler`)
+    given this generator take every bit from ``os.urandom`` (or a ChaCha20 keystream
+    keyed from it, see :func:`fxdp.optim.secure.set_backend`) and harden the
+    floating-point Gaussian (Mironov 2012; Holohan & Braghin 2021). It can be neither
+    seeded nor restored. Its PyTorch engine, used only by foreign code, is seeded from
+    ``os.urandom``.
+    """
+    return SecureGenerator(device)

@@ -38,7 +38,8 @@ from .clip import (
     per_param_sample_norms,
     private_unclipped_fraction,
 )
-from .noise import gaussian_noise, secure_generator
+from .noise import gaussian_noise, noisy_sum, secure_generator
+from .secure import is_secure
 
 __all__ = [
     "DPOptimizer",
@@ -193,6 +194,12 @@ class DPOptimizer(Optimizer):
         self.loss_reduction = loss_reduction
         self.expected_batch_size = expected_batch_size
         self.secure_mode = bool(secure_mode)
+        if self.secure_mode and generator is not None and not is_secure(generator):
+            raise ValueError(
+                "secure_mode=True needs noise from a cryptographically secure generator, but a seedable "
+                "torch.Generator was given. Fix: pass generator=None (fxdp creates a secure one) or "
+                "fxdp.optim.noise.secure_generator()."
+            )
         if generator is None and self.secure_mode:
             params = self.params
             generator = secure_generator(params[0].device if params else None)
@@ -535,14 +542,8 @@ class DPOptimizer(Optimizer):
                 raise ValueError(
                     "clipped gradients were already noised; call optimizer.zero_grad() after every step"
                 )
-            noise = gaussian_noise(
-                std,
-                p.summed_grad.shape,
-                dtype=p.summed_grad.dtype,
-                device=p.summed_grad.device,
-                generator=self.generator,
-            )
-            p.grad = (p.summed_grad + noise).view_as(p)
+            # secure generators: CSPRNG noise and a snapped float64 sum (Mironov 2012)
+            p.grad = noisy_sum(p.summed_grad, std, generator=self.generator).view_as(p)
             _mark_as_processed(p.summed_grad)
 
     def scale_grad(self) -> None:

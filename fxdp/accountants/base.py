@@ -1,0 +1,194 @@
+"""Accountant interface and argument validation shared by all accountants.
+
+The interface mirrors ``opacus.accountants.IAccountant`` so that code written
+against Opacus keeps working after swapping the import.  Accountants only hold
+the history of ``(noise_multiplier, sample_rate, num_steps)`` triples; all of
+the mathematics lives in pure functions in the sibling modules.
+"""
+
+from __future__ import annotations
+
+import abc
+import math
+import numbers
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+HistoryEntry = tuple[float, float, int]
+
+
+# ---------------------------------------------------------------------------
+# Validation.  Every message names the parameter, the offending value and what
+# is allowed, so that a typo in a training script is diagnosed immediately.
+# ---------------------------------------------------------------------------
+
+
+def _as_float(name: str, value: Any) -> float:
+    """``value`` as a float; nan and inf are left to the callers' range checks."""
+    if isinstance(value, bool):  # True/False are almost surely a mistake here
+        raise ValueError(f"{name} must be a real number, got the bool {value!r}")  # noqa: TRY004
+    try:  # also accepts numpy and one-element torch scalars
+        return float(value)
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"{name} must be a real number, got {value!r} of type {type(value).__name__}"
+        ) from None
+
+
+def check_noise_multiplier(noise_multiplier: Any) -> float:
+    """Returns ``noise_multiplier`` as a float; it must be finite and >= 0."""
+    sigma = _as_float("noise_multiplier", noise_multiplier)
+    if not math.isfinite(sigma) or sigma < 0:
+        raise ValueError(
+            f"noise_multiplier must be a finite number >= 0, got {sigma!r} "
+            "(0 means no noise and therefore epsilon = inf)"
+        )
+    return sigma
+
+
+def check_sample_rate(sample_rate: Any) -> float:
+    """Returns ``sample_rate`` as a float; it must lie in (0, 1]."""
+    q = _as_float("sample_rate", sample_rate)
+    if not 0.0 < q <= 1.0:
+        raise ValueError(
+            f"sample_rate must be in (0, 1], got {q!r} "
+            "(it is the Poisson sampling probability, e.g. batch_size / dataset_size)"
+        )
+    return q
+
+
+def check_delta(delta: Any) -> float:
+    """Returns ``delta`` as a float; it must lie in the open interval (0, 1)."""
+    d = _as_float("delta", delta)
+    if not 0.0 < d < 1.0:
+        raise ValueError(
+            f"delta must be in the open interval (0, 1), got {d!r} "
+            "(a common choice is 1 / dataset_size or smaller)"
+        )
+    return d
+
+
+def check_steps(steps: Any, name: str = "steps") -> int:
+    """Returns ``steps`` as an int; it must be a non-negative integer."""
+    if isinstance(steps, bool):  # all bad arguments are reported as ValueError
+        raise ValueError(f"{name} must be a non-negative integer, got {steps!r}")  # noqa: TRY004
+    if isinstance(steps, numbers.Integral):
+        n = int(steps)
+    else:
+        s = _as_float(name, steps)
+        if not math.isfinite(s) or s != int(s):
+            raise ValueError(f"{name} must be a non-negative integer, got {steps!r}")
+        n = int(s)
+    if n < 0:
+        raise ValueError(f"{name} must be a non-negative integer, got {n}")
+    return n
+
+
+def check_positive(name: str, value: Any) -> float:
+    """Returns ``value`` as a float; it must be finite and > 0."""
+    v = _as_float(name, value)
+    if not (math.isfinite(v) and v > 0):
+        raise ValueError(f"{name} must be a finite number > 0, got {v!r}")
+    return v
+
+
+def normalize_history(history: Sequence[Sequence[Any]]) -> tuple[HistoryEntry, ...]:
+    """Validates a history and returns it as a tuple of ``(sigma, q, steps)``."""
+    out = []
+    for i, entry in enumerate(history):
+        try:
+            sigma, q, steps = entry
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"history[{i}] must be a (noise_multiplier, sample_rate, num_steps) "
+                f"triple, got {entry!r}"
+            ) from None
+        out.append(
+            (
+                check_noise_multiplier(sigma),
+                check_sample_rate(q),
+                check_steps(steps, "num_steps"),
+            )
+        )
+    return tuple(out)
+
+
+# ---------------------------------------------------------------------------
+# Interface.
+# ---------------------------------------------------------------------------
+
+
+class IAccountant(abc.ABC):
+    """Tracks the privacy spent by a sequence of Poisson-subsampled Gaussian steps.
+
+    ``history`` is a list of ``(noise_multiplier, sample_rate, num_steps)``
+    tuples; consecutive steps with equal parameters are run-length compressed
+    into one entry, exactly as Opacus does.
+    """
+
+    def __init__(self) -> None:
+        self.history: list[HistoryEntry] = []
+
+    def step(self, *, noise_multiplier: float, sample_rate: float) -> None:
+        """Records one step of the subsampled Gaussian mechanism."""
+        sigma = check_noise_multiplier(noise_multiplier)
+        q = check_sample_rate(sample_rate)
+        if self.history:
+            last_sigma, last_q, count = self.history[-1]
+            if last_sigma == sigma and last_q == q:
+                self.history[-1] = (last_sigma, last_q, count + 1)
+                return
+        self.history.append((sigma, q, 1))
+
+    @abc.abstractmethod
+    def get_epsilon(self, delta: float, **kwargs: Any) -> float:
+        """Returns the epsilon spent so far at the given ``delta``."""
+
+    def __len__(self) -> int:
+        """Number of steps recorded so far."""
+        return int(sum(n for _, _, n in self.history))
+
+    @classmethod
+    @abc.abstractmethod
+    def mechanism(cls) -> str:
+        """Short name of the accounting method, e.g. ``"rdp"``."""
+
+    def _validated_history(self) -> tuple[HistoryEntry, ...]:
+        # ``history`` is a public attribute (Opacus code assigns it directly),
+        # so validate it each time it is used.
+        return normalize_history(self.history)
+
+    def state_dict(self, destination: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Returns the state as plain Python containers.
+
+        The result only contains ``str``, ``float``, ``int`` and ``list`` so it
+        can be read back with ``torch.load(..., weights_only=True)``.
+        """
+        if destination is None:
+            destination = {}
+        destination["history"] = [
+            [float(s), float(q), int(n)] for s, q, n in self.history
+        ]
+        destination["mechanism"] = self.mechanism()
+        return destination
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Restores the state saved by :meth:`state_dict` (Opacus format accepted)."""
+        if not state_dict:
+            raise ValueError(
+                "state_dict is None or empty; expected a mapping with keys "
+                "'history' and 'mechanism' as produced by state_dict()"
+            )
+        for key in ("history", "mechanism"):
+            if key not in state_dict:
+                raise ValueError(
+                    f"state_dict has no key {key!r}; expected keys 'history' and "
+                    "'mechanism' as produced by state_dict()"
+                )
+        if state_dict["mechanism"] != self.mechanism():
+            raise ValueError(
+                f"state_dict was saved by a {state_dict['mechanism']!r} accountant and "
+                f"cannot be loaded into a {self.mechanism()!r} accountant; use "
+                f"create_accountant({state_dict['mechanism']!r}) instead"
+            )
+        self.history = list(normalize_history(state_dict["history"]))

@@ -1,0 +1,76 @@
+"""The benchmark models (benchmarks/models.py): published sizes, and book-keeping
+clipped sums equal materialized clipped sums on each of them (no timings here)."""
+from __future__ import annotations
+
+import copy
+import importlib.util
+import os
+import sys
+import warnings
+
+import pytest
+import torch
+
+import fxdp
+from fxdp.capture import ClipConfig
+
+_PATH = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", "models.py")
+_spec = importlib.util.spec_from_file_location("fxdp_bench_models", _PATH)
+M = importlib.util.module_from_spec(_spec)
+sys.modules.setdefault(_spec.name, M)
+_spec.loader.exec_module(M)
+
+# Fast-DPSGD suite (Subramani et al. 2021) as used by the Opacus paper
+EXPECTED = {"mnist": 26_010, "cifar10": 605_226, "embedding": 160_098, "lstm": 1_081_402}
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_parameter_counts(name):
+    model = M.MODELS[name].build()
+    assert sum(p.numel() for p in model.parameters()) == EXPECTED[name] == M.MODELS[name].num_params
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_output_shapes(name):
+    torch.manual_seed(0)
+    x, _ = _batch(name, 3, torch.Generator().manual_seed(0))
+    out = M.MODELS[name].build()(x)
+    assert out.shape == (3, 2 if name in ("embedding", "lstm") else 10)
+
+
+def _batch(name, B, g):
+    if name in ("embedding", "lstm"):  # short sequences keep the float64 check fast
+        return torch.randint(0, M.VOCAB, (B, 7), generator=g), torch.randint(0, 2, (B,), generator=g)
+    return M.MODELS[name].batch(B, g)
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_bk_clipped_sums_equal_materialized(name):
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        torch.manual_seed(0)
+        model = M.MODELS[name].build()
+        x, y = _batch(name, 2 if name == "cifar10" else 3, torch.Generator().manual_seed(1))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            dpm = fxdp.privatize(model)
+            dpb = fxdp.privatize(copy.deepcopy(model), grad_sample_mode="bk")
+        C = 0.05  # small enough that every sample is clipped
+        torch.nn.functional.cross_entropy(dpm(x), y).backward()
+        params = [p for p in dpm.parameters() if p.requires_grad]
+        gs = [p.grad_sample for p in params]
+        total = torch.stack([g.flatten(1).norm(dim=1) for g in gs], 1).norm(dim=1)
+        fac = (C / (total + 1e-6)).clamp(max=1)
+        assert (fac < 1).all()
+        expected = [torch.einsum("b,b...->...", fac, g) for g in gs]
+
+        dpb.recorder.clipping = ClipConfig(bounds=lambda: C)
+        torch.nn.functional.cross_entropy(dpb(x), y).backward()
+        pb = [p for p in dpb.parameters() if p.requires_grad]
+        assert len(pb) == len(expected)
+        for p, e in zip(pb, expected):
+            assert p.grad is None
+            torch.testing.assert_close(dpb.recorder.clipped[id(p)], e, rtol=1e-9, atol=1e-12)
+    finally:
+        torch.set_default_dtype(prev)

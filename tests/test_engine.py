@@ -1,0 +1,421 @@
+"""Tests of fxdp.PrivacyEngine: Opacus compatibility, DP-SGD step, validation, budget guard."""
+
+from __future__ import annotations
+
+import copy
+import math
+import textwrap
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import fxdp
+from fxdp import PrivacyBudgetExceeded, PrivacyEngine
+from fxdp.accountants import RDPAccountant, create_accountant
+from fxdp.data import DPDataLoader
+from fxdp.optim import DPOptimizer
+
+DT = torch.float64
+
+
+def make_model(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).to(DT)
+
+
+def make_loader(n: int = 64, batch_size: int = 16, seed: int = 1, **kwargs) -> DataLoader:
+    g = torch.Generator().manual_seed(seed)
+    ds = TensorDataset(torch.randn(n, 6, generator=g, dtype=DT), torch.randint(0, 3, (n,), generator=g))
+    return DataLoader(ds, batch_size=batch_size, **kwargs)
+
+
+def make_private(model=None, loader=None, accountant="rdp", lr=0.1, momentum=0.0, **kwargs):
+    model = model if model is not None else make_model()
+    loader = loader if loader is not None else make_loader()
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
+    engine = PrivacyEngine(accountant=accountant)
+    kwargs.setdefault("noise_multiplier", 1.0)
+    kwargs.setdefault("max_grad_norm", 1.0)
+    dp_model, dp_opt, dp_loader = engine.make_private(module=model, optimizer=opt, data_loader=loader, **kwargs)
+    return engine, dp_model, dp_opt, dp_loader
+
+
+def train_step(model, optimizer, x, y) -> None:
+    optimizer.zero_grad()
+    nn.functional.cross_entropy(model(x), y).backward()
+    optimizer.step()
+
+
+# --- Opacus compatibility ----------------------------------------------------------------
+
+OPACUS_STYLE_SCRIPT = textwrap.dedent(
+    """
+    import torch
+    from torch import nn
+    from torch.utils.data import DataLoader, TensorDataset
+    {import_line}
+    {bmm_import}
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    g = torch.Generator().manual_seed(1)
+    data = TensorDataset(torch.randn(64, 6, generator=g, dtype=torch.float64), torch.randint(0, 3, (64,), generator=g))
+    train_loader = DataLoader(data, batch_size=16)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    criterion = nn.CrossEntropyLoss()
+
+    privacy_engine = PrivacyEngine(accountant="rdp")
+    model, optimizer, train_loader = privacy_engine.make_private(
+        module=model,
+        optimizer=optimizer,
+        data_loader=train_loader,
+        noise_multiplier={sigma},
+        max_grad_norm=1.0,
+        poisson_sampling={poisson},
+    )
+    model.train()
+    for epoch in range(2):
+        with BatchMemoryManager(data_loader=train_loader, max_physical_batch_size=8, optimizer=optimizer) as loader:
+            for x, y in loader:
+                optimizer.zero_grad()
+                loss = criterion(model(x), y)
+                loss.backward()
+                optimizer.step()
+    epsilon = privacy_engine.get_epsilon(delta=1e-5)
+    weights = {{k: v.detach().clone() for k, v in model.state_dict().items()}}
+    """
+)
+
+
+def run_script(library: str, sigma: float = 1.1, poisson: bool = True, bmm_library: str | None = None) -> dict:
+    src = OPACUS_STYLE_SCRIPT.format(
+        import_line=f"from {library} import PrivacyEngine",
+        bmm_import=f"from {bmm_library or library}.utils.batch_memory_manager import BatchMemoryManager",
+        sigma=sigma,
+        poisson=poisson,
+    )
+    scope: dict = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        exec(compile(src, f"<{library} script>", "exec"), scope)
+    return scope
+
+
+@pytest.mark.parametrize("bmm_library", ["fxdp", "opacus"])
+def test_opacus_style_script_runs_unchanged(bmm_library):
+    """Only the PrivacyEngine import changes (Opacus' own BatchMemoryManager works too)."""
+    if bmm_library == "opacus":
+        pytest.importorskip("opacus")
+    out = run_script("fxdp", bmm_library=bmm_library)
+    assert math.isfinite(out["epsilon"]) and out["epsilon"] > 0
+    assert isinstance(out["privacy_engine"].accountant, RDPAccountant)
+    assert out["privacy_engine"].steps == 2 * 4  # one accountant step per logical batch
+    # same state_dict keys as the plain model (no "_module." prefix)
+    assert set(out["weights"]) == {"0.weight", "0.bias", "2.weight", "2.bias"}
+
+
+def test_script_matches_opacus_without_noise():
+    """sigma = 0, fixed batches: the same script gives Opacus' weights (exact per-sample clipping)."""
+    pytest.importorskip("opacus")
+    ours = run_script("fxdp", sigma=0.0, poisson=False)
+    theirs = run_script("opacus", sigma=0.0, poisson=False)
+    theirs_weights = {k.removeprefix("_module."): v for k, v in theirs["weights"].items()}  # Opacus' wrapper prefix
+    assert set(ours["weights"]) == set(theirs_weights)
+    for k, v in ours["weights"].items():
+        torch.testing.assert_close(v, theirs_weights[k], rtol=0, atol=1e-12)
+    assert ours["privacy_engine"].accountant.history == theirs["privacy_engine"].accountant.history
+
+
+def test_make_private_returns_private_objects():
+    model = make_model()
+    keys = list(model.state_dict())
+    engine, dp_model, dp_opt, dp_loader = make_private(model=model, accountant="prv")
+    assert isinstance(dp_model, fxdp.DPModule) and list(dp_model.state_dict()) == keys
+    assert isinstance(dp_opt, DPOptimizer) and isinstance(dp_loader, DPDataLoader)
+    assert dp_loader.sample_rate == pytest.approx(1 / 4)
+    assert dp_opt.expected_batch_size == pytest.approx(16)
+    assert engine.accountant.mechanism() == "prv" and engine.steps == 0
+    # parameters are shared: training the DP model trains the user's model
+    assert all(p is q for p, q in zip(dp_model.parameters(), model.parameters()))
+
+
+def test_accepts_privatized_module_and_dp_optimizer():
+    model = make_model()
+    dp = fxdp.privatize(model)
+    opt = DPOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), noise_multiplier=1.0, max_grad_norm=1.0,
+                      expected_batch_size=16)
+    engine = PrivacyEngine(accountant="rdp")
+    m, o, _ = engine.make_private(module=dp, optimizer=opt, data_loader=make_loader(), noise_multiplier=0.5,
+                                  max_grad_norm=2.0)
+    assert m is dp and o.original_optimizer is opt.original_optimizer and o.noise_multiplier == 0.5
+    with pytest.raises(ValueError, match="already privatized with loss_reduction='mean'"):
+        PrivacyEngine(accountant="rdp").make_private(module=dp, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                                                     data_loader=make_loader(), noise_multiplier=1.0,
+                                                     max_grad_norm=1.0, loss_reduction="sum")
+
+
+# --- the DP step ---------------------------------------------------------------------------
+
+
+def test_sigma0_huge_clip_equals_sgd():
+    """sigma = 0 and C = 1e6: one DP step is exactly non-private SGD on the same batch."""
+    model = make_model()
+    ref = copy.deepcopy(model)
+    loader = make_loader(batch_size=16, shuffle=False)
+    with pytest.warns(UserWarning, match="Poisson"):
+        _, dp_model, dp_opt, dp_loader = make_private(model=model, loader=loader, noise_multiplier=0.0,
+                                                      max_grad_norm=1e6, poisson_sampling=False, lr=0.3)
+    x, y = next(iter(dp_loader))
+    train_step(dp_model, dp_opt, x, y)
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.3)
+    train_step(ref, ref_opt, x, y)
+    for p, q in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-14)
+
+
+def test_poisson_step_divides_by_expected_batch_size():
+    """With Poisson batches the mean uses q*N (the actual batch size is private)."""
+    model = make_model()
+    ref = copy.deepcopy(model)
+    loader = make_loader(batch_size=16, generator=torch.Generator().manual_seed(3))
+    _, dp_model, dp_opt, dp_loader = make_private(model=model, loader=loader, noise_multiplier=0.0,
+                                                  max_grad_norm=1e6, lr=0.3)
+    x, y = next(iter(dp_loader))
+    assert len(x) != 16  # a real Poisson batch
+    train_step(dp_model, dp_opt, x, y)
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.3)
+    ref_opt.zero_grad()
+    (nn.functional.cross_entropy(ref(x), y, reduction="sum") / 16).backward()
+    ref_opt.step()
+    for p, q in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-13)
+
+
+def test_first_step_cross_check():
+    engine, dp_model, dp_opt, dp_loader = make_private()
+    x, y = next(iter(dp_loader))
+    train_step(dp_model, dp_opt, x, y)
+    result = engine._bindings[-1].cross_check.result
+    assert result is not None and result.ok
+    engine, *_ = make_private(verify_first_step=False)
+    assert engine._bindings[-1].cross_check is None
+
+
+def test_accountant_records_each_real_step():
+    engine, dp_model, dp_opt, dp_loader = make_private(noise_multiplier=1.3)
+    for x, y in dp_loader:
+        train_step(dp_model, dp_opt, x, y)
+    assert engine.accountant.history == [(1.3, 0.25, 4)]
+    assert engine.steps == 4
+    ref = RDPAccountant()
+    for _ in range(4):
+        ref.step(noise_multiplier=1.3, sample_rate=0.25)
+    assert engine.get_epsilon(1e-5) == ref.get_epsilon(1e-5)
+
+
+def test_batch_memory_manager_one_step_per_logical_batch():
+    engine, dp_model, dp_opt, dp_loader = make_private()
+    with fxdp.BatchMemoryManager(data_loader=dp_loader, max_physical_batch_size=5, optimizer=dp_opt) as small:
+        n_physical = 0
+        for x, y in small:
+            assert len(x) <= 5
+            train_step(dp_model, dp_opt, x, y)
+            n_physical += 1
+    assert engine.steps == 4 and n_physical > 4
+
+
+def test_grad_accumulation_refused_with_poisson():
+    engine, dp_model, dp_opt, dp_loader = make_private(momentum=0.9)
+    it = iter(dp_loader)
+    before = [p.detach().clone() for p in dp_model.parameters()]
+    dp_opt.zero_grad()
+    for _ in range(2):
+        x, y = next(it)
+        nn.functional.cross_entropy(dp_model(x), y).backward()
+    with pytest.raises(ValueError, match="gradient accumulation detected.*BatchMemoryManager"):
+        dp_opt.step()
+    assert all(torch.equal(p, b) for p, b in zip(dp_model.parameters(), before))
+    assert engine.steps == 0
+
+
+def test_grad_accumulation_without_poisson_is_accounted():
+    """Fixed batches (Opacus semantics): k accumulated batches are one step at rate k*q."""
+    with pytest.warns(UserWarning, match="Poisson"):
+        engine, dp_model, dp_opt, dp_loader = make_private(poisson_sampling=False)
+    it = iter(dp_loader)
+    for _ in range(2):
+        x, y = next(it)
+        nn.functional.cross_entropy(dp_model(x), y).backward()
+    dp_opt.step()
+    assert engine.accountant.history == [(1.0, 0.5, 1)]
+
+
+def test_shuffling_caveat_recorded():
+    with pytest.warns(UserWarning, match="does not cover|analyses Poisson subsampling"):
+        engine, _, _, loader = make_private(loader=make_loader(shuffle=True), poisson_sampling=False)
+    assert not isinstance(loader, DPDataLoader)
+    assert len(engine.caveats) == 1 and "Poisson" in engine.caveats[0]
+    assert PrivacyEngine().caveats == []
+
+
+# --- validation ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(noise_multiplier=-1.0), r"noise_multiplier must be a finite number >= 0, got noise_multiplier=-1\.0.*Fix"),
+        (dict(noise_multiplier=float("nan")), r"noise_multiplier must be a finite number >= 0"),
+        (dict(max_grad_norm=0.0), r"max_grad_norm must be a finite number > 0.*max_grad_norm=0\.0.*Fix"),
+        (dict(max_grad_norm=-2.0), r"max_grad_norm must be a finite number > 0"),
+        (dict(max_grad_norm=[1.0, 1.0]), r"a list of bounds needs clipping='per_layer'"),
+        (dict(clipping="per_layer"), r"clipping='per_layer' needs max_grad_norm as a list"),
+        (dict(clipping="ghost"), r"unknown clipping='ghost'"),
+        (dict(loss_reduction="none"), r"loss_reduction must be 'mean' or 'sum'"),
+        (dict(target_epsilon=1.0), r"needs both target_epsilon and target_delta"),
+        (dict(target_epsilon=1.0, target_delta=1.5), r"target_delta must be in the open interval \(0, 1\)"),
+        (dict(target_epsilon=-1.0, target_delta=1e-5), r"target_epsilon must be a number > 0"),
+        (dict(noise_generator=torch.Generator(), secure_mode=True), r"secure_mode=True.*do not pass noise_generator"),
+    ],
+)
+def test_bad_arguments(kwargs, message):
+    secure = kwargs.pop("secure_mode", False)
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    args = dict(module=model, optimizer=opt, data_loader=make_loader(), noise_multiplier=1.0, max_grad_norm=1.0)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=message):
+        PrivacyEngine(accountant="rdp", secure_mode=secure).make_private(**args)
+
+
+def test_optimizer_with_foreign_parameters():
+    model = make_model()
+    other = nn.Linear(2, 2).to(DT)
+    opt = torch.optim.SGD(list(model.parameters()) + list(other.parameters()), lr=0.1)
+    with pytest.raises(ValueError, match=r"optimizer holds 2 parameter\(s\) that are not parameters of the module.*"
+                                         r"Fix: build the optimizer from module.parameters\(\)"):
+        PrivacyEngine().make_private(module=model, optimizer=opt, data_loader=make_loader(), noise_multiplier=1.0,
+                                     max_grad_norm=1.0)
+
+
+def test_model_in_eval_mode():
+    model = make_model().eval()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match=r"module is in eval mode.*Fix: call model.train\(\)"):
+        PrivacyEngine().make_private(module=model, optimizer=opt, data_loader=make_loader(), noise_multiplier=1.0,
+                                     max_grad_norm=1.0)
+
+
+def test_unsupported_modes():
+    with pytest.raises(NotImplementedError, match="ghost clipping"):
+        make_private(grad_sample_mode="ghost")
+    with pytest.raises(NotImplementedError, match="wrap_model=False"):
+        make_private(wrap_model=False)
+    with pytest.raises(ValueError, match="unknown accountant='moments'"):
+        PrivacyEngine(accountant="moments")
+    make_private(grad_sample_mode="functorch")  # Opacus' modes are accepted
+
+
+def test_bad_delta_and_sample_rate():
+    engine, _, dp_opt, _ = make_private()
+    for delta in (0.0, 1.0, -1e-5):
+        with pytest.raises(ValueError, match=r"delta must be in the open interval \(0, 1\)"):
+            engine.get_epsilon(delta=delta)
+    for q in (0.0, 1.5):
+        with pytest.raises(ValueError, match=r"sample_rate must be in \(0, 1\].*Fix"):
+            engine.set_sample_rate(q, optimizer=dp_opt)
+    with pytest.raises(ValueError, match="data_loader yields no batches"):
+        make_private(loader=DataLoader(TensorDataset(torch.zeros(0, 6)), batch_size=4))
+
+
+def test_make_private_with_epsilon():
+    model, loader = make_model(), make_loader()
+    engine = PrivacyEngine(accountant="rdp")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    m, o, dl = engine.make_private_with_epsilon(module=model, optimizer=opt, data_loader=loader, target_epsilon=2.0,
+                                                target_delta=1e-5, epochs=3, max_grad_norm=1.0)
+    for _ in range(3):
+        for x, y in dl:
+            train_step(m, o, x, y)
+    assert engine.steps == 12
+    assert 2.0 - 0.011 <= engine.get_epsilon(1e-5) <= 2.0
+    with pytest.raises(ValueError, match=r"target_delta must be in the open interval"):
+        PrivacyEngine().make_private_with_epsilon(module=model, optimizer=opt, data_loader=loader, target_epsilon=2.0,
+                                                  target_delta=0.0, epochs=3, max_grad_norm=1.0)
+
+
+# --- privacy budget ------------------------------------------------------------------------
+
+
+def expected_allowed_steps(accountant: str, sigma: float, q: float, eps: float, delta: float) -> int:
+    acc = create_accountant(accountant)
+    n = 0
+    while True:
+        acc.step(noise_multiplier=sigma, sample_rate=q)
+        if acc.get_epsilon(delta) > eps:
+            return n
+        n += 1
+
+
+@pytest.mark.parametrize("accountant", ["rdp", "prv"])
+def test_budget_guard_stops_before_exceeding(accountant):
+    sigma, q, eps, delta = 2.0, 0.25, 3.0, 1e-5
+    allowed = expected_allowed_steps(accountant, sigma, q, eps, delta)
+    assert 5 < allowed < 40
+    engine, dp_model, dp_opt, dp_loader = make_private(accountant=accountant, noise_multiplier=sigma,
+                                                       momentum=0.9, target_epsilon=eps, target_delta=delta,
+                                                       noise_generator=torch.Generator().manual_seed(0))
+    assert engine.privacy_budget == (eps, delta)
+    with pytest.raises(PrivacyBudgetExceeded) as info:
+        for _ in range(100):
+            for x, y in dp_loader:
+                dp_opt.zero_grad()
+                nn.functional.cross_entropy(dp_model(x), y).backward()
+                params = [p.detach().clone() for p in dp_model.parameters()]
+                state = copy.deepcopy(dp_opt.state_dict())
+                history = list(engine.accountant.history)
+                gen_state = dp_opt.generator.get_state()
+                dp_opt.step()
+    assert engine.steps == allowed
+    assert engine.get_epsilon(delta) <= eps
+    assert "would bring epsilon" in str(info.value) and "not applied" in str(info.value)
+    # the refused step changed nothing
+    assert all(torch.equal(p, b) for p, b in zip(dp_model.parameters(), params))
+    after = dp_opt.state_dict()
+    assert after["param_groups"] == state["param_groups"]
+    for k, v in state["state"].items():
+        assert torch.equal(after["state"][k]["momentum_buffer"], v["momentum_buffer"])
+    assert engine.accountant.history == history
+    assert torch.equal(dp_opt.generator.get_state(), gen_state)
+
+
+def test_budget_with_epsilon_planning_and_enforce():
+    model, loader = make_model(), make_loader()
+    engine = PrivacyEngine(accountant="rdp")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    m, o, dl = engine.make_private_with_epsilon(module=model, optimizer=opt, data_loader=loader, target_epsilon=1.0,
+                                                target_delta=1e-5, epochs=2, max_grad_norm=1.0, enforce_budget=True)
+    assert engine.privacy_budget == (1.0, 1e-5)
+    steps = 0
+    with pytest.raises(PrivacyBudgetExceeded):
+        for _ in range(10):
+            for x, y in dl:
+                train_step(m, o, x, y)
+                steps += 1
+    assert steps >= 8 and engine.get_epsilon(1e-5) <= 1.0
+    engine.set_privacy_budget(None)
+    o.zero_grad()
+    x, y = next(iter(dl))
+    train_step(m, o, x, y)  # no budget: trains on
+    assert engine.get_epsilon(1e-5) > 1.0
+
+
+def test_zero_noise_exceeds_any_budget():
+    engine, dp_model, dp_opt, dp_loader = make_private(noise_multiplier=0.0, target_epsilon=100.0, target_delta=1e-5)
+    x, y = next(iter(dp_loader))
+    with pytest.raises(PrivacyBudgetExceeded, match="inf"):
+        train_step(dp_model, dp_opt, x, y)
+    assert engine.steps == 0
