@@ -29,7 +29,7 @@ from torch.utils._pytree import tree_flatten
 from .capture import Recorder
 from .errors import FxdpError, UnsupportedModelError
 from .passes.batch_dims import input_batch_dim
-from .passes.batch_mixing import MixingFinding, analyze_batch_mixing, op_name, small_model_threads
+from .passes.batch_mixing import MixingFinding, analyze_batch_mixing, fork_rng, op_name, small_model_threads
 from .report import CompatibilityReport, Finding, LayerInfo
 from .tracer import _FXDP_DIR, _TORCH_DIR, DPTracer, trace
 
@@ -494,7 +494,7 @@ def _failed_run(gm: fx.GraphModule, args: Sequence[Any], why: str, B0: int) -> M
     node = next(n for n in gm.graph.nodes if n.op == "placeholder") if any(
         n.op == "placeholder" for n in gm.graph.nodes) else next(iter(gm.graph.nodes))
     try:
-        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        with torch.no_grad(), fork_rng(args):
             fx.Interpreter(gm).run(*args)  # not gm(*args): GraphModule prints failures to stderr
         runs = True
     except Exception:

@@ -27,7 +27,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from .errors import PerSampleGradientError
 from .passes.batch_dims import input_batch_dim
-from .passes.batch_mixing import small_model_threads
+from .passes.batch_mixing import fork_rng, small_model_threads
 
 __all__ = ["verify", "cross_check", "FirstStepCrossCheck", "VerifyResult", "CrossCheckResult"]
 
@@ -132,7 +132,7 @@ def _output_dims(model: nn.Module, args: Sequence[Any], batch_dim: int, B: int, 
                  seed: int) -> List[Optional[int]]:
     """Batch dimension of each (floating) output, from a run on the first sample alone."""
     try:
-        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        with torch.no_grad(), fork_rng(args):
             torch.manual_seed(seed)
             single = _flat_out(model(*_narrow(args, batch_dim, 0)))
     except Exception:
@@ -156,13 +156,13 @@ def _perturb(args: Sequence[Any], batch_dim: int, j: int, gen: torch.Generator,
         row = t.narrow(d, j, 1)
         if t.is_floating_point() or t.is_complex():
             scale = float(t.abs().max()) if t.numel() else 1.0
-            row.add_(torch.randn(row.shape, generator=gen, dtype=torch.float64).to(row.dtype) * (scale + 1.0))
+            row.add_(torch.randn(row.shape, generator=gen, dtype=torch.float64).to(row) * (scale + 1.0))
         elif t.dtype == torch.bool:
             row.logical_not_()
         else:
             hi = vocab if vocab is not None else int(t.max()) + 1
             if hi > 1:
-                shift = torch.randint(1, hi, row.shape, generator=gen).to(row.dtype)
+                shift = torch.randint(1, hi, row.shape, generator=gen).to(row)
                 row.copy_((row + shift) % hi)
         return t
 
@@ -264,7 +264,7 @@ def verify(
     max_out = max_grad = 0.0
 
     def forward(xs: Tuple[Any, ...]) -> Any:
-        with torch.random.fork_rng(devices=[]):
+        with fork_rng(xs):
             torch.manual_seed(seed)
             with torch.set_grad_enabled(bool(params)):
                 return model(*xs)
@@ -279,7 +279,7 @@ def verify(
         r_tol, a_tol = _default_tol(dtype)
         rtol = r_tol if rtol is None else rtol
         atol = a_tol if atol is None else atol
-        weights = [torch.randn(o.shape, generator=gen, dtype=torch.float64).to(o.dtype) for o in outs]
+        weights = [torch.randn(o.shape, generator=gen, dtype=torch.float64).to(o) for o in outs]
 
         def others_grad(out: Any, j: int) -> List[Tensor]:
             """Gradient of sum_{i != j} w_i . y_i: unchanged iff (almost surely, w
@@ -288,7 +288,7 @@ def verify(
             for o, w, d in zip(_flat_out(out), weights, dims):
                 if d is None:
                     continue
-                keep = torch.ones(o.shape[d], dtype=o.dtype)
+                keep = torch.ones(o.shape[d], dtype=o.dtype, device=o.device)
                 keep[j] = 0
                 shape = [1] * o.dim()
                 shape[d] = -1
@@ -383,7 +383,7 @@ def cross_check(
     try:
         for m in drop:
             m.training = False
-        with _Quiet(dp_model, capture=True), torch.random.fork_rng(devices=[]):
+        with _Quiet(dp_model, capture=True), fork_rng(args):
             torch.manual_seed(seed)
             for _, p in params:
                 p.grad = None
@@ -396,7 +396,7 @@ def cross_check(
                                                               "modules, so batch and single-sample runs differ")
             outs = _flat_out(out)
             dims = _output_dims(dp_model, args, bd, B, outs, seed)
-            weights = [torch.randn(o.shape, generator=gen, dtype=torch.float64).to(o.dtype) for o in outs]
+            weights = [torch.randn(o.shape, generator=gen, dtype=torch.float64).to(o) for o in outs]
             with torch.enable_grad():
                 loss = loss_fn(out, *targets) if loss_fn is not None else _linear_loss(out, weights, dims, B, reduction)
                 loss.backward()

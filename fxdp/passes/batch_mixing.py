@@ -63,6 +63,21 @@ NT = _NoTag()
 
 # --- tag algebra ---------------------------------------------------------------------
 
+def broadcast_shapes(*shapes: Sequence[int]) -> torch.Size:
+    """``torch.broadcast_shapes`` for concrete shapes (torch's imports its symbolic
+    shape machinery on first use, seconds of start-up); raises RuntimeError."""
+    nd = max((len(s) for s in shapes), default=0)
+    out = [1] * nd
+    for s in shapes:
+        for i, d in enumerate(s):
+            k = nd - len(s) + i
+            if d != 1:
+                if out[k] not in (1, d):
+                    raise RuntimeError(f"shapes {[tuple(x) for x in shapes]} are not broadcastable")
+                out[k] = int(d)
+    return torch.Size(out)
+
+
 def const(shape: Sequence[int], v: int = NO) -> Tensor:
     """A uniform tag without memory (a zero-stride view)."""
     return torch.full((), v, dtype=torch.long).expand(tuple(shape))
@@ -81,8 +96,8 @@ def combine(*ts: Tensor) -> Tensor:
     """Elementwise provenance of a value computed from all of ``ts`` (broadcast)."""
     live = [t for t in ts if uniform(t) != NO]
     if not live:
-        return const(torch.broadcast_shapes(*[t.shape for t in ts]))
-    shape = torch.broadcast_shapes(*[t.shape for t in ts])
+        return const(broadcast_shapes(*[t.shape for t in ts]))
+    shape = broadcast_shapes(*[t.shape for t in ts])
     out = live[0]
     for b in live[1:]:
         a, b = torch.broadcast_tensors(out, b)
@@ -127,7 +142,7 @@ def fit(t: Tensor, shape: Sequence[int]) -> Tensor:
         except RuntimeError:
             pass
     try:
-        if torch.broadcast_shapes(t.shape, shape) == torch.Size(shape):
+        if broadcast_shapes(t.shape, shape) == torch.Size(shape):
             return t.expand(shape)
     except RuntimeError:
         pass
@@ -220,6 +235,13 @@ def small_model_threads(model: nn.Module, limit: int = 5_000_000):
     finally:
         if small and n > 1:
             torch.set_num_threads(n)
+
+
+def fork_rng(*objs: Any) -> Any:
+    """``torch.random.fork_rng`` over the CPU and the CUDA devices of the tensors in ``objs``."""
+    devs = sorted({t.device.index or 0 for t in tree_flatten(list(objs))[0]
+                   if isinstance(t, Tensor) and t.device.type == "cuda"})
+    return torch.random.fork_rng(devices=devs)
 
 
 def _summary(x: Any) -> List[Any]:
@@ -521,7 +543,7 @@ class BatchMixingAnalysis:
         gen = torch.Generator().manual_seed(0)
         seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen))
         try:
-            with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            with torch.no_grad(), fork_rng(self.args):
                 torch.manual_seed(seed)
                 r2 = _Run(self.gm)
                 r2.run(*resize_batch(self.args, self.batch_dim, self.b2))
@@ -983,7 +1005,7 @@ class BatchMixingAnalysis:
             parts = []
             for t in ins:
                 try:
-                    ok = torch.broadcast_shapes(t.shape, v.shape) == v.shape
+                    ok = broadcast_shapes(t.shape, v.shape) == v.shape
                 except RuntimeError:
                     ok = False
                 parts.append(t if ok else reduce_all(t))  # e.g. prelu's per-channel weight
@@ -1217,7 +1239,7 @@ class BatchMixingAnalysis:
             mask = A(3, "attn_mask")
             qv = self.V(A(0, "query"))
             kv = self.V(A(1, "key"))
-            scores_shape = torch.broadcast_shapes(qv.shape[:-2], kv.shape[:-2]) + (qv.shape[-2], kv.shape[-2])
+            scores_shape = broadcast_shapes(qv.shape[:-2], kv.shape[:-2]) + (qv.shape[-2], kv.shape[-2])
             s = self._einsum_tags("...le,...se->...ls", [q, k], scores_shape)
             if mask is not None:
                 s = combine(s, self.tag(mask))
@@ -1288,7 +1310,7 @@ class BatchMixingAnalysis:
             expanded += ["slice"] * (bv.dim() - consumed)
         adv_pos = [i for i, k in enumerate(expanded) if k in ("adv", "int")]
         contiguous = adv_pos == list(range(adv_pos[0], adv_pos[-1] + 1))
-        adv_shape = torch.broadcast_shapes(*[t.shape for t in advs])
+        adv_shape = broadcast_shapes(*[t.shape for t in advs])
         it_tag = combine(*[t.expand(adv_shape) for t in advs])
         start = sum(1 for k in expanded[: adv_pos[0]] if k in ("slice", "none")) if contiguous else 0
         view = [1] * start + list(adv_shape) + [1] * (out.dim() - start - len(adv_shape))
@@ -1347,7 +1369,7 @@ class BatchMixingAnalysis:
         if name == "masked_select":
             xt, mv = self.tag(n.args[0]), self.I(n.args[1])
             xv = self.V(n.args[0])
-            shape = torch.broadcast_shapes(xv.shape, mv.shape)
+            shape = broadcast_shapes(xv.shape, mv.shape)
             c = combine(xt.expand(shape), self.tag(n.args[1]).expand(shape))
             return c[mv.expand(shape)]
         if name in ("embedding", "one_hot"):
