@@ -249,6 +249,14 @@ def test_prv_tiny_delta_keeps_relative_precision():
     assert upper > prv_epsilon_bounds([(1.0, 0.01, 60000)], 1e-10).upper
 
 
+def test_prv_stays_finite_beyond_float64_resolution():
+    # Far outside the usual range the FFT cannot resolve delta; the accountant
+    # then falls back to a coarser valid bound instead of returning inf.
+    lower, estimate, upper = prv_epsilon_bounds([(1e4, 1e-6, 10**6)], 1e-12)
+    assert math.isfinite(upper) and 0 <= lower <= estimate <= upper
+    assert upper <= _eps("rdp", [(1e4, 1e-6, 10**6)], 1e-12) + 1e-12
+
+
 def test_prv_eps_error_controls_accuracy():
     loose = prv_epsilon_bounds([(1.0, 0.2, 1000)], DELTA, eps_error=0.05)
     tight = prv_epsilon_bounds([(1.0, 0.2, 1000)], DELTA, eps_error=1e-4)

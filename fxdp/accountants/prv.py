@@ -49,7 +49,8 @@ Bounds returned by :func:`prv_epsilon_bounds`:
   round-off of the FFT is not bounded rigorously; it is estimated as
   ``4 (T + log2 N) u max(pmf)`` per entry (measured errors against extended
   precision stay below an eighth of that) and also charged to delta.
-* ``estimate``: the same discrete PLD without the delta slack.
+* ``estimate``: epsilon of the discrete PLD itself, without the slack for
+  wrapped mass and round-off.
 * ``lower``: a lower bound.  The split of step 2 is a randomised rounding
   ``L' = L + Y`` with ``Y`` in an interval of length ``h`` and
   ``0 <= E[Y | L] <= d(h) ~ h^2 / 8``, so by Hoeffding's inequality
@@ -518,7 +519,9 @@ def _run_pass(
             return 0.0
         return math.exp(min(log_k - lam * eps + math.log(rel), 0.0))
 
-    estimate, below = curve.epsilon(delta)
+    # The estimate is epsilon of the discrete (dominating) PLD, whose +inf
+    # atom is part of it; the upper bound adds what the window cannot see.
+    estimate, below = curve.epsilon(delta - inf_mass)
     delta_slack = inf_mass + above + slack(estimate)
     upper, _ = curve.epsilon(delta - delta_slack)
     # Lower bound: outside an event of probability trunc + p_fail the
@@ -746,8 +749,10 @@ def _fallback_upper(
 ) -> float:
     """A coarser but always finite bound, used if float64 cannot resolve delta.
 
-    RDP bounds both directions (Mironov et al. 2019); in the add direction the
-    loss of a step is also at most log(1 / (1 - q)), so eps <= sum_i T_i log(1 / (1 - q_i)).
+    The sampled-Gaussian RDP bound (Mironov et al. 2019), which Opacus, TF
+    Privacy and dp_accounting use for add-or-remove adjacency; in the add
+    direction the loss of a step is also at most log(1 / (1 - q)), so there
+    eps <= sum_i T_i log(1 / (1 - q_i)) as well.
     """
     orders = tuple(map(float, DEFAULT_ALPHAS))
     rdp = sum(_rdp_curve(q, s, orders) * n for s, q, n in entries)

@@ -4,7 +4,7 @@ Pure functions:
 
 * :func:`compute_rdp` - RDP of the Poisson-sampled Gaussian mechanism at
   integer and fractional orders (Mironov, Talwar, Zhang 2019, "Renyi
-  Differential Privacy of the Sampled Gaussian Mechanism", Sections 3.2-3.3).
+  Differential Privacy of the Sampled Gaussian Mechanism", Section 3.3).
 * :func:`rdp_to_epsilon` - conversion of an RDP curve to (epsilon, delta)-DP
   (Balle, Barthe, Gaboardi, Hsu, Sato 2020, "Hypothesis Testing
   Interpretations and Renyi Differential Privacy", Theorem 21).
