@@ -16,6 +16,7 @@ from .engine import PrivacyEngine
 from . import check, verify  # callable modules: fxdp.check(model, x), fxdp.verify(model, x)
 from .report import CompatibilityReport
 from . import audit
+from .export import export, load
 
 __version__ = "0.1.0"
 
@@ -39,4 +40,6 @@ __all__ = [
     "verify",
     "CompatibilityReport",
     "audit",
+    "export",
+    "load",
 ]

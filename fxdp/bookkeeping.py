@@ -89,17 +89,39 @@ def finish_backward(recorder: Recorder, records: List[LayerRecord]) -> None:
         factors = (float(bounds) / (total + 1e-6)).clamp(max=1.0)  # [B]
         per_param = {k: factors for k in keys}
         recorder.norms.append(total.detach())
+    # nonfinite="drop" (failure handling): factor 0 for samples with a NaN/inf gradient;
+    # recorder.norms keeps their non-finite norms, so the optimizer can report them.
+    bad = None
+    if getattr(recorder, "nonfinite", "raise") == "drop":
+        bad = ~torch.isfinite(norms).all(dim=1)
+        if bool(bad.any()):
+            factors = torch.where(bad.view(-1, *[1] * (factors.dim() - 1)), 0, factors)
+            per_param = {k: factors[:, j] for j, k in enumerate(keys)} if cfg.per_layer else {k: factors for k in keys}
+        else:
+            bad = None
     recorder.factors.append(factors.detach())
 
     # 3. clipped sums sum_i c_i * (scale * raw_i), layer by layer
     sums: Dict[int, Tensor] = {}
+    # one scaled tensor per distinct factor vector: RuleCapture.clipped_sum groups a
+    # layer's parameters by tensor identity and then calls the rule once per layer
+    scaled = {id(f): f * scale for f in {id(f): f for f in per_param.values()}.values()}
     for r in records:
-        want = {i: per_param[id(p)] * scale for i, p in r.params.items() if uses[id(p)] == 1}
-        if want:
+        want = {i: scaled[id(per_param[id(p)])] for i, p in r.params.items() if uses[id(p)] == 1}
+        if want and bad is not None:  # a^T (0 * nan) is nan: materialize and zero the bad rows
+            gs = r.op.per_sample_grads(r)
+            for i, f in want.items():
+                g = torch.where(bad.view(-1, *[1] * (gs[i].dim() - 1)), 0, gs[i])
+                k = id(r.params[i])
+                v = torch.einsum("b,b...->...", f.to(g.dtype), g)
+                sums[k] = sums[k] + v if k in sums else v
+        elif want:
             for i, v in r.op.clipped_sum(r, want).items():
                 k = id(r.params[i])
                 sums[k] = sums[k] + v if k in sums else v
     for k, g in tied.items():
+        if bad is not None:
+            g = torch.where(bad.view(-1, *[1] * (g.dim() - 1)), 0, g)
         sums[k] = torch.einsum("b,b...->...", (per_param[k] * scale).to(g.dtype), g)
 
     for k, v in sums.items():

@@ -221,6 +221,7 @@ def run_check(args: argparse.Namespace) -> int:
 
 #: functions ``add_<name>(subparsers)``; each registers one command
 SUBCOMMANDS: List[Callable[[Any], None]] = [add_check]
+SUBCOMMANDS += importlib.import_module(".cli_privacy", __package__).SUBCOMMANDS  # epsilon, noise, card, plot-budget
 
 
 def build_parser() -> argparse.ArgumentParser:

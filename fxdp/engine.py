@@ -24,7 +24,7 @@ from numbers import Real
 from typing import IO, Any, BinaryIO, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
-from torch import nn, optim
+from torch import Tensor, nn, optim
 from torch.utils.data import DataLoader
 
 from .data import DPDataLoader, default_num_steps
@@ -203,6 +203,55 @@ class _Binding:
 # --- the engine -------------------------------------------------------------------------
 
 
+def _example_from_loader(data_loader: DataLoader) -> Optional[Tuple[Any, ...]]:
+    """Model inputs for the static check, built from two dataset samples through the
+    loader's collate function without touching any sampler (no randomness used).
+    The common ``for x, y in loader: model(x)`` convention: the first element."""
+    dataset = data_loader.dataset
+    try:
+        n = len(dataset)  # type: ignore[arg-type]
+        batch = data_loader.collate_fn([dataset[i] for i in range(min(2, n))])
+    except Exception:
+        return None
+    if isinstance(batch, (tuple, list)) and batch:
+        return (batch[0],)
+    return (batch,) if isinstance(batch, Tensor) else None
+
+
+def _static_check(module: nn.Module, data_loader: DataLoader, example_inputs: Optional[Sequence[Any]], *,
+                  batch_first: bool, rewrite_options: Optional[Dict[str, Any]], allow_unsafe_model: bool) -> Any:
+    """Run ``fxdp.check`` on the model; refuse it when an op breaks DP, unless overridden."""
+    from .check import check
+
+    inputs = tuple(example_inputs) if example_inputs is not None else _example_from_loader(data_loader)
+    if inputs is None:
+        warnings.warn(
+            "PrivacyEngine: could not build example inputs from the data loader, so the static "
+            "compatibility check (fxdp.check) did not run. Fix: pass example_inputs=(x,) to make_private.",
+            stacklevel=3,
+        )
+        return None
+    try:
+        report = check(module, inputs, batch_first=batch_first, rewrite_options=rewrite_options)
+    except Exception as e:  # inputs that do not fit the model's forward: the check cannot run
+        warnings.warn(
+            f"PrivacyEngine: the static compatibility check (fxdp.check) could not run on example inputs "
+            f"taken from the data loader ({type(e).__name__}: {e}). Fix: pass example_inputs=(x,) to "
+            "make_private.",
+            stacklevel=3,
+        )
+        return None
+    if not report.ok:
+        if not allow_unsafe_model:
+            report.raise_if_errors()
+        warnings.warn(
+            "PrivacyEngine: allow_unsafe_model=True: training a model with ops that break DP; the privacy "
+            f"guarantee does not hold:\n{report}",
+            stacklevel=3,
+        )
+    return report
+
+
 def _materializing(dp_module: DPModule, fn: Callable[[], Any]) -> Any:
     """Run ``fn`` (the first-step cross-check, which compares ``p.grad_sample``) with the
     model materializing per-sample gradients, whatever its mode."""
@@ -250,6 +299,8 @@ class PrivacyEngine:
         self.caveats: List[str] = []
         self.privacy_budget: Optional[Tuple[float, float]] = None
         self._bindings: List[_Binding] = []
+        #: the last ``fxdp.check`` report of a model given to make_private (None if not run)
+        self.compatibility_report: Any = None
         self._budget_plan: Optional[Tuple[Any, ...]] = None
 
     # -- accounting --------------------------------------------------------------------
@@ -286,6 +337,10 @@ class PrivacyEngine:
         target_delta: Optional[float] = None,
         rewrite_options: Optional[Dict[str, Any]] = None,
         verify_first_step: bool = True,
+        distributed: bool = False,
+        nonfinite: str = "raise",
+        example_inputs: Optional[Sequence[Any]] = None,
+        allow_unsafe_model: bool = False,
         **kwargs: Any,
     ) -> Tuple[DPModule, DPOptimizer, DataLoader]:
         """Make ``module``, ``optimizer`` and ``data_loader`` private (Opacus' signature).
@@ -321,12 +376,31 @@ class PrivacyEngine:
                 of the first batch with each sample's gradient computed alone
                 (:class:`fxdp.verify.FirstStepCrossCheck`, a few samples; raises
                 :class:`fxdp.PerSampleGradientError` on a mismatch).
+            distributed: train data-parallel over the initialized ``torch.distributed``
+                group (implied by a ``DistributedDataParallel`` or
+                :func:`fxdp.distributed.wrap` model): sharded Poisson sampling, clipped
+                sums all-reduced, noise added once (``docs/distributed.md``).
+            nonfinite: a NaN/inf per-sample gradient ``"raise"``s ``FloatingPointError``
+                naming the sample (default), or ``"drop"``: its clip factor is 0, it
+                stays counted in the accounting (``docs/failure_handling.md``).
+            example_inputs: inputs for the static compatibility check (``fxdp.check``);
+                by default the first element of a batch of two dataset samples.
+            allow_unsafe_model: explicit override: train even when ``fxdp.check``
+                finds ops that break DP (they are listed in a warning instead of an
+                error). The privacy guarantee does not hold for such a model.
 
         Returns:
             ``(model, optimizer, data_loader)``: a ``DPModule`` with the model's
             ``state_dict`` keys, a ``DPOptimizer`` and the (Poisson) data loader.
         """
         sigma = _check_noise_multiplier(noise_multiplier)
+        if sigma > 1e6:  # failure handling: an absurd sigma is a unit or argument-order mistake
+            raise ValueError(
+                f"noise_multiplier={noise_multiplier!r} is absurdly large (> 1e6): the update would be pure "
+                "noise. Fix: noise_multiplier is the noise std divided by max_grad_norm, typically 0.5-10"
+            )
+        if nonfinite not in ("raise", "drop"):
+            raise ValueError(f"nonfinite must be 'raise' or 'drop', got nonfinite={nonfinite!r}")
         if clipping not in _CLIPPINGS:
             raise ValueError(f"unknown clipping={clipping!r}; expected one of {list(_CLIPPINGS)}")
         max_grad_norm = _check_max_grad_norm(max_grad_norm, clipping)
@@ -338,6 +412,16 @@ class PrivacyEngine:
             raise ValueError("secure_mode=True draws noise from a secure generator; do not pass noise_generator")
         if not isinstance(module, nn.Module):
             raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
+        # distributed (fxdp/distributed.py): DDP's gradient hooks are not used; the inner
+        # model is privatized and the distributed optimizer all-reduces clipped sums.
+        from .distributed import _require_process_group, is_distributed_model, unwrap
+
+        distributed = bool(distributed) or is_distributed_model(module)
+        if distributed:
+            _require_process_group()
+            if not poisson_sampling:
+                raise ValueError("distributed training needs poisson_sampling=True (sharded Poisson batches)")
+        module = unwrap(module)
         if not module.training:
             raise ValueError(
                 "the module is in eval mode: a model in eval mode computes no per-sample gradients, "
@@ -355,12 +439,22 @@ class PrivacyEngine:
             raise ValueError("data_loader yields no batches (empty dataset?); cannot derive a sample rate")
 
         bk = grad_sample_mode in ("auto", "bk")
+        if not isinstance(module, DPModule):
+            self.compatibility_report = _static_check(
+                module, data_loader, example_inputs, batch_first=batch_first,
+                rewrite_options=rewrite_options, allow_unsafe_model=allow_unsafe_model,
+            )
         dp_module = self._prepare_model(module, batch_first=batch_first, loss_reduction=loss_reduction,
                                         rewrite_options=rewrite_options, bk=bk)
         sample_rate = _check_sample_rate(1 / len(data_loader))
         loader = self._prepare_data_loader(data_loader, poisson_sampling=poisson_sampling, batch_first=batch_first)
+        if distributed:  # this rank's shard of the global Poisson batch (same q, same q*N)
+            loader = DPDataLoader.from_data_loader(data_loader, generator=self.secure_rng, distributed=True,
+                                                   batch_first=batch_first)
         expected_batch_size = self._expected_batch_size(loader, sample_rate, poisson_sampling)
-        dp_optimizer = DPOptimizer(
+        from .optim import get_optimizer_class
+
+        dp_optimizer = (get_optimizer_class(clipping, distributed=True) if distributed else DPOptimizer)(
             optimizer,
             noise_multiplier=sigma,
             max_grad_norm=max_grad_norm,
@@ -373,6 +467,7 @@ class PrivacyEngine:
         )
         if bk:
             dp_optimizer.attach_bookkeeping(dp_module.recorder)
+        dp_optimizer.nonfinite = dp_module.recorder.nonfinite = nonfinite  # read by bookkeeping / clipping
         binding = _Binding(self, dp_module, dp_optimizer, loader, sample_rate, poisson_sampling)
         dp_optimizer.attach_step_hook(binding.on_step)
         # Several backward passes before one step merge Poisson draws into a batch that
@@ -781,6 +876,13 @@ class PrivacyEngine:
         if restore_rng_state and fx.get("torch_rng_state") is not None:
             torch.set_rng_state(fx["torch_rng_state"])
         return ckpt
+
+    def privacy_statement(self, delta: Optional[float] = None) -> str:
+        """Short plain-language statement of what this run's (epsilon, delta) protects and
+        what it does not (``delta`` defaults as in :func:`fxdp.export`); see ``fxdp.card``."""
+        from .card import privacy_statement
+
+        return privacy_statement(self, delta)
 
 
 # --- helpers ----------------------------------------------------------------------------

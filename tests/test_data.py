@@ -238,7 +238,7 @@ def test_loader_validation():
         DPDataLoader.from_data_loader(DataLoader(Stream(), batch_size=1))
     with pytest.raises(TypeError, match="batch_size"):
         DPDataLoader(tensor_dataset(), sample_rate=0.1, batch_size=3)
-    with pytest.raises(NotImplementedError, match="distributed"):
+    with pytest.raises(RuntimeError, match="init_process_group"):
         DPDataLoader.from_data_loader(DataLoader(tensor_dataset(), batch_size=3), distributed=True)
     with pytest.warns(UserWarning, match="drop_last"):
         DPDataLoader(tensor_dataset(), sample_rate=0.1, drop_last=True)

@@ -12,7 +12,7 @@ from torch import Tensor
 from torch.utils.data import BatchSampler, DataLoader, Dataset, IterableDataset
 from torch.utils.data._utils.collate import default_collate
 
-from .sampler import PoissonSampler
+from .sampler import DistributedPoissonSampler, PoissonSampler
 
 __all__ = [
     "DPDataLoader",
@@ -123,6 +123,32 @@ def _loader_kwargs(data_loader: DataLoader) -> dict[str, Any]:
     return kwargs
 
 
+def _distributed_sampler(
+    num_samples: int, sample_rate: float, generator: torch.Generator | None, steps: int | None
+) -> DistributedPoissonSampler:
+    """A :class:`DistributedPoissonSampler` for this rank whose generator state is rank 0's
+    (broadcast), so all ranks draw the same global batch and keep their shards."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError(
+            "distributed=True needs an initialized torch.distributed process group. Fix: call "
+            "torch.distributed.init_process_group(...) first (e.g. launch with torchrun)"
+        )
+    from ..optim.secure import is_secure
+
+    if generator is None or not is_secure(generator):
+        if generator is None:
+            generator = torch.Generator()
+            generator.manual_seed(int(torch.randint(0, 2**62, (), dtype=torch.int64)))
+        state = generator.get_state()
+        dist.broadcast(state, src=0)  # uint8 state tensor: every rank continues rank 0's stream
+        generator.set_state(state)
+    return DistributedPoissonSampler(
+        num_samples, sample_rate, generator, steps, rank=dist.get_rank(), world_size=dist.get_world_size()
+    )
+
+
 class DPDataLoader(DataLoader):
     """``DataLoader`` that draws Poisson batches (:class:`PoissonSampler`) and turns empty
     ones into zero-row batches of the right structure.
@@ -152,13 +178,13 @@ class DPDataLoader(DataLoader):
             collate_fn: as ``DataLoader`` (default ``default_collate``).
             drop_last: ignored (Poisson batches have no "last" batch); warns if set.
             generator: randomness of the sampler (see :class:`PoissonSampler`).
-            distributed: not supported yet.
+            distributed: shard Poisson sampling over the ranks of the initialized
+                ``torch.distributed`` process group (:class:`DistributedPoissonSampler`);
+                ``sample_rate`` and ``expected_batch_size`` stay those of the global batch.
             steps: batches per epoch, default ``floor(1/q)``.
             batch_first: whether the batch dimension of collated tensors is 0 (else 1).
             **kwargs: other ``DataLoader`` arguments (``num_workers``, ``pin_memory``...).
         """
-        if distributed:
-            raise NotImplementedError("distributed Poisson sampling is not implemented in fxdp.data")
         if isinstance(dataset, IterableDataset):
             raise ValueError(
                 "Poisson sampling needs a map-style dataset (with __len__ and __getitem__), "
@@ -172,12 +198,15 @@ class DPDataLoader(DataLoader):
                 "DPDataLoader ignores drop_last=True: Poisson batches have no incomplete last batch",
                 stacklevel=2,
             )
-        batch_sampler = PoissonSampler(len(dataset), sample_rate, generator=generator, steps=steps)
+        if distributed:  # each rank samples its shard; the union is Poisson over the dataset
+            batch_sampler: PoissonSampler = _distributed_sampler(len(dataset), sample_rate, generator, steps)
+        else:
+            batch_sampler = PoissonSampler(len(dataset), sample_rate, generator=generator, steps=steps)
         collate = wrap_collate_with_empty(collate_fn, sample=dataset[0], batch_first=batch_first)
         super().__init__(dataset, batch_sampler=batch_sampler, collate_fn=collate, **kwargs)
         self.sample_rate = batch_sampler.sample_rate
         self.batch_first = batch_first
-        self.distributed = False
+        self.distributed = bool(distributed)
 
     @property
     def expected_batch_size(self) -> float:

@@ -18,7 +18,7 @@ from torch.utils.data import Sampler
 
 from ..optim.secure import is_secure, secure_bernoulli
 
-__all__ = ["PoissonSampler", "UniformWithReplacementSampler", "default_num_steps"]
+__all__ = ["PoissonSampler", "UniformWithReplacementSampler", "DistributedPoissonSampler", "default_num_steps"]
 
 
 def default_num_steps(sample_rate: float) -> int:
@@ -176,3 +176,53 @@ class PoissonSampler(Sampler[list[int]]):
 
 #: Opacus' name for the same sampler (same keyword arguments).
 UniformWithReplacementSampler = PoissonSampler
+
+
+class DistributedPoissonSampler(PoissonSampler):
+    """Poisson sampling over the whole dataset, split across ``world_size`` ranks.
+
+    Rank ``r`` owns the disjoint shard ``{i : i % world_size == r}`` and yields the
+    indices of its shard that joined the batch, so the union over ranks of one step's
+    batches is one Poisson batch at rate ``q`` over all ``num_samples`` examples (each
+    index joins independently with probability ``q``), which is what the accountant
+    analyses. Every rank yields ``steps`` batches per epoch (possibly empty), so ranks
+    stay in lockstep.
+
+    Non-secure: every rank draws the same ``num_samples`` uniforms from a generator in
+    the same state (it must be seeded identically on all ranks; ``fxdp`` broadcasts the
+    seed from rank 0 when building it from a loader) and keeps its shard, so the global
+    batch equals the one a single :class:`PoissonSampler` with that generator draws.
+    Secure: each rank draws its own shard's inclusions from the CSPRNG.
+    """
+
+    def __init__(
+        self,
+        num_samples: int,
+        sample_rate: float,
+        generator: torch.Generator | None = None,
+        steps: int | None = None,
+        *,
+        rank: int,
+        world_size: int,
+        secure: bool = False,
+    ) -> None:
+        if isinstance(world_size, bool) or not isinstance(world_size, Integral) or world_size <= 0:
+            raise ValueError(f"world_size must be a positive integer, got world_size={world_size!r}")
+        if isinstance(rank, bool) or not isinstance(rank, Integral) or not 0 <= rank < world_size:
+            raise ValueError(f"rank must be an integer in [0, world_size={world_size}), got rank={rank!r}")
+        super().__init__(num_samples, sample_rate, generator, steps, secure=secure)
+        self.rank = int(rank)
+        self.world_size = int(world_size)
+        self.shard = torch.arange(self.rank, self.num_samples, self.world_size)
+
+    @property
+    def expected_batch_size(self) -> float:
+        """``q * N`` of the global batch (the denominator of the all-reduced mean)."""
+        return self.sample_rate * self.num_samples
+
+    def _draw(self) -> list[int]:
+        if self.secure:
+            mask = secure_bernoulli(len(self.shard), self.sample_rate)
+            return self.shard[mask].tolist()
+        mask = torch.rand(self.num_samples, generator=self.generator) < self.sample_rate
+        return self.shard[mask[self.shard]].tolist()

@@ -97,6 +97,18 @@ def _params(optimizer: Optimizer) -> list[nn.Parameter]:
     return [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
 
 
+def _warn_dropped(norms: Tensor) -> None:
+    import warnings
+
+    idx = (~torch.isfinite(norms)).any(dim=1).nonzero().reshape(-1).tolist()
+    warnings.warn(
+        f"nonfinite='drop': sample indices {idx} of the current batch have a non-finite per-sample "
+        "gradient; their contribution was dropped (clip factor 0), they stay counted in the accounting",
+        RuntimeWarning,
+        stacklevel=4,
+    )
+
+
 class DPOptimizer(Optimizer):
     """DP-SGD wrapper of a ``torch.optim.Optimizer`` (Abadi et al. 2016), Opacus API.
 
@@ -123,6 +135,8 @@ class DPOptimizer(Optimizer):
     """
 
     _clipping = "flat"
+    #: NaN/inf per-sample gradient: "raise" FloatingPointError, or "drop" (clip factor 0)
+    nonfinite = "raise"
 
     def __new__(cls, *args: Any, clipping: str = "flat", **kwargs: Any) -> DPOptimizer:
         # DPOptimizer(..., clipping="per_layer") builds the per-layer subclass, so code
@@ -191,6 +205,11 @@ class DPOptimizer(Optimizer):
         self.original_optimizer = optimizer
         self.clipping = clipping
         self.noise_multiplier = _check_nonneg("noise_multiplier", noise_multiplier)
+        if self.noise_multiplier > 1e6:  # failure handling: an argument-order or unit mistake
+            raise ValueError(
+                f"noise_multiplier={noise_multiplier!r} is absurdly large (> 1e6): the update would be pure "
+                "noise. Fix: noise_multiplier is the noise std divided by max_grad_norm, typically 0.5-10"
+            )
         self.loss_reduction = loss_reduction
         self.expected_batch_size = expected_batch_size
         self.secure_mode = bool(secure_mode)
@@ -453,7 +472,9 @@ class DPOptimizer(Optimizer):
             )
         for norms in rec.norms:
             bad = first_non_finite(norms if norms.dim() == 2 else norms[:, None])
-            if bad is not None:
+            if bad is not None and self.nonfinite == "drop":  # the recorder zeroed their factors
+                _warn_dropped(norms if norms.dim() == 2 else norms[:, None])
+            elif bad is not None:
                 raise FloatingPointError(
                     f"non-finite per-sample gradient: sample index {bad[0]} of the current batch has "
                     "gradient norm " + str(float(norms[bad[0]].flatten()[0 if norms.dim() == 1 else bad[1]]))
@@ -489,7 +510,13 @@ class DPOptimizer(Optimizer):
         params = self.params
         norms = per_param_sample_norms(grad_samples)
         bad = first_non_finite(norms)
-        if bad is not None:
+        if bad is not None and self.nonfinite == "drop":
+            # clip factor 0 and zeroed rows (0 * nan is nan): the sample adds nothing
+            _warn_dropped(norms)
+            ok = torch.isfinite(norms).all(dim=1)
+            grad_samples = [torch.where(ok.view(-1, *[1] * (g.dim() - 1)), g, 0) for g in grad_samples]
+            norms = torch.where(ok[:, None], norms, 0)
+        elif bad is not None:
             i, k = bad
             raise FloatingPointError(
                 f"non-finite per-sample gradient: sample index {i} of the current batch "
@@ -867,8 +894,10 @@ def get_optimizer_class(
     """The DP optimizer class for a clipping mode (Opacus-compatible signature)."""
     if clipping not in _CLASSES:
         raise ValueError(f"unknown clipping mode clipping={clipping!r}; expected one of {sorted(_CLASSES)}")
-    if distributed:
-        raise NotImplementedError("distributed DP optimizers are not implemented in fxdp.optim")
+    if distributed:  # all-reduce of clipped sums, noise once (fxdp/optim/distributed.py)
+        from .distributed import distributed_optimizer_class
+
+        return distributed_optimizer_class(clipping)
     if grad_sample_mode is not None and grad_sample_mode.startswith("ghost"):
         raise NotImplementedError(
             f"grad_sample_mode={grad_sample_mode!r} (ghost clipping) is not implemented"

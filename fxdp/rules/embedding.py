@@ -161,11 +161,17 @@ class EmbeddingRule(PerSampleRule):
     ) -> Dict[str, Tensor]:
         if "weight" not in needs:
             return {}
-        keys, rows, _, V = self._rows(args, grad_output)
-        sample = torch.div(keys, V, rounding_mode="floor")
-        scaled = rows * factors.to(rows.dtype)[sample].unsqueeze(1)
-        out = torch.zeros(V, rows.shape[1], dtype=rows.dtype, device=rows.device)
-        return {"weight": out.index_add_(0, keys - sample * V, scaled)}
+        # PyTorch's own embedding backward of the per-sample scaled output gradient
+        V, D = args["weight"].shape
+        idx = self._indices(args)
+        B = idx.shape[0]
+        gc = grad_output * factors.to(grad_output.dtype).view((B,) + (1,) * (grad_output.dim() - 1))
+        idx, rows = idx.reshape(-1), gc.reshape(-1, D)
+        pad = self._padding_idx(args, V)
+        if pad is not None:
+            keep = idx != pad
+            idx, rows = idx[keep], rows[keep]
+        return {"weight": rows.new_zeros(V, D).index_add_(0, idx, rows)}
 
 
 @register_rule(torch.embedding)

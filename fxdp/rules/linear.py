@@ -57,7 +57,9 @@ class LinearRule(PerSampleRule):
         out: Dict[str, Tensor] = {}
         if "weight" in needs:
             T, d, p = a.shape[1], a.shape[2], g.shape[2]
-            if self.use_ghost(T, d, p):
+            if T == 1:  # rank one: ||g a^T||_F^2 = ||g||^2 ||a||^2, O(B (d + p))
+                out["weight"] = a.pow(2).sum((1, 2)) * g.pow(2).sum((1, 2))
+            elif self.use_ghost(T, d, p):
                 out["weight"] = (torch.bmm(a, a.transpose(1, 2)) * torch.bmm(g, g.transpose(1, 2))).sum((1, 2))
             else:
                 out["weight"] = torch.bmm(g.transpose(1, 2), a).flatten(1).pow(2).sum(1)

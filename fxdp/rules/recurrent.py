@@ -55,6 +55,47 @@ class RecurrentScanRule(PerSampleRule):
             tape.clear()  # free the saved states as soon as they are used
         return sv, gr
 
+    def _grads_kept(self, args: Mapping[str, Any], grad_output: Tensor) -> tuple:
+        """``_grads`` for book-keeping, which reads the tape twice (norms, then
+        clipped sums): the tape is refilled instead of left cleared."""
+        tape = args.get("tape")
+        if isinstance(tape, ScanTape) and tape.grads is not None and tape.saved is not None:
+            return tape.saved, tape.grads
+        sv, gr = self._grads(args, grad_output)
+        if isinstance(tape, ScanTape):
+            tape.saved, tape.grads = sv, gr
+        return sv, gr
+
+    def norm_sample_sq(self, args: Mapping[str, Any], grad_output: Tensor, needs: FrozenSet[str]) -> Dict[str, Tensor]:
+        sv, gr = self._grads_kept(args, grad_output)
+        dG = gr["dG"]
+        out: Dict[str, Tensor] = {}
+        if "weight_hh" in needs:
+            out["weight_hh"] = torch.bmm(dG.transpose(1, 2), _prev_states(sv)).flatten(1).pow(2).sum(1)
+        if "bias_hh" in needs:
+            out["bias_hh"] = dG.sum(1).pow(2).sum(1)
+        if "weight_hr" in needs:
+            out["weight_hr"] = torch.bmm(gr["dHt"].transpose(1, 2), sv["U"]).flatten(1).pow(2).sum(1)
+        return out
+
+    def clipped_sum(
+        self, args: Mapping[str, Any], grad_output: Tensor, factors: Tensor, needs: FrozenSet[str]
+    ) -> Dict[str, Tensor]:
+        """``sum_i c_i grad W_i = (c * dG)^T H_prev`` over all (sample, step) rows: one matmul."""
+        sv, gr = self._grads_kept(args, grad_output)
+        f = factors.to(gr["dG"].dtype).view(-1, 1, 1)
+        dG = gr["dG"] * f
+        out: Dict[str, Tensor] = {}
+        if "weight_hh" in needs:
+            H = _prev_states(sv)
+            out["weight_hh"] = dG.reshape(-1, dG.shape[-1]).t() @ H.reshape(-1, H.shape[-1])
+        if "bias_hh" in needs:
+            out["bias_hh"] = dG.sum((0, 1))
+        if "weight_hr" in needs:
+            dH, U = gr["dHt"] * f, sv["U"]
+            out["weight_hr"] = dH.reshape(-1, dH.shape[-1]).t() @ U.reshape(-1, U.shape[-1])
+        return out  # the tape dies with the backward record
+
     def grad_sample(self, args: Mapping[str, Any], grad_output: Tensor, needs: FrozenSet[str]) -> Dict[str, Tensor]:
         sv, gr = self._grads(args, grad_output)
         dG = gr["dG"]

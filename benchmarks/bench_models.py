@@ -1,0 +1,480 @@
+"""End-to-end DP-SGD step benchmark on the Fast-DPSGD models (see ``models.py``).
+
+For each model and batch size, every variant trains on the same synthetic batch
+in the same process:
+
+* ``nonprivate``: plain PyTorch (``loss.backward()`` + ``SGD.step()``), the floor;
+* ``fxdp_materialize``: ``fxdp.privatize(model)`` + ``fxdp.optim.DPOptimizer``
+  (per-sample gradients ``p.grad_sample``, then clip + noise);
+* ``fxdp_bk``: ``fxdp.privatize(model, grad_sample_mode="bk")`` + ``DPOptimizer``
+  with ``attach_bookkeeping`` (book-keeping, Bu et al. 2023);
+* ``opacus_hooks`` / ``opacus_ghost`` (when opacus is installed): what
+  ``PrivacyEngine.make_private`` builds with ``grad_sample_mode="hooks"`` (the
+  default) and ``"ghost"`` (ghost clipping, two backward passes, with the loss
+  wrapper it returns). Opacus needs ``opacus.layers.DPLSTM`` for an LSTM; it gets
+  one with the same weights.
+
+A step is ``zero_grad``, forward, cross-entropy, backward, ``optimizer.step()``
+(clip, noise, update), all DP work included. Method (the machines are noisy):
+
+* variants run interleaved round-robin, one step each per round, the starting
+  variant rotating from round to round, after ``--warmup`` steps each;
+* per round the ratio of each variant to ``nonprivate`` and to Opacus' fastest
+  mode (the Opacus variant with the lower median in that cell) is formed, and the
+  report gives the *median of per-round ratios* (robust to load drifting over
+  minutes) beside the median ms per step;
+* peak memory: in a separate child process per cell and variant (so the timing process
+  keeps glibc's default allocator behaviour) started with glibc's mmap
+  threshold pinned at 64 KiB (``MALLOC_MMAP_THRESHOLD_``: every tensor is its
+  own mapping, so a freed one leaves the resident set at once), each variant is
+  built and warmed up, then before one more step the kernel's peak-RSS counter is
+  reset (``/proc/self/clear_refs``), and the figure is ``VmHWM`` after the step
+  minus ``VmRSS`` before it: the peak resident memory the step adds above the
+  model, optimizer state and data (page-granular, deterministic to ~1 MiB).
+
+Results are merged into ``results/models.json`` (one entry per model and batch
+size, so models can be run separately) and ``results/models.md`` is regenerated.
+
+Usage::
+
+    python benchmarks/bench_models.py --model mnist            # 32, 128, 512
+    python benchmarks/bench_models.py --model lstm --batch-sizes 32 128
+    python benchmarks/bench_models.py --model mnist --large    # adds 1024, 2048
+    python benchmarks/bench_models.py --quick                  # smoke run, not saved
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import ctypes
+import gc
+import importlib.util
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+import warnings
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+RESULTS = os.path.join(HERE, "results")
+sys.path.insert(0, os.path.dirname(HERE))  # the repository root: import fxdp from the checkout
+
+import fxdp  # noqa: E402
+from fxdp.optim import DPOptimizer  # noqa: E402
+
+
+def load_models():
+    """``benchmarks/models.py`` by path (a site-packages ``benchmarks`` may shadow the folder)."""
+    spec = importlib.util.spec_from_file_location("fxdp_bench_models", os.path.join(HERE, "models.py"))
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+M = load_models()
+
+VARIANTS = ["nonprivate", "fxdp_materialize", "fxdp_bk", "opacus_hooks", "opacus_ghost"]
+LR = 1e-3
+SIGMA = 1.0
+CLIP = 1.0
+
+try:
+    import opacus  # noqa: F401
+
+    HAVE_OPACUS = True
+except ImportError:  # pragma: no cover - optional
+    HAVE_OPACUS = False
+
+
+# ------------------------------------------------------------------------------ memory
+def _pin_mmap_threshold() -> None:
+    """glibc: serve every allocation >= 64 KiB by mmap and never raise the threshold,
+    so a freed tensor leaves the resident set at once (RSS tracks live tensors)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD
+    except OSError:  # pragma: no cover - not glibc
+        pass
+
+
+def _proc_status() -> Dict[str, float]:
+    out = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(("VmRSS", "VmHWM")):
+                k, v = line.split(":")
+                out[k] = int(v.split()[0]) / 1024.0  # MiB
+    return out
+
+
+def peak_step_memory(step: Callable[[], None], before: Callable[[], None]) -> Optional[float]:
+    """Peak resident memory (MiB) one ``step()`` adds above the state before it."""
+    if not os.path.exists("/proc/self/clear_refs"):
+        return None
+    before()
+    gc.collect()
+    base = _proc_status()["VmRSS"]
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset the peak-RSS counter (Linux >= 4.0)
+    except OSError:
+        return None
+    step()
+    return max(0.0, _proc_status()["VmHWM"] - base)
+
+
+# ------------------------------------------------------------------------------ variants
+class Variant:
+    def __init__(self, name: str, step: Callable[[], None], zero: Callable[[], None], info: str = "") -> None:
+        self.name, self.step, self.zero, self.info = name, step, zero, info
+
+
+def _quiet(fn: Callable[[], Any]) -> Any:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return fn()
+
+
+def build_variant(name: str, base: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Variant:
+    B = x.shape[0]
+    model = copy.deepcopy(base)
+    if name == "nonprivate":
+        opt = torch.optim.SGD(model.parameters(), lr=LR)
+
+        def step() -> None:
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+
+        return Variant(name, step, opt.zero_grad)
+
+    if name.startswith("fxdp_"):
+        mode = name[len("fxdp_"):]
+        dp = _quiet(lambda: fxdp.privatize(model, grad_sample_mode=mode))
+        opt = DPOptimizer(
+            torch.optim.SGD(dp.parameters(), lr=LR),
+            noise_multiplier=SIGMA,
+            max_grad_norm=CLIP,
+            expected_batch_size=B,
+            generator=torch.Generator().manual_seed(1),
+        )
+        if mode == "bk":
+            opt.attach_bookkeeping(dp.recorder)
+        rules = ", ".join(sorted({r["rule"] for r in dp.capture_table()}))
+
+        def step() -> None:
+            opt.zero_grad()
+            F.cross_entropy(dp(x), y).backward()
+            opt.step()
+
+        return Variant(name, step, opt.zero_grad, info=rules)
+
+    if name.startswith("opacus_"):
+        if not HAVE_OPACUS:
+            raise RuntimeError("opacus is not installed")
+        from opacus import PrivacyEngine
+
+        mode = name[len("opacus_"):]
+        if isinstance(getattr(model, "lstm", None), nn.LSTM):
+            from opacus.layers import DPLSTM
+
+            old = model.lstm
+            model.lstm = DPLSTM(old.input_size, old.hidden_size, batch_first=old.batch_first)
+            model.lstm.load_state_dict(old.state_dict())
+        opt = torch.optim.SGD(model.parameters(), lr=LR)
+        loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=B)
+
+        def make() -> Tuple[Any, ...]:
+            return PrivacyEngine().make_private(
+                module=model,
+                optimizer=opt,
+                data_loader=loader,
+                noise_multiplier=SIGMA,
+                max_grad_norm=CLIP,
+                poisson_sampling=False,  # fixed batches, expected batch size B, as fxdp here
+                grad_sample_mode=mode,
+                criterion=nn.CrossEntropyLoss(),
+                noise_generator=torch.Generator().manual_seed(1),
+            )
+
+        out = _quiet(make)
+        if mode == "ghost":
+            gsm, dpopt, crit, _ = out
+        else:
+            (gsm, dpopt, _), crit = out, nn.CrossEntropyLoss()
+
+        def step() -> None:
+            dpopt.zero_grad()
+            crit(gsm(x), y).backward()
+            dpopt.step()
+
+        return Variant(name, step, dpopt.zero_grad)
+    raise ValueError(f"unknown variant {name!r}")
+
+
+# ------------------------------------------------------------------------------ one cell
+def run_cell(
+    model_name: str, B: int, variants: List[str], rounds: int, warmup: int, cell_seconds: float, memory: bool
+) -> Dict[str, Any]:
+    spec = M.MODELS[model_name]
+    torch.manual_seed(0)
+    base = spec.build()
+    x, y = spec.batch(B, torch.Generator().manual_seed(0))
+    cell: Dict[str, Any] = {"model": model_name, "batch_size": B, "variants": {}}
+    live: List[Variant] = []
+    for name in variants:
+        entry: Dict[str, Any] = {}
+        cell["variants"][name] = entry
+        try:
+            v = build_variant(name, base, x, y)
+            for _ in range(warmup):
+                v.step()
+            live.append(v)
+            if v.info:
+                entry["rules"] = v.info
+        except Exception as e:  # a miss is a result: report it
+            entry["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+            traceback.print_exc(limit=2)
+    times: Dict[str, List[float]] = {v.name: [] for v in live}
+    t0 = time.perf_counter()
+    r = 0
+    while r < rounds and live:
+        order = live[r % len(live):] + live[: r % len(live)]
+        for v in order:
+            gc.collect()
+            t = time.perf_counter()
+            v.step()
+            times[v.name].append(time.perf_counter() - t)
+        r += 1
+        if r >= 3 and time.perf_counter() - t0 > cell_seconds:
+            break
+    cell["rounds"] = r
+    for v in live:
+        ts = times[v.name]
+        e = cell["variants"][v.name]
+        e["ms"] = 1e3 * statistics.median(ts)
+        e["ms_min"] = 1e3 * min(ts)
+        e["times_ms"] = [round(1e3 * t, 3) for t in ts]
+    # ratios: medians of per-round ratios
+    opacus = [n for n in ("opacus_hooks", "opacus_ghost") if n in times and times[n]]
+    best = min(opacus, key=lambda n: statistics.median(times[n])) if opacus else None
+    cell["opacus_fastest"] = best
+    for v in live:
+        e = cell["variants"][v.name]
+        if "nonprivate" in times:
+            e["x_nonprivate"] = statistics.median(a / b for a, b in zip(times[v.name], times["nonprivate"]))
+        if best is not None:
+            e["x_opacus_fastest"] = statistics.median(a / b for a, b in zip(times[v.name], times[best]))
+    if memory:
+        peaks = memory_cell(model_name, B, [v.name for v in live], threads=torch.get_num_threads())
+        for name, peak in peaks.items():
+            cell["variants"][name]["peak_mib"] = peak
+    return cell
+
+
+def memory_cell(model_name: str, B: int, variants: List[str], threads: int) -> Dict[str, Optional[float]]:
+    """Peak step memory of each variant, each measured alone in a child process
+    (variants sharing a process disturbed each other's figures by up to 2x)."""
+    res: Dict[str, Optional[float]] = {}
+    for v in variants:
+        cmd = [sys.executable, os.path.abspath(__file__), "--memory-child", model_name, str(B),
+               "--threads", str(threads), "--variants", v]
+        try:
+            # the threshold must hold from the first allocation: freed heap chunks of
+            # earlier steps would otherwise be reused without touching the resident set
+            env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(64 * 1024))
+            out = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, env=env)
+            res.update(json.loads(out.stdout.strip().splitlines()[-1]))
+        except Exception as e:  # a miss is reported, not hidden
+            print(f"memory measurement failed for {model_name} B={B} {v}: {e}", file=sys.stderr)
+            res[v] = None
+    return res
+
+
+def _memory_child(model_name: str, B: int, variants: List[str]) -> None:
+    _pin_mmap_threshold()
+    spec = M.MODELS[model_name]
+    torch.manual_seed(0)
+    base = spec.build()
+    x, y = spec.batch(B, torch.Generator().manual_seed(0))
+    built = []
+    for name in variants:
+        v = build_variant(name, base, x, y)
+        v.step()
+        built.append(v)
+    out: Dict[str, Optional[float]] = {}
+    for v in built:
+        v.step()
+        out[v.name] = peak_step_memory(v.step, v.zero)
+    print(json.dumps(out))
+
+
+# ------------------------------------------------------------------------------ report
+def _fmt(x: Optional[float], spec: str) -> str:
+    return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
+
+
+TARGETS = {"mnist": 1.5, "cifar10": 1.5, "embedding": 1.2, "lstm": 3.0}
+
+
+def markdown(data: Dict[str, Any]) -> str:
+    meta = data.get("meta", {})
+    lines = [
+        "# fxdp vs non-private PyTorch vs Opacus: ms per DP-SGD step",
+        "",
+        f"Machine: {meta.get('machine', '?')}; torch {meta.get('torch', '?')}, opacus {meta.get('opacus', '—')}, "
+        f"{meta.get('threads', '?')} intra-op thread(s). Generated by `benchmarks/bench_models.py` "
+        "(method in `benchmarks/README.md`).",
+        "",
+        "Each cell: median ms per step / median of per-round ratios to non-private (`xNP`) and to Opacus' "
+        "fastest mode in that row (`xOp`) / peak MiB the step adds above the model and optimizer state. "
+        "`fxdp bk` target: ≤ 1.5x NP (CNNs), ≤ 1.2x (embedding), ≤ 3x (LSTM), < 1x Opacus fastest, "
+        "memory ≤ Opacus'.",
+        "",
+        "| model | B | rounds | non-private | fxdp materialize | fxdp bk | Opacus hooks | Opacus ghost | bk target |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    order = {k: i for i, k in enumerate(M.MODELS)}
+    cells = sorted(data["cells"].values(), key=lambda c: (order.get(c["model"], 99), c["batch_size"]))
+    for c in cells:
+        row = [M.MODELS[c["model"]].title, str(c["batch_size"]), str(c.get("rounds", "—"))]
+        for name in VARIANTS:
+            e = c["variants"].get(name)
+            if e is None:
+                row.append("not run")
+            elif "error" in e:
+                row.append(f"**miss**: {e['error'][:80]}")
+            else:
+                s = f"{_fmt(e.get('ms'), '.1f')} ms"
+                if name != "nonprivate":
+                    s += f" / {_fmt(e.get('x_nonprivate'), '.2f')}xNP"
+                if e.get("x_opacus_fastest") is not None and not name.startswith("opacus"):
+                    s += f" / {_fmt(e.get('x_opacus_fastest'), '.2f')}xOp"
+                s += f" / {_fmt(e.get('peak_mib'), '.1f')} MiB"
+                if c.get("opacus_fastest") == name:
+                    s = f"*{s}*"
+                row.append(s)
+        row.append(_verdict(c))
+        lines.append("| " + " | ".join(row) + " |")
+    lines += ["", "*italic*: Opacus' fastest mode in that row. `—`: not measured."]
+    return "\n".join(lines) + "\n"
+
+
+def _verdict(c: Dict[str, Any]) -> str:
+    e = c["variants"].get("fxdp_bk")
+    if e is None or "ms" not in e:
+        return "miss (no bk result)"
+    parts = []
+    t = TARGETS[c["model"]]
+    r = e.get("x_nonprivate")
+    parts.append(("met" if r is not None and r <= t else "MISSED") + f" ≤{t}xNP")
+    op = e.get("x_opacus_fastest")
+    if op is not None:
+        parts.append(("met" if op < 1 else "MISSED") + " <Op")
+    best = c.get("opacus_fastest")
+    if best and e.get("peak_mib") is not None and c["variants"][best].get("peak_mib") is not None:
+        ok = e["peak_mib"] <= c["variants"][best]["peak_mib"] + 1.0  # 1 MiB: page granularity noise
+        parts.append(("met" if ok else "MISSED") + " mem")
+    return ", ".join(parts)
+
+
+def _write(data: Dict[str, Any], out: str) -> None:
+    """``out`` (JSON) and ``models.md`` beside it."""
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(data, f, indent=1)
+    with open(os.path.join(os.path.dirname(os.path.abspath(out)), "models.md"), "w") as f:
+        f.write(markdown(data))
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", nargs="+", choices=list(M.MODELS), default=list(M.MODELS))
+    ap.add_argument("--batch-sizes", nargs="+", type=int, default=None, help="default 32 128 512")
+    ap.add_argument("--large", action="store_true", help="also batch sizes 1024 and 2048")
+    ap.add_argument("--variants", nargs="+", choices=VARIANTS, default=VARIANTS)
+    ap.add_argument("--rounds", type=int, default=15, help="max interleaved rounds per cell")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--cell-seconds", type=float, default=90.0, help="stop a cell after this long (>= 3 rounds)")
+    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (see README: why 1)")
+    ap.add_argument("--no-memory", action="store_true")
+    ap.add_argument("--quick", action="store_true", help="smoke run: B=8, 3 rounds, not saved")
+    ap.add_argument("--out", default=os.path.join(RESULTS, "models.json"))
+    ap.add_argument("--memory-only", action="store_true", help="re-measure the peak memory of the cells in --out")
+    ap.add_argument("--merge", nargs="+", metavar="JSON", help="merge the cells of these result files into --out "
+                    "(rewriting models.md) and exit")
+    ap.add_argument("--memory-child", nargs=2, metavar=("MODEL", "B"), help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore", message="Full backward hook is firing")  # Opacus ghost, harmless
+    if args.memory_child:
+        _memory_child(args.memory_child[0], int(args.memory_child[1]), args.variants)
+        return
+    if args.memory_only:  # re-measure peak memory of the cells already in --out
+        with open(args.out) as f:
+            data = json.load(f)
+        for key, cell in data["cells"].items():
+            if cell["model"] not in args.model:
+                continue
+            names = [n for n, e in cell["variants"].items() if "ms" in e]
+            for name, peak in memory_cell(cell["model"], cell["batch_size"], names, args.threads).items():
+                cell["variants"][name]["peak_mib"] = peak
+            print(key, {n: cell["variants"][n].get("peak_mib") for n in names}, flush=True)
+            _write(data, args.out)
+        return
+    if args.merge:
+        with open(args.out) as f:
+            data = json.load(f)
+        for path in args.merge:
+            with open(path) as f:
+                data["cells"].update(json.load(f)["cells"])
+        _write(data, args.out)
+        return
+    sizes = args.batch_sizes or ([8] if args.quick else [32, 128, 512])
+    if args.large:
+        sizes = sorted(set(sizes) | {1024, 2048})
+    variants = [v for v in args.variants if HAVE_OPACUS or not v.startswith("opacus")]
+    rounds, warmup = (3, 1) if args.quick else (args.rounds, args.warmup)
+
+    data: Dict[str, Any] = {"cells": {}}
+    if not args.quick and os.path.exists(args.out):
+        with open(args.out) as f:
+            data = json.load(f)
+    data["meta"] = {
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+        "torch": torch.__version__,
+        "opacus": __import__("opacus").__version__ if HAVE_OPACUS else None,
+        "threads": args.threads,
+    }
+    for name in args.model:
+        for B in sizes:
+            t = time.perf_counter()
+            cell = run_cell(name, B, variants, rounds, warmup, args.cell_seconds, not args.no_memory)
+            cell["load_avg"] = os.getloadavg()[0]
+            cell["date"] = time.strftime("%Y-%m-%d %H:%M")
+            data["cells"][f"{name}/{B}"] = cell
+            brief = ", ".join(
+                f"{k}={v['ms']:.1f}ms x{v.get('x_nonprivate', float('nan')):.2f}" if "ms" in v else f"{k}=miss"
+                for k, v in cell["variants"].items()
+            )
+            print(f"{name} B={B} ({cell['rounds']} rounds, {time.perf_counter() - t:.0f}s): {brief}", flush=True)
+            if not args.quick:
+                _write(data, args.out)
+    if args.quick:
+        print(markdown(data))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,56 @@
+"""make_private runs fxdp.check and refuses models that mix samples, unless overridden."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import fxdp
+
+
+class Centered(nn.Module):
+    """x - x.mean(0): one sample's output depends on the others (Opacus accepts it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.fc(x - x.mean(0))
+
+
+def _setup(model):
+    torch.manual_seed(0)
+    data = TensorDataset(torch.randn(32, 4), torch.randint(0, 2, (32,)))
+    loader = DataLoader(data, batch_size=8)
+    return model, torch.optim.SGD(model.parameters(), lr=0.1), loader
+
+
+def test_make_private_refuses_a_mixing_model_with_the_source_line():
+    model, opt, loader = _setup(Centered())
+    with pytest.raises(fxdp.UnsupportedModelError, match=r"x - x\.mean\(0\)|mean"):
+        fxdp.PrivacyEngine().make_private(module=model, optimizer=opt, data_loader=loader,
+                                          noise_multiplier=1.0, max_grad_norm=1.0)
+
+
+def test_make_private_override_warns_and_proceeds():
+    model, opt, loader = _setup(Centered())
+    with pytest.warns(UserWarning, match="allow_unsafe_model"):
+        dp, dp_opt, _ = fxdp.PrivacyEngine().make_private(
+            module=model, optimizer=opt, data_loader=loader, noise_multiplier=1.0, max_grad_norm=1.0,
+            allow_unsafe_model=True, verify_first_step=False,
+        )
+    assert isinstance(dp, fxdp.DPModule)
+
+
+def test_clean_model_passes_and_report_is_kept():
+    model, opt, loader = _setup(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)))
+    engine = fxdp.PrivacyEngine()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # no "check did not run" warning
+        engine.make_private(module=model, optimizer=opt, data_loader=loader, noise_multiplier=1.0,
+                            max_grad_norm=1.0)
+    assert engine.compatibility_report is not None and engine.compatibility_report.ok
