@@ -47,3 +47,57 @@ def assert_grad_samples_match(model: nn.Module, expected: Dict[str, Tensor], rto
         exp = expected[n]
         assert gs.shape == exp.shape, f"{n}: shape {tuple(gs.shape)} != {tuple(exp.shape)}"
         torch.testing.assert_close(gs, exp, rtol=rtol, atol=atol, msg=lambda m: f"{n}: {m}")
+
+
+# -- shared test helpers ---------------------------------------------------------------
+
+import warnings  # noqa: E402
+import zlib  # noqa: E402
+
+
+def use_float64():
+    """Float64 as the default dtype for a test; a module applies it to all its tests
+    with ``_float64 = pytest.fixture(autouse=True)(use_float64)``."""
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(prev)
+
+
+def quiet_privatize(model: nn.Module, **kw):
+    """``fxdp.privatize`` without its fallback warnings (tests assert on behaviour)."""
+    import fxdp
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return fxdp.privatize(model, **kw)
+
+
+def seed_of(*key) -> int:
+    """A deterministic seed from a test case (``hash`` of str is salted per process)."""
+    return zlib.crc32(repr(key).encode())
+
+
+class FnModel(nn.Module):
+    """A parameter holder whose forward calls ``fn(self, *inputs)``."""
+
+    def __init__(self, fn, **params):
+        super().__init__()
+        for k, v in params.items():
+            setattr(self, k, nn.Parameter(v.clone()))
+        self.fn = fn
+
+    def forward(self, *inputs):
+        return self.fn(self, *inputs)
+
+
+def sample_loss(out_i: Tensor, r_i: Tensor) -> Tensor:
+    """A nonlinear per-sample loss term."""
+    return (out_i * r_i).sum() + 0.3 * out_i.pow(2).sum()
+
+
+def grad_output(out: Tensor, r: Tensor, scale: float) -> Tensor:
+    """dL/d(out) for L = scale * sum_i sample_loss(out_i, r_i)."""
+    loss = sum(sample_loss(out[i], r[i]) for i in range(out.shape[0])) * scale
+    (g,) = torch.autograd.grad(loss, out)
+    return g

@@ -16,7 +16,7 @@ from fxdp.layers import DPMultiheadAttention, DPTransformer, DPTransformerEncode
 from fxdp.layers.attention import append_kv_bias, packed_linear
 from fxdp.layers.transformer import to_torch
 from fxdp.rules import rule_for_op
-from oracle import assert_grad_samples_match, batch_of_one_grads
+from oracle import quiet_privatize, use_float64, assert_grad_samples_match, batch_of_one_grads
 
 B, L, S, E, H = 3, 4, 5, 8, 2
 
@@ -25,18 +25,8 @@ pytestmark = [pytest.mark.filterwarnings("ignore:Support for mismatched:UserWarn
               pytest.mark.filterwarnings("ignore:enable_nested_tensor is True:UserWarning")]
 
 
-@pytest.fixture(autouse=True)
-def _float64():
-    prev = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(prev)
-
-
-def privatize(model, **kw):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return fxdp.privatize(model, **kw)
+_float64 = pytest.fixture(autouse=True)(use_float64)
+privatize = quiet_privatize
 
 
 def randomize(m: nn.Module) -> nn.Module:

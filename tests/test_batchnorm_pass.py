@@ -15,21 +15,11 @@ import fxdp
 from fxdp.capture import Recorder
 from fxdp.passes.batchnorm import DPGroupNorm, FrozenBatchNorm
 from fxdp.passes.capture import insert_captures
-from oracle import assert_grad_samples_match, batch_of_one_grads
+from oracle import quiet_privatize, use_float64, assert_grad_samples_match, batch_of_one_grads
 
 
-@pytest.fixture(autouse=True)
-def _float64():
-    prev = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(prev)
-
-
-def privatize(model, **kw):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return fxdp.privatize(model, **kw)
+_float64 = pytest.fixture(autouse=True)(use_float64)
+privatize = quiet_privatize
 
 
 def randomize(m: nn.Module) -> nn.Module:

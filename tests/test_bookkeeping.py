@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import copy
-import warnings
 
 import pytest
 import torch
@@ -10,23 +9,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fxdp
+from oracle import quiet_privatize, use_float64
 from fxdp.capture import ClipConfig
 from fxdp.optim import DPOptimizer
 from test_privatize import Nested, RawParams, TiedLM
 
 
-@pytest.fixture(autouse=True)
-def _float64():
-    prev = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(prev)
-
-
-def privatize(model, **kw):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return fxdp.privatize(model, **kw)
+_float64 = pytest.fixture(autouse=True)(use_float64)
+privatize = quiet_privatize
 
 
 class ConvNet(nn.Module):

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import copy
-import warnings
 
 import pytest
 import torch
@@ -10,22 +9,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fxdp
-from oracle import assert_grad_samples_match, batch_of_one_grads
+from oracle import quiet_privatize, use_float64, assert_grad_samples_match, batch_of_one_grads
 
 
 
-@pytest.fixture(autouse=True)
-def _float64():
-    prev = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(prev)
-
-
-def privatize(model, **kw):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return fxdp.privatize(model, **kw)
+_float64 = pytest.fixture(autouse=True)(use_float64)
+privatize = quiet_privatize
 
 
 def check(model, x, *, reduction="mean", batch_first=True, in_dim=0, out_dim=None, seed=0):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import itertools
-import warnings
 
 import pytest
 import torch
@@ -15,7 +14,7 @@ from torch.nn.utils.rnn import PackedSequence
 import fxdp
 from fxdp.layers import DPGRU, DPLSTM, DPLSTMCell, DPRNN, pack_padded_sequence, pad_packed_sequence
 from fxdp.layers.recurrent import DP_RECURRENT, _scan_reference, rnn_scan
-from oracle import assert_grad_samples_match, batch_of_one_grads
+from oracle import quiet_privatize, use_float64, assert_grad_samples_match, batch_of_one_grads
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -27,18 +26,8 @@ def _one_thread():
     torch.set_num_threads(prev)
 
 
-@pytest.fixture(autouse=True)
-def _float64():
-    prev = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(prev)
-
-
-def privatize(model, **kw):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return fxdp.privatize(model, **kw)
+_float64 = pytest.fixture(autouse=True)(use_float64)
+privatize = quiet_privatize
 
 
 def flat(out):

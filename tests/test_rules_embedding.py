@@ -2,7 +2,6 @@
 F.embedding_bag / nn.EmbeddingBag against batch-of-one gradients (float64)."""
 from __future__ import annotations
 
-import zlib
 
 import pytest
 import torch
@@ -14,43 +13,20 @@ from torch import nn
 from fxdp.errors import UnsupportedOpError
 from fxdp.rules import module_call_for, rule_for_op
 
-from oracle import batch_of_one_grads
+from oracle import FnModel, batch_of_one_grads, grad_output, sample_loss, seed_of
 
 DT = torch.float64
 RTOL, ATOL = 1e-6, 1e-9
 
 
-def _seed(*key) -> int:
-    """A deterministic seed from a test case (``hash`` of str is salted per process)."""
-    return zlib.crc32(repr(key).encode())
+_seed = seed_of
 
 
 def _close(a, b, rtol=RTOL, atol=ATOL):
     torch.testing.assert_close(a, b, rtol=rtol, atol=atol)
 
 
-class FnModel(nn.Module):
-    """A parameter holder whose forward calls ``fn(self, *inputs)``."""
-
-    def __init__(self, fn, **params):
-        super().__init__()
-        for k, v in params.items():
-            setattr(self, k, nn.Parameter(v.clone()))
-        self.fn = fn
-
-    def forward(self, *inputs):
-        return self.fn(self, *inputs)
-
-
-def _sample_loss(out_i, r_i):
-    """A nonlinear per-sample loss term."""
-    return (out_i * r_i).sum() + 0.3 * out_i.pow(2).sum()
-
-
-def _grad_output(out, r, scale):
-    loss = sum(_sample_loss(out[i], r[i]) for i in range(out.shape[0])) * scale
-    (g,) = torch.autograd.grad(loss, out)
-    return g
+_sample_loss, _grad_output = sample_loss, grad_output
 
 
 def _oracle(model, inputs, r, scale, batch_dims=None):
