@@ -46,6 +46,9 @@ class LayerRecord:
     batch_size: int
     generation: int
     batch_dims: Tuple[Tuple[Any, ...], Tuple[Any, ...]]  # (inputs, outputs) batch dims
+    # book-keeping: per-sample gradients materialized while computing norms, reused
+    # for the clipped sum (dynamic-input index -> [B, *shape])
+    kept: Dict[int, Tensor] = field(default_factory=dict)
 
 
 class Recorder:
@@ -377,6 +380,8 @@ class RuleCapture(CaptureOp):
         return args, g, needs
 
     def per_sample_grads(self, rec: LayerRecord) -> Dict[int, Tensor]:
+        if rec.kept and all(i in rec.kept for i in rec.params):
+            return dict(rec.kept)
         args, g, needs = self.prepared(rec)
         if g.shape[0] == 0:  # empty batch: no samples, no rows
             return {i: rec.inputs[i].new_zeros((0,) + tuple(rec.inputs[i].shape)) for i in rec.params}
@@ -387,14 +392,21 @@ class RuleCapture(CaptureOp):
         args, g, _ = self.prepared(rec)
         if g.shape[0] == 0:
             return {i: g.new_zeros(0) for i in idx}
-        out = self.rule.norm_sample_sq(args, g, frozenset(self.names[i] for i in idx))
+        out, kept = self.rule.norm_sample_sq_keep(args, g, frozenset(self.names[i] for i in idx))
+        rec.kept.update({i: kept[self.names[i]] for i in idx if self.names[i] in kept})
         return {i: out[self.names[i]] for i in idx}
 
     def clipped_sum(self, rec: LayerRecord, factors: Dict[int, Tensor]) -> Dict[int, Tensor]:
+        out: Dict[int, Tensor] = {}
+        for i in [i for i in factors if i in rec.kept]:  # sum_i c_i g_i of kept per-sample gradients
+            gs = rec.kept.pop(i)
+            out[i] = torch.einsum("b,b...->...", factors[i].to(gs.dtype), gs)
+        factors = {i: f for i, f in factors.items() if i not in out}
+        if not factors:
+            return out
         args, g, _ = self.prepared(rec)
         if g.shape[0] == 0:
-            return {i: torch.zeros_like(rec.inputs[i]) for i in factors}
-        out: Dict[int, Tensor] = {}
+            return {**out, **{i: torch.zeros_like(rec.inputs[i]) for i in factors}}
         # one rule call per distinct factor vector (flat clipping: a single call)
         groups: Dict[int, List[int]] = {}
         for i, f in factors.items():

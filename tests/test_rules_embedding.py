@@ -169,10 +169,15 @@ def test_embedding_module_call():
     _check_bookkeeping(rule, bound, g, frozenset({"weight"}), gs)
 
 
-def test_embedding_bookkeeping_is_memory_light():
+@pytest.mark.parametrize("count_table", [True, False], ids=["count-table", "row-sort"])
+def test_embedding_bookkeeping_is_memory_light(count_table, monkeypatch):
     """V=10,004, T=256, B=512, D=100: norms and clipped sums without [B, V, D]
     (which would take 4 GB in float64); checked against the dense per-sample
-    gradients of a few samples."""
+    gradients of a few samples. Both ways of finding repeated tokens (a [B, V]
+    count table, or sorting each sample when that table would be too large)."""
+    import fxdp.rules.embedding as emb
+
+    monkeypatch.setattr(emb, "_COUNT_TABLE_MAX", 1 << 25 if count_table else 0)
     torch.manual_seed(2)
     B, T, V, D = 512, 256, 10_004, 100
     idx = torch.randint(0, V, (B, T))
@@ -196,6 +201,12 @@ def test_embedding_bookkeeping_is_memory_light():
     for i in range(0, B, 97):
         one = rule.grad_sample(dict(bound, input=idx[i : i + 1]), g[i : i + 1], needs)["weight"]
         _close(norms[i], one.pow(2).sum(), rtol=1e-9, atol=1e-12)
+    # the reused count table is left zeroed: a second call on other tokens is exact too
+    assert all(int(t.abs().max()) == 0 for t in emb._count_scratch.values())
+    idx2 = idx.roll(7, dims=1)
+    norms2 = rule.norm_sample_sq(dict(bound, input=idx2), g, needs)["weight"]
+    one = rule.grad_sample(dict(bound, input=idx2[5:6]), g[5:6], needs)["weight"]
+    _close(norms2[5], one.pow(2).sum(), rtol=1e-9, atol=1e-12)
 
 
 @pytest.mark.parametrize(

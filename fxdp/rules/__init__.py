@@ -84,6 +84,21 @@ class PerSampleRule:
         gs = self.grad_sample(args, grad_output, needs)
         return {k: v.flatten(1).pow(2).sum(1) for k, v in gs.items()}
 
+    def norm_sample_sq_keep(
+        self, args: Mapping[str, Any], grad_output: Tensor, needs: FrozenSet[str]
+    ) -> Tuple[Dict[str, Tensor], Dict[str, Tensor]]:
+        """Book-keeping: ``(norms, kept)``, the per-sample squared norms and the
+        per-sample gradients that computing them materialized. Book-keeping forms a
+        kept gradient's clipped sum as ``sum_i c_i g_i`` (one small contraction)
+        instead of calling :meth:`clipped_sum`, which would redo a weight-gradient
+        pass. Rules keep gradients only when they are at most about twice the
+        record's size (here: twice the output gradient), bounding the memory."""
+        if type(self).norm_sample_sq is not PerSampleRule.norm_sample_sq:
+            return self.norm_sample_sq(args, grad_output, needs), {}
+        gs = self.grad_sample(args, grad_output, needs)
+        norms = {k: v.flatten(1).pow(2).sum(1) for k, v in gs.items()}
+        return norms, (gs if sum(v.numel() for v in gs.values()) <= 2 * grad_output.numel() else {})
+
     def clipped_sum(
         self, args: Mapping[str, Any], grad_output: Tensor, factors: Tensor, needs: FrozenSet[str]
     ) -> Dict[str, Tensor]:

@@ -407,8 +407,18 @@ class _ConvMath:
         return grad_output.sum(tuple(range(2, grad_output.dim()))) if grad_output.dim() > 2 else grad_output
 
     def norm_sample_sq(self, args: Mapping[str, Any], grad_output: Tensor, needs: FrozenSet[str]) -> Dict[str, Tensor]:
+        return self.norm_sample_sq_keep(args, grad_output, needs)[0]
+
+    def norm_sample_sq_keep(
+        self, args: Mapping[str, Any], grad_output: Tensor, needs: FrozenSet[str]
+    ) -> Tuple[Dict[str, Tensor], Dict[str, Tensor]]:
+        """Ghost norms where cheaper; otherwise the per-sample gradients are
+        materialized and, when at most twice the size of the record (input and
+        output gradient), kept, so the clipped sum is a contraction instead of a
+        second weight-gradient pass."""
         _check_batched(args["input"], args["weight"], self.name)
         out: Dict[str, Tensor] = {}
+        kept: Dict[str, Tensor] = {}
         if "weight" in needs:
             geo, gout = self._setup(args, grad_output)
             B = gout.shape[0]
@@ -417,10 +427,15 @@ class _ConvMath:
                 gram = torch.bmm(P, P.transpose(1, 2)) * torch.bmm(gg, gg.transpose(1, 2))
                 out["weight"] = gram.reshape(B, -1).sum(1)
             else:
-                out["weight"] = self._weight_ps(geo, gout).reshape(B, -1).pow(2).sum(1)
+                ps = self._weight_ps(geo, gout)
+                out["weight"] = ps.reshape(B, -1).pow(2).sum(1)
+                if ps.numel() <= 2 * (gout.numel() + geo.x.numel()):
+                    kept["weight"] = ps
         if "bias" in needs:
-            out["bias"] = self._bias_ps(args, grad_output).pow(2).sum(1)
-        return out
+            ps = self._bias_ps(args, grad_output)
+            out["bias"] = ps.pow(2).sum(1)
+            kept["bias"] = ps  # [B, O]: smaller than any output gradient
+        return out, kept
 
     def clipped_sum(
         self, args: Mapping[str, Any], grad_output: Tensor, factors: Tensor, needs: FrozenSet[str]
