@@ -179,10 +179,14 @@ class _CaptureFunction(torch.autograd.Function):
             for i, x in enumerate(dyn)
         ]
         inner = [x.detach() if isinstance(x, Tensor) else x for x in dyn]
-        for i, need in enumerate(needs_grad):
-            if need:
-                inner[i] = inner[i].requires_grad_(True)
-        with torch.enable_grad() if any(needs_grad) else torch.no_grad():
+        # a rule with a closed-form input gradient needs no inner autograd graph
+        explicit = any(needs_grad) and op.explicit_input_grad(inner, needs_grad)
+        record = any(needs_grad) and not explicit
+        if record:
+            for i, need in enumerate(needs_grad):
+                if need:
+                    inner[i] = inner[i].requires_grad_(True)
+        with torch.enable_grad() if record else torch.no_grad():
             out = op.compute_for_capture(inner)
         flat, spec = tree_flatten(out)
         for o in flat:
@@ -191,6 +195,7 @@ class _CaptureFunction(torch.autograd.Function):
         ctx.op = op
         ctx.spec = spec
         ctx.inner = (inner, flat, needs_grad)
+        ctx.explicit = explicit
         ctx.params = {i: dyn[i] for i in op.param_index if dyn[i].requires_grad}
         ctx.batch_size = rec.batch_size
         ctx.generation = rec.generation
@@ -214,7 +219,10 @@ class _CaptureFunction(torch.autograd.Function):
         ctx.inner = None  # free activations as soon as they are used
         in_grads: List[Optional[Tensor]] = [None] * len(inner)
         want = [i for i, n in enumerate(needs_grad) if n]
-        if want:
+        if want and ctx.explicit:
+            for i, g in op.input_grads(inner, grads).items():
+                in_grads[i] = g
+        elif want:
             outs = [(o, g) for o, g in zip(flat, grads) if g is not None and o.requires_grad]
             if outs:
                 got = torch.autograd.grad(
@@ -283,6 +291,13 @@ class CaptureOp(nn.Module):
 
     def per_sample_grads(self, rec: LayerRecord) -> Dict[int, Tensor]:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def explicit_input_grad(self, dyn: Sequence[Any], needs_grad: Sequence[bool]) -> bool:
+        """Whether :meth:`input_grads` gives the activations' gradients by formula."""
+        return False
+
+    def input_grads(self, dyn: Sequence[Any], grads: Sequence[Optional[Tensor]]) -> Dict[int, Tensor]:
+        raise NotImplementedError  # pragma: no cover - only called when explicit_input_grad
 
     def norm_sample_sq(self, rec: LayerRecord, idx: Sequence[int]) -> Dict[int, Tensor]:
         """Raw per-sample squared gradient norms ``[B]`` of the inputs ``idx``
@@ -363,6 +378,20 @@ class RuleCapture(CaptureOp):
 
     def compute(self, dyn: Sequence[Any]) -> Any:
         return self.rule.forward(self.op, self.bound(dyn))
+
+    def explicit_input_grad(self, dyn: Sequence[Any], needs_grad: Sequence[bool]) -> bool:
+        arg = self.rule.input_arg
+        if arg is None or arg not in self.names:
+            return False
+        i = self.names.index(arg)
+        if not needs_grad[i] or sum(needs_grad) != 1:
+            return False
+        return self.rule.has_input_grad(self.bound(dyn))
+
+    def input_grads(self, dyn: Sequence[Any], grads: Sequence[Optional[Tensor]]) -> Dict[int, Tensor]:
+        if len(grads) != 1 or grads[0] is None:
+            return {}
+        return {self.names.index(self.rule.input_arg): self.rule.input_grad(self.bound(dyn), grads[0])}
 
     def prepared(self, rec: LayerRecord) -> Tuple[Dict[str, Any], Tensor, FrozenSet[str]]:
         """Bound arguments and output gradient, batch-first, and the needed names."""

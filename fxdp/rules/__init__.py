@@ -75,6 +75,16 @@ class PerSampleRule:
         """Run the op on bound arguments (override when it takes no keywords)."""
         return op(**args)
 
+    def has_input_grad(self, args: Mapping[str, Any]) -> bool:
+        """Whether :meth:`input_grad` has a closed form for this call. When it does,
+        the capture op runs the forward without recording an inner autograd graph
+        and its backward calls :meth:`input_grad` instead of ``autograd.grad``."""
+        return False
+
+    def input_grad(self, args: Mapping[str, Any], grad_output: Tensor) -> Tensor:
+        """Gradient of the (single) output w.r.t. ``args[input_arg]``, any layout."""
+        raise NotImplementedError
+
     def grad_sample(self, args: Mapping[str, Any], grad_output: Tensor, needs: FrozenSet[str]) -> Dict[str, Tensor]:
         """Raw per-sample gradients ``{name: [B, *shape]}`` for each name in ``needs``."""
         raise NotImplementedError

@@ -101,6 +101,10 @@ __all__ = ["conv_nd", "conv_transpose_nd", "ConvRule", "ConvNdRule", "ConvTransp
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
 _PAD_MODES = ("zeros", "reflect", "replicate", "circular")
+# 2-d patches: a strided view copied out beats F.unfold's im2col up to this many
+# patch entries C*prod(k) (measured on CPU, batch 32-128: 1.6-1.9x faster at 64-1152,
+# 1.3x slower at 2304)
+_STRIDED_PATCHES_MAX_D = 1200
 
 
 # ----------------------------------------------------------------------------
@@ -325,7 +329,7 @@ def _patches(geo: _Geom, out_spatial: Sequence[int]) -> Tensor:
     """Input patches ``[B, C * prod(k), T]`` (channel-major, like ``F.unfold``)."""
     x = geo.x
     B, C = x.shape[:2]
-    if geo.n == 2:
+    if geo.n == 2 and C * math.prod(geo.k) > _STRIDED_PATCHES_MAX_D:
         return F.unfold(x, geo.k, dilation=geo.dilation, padding=geo.pad, stride=geo.stride)
     if geo.n == 1:
         return F.unfold(
@@ -472,6 +476,23 @@ class ConvRule(_ConvMath, PerSampleRule):
 
     def _setup(self, args, grad_output):
         return _conv_geom(args), grad_output
+
+    def has_input_grad(self, args: Mapping[str, Any]) -> bool:
+        # zero padding given as numbers: PyTorch's own input-gradient kernel applies as is
+        x, w = args["input"], args["weight"]
+        return (
+            isinstance(x, Tensor)
+            and x.dim() == w.dim()
+            and (args.get("padding_mode", "zeros") or "zeros") == "zeros"
+            and not isinstance(args.get("padding", 0), str)
+        )
+
+    def input_grad(self, args: Mapping[str, Any], grad_output: Tensor) -> Tensor:
+        geo = _conv_geom(args)
+        return torch.ops.aten.convolution_backward(
+            grad_output, geo.x, args["weight"], None, list(geo.stride), list(geo.pad), list(geo.dilation),
+            False, [0] * geo.n, geo.groups, (True, False, False),
+        )[0]
 
 
 @register_rule(conv_nd)

@@ -40,6 +40,12 @@ class LinearRule(PerSampleRule):
     def signature(self, input, weight, bias=None):  # noqa: D401 - binding only
         pass
 
+    def has_input_grad(self, args: Mapping[str, Any]) -> bool:
+        return isinstance(args["input"], Tensor) and args["input"].dim() >= 2
+
+    def input_grad(self, args: Mapping[str, Any], grad_output: Tensor) -> Tensor:
+        return grad_output.matmul(args["weight"].to(grad_output.dtype))
+
     def grad_sample(self, args: Mapping[str, Any], grad_output: Tensor, needs: FrozenSet[str]) -> Dict[str, Tensor]:
         a, g = _flat(args["input"]), _flat(grad_output)
         out: Dict[str, Tensor] = {}
