@@ -16,7 +16,7 @@ the cheaper one from the shapes.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, FrozenSet, Mapping, Optional
+from typing import Any, Dict, FrozenSet, Mapping, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -59,8 +59,17 @@ class LinearRule(PerSampleRule):
         return T > 1 and T * (d + p) <= self.ghost_ratio * p * d
 
     def norm_sample_sq(self, args: Mapping[str, Any], grad_output: Tensor, needs: FrozenSet[str]) -> Dict[str, Tensor]:
+        return self.norm_sample_sq_keep(args, grad_output, needs)[0]
+
+    def norm_sample_sq_keep(
+        self, args: Mapping[str, Any], grad_output: Tensor, needs: FrozenSet[str]
+    ) -> Tuple[Dict[str, Tensor], Dict[str, Tensor]]:
+        """Rank one or ghost norms where cheaper; a materialized sequence gradient
+        ``[B, p, d]`` is kept (when at most twice the record) so the clipped sum
+        is a contraction over B instead of another ``B T p d`` matmul."""
         a, g = _flat(args["input"]), _flat(grad_output)
         out: Dict[str, Tensor] = {}
+        kept: Dict[str, Tensor] = {}
         if "weight" in needs:
             T, d, p = a.shape[1], a.shape[2], g.shape[2]
             if T == 1:  # rank one: ||g a^T||_F^2 = ||g||^2 ||a||^2, O(B (d + p))
@@ -68,10 +77,16 @@ class LinearRule(PerSampleRule):
             elif self.use_ghost(T, d, p):
                 out["weight"] = (torch.bmm(a, a.transpose(1, 2)) * torch.bmm(g, g.transpose(1, 2))).sum((1, 2))
             else:
-                out["weight"] = torch.bmm(g.transpose(1, 2), a).flatten(1).pow(2).sum(1)
+                ps = torch.bmm(g.transpose(1, 2), a)
+                out["weight"] = ps.flatten(1).pow(2).sum(1)
+                if ps.numel() <= 2 * (g.numel() + a.numel()):
+                    kept["weight"] = ps
         if "bias" in needs:
-            out["bias"] = g.sum(1).pow(2).sum(1)
-        return out
+            ps = g.sum(1)
+            out["bias"] = ps.pow(2).sum(1)
+            if g.shape[1] > 1:
+                kept["bias"] = ps
+        return out, kept
 
     def clipped_sum(
         self, args: Mapping[str, Any], grad_output: Tensor, factors: Tensor, needs: FrozenSet[str]

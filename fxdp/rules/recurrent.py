@@ -18,7 +18,7 @@ and the rule runs the BPTT itself.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, FrozenSet, Mapping
+from typing import Any, Dict, FrozenSet, Mapping, Tuple
 
 import torch
 from torch import Tensor
@@ -67,16 +67,27 @@ class RecurrentScanRule(PerSampleRule):
         return sv, gr
 
     def norm_sample_sq(self, args: Mapping[str, Any], grad_output: Tensor, needs: FrozenSet[str]) -> Dict[str, Tensor]:
+        return self.norm_sample_sq_keep(args, grad_output, needs)[0]
+
+    def norm_sample_sq_keep(
+        self, args: Mapping[str, Any], grad_output: Tensor, needs: FrozenSet[str]
+    ) -> Tuple[Dict[str, Tensor], Dict[str, Tensor]]:
+        """The per-sample recurrent gradients (``[B, 4H, H]``, far smaller than the
+        tape's ``[B, T, 4H]``) are materialized for the norms and kept for the
+        clipped sum, which then needs neither the tape nor another matmul."""
         sv, gr = self._grads_kept(args, grad_output)
         dG = gr["dG"]
-        out: Dict[str, Tensor] = {}
+        kept: Dict[str, Tensor] = {}
         if "weight_hh" in needs:
-            out["weight_hh"] = torch.bmm(dG.transpose(1, 2), _prev_states(sv)).flatten(1).pow(2).sum(1)
+            kept["weight_hh"] = torch.bmm(dG.transpose(1, 2), _prev_states(sv))
         if "bias_hh" in needs:
-            out["bias_hh"] = dG.sum(1).pow(2).sum(1)
+            kept["bias_hh"] = dG.sum(1)
         if "weight_hr" in needs:
-            out["weight_hr"] = torch.bmm(gr["dHt"].transpose(1, 2), sv["U"]).flatten(1).pow(2).sum(1)
-        return out
+            kept["weight_hr"] = torch.bmm(gr["dHt"].transpose(1, 2), sv["U"])
+        tape = args.get("tape")
+        if isinstance(tape, ScanTape):
+            tape.saved = tape.grads = None  # everything needed is kept: free the tape now
+        return {k: v.flatten(1).pow(2).sum(1) for k, v in kept.items()}, kept
 
     def clipped_sum(
         self, args: Mapping[str, Any], grad_output: Tensor, factors: Tensor, needs: FrozenSet[str]
