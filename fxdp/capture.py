@@ -296,6 +296,12 @@ class CaptureOp(nn.Module):
         """Whether :meth:`input_grads` gives the activations' gradients by formula."""
         return False
 
+    def bk_plan(self, dyn: Sequence[Any], out: Tensor, dims_in: Sequence[Optional[int]],
+                dim_out: Optional[int]) -> Dict[str, str]:
+        """``{parameter name: how book-keeping handles it}`` at these shapes (for the report)."""
+        return {n: f"materialized per sample ({self.rule_name()}, this layer only)"
+                for n in sorted(set(self.param_index.values()))}
+
     def input_grads(self, dyn: Sequence[Any], grads: Sequence[Optional[Tensor]]) -> Dict[int, Tensor]:
         raise NotImplementedError  # pragma: no cover - only called when explicit_input_grad
 
@@ -378,6 +384,18 @@ class RuleCapture(CaptureOp):
 
     def compute(self, dyn: Sequence[Any]) -> Any:
         return self.rule.forward(self.op, self.bound(dyn))
+
+    def bk_plan(self, dyn: Sequence[Any], out: Tensor, dims_in: Sequence[Optional[int]],
+                dim_out: Optional[int]) -> Dict[str, str]:
+        args = self.bound(dyn)
+        g = out if dim_out in (None, 0) else out.movedim(dim_out, 0)
+        arg = self.rule.input_arg
+        if arg in self.names:
+            d = dims_in[self.names.index(arg)]
+            if d not in (None, 0):
+                args[arg] = args[arg].movedim(d, 0)
+        plan = self.rule.bk_plan(args, g, frozenset(self.names[i] for i in self.param_index))
+        return {p: plan[self.names[i]] for i, p in self.param_index.items() if self.names[i] in plan}
 
     def explicit_input_grad(self, dyn: Sequence[Any], needs_grad: Sequence[bool]) -> bool:
         arg = self.rule.input_arg

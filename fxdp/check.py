@@ -290,7 +290,8 @@ def _check(model: nn.Module, args: Tuple[Any, ...], batch_dim: int, B0: int, bat
             raw += _capture_findings(originals, result, cap_nodes)
             if cap_error is not None:
                 raw.append((_privatize_error(originals, cap_error, raw), None))
-            layers = _layers(root, captures, rewrites, batch_size or B0, gm=gm if captures is None else None)
+            layers = _layers(root, captures, rewrites, batch_size or B0, gm=gm if captures is None else None,
+                             plans=_bk_plans(gm, cap_nodes, result) if captures is not None else None)
             findings = [_finding(f, loc, outer) for f, loc in raw] + [_refusal(m) for m in refusals]
             findings += [_autograd_function(*a, outer) for a in tracer.autograd_functions]
         if dynamic:
@@ -564,8 +565,49 @@ def _privatize_error(originals: Dict[str, fx.Node], e: BaseException, raw: List[
                          "see the message; the rest of this report assumes it is fixed")
 
 
+def _bk_plans(gm: fx.GraphModule, cap_nodes: Dict[str, Any], result: Any) -> Dict[str, str]:
+    """``{parameter name: book-keeping method}`` from each capture op's traced shapes
+    (ghost vs materialized norms are chosen from these shapes at run time, too)."""
+    out: Dict[str, str] = {}
+
+    def meta(name: str, k: int = 0) -> Optional[Tuple[torch.Tensor, Optional[int]]]:
+        shapes, hints = result.shapes.get(name) or [], result.hints.get(name) or []
+        if k >= len(shapes) or not isinstance(shapes[k], tuple):
+            return None
+        h = hints[k] if k < len(hints) and isinstance(hints[k], int) else None
+        return torch.empty(shapes[k], device="meta"), h
+
+    for orig, cn in cap_nodes.items():
+        try:
+            op = gm.get_submodule(str(cn.target))
+            dyn, dims = [], []
+            for a in cn.args:
+                if isinstance(a, fx.Node) and a.op == "get_attr":
+                    obj: Any = gm
+                    for part in str(a.target).split("."):
+                        obj = getattr(obj, part)
+                    dyn.append(torch.empty_like(obj, device="meta") if isinstance(obj, torch.Tensor) else obj)
+                    dims.append(None)
+                elif isinstance(a, fx.Node):
+                    m = meta(a.name)  # None for non-tensor values (a scan's tape, an absent h0)
+                    dyn.append(m[0] if m is not None else None)
+                    dims.append(m[1] if m is not None else None)
+                else:
+                    dyn.append(a)
+                    dims.append(None)
+            o = meta(orig)
+            if o is None:
+                continue
+            for name, how in op.bk_plan(dyn, o[0], dims, o[1]).items():
+                out.setdefault(name, how)
+        except Exception:  # the plan is informative only: never fail the report on it
+            continue
+    return out
+
+
 def _layers(root: nn.Module, captures: Optional[list], rewrites: List[Any], batch_size: int,
-            whole: bool = False, gm: Optional[fx.GraphModule] = None) -> List[LayerInfo]:
+            whole: bool = False, gm: Optional[fx.GraphModule] = None,
+            plans: Optional[Dict[str, str]] = None) -> List[LayerInfo]:
     rules: Dict[str, List[str]] = {}
     if captures is not None:
         for c in captures:
@@ -591,6 +633,7 @@ def _layers(root: nn.Module, captures: Optional[list], rewrites: List[Any], batc
             trainable=p.requires_grad, rule=rule,
             grad_sample_bytes=batch_size * p.numel() * p.element_size() if p.requires_grad else 0,
             rewrite=f"{rw.original} -> {rw.replacement}" if rw else None,
+            bookkeeping=(plans or {}).get(name) if p.requires_grad else None,
         ))
     return out
 

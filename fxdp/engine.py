@@ -39,7 +39,7 @@ __all__ = ["PrivacyEngine", "ACCOUNTANTS"]
 #: Accountant names accepted by ``PrivacyEngine(accountant=...)``.
 ACCOUNTANTS = ("prv", "rdp", "gdp")
 #: Opacus' per-sample gradient modes; fxdp computes them all the same way (materialized).
-_OPACUS_GRAD_SAMPLE_MODES = ("auto", "bk", "hooks", "functorch", "ew", "materialize")
+_OPACUS_GRAD_SAMPLE_MODES = ("auto", "bk", "ghost", "hooks", "functorch", "ew", "materialize")
 _CLIPPINGS = ("flat", "per_layer", "adaptive")
 _CHECKPOINT_FORMAT = 1
 _SHUFFLE_CAVEAT = (
@@ -263,6 +263,21 @@ def _materializing(dp_module: DPModule, fn: Callable[[], Any]) -> Any:
         rec.mode = mode
 
 
+def _check_ghost_criterion(criterion: Any, loss_reduction: str) -> Any:
+    """The criterion of ``grad_sample_mode="ghost"`` (Opacus' default: cross-entropy),
+    which must reduce the loss as ``loss_reduction`` says (the clip factors' scale)."""
+    if criterion is None:
+        criterion = nn.CrossEntropyLoss(reduction=loss_reduction)
+    reduction = getattr(criterion, "reduction", loss_reduction)
+    if reduction != loss_reduction:
+        raise ValueError(
+            f"grad_sample_mode='ghost': the criterion reduces with reduction={reduction!r} but "
+            f"loss_reduction={loss_reduction!r}. Fix: pass loss_reduction={reduction!r} (or a criterion "
+            f"with reduction={loss_reduction!r})"
+        )
+    return criterion
+
+
 class PrivacyEngine:
     """Entry point for DP-SGD training, a drop-in for ``opacus.PrivacyEngine``.
 
@@ -365,7 +380,10 @@ class PrivacyEngine:
                 gradients (``fxdp.bookkeeping``; exact, equal to materializing);
                 ``"materialize"`` and Opacus' ``"hooks"``/``"functorch"``/``"ew"``:
                 ``p.grad_sample`` for every parameter, then clipping in the optimizer.
-                Ghost clipping's modes are refused (bk replaces them).
+                ``"ghost"`` (Opacus' fast gradient clipping) runs book-keeping and, as in
+                Opacus, returns ``(module, optimizer, criterion, data_loader)``: the
+                criterion is returned as is, since book-keeping needs one ordinary
+                ``loss.backward()`` (Opacus' ghost mode needs two and a loss wrapper).
             wrap_model: must be ``True`` (the returned model computes per-sample gradients).
             rand_on_empty: accepted; empty Poisson batches are zero-row batches in fxdp.
             target_epsilon, target_delta: optional privacy budget; ``optimizer.step()``
@@ -438,7 +456,9 @@ class PrivacyEngine:
         if len(data_loader) == 0:
             raise ValueError("data_loader yields no batches (empty dataset?); cannot derive a sample rate")
 
-        bk = grad_sample_mode in ("auto", "bk")
+        bk = grad_sample_mode in ("auto", "bk", "ghost")
+        if grad_sample_mode == "ghost":
+            criterion = _check_ghost_criterion(criterion, loss_reduction)
         if not isinstance(module, DPModule):
             self.compatibility_report = _static_check(
                 module, data_loader, example_inputs, batch_first=batch_first,
@@ -482,6 +502,8 @@ class PrivacyEngine:
         self._bindings.append(binding)
         if budget is not None:
             self.set_privacy_budget(*budget)
+        if grad_sample_mode == "ghost":  # Opacus' ghost mode returns the criterion too
+            return dp_module, dp_optimizer, criterion, loader  # type: ignore[return-value]
         return dp_module, dp_optimizer, loader
 
     def make_private_with_epsilon(
@@ -589,10 +611,10 @@ class PrivacyEngine:
 
     @staticmethod
     def _check_modes(grad_sample_mode: str, wrap_model: bool) -> None:
-        if isinstance(grad_sample_mode, str) and grad_sample_mode.startswith("ghost"):
+        if grad_sample_mode == "ghost_fsdp":
             raise NotImplementedError(
-                f"grad_sample_mode={grad_sample_mode!r} (ghost clipping) is not implemented in fxdp. "
-                "Fix: drop grad_sample_mode; fxdp's compiled per-sample gradients need no hooks"
+                "grad_sample_mode='ghost_fsdp' (FSDP) is not implemented in fxdp. Fix: use "
+                "grad_sample_mode='ghost' or 'bk' (book-keeping, one backward pass), with DDP for data parallelism"
             )
         if grad_sample_mode not in _OPACUS_GRAD_SAMPLE_MODES:
             raise ValueError(

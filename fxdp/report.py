@@ -66,6 +66,7 @@ class LayerInfo:
     rule: str  # per-sample rule name, "functorch fallback (...)", "frozen", "unused"
     grad_sample_bytes: int  # per-sample gradient memory at the report's batch size
     rewrite: Optional[str] = None  # "BatchNorm2d -> GroupNorm" when privatize replaces its module
+    bookkeeping: Optional[str] = None  # how grad_sample_mode="bk" computes its norm and clipped sum
 
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)
@@ -177,6 +178,11 @@ class CompatibilityReport:
                 rows.append([lay.name, "[" + ", ".join(map(str, lay.shape)) + "]", lay.rule,
                              _bytes(lay.grad_sample_bytes) if lay.trainable else "-", "; ".join(note)])
             out += _table(rows, width)
+            plans = [lay for lay in self.layers if lay.bookkeeping]
+            if plans:
+                out += ["", "Book-keeping (grad_sample_mode='bk', the default of make_private): norms and clipped sums"]
+                for lay in plans:
+                    out += textwrap.wrap(f"  {lay.name}: {lay.bookkeeping}", width, subsequent_indent="      ")
         if self.rewrites:
             out += ["", "Rewrites applied by fxdp.privatize"]
             for r in self.rewrites:

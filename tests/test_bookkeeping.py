@@ -142,3 +142,40 @@ def test_bk_empty_batch_and_step():
     opt.step()  # an empty batch is still a step; with sigma = 0 nothing moves
     for a, p in zip(before, dp.parameters()):
         torch.testing.assert_close(a, p.detach())
+
+
+def test_compatibility_report_records_the_bk_method_per_layer(monkeypatch):
+    """fxdp.check states, per parameter, how book-keeping computes its norm: chosen
+    from the traced shapes with the same rule code as at run time (tunable threshold)."""
+    import warnings
+
+    from fxdp.rules.linear import LinearRule
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = nn.Embedding(50, 8)
+            self.conv = nn.Conv1d(8, 16, 3)  # T = 10: T(d+p) = 400 > pd = 384: materialized
+            self.seq = nn.Linear(16, 4)  # on [B, 10, 16]: T(d+p) = 200 > pd = 64: materialized
+            self.head = nn.Linear(4, 2)  # rank 2: rank-one norm
+
+        def forward(self, x):
+            h = self.conv(self.emb(x).transpose(1, 2)).transpose(1, 2)
+            return self.head(self.seq(h).mean(1))
+
+    x = torch.randint(0, 50, (3, 12))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        layers = {lay.name: lay.bookkeeping for lay in fxdp.check(Net(), (x,)).layers}
+    assert layers["emb.weight"].startswith("norms from repeated tokens")
+    assert layers["conv.weight"].startswith("materialized by")
+    assert layers["seq.weight"].startswith("materialized [B, 4, 16] (T=10")
+    assert layers["head.weight"].startswith("rank-one norm")
+    assert layers["head.bias"].startswith("per-sample")
+    monkeypatch.setattr(LinearRule, "ghost_ratio", 10.0)  # the documented knob moves seq to ghost norms
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        report = fxdp.check(Net(), (x,))
+    assert {lay.name: lay.bookkeeping for lay in report.layers}["seq.weight"].startswith("ghost norm (T=10")
+    assert "Book-keeping (grad_sample_mode='bk'" in report.to_text()
+    assert report.to_dict()["layers"][0]["bookkeeping"]

@@ -310,8 +310,8 @@ def test_model_in_eval_mode():
 
 
 def test_unsupported_modes():
-    with pytest.raises(NotImplementedError, match="ghost clipping"):
-        make_private(grad_sample_mode="ghost")
+    with pytest.raises(NotImplementedError, match="ghost_fsdp"):
+        make_private(grad_sample_mode="ghost_fsdp")
     with pytest.raises(NotImplementedError, match="wrap_model=False"):
         make_private(wrap_model=False)
     with pytest.raises(ValueError, match="unknown accountant='moments'"):
@@ -419,3 +419,35 @@ def test_zero_noise_exceeds_any_budget():
     with pytest.raises(PrivacyBudgetExceeded, match="inf"):
         train_step(dp_model, dp_opt, x, y)
     assert engine.steps == 0
+
+
+def test_opacus_ghost_mode_returns_criterion_and_trains_as_bk():
+    """Opacus' fast-gradient-clipping call (4 return values, criterion) runs book-keeping:
+    the same weights as grad_sample_mode="bk" with the same seeds."""
+    results = []
+    for mode in ("ghost", "bk"):
+        model = make_model()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        engine = PrivacyEngine(accountant="rdp")
+        kw = dict(module=model, optimizer=opt, data_loader=make_loader(), noise_multiplier=1.0, max_grad_norm=0.5,
+                  noise_generator=torch.Generator().manual_seed(3), grad_sample_mode=mode)
+        torch.manual_seed(4)  # the Poisson sampler's draws
+        if mode == "ghost":
+            dp_model, dp_opt, criterion, loader = engine.make_private(criterion=nn.CrossEntropyLoss(), **kw)
+        else:
+            (dp_model, dp_opt, loader), criterion = engine.make_private(**kw), nn.CrossEntropyLoss()
+        assert dp_model.recorder.mode == "bk"
+        for x, y in loader:
+            dp_opt.zero_grad()
+            criterion(dp_model(x), y).backward()
+            dp_opt.step()
+        results.append([p.detach().clone() for p in model.parameters()])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    model = make_model()
+    kw = dict(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), data_loader=make_loader(),
+              noise_multiplier=1.0, max_grad_norm=1.0, grad_sample_mode="ghost")
+    with pytest.raises(ValueError, match=r"reduction='sum' but loss_reduction='mean'"):
+        PrivacyEngine().make_private(criterion=nn.CrossEntropyLoss(reduction="sum"), **kw)
+    out = PrivacyEngine().make_private(**kw)  # Opacus' default criterion: cross-entropy
+    assert len(out) == 4 and isinstance(out[2], nn.CrossEntropyLoss) and out[2].reduction == "mean"

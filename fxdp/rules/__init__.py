@@ -116,6 +116,13 @@ class PerSampleRule:
         gs = self.grad_sample(args, grad_output, needs)
         return {k: torch.einsum("b,b...->...", factors.to(v.dtype), v) for k, v in gs.items()}
 
+    def bk_plan(self, args: Mapping[str, Any], grad_output: Tensor, needs: FrozenSet[str]) -> Dict[str, str]:
+        """How book-keeping computes each parameter's norm and clipped sum at these
+        shapes (any device, ``meta`` included), for the compatibility report."""
+        if type(self).norm_sample_sq is not PerSampleRule.norm_sample_sq:
+            return {n: f"{self.name} book-keeping rule" for n in needs}
+        return {n: "materialized per sample (kept for the clipped sum when small)" for n in needs}
+
     def describe(self) -> str:
         return self.name
 

@@ -392,6 +392,23 @@ class _ConvMath:
         p = gout.shape[1] // geo.groups
         return T > 1 and T * (d + p) <= self.ghost_ratio * p * d
 
+    def bk_plan(self, args: Mapping[str, Any], grad_output: Tensor, needs: FrozenSet[str]) -> Dict[str, str]:
+        geo, gout = self._setup(args, grad_output)
+        T = math.prod(gout.shape[2:])
+        d = geo.x.shape[1] // geo.groups * math.prod(geo.k)
+        p = gout.shape[1] // geo.groups
+        out: Dict[str, str] = {}
+        if "weight" in needs:
+            if self.use_ghost(geo, gout):
+                out["weight"] = (f"ghost norm (T={T}: T(d+p)={T * (d + p)} <= {self.ghost_ratio:g}·pd={p * d}); "
+                                 "clipped sum: one weight-gradient convolution of c∘g")
+            else:
+                out["weight"] = (f"materialized by {self.method(geo, gout)} (T={T}: T(d+p)={T * (d + p)} > "
+                                 f"{self.ghost_ratio:g}·pd={p * d}), reused for the clipped sum when small")
+        if "bias" in needs:
+            out["bias"] = "per-sample Σ g over positions"
+        return out
+
     def _weight_ps(self, geo: _Geom, gout: Tensor) -> Tensor:
         if self.method(geo, gout) == "groups":
             return _ps_groups(geo, gout)

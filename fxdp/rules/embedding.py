@@ -220,6 +220,9 @@ class EmbeddingRule(PerSampleRule):
         V = args["weight"].shape[0]
         return {"weight": _embedding_norms(self._indices(args), grad_output, V, self._padding_idx(args, V))}
 
+    def bk_plan(self, args: Mapping[str, Any], grad_output: Tensor, needs: FrozenSet[str]) -> Dict[str, str]:
+        return {n: "norms from repeated tokens only (no [B, V, D]); clipped sum: one scatter of c∘g" for n in needs}
+
     def clipped_sum(
         self, args: Mapping[str, Any], grad_output: Tensor, factors: Tensor, needs: FrozenSet[str]
     ) -> Dict[str, Tensor]:

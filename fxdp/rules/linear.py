@@ -58,6 +58,21 @@ class LinearRule(PerSampleRule):
     def use_ghost(self, T: int, d: int, p: int) -> bool:
         return T > 1 and T * (d + p) <= self.ghost_ratio * p * d
 
+    def bk_plan(self, args: Mapping[str, Any], grad_output: Tensor, needs: FrozenSet[str]) -> Dict[str, str]:
+        a, g = _flat(args["input"]), _flat(grad_output)
+        T, d, p = a.shape[1], a.shape[2], g.shape[2]
+        out: Dict[str, str] = {}
+        if "weight" in needs:
+            if T == 1:
+                out["weight"] = "rank-one norm ||g||·||a||; clipped sum (c∘g)ᵀa"
+            elif self.use_ghost(T, d, p):
+                out["weight"] = f"ghost norm (T={T}: T(d+p)={T * (d + p)} <= {self.ghost_ratio:g}·pd={p * d}); clipped sum (c∘g)ᵀa"
+            else:
+                out["weight"] = f"materialized [B, {p}, {d}] (T={T}: T(d+p)={T * (d + p)} > {self.ghost_ratio:g}·pd), reused for the clipped sum"
+        if "bias" in needs:
+            out["bias"] = "per-sample Σ_t g (exact, [B, p])"
+        return out
+
     def norm_sample_sq(self, args: Mapping[str, Any], grad_output: Tensor, needs: FrozenSet[str]) -> Dict[str, Tensor]:
         return self.norm_sample_sq_keep(args, grad_output, needs)[0]
 

@@ -69,6 +69,11 @@ class RecurrentScanRule(PerSampleRule):
     def norm_sample_sq(self, args: Mapping[str, Any], grad_output: Tensor, needs: FrozenSet[str]) -> Dict[str, Tensor]:
         return self.norm_sample_sq_keep(args, grad_output, needs)[0]
 
+    def bk_plan(self, args: Mapping[str, Any], grad_output: Tensor, needs: FrozenSet[str]) -> Dict[str, str]:
+        return {n: ("per-sample Σ_t dG ([B, 4H])" if n.startswith("bias") else
+                    "materialized [B, 4H, H] from the scan's BPTT (no tape kept), reused for the clipped sum")
+                for n in needs}
+
     def norm_sample_sq_keep(
         self, args: Mapping[str, Any], grad_output: Tensor, needs: FrozenSet[str]
     ) -> Tuple[Dict[str, Tensor], Dict[str, Tensor]]:
