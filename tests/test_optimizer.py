@@ -448,6 +448,9 @@ def test_class_dispatch():
     assert get_optimizer_class("flat") is DPOptimizer
     assert get_optimizer_class("per_layer") is DPPerLayerOptimizer
     assert get_optimizer_class("adaptive") is AdaClipDPOptimizer
+    assert get_optimizer_class("flat", grad_sample_mode="ghost") is DPOptimizer  # book-keeping attaches to it
+    with pytest.raises(NotImplementedError, match="ghost_fsdp"):
+        get_optimizer_class("flat", grad_sample_mode="ghost_fsdp")
     p = nn.Parameter(torch.zeros(2))
     assert (
         type(

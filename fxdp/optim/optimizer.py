@@ -898,8 +898,7 @@ def get_optimizer_class(
         from .distributed import distributed_optimizer_class
 
         return distributed_optimizer_class(clipping)
-    if grad_sample_mode is not None and grad_sample_mode.startswith("ghost"):
-        raise NotImplementedError(
-            f"grad_sample_mode={grad_sample_mode!r} (ghost clipping) is not implemented"
-        )
+    if grad_sample_mode == "ghost_fsdp":
+        raise NotImplementedError("grad_sample_mode='ghost_fsdp' (FSDP) is not implemented")
+    # "ghost": the same class; clipped sums come from book-keeping (attach_bookkeeping)
     return _CLASSES[clipping]
