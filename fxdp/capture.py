@@ -170,6 +170,13 @@ def _batch_of(t: Tensor, B: Optional[int], hint: Any, what: str, op: "CaptureOp"
     raise BatchDimensionError(f"{what} of {op.where()}: batch dimension {hint!r} is not supported")
 
 
+def _autocast_enabled() -> bool:
+    try:
+        return torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled("cuda")
+    except TypeError:  # torch < 2.4: no device argument
+        return torch.is_autocast_enabled() or torch.is_autocast_cpu_enabled()
+
+
 class _CaptureFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, op: "CaptureOp", *dyn: Any):  # type: ignore[override]
@@ -328,6 +335,13 @@ class CaptureOp(nn.Module):
         if not active:
             # eval mode, no_grad regions and frozen parameters: the plain op, ordinary autograd
             return self.compute(list(dyn))
+        if _autocast_enabled():
+            raise UnsupportedOpError(
+                f"{self.where()} runs under torch.autocast: per-sample gradients are not supported with "
+                "mixed-precision autocast (the op would run in a lower precision than its recorded inputs). "
+                "Fix: train without torch.autocast, or convert the whole model and its inputs to one dtype "
+                "(e.g. model.to(torch.bfloat16))."
+            )
         flat = _CaptureFunction.apply(self, *dyn)
         return tree_unflatten(list(flat), self._last_spec)
 

@@ -84,3 +84,21 @@ def test_reflect_padding_input_grad_goes_through_autograd():
     quiet_privatize(model)(x).sum().backward()
     ref(x_ref).sum().backward()
     torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-12, atol=1e-12)
+
+
+def test_autocast_is_refused_with_a_fix():
+    """Mixed-precision autocast would run ops in a lower precision than their recorded
+    inputs: a clear error (not a dtype RuntimeError deep in a rule); eval mode is fine."""
+    from fxdp.errors import UnsupportedOpError
+
+    model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2))
+    dp = quiet_privatize(model)
+    x = torch.randn(5, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with pytest.raises(UnsupportedOpError, match=r"torch.autocast.*Fix: train without torch.autocast"):
+            dp(x)
+        dp.eval()
+        assert dp(x).shape == (5, 2)  # inference under autocast: the plain ops
+    dp.train()
+    dp(x).sum().backward()  # float32 training still works
+    assert all(p.grad_sample is not None for p in model.parameters())

@@ -506,10 +506,11 @@ class ConvRule(_ConvMath, PerSampleRule):
 
     def input_grad(self, args: Mapping[str, Any], grad_output: Tensor) -> Tensor:
         geo = _conv_geom(args)
+        dt = grad_output.dtype  # autocast may run the op in a lower precision
         return torch.ops.aten.convolution_backward(
-            grad_output, geo.x, args["weight"], None, list(geo.stride), list(geo.pad), list(geo.dilation),
-            False, [0] * geo.n, geo.groups, (True, False, False),
-        )[0]
+            grad_output, geo.x.to(dt), args["weight"].to(dt), None, list(geo.stride), list(geo.pad),
+            list(geo.dilation), False, [0] * geo.n, geo.groups, (True, False, False),
+        )[0].to(geo.x.dtype)
 
 
 @register_rule(conv_nd)

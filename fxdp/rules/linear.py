@@ -44,7 +44,8 @@ class LinearRule(PerSampleRule):
         return isinstance(args["input"], Tensor) and args["input"].dim() >= 2
 
     def input_grad(self, args: Mapping[str, Any], grad_output: Tensor) -> Tensor:
-        return grad_output.matmul(args["weight"].to(grad_output.dtype))
+        # autocast may run the op in a lower precision: differentiate in grad_output's dtype
+        return grad_output.matmul(args["weight"].to(grad_output.dtype)).to(args["input"].dtype)
 
     def grad_sample(self, args: Mapping[str, Any], grad_output: Tensor, needs: FrozenSet[str]) -> Dict[str, Tensor]:
         a, g = _flat(args["input"]), _flat(grad_output)
