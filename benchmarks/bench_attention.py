@@ -33,18 +33,19 @@ import datetime
 import itertools
 import os
 import platform
-import statistics
 import sys
 import time
 import warnings
-from typing import Callable, Dict, List, Optional
+from typing import Dict, List, Optional
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import fxdp  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _harness import interleaved, make_step  # noqa: E402
 
 HEADS = 8
 FULL = [(B, T, E) for E, T, B in itertools.product((128, 512), (20, 100), (32, 64, 256))]
@@ -61,22 +62,6 @@ class Classifier(nn.Module):
     def forward(self, x):
         h, _ = self.attn(x, x, x, need_weights=False)
         return self.head(h.mean(1))
-
-
-def make_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], float]:
-    params = list(model.parameters())
-
-    def step() -> float:
-        t0 = time.perf_counter()
-        F.cross_entropy(model(x), y).backward()
-        elapsed = time.perf_counter() - t0
-        for p in params:  # consume the gradients (outside the timed region)
-            p.grad = None
-            if hasattr(p, "grad_sample"):
-                p.grad_sample = None
-        return elapsed
-
-    return step
 
 
 def opacus_model(E: int) -> Optional[nn.Module]:
@@ -108,18 +93,8 @@ def bench(B: int, T: int, E: int, rounds: int, use_opacus: bool, opacus_cap: flo
     if "opacus" in steps and first["opacus"] > opacus_cap:
         note = f"opacus skipped: first step {first['opacus']:.0f}s > --opacus-cap {opacus_cap:.0f}s"
         del steps["opacus"]
-    names = list(steps)
-    times: Dict[str, List[float]] = {k: [] for k in names}
-    for r in range(rounds):
-        order = names[r % len(names):] + names[: r % len(names)]  # rotate to spread order effects
-        for k in order:
-            times[k].append(steps[k]())
-    base = times["nn.MHA"]
-    row: Dict[str, object] = {"B": B, "T": T, "E": E, "rounds": rounds, "note": note,
-                              "nn.MHA": statistics.median(base)}
-    for k in names[1:]:
-        row[k] = statistics.median(times[k])
-        row[k + "_ratio"] = statistics.median(t / b for t, b in zip(times[k], base))
+    row: Dict[str, object] = {"B": B, "T": T, "E": E, "rounds": rounds, "note": note}
+    row.update(interleaved(steps, rounds, base="nn.MHA"))
     return row
 
 

@@ -30,18 +30,19 @@ import datetime
 import itertools
 import os
 import platform
-import statistics
 import sys
 import time
 import warnings
-from typing import Callable, Dict, List, Optional
+from typing import Dict, List, Optional
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import fxdp  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _harness import interleaved, make_step  # noqa: E402
 
 FULL = [(B, T, H) for H, T, B in itertools.product((128, 512), (20, 100), (32, 64, 256))]
 QUICK = [(32, 20, 128), (64, 20, 128), (32, 100, 128)]
@@ -56,22 +57,6 @@ class Classifier(nn.Module):
     def forward(self, x):
         _, (h, _) = self.lstm(x)
         return self.head(h[-1])
-
-
-def make_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], float]:
-    params = list(model.parameters())
-
-    def step() -> float:
-        t0 = time.perf_counter()
-        F.cross_entropy(model(x), y).backward()
-        elapsed = time.perf_counter() - t0
-        for p in params:  # consume the gradients (outside the timed region)
-            p.grad = None
-            if hasattr(p, "grad_sample"):
-                p.grad_sample = None
-        return elapsed
-
-    return step
 
 
 def opacus_model(H: int) -> Optional[nn.Module]:
@@ -107,18 +92,8 @@ def bench(B: int, T: int, H: int, rounds: int, use_opacus: bool, opacus_cap: flo
             if first["opacus"] > opacus_cap:
                 note = f"opacus skipped: first step {first['opacus']:.0f}s > --opacus-cap {opacus_cap:.0f}s"
                 del steps["opacus"]
-    names = list(steps)
-    times: Dict[str, List[float]] = {k: [] for k in names}
-    for r in range(rounds):
-        order = names[r % len(names):] + names[: r % len(names)]  # rotate to spread order effects
-        for k in order:
-            times[k].append(steps[k]())
-    base = times["nn.LSTM"]
-    row: Dict[str, object] = {"B": B, "T": T, "H": H, "rounds": rounds, "note": note,
-                              "nn.LSTM": statistics.median(base)}
-    for k in names[1:]:
-        row[k] = statistics.median(times[k])
-        row[k + "_ratio"] = statistics.median(t / b for t, b in zip(times[k], base))
+    row: Dict[str, object] = {"B": B, "T": T, "H": H, "rounds": rounds, "note": note}
+    row.update(interleaved(steps, rounds, base="nn.LSTM"))
     return row
 
 

@@ -31,7 +31,7 @@ import statistics
 import sys
 import time
 import warnings
-from typing import Callable, Dict, List
+from typing import Dict, List
 
 import torch
 import torch.nn.functional as F
