@@ -56,8 +56,8 @@ class RecurrentScanRule(PerSampleRule):
         return sv, gr
 
     def _grads_kept(self, args: Mapping[str, Any], grad_output: Tensor) -> tuple:
-        """``_grads`` for book-keeping, which reads the tape twice (norms, then
-        clipped sums): the tape is refilled instead of left cleared."""
+        """``_grads`` for a direct :meth:`clipped_sum` call, which may follow another
+        read of the same record: the tape is refilled instead of left cleared."""
         tape = args.get("tape")
         if isinstance(tape, ScanTape) and tape.grads is not None and tape.saved is not None:
             return tape.saved, tape.grads
@@ -80,18 +80,7 @@ class RecurrentScanRule(PerSampleRule):
         """The per-sample recurrent gradients (``[B, 4H, H]``, far smaller than the
         tape's ``[B, T, 4H]``) are materialized for the norms and kept for the
         clipped sum, which then needs neither the tape nor another matmul."""
-        sv, gr = self._grads_kept(args, grad_output)
-        dG = gr["dG"]
-        kept: Dict[str, Tensor] = {}
-        if "weight_hh" in needs:
-            kept["weight_hh"] = torch.bmm(dG.transpose(1, 2), _prev_states(sv))
-        if "bias_hh" in needs:
-            kept["bias_hh"] = dG.sum(1)
-        if "weight_hr" in needs:
-            kept["weight_hr"] = torch.bmm(gr["dHt"].transpose(1, 2), sv["U"])
-        tape = args.get("tape")
-        if isinstance(tape, ScanTape):
-            tape.saved = tape.grads = None  # everything needed is kept: free the tape now
+        kept = self.grad_sample(args, grad_output, needs)  # reading the tape frees it
         return {k: v.flatten(1).pow(2).sum(1) for k, v in kept.items()}, kept
 
     def clipped_sum(
