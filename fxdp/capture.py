@@ -147,6 +147,13 @@ def _batch_of(t: Tensor, B: Optional[int], hint: Any, what: str, op: "CaptureOp"
     if hint is None:
         return None
     if isinstance(hint, tuple) and hint and hint[0] == "fold":
+        if op.folds and hint[1] == 0 and len(hint) > 3 and hint[3] == "major":
+            # rows of one sample are contiguous (batch-major fold): served as [B, k, ...]
+            if B is not None and (t.shape[0] % B if B else t.shape[0]):
+                raise BatchDimensionError(
+                    f"{what} of {op.where()} has {t.shape[0]} rows, not a multiple of the batch size {B}"
+                )
+            return hint
         raise BatchDimensionError(
             f"{what} of {op.where()} folds the batch into dimension {hint[1]} (size B*{hint[2]}): per-sample "
             "gradients need each sample's rows apart. Fix: keep the batch dimension separate before this layer "
@@ -264,6 +271,8 @@ class CaptureOp(nn.Module):
     """
 
     kind = "capture"
+    #: whether a batch-major fold ([B*k, ...]) can be served as [B, k, ...]
+    folds = False
 
     def __init__(
         self,
@@ -367,7 +376,9 @@ class CaptureOp(nn.Module):
         return dims_in, dims_out
 
 
-def _move_to_front(t: Tensor, dim: Optional[int], what: str, op: CaptureOp) -> Tensor:
+def _move_to_front(t: Tensor, dim: Any, what: str, op: CaptureOp, B: Optional[int] = None) -> Tensor:
+    if isinstance(dim, tuple):  # a batch-major fold of dimension 0: [B*k, ...] -> [B, k, ...]
+        return t.reshape(B, t.shape[0] // B if B else 1, *t.shape[1:])
     if dim is None:
         raise BatchDimensionError(
             f"{what} of {op.where()} has no batch dimension, so its per-sample gradients are undefined. "
@@ -390,6 +401,10 @@ class RuleCapture(CaptureOp):
 
     def rule_name(self) -> str:
         return self.rule.describe()
+
+    @property
+    def folds(self) -> bool:  # type: ignore[override]
+        return self.rule.folds
 
     def bound(self, dyn: Sequence[Any]) -> Dict[str, Any]:
         args = dict(zip(self.names, dyn))
@@ -433,10 +448,11 @@ class RuleCapture(CaptureOp):
         if g is None:  # output unused by the loss
             g = torch.zeros_like(self.compute(rec.inputs))
             dims_out = [dims_out[0] if dims_out and dims_out[0] is not None else 0]
-        g = _move_to_front(g, dims_out[0], "the output", self)
+        g = _move_to_front(g, dims_out[0], "the output", self, rec.batch_size)
         if self.rule.input_arg is not None and self.rule.input_arg in self.names:
             i = self.names.index(self.rule.input_arg)
-            args[self.rule.input_arg] = _move_to_front(args[self.rule.input_arg], dims_in[i], "the input", self)
+            args[self.rule.input_arg] = _move_to_front(args[self.rule.input_arg], dims_in[i], "the input", self,
+                                                       rec.batch_size)
         needs = frozenset(self.names[i] for i in rec.params)
         return args, g, needs
 

@@ -78,6 +78,20 @@ def whole_model_capture(gm: fx.GraphModule, model: nn.Module, recorder: Recorder
     return [cap]
 
 GRAD_SAMPLE_MODES = ("materialize", "bk")
+CAPTURE_MODES = ("auto", "fx", "export")
+
+
+def _exported(model: nn.Module, root: nn.Module, rewrites: List[Rewrite], loss_reduction: str, batch_first: bool,
+              input_batch_dims: Optional[Sequence[Optional[int]]], example_inputs: Optional[Sequence[Any]],
+              grad_sample_mode: str) -> DPModule:
+    from .exported_module import ExportedDPModule
+
+    dp = ExportedDPModule(root, recorder=Recorder(loss_reduction=loss_reduction, mode=grad_sample_mode),
+                          batch_first=batch_first, input_batch_dims=input_batch_dims,
+                          class_name=type(model).__name__, rewrites=rewrites)
+    if example_inputs is not None:
+        dp.capture_example(*tuple(example_inputs))
+    return dp
 
 def apply_rewrites(model: nn.Module, options: Dict[str, Any]) -> Tuple[nn.Module, List[Rewrite]]:
     """Run the rewrite passes on a container copy of ``model`` (parameters shared,
@@ -103,6 +117,7 @@ def privatize(
     leaf_modules: Iterable[type] = (),
     grad_sample_mode: str = "materialize",
     rewrite_options: Optional[Dict[str, Any]] = None,
+    capture: str = "auto",
 ) -> DPModule:
     """Rewrite ``model``'s graph so one backward pass gives per-sample gradients.
 
@@ -123,6 +138,12 @@ def privatize(
             per-sample gradients, formed when the backward pass ends (needs the
             clip bound: use ``PrivacyEngine.make_private``; see ``fxdp.bookkeeping``).
         rewrite_options: options of the rewrite passes (see ``docs/rewrites.md``).
+        capture: how the graph is captured. ``"fx"``: symbolic tracing (readable
+            module-level graphs; parts it cannot read are served by the ``torch.func``
+            fallback); ``"export"``: ``torch.export`` (ATen graphs, on the first
+            training call of each input structure, see ``fxdp.exported_module``);
+            ``"auto"`` (default): symbolic tracing when it reads the whole model,
+            ``torch.export`` otherwise (Hugging Face models, ``**kwargs``, hooks).
 
     Returns:
         A ``DPModule`` (a ``torch.fx.GraphModule``) sharing ``model``'s parameters.
@@ -137,19 +158,41 @@ def privatize(
         raise TypeError(f"batch_first must be True or False, got {batch_first!r}")
     if grad_sample_mode not in GRAD_SAMPLE_MODES:
         raise ValueError(f"grad_sample_mode must be one of {GRAD_SAMPLE_MODES}, got {grad_sample_mode!r}")
+    if capture not in CAPTURE_MODES:
+        raise ValueError(f"capture must be one of {CAPTURE_MODES}, got {capture!r}")
 
     root, rewrites = apply_rewrites(model, dict(rewrite_options or {}))
+    if capture == "export":
+        return _exported(model, root, rewrites, loss_reduction, batch_first, input_batch_dims, example_inputs,
+                         grad_sample_mode)
     tracer = DPTracer(leaf_modules=leaf_modules)
     whole = False
     try:
         gm = trace(root, tracer)
     except Exception as e:
-        # the model's own forward is not traceable: keep it whole (one fallback capture)
+        if capture == "auto":  # the model's own forward is not traceable: torch.export reads it
+            return _exported(model, root, rewrites, loss_reduction, batch_first, input_batch_dims,
+                             example_inputs, grad_sample_mode)
+        # keep it whole (one fallback capture)
         gm = whole_model_graph(root, e)
         whole = True
+    if capture == "auto" and (whole or gm.meta.get("fxdp_untraceable")):
+        # symbolic tracing cannot read all of it: capture with torch.export instead
+        return _exported(model, root, rewrites, loss_reduction, batch_first, input_batch_dims, example_inputs,
+                         grad_sample_mode)
     plain_graph = copy.deepcopy(gm.graph)
     recorder = Recorder(loss_reduction=loss_reduction, mode=grad_sample_mode)
-    captures = whole_model_capture(gm, root, recorder) if whole else insert_captures(gm, recorder)
+    if whole:
+        captures = whole_model_capture(gm, root, recorder)
+    else:
+        try:
+            captures = insert_captures(gm, recorder)
+        except Exception as e:
+            if capture != "auto" or isinstance(e, UnsupportedModelError):
+                raise
+            # an op the module-level graph cannot serve (a slice of a parameter, ...): the ATen graph can
+            return _exported(model, root, rewrites, loss_reduction, batch_first, input_batch_dims,
+                             example_inputs, grad_sample_mode)
     dp = DPModule(
         gm,
         gm.graph,

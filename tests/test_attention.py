@@ -430,7 +430,7 @@ def test_shared_attention_stays_shared_and_subclasses_with_own_forward_are_kept(
             return self.a(x, x, x)[0] + self.b(x, x, x)[0] + self.c(x, x, x)
 
     model = Twice()
-    dp = privatize(model)
+    dp = privatize(model, capture="fx")  # the symbolic-tracing fallback on purpose
     assert dp.a is dp.b and type(dp.a) is DPMultiheadAttention
     assert type(dp.c) is MyAttention and "c" in dp.untraceable
     x = torch.randn(B, L, E)
@@ -440,8 +440,8 @@ def test_shared_attention_stays_shared_and_subclasses_with_own_forward_are_kept(
 def test_root_module_and_traced_flags():
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        fxdp.privatize(nn.MultiheadAttention(E, H, batch_first=True))
-        dp = fxdp.privatize(DPMultiheadAttention(E, H, batch_first=True))
+        fxdp.privatize(nn.MultiheadAttention(E, H, batch_first=True), capture="fx")
+        dp = fxdp.privatize(DPMultiheadAttention(E, H, batch_first=True), capture="fx")
     messages = [str(w.message) for w in caught]
     assert any("cannot be rewritten in place" in m and "nn.Sequential(model)" in m for m in messages)
     assert "must be a Python bool" in dp.untraceable[""]  # the whole-model fallback, with the reason
@@ -463,7 +463,7 @@ def test_directly_constructed_dp_layers_are_traceable():
 
 def test_option_keeps_torch_modules():
     model = nn.Sequential(nn.TransformerEncoderLayer(E, H, 16, dropout=0.0, batch_first=True))
-    dp = privatize(model, rewrite_options={"attention": False})
+    dp = privatize(model, rewrite_options={"attention": False}, capture="fx")
     assert dp.rewrites == [] and "0" in dp.untraceable  # served by the slow fallback
     with pytest.raises(TypeError, match="True or False"):
         privatize(model, rewrite_options={"attention": "yes"})

@@ -333,6 +333,6 @@ def test_unexportable_leaf_is_named():
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        dp = fxdp.privatize(Outer())
+        dp = fxdp.privatize(Outer(), capture="fx")
     with pytest.raises(ExportError, match=r"'block' \(.*Untraceable\)"):
         generate_source(dp.strip())

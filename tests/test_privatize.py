@@ -17,11 +17,11 @@ _float64 = pytest.fixture(autouse=True)(use_float64)
 privatize = quiet_privatize
 
 
-def check(model, x, *, reduction="mean", batch_first=True, in_dim=0, out_dim=None, seed=0):
+def check(model, x, *, reduction="mean", batch_first=True, in_dim=0, out_dim=None, seed=0, capture="auto"):
     """privatize(model); loss = weighted sum of outputs (mean or sum over the batch);
     compare every grad_sample with the batch-of-one reference."""
     out_dim = in_dim if out_dim is None else out_dim
-    dp = privatize(model, loss_reduction=reduction, batch_first=batch_first)
+    dp = privatize(model, loss_reduction=reduction, batch_first=batch_first, capture=capture)
     out = dp(x)
     ref = model(x)
     o = out[0] if isinstance(out, tuple) else out
@@ -247,7 +247,7 @@ class WithUntraceable(nn.Module):
 def test_untraceable_submodule_is_kept_whole_and_named():
     torch.manual_seed(9)
     with pytest.warns(UserWarning, match="inner"):
-        dp = fxdp.privatize(WithUntraceable())
+        dp = fxdp.privatize(WithUntraceable(), capture="fx")
     assert "inner" in dp.untraceable
     assert "fallback" in [c["rule"] for c in dp.capture_table() if c["module"] == "inner"][0]
     check(WithUntraceable(), torch.randn(4, 3))
@@ -256,7 +256,7 @@ def test_untraceable_submodule_is_kept_whole_and_named():
 def test_untraceable_model_is_kept_whole():
     torch.manual_seed(10)
     model = DataDependent()
-    dp = check(model, torch.randn(3, 5, 3))
+    dp = check(model, torch.randn(3, 5, 3), capture="fx")  # the symbolic-tracing fallback on purpose
     assert "" in dp.untraceable
     assert dp.strip() is model
 
@@ -273,7 +273,7 @@ class RandomUntraceable(nn.Module):
 
 
 def test_fallback_refuses_random_ops():
-    dp = privatize(nn.Sequential(RandomUntraceable(), nn.Linear(8, 2)))
+    dp = privatize(nn.Sequential(RandomUntraceable(), nn.Linear(8, 2)), capture="fx")
     with pytest.raises(fxdp.UnsupportedOpError, match="random"):
         dp(torch.randn(3, 5, 8)).sum().backward()
 
@@ -374,7 +374,7 @@ def test_outputs_state_dict_and_strip():
 
 def test_deepcopy_keeps_capture():
     torch.manual_seed(16)
-    dp = privatize(WithUntraceable())
+    dp = privatize(WithUntraceable(), capture="fx")
     dp2 = copy.deepcopy(dp)
     x = torch.randn(3, 3)
     dp2(x).sum().backward()

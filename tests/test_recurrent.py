@@ -284,7 +284,7 @@ def test_untraceable_module_runs_the_dp_layer_under_the_fallback():
     model = DataDependent(nn.LSTM(3, 4, bidirectional=True, batch_first=True), pack_padded_sequence)
     x = torch.randn(5, 4, 3)  # the whole model is kept: batch dims are read from sizes, keep them distinct
     lengths = torch.tensor([4, 1, 3, 2, 4])
-    dp = check(model, [x, lengths], dims=[0, 0])
+    dp = check(model, [x, lengths], dims=[0, 0], capture="fx")  # the symbolic-tracing fallback on purpose
     assert [r.replacement for r in dp.rewrites] == ["DPLSTM"] and "" in dp.untraceable
 
 
@@ -433,7 +433,7 @@ class Mixed(nn.Module):
 def test_strip_gives_back_torch_modules_with_trained_weights():
     torch.manual_seed(12)
     model = Mixed()
-    dp = privatize(model)
+    dp = privatize(model, capture="fx")  # the symbolic-tracing fallback on purpose
     assert {r.path: r.replacement for r in dp.rewrites} == {"enc.0": "DPGRU", "cell": "DPLSTMCell"}
     assert all(r.reversible for r in dp.rewrites)
     opt = torch.optim.SGD(model.parameters(), lr=0.5)  # built on the original model
@@ -470,7 +470,7 @@ def test_rewrite_option_and_shared_modules():
     dp = check(model, [torch.randn(3, 2, 3)], dims=[0])
     assert dp.a is dp.b and type(dp.a) is DPGRU
     with pytest.warns(UserWarning, match="fallback"):
-        kept = fxdp.privatize(model, rewrite_options={"recurrent": False})
+        kept = fxdp.privatize(model, rewrite_options={"recurrent": False}, capture="fx")
     assert kept.rewrites == [] and type(kept.a) is nn.GRU
     with pytest.raises(TypeError, match="recurrent"):
         fxdp.privatize(model, rewrite_options={"recurrent": "yes"})

@@ -29,13 +29,14 @@ from ..errors import UnsupportedModelError, UnsupportedOpError, where
 from ..rules import module_call_for, rule_for_op
 from ..rules.functorch import FuncCapture
 from ..rules.params import ELEMENTWISE, MATMUL, ParamCapture
+from .symbolic_batch import is_shape_value
 
 __all__ = ["insert_captures", "CAPTURES"]
 
 CAPTURES = "_fxdp_captures"
 
 #: functional ops whose output for one sample depends on the other samples
-MIXING_OPS = {torch.nn.functional.batch_norm, torch.batch_norm}
+MIXING_OPS = {torch.nn.functional.batch_norm, torch.batch_norm, torch.ops.aten.batch_norm.default}
 
 
 def _op_name(n: fx.Node) -> str:
@@ -55,7 +56,7 @@ def _where(n: fx.Node) -> str:
 
 def _batch_norm_training(n: fx.Node) -> bool:
     """Whether a batch_norm call uses batch statistics (True unless provably not)."""
-    if n.target is torch.batch_norm:  # (input, weight, bias, running_mean, running_var, training, ...)
+    if n.target in (torch.batch_norm, torch.ops.aten.batch_norm.default):  # (input, weight, bias, running_mean, running_var, training, ...)
         v = n.args[5] if len(n.args) > 5 else n.kwargs.get("training", True)
     else:  # F.batch_norm(input, running_mean, running_var, weight, bias, training=False, ...)
         v = n.args[5] if len(n.args) > 5 else n.kwargs.get("training", False)
@@ -119,8 +120,12 @@ class _CaptureBuilder:
 
     def analyze(self) -> None:
         for n in self.graph.nodes:
-            args = [a for a in n.all_input_nodes]
-            self.input_dep[n] = n.op == "placeholder" or any(self.input_dep[a] for a in args)
+            # in an exported graph, scalar shape arithmetic (sym_size) is not sample data,
+            # and a value whose symbolic shape holds the batch is batched (a buffer expanded to B)
+            args = [a for a in n.all_input_nodes if not is_shape_value(a)]
+            batched = any(h is not None for h in n.meta.get("fxdp_batch", ())) and not is_shape_value(n)
+            self.input_dep[n] = (n.op == "placeholder" or batched or any(self.input_dep[a] for a in args)) \
+                and not is_shape_value(n)
             deps = set(self._own_trainable(n))
             for a in args:
                 deps |= self.pdeps[a]
@@ -244,13 +249,15 @@ class _CaptureBuilder:
         rule = rule_for_op(mc.op)
         if rule is None:
             raise UnsupportedOpError(f"{_where(n)}: module adapter names op {mc.op} with no registered rule")
-        if n.kwargs:
-            raise UnsupportedOpError(f"{_where(n)}: keyword arguments to a captured module call are not supported")
         if len(n.args) > len(mc.inputs):
             raise UnsupportedOpError(
                 f"{_where(n)}: called with {len(n.args)} arguments, the rule expects {len(mc.inputs)}"
             )
         bound: Dict[str, Any] = dict(zip(mc.inputs, n.args))
+        for k, v in n.kwargs.items():  # self.l(input=x)
+            if k not in mc.inputs or k in bound:
+                raise UnsupportedOpError(f"{_where(n)}: unexpected keyword argument {k!r} for {type(m).__name__}")
+            bound[k] = v
         for arg, attr in mc.params.items():
             v = getattr(m, attr)
             bound[arg] = self._get_attr(n, f"{n.target}.{attr}") if v is not None else None
@@ -310,12 +317,16 @@ class _CaptureBuilder:
             )
         # the parameter-only ancestors of n (stop at batched values)
         region: List[fx.Node] = []
+        shapes: List[fx.Node] = []  # scalar shape values the region reads (sizes taken from inputs)
         seen: Set[fx.Node] = set()
 
         def visit(x: fx.Node) -> None:
             if x in seen or self.input_dep[x]:
                 return
             seen.add(x)
+            if is_shape_value(x):
+                shapes.append(x)
+                return
             for a in x.all_input_nodes:
                 visit(a)
             region.append(x)
@@ -333,14 +344,16 @@ class _CaptureBuilder:
         env: Dict[fx.Node, fx.Node] = {}
         for i, a in enumerate(acts):
             env[a] = sub.placeholder(f"act_{i}")
+        for x in shapes:
+            env[x] = sub.placeholder(x.name)
         for x in attrs:
             env[x] = sub.placeholder(x.name)
         for x in region:
-            if x.op != "get_attr":
+            if x.op != "get_attr" and x not in shapes:
                 env[x] = sub.node_copy(x, env.__getitem__)
         sub.output(sub.node_copy(n, env.__getitem__))
         fn = fx.GraphModule(self.gm, sub, "ParamUse")
-        dyn = acts + attrs
+        dyn = acts + shapes + attrs
         params, buffers = self._indices(dyn)
         fast, pos = self._fast_param_rule(n, params, dyn)
         cap = ParamCapture(fn=fn, description=_op_name(n), fast=fast, param_pos=pos, param_index=params,
@@ -353,7 +366,7 @@ class _CaptureBuilder:
         if n.kwargs or len(n.args) != 2 or len(dyn) != 2 or len(params) != 1:
             return None, 1
         (pi,) = params
-        if set(n.args) != set(dyn) or dyn[pi] not in n.args:
+        if not all(isinstance(a, fx.Node) for a in n.args) or set(n.args) != set(dyn) or dyn[pi] not in n.args:
             return None, 1
         pos = n.args.index(dyn[pi])  # the parameter's position in the op's arguments
         key = n.target

@@ -55,12 +55,16 @@ class PerSampleRule:
     called with keyword arguments, and ``grad_sample``. ``param_args`` lists the
     argument names that may hold trainable parameters; ``input_arg`` names the
     batched activation whose batch dimension is moved to 0 (``None`` when the rule
-    handles layouts itself).
+    handles layouts itself). ``folds``: the rule accepts extra per-sample
+    dimensions after the batch (``[B, T, ...]``), so a batch folded into the
+    leading dimension (``x.view(-1, d)`` of a ``[B, T, d]`` tensor, batch-major)
+    is served exactly by viewing it as ``[B, T, ...]``.
     """
 
     name: str = "rule"
     param_args: Tuple[str, ...] = ("weight", "bias")
     input_arg: Optional[str] = "input"
+    folds: bool = False
 
     def signature(self, *args: Any, **kwargs: Any) -> None:  # pragma: no cover - overridden
         raise NotImplementedError

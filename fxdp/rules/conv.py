@@ -96,6 +96,8 @@ from torch import Tensor, nn
 from ..errors import UnsupportedOpError
 from . import ModuleCall, PerSampleRule, register_module, register_rule
 
+aten = torch.ops.aten
+
 __all__ = ["conv_nd", "conv_transpose_nd", "ConvRule", "ConvNdRule", "ConvTransposeRule", "ConvTransposeNdRule"]
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -475,9 +477,20 @@ class _ConvMath:
 
 
 # ----------------------------------------------------------------------------
+def _sizes(op: Any, args: Mapping[str, Any]) -> Any:
+    """Size arguments as the op takes them: ATen overloads (a torch.export graph)
+    want lists where the functional form also takes an int (the rule's defaults)."""
+    if not isinstance(op, torch._ops.OpOverload):
+        return lambda v: v
+    k = args["weight"].dim() - 2
+    return lambda v: [int(v)] * k if isinstance(v, int) else v
+
+
 # rules
 # ----------------------------------------------------------------------------
-@register_rule(F.conv1d, F.conv2d, F.conv3d, torch.conv1d, torch.conv2d, torch.conv3d)
+@register_rule(F.conv1d, F.conv2d, F.conv3d, torch.conv1d, torch.conv2d, torch.conv3d,
+               aten.conv1d.default, aten.conv2d.default, aten.conv3d.default,
+               aten.conv1d.padding, aten.conv2d.padding, aten.conv3d.padding)
 class ConvRule(_ConvMath, PerSampleRule):
     """``F.conv{1,2,3}d`` (zero padding: ints, tuples, ``"same"``, ``"valid"``)."""
 
@@ -487,9 +500,9 @@ class ConvRule(_ConvMath, PerSampleRule):
         pass
 
     def forward(self, op, args: Mapping[str, Any]) -> Any:
-        return op(
-            args["input"], args["weight"], args["bias"], args["stride"], args["padding"], args["dilation"], args["groups"]
-        )
+        n = _sizes(op, args)
+        return op(args["input"], args["weight"], args["bias"], n(args["stride"]), n(args["padding"]),
+                  n(args["dilation"]), args["groups"])
 
     def _setup(self, args, grad_output):
         return _conv_geom(args), grad_output
@@ -528,7 +541,8 @@ class ConvNdRule(ConvRule):
         return op(**args)
 
 
-@register_rule(F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)
+@register_rule(F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d,
+               aten.conv_transpose1d.default, aten.conv_transpose2d.input, aten.conv_transpose3d.input)
 class ConvTransposeRule(_ConvMath, PerSampleRule):
     """``F.conv_transpose{1,2,3}d``: the adjoint of a convolution (see module doc)."""
 
@@ -538,16 +552,9 @@ class ConvTransposeRule(_ConvMath, PerSampleRule):
         pass
 
     def forward(self, op, args: Mapping[str, Any]) -> Any:
-        return op(
-            args["input"],
-            args["weight"],
-            args["bias"],
-            args["stride"],
-            args["padding"],
-            args["output_padding"],
-            args["groups"],
-            args["dilation"],
-        )
+        n = _sizes(op, args)
+        return op(args["input"], args["weight"], args["bias"], n(args["stride"]), n(args["padding"]),
+                  n(args["output_padding"]), args["groups"], n(args["dilation"]))
 
     def _setup(self, args, grad_output):
         return _transpose_geom(args, grad_output)

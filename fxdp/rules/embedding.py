@@ -165,9 +165,10 @@ def _embedding_norms(idx: Tensor, g: Tensor, V: int, padding_idx: Optional[int])
     src = rep.view(-1).nonzero().squeeze(1)
     if src.numel() == 0:
         return out
-    keys = idx.view(-1)[src] + torch.div(src, L, rounding_mode="floor") * V
+    keys = idx.reshape(-1)[src] + torch.div(src, L, rounding_mode="floor") * V
     uniq, inv = torch.unique(keys, return_inverse=True)
-    sums = _row_sums(uniq.shape[0], inv, g.view(B * L, D).index_select(0, src))
+    # reshape, not view: the output gradient may be a non-contiguous view (a transpose after the embedding)
+    sums = _row_sums(uniq.shape[0], inv, g.reshape(B * L, D).index_select(0, src))
     return out.index_add_(0, torch.div(uniq, V, rounding_mode="floor"), sums.pow(2).sum(1))
 
 
@@ -178,6 +179,7 @@ class EmbeddingRule(PerSampleRule):
     name = "embedding"
     param_args = ("weight",)
     input_arg = "input"
+    folds = True
 
     def signature(self, input, weight, padding_idx=None, max_norm=None, norm_type=2.0,
                   scale_grad_by_freq=False, sparse=False):  # noqa: D401 - binding only
@@ -241,7 +243,7 @@ class EmbeddingRule(PerSampleRule):
         return {"weight": _row_sums(V, idx, rows)}
 
 
-@register_rule(torch.embedding)
+@register_rule(torch.embedding, torch.ops.aten.embedding.default)
 class TorchEmbeddingRule(EmbeddingRule):
     """The ATen form ``torch.embedding(weight, indices, padding_idx=-1,
     scale_grad_by_freq=False, sparse=False)``: a negative ``padding_idx`` means none."""

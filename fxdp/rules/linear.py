@@ -24,15 +24,18 @@ from torch import Tensor, nn
 
 from . import ModuleCall, PerSampleRule, register_module, register_rule
 
+aten = torch.ops.aten
+
 
 def _flat(t: Tensor) -> Tensor:
     """[B, ..., d] -> [B, T, d] (T = product of the middle dims, 1 for rank 2)."""
     return t.reshape(t.shape[0], -1, t.shape[-1])
 
 
-@register_rule(F.linear, torch._C._nn.linear)
+@register_rule(F.linear, torch._C._nn.linear, aten.linear.default)
 class LinearRule(PerSampleRule):
     name = "linear"
+    folds = True
 
     #: ghost norms when 2BT^2(d + p) <= ghost_ratio * 2BTpd, i.e. T(d + p) <= ratio * p d
     ghost_ratio: float = 1.0
@@ -120,3 +123,71 @@ class LinearRule(PerSampleRule):
 @register_module(nn.Linear)
 def _linear_call(m: nn.Linear) -> ModuleCall:
     return ModuleCall(F.linear, params={"weight": "weight", "bias": "bias"})
+
+
+@register_rule(aten.addmm.default)
+class AddmmRule(PerSampleRule):
+    """``addmm(bias, x, W, beta=1, alpha=1) = beta * bias + alpha * x @ W``: a
+    linear layer with the weight stored ``[d, p]`` (Hugging Face GPT-2's
+    ``Conv1D`` after ``x.view(-1, d)``, a folded batch). It is the linear rule on
+    ``W^T`` (the same norms; gradients transposed), scaled by ``alpha``/``beta``."""
+
+    name = "addmm"
+    param_args = ("input", "mat2")
+    input_arg = "mat1"
+    folds = True
+
+    def signature(self, input, mat1, mat2, beta=1, alpha=1):  # noqa: D401 - binding only
+        pass
+
+    def forward(self, op, args: Mapping[str, Any]) -> Any:
+        return op(args["input"], args["mat1"], args["mat2"], beta=args.get("beta", 1), alpha=args.get("alpha", 1))
+
+    def _linear(self, args: Mapping[str, Any], grad_output: Tensor) -> Tuple[Dict[str, Any], Tensor]:
+        alpha = args.get("alpha", 1)
+        return {"input": args["mat1"], "weight": args["mat2"].t()}, (grad_output if alpha == 1 else grad_output * alpha)
+
+    @staticmethod
+    def _names(needs: FrozenSet[str]) -> FrozenSet[str]:
+        return frozenset({"mat2": "weight", "input": "bias"}[n] for n in needs)
+
+    def _back(self, res: Dict[str, Tensor], args: Mapping[str, Any], alpha_applied: bool = True) -> Dict[str, Tensor]:
+        out: Dict[str, Tensor] = {}
+        if "weight" in res:
+            out["mat2"] = res["weight"].transpose(-1, -2)
+        if "bias" in res:
+            beta, alpha = args.get("beta", 1), args.get("alpha", 1)
+            b = res["bias"]
+            out["input"] = b if beta == alpha else b * (beta / alpha)
+        return out
+
+    def grad_sample(self, args: Mapping[str, Any], grad_output: Tensor, needs: FrozenSet[str]) -> Dict[str, Tensor]:
+        la, g = self._linear(args, grad_output)
+        return self._back(_LINEAR.grad_sample(la, g, self._names(needs)), args)
+
+    def norm_sample_sq_keep(
+        self, args: Mapping[str, Any], grad_output: Tensor, needs: FrozenSet[str]
+    ) -> Tuple[Dict[str, Tensor], Dict[str, Tensor]]:
+        la, g = self._linear(args, grad_output)
+        norms, kept = _LINEAR.norm_sample_sq_keep(la, g, self._names(needs))
+        ratio = (args.get("beta", 1) / args.get("alpha", 1)) ** 2
+        if "bias" in norms and ratio != 1:
+            norms["bias"] = norms["bias"] * ratio
+        return {{"weight": "mat2", "bias": "input"}[k]: v for k, v in norms.items()}, self._back(kept, args)
+
+    def norm_sample_sq(self, args: Mapping[str, Any], grad_output: Tensor, needs: FrozenSet[str]) -> Dict[str, Tensor]:
+        return self.norm_sample_sq_keep(args, grad_output, needs)[0]
+
+    def clipped_sum(
+        self, args: Mapping[str, Any], grad_output: Tensor, factors: Tensor, needs: FrozenSet[str]
+    ) -> Dict[str, Tensor]:
+        la, g = self._linear(args, grad_output)
+        return self._back(_LINEAR.clipped_sum(la, g, factors, self._names(needs)), args)
+
+    def bk_plan(self, args: Mapping[str, Any], grad_output: Tensor, needs: FrozenSet[str]) -> Dict[str, str]:
+        la, g = self._linear(args, grad_output)
+        plan = _LINEAR.bk_plan(la, g, self._names(needs))
+        return {{"weight": "mat2", "bias": "input"}[k]: v for k, v in plan.items()}
+
+
+_LINEAR = LinearRule()

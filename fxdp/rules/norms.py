@@ -82,6 +82,8 @@ class _AffineNormRule(PerSampleRule):
 class _TrailingNormRule(_AffineNormRule):
     """Parameters of the normalized (trailing) shape: layer norm, RMS norm."""
 
+    folds = True
+
     def _reduce(self, t: Tensor, args: Mapping[str, Any], name: str) -> Tensor:
         return batch_sum(t, args[name].shape)
 
@@ -109,7 +111,7 @@ class LayerNormRule(_TrailingNormRule):
         return F.layer_norm(args["input"], _shape(args["normalized_shape"]), None, None, args.get("eps", 1e-5))
 
 
-@register_rule(torch.layer_norm)
+@register_rule(torch.layer_norm, torch.ops.aten.layer_norm.default)
 class TorchLayerNormRule(LayerNormRule):
     """``torch.layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5, cudnn_enable=True)``."""
 
@@ -129,7 +131,7 @@ def _layer_norm_call(m: nn.LayerNorm) -> ModuleCall:
 # --------------------------------------------------------------------------- RMS norm
 
 
-@register_rule(F.rms_norm, torch.rms_norm)
+@register_rule(F.rms_norm, torch.rms_norm, torch.ops.aten.rms_norm.default)
 class RMSNormRule(_TrailingNormRule):
     """``F.rms_norm(input, normalized_shape, weight=None, eps=None)`` (``eps=None``:
     the machine epsilon of the input's dtype, as in PyTorch)."""
@@ -167,7 +169,7 @@ class GroupNormRule(_ChannelNormRule):
         return F.group_norm(args["input"], int(args["num_groups"]), None, None, args.get("eps", 1e-5))
 
 
-@register_rule(torch.group_norm)
+@register_rule(torch.group_norm, torch.ops.aten.group_norm.default)
 class TorchGroupNormRule(GroupNormRule):
     """``torch.group_norm(input, num_groups, weight=None, bias=None, eps=1e-5, cudnn_enabled=True)``."""
 
@@ -231,7 +233,7 @@ class InstanceNormRule(_ChannelNormRule):
         return (x - rm) * torch.rsqrt(rv + eps)
 
 
-@register_rule(torch.instance_norm)
+@register_rule(torch.instance_norm, torch.ops.aten.instance_norm.default)
 class TorchInstanceNormRule(InstanceNormRule):
     """``torch.instance_norm(input, weight, bias, running_mean, running_var,
     use_input_stats, momentum, eps, cudnn_enabled)`` (all positional in ATen)."""

@@ -36,8 +36,11 @@ ELEMENTWISE: Dict[Any, str] = {
     operator.sub: "sub", torch.sub: "sub", "sub": "sub",
     operator.mul: "mul", torch.mul: "mul", "mul": "mul", operator.imul: "mul",
     operator.truediv: "div", torch.div: "div", "div": "div", torch.true_divide: "div",
+    # the ATen overloads of a torch.export graph
+    torch.ops.aten.add.Tensor: "add", torch.ops.aten.sub.Tensor: "sub",
+    torch.ops.aten.mul.Tensor: "mul", torch.ops.aten.div.Tensor: "div",
 }
-MATMUL = {operator.matmul, torch.matmul, "matmul"}
+MATMUL = {operator.matmul, torch.matmul, "matmul", torch.ops.aten.matmul.default, torch.ops.aten.mm.default}
 
 
 class ParamCapture(FuncCapture):

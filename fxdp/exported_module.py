@@ -1,0 +1,171 @@
+"""ExportedDPModule: a privatized model captured with ``torch.export``.
+
+Models that symbolic tracing cannot read (Hugging Face transformers, ``*args`` /
+``**kwargs``, optional arguments, hooks) are captured with ``torch.export`` on
+their first training call, once per input structure (which arguments are given,
+their ranks and dtypes, the values of non-tensor arguments); the batch and, where
+the model allows, sequence lengths are symbolic, so one graph serves every batch
+size (0 and 1 included) and length. Each graph is instrumented by the same
+capture pass as a traced model (``fxdp.passes.capture``), with batch dimensions
+read from the symbolic shapes (``fxdp.passes.symbolic_batch``).
+
+In eval mode, or without gradients, the model itself runs (dropout off, as the
+user expects). ``state_dict`` keys and ``Parameter`` objects are the model's.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.fx as fx
+from torch import Tensor, nn
+from torch.utils._pytree import tree_flatten
+
+from .capture import CaptureOp, Recorder
+from .module import DPModule, adopt
+from .passes.batch_dims import input_batch_dim, per_arg
+from .passes.capture import CAPTURES, insert_captures
+from .passes.export_graph import export_graph
+from .errors import UnsupportedOpError, where
+from .passes.symbolic_batch import annotate_batch, batch_symbol, mixing_findings
+
+__all__ = ["ExportedDPModule"]
+
+
+class ExportedDPModule(DPModule):
+    """A ``DPModule`` whose graphs come from ``torch.export`` (see the module docstring)."""
+
+    def __init__(
+        self,
+        root: nn.Module,
+        *,
+        recorder: Recorder,
+        batch_first: bool = True,
+        input_batch_dims: Optional[Sequence[Optional[int]]] = None,
+        class_name: str = "DPModule",
+        rewrites: Optional[List[Any]] = None,
+    ) -> None:
+        graph = fx.Graph()
+        graph.output(None)
+        fx.GraphModule.__init__(self, nn.Module(), graph, class_name)
+        adopt(self, root, {CAPTURES: nn.Module()})
+        self.recorder = recorder
+        self.batch_first = batch_first
+        self.batch_dim: Any = list(input_batch_dims) if input_batch_dims is not None else (0 if batch_first else 1)
+        self._plain_graph = graph
+        self._class_name = class_name
+        self.untraceable: Dict[str, str] = {}
+        self.rewrites: List[Any] = list(rewrites or [])
+        self._batch_dims_cache: Dict[tuple, Dict[str, Any]] = {}
+        object.__setattr__(self, "_source_root", root)
+        object.__setattr__(self, "_original_model", root)  # strip() gives back the model itself
+        #: input structure -> (instrumented graph module, [(flat leaf index, batch dim)])
+        object.__setattr__(self, "_graphs", {})
+
+    # -- inputs ---------------------------------------------------------------------
+    def _leaf_batch_dims(self, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> List[Optional[int]]:
+        dims: List[Optional[int]] = []
+        for arg, bd in zip(args, per_arg(args, self.batch_dim)):
+            for t in tree_flatten(arg)[0]:
+                dims.append(input_batch_dim(t, bd) if isinstance(t, Tensor) else None)
+        default = 0 if self.batch_first else 1
+        for t in tree_flatten(kwargs)[0]:
+            dims.append(input_batch_dim(t, default) if isinstance(t, Tensor) else None)
+        return dims
+
+    @staticmethod
+    def _key(args: Tuple[Any, ...], kwargs: Dict[str, Any], dims: List[Optional[int]]) -> tuple:
+        flat, spec = tree_flatten((args, kwargs))
+        leaves = []
+        for t, d in zip(flat, dims):
+            if isinstance(t, Tensor):
+                leaves.append(("T", t.dtype, t.dim(), t.device.type, d))
+            else:
+                leaves.append(("V", type(t).__name__, repr(t)))
+        return (str(spec), tuple(leaves))
+
+    # -- capture ----------------------------------------------------------------------
+    def _capture(self, args: Tuple[Any, ...], kwargs: Dict[str, Any], dims: List[Optional[int]]) -> tuple:
+        root = self._source_root
+        gm, batched = export_graph(root, args, kwargs, dims)
+        annotate_batch(gm, batch_symbol(gm, batched))
+        _refuse_mixing(gm)
+        captures = insert_captures(gm, self.recorder)
+        _static_batch_dims(gm)
+        container = getattr(self, CAPTURES)
+        prefix = f"g{len(self._graphs)}_" if self._graphs else ""
+        for c in captures:
+            container.add_module(prefix + c.capture_name, c)
+        leaves = [i for i, d in enumerate(dims) if d is not None]
+        return gm, [(i, dims[i]) for i in leaves]
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if not (self.training and torch.is_grad_enabled()):
+            return self._source_root(*args, **kwargs)
+        dims = self._leaf_batch_dims(args, kwargs)
+        key = self._key(args, kwargs, dims)
+        entry = self._graphs.get(key)
+        if entry is None:
+            entry = self._graphs[key] = self._capture(args, kwargs, dims)
+        gm, batched = entry
+        flat = tree_flatten((args, kwargs))[0]
+        B = flat[batched[0][0]].shape[batched[0][1]] if batched else None
+        self.recorder.begin_forward(B, {})
+        return gm(tuple(args), kwargs)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+        return self(*args, **kwargs)
+
+    def capture_example(self, *args: Any, **kwargs: Any) -> None:
+        """Capture the graph for inputs like these now (instead of on the first call)."""
+        dims = self._leaf_batch_dims(args, kwargs)
+        key = self._key(args, kwargs, dims)
+        if key not in self._graphs:
+            self._graphs[key] = self._capture(args, kwargs, dims)
+
+    @property
+    def graphs(self) -> List[fx.GraphModule]:
+        """The instrumented graphs captured so far, one per input structure."""
+        return [g for g, _ in self._graphs.values()]
+
+    def batch_dims_for(self, args: Tuple[Any, ...]) -> Dict[str, Any]:
+        return {}  # static: every capture op carries its symbolic batch dimensions
+
+    def _apply(self, fn: Any, *a: Any, **kw: Any) -> "ExportedDPModule":
+        # .to()/.double() replace buffers: recapture rather than run graphs holding the old ones
+        self._graphs.clear()
+        for name in list(getattr(self, CAPTURES)._modules):
+            delattr(getattr(self, CAPTURES), name)
+        return super()._apply(fn, *a, **kw)
+
+    def __deepcopy__(self, memo: Dict[int, Any]) -> "ExportedDPModule":
+        raise TypeError("an ExportedDPModule cannot be deep-copied; privatize a copy of the model instead")
+
+
+def _static_batch_dims(gm: fx.GraphModule) -> None:
+    """Give every capture op the batch hints of its inputs and outputs (symbolic)."""
+    container = getattr(gm, CAPTURES)
+    for n in gm.graph.nodes:
+        name = n.meta.get("fxdp_capture")
+        if name is None:
+            continue
+        cap: CaptureOp = getattr(container, name)
+        ins = tuple((a.meta.get("fxdp_batch") or [None])[0] if isinstance(a, fx.Node) else None for a in n.args)
+        cap.default_batch_dims = (ins, tuple(n.meta.get("fxdp_batch") or ()))
+
+
+def _refuse_mixing(gm: fx.GraphModule) -> None:
+    """Fail closed: an op through which samples can influence each other is an error."""
+    found = mixing_findings(gm)
+    if not found:
+        return
+    lines = []
+    for n, reason in found[:5]:
+        lines.append(f"  {where(n.meta.get('fxdp_module'), str(n.target), n.meta.get('fxdp_source'))}: {reason}")
+    more = f"\n  ... and {len(found) - 5} more" if len(found) > 5 else ""
+    raise UnsupportedOpError(
+        "samples can influence each other in this model, so per-sample gradients (and the DP guarantee) break:\n"
+        + "\n".join(lines) + more + "\nFix: compute the loss outside the model, per sample (e.g. "
+        "cross_entropy(..., reduction='sum' or 'mean' over the batch) without labels= in the call), and keep "
+        "every op within one sample (no batch statistics, no ops along the batch dimension)."
+    )

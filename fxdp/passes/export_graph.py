@@ -1,0 +1,160 @@
+"""Capture with ``torch.export``: an ATen training graph with a symbolic batch.
+
+The front end of the PT2E flow (``torch.export`` -> passes -> convert) for models
+that symbolic tracing cannot read: optional and keyword arguments, ``*args`` /
+``**kwargs``, hooks, tensors made in ``forward``, parametrizations and
+``ModelOutput`` results all become ordinary nodes of one graph of ATen ops
+(``aten.linear``, ``aten.addmm``, ``aten.embedding``, ``aten.layer_norm``,
+``aten.dropout``, ...). The batch is one symbol shared by every input
+(``Dim("batch")``); other dimensions are ``Dim.AUTO`` (symbolic where the model
+allows, e.g. sequence lengths). Control flow on tensor values or on the batch
+size is an export error, so such a model is refused instead of served.
+
+Each node gets ``meta["fxdp_module"]`` (module path, from ``nn_module_stack``)
+and ``meta["fxdp_source"]`` (the user's ``file:line: code``, from
+``stack_trace``), as the symbolic tracer writes them.
+"""
+from __future__ import annotations
+
+import inspect
+import re
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.fx as fx
+from torch import Tensor, nn
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
+
+from ..errors import UnsupportedModelError
+
+__all__ = ["export_graph", "example_for_export"]
+
+_MIN_EXAMPLE_BATCH = 2  # export specializes sizes 0 and 1
+
+
+def example_for_export(flat: List[Any], batch_dims: List[Optional[int]]) -> List[Any]:
+    """Inputs with at least two samples (a batch of 0 or 1, as Poisson sampling
+    draws them, would be specialized): rows repeated, or zeros for an empty batch."""
+    out = []
+    for t, d in zip(flat, batch_dims):
+        if isinstance(t, Tensor) and d is not None and t.shape[d] < _MIN_EXAMPLE_BATCH:
+            if t.shape[d] == 0:
+                shape = list(t.shape)
+                shape[d] = _MIN_EXAMPLE_BATCH
+                t = torch.zeros(shape, dtype=t.dtype, device=t.device)
+            else:
+                reps = [1] * t.dim()
+                reps[d] = _MIN_EXAMPLE_BATCH
+                t = t.repeat(*reps)
+        out.append(t)
+    return out
+
+
+class ModelCall(nn.Module):
+    """``model(*args, **kwargs)`` with both passed as two plain arguments: one input
+    structure for ``torch.export`` whatever ``forward``'s signature (``*args``,
+    ``**kwargs``, wrappers such as peft's). The graph is called as ``gm(args, kwargs)``."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, args: tuple, kwargs: dict) -> Any:
+        return self.model(*args, **kwargs)
+
+
+def _dynamic_shapes(model: nn.Module, args: tuple, kwargs: dict, dims: Dict[int, Optional[int]]) -> Any:
+    """``dynamic_shapes`` for ``torch.export``: the shared batch Dim at each batched
+    leaf, ``Dim.AUTO`` elsewhere (any input structure: ``**kwargs``, nested dicts)."""
+    from torch.export import Dim, ShapesCollection
+
+    batch = Dim("batch")
+    shapes = ShapesCollection()
+    flat, _ = tree_flatten((args, kwargs))
+    for i, t in enumerate(flat):
+        if isinstance(t, Tensor) and t.dim() > 0:
+            shapes[t] = {k: (batch if k == dims.get(i) else Dim.AUTO) for k in range(t.dim())}
+    return shapes.dynamic_shapes(model, (args, kwargs))
+
+
+def _location(n: fx.Node) -> Optional[str]:
+    trace = n.meta.get("stack_trace")
+    if not trace:
+        return None
+    lines = trace.strip().splitlines()
+    for i in range(len(lines) - 1, -1, -1):
+        m = re.match(r'\s*File "([^"]+)", line (\d+)', lines[i])
+        if m:
+            code = lines[i + 1].strip() if i + 1 < len(lines) else ""
+            return f"{m.group(1)}:{m.group(2)}" + (f": {code}" if code else "")
+    return None
+
+
+def _annotate(gm: fx.GraphModule) -> None:
+    for n in gm.graph.nodes:
+        stack = n.meta.get("nn_module_stack") or {}
+        path = ""
+        if stack:
+            path = list(stack.values())[-1][0]
+            path = "" if path in ("", "L['self']") else re.sub(r"^L\['self'\]\.?", "", path)
+            path = re.sub(r"^model\.?", "", path)  # ModelCall's attribute
+        n.meta["fxdp_module"] = path
+        src = _location(n)
+        if src is not None:
+            n.meta["fxdp_source"] = src
+
+
+def _explain(e: Exception, model: nn.Module) -> UnsupportedModelError:
+    text = str(e).strip()
+    first = "\n".join(text.splitlines()[:8])
+    name = type(model).__name__
+    if "batch" in text and ("specializ" in text or "Constraints violated" in text):
+        fix = ("the model's computation depends on the batch size (a branch on x.shape[0], or a size fixed to the "
+               "batch), so one sample's output depends on how many others are in the batch. Fix: make forward "
+               "independent of the batch size")
+    elif "data-dependent" in text.lower() or "GuardOnDataDependent" in type(e).__name__:
+        fix = ("the model branches on tensor values (e.g. `if x.mean() > 0`); such a branch can depend on other "
+               "samples and cannot be analysed. Fix: compute both branches and select with torch.where, or "
+               "torch.cond")
+    else:
+        fix = ("torch.export cannot capture it. Fix: make forward exportable (see the torch.export docs), or "
+               "privatize the submodules that hold the trainable parameters")
+    return UnsupportedModelError(f"cannot capture {name} with torch.export: {fix}.\n  {type(e).__name__}: {first}")
+
+
+def export_graph(
+    model: nn.Module, args: tuple, kwargs: dict, batch_dims: List[Optional[int]]
+) -> Tuple[fx.GraphModule, List[Tuple[int, Optional[int]]]]:
+    """Export ``model(*args, **kwargs)`` (non-strict, training IR, dynamic batch).
+
+    ``batch_dims``: the batch dimension of each flattened input leaf (``None``:
+    none). Returns the unlifted graph module (parameters as ``get_attr`` of the
+    model's own ``Parameter`` objects) and ``(placeholder index, batch dim)`` of
+    the batched inputs."""
+    flat, spec = tree_flatten((args, kwargs))
+    ex_args, ex_kwargs = tree_unflatten(example_for_export(flat, batch_dims), spec)
+    dims = {i: d for i, d in enumerate(batch_dims) if d is not None}
+    try:
+        call = ModelCall(model)
+        ex = (tuple(ex_args), dict(ex_kwargs))
+        ep = torch.export.export(call, ex, dynamic_shapes=_dynamic_shapes(call, *ex, dims), strict=False)
+    except UnsupportedModelError:
+        raise
+    except Exception as e:  # export errors come in many types
+        raise _explain(e, model) from e
+    gm = ep.module()
+    _annotate(gm)
+    tensor_leaves = [i for i, t in enumerate(flat) if isinstance(t, Tensor)]
+    phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    # placeholders follow the flattened inputs; non-tensor leaves are constants of the graph
+    batched: List[Tuple[int, Optional[int]]] = []
+    if len(phs) == len(flat):
+        batched = [(i, batch_dims[i]) for i in range(len(flat)) if batch_dims[i] is not None]
+    else:
+        k = 0
+        for i in range(len(flat)):
+            if i in tensor_leaves:
+                if batch_dims[i] is not None:
+                    batched.append((k, batch_dims[i]))
+                k += 1
+    return gm, batched

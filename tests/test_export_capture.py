@@ -1,0 +1,144 @@
+"""The torch.export front end on models symbolic tracing cannot read: exact where it
+captures, and fail closed where samples could influence each other."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import fxdp
+from fxdp.exported_module import ExportedDPModule
+
+
+def _per_sample_ok(model, x, **call):
+    dp = fxdp.privatize(model, loss_reduction="sum", capture="export")
+    assert isinstance(dp, ExportedDPModule)
+    dp(x, **call).pow(2).sum().backward()
+    got = {n: p.grad_sample for n, p in model.named_parameters()}
+    for i in range(x.shape[0]):
+        model.zero_grad()
+        model(x[i:i + 1], **call).pow(2).sum().backward()
+        for n, p in model.named_parameters():
+            torch.testing.assert_close(got[n][i], p.grad, rtol=1e-6, atol=1e-10)
+    return dp
+
+
+class KwargsAndOptional(nn.Module):
+    """Optional argument, **kwargs, a tensor made in forward, a keyword call of a
+    submodule, a learned position table sliced to the length and a forward hook."""
+
+    def __init__(self):
+        super().__init__()
+        self.l = nn.Linear(4, 4)
+        self.pos = nn.Parameter(torch.randn(1, 16, 4))
+        self.head = nn.Linear(4, 2)
+        self.head.register_forward_hook(lambda m, i, o: o * 2)
+
+    def forward(self, x, hidden=None, **kwargs):
+        scale = torch.tensor([0.5, 1.0, 1.5, 2.0], dtype=x.dtype)
+        h = self.l(input=x) * scale + self.pos[:, : x.shape[1]]
+        if hidden is not None:
+            h = h + hidden
+        return self.head(torch.tanh(h))
+
+
+def test_real_python_forward_is_captured_and_exact(f64):
+    torch.manual_seed(0)
+    dp = _per_sample_ok(KwargsAndOptional().double(), torch.randn(5, 6, 4))
+    # the hook ran in the DP model too (outputs equal the model's)
+    x = torch.randn(3, 6, 4)
+    torch.testing.assert_close(dp(x), dp._source_root(x))
+
+
+def test_batch_of_one_and_empty_batches_run_on_the_same_graph(f64):
+    torch.manual_seed(1)
+    model = KwargsAndOptional().double()
+    dp = fxdp.privatize(model, loss_reduction="sum", capture="export")
+    for B in (4, 1, 0, 3):
+        dp.zero_grad()
+        dp(torch.randn(B, 5 + B, 4)).sum().backward()
+        assert model.l.weight.grad_sample.shape == (B, 4, 4)
+    assert len(dp.graphs) == 1  # one symbolic graph for every batch size and length
+
+
+class BranchOnData(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.l = nn.Linear(4, 4)
+
+    def forward(self, x, **kw):
+        return self.l(x) if x.mean() > 0 else -self.l(x)
+
+
+class BranchOnBatchSize(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.l = nn.Linear(4, 4)
+
+    def forward(self, x, **kw):
+        return self.l(x) * (2.0 if x.shape[0] > 4 else 1.0)
+
+
+class CenterOverBatch(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.l = nn.Linear(4, 4)
+
+    def forward(self, x, **kw):
+        return self.l(x - x.mean(0))
+
+
+class ShiftBatch(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.l = nn.Linear(4, 4)
+
+    def forward(self, x, **kw):
+        return self.l(torch.roll(x, 1, 0))
+
+
+@pytest.mark.parametrize("model, match", [
+    (BranchOnData, "branches on tensor values"),
+    (BranchOnBatchSize, "depends on the batch size"),
+    (CenterOverBatch, "batch-reduction"),
+    (ShiftBatch, "along the batch dimension"),
+])
+def test_samples_mixing_is_refused_with_its_location(model, match):
+    """On the export path, where samples can influence each other, the DP model
+    refuses at capture (the first call), naming the op."""
+    torch.manual_seed(2)
+    dp = fxdp.privatize(model(), capture="export")
+    with pytest.raises(fxdp.FxdpError, match=match):
+        dp(torch.randn(6, 4))
+
+
+def test_folded_batch_linear_is_exact(f64):
+    """GPT-2's Conv1D: x.view(-1, d) then addmm with a [d, p] weight."""
+
+    class Conv1D(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(4, 3))
+            self.bias = nn.Parameter(torch.randn(3))
+
+        def forward(self, x, **kw):
+            out = torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight)
+            return out.view(x.shape[:-1] + (3,))
+
+    torch.manual_seed(3)
+    dp = _per_sample_ok(Conv1D().double(), torch.randn(5, 7, 4))
+    assert [c.rule_name() for c in dp.captures] == ["addmm"]
+
+
+def test_batch_minor_fold_is_refused():
+    class SeqFirstFold(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l = nn.Linear(4, 3)
+
+        def forward(self, x, **kw):  # [B, T, d] -> [T, B, d] -> [T*B, d]: rows of one sample are apart
+            return self.l(x.transpose(0, 1).reshape(-1, 4))
+
+    dp = fxdp.privatize(SeqFirstFold(), capture="export")
+    with pytest.raises(fxdp.BatchDimensionError, match="folds the batch"):
+        dp(torch.randn(5, 7, 4)).sum().backward()

@@ -1,0 +1,184 @@
+"""Real architectures as users have them: Hugging Face transformers and a peft LoRA
+model, built from small configs with random weights (no download), handed to fxdp
+as they are (keyword inputs, ``ModelOutput`` results, default dropout).
+
+Each model: ``privatize`` captures it with ``torch.export`` (symbolic tracing
+cannot read these models), no parameter is served by the ``torch.func``
+fallback, per-sample gradients equal each sample's gradient computed alone
+(float64, rtol 1e-6), and ``make_private`` trains three Poisson steps.
+"""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import fxdp
+from fxdp.exported_module import ExportedDPModule
+
+transformers = pytest.importorskip("transformers")
+
+V, B, T = 97, 4, 7
+
+
+def _bert(p=0.1):
+    cfg = transformers.BertConfig(hidden_dropout_prob=p, attention_probs_dropout_prob=p, vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                  intermediate_size=48, max_position_embeddings=32, num_labels=3)
+    return transformers.BertForSequenceClassification(cfg), "cls"
+
+
+def _roberta(p=0.1):
+    cfg = transformers.RobertaConfig(hidden_dropout_prob=p, attention_probs_dropout_prob=p, vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=48, max_position_embeddings=40, num_labels=3)
+    return transformers.RobertaForSequenceClassification(cfg), "cls"
+
+
+def _distilbert(p=0.1):
+    cfg = transformers.DistilBertConfig(dropout=p, attention_dropout=p, seq_classif_dropout=p, vocab_size=V, dim=32, n_layers=2, n_heads=2, hidden_dim=48,
+                                        max_position_embeddings=32, num_labels=3)
+    return transformers.DistilBertForSequenceClassification(cfg), "cls"
+
+
+def _gpt2(p=0.1):
+    cfg = transformers.GPT2Config(resid_pdrop=p, embd_pdrop=p, attn_pdrop=p, vocab_size=V, n_embd=32, n_layer=2, n_head=2, n_positions=32, use_cache=False)
+    return transformers.GPT2LMHeadModel(cfg), "lm"
+
+
+def _llama(p=0.0):
+    cfg = transformers.LlamaConfig(attention_dropout=p, vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                   num_key_value_heads=1, intermediate_size=48, max_position_embeddings=32,
+                                   use_cache=False)
+    return transformers.LlamaForCausalLM(cfg), "lm"
+
+
+def _t5(p=0.1):
+    cfg = transformers.T5Config(dropout_rate=p, vocab_size=V, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=2,
+                                use_cache=False, decoder_start_token_id=0)
+    return transformers.T5ForConditionalGeneration(cfg), "seq2seq"
+
+
+def _vit(p=0.1):
+    cfg = transformers.ViTConfig(hidden_dropout_prob=p, attention_probs_dropout_prob=p, image_size=16, patch_size=4, num_channels=3, hidden_size=32, num_hidden_layers=2,
+                                 num_attention_heads=2, intermediate_size=48, num_labels=3)
+    return transformers.ViTForImageClassification(cfg), "image"
+
+
+def _lora_gpt2(p=0.1):
+    peft = pytest.importorskip("peft")
+    model, _ = _gpt2(p)
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj"], lora_dropout=p,
+                          fan_in_fan_out=True)
+    return peft.get_peft_model(model, cfg), "lm"
+
+
+ZOO = {"bert": _bert, "roberta": _roberta, "distilbert": _distilbert, "gpt2": _gpt2, "llama": _llama,
+       "t5": _t5, "vit": _vit, "lora-gpt2": _lora_gpt2}
+
+
+def _inputs(kind: str, n: int, g: torch.Generator):
+    if kind == "image":
+        return {"pixel_values": torch.randn(n, 3, 16, 16, generator=g, dtype=torch.get_default_dtype())}
+    ids = torch.randint(3, V, (n, T), generator=g)
+    mask = torch.ones(n, T, dtype=torch.long)
+    mask[1 % n, T - 2:] = 0  # padding in one sample
+    x = {"input_ids": ids, "attention_mask": mask}
+    if kind == "seq2seq":
+        x["decoder_input_ids"] = torch.randint(3, V, (n, 5), generator=g)
+    return x
+
+
+def _loss(kind: str, out, x, y):
+    """A per-sample-sum loss computed outside the model (the model's own labels= loss
+    averages over the whole batch's tokens)."""
+    logits = out.logits
+    if kind in ("lm", "seq2seq"):
+        return nn.functional.cross_entropy(logits.flatten(0, -2), y.flatten(), reduction="sum")
+    return nn.functional.cross_entropy(logits, y, reduction="sum")
+
+
+def _targets(kind: str, x, g):
+    if kind == "lm":
+        return x["input_ids"]
+    if kind == "seq2seq":
+        return x["decoder_input_ids"]
+    return torch.randint(0, 3, (next(iter(x.values())).shape[0],), generator=g)
+
+
+@pytest.mark.parametrize("name", sorted(ZOO))
+def test_per_sample_gradients_equal_batch_of_one(name, f64):
+    torch.manual_seed(0)
+    model, kind = ZOO[name](0.0)  # no dropout: the batch and each sample alone draw different masks
+    model = model.double().train()
+    g = torch.Generator().manual_seed(1)
+    x = _inputs(kind, B, g)
+    y = _targets(kind, x, g)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback warning
+        dp = fxdp.privatize(model, loss_reduction="sum")
+        assert isinstance(dp, ExportedDPModule)
+        _loss(kind, dp(**x), x, y).backward()
+    assert not [c for c in dp.captures if c.kind == "functorch"], dp.capture_table()
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    got = {n: p.grad_sample for n, p in trainable.items()}
+    assert all(v is not None and v.shape == (B,) + p.shape for (n, p), v in zip(trainable.items(), got.values()))
+    for i in range(B):
+        model.zero_grad()
+        xi = {k: v[i:i + 1] for k, v in x.items()}
+        _loss(kind, model(**xi), xi, y[i:i + 1]).backward()
+        for n, p in trainable.items():
+            want = p.grad if p.grad is not None else torch.zeros_like(p)
+            torch.testing.assert_close(got[n][i], want, rtol=1e-6, atol=1e-9, msg=f"{name}: {n}, sample {i}")
+
+
+@pytest.mark.parametrize("name", sorted(ZOO))
+def test_make_private_trains_three_poisson_steps_with_default_dropout(name):
+    torch.manual_seed(0)
+    model, kind = ZOO[name]()
+    model.train()
+    g = torch.Generator().manual_seed(2)
+    N = 24
+    x = _inputs(kind, N, g)
+    y = _targets(kind, x, g)
+    keys = sorted(x)
+
+    class DS(torch.utils.data.Dataset):
+        def __len__(self):
+            return N
+
+        def __getitem__(self, i):
+            return tuple(x[k][i] for k in keys) + (y[i],)
+
+    loader = torch.utils.data.DataLoader(DS(), batch_size=8)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    engine = fxdp.PrivacyEngine(accountant="rdp")
+    dp, opt, dl = engine.make_private(module=model, optimizer=opt, data_loader=loader, noise_multiplier=1.0,
+                                      max_grad_norm=1.0, poisson_sampling=True,
+                                      example_inputs=None, verify_first_step=False)
+    steps = 0
+    for batch in dl:
+        xb = dict(zip(keys, batch[:-1]))
+        opt.zero_grad()
+        out = dp(**xb)
+        loss = _loss(kind, out, xb, batch[-1]) / max(1, batch[-1].shape[0])
+        loss.backward()
+        opt.step()
+        steps += 1
+    assert steps == 3
+    assert engine.get_epsilon(1e-5) > 0
+    moved = [n for n, p in model.named_parameters() if p.requires_grad and not torch.equal(p, before[n])]
+    assert len(moved) == len(before)
+
+
+def test_labels_loss_inside_forward_is_refused_with_the_fix():
+    """HF's labels= loss averages over every token of the batch: each sample's
+    gradient then depends on the others' token counts."""
+    torch.manual_seed(0)
+    model, kind = _gpt2()
+    g = torch.Generator().manual_seed(3)
+    x = _inputs(kind, B, g)
+    dp = fxdp.privatize(model)
+    with pytest.raises(fxdp.UnsupportedModelError, match="loss"):
+        dp(**x, labels=x["input_ids"]).loss.backward()
