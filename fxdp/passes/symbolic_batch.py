@@ -160,11 +160,6 @@ def _row_preserving(n: fx.Node) -> bool:
     return t in _ROW_OPS or torch.Tag.pointwise in getattr(t, "tags", ())
 
 
-def first_batched_hint(node: fx.Node) -> Optional[Any]:
-    hints = node.meta.get("fxdp_batch") or [None]
-    return hints[0]
-
-
 # --------------------------------------------------------------------------- mixing
 #: ops that combine the entries of a dimension: along the batch they mix samples
 _ALONG_DIM = {
