@@ -101,3 +101,17 @@ def grad_output(out: Tensor, r: Tensor, scale: float) -> Tensor:
     loss = sum(sample_loss(out[i], r[i]) for i in range(out.shape[0])) * scale
     (g,) = torch.autograd.grad(loss, out)
     return g
+
+
+def clipped_sums_materialized(dp, x, w, bounds, per_layer):
+    """Reference clipped sums from materialized ``grad_sample`` (loss: mean of ``w * dp(x)``),
+    flat (``bounds`` a float) or per layer (a list, one bound per trainable parameter)."""
+    dp(x).mul(w).sum().div(x.shape[0]).backward()
+    params = [p for p in dp.parameters() if p.requires_grad]
+    gs = [p.grad_sample for p in params]
+    if per_layer:
+        fac = [(bounds[j] / (g.flatten(1).norm(dim=1) + 1e-6)).clamp(max=1) for j, g in enumerate(gs)]
+    else:
+        tot = torch.stack([g.flatten(1).norm(dim=1) for g in gs], 1).norm(dim=1)
+        fac = [(bounds / (tot + 1e-6)).clamp(max=1)] * len(gs)
+    return [torch.einsum("b,b...->...", f, g) for f, g in zip(fac, gs)]

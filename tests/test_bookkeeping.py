@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fxdp
-from oracle import quiet_privatize, use_float64
+from oracle import clipped_sums_materialized, quiet_privatize, use_float64
 from fxdp.capture import ClipConfig
 from fxdp.optim import DPOptimizer
 from test_privatize import Nested, RawParams, TiedLM
@@ -53,18 +53,6 @@ MODELS = {
 }
 
 
-def _materialized(dp, x, w, bounds, per_layer):
-    dp(x).mul(w).sum().div(x.shape[0]).backward()
-    params = [p for p in dp.parameters() if p.requires_grad]
-    gs = [p.grad_sample for p in params]
-    if per_layer:
-        fac = [(bounds[j] / (g.flatten(1).norm(dim=1) + 1e-6)).clamp(max=1) for j, g in enumerate(gs)]
-    else:
-        tot = torch.stack([g.flatten(1).norm(dim=1) for g in gs], 1).norm(dim=1)
-        fac = [(bounds / (tot + 1e-6)).clamp(max=1)] * len(gs)
-    return [torch.einsum("b,b...->...", f, g) for f, g in zip(fac, gs)]
-
-
 @pytest.mark.parametrize("name", sorted(MODELS))
 @pytest.mark.parametrize("per_layer", [False, True])
 def test_bk_clipped_sums_equal_materialized(name, per_layer):
@@ -77,7 +65,7 @@ def test_bk_clipped_sums_equal_materialized(name, per_layer):
     w = torch.randn_like(dpm(x))
     nparams = len([p for p in dpb.parameters() if p.requires_grad])
     bounds = [0.05 * (j + 1) for j in range(nparams)] if per_layer else 0.3
-    expected = _materialized(dpm, x, w, bounds, per_layer)
+    expected = clipped_sums_materialized(dpm, x, w, bounds, per_layer)
     pb = [p for p in dpb.parameters() if p.requires_grad]
     if per_layer:
         dpb.recorder.clipping = ClipConfig(bounds=lambda: {id(p): c for p, c in zip(pb, bounds)}, per_layer=True)

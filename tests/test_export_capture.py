@@ -7,19 +7,18 @@ import torch
 from torch import nn
 
 import fxdp
+from fxdp.capture import ClipConfig
 from fxdp.exported_module import ExportedDPModule
+from oracle import assert_grad_samples_match, batch_of_one_grads, clipped_sums_materialized
 
 
 def _per_sample_ok(model, x, **call):
+    """privatize on the export path; grad_sample == each sample alone (float64, rtol 1e-6)."""
     dp = fxdp.privatize(model, loss_reduction="sum", capture="export")
     assert isinstance(dp, ExportedDPModule)
     dp(x, **call).pow(2).sum().backward()
-    got = {n: p.grad_sample for n, p in model.named_parameters()}
-    for i in range(x.shape[0]):
-        model.zero_grad()
-        model(x[i:i + 1], **call).pow(2).sum().backward()
-        for n, p in model.named_parameters():
-            torch.testing.assert_close(got[n][i], p.grad, rtol=1e-6, atol=1e-10)
+    assert not [c for c in dp.captures if c.kind == "functorch"], dp.capture_table()
+    assert_grad_samples_match(model, batch_of_one_grads(model, [x], lambda out, i: out.pow(2).sum()))
     return dp
 
 
@@ -142,3 +141,75 @@ def test_batch_minor_fold_is_refused():
     dp = fxdp.privatize(SeqFirstFold(), capture="export")
     with pytest.raises(fxdp.BatchDimensionError, match="folds the batch"):
         dp(torch.randn(5, 7, 4)).sum().backward()
+
+
+# -- every ATen rule on the export path: batch-of-one exactness and book-keeping ---------------------
+
+
+class ConvStack(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(2, 4, 3, padding="same")
+        self.gn = nn.GroupNorm(2, 4)
+        self.c2 = nn.Conv2d(4, 4, 3, stride=2, groups=2, bias=False)
+        self.inorm = nn.InstanceNorm2d(4, affine=True)
+        self.up = nn.ConvTranspose2d(4, 2, 2, stride=2, output_padding=1)
+        self.c3 = nn.Conv1d(2, 3, 2)
+
+    def forward(self, x, **kw):
+        h = self.up(torch.relu(self.inorm(self.c2(torch.relu(self.gn(self.c1(x)))))))
+        return self.c3(h.flatten(2)[..., :20])
+
+
+class SeqStack(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(11, 6, padding_idx=0)
+        self.ln = nn.LayerNorm(6)
+        self.rms = nn.RMSNorm(6)
+        self.w = nn.Parameter(torch.randn(6, 5))
+        self.b = nn.Parameter(torch.randn(5))
+        self.scale = nn.Parameter(torch.randn(5))
+
+    def forward(self, t, **kw):
+        h = self.rms(self.ln(self.emb(t)))
+        h2 = torch.addmm(self.b, h.reshape(-1, 6), self.w, beta=0.5, alpha=2.0).view(t.shape + (5,))
+        return (h2 * self.scale) @ self.w.t()
+
+
+EXPORT_MODELS = {
+    "conv": (ConvStack, lambda: torch.randn(4, 2, 7, 7)),
+    "seq": (SeqStack, lambda: torch.randint(0, 11, (5, 6))),
+    "kwargs": (KwargsAndOptional, lambda: torch.randn(4, 6, 4)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(EXPORT_MODELS))
+def test_aten_rules_equal_batch_of_one(name, f64):
+    torch.manual_seed(4)
+    cls, make_x = EXPORT_MODELS[name]
+    _per_sample_ok(cls(), make_x())
+
+
+@pytest.mark.parametrize("name", sorted(EXPORT_MODELS))
+@pytest.mark.parametrize("per_layer", [False, True])
+def test_bk_clipped_sums_equal_materialized_on_the_export_path(name, per_layer, f64):
+    torch.manual_seed(5)
+    cls, make_x = EXPORT_MODELS[name]
+    model, x = cls(), make_x()
+    dpm = fxdp.privatize(model, capture="export")
+    w = torch.randn_like(dpm(x))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    bounds = [0.05 * (j + 1) for j in range(len(trainable))] if per_layer else 0.3
+    expected = clipped_sums_materialized(dpm, x, w, bounds, per_layer)
+    dpb = fxdp.privatize(model, capture="export", grad_sample_mode="bk")
+    if per_layer:
+        dpb.recorder.clipping = ClipConfig(bounds=lambda: {id(p): c for p, c in zip(trainable, bounds)},
+                                           per_layer=True)
+    else:
+        dpb.recorder.clipping = ClipConfig(bounds=lambda: bounds)
+    for p in trainable:
+        p.grad = None
+    dpb(x).mul(w).sum().div(x.shape[0]).backward()
+    for p, e in zip(trainable, expected):
+        torch.testing.assert_close(dpb.recorder.clipped[id(p)], e, rtol=1e-9, atol=1e-12)

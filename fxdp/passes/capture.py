@@ -349,7 +349,7 @@ class _CaptureBuilder:
         for x in attrs:
             env[x] = sub.placeholder(x.name)
         for x in region:
-            if x.op != "get_attr" and x not in shapes:
+            if x.op != "get_attr":
                 env[x] = sub.node_copy(x, env.__getitem__)
         sub.output(sub.node_copy(n, env.__getitem__))
         fn = fx.GraphModule(self.gm, sub, "ParamUse")

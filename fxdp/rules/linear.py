@@ -151,7 +151,7 @@ class AddmmRule(PerSampleRule):
     def _names(needs: FrozenSet[str]) -> FrozenSet[str]:
         return frozenset({"mat2": "weight", "input": "bias"}[n] for n in needs)
 
-    def _back(self, res: Dict[str, Tensor], args: Mapping[str, Any], alpha_applied: bool = True) -> Dict[str, Tensor]:
+    def _back(self, res: Dict[str, Tensor], args: Mapping[str, Any]) -> Dict[str, Tensor]:
         out: Dict[str, Tensor] = {}
         if "weight" in res:
             out["mat2"] = res["weight"].transpose(-1, -2)
