@@ -406,3 +406,35 @@ def test_tag_algebra():
     w = bm.const((4, 5))
     assert bm.is_clean(an._einsum_tags("bk,kn->bn", [x, w], (3, 5)), 0, 3)
     assert not bm.is_clean(an._einsum_tags("bk,bn->kn", [x, x[:, :1].expand(3, 5)], (4, 5)), None, 3)
+
+
+class ChunkCat(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 6)
+
+    def forward(self, h):
+        return self.fc(torch.cat(h.chunk(3, 1), 1))  # a permutation within each sample
+
+
+class ShiftedRows(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        h = self.fc(x)
+        return h.repeat(2, 1)[1:h.shape[0] + 1]  # row i is sample i+1's
+
+
+def test_cat_of_chunks_within_a_sample_is_clean():
+    r = fxdp.check(ChunkCat(), (torch.randn(5, 6),))
+    assert r.ok and not r.errors, str(r)
+
+
+def test_an_op_the_analysis_cannot_process_is_an_error_not_a_pass():
+    """Fail closed: an internal analysis failure must not leave report.ok True."""
+    r = fxdp.check(ShiftedRows(), (torch.randn(5, 4),))
+    assert not r.ok
+    assert [f.code for f in r.errors] == ["analysis-error"]
+    assert r.errors[0].line == line_of(ShiftedRows, "repeat(2, 1)")

@@ -51,6 +51,10 @@ NO, MIX = 0, -1  # tag values: no sample / several samples; sample s is s + 1
 _BIG = 2**62
 
 
+def _holds_tensor(v: Any) -> bool:
+    return isinstance(v, Tensor) or (isinstance(v, (tuple, list)) and bool(v) and all(isinstance(t, Tensor) for t in v))
+
+
 class _NoTag:
     """Tag of a non-tensor value (ints, shapes, dtypes)."""
 
@@ -622,9 +626,13 @@ class BatchMixingAnalysis:
                 self.tags[n] = self._assume(n, out)
             except Exception:
                 self.tags[n] = tree_map(lambda v: const(v.shape) if isinstance(v, Tensor) else NT, out)
-            self.add(n, "unknown-op", "warning",
-                     f"the analysis could not process {op_name(n)} ({type(e).__name__}: {e}); it could not be "
-                     "proven to keep samples apart", "run fxdp.verify(model, example_inputs) to test it dynamically")
+            # fail closed: what the analysis cannot process is not proven safe, so it is an error
+            self.add(n, "analysis-error", "error",
+                     f"the analysis could not process {op_name(n)} ({type(e).__name__}: {e}), so it could not "
+                     "prove that samples stay apart",
+                     "rewrite this line with ops that keep each sample in its own row (or run "
+                     "fxdp.verify(model, example_inputs) to test it dynamically, then ignore=[this finding] if "
+                     "you accept it)")
 
     def _visit_node(self, n: fx.Node, out: Any, run: _Run, state: Any) -> None:
         s1 = run.shapes[n.name]
@@ -1066,8 +1074,9 @@ class BatchMixingAnalysis:
         def sub(a: Any, role: Any) -> Any:
             if role in index_role:
                 return self.I(a)
+            # a node holding tensors (one, or a tuple such as chunk's result) stands for its tags
             return fx.node.map_aggregate(
-                a, lambda x: self.tags[x] if isinstance(x, fx.Node) and isinstance(self.env.get(x), Tensor)
+                a, lambda x: self.tags[x] if isinstance(x, fx.Node) and _holds_tensor(self.env.get(x))
                 else (self.env[x] if isinstance(x, fx.Node) else x)
             )
 
