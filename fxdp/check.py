@@ -201,6 +201,7 @@ def check(
     rewrite_options: Optional[Dict[str, Any]] = None,
     leaf_modules: Iterable[type] = (),
     dynamic: bool = False,
+    example_kwargs: Optional[Dict[str, Any]] = None,
 ) -> CompatibilityReport:
     """Report whether ``model`` can be trained with DP-SGD through ``fxdp.privatize``.
 
@@ -220,6 +221,13 @@ def check(
         leaf_modules: module classes to keep whole (as in privatize).
         dynamic: also run :func:`fxdp.verify` (perturb one sample, compare the
             others) and report a failure as an error.
+        example_kwargs: keyword inputs of ``forward`` (``input_ids=``,
+            ``attention_mask=`` of a Hugging Face model), batched like the others.
+
+    Models that symbolic tracing cannot read completely are analysed on the
+    graph ``privatize`` runs for them: the ``torch.export`` graph
+    (``fxdp.passes.symbolic_batch.mixing_findings``), where whatever cannot be
+    captured is an error.
 
     Returns:
         A :class:`fxdp.report.CompatibilityReport`; ``report.ok`` is False when any
@@ -235,8 +243,9 @@ def check(
     if not isinstance(batch_first, bool):
         raise TypeError(f"batch_first must be True or False, got {batch_first!r}")
     args = (example_inputs,) if isinstance(example_inputs, Tensor) else tuple(example_inputs)
+    kwargs = dict(example_kwargs or {})
     batch_dim = 0 if batch_first else 1
-    B0 = _batch_size(args, batch_dim)
+    B0 = _batch_size(list(args) + list(kwargs.values()), batch_dim)
     if B0 < 1:
         raise ValueError("example_inputs need at least one sample")
     if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
@@ -245,12 +254,13 @@ def check(
     ignores = list(ignore)
     with small_model_threads(model):
         return _check(model, args, batch_dim, B0, batch_size, outer, ignores, rewrite_options, leaf_modules,
-                      dynamic, batch_first, t0)
+                      dynamic, batch_first, t0, kwargs)
 
 
 def _check(model: nn.Module, args: Tuple[Any, ...], batch_dim: int, B0: int, batch_size: Optional[int],
            outer: Set[Tuple[str, int]], ignores: List[Ignore], rewrite_options: Optional[Dict[str, Any]],
-           leaf_modules: Iterable[type], dynamic: bool, batch_first: bool, t0: float) -> CompatibilityReport:
+           leaf_modules: Iterable[type], dynamic: bool, batch_first: bool, t0: float,
+           kwargs: Optional[Dict[str, Any]] = None) -> CompatibilityReport:
     from .privatize import apply_rewrites
 
     state = _State(model)
@@ -266,13 +276,16 @@ def _check(model: nn.Module, args: Tuple[Any, ...], batch_dim: int, B0: int, bat
         root, frozen_bn = _keep_frozen_batchnorms(model, root, rewrites)
         tracer = _CheckTracer(leaf_modules=leaf_modules)
         try:
-            gm = trace(root, tracer)
+            gm = trace(root, tracer) if not kwargs else None
         except Exception as e:
             gm = None
             whole_error = e
-        if gm is None:
-            findings = [_untraceable_model(model, whole_error, outer)] + [_refusal(m) for m in refusals]
-            layers = _layers(root, None, rewrites, batch_size or B0, whole=True)
+        if gm is None or (gm.meta.get("fxdp_untraceable") and not frozen_bn):
+            # privatize captures this model with torch.export: analyse that graph
+            state.restore()
+            findings, layers = _check_exported(root, args, kwargs or {}, batch_dim, rewrites, batch_size or B0,
+                                               outer)
+            findings += [_refusal(m) for m in refusals]
         else:
             raw += _proxy_assignments(state, model, root)
             raw += _eager_updates(gm, state.changed())
@@ -294,6 +307,10 @@ def _check(model: nn.Module, args: Tuple[Any, ...], batch_dim: int, B0: int, bat
                              plans=_bk_plans(gm, cap_nodes, result) if captures is not None else None)
             findings = [_finding(f, loc, outer) for f, loc in raw] + [_refusal(m) for m in refusals]
             findings += [_autograd_function(*a, outer) for a in tracer.autograd_functions]
+            if cap_error is not None and not isinstance(cap_error, FxdpError):
+                # privatize serves this model through torch.export instead: report that graph's analysis
+                findings, layers = _check_exported(root, args, {}, batch_dim, rewrites, batch_size or B0, outer)
+                findings += [_refusal(m) for m in refusals]
         if dynamic:
             findings.append(_dynamic(model, args, batch_first, dict(rewrite_options or {})))
         if not model.training:
@@ -827,3 +844,43 @@ class _CallableModule(types.ModuleType):
 
 
 sys.modules[__name__].__class__ = _CallableModule
+
+
+def _check_exported(root: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any], batch_dim: int,
+                    rewrites: List[Any], batch_size: int,
+                    outer: Set[Tuple[str, int]]) -> Tuple[List[Finding], List[LayerInfo]]:
+    """Findings and layer table from the ``torch.export`` graph privatize runs."""
+    from .exported_module import exported_graph, instrument, leaf_batch_dims
+    from .passes.symbolic_batch import mixing_findings
+
+    def finding(node: Optional[fx.Node], code: str, problem: str, fix: str) -> Finding:
+        src = node.meta.get("fxdp_source") if node is not None else None
+        file, line, text = _parse_source(src, outer)
+        return Finding("error", code, str(node.target) if node is not None else type(root).__name__,
+                       node.name if node is not None else "", str(node.meta.get("fxdp_module") or "")
+                       if node is not None else "", file, line, text, problem, fix)
+
+    dims = leaf_batch_dims(args, kwargs, batch_dim, batch_dim)
+    try:
+        gm = exported_graph(root, args, kwargs, dims)
+    except FxdpError as e:  # cannot be captured: an error, never a pass, at the line that stops export
+        msg = str(e)
+        problem, _, rest = msg.partition(". Fix: ")
+        f = finding(None, "export", problem, rest.split("\n")[0] if rest else "see the message")
+        loc = _user_line(e.__cause__) if e.__cause__ is not None else None
+        if loc is not None and (loc[0], loc[1]) not in outer:
+            f.file, f.line, f.source = loc
+        return [f], _layers(root, None, rewrites, batch_size, whole=True)
+    fixes = {"batch-reduction": "compute the loss outside the model, per sample; normalize over per-sample "
+                                "dimensions only",
+             "batch-op": "apply the op along a per-sample dimension (e.g. dim=-1), never across the batch",
+             "batch-index": "keep every sample in its own row (index or slice per-sample dimensions only)",
+             "batch-norm": "use GroupNorm/LayerNorm, or nn.BatchNorm modules (privatize replaces those)"}
+    findings = [finding(n, code, problem, fixes[code]) for n, code, problem in mixing_findings(gm)]
+    captures = None
+    if not findings:
+        try:
+            captures = instrument(gm, Recorder())
+        except FxdpError as e:
+            findings.append(finding(None, "capture", str(e), "see the message"))
+    return findings, _layers(root, captures, rewrites, batch_size)

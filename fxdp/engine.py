@@ -241,6 +241,17 @@ def _static_check(module: nn.Module, data_loader: DataLoader, example_inputs: Op
             stacklevel=3,
         )
         return None
+    if example_inputs is None and any(f.code == "export" for f in report.errors):
+        # the loader's batch as positional inputs may not be how the model is called (keyword
+        # inputs of a Hugging Face model); the DP model captures and checks the graph of the real
+        # call on its first training step instead, refusing the same problems there
+        warnings.warn(
+            "PrivacyEngine: torch.export could not capture the model with the data loader's batch as positional "
+            f"inputs ({report.errors[0].problem[:200]}); the DP model checks its graph at the first training "
+            "call instead. Fix: pass example_inputs=(...) to make_private to check it now.",
+            stacklevel=3,
+        )
+        return None
     if not report.ok:
         if not allow_unsafe_model:
             report.raise_if_errors()

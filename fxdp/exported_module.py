@@ -64,14 +64,7 @@ class ExportedDPModule(DPModule):
 
     # -- inputs ---------------------------------------------------------------------
     def _leaf_batch_dims(self, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> List[Optional[int]]:
-        dims: List[Optional[int]] = []
-        for arg, bd in zip(args, per_arg(args, self.batch_dim)):
-            for t in tree_flatten(arg)[0]:
-                dims.append(input_batch_dim(t, bd) if isinstance(t, Tensor) else None)
-        default = 0 if self.batch_first else 1
-        for t in tree_flatten(kwargs)[0]:
-            dims.append(input_batch_dim(t, default) if isinstance(t, Tensor) else None)
-        return dims
+        return leaf_batch_dims(args, kwargs, self.batch_dim, 0 if self.batch_first else 1)
 
     @staticmethod
     def _key(args: Tuple[Any, ...], kwargs: Dict[str, Any], dims: List[Optional[int]]) -> tuple:
@@ -86,12 +79,9 @@ class ExportedDPModule(DPModule):
 
     # -- capture ----------------------------------------------------------------------
     def _capture(self, args: Tuple[Any, ...], kwargs: Dict[str, Any], dims: List[Optional[int]]) -> tuple:
-        root = self._source_root
-        gm, batched = export_graph(root, args, kwargs, dims)
-        annotate_batch(gm, batch_symbol(gm, batched))
+        gm = exported_graph(self._source_root, args, kwargs, dims)
         _refuse_mixing(gm)
-        captures = insert_captures(gm, self.recorder)
-        _static_batch_dims(gm)
+        captures = instrument(gm, self.recorder)
         container = getattr(self, CAPTURES)
         prefix = f"g{len(self._graphs)}_" if self._graphs else ""
         for c in captures:
@@ -142,9 +132,36 @@ class ExportedDPModule(DPModule):
         raise TypeError("an ExportedDPModule cannot be deep-copied; privatize a copy of the model instead")
 
 
-def _static_batch_dims(gm: fx.GraphModule) -> None:
-    """Give every capture op the batch hints of its inputs and outputs (symbolic)."""
+def leaf_batch_dims(args: Tuple[Any, ...], kwargs: Dict[str, Any], batch_dim: Any,
+                    default: int) -> List[Optional[int]]:
+    """The batch dimension of every flattened input leaf (positional inputs per
+    ``batch_dim``, keyword inputs at ``default``; ``None`` for non-tensors)."""
+    dims: List[Optional[int]] = []
+    for arg, bd in zip(args, per_arg(args, batch_dim)):
+        for t in tree_flatten(arg)[0]:
+            dims.append(input_batch_dim(t, bd) if isinstance(t, Tensor) else None)
+    for t in tree_flatten(kwargs)[0]:
+        dims.append(input_batch_dim(t, default) if isinstance(t, Tensor) else None)
+    return dims
+
+
+def exported_graph(root: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any],
+                   dims: List[Optional[int]]) -> fx.GraphModule:
+    """Capture (``torch.export``) and annotate batch dimensions: the graph that
+    ``fxdp.check`` analyses and :func:`instrument` turns into the DP graph."""
+    gm, batched = export_graph(root, args, kwargs, dims)
+    annotate_batch(gm, batch_symbol(gm, batched))
+    return gm
+
+
+def instrument(gm: fx.GraphModule, recorder: Recorder) -> List[CaptureOp]:
+    """The capture pass on an exported graph; every capture op gets its symbolic
+    batch hints and the model's own parameter names (without ``ModelCall``'s prefix)."""
+    captures = insert_captures(gm, recorder)
     container = getattr(gm, CAPTURES)
+    for c in captures:
+        c.param_index = {i: name[len("model."):] if name.startswith("model.") else name
+                         for i, name in c.param_index.items()}
     for n in gm.graph.nodes:
         name = n.meta.get("fxdp_capture")
         if name is None:
@@ -152,6 +169,7 @@ def _static_batch_dims(gm: fx.GraphModule) -> None:
         cap: CaptureOp = getattr(container, name)
         ins = tuple((a.meta.get("fxdp_batch") or [None])[0] if isinstance(a, fx.Node) else None for a in n.args)
         cap.default_batch_dims = (ins, tuple(n.meta.get("fxdp_batch") or ()))
+    return captures
 
 
 def _refuse_mixing(gm: fx.GraphModule) -> None:
@@ -160,8 +178,9 @@ def _refuse_mixing(gm: fx.GraphModule) -> None:
     if not found:
         return
     lines = []
-    for n, reason in found[:5]:
-        lines.append(f"  {where(n.meta.get('fxdp_module'), str(n.target), n.meta.get('fxdp_source'))}: {reason}")
+    for n, code, problem in found[:5]:
+        lines.append(f"  {where(n.meta.get('fxdp_module'), str(n.target), n.meta.get('fxdp_source'))}: "
+                     f"{code}: {problem}")
     more = f"\n  ... and {len(found) - 5} more" if len(found) > 5 else ""
     raise UnsupportedOpError(
         "samples can influence each other in this model, so per-sample gradients (and the DP guarantee) break:\n"

@@ -10,7 +10,7 @@ import torch.fx as fx
 from torch import nn
 
 from .capture import Recorder
-from .errors import UnsupportedModelError
+from .errors import FxdpError, UnsupportedModelError
 from .module import DPModule
 from .passes.capture import CAPTURES, insert_captures
 from .passes.rewrite import Rewrite, _own_containers, known_options, rewrite_passes
@@ -188,8 +188,8 @@ def privatize(
         try:
             captures = insert_captures(gm, recorder)
         except Exception as e:
-            if capture != "auto" or isinstance(e, UnsupportedModelError):
-                raise
+            if capture != "auto" or isinstance(e, FxdpError):
+                raise  # a refusal stays a refusal
             # an op the module-level graph cannot serve (a slice of a parameter, ...): the ATen graph can
             return _exported(model, root, rewrites, loss_reduction, batch_first, input_batch_dims,
                              example_inputs, grad_sample_mode)

@@ -163,13 +163,14 @@ class WithGate(nn.Module):
         return self.fc(self.gate(x))
 
 
-def test_untraceable_submodule_is_a_warning_at_its_control_flow():
+def test_control_flow_on_batch_data_in_a_submodule_is_an_error_at_its_line():
+    """Fail closed: privatize captures such a model with torch.export, which cannot
+    follow a branch on tensor values (here a batch statistic: it mixes samples)."""
     r = fxdp.check(WithGate(), torch.randn(4, 4))
-    assert r.ok and not r.errors
-    w = [w for w in r.warnings if w.code == "untraceable"]
-    assert len(w) == 1 and w[0].module == "gate"
-    assert w[0].line == line_of(Gate, "# control flow") and "if x.mean() > 0" in w[0].source
-    assert "control flow" in w[0].problem and "fxdp.verify" in w[0].fix
+    assert not r.ok
+    (e,) = [e for e in r.errors if e.code == "export"]
+    assert e.line == line_of(Gate, "# control flow") and "if x.mean() > 0" in e.source
+    assert "branches on tensor values" in e.problem and "torch.where" in e.fix
 
 
 class WholeUntraceable(nn.Module):
@@ -183,11 +184,12 @@ class WholeUntraceable(nn.Module):
         return self.fc(x)
 
 
-def test_untraceable_model_is_a_warning_and_kept_whole():
+def test_control_flow_on_batch_data_in_the_model_is_an_error_at_its_line():
     r = fxdp.check(WholeUntraceable(), torch.randn(4, 4))
-    assert r.ok and [w.code for w in r.warnings] == ["untraceable"]
-    assert r.warnings[0].line == line_of(WholeUntraceable, "# root control flow")
-    assert all("kept whole" in lay.rule for lay in r.layers)
+    assert not r.ok and [e.code for e in r.errors] == ["export"]
+    assert r.errors[0].line == line_of(WholeUntraceable, "# root control flow")
+    with pytest.raises(fxdp.FxdpError, match="branches on tensor values"):
+        fxdp.privatize(WholeUntraceable())(torch.randn(4, 4))
 
 
 def mystery(x):

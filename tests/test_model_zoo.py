@@ -183,3 +183,21 @@ def test_labels_loss_inside_forward_is_refused_with_the_fix():
     dp = fxdp.privatize(model)
     with pytest.raises(fxdp.UnsupportedModelError, match="loss"):
         dp(**x, labels=x["input_ids"]).loss.backward()
+
+
+@pytest.mark.parametrize("name", sorted(ZOO))
+def test_check_analyses_the_exported_graph(name):
+    """fxdp.check reads the graph privatize runs: ok with every parameter on a rule;
+    the labels= loss (batch-averaged inside forward) is an error."""
+    torch.manual_seed(0)
+    model, kind = ZOO[name]()
+    model.train()
+    x = _inputs(kind, B, torch.Generator().manual_seed(4))
+    report = fxdp.check(model, (), example_kwargs=x)
+    assert report.ok, str(report)
+    trainable = [lay for lay in report.layers if lay.trainable]
+    assert trainable and not [lay for lay in trainable if "fallback" in lay.rule or "unused" in lay.rule], \
+        [(lay.name, lay.rule) for lay in trainable]
+    if kind == "lm":
+        bad = fxdp.check(model, (), example_kwargs={**x, "labels": x["input_ids"]})
+        assert not bad.ok and {e.code for e in bad.errors} == {"batch-reduction"}

@@ -16,7 +16,7 @@ and ``meta["fxdp_source"]`` (the user's ``file:line: code``, from
 """
 from __future__ import annotations
 
-import inspect
+import os
 import re
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -28,6 +28,9 @@ from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 from ..errors import UnsupportedModelError
 
 __all__ = ["export_graph", "example_for_export"]
+
+_TORCH_DIR = os.path.dirname(torch.__file__)
+_FXDP_DIR = os.path.dirname(os.path.dirname(__file__))
 
 _MIN_EXAMPLE_BATCH = 2  # export specializes sizes 0 and 1
 
@@ -82,9 +85,9 @@ def _location(n: fx.Node) -> Optional[str]:
     if not trace:
         return None
     lines = trace.strip().splitlines()
-    for i in range(len(lines) - 1, -1, -1):
+    for i in range(len(lines) - 1, -1, -1):  # innermost frame outside torch and fxdp: the model's own line
         m = re.match(r'\s*File "([^"]+)", line (\d+)', lines[i])
-        if m:
+        if m and not m.group(1).startswith((_TORCH_DIR, _FXDP_DIR)):
             code = lines[i + 1].strip() if i + 1 < len(lines) else ""
             return f"{m.group(1)}:{m.group(2)}" + (f": {code}" if code else "")
     return None

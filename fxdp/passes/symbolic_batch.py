@@ -187,7 +187,7 @@ def _dims_arg(n: fx.Node, pos: int) -> list:
 
 
 def mixing_findings(gm: fx.GraphModule) -> list:
-    """``[(node, reason)]`` for ops through which one sample's value can depend on
+    """``[(node, code, problem)]`` for ops through which one sample's value can depend on
     another's: a value computed from batch data that lost the batch dimension (a
     reduction over the batch, a loss averaged inside ``forward``) and is used
     again or returned, and ops along the batch dimension (``cumsum``, ``flip``,
@@ -202,7 +202,11 @@ def mixing_findings(gm: fx.GraphModule) -> list:
         lost = [a for a in ins if dep[a] and not any(h is not None for h in a.meta.get("fxdp_batch", [None]))
                 and a.op != "placeholder"]
         if lost:
-            found.append((lost[0], "batch-reduction: a value computed from the whole batch is used by the model"))
+            found.append((lost[0], "batch-reduction", "a value computed from the whole batch is used by the model"))
+            continue
+        if n.target is aten.batch_norm.default and ins and (len(n.args) <= 5 or n.args[5] is not False):
+            found.append((n, "batch-norm", "batch normalization with batch statistics (training=True): each "
+                                           "sample's output depends on the others"))
             continue
         pos = _ALONG_DIM.get(n.target)
         if pos is not None and ins:
@@ -210,18 +214,18 @@ def mixing_findings(gm: fx.GraphModule) -> list:
             dims = _dims_arg(n, pos)
             rank = ins[0].meta["val"].dim() if n.target is not aten.cat.default else None
             if isinstance(bd, int) and any((d % rank if rank else d) == bd for d in dims if isinstance(d, int)):
-                found.append((n, f"batch-dimension op: {n.target} runs along the batch dimension"))
+                found.append((n, "batch-op", f"{n.target} runs along the batch dimension"))
         if n.target is aten.slice.Tensor and ins:
             bd = (ins[0].meta.get("fxdp_batch") or [None])[0]
             dim = n.args[1] if len(n.args) > 1 else 0
             out = (n.meta.get("fxdp_batch") or [None])[0]
             if isinstance(bd, int) and dim == bd and out != bd:
-                found.append((n, "batch-index: a slice of the batch shifts or drops samples"))
+                found.append((n, "batch-index", "a slice of the batch shifts or drops samples"))
     out_node = next(n for n in gm.graph.nodes if n.op == "output")
     for a in tree_flatten(out_node.args)[0]:
         if isinstance(a, fx.Node) and isinstance(a.meta.get("val"), torch.Tensor) and dep.get(a) \
                 and not any(h is not None for h in a.meta.get("fxdp_batch", [None])) and a.op != "placeholder":
-            found.append((a, "batch-reduction: the model returns a value reduced over the batch (a loss computed "
+            found.append((a, "batch-reduction", "the model returns a value reduced over the batch (a loss computed "
                               "inside forward, e.g. Hugging Face's labels=, averages over every token of every "
                               "sample, so each sample's gradient depends on the others)"))
     return found
