@@ -52,6 +52,13 @@ def finish_backward(recorder: Recorder, records: List[LayerRecord]) -> None:
         raise PerSampleGradientError("records of one backward pass disagree on the batch size")
     scale = _scale(recorder, B)
 
+    if cfg.params is not None:  # clip over the optimizer's parameters only, as materialize mode does
+        records = [r for r in records if any(id(p) in cfg.params for p in r.params.values())]
+        for r in records:
+            r.params = {i: p for i, p in r.params.items() if id(p) in cfg.params}
+        if not records:
+            recorder.passes += 1
+            return
     uses: Dict[int, int] = {}
     for r in records:
         for p in r.params.values():

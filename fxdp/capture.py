@@ -33,6 +33,8 @@ class ClipConfig:
 
     bounds: Callable[[], Any]
     per_layer: bool = False
+    #: ids of the parameters clipped together (the optimizer's, as in materialize mode); None: all captured
+    params: Optional[FrozenSet[int]] = None
 
 
 @dataclass

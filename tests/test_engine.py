@@ -451,3 +451,43 @@ def test_opacus_ghost_mode_returns_criterion_and_trains_as_bk():
         PrivacyEngine().make_private(criterion=nn.CrossEntropyLoss(reduction="sum"), **kw)
     out = PrivacyEngine().make_private(**kw)  # Opacus' default criterion: cross-entropy
     assert len(out) == 4 and isinstance(out[2], nn.CrossEntropyLoss) and out[2].reduction == "mean"
+
+
+@pytest.mark.parametrize("mode", ["bk", "materialize"])
+def test_parameter_unfrozen_after_make_private_is_refused_not_silently_skipped(mode):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    model[0].requires_grad_(False)
+    data = torch.utils.data.TensorDataset(torch.randn(16, 4), torch.randint(0, 2, (16,)))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    engine = fxdp.PrivacyEngine()
+    dp, opt, dl = engine.make_private(module=model, optimizer=opt, data_loader=torch.utils.data.DataLoader(data, 8),
+                                      noise_multiplier=1.0, max_grad_norm=1.0, grad_sample_mode=mode,
+                                      poisson_sampling=False, verify_first_step=False)
+    model[0].requires_grad_(True)  # unfrozen later (after the first steps): no capture op serves it
+    before = model[0].weight.detach().clone()
+    x, y = next(iter(dl))
+    nn.functional.cross_entropy(dp(x), y).backward()
+    with pytest.raises(fxdp.PerSampleGradientError, match="frozen .* unfrozen later"):
+        opt.step()
+    assert torch.equal(model[0].weight, before)
+
+
+def test_bk_clips_over_the_optimizers_parameters_as_materialize_does():
+    """A trainable parameter outside the optimizer does not enter the clip norm in
+    either mode: both give the same clipped update."""
+    results = []
+    for mode in ("bk", "materialize"):
+        torch.manual_seed(1)
+        model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+        data = torch.utils.data.TensorDataset(torch.randn(16, 4), torch.randint(0, 2, (16,)))
+        opt = torch.optim.SGD(model[2].parameters(), lr=0.5)  # only the head
+        engine = fxdp.PrivacyEngine()
+        dp, opt, dl = engine.make_private(module=model, optimizer=opt,
+                                          data_loader=torch.utils.data.DataLoader(data, 8), noise_multiplier=0.0,
+                                          max_grad_norm=0.05, grad_sample_mode=mode, poisson_sampling=False)
+        x, y = next(iter(dl))
+        nn.functional.cross_entropy(dp(x), y).backward()
+        opt.step()
+        results.append(model[2].weight.detach().clone())
+    torch.testing.assert_close(results[0], results[1], rtol=1e-6, atol=1e-7)

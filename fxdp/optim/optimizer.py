@@ -38,6 +38,7 @@ from .clip import (
     per_param_sample_norms,
     private_unclipped_fraction,
 )
+from ..errors import PerSampleGradientError
 from .noise import gaussian_noise, noisy_sum, secure_generator
 from .secure import is_secure
 
@@ -337,6 +338,13 @@ class DPOptimizer(Optimizer):
     def _get_flat_grad_sample(self, p: nn.Parameter, index: int | None = None) -> Tensor:
         """``p.grad_sample`` as one ``[B, *p.shape]`` tensor (lists are concatenated)."""
         gs = getattr(p, "grad_sample", None)
+        if gs is None and p.grad is not None:
+            raise PerSampleGradientError(
+                f"a parameter of shape {tuple(p.shape)} got an ordinary (non-private) gradient but no per-sample "
+                "one: it was frozen (requires_grad=False) when the model was privatized and unfrozen later, so "
+                "no capture op serves it. Fix: unfreeze it before make_private, or call make_private again (on "
+                "the original model) after unfreezing"
+            )
         if gs is None:
             where = f"parameter #{index} " if index is not None else "a parameter "
             raise ValueError(
@@ -454,13 +462,13 @@ class DPOptimizer(Optimizer):
         """
         from ..capture import ClipConfig
 
+        ids = [id(p) for p in self.params]
         if self.clipping == "per_layer":
-            ids = [id(p) for p in self.params]
             recorder.clipping = ClipConfig(
-                bounds=lambda: dict(zip(ids, self.max_grad_norms)), per_layer=True
+                bounds=lambda: dict(zip(ids, self.max_grad_norms)), per_layer=True, params=frozenset(ids)
             )
         else:
-            recorder.clipping = ClipConfig(bounds=lambda: self.max_grad_norm)
+            recorder.clipping = ClipConfig(bounds=lambda: self.max_grad_norm, params=frozenset(ids))
         self._recorder = recorder
 
     def _bk_check(self) -> None:
@@ -485,6 +493,13 @@ class DPOptimizer(Optimizer):
         rec = self._recorder
         for p in self.params:
             s = rec.clipped.get(id(p))
+            if s is None and p.grad is not None:
+                raise PerSampleGradientError(
+                    f"a parameter of shape {tuple(p.shape)} got an ordinary (non-private) gradient but no "
+                    "per-sample one: it was frozen (requires_grad=False) when the model was privatized and "
+                    "unfrozen later, so no capture op serves it. The step was not applied. Fix: unfreeze it "
+                    "before make_private, or call make_private again (on the original model) after unfreezing"
+                )
             if s is None:
                 s = torch.zeros_like(p)  # not reached by the backward pass: zero for every sample
             if p.summed_grad is None:
