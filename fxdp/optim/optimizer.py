@@ -338,13 +338,6 @@ class DPOptimizer(Optimizer):
     def _get_flat_grad_sample(self, p: nn.Parameter, index: int | None = None) -> Tensor:
         """``p.grad_sample`` as one ``[B, *p.shape]`` tensor (lists are concatenated)."""
         gs = getattr(p, "grad_sample", None)
-        if gs is None and p.grad is not None:
-            raise PerSampleGradientError(
-                f"a parameter of shape {tuple(p.shape)} got an ordinary (non-private) gradient but no per-sample "
-                "one: it was frozen (requires_grad=False) when the model was privatized and unfrozen later, so "
-                "no capture op serves it. Fix: unfreeze it before make_private, or call make_private again (on "
-                "the original model) after unfreezing"
-            )
         if gs is None:
             where = f"parameter #{index} " if index is not None else "a parameter "
             raise ValueError(
@@ -352,7 +345,10 @@ class DPOptimizer(Optimizer):
                 "grad but has no p.grad_sample. Either the model was not made private (so "
                 "backward does not compute per-sample gradients), loss.backward() was not "
                 "called before optimizer.step(), or the parameter is unused in the forward "
-                "pass (freeze it with p.requires_grad_(False))."
+                "pass (freeze it with p.requires_grad_(False))"
+                + (", or it was frozen when the model was privatized and unfrozen later (it has an ordinary "
+                   "gradient but no capture op serves it: call make_private again after unfreezing)."
+                   if p.grad is not None else ".")
             )
         if isinstance(gs, Tensor):
             return gs
