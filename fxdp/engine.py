@@ -17,6 +17,7 @@ to change the batch size mid-training with correct accounting.
 """
 from __future__ import annotations
 
+import inspect
 import math
 import os
 import warnings
@@ -203,19 +204,35 @@ class _Binding:
 # --- the engine -------------------------------------------------------------------------
 
 
-def _example_from_loader(data_loader: DataLoader) -> Optional[Tuple[Any, ...]]:
-    """Model inputs for the static check, built from two dataset samples through the
-    loader's collate function without touching any sampler (no randomness used).
-    The common ``for x, y in loader: model(x)`` convention: the first element."""
+def _example_from_loader(data_loader: DataLoader,
+                         module: nn.Module) -> Optional[Tuple[Tuple[Any, ...], Dict[str, Any]]]:
+    """Model inputs ``(args, kwargs)`` for the static check, built from two dataset
+    samples through the loader's collate function without touching any sampler (no
+    randomness used). A tuple batch ``(x1, ..., xk, y)`` gives the leading elements
+    ``forward`` requires (``for x, y in loader: model(x)``: just ``x``); a dict batch
+    (Hugging Face) gives the keys ``forward`` names, as keywords."""
     dataset = data_loader.dataset
     try:
         n = len(dataset)  # type: ignore[arg-type]
         batch = data_loader.collate_fn([dataset[i] for i in range(min(2, n))])
     except Exception:
         return None
+    try:
+        params = list(inspect.signature(module.forward).parameters.values())
+    except (TypeError, ValueError):
+        params = []
+    if isinstance(batch, dict):
+        names = {p.name for p in params}
+        takes_any = any(p.kind is p.VAR_KEYWORD for p in params)
+        kwargs = {k: v for k, v in batch.items() if k in names or takes_any}
+        kwargs.pop("labels", None)  # the loss is computed outside the model in DP training
+        return ((), kwargs) if kwargs else None
     if isinstance(batch, (tuple, list)) and batch:
-        return (batch[0],)
-    return (batch,) if isinstance(batch, Tensor) else None
+        required = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+                    and p.default is p.empty]
+        k = len(required) if required and len(required) < len(batch) else 1
+        return tuple(batch[:k]), {}
+    return ((batch,), {}) if isinstance(batch, Tensor) else None
 
 
 def _static_check(module: nn.Module, data_loader: DataLoader, example_inputs: Optional[Sequence[Any]], *,
@@ -223,8 +240,9 @@ def _static_check(module: nn.Module, data_loader: DataLoader, example_inputs: Op
     """Run ``fxdp.check`` on the model; refuse it when an op breaks DP, unless overridden."""
     from .check import check
 
-    inputs = tuple(example_inputs) if example_inputs is not None else _example_from_loader(data_loader)
-    if inputs is None:
+    example = ((tuple(example_inputs), {}) if example_inputs is not None
+               else _example_from_loader(data_loader, module))
+    if example is None:
         warnings.warn(
             "PrivacyEngine: could not build example inputs from the data loader, so the static "
             "compatibility check (fxdp.check) did not run. Fix: pass example_inputs=(x,) to make_private.",
@@ -232,7 +250,9 @@ def _static_check(module: nn.Module, data_loader: DataLoader, example_inputs: Op
         )
         return None
     try:
-        report = check(module, inputs, batch_first=batch_first, rewrite_options=rewrite_options)
+        inputs, kwargs = example
+        report = check(module, inputs, batch_first=batch_first, rewrite_options=rewrite_options,
+                       example_kwargs=kwargs)
     except Exception as e:  # inputs that do not fit the model's forward: the check cannot run
         warnings.warn(
             f"PrivacyEngine: the static compatibility check (fxdp.check) could not run on example inputs "

@@ -54,3 +54,42 @@ def test_clean_model_passes_and_report_is_kept():
         engine.make_private(module=model, optimizer=opt, data_loader=loader, noise_multiplier=1.0,
                             max_grad_norm=1.0)
     assert engine.compatibility_report is not None and engine.compatibility_report.ok
+
+
+class TwoInputs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x, mask):
+        return self.fc(x * (mask - mask.mean(0)))  # mixes through the second input
+
+
+def test_make_private_checks_every_input_the_model_takes():
+    """A batch (x, mask, y) feeds forward(x, mask): the check gets both inputs."""
+    data = TensorDataset(torch.randn(16, 4), torch.rand(16, 4), torch.randint(0, 2, (16,)))
+    model = TwoInputs()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(fxdp.UnsupportedModelError, match="reduces over dim 0"):
+        fxdp.PrivacyEngine().make_private(module=model, optimizer=opt, data_loader=DataLoader(data, batch_size=8),
+                                          noise_multiplier=1.0, max_grad_norm=1.0)
+
+
+class DictModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(10, 4)
+
+    def forward(self, input_ids, attention_mask=None, **kwargs):
+        h = self.emb(input_ids)
+        return (h * attention_mask[..., None]).sum(1) / attention_mask.float().mean()  # batch-wide mean
+
+
+def test_make_private_checks_dict_batches_as_keywords():
+    rows = [{"input_ids": torch.randint(0, 10, (5,)), "attention_mask": torch.ones(5), "labels": torch.tensor(1)}
+            for _ in range(8)]
+    model = DictModel()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(fxdp.UnsupportedModelError, match="computed from the whole batch"):
+        fxdp.PrivacyEngine().make_private(module=model, optimizer=opt, data_loader=DataLoader(rows, batch_size=4),
+                                          noise_multiplier=1.0, max_grad_norm=1.0)
