@@ -213,3 +213,22 @@ def test_bk_clipped_sums_equal_materialized_on_the_export_path(name, per_layer, 
     dpb(x).mul(w).sum().div(x.shape[0]).backward()
     for p, e in zip(trainable, expected):
         torch.testing.assert_close(dpb.recorder.clipped[id(p)], e, rtol=1e-9, atol=1e-12)
+
+
+def test_dp_recurrent_layers_are_refused_on_the_export_path():
+    """fxdp's scan is not an ATen op yet: exporting it would record its shape-only
+    path (wrong values, no per-sample gradients), so it is refused."""
+
+    class LSTMNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn = nn.LSTM(4, 5, batch_first=True)
+            self.head = nn.Linear(5, 2)
+
+        def forward(self, x, **kw):
+            return self.head(self.rnn(x)[0][:, -1])
+
+    dp = fxdp.privatize(LSTMNet(), capture="export")
+    with pytest.raises(fxdp.UnsupportedModelError, match="recurrent layers .* torch.export"):
+        dp(torch.randn(3, 6, 4))
+    assert fxdp.privatize(LSTMNet())(torch.randn(3, 6, 4)).shape == (3, 2)  # auto: symbolic tracing reads it

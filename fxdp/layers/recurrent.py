@@ -50,6 +50,7 @@ import torch.fx
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
+from ..errors import UnsupportedModelError
 
 __all__ = [
     "DPRNN",
@@ -92,6 +93,14 @@ def _graph_op(fn: Callable) -> Callable:
         proxy = _find_proxy((args, kwargs))
         if proxy is not None:
             return proxy.tracer.create_proxy("call_function", op, args, kwargs)
+        if torch.compiler.is_exporting():
+            # not an ATen op: torch.export would record its shape-only fake path (wrong
+            # values, parameters without per-sample gradients). Fail closed.
+            raise UnsupportedModelError(
+                f"fxdp's DP recurrent layers ({fn.__name__}) cannot be captured with torch.export yet. Fix: make "
+                "the model readable by symbolic tracing (privatize(..., capture='fx'); move code it cannot "
+                "trace out of forward), or keep the recurrent layer in a submodule that is privatized on its own"
+            )
         return fn(*args, **kwargs)
 
     return op
