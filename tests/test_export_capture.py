@@ -177,7 +177,20 @@ class SeqStack(nn.Module):
         return (h2 * self.scale) @ self.w.t()
 
 
+class AttentionStack(nn.Module):
+    """nn.MultiheadAttention (bias_k/bias_v) and a Transformer layer, after privatize's rewrite."""
+
+    def __init__(self):
+        super().__init__()
+        self.att = nn.MultiheadAttention(6, 2, batch_first=True, add_bias_kv=True)
+        self.enc = nn.TransformerEncoderLayer(6, 2, 12, dropout=0.0, batch_first=True)
+
+    def forward(self, x, **kw):
+        return self.enc(self.att(x, x, x)[0]).sum(1)
+
+
 EXPORT_MODELS = {
+    "attention": (AttentionStack, lambda: torch.randn(3, 5, 6)),
     "conv": (ConvStack, lambda: torch.randn(4, 2, 7, 7)),
     "seq": (SeqStack, lambda: torch.randint(0, 11, (5, 6))),
     "kwargs": (KwargsAndOptional, lambda: torch.randn(4, 6, 4)),
