@@ -373,3 +373,45 @@ def test_resnet_with_batchnorm_trains_with_per_sample_clipping():
             p.grad = torch.einsum("b,b...->...", factor, p.grad_sample) / x.shape[0]
         opt.step()
     assert all(b < a for a, b in zip(losses, losses[1:])) and losses[-1] < 0.6 * losses[0]
+
+
+class BatchNormAct2d(nn.BatchNorm2d):
+    """timm's norm-act layer, as it is written there: batch norm, then drop, then act."""
+
+    def __init__(self, C):
+        super().__init__(C)
+        self.drop = nn.Identity()
+        self.act = nn.Hardswish()
+
+    def forward(self, x):
+        x = F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, self.training, 0.1, self.eps)
+        return self.act(self.drop(x))
+
+
+def test_norm_act_layers_keep_their_activation():
+    """Replacing timm's BatchNormAct2d by a bare GroupNorm would drop the activation;
+    the replacement normalizes per sample and keeps drop + act (exact per-sample grads)."""
+    torch.manual_seed(6)
+    model = randomize(nn.Sequential(nn.Conv2d(3, 8, 1), BatchNormAct2d(8), nn.Conv2d(8, 2, 1)))
+    dp = privatize(model)
+    assert [(r.path, r.original, r.replacement) for r in dp.rewrites] == [("1", "BatchNormAct2d", "DPGroupNormAct")]
+    class GroupNormAct(nn.GroupNorm):
+        def forward(self, x):
+            return F.hardswish(super().forward(x))
+
+    gn = GroupNormAct(getattr(dp, "1").num_groups, 8)
+    ref = nn.Sequential(model[0], gn, model[2])
+    with torch.no_grad():
+        gn.weight.copy_(model[1].weight)
+        gn.bias.copy_(model[1].bias)
+    x = torch.randn(4, 3, 3, 3)
+    check_grads(dp, ref, x)
+
+
+def test_batchnorm_with_another_custom_forward_is_refused():
+    class Scaled(nn.BatchNorm2d):
+        def forward(self, x):
+            return 2 * super().forward(x) + 1
+
+    with pytest.raises(fxdp.UnsupportedModelError, match="own forward.*drop whatever"):
+        privatize(nn.Sequential(nn.Conv2d(3, 4, 1), Scaled(4)))

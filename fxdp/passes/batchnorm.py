@@ -157,6 +157,34 @@ class FrozenBatchNorm(nn.Module):
         return f"{self.num_features}, eps={self.eps}, affine={self.weight is not None}"
 
 
+class DPGroupNormAct(DPGroupNorm):
+    """:class:`DPGroupNorm` replacing a norm-act layer (timm's ``BatchNormAct2d``:
+    normalize, then ``drop``, then ``act``): the replacement keeps what the layer
+    does after normalizing, so the model computes the same kind of function."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        return self.act(self.drop(super().forward(input)))
+
+
+class FrozenBatchNormAct(FrozenBatchNorm):
+    """:class:`FrozenBatchNorm` of a norm-act layer (then ``drop``, then ``act``)."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        return self.act(self.drop(super().forward(input)))
+
+
+def _is_norm_act(m: nn.Module) -> bool:
+    """timm's norm-act layers: a BatchNorm subclass with ``drop`` and ``act`` submodules
+    applied after normalizing."""
+    return isinstance(getattr(m, "act", None), nn.Module) and isinstance(getattr(m, "drop", None), nn.Module)
+
+
+def _keep_tail(new: nn.Module, m: nn.Module) -> nn.Module:
+    new.__class__ = {DPGroupNorm: DPGroupNormAct, FrozenBatchNorm: FrozenBatchNormAct}[type(new)]
+    new.drop, new.act = m.drop, m.act
+    return new
+
+
 @register_module(FrozenBatchNorm)
 def _frozen_bn_call(m: FrozenBatchNorm) -> ModuleCall:
     # fixed statistics: the instance norm rule's evaluation mode (a per-channel affine map)
@@ -281,10 +309,16 @@ def rewrite_batchnorm(root: nn.Module, options: Dict[str, Any], copied: set) -> 
                       "training and evaluation)")
         else:
             if id(m) not in made:
-                if type(m).forward not in (_BatchNorm.forward, nn.SyncBatchNorm.forward):
-                    warnings.warn(f"fxdp: {type(m).__name__} at '{path}' overrides forward; its replacement "
-                                  "keeps only the affine parameters, not the custom forward.", stacklevel=3)
-                made[id(m)] = _batchnorm(m, path, mode, groups)
+                custom = type(m).forward not in (_BatchNorm.forward, nn.SyncBatchNorm.forward)
+                if custom and not _is_norm_act(m):
+                    # replacing it would silently drop whatever its forward adds: fail closed
+                    raise UnsupportedModelError(
+                        f"{type(m).__name__} at '{path}' is a BatchNorm with its own forward; a replacement "
+                        "that normalizes per sample would drop whatever that forward adds. Fix: replace it in "
+                        "your model with nn.GroupNorm (followed by what its forward does after normalizing)"
+                    )
+                new, details = _batchnorm(m, path, mode, groups)
+                made[id(m)] = (_keep_tail(new, m) if custom else new, details)
             new, details = made[id(m)]
             reason = _REASON.format(cls=type(m).__name__)
             if not any(q.requires_grad for q in m.parameters()) or not m.training:

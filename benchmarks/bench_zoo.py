@@ -1,0 +1,286 @@
+"""DP-SGD step time on Hugging Face models as users have them (captured with torch.export).
+
+Models built from configs with random weights (no download), default dropout,
+called with keyword inputs (``input_ids``, ``attention_mask``; ``pixel_values``
+for ViT), the loss computed outside the model. Variants, interleaved round-robin
+in one process (the harness of ``bench_lstm.py``/``bench_attention.py``), each a
+full step (zero_grad, forward, loss, backward, optimizer step with clip + noise):
+
+* ``nonprivate``: plain PyTorch + SGD;
+* ``fxdp_bk`` / ``fxdp_materialize``: ``fxdp.privatize`` + ``DPOptimizer``;
+* ``opacus_hooks`` / ``opacus_ghost``: Opacus' ``make_private`` (when it accepts the
+  model; ghost clipping only for classification heads, where its loss wrapper applies).
+
+Reports the median of per-round ratios to ``nonprivate``; a variant that fails is
+reported with its error. Results: ``results/zoo.json`` and ``results/zoo.md``.
+
+Usage::
+
+    python benchmarks/bench_zoo.py                     # every model, B=16, T=64
+    python benchmarks/bench_zoo.py --models bert gpt2 --batch-size 16 --seq-len 128
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import inspect
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+import traceback
+import warnings
+from typing import Any, Callable, Dict, List
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+RESULTS = os.path.join(HERE, "results")
+sys.path.insert(0, os.path.dirname(HERE))
+
+import fxdp  # noqa: E402
+from fxdp.optim import DPOptimizer  # noqa: E402
+
+import transformers  # noqa: E402
+
+V, HID, LAYERS, HEADS, FF = 1000, 128, 2, 4, 512
+LR, SIGMA, CLIP = 1e-3, 1.0, 1.0
+
+
+def _lora(model: nn.Module) -> nn.Module:
+    import peft
+
+    cfg = peft.LoraConfig(r=8, lora_alpha=16, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True)
+    return peft.get_peft_model(model, cfg)
+
+
+def build(name: str, T: int) -> tuple:
+    """(model, kind): kind is "cls", "lm" or "image"."""
+    t = transformers
+    if name == "bert":
+        return t.BertForSequenceClassification(t.BertConfig(
+            vocab_size=V, hidden_size=HID, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+            intermediate_size=FF, max_position_embeddings=max(512, T), num_labels=2)), "cls"
+    if name == "roberta":
+        return t.RobertaForSequenceClassification(t.RobertaConfig(
+            vocab_size=V, hidden_size=HID, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+            intermediate_size=FF, max_position_embeddings=max(514, T + 2), num_labels=2)), "cls"
+    if name == "distilbert":
+        return t.DistilBertForSequenceClassification(t.DistilBertConfig(
+            vocab_size=V, dim=HID, n_layers=LAYERS, n_heads=HEADS, hidden_dim=FF,
+            max_position_embeddings=max(512, T), num_labels=2)), "cls"
+    if name in ("gpt2", "lora-gpt2"):
+        m = t.GPT2LMHeadModel(t.GPT2Config(vocab_size=V, n_embd=HID, n_layer=LAYERS, n_head=HEADS,
+                                           n_positions=max(1024, T), use_cache=False))
+        return (_lora(m) if name == "lora-gpt2" else m), "lm"
+    if name == "llama":
+        return t.LlamaForCausalLM(t.LlamaConfig(
+            vocab_size=V, hidden_size=HID, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+            num_key_value_heads=HEADS, intermediate_size=FF, max_position_embeddings=max(512, T),
+            use_cache=False)), "lm"
+    if name == "vit":
+        return t.ViTForImageClassification(t.ViTConfig(
+            image_size=64, patch_size=8, num_channels=3, hidden_size=HID, num_hidden_layers=LAYERS,
+            num_attention_heads=HEADS, intermediate_size=FF, num_labels=10)), "image"
+    raise ValueError(name)
+
+
+MODELS = ["bert", "roberta", "distilbert", "gpt2", "llama", "vit", "lora-gpt2"]
+
+
+def batch(kind: str, B: int, T: int) -> tuple:
+    g = torch.Generator().manual_seed(0)
+    if kind == "image":
+        return {"pixel_values": torch.randn(B, 3, 64, 64, generator=g)}, torch.randint(0, 10, (B,), generator=g)
+    ids = torch.randint(0, V, (B, T), generator=g)
+    x = {"input_ids": ids, "attention_mask": torch.ones(B, T, dtype=torch.long)}
+    return x, (ids if kind == "lm" else torch.randint(0, 2, (B,), generator=g))
+
+
+def loss_of(kind: str, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    if kind == "lm":  # per-sample mean over tokens, mean over the batch
+        return F.cross_entropy(logits.transpose(1, 2), y, reduction="none").mean(1).mean()
+    return F.cross_entropy(logits, y)
+
+
+def variant(name: str, base: nn.Module, kind: str, x: Dict[str, torch.Tensor], y: torch.Tensor) -> Callable[[], None]:
+    model = copy.deepcopy(base).train()
+    B = y.shape[0]
+    params = [p for p in model.parameters() if p.requires_grad]
+    if name == "nonprivate":
+        opt = torch.optim.SGD(params, lr=LR)
+
+        def step() -> None:
+            opt.zero_grad()
+            loss_of(kind, model(**x).logits, y).backward()
+            opt.step()
+
+        return step
+    if name.startswith("fxdp_"):
+        mode = name[5:]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            dp = fxdp.privatize(model, grad_sample_mode=mode)
+        opt = DPOptimizer(torch.optim.SGD(params, lr=LR), noise_multiplier=SIGMA, max_grad_norm=CLIP,
+                          expected_batch_size=B, generator=torch.Generator().manual_seed(1))
+        if mode == "bk":
+            opt.attach_bookkeeping(dp.recorder)
+
+        def step() -> None:
+            opt.zero_grad()
+            loss_of(kind, dp(**x).logits, y).backward()
+            opt.step()
+
+        return step
+    if name.startswith("opacus_"):
+        from opacus import PrivacyEngine
+
+        mode = name[7:]
+        if kind != "image":  # as dp-transformers does: per-sample position (and segment) ids, or Opacus'
+            B, T = x["input_ids"].shape  # embedding hook fails on the [1, T] ids broadcast over the batch
+            x = dict(x, position_ids=torch.arange(T).expand(B, T).contiguous())
+            if "token_type_ids" in inspect.signature(model.forward).parameters:
+                x["token_type_ids"] = torch.zeros(B, T, dtype=torch.long)
+            if isinstance(model, transformers.RobertaPreTrainedModel):
+                x["position_ids"] = x["position_ids"] + 2  # RoBERTa's ids start after the padding index
+        if mode == "ghost" and kind == "lm":
+            raise RuntimeError("not run: Opacus' ghost loss wrapper takes [B, C] logits, not per-token LM logits")
+        opt = torch.optim.SGD(params, lr=LR)
+        leaves = list(x.values())
+        loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(*leaves, y), batch_size=B)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            out = PrivacyEngine().make_private(module=model, optimizer=opt, data_loader=loader,
+                                               noise_multiplier=SIGMA, max_grad_norm=CLIP, poisson_sampling=False,
+                                               grad_sample_mode=mode, criterion=nn.CrossEntropyLoss(),
+                                               noise_generator=torch.Generator().manual_seed(1))
+        if mode == "ghost":
+            gsm, dpopt, crit, _ = out
+
+            def step() -> None:
+                dpopt.zero_grad()
+                crit(gsm(**x).logits, y).backward()
+                dpopt.step()
+        else:
+            gsm, dpopt, _ = out
+
+            def step() -> None:
+                dpopt.zero_grad()
+                loss_of(kind, gsm(**x).logits, y).backward()
+                dpopt.step()
+
+        return step
+    raise ValueError(name)
+
+
+def run(name: str, B: int, T: int, rounds: int, warmup: int, seconds: float) -> Dict[str, Any]:
+    torch.manual_seed(0)
+    base, kind = build(name, T)
+    x, y = batch(kind, B, T)
+    names = ["nonprivate", "fxdp_bk", "fxdp_materialize", "opacus_hooks", "opacus_ghost"]
+    live: Dict[str, Callable[[], None]] = {}
+    cell: Dict[str, Any] = {"model": name, "batch_size": B, "seq_len": T if kind != "image" else None,
+                            "params": sum(p.numel() for p in base.parameters()), "variants": {}}
+    for v in names:
+        try:
+            step = variant(v, base, kind, x, y)
+            for _ in range(warmup):
+                step()
+            live[v] = step
+            cell["variants"][v] = {}
+        except Exception as e:  # a miss is a result
+            cell["variants"][v] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"}
+            traceback.print_exc(limit=1)
+    times: Dict[str, List[float]] = {k: [] for k in live}
+    order = list(live)
+    t0 = time.perf_counter()
+    r = 0
+    while r < rounds:
+        for k in order[r % len(order):] + order[: r % len(order)]:
+            t = time.perf_counter()
+            live[k]()
+            times[k].append(time.perf_counter() - t)
+        r += 1
+        if r >= 5 and time.perf_counter() - t0 > seconds:
+            break
+    base_t = times.get("nonprivate")
+    opacus = [k for k in ("opacus_hooks", "opacus_ghost") if k in times]
+    fastest = min(opacus, key=lambda k: statistics.median(times[k])) if opacus else None
+    for k, ts in times.items():
+        e = cell["variants"][k]
+        e["ms"] = 1000 * statistics.median(ts)
+        if base_t:
+            e["vs_nonprivate"] = statistics.median(a / b for a, b in zip(ts, base_t))
+        if fastest and k.startswith("fxdp"):
+            e["vs_opacus_fastest"] = statistics.median(a / b for a, b in zip(ts, times[fastest]))
+    cell["rounds"] = r
+    cell["opacus_fastest"] = fastest
+    return cell
+
+
+def write_md(cells: List[Dict[str, Any]], path: str) -> None:
+    lines = [
+        "# Hugging Face zoo: DP-SGD step time (benchmarks/bench_zoo.py)",
+        "",
+        f"torch {torch.__version__}, transformers {transformers.__version__}, {platform.processor() or platform.machine()}, "
+        f"{torch.get_num_threads()} thread(s). Median of per-round ratios, variants interleaved in one process.",
+        "",
+        "| model | params | B | T | non-private ms | fxdp bk | fxdp materialize | Opacus hooks | Opacus ghost | "
+        "fxdp bk / Opacus fastest |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+
+    def fmt(c: Dict[str, Any], k: str) -> str:
+        e = c["variants"].get(k, {})
+        if "error" in e:
+            return "fails" if not e["error"].startswith("RuntimeError: not run") else "not run"
+        return f"{e['vs_nonprivate']:.2f}x" if "vs_nonprivate" in e else "-"
+
+    for c in cells:
+        np_ms = c["variants"].get("nonprivate", {}).get("ms")
+        bk = c["variants"].get("fxdp_bk", {})
+        lines.append(
+            f"| {c['model']} | {c['params'] / 1e6:.2f}M | {c['batch_size']} | {c['seq_len'] or '-'} | "
+            f"{np_ms:.1f} | {fmt(c, 'fxdp_bk')} | {fmt(c, 'fxdp_materialize')} | {fmt(c, 'opacus_hooks')} | "
+            f"{fmt(c, 'opacus_ghost')} | "
+            + (f"{bk['vs_opacus_fastest']:.2f}x |" if "vs_opacus_fastest" in bk else "- |")
+        )
+    errors = [(c["model"], k, e["error"]) for c in cells for k, e in c["variants"].items() if "error" in e]
+    if errors:
+        lines += ["", "Failures and variants not run:", ""]
+        lines += [f"- {m}, {k}: `{err}`" for m, k, err in errors]
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", nargs="+", default=MODELS)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--seq-len", type=int, default=64)
+    ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--seconds", type=float, default=60.0, help="time budget per model (after 5 rounds)")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--no-save", action="store_true")
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    transformers.logging.set_verbosity_error()
+    cells = []
+    for m in a.models:
+        cell = run(m, a.batch_size, a.seq_len, a.rounds, a.warmup, a.seconds)
+        print(json.dumps({k: v for k, v in cell.items()}, indent=None, default=str))
+        cells.append(cell)
+    if not a.no_save:
+        os.makedirs(RESULTS, exist_ok=True)
+        with open(os.path.join(RESULTS, "zoo.json"), "w") as f:
+            json.dump(cells, f, indent=1)
+        write_md(cells, os.path.join(RESULTS, "zoo.md"))
+
+
+if __name__ == "__main__":
+    main()
