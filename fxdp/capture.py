@@ -51,6 +51,8 @@ class LayerRecord:
     # book-keeping: per-sample gradients materialized while computing norms, reused
     # for the clipped sum (dynamic-input index -> [B, *shape])
     kept: Dict[int, Tensor] = field(default_factory=dict)
+    #: the op's flat outputs on the batch, for ops whose independence is checked each step
+    outputs: Optional[List[Tensor]] = None
 
 
 class Recorder:
@@ -216,6 +218,7 @@ class _CaptureFunction(torch.autograd.Function):
         ctx.batch_size = rec.batch_size
         ctx.generation = rec.generation
         ctx.batch_dims = rec.batch_dims.get(op.capture_name, op.default_batch_dims)
+        ctx.outputs = [o.detach() for o in flat] if op.checks_outputs else None
         nondiff = [o for o in flat if not o.is_floating_point() and not o.is_complex()]
         if nondiff:
             ctx.mark_non_differentiable(*nondiff)
@@ -255,7 +258,9 @@ class _CaptureFunction(torch.autograd.Function):
                 batch_size=ctx.batch_size,
                 generation=ctx.generation,
                 batch_dims=ctx.batch_dims,
+                outputs=ctx.outputs,
             )
+            ctx.outputs = None
             for i, g in op.recorder.on_backward(rec).items():
                 in_grads[i] = g
         return (None, *in_grads)
@@ -275,6 +280,9 @@ class CaptureOp(nn.Module):
     kind = "capture"
     #: whether a batch-major fold ([B*k, ...]) can be served as [B, k, ...]
     folds = False
+    #: whether the batch's outputs are kept to check, every step, that each sample's
+    #: output alone equals its output in the batch (ops whose inside is not analysed)
+    checks_outputs = False
 
     def __init__(
         self,

@@ -217,7 +217,9 @@ def privatize(
         lines = [f"  {c.module_path or c.capture_name}: {c.rule_name()}" for c in fallbacks]
         lines += [f"  {k}: kept whole, not traceable ({v.splitlines()[0][:120]})" for k, v in dp.untraceable.items()]
         warnings.warn(
-            "fxdp.privatize: these parts use the exact but slower torch.func fallback:\n" + "\n".join(lines),
+            "fxdp.privatize: these parts use the slower torch.func fallback (their inside is not analysed; every "
+            "step checks that each sample's output alone equals its output in the batch, and refuses the step "
+            "if not):\n" + "\n".join(lines),
             stacklevel=2,
         )
     if example_inputs is not None:

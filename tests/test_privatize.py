@@ -278,6 +278,42 @@ def test_fallback_refuses_random_ops():
         dp(torch.randn(3, 5, 8)).sum().backward()
 
 
+class BranchOnBatchMean(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(3, 3)
+
+    def forward(self, x):
+        if x.mean() > 0:  # mixes samples: not traceable symbolically
+            return self.fc(x)
+        return -self.fc(x)
+
+
+class BranchOnBatchSize(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(3, 3)
+
+    def forward(self, x):
+        return self.fc(x) * (3.0 if x.shape[0] > 1 else 1.0)
+
+
+@pytest.mark.parametrize("inner", [BranchOnBatchMean, BranchOnBatchSize])
+def test_opt_in_fallback_proves_independence_on_every_batch(inner):
+    """capture="fx" keeps untraceable parts on the torch.func fallback; each step it
+    compares every sample's output alone with its output in the batch and refuses a
+    layer that mixes samples or depends on the batch size."""
+    torch.manual_seed(12)
+    model = nn.Sequential(inner(), nn.Linear(3, 2))
+    with pytest.warns(UserWarning, match="fallback"):
+        dp = fxdp.privatize(model, capture="fx")
+    x = torch.randn(4, 3)
+    x[0] += 10 * (1 if inner is BranchOnBatchSize else -1)  # sample 0 alone takes the other branch
+    x[1:] = x[1:].abs() + 1  # the batch mean is positive
+    with pytest.raises(fxdp.PerSampleGradientError, match="differs from that sample's output in the batch"):
+        dp(x).sum().backward()
+
+
 # -- no_grad, eval, empty batches, repeated backward -----------------------------------
 
 class NoGradPart(nn.Module):

@@ -25,7 +25,7 @@ from torch import Tensor
 from torch.utils._pytree import tree_flatten
 
 from ..capture import CaptureOp, LayerRecord
-from ..errors import BatchDimensionError, UnsupportedOpError
+from ..errors import BatchDimensionError, PerSampleGradientError, UnsupportedOpError
 
 __all__ = ["FuncCapture"]
 
@@ -36,6 +36,7 @@ class FuncCapture(CaptureOp):
     """Capture whose per-sample gradients come from ``torch.func``."""
 
     kind = "functorch"
+    checks_outputs = True  # its inside is not analysed: prove independence on every batch
 
     def __init__(self, *, fn: Callable[..., Any], description: str = "", **kw: Any) -> None:
         super().__init__(**kw)
@@ -101,8 +102,8 @@ class FuncCapture(CaptureOp):
                 flat, _ = tree_flatten(self.fn(*dd))
                 return tuple(flat[j] for j in oidx)
 
-            _, vjp = torch.func.vjp(f, *[rec.inputs[i] for i in pidx])
-            return vjp(tuple(gs))
+            outs, vjp = torch.func.vjp(f, *[rec.inputs[i] for i in pidx])
+            return tuple(vjp(tuple(gs))) + tuple(outs)
 
         xs = [rec.inputs[i] for i in bidx]
         gs = [rec.grads[j] for j in oidx]
@@ -129,5 +130,25 @@ class FuncCapture(CaptureOp):
                 xs1 = [x.narrow(dims_in[i], s, 1) for x, i in zip(xs, bidx)]
                 gs1 = [g.narrow(dims_out[j], s, 1) for g, j in zip(gs, oidx)]
                 rows.append(one(xs1, gs1))
-            out = tuple(torch.stack([r[k] for r in rows]) for k in range(len(pidx)))
+            out = tuple(torch.stack([r[k] for r in rows]) for k in range(len(rows[0])))
+        if rec.outputs is not None:
+            self._check_independent(rec, out[len(pidx):], oidx, dims_out)
         return {i: o for i, o in zip(pidx, out)}
+
+    def _check_independent(self, rec: LayerRecord, alone: Sequence[Tensor], oidx: List[int],
+                           dims_out: List[Any]) -> None:
+        """Each sample's output computed alone must equal its output in the batch:
+        the proof, on this batch, that the unanalysed layer keeps samples apart."""
+        for j, a in zip(oidx, alone):
+            batched = rec.outputs[j].movedim(dims_out[j], 0)
+            a = a.squeeze(dims_out[j] + 1)  # [B, ...]: the singleton batch of each evaluation
+            if a.shape != batched.shape or not torch.allclose(a, batched, rtol=1e-5, atol=1e-6, equal_nan=True):
+                diff = (a - batched).abs().flatten(1).amax(1) if a.shape == batched.shape else None
+                who = f" (sample {int(diff.argmax())} differs by {float(diff.max()):.3g})" if diff is not None else ""
+                raise PerSampleGradientError(
+                    f"{self.where()}: its output for a sample computed alone differs from that sample's output in "
+                    f"the batch{who}, so it mixes samples (or depends on the batch size) and its per-sample "
+                    "gradients would not bound what one sample contributes. The step is refused. Fix: make this "
+                    "part of the model traceable (fxdp.check shows the line), or remove the cross-sample "
+                    "computation"
+                )

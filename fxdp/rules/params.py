@@ -48,6 +48,7 @@ class ParamCapture(FuncCapture):
     ``x @ W``, ``torch.func`` otherwise."""
 
     kind = "param"
+    checks_outputs = False  # a traced region of the graph: analysed like the rest
 
     def __init__(self, *, fast: Optional[str] = None, param_pos: int = 1, **kw: Any) -> None:
         super().__init__(**kw)
