@@ -440,3 +440,28 @@ def test_an_op_the_analysis_cannot_process_is_an_error_not_a_pass():
     assert not r.ok
     assert [f.code for f in r.errors] == ["analysis-error"]
     assert r.errors[0].line == line_of(ShiftedRows, "repeat(2, 1)")
+
+
+class SDPAOptionalMask(nn.Module):
+    """timm's Attention: the mask is a forward argument that defaults to None."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv = nn.Linear(8, 24)
+
+    def forward(self, x, attn_mask=None):
+        q, k, v = self.qkv(x).view(x.shape[0], x.shape[1], 3, 2, 4).permute(2, 0, 3, 1, 4).unbind(0)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask).sum(1)
+
+
+def test_attention_with_a_mask_argument_holding_none_is_analysed():
+    r = fxdp.check(SDPAOptionalMask(), (torch.randn(3, 5, 8),))
+    assert r.ok and not r.findings, str(r)
+
+
+def test_torchvision_stochastic_depth_is_known_per_sample():
+    def stochastic_depth(x, p, mode, training=True):  # stands for torchvision.ops.stochastic_depth
+        return x
+
+    stochastic_depth.__module__ = "torchvision.ops.stochastic_depth"
+    assert bm.semantics_for(stochastic_depth) == "dim0"

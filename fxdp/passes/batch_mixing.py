@@ -397,6 +397,14 @@ def register_semantics(fn: Callable, kind: str) -> Callable:
     return fn
 
 
+#: (module, name) of other libraries' functions -> semantics. torchvision's stochastic
+#: depth scales row i by row i's own Bernoulli draw (mode "row") or one shared draw
+#: (mode "batch"): neither reads another sample's data.
+_THIRD_PARTY: Dict[Tuple[Optional[str], Optional[str]], str] = {
+    ("torchvision.ops.stochastic_depth", "stochastic_depth"): "dim0",
+}
+
+
 def semantics_for(fn: Any) -> Optional[str]:
     """Declared semantics of ``fn``; fxdp's own graph ops and ops with a registered
     per-sample rule are trusted as ``"per_sample"``."""
@@ -411,6 +419,10 @@ def semantics_for(fn: Any) -> Optional[str]:
         except Exception:  # pragma: no cover - layers not available
             pass
     kind = _SEMANTICS.get(fn)
+    if kind is not None:
+        return kind
+    # known functions of other libraries, by name (importing them here would be heavy)
+    kind = _THIRD_PARTY.get((getattr(fn, "__module__", None), getattr(fn, "__name__", None)))
     if kind is not None:
         return kind
     from ..rules import rule_for_op
@@ -626,13 +638,16 @@ class BatchMixingAnalysis:
                 self.tags[n] = self._assume(n, out)
             except Exception:
                 self.tags[n] = tree_map(lambda v: const(v.shape) if isinstance(v, Tensor) else NT, out)
-            # fail closed: what the analysis cannot process is not proven safe, so it is an error
-            self.add(n, "analysis-error", "error",
-                     f"the analysis could not process {op_name(n)} ({type(e).__name__}: {e}), so it could not "
-                     "prove that samples stay apart",
-                     "rewrite this line with ops that keep each sample in its own row (or run "
-                     "fxdp.verify(model, example_inputs) to test it dynamically, then ignore=[this finding] if "
-                     "you accept it)")
+            self._analysis_error(n, e)
+
+    def _analysis_error(self, n: fx.Node, e: Exception) -> None:
+        """Fail closed: what the analysis cannot process is not proven safe, so it is an error."""
+        self.add(n, "analysis-error", "error",
+                 f"the analysis could not process {op_name(n)} ({type(e).__name__}: {e}), so it could not "
+                 "prove that samples stay apart",
+                 "rewrite this line with ops that keep each sample in its own row (or run "
+                 "fxdp.verify(model, example_inputs) to test it dynamically, then ignore=[this finding] if "
+                 "you accept it)")
 
     def _visit_node(self, n: fx.Node, out: Any, run: _Run, state: Any) -> None:
         s1 = run.shapes[n.name]
@@ -649,8 +664,9 @@ class BatchMixingAnalysis:
             tag = self._transfer(n, out, env)
         except _Unknown as u:
             tag = self._assume(n, out, unknown=u.reason)
-        except Exception as e:  # a transfer function that does not fit this call
-            tag = self._assume(n, out, unknown=f"analysis failed ({type(e).__name__}: {e})")
+        except Exception as e:  # a transfer function that does not fit this call: not proven, an error
+            tag = self._assume(n, out)
+            self._analysis_error(n, e)
         tag = self._conform(out, tag)
         self._check(n, out, tag)
         if n.op == "call_module" and state is not None:
@@ -1250,7 +1266,7 @@ class BatchMixingAnalysis:
             kv = self.V(A(1, "key"))
             scores_shape = broadcast_shapes(qv.shape[:-2], kv.shape[:-2]) + (qv.shape[-2], kv.shape[-2])
             s = self._einsum_tags("...le,...se->...ls", [q, k], scores_shape)
-            if mask is not None:
+            if mask is not None and isinstance(self.V(mask), Tensor):  # a mask node may hold None (timm)
                 s = combine(s, self.tag(mask))
             return self._einsum_tags("...ls,...sv->...lv", [s, v], shape)
         raise _Unknown("matmul variant")
