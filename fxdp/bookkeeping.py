@@ -40,6 +40,12 @@ def finish_backward(recorder: Recorder, records: List[LayerRecord]) -> None:
     """Per-sample norms, clip factors and clipped sums for one backward pass."""
     if not records:
         return
+    if all(r.generation in recorder.stand_ins for r in records):  # an empty batch: no samples
+        empty = torch.zeros(0)
+        recorder.norms.append(empty)
+        recorder.factors.append(empty)
+        recorder.passes += 1
+        return
     cfg = recorder.clipping
     if cfg is None:
         raise PerSampleGradientError(

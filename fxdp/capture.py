@@ -83,6 +83,7 @@ class Recorder:
         self.norms: List[Tensor] = []  # per backward pass: per-sample gradient norms [B] (or [B, P])
         self.factors: List[Tensor] = []
         self.passes = 0  # backward passes accumulated since the optimizer consumed them
+        self.stand_ins: set = set()  # generations of empty batches run on a placeholder sample
 
     def _end_of_backward(self) -> None:
         from .bookkeeping import finish_backward
@@ -90,10 +91,17 @@ class Recorder:
         records, self.records = self.records, []
         finish_backward(self, records)
 
-    def begin_forward(self, batch_size: Optional[int], batch_dims: Dict[str, Any]) -> None:
+    def begin_forward(self, batch_size: Optional[int], batch_dims: Dict[str, Any], stand_in: bool = False) -> None:
+        """A new forward pass. ``stand_in``: an empty batch run on one placeholder
+        sample whose outputs are sliced away (a graph that cannot run on zero rows):
+        its records contribute no per-sample gradient (``[0, *shape]``, no norm)."""
         self.generation += 1
         self.batch_size = batch_size
         self.batch_dims = batch_dims
+        if stand_in:
+            self.stand_ins.add(self.generation)
+        elif self.stand_ins:  # records live one step (or a few accumulated passes): forget old ones
+            self.stand_ins = {g for g in self.stand_ins if g > self.generation - 64}
 
     # -- per-sample gradients -------------------------------------------------
     def on_backward(self, rec: LayerRecord) -> Dict[int, Tensor]:
@@ -105,6 +113,10 @@ class Recorder:
                 torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
             self.records.append(rec)
             return {}
+        if rec.generation in self.stand_ins:  # an empty batch: no samples, no rows
+            for p in rec.params.values():
+                self._accumulate(p, p.new_zeros((0,) + tuple(p.shape)), rec)
+            return {i: torch.zeros_like(p) for i, p in rec.params.items()}
         raw = rec.op.per_sample_grads(rec)
         summed: Dict[int, Tensor] = {}
         scale = rec.batch_size if self.loss_reduction == "mean" else 1

@@ -19,14 +19,14 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.fx as fx
 from torch import Tensor, nn
-from torch.utils._pytree import tree_flatten
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .capture import CaptureOp, Recorder
 from .module import DPModule, adopt
 from .passes.batch_dims import input_batch_dim, per_arg
 from .passes.capture import CAPTURES, insert_captures
-from .passes.export_graph import export_graph
-from .errors import UnsupportedOpError, where
+from .passes.export_graph import example_for_export, export_graph
+from .errors import BatchDimensionError, UnsupportedOpError, where
 from .passes.symbolic_batch import annotate_batch, batch_symbol, mixing_findings
 
 __all__ = ["ExportedDPModule"]
@@ -98,10 +98,29 @@ class ExportedDPModule(DPModule):
         if entry is None:
             entry = self._graphs[key] = self._capture(args, kwargs, dims)
         gm, batched = entry
-        flat = tree_flatten((args, kwargs))[0]
+        flat, spec = tree_flatten((args, kwargs))
         B = flat[batched[0][0]].shape[batched[0][1]] if batched else None
+        if B == 0:
+            return self._empty_batch(gm, flat, spec, dims)
         self.recorder.begin_forward(B, {})
         return gm(tuple(args), kwargs)
+
+    def _empty_batch(self, gm: fx.GraphModule, flat: List[Any], spec: Any, dims: List[Optional[int]]) -> Any:
+        """An empty Poisson batch on a graph that cannot run on zero rows (a reshape
+        with -1, as every attention does): run one placeholder sample and slice the
+        outputs to zero rows. Its backward gives ``[0, *shape]`` per-sample gradients
+        and no clipped contribution; the step adds noise only, as DP-SGD requires."""
+        one_args, one_kwargs = tree_unflatten(example_for_export(flat, dims, rows=1), spec)
+        self.recorder.begin_forward(1, {}, stand_in=True)
+        out = gm(tuple(one_args), one_kwargs)
+        hints = gm.meta["fxdp_output_batch"]
+        leaves, out_spec = tree_flatten(out)
+        if len(hints) != len(leaves):
+            raise BatchDimensionError(f"{self._class_name}: cannot tell the batch dimension of the outputs of an "
+                                      "empty batch. Fix: skip empty batches (they add noise only)")
+        leaves = [t.narrow(h, 0, 0) if isinstance(t, Tensor) and isinstance(h, int) else t
+                  for t, h in zip(leaves, hints)]
+        return tree_unflatten(leaves, out_spec)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
         return self(*args, **kwargs)
@@ -151,6 +170,9 @@ def exported_graph(root: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any
     ``fxdp.check`` analyses and :func:`instrument` turns into the DP graph."""
     gm, batched = export_graph(root, args, kwargs, dims)
     annotate_batch(gm, batch_symbol(gm, batched))
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    gm.meta["fxdp_output_batch"] = [(a.meta.get("fxdp_batch") or [None])[0] if isinstance(a, fx.Node) else None
+                                    for a in tree_flatten(out.args[0])[0]]
     return gm
 
 

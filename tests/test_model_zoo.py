@@ -201,3 +201,36 @@ def test_check_analyses_the_exported_graph(name):
     if kind == "lm":
         bad = fxdp.check(model, (), example_kwargs={**x, "labels": x["input_ids"]})
         assert not bad.ok and {e.code for e in bad.errors} == {"batch-reduction"}
+
+
+@pytest.mark.parametrize("name", ["bert", "gpt2"])
+@pytest.mark.parametrize("mode", ["bk", "materialize"])
+def test_poisson_batch_sizes_0_and_1_train(name, mode):
+    """An empty batch cannot run through an attention's reshape(-1); the DP model runs
+    a placeholder sample, returns zero-row outputs and contributes no gradient, so the
+    step adds noise only."""
+    from fxdp.optim import DPOptimizer
+
+    torch.manual_seed(0)
+    model, kind = ZOO[name]()
+    dp = fxdp.privatize(model, grad_sample_mode=mode, loss_reduction="sum")
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = DPOptimizer(torch.optim.SGD(params, lr=0.1), noise_multiplier=0.0, max_grad_norm=1.0,
+                      expected_batch_size=4, loss_reduction="sum")
+    if mode == "bk":
+        opt.attach_bookkeeping(dp.recorder)
+    g = torch.Generator().manual_seed(5)
+    for n in (4, 0, 1):
+        x = _inputs(kind, max(n, 2), g)
+        x = {k: v[:n] for k, v in x.items()}
+        y = _targets(kind, x, g)
+        opt.zero_grad()
+        out = dp(**x)
+        assert out.logits.shape[0] == n
+        before = [p.detach().clone() for p in params]
+        _loss(kind, out, x, y).backward()
+        if mode == "materialize":
+            assert all(p.grad_sample.shape == (n,) + p.shape for p in params)
+        opt.step()
+        moved = any(not torch.equal(p, b) for p, b in zip(params, before))
+        assert moved == (n > 0)  # sigma = 0: an empty batch leaves the weights as they are

@@ -35,20 +35,22 @@ _FXDP_DIR = os.path.dirname(os.path.dirname(__file__))
 _MIN_EXAMPLE_BATCH = 2  # export specializes sizes 0 and 1
 
 
-def example_for_export(flat: List[Any], batch_dims: List[Optional[int]]) -> List[Any]:
-    """Inputs with at least two samples (a batch of 0 or 1, as Poisson sampling
-    draws them, would be specialized): rows repeated, or zeros for an empty batch."""
+def example_for_export(flat: List[Any], batch_dims: List[Optional[int]],
+                       rows: int = _MIN_EXAMPLE_BATCH) -> List[Any]:
+    """Inputs with at least ``rows`` samples (export specializes a batch of 0 or 1,
+    as Poisson sampling draws them): rows repeated, or ones for an empty batch (token
+    id 1, an attention mask that attends)."""
     out = []
     for t, d in zip(flat, batch_dims):
-        if isinstance(t, Tensor) and d is not None and t.shape[d] < _MIN_EXAMPLE_BATCH:
+        if isinstance(t, Tensor) and d is not None and t.shape[d] < rows:
             if t.shape[d] == 0:
                 shape = list(t.shape)
-                shape[d] = _MIN_EXAMPLE_BATCH
-                t = torch.zeros(shape, dtype=t.dtype, device=t.device)
+                shape[d] = rows
+                t = torch.ones(shape, dtype=t.dtype, device=t.device)
             else:
                 reps = [1] * t.dim()
-                reps[d] = _MIN_EXAMPLE_BATCH
-                t = t.repeat(*reps)
+                reps[d] = -(-rows // t.shape[d])
+                t = t.repeat(*reps).narrow(d, 0, rows)
         out.append(t)
     return out
 
