@@ -261,6 +261,7 @@ def _check(model: nn.Module, args: Tuple[Any, ...], batch_dim: int, B0: int, bat
            outer: Set[Tuple[str, int]], ignores: List[Ignore], rewrite_options: Optional[Dict[str, Any]],
            leaf_modules: Iterable[type], dynamic: bool, batch_first: bool, t0: float,
            kwargs: Optional[Dict[str, Any]] = None) -> CompatibilityReport:
+    from .passes.export_graph import symbolic_tracing_drops
     from .privatize import apply_rewrites
 
     state = _State(model)
@@ -280,7 +281,7 @@ def _check(model: nn.Module, args: Tuple[Any, ...], batch_dim: int, B0: int, bat
         except Exception as e:
             gm = None
             whole_error = e
-        if gm is None or (gm.meta.get("fxdp_untraceable") and not frozen_bn):
+        if gm is None or (gm.meta.get("fxdp_untraceable") and not frozen_bn) or symbolic_tracing_drops(root):
             # privatize captures this model with torch.export: analyse that graph
             state.restore()
             findings, layers = _check_exported(root, args, kwargs or {}, batch_dim, rewrites, batch_size or B0,

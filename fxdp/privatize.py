@@ -13,6 +13,7 @@ from .capture import Recorder
 from .errors import FxdpError, UnsupportedModelError
 from .module import DPModule
 from .passes.capture import CAPTURES, insert_captures
+from .passes.export_graph import symbolic_tracing_drops
 from .passes.rewrite import Rewrite, _own_containers, known_options, rewrite_passes
 from .tracer import DPTracer, trace
 
@@ -162,6 +163,8 @@ def privatize(
         raise ValueError(f"capture must be one of {CAPTURE_MODES}, got {capture!r}")
 
     root, rewrites = apply_rewrites(model, dict(rewrite_options or {}))
+    if capture == "auto" and symbolic_tracing_drops(root):
+        capture = "export"
     if capture == "export":
         return _exported(model, root, rewrites, loss_reduction, batch_first, input_batch_dims, example_inputs,
                          grad_sample_mode)

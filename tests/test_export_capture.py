@@ -245,3 +245,30 @@ def test_dp_recurrent_layers_are_refused_on_the_export_path():
     with pytest.raises(fxdp.UnsupportedModelError, match="recurrent layers .* torch.export"):
         dp(torch.randn(3, 6, 4))
     assert fxdp.privatize(LSTMNet())(torch.randn(3, 6, 4)).shape == (3, 2)  # auto: symbolic tracing reads it
+
+
+class HookedAndParametrized(nn.Module):
+    """Symbolic tracing would drop the hooks and give the parametrized weights no
+    per-sample gradient; privatize(auto) captures such a model with torch.export."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.utils.parametrizations.weight_norm(nn.Linear(4, 4))
+        self.b = nn.utils.parametrizations.orthogonal(nn.Linear(4, 4))
+        self.c = nn.Linear(4, 2)
+        self.a.register_forward_pre_hook(lambda m, args: (args[0] * 0.5,))
+        self.c.register_forward_hook(lambda m, i, o: o + 1.0)
+
+    def forward(self, x):
+        return self.c(torch.tanh(self.b(torch.tanh(self.a(x)))))
+
+
+def test_hooks_and_parametrizations_take_the_export_path_and_are_exact(f64):
+    torch.manual_seed(7)
+    model = HookedAndParametrized()
+    dp = fxdp.privatize(model, loss_reduction="sum")
+    assert isinstance(dp, ExportedDPModule)
+    x = torch.randn(5, 4)
+    torch.testing.assert_close(dp(x), model(x))  # the hooks run
+    dp(x).pow(2).sum().backward()
+    assert_grad_samples_match(model, batch_of_one_grads(model, [x], lambda out, i: out.pow(2).sum()))

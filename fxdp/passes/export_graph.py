@@ -27,7 +27,7 @@ from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from ..errors import UnsupportedModelError
 
-__all__ = ["export_graph", "example_for_export"]
+__all__ = ["export_graph", "example_for_export", "symbolic_tracing_drops"]
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
 _FXDP_DIR = os.path.dirname(os.path.dirname(__file__))
@@ -163,3 +163,21 @@ def export_graph(
                     batched.append((k, batch_dims[i]))
                 k += 1
     return gm, batched
+
+
+def symbolic_tracing_drops(root: nn.Module) -> Optional[str]:
+    """What symbolic tracing would silently drop: forward hooks and pre-hooks (the
+    traced graph calls submodules' ``forward``, not ``__call__``) and parametrizations
+    (``weight_norm``, ``orthogonal``: the parameter becomes a computation). The
+    ``torch.export`` graph keeps both as ordinary nodes."""
+    from torch.nn.modules import module as module_mod
+    from torch.nn.utils import parametrize
+
+    if module_mod._global_forward_hooks or module_mod._global_forward_pre_hooks:
+        return "global forward hooks"
+    for name, m in root.named_modules():
+        if m._forward_hooks or m._forward_pre_hooks:
+            return f"forward hooks on '{name}'"
+        if parametrize.is_parametrized(m):
+            return f"parametrizations on '{name}'"
+    return None
