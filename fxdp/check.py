@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten
 
 from .capture import Recorder
-from .errors import FxdpError, UnsupportedModelError
+from .errors import FxdpError, SymbolicGraphError, UnsupportedModelError
 from .passes.batch_dims import input_batch_dim
 from .passes.batch_mixing import MixingFinding, analyze_batch_mixing, fork_rng, op_name, small_model_threads
 from .report import CompatibilityReport, Finding, LayerInfo
@@ -308,7 +308,8 @@ def _check(model: nn.Module, args: Tuple[Any, ...], batch_dim: int, B0: int, bat
                              plans=_bk_plans(gm, cap_nodes, result) if captures is not None else None)
             findings = [_finding(f, loc, outer) for f, loc in raw] + [_refusal(m) for m in refusals]
             findings += [_autograd_function(*a, outer) for a in tracer.autograd_functions]
-            if cap_error is not None and not isinstance(cap_error, FxdpError):
+            if cap_error is not None and (not isinstance(cap_error, FxdpError)
+                                          or isinstance(cap_error, SymbolicGraphError)):
                 # privatize serves this model through torch.export instead: report that graph's analysis
                 findings, layers = _check_exported(root, args, {}, batch_dim, rewrites, batch_size or B0, outer)
                 findings += [_refusal(m) for m in refusals]

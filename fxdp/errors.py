@@ -6,6 +6,7 @@ __all__ = [
     "UnsupportedModelError",
     "UnsupportedOpError",
     "BatchDimensionError",
+    "SymbolicGraphError",
     "PerSampleGradientError",
     "PrivacyBudgetExceeded",
 ]
@@ -21,6 +22,11 @@ class UnsupportedModelError(FxdpError):
 
 class UnsupportedOpError(UnsupportedModelError):
     """An op (or an op's option) has no exact per-sample gradient rule."""
+
+
+class SymbolicGraphError(UnsupportedOpError):
+    """The module-level (symbolically traced) graph cannot serve a use of a parameter
+    that the ``torch.export`` graph can: ``privatize(capture="auto")`` switches to it."""
 
 
 class BatchDimensionError(FxdpError):

@@ -35,9 +35,13 @@ def adopt(gm: fx.GraphModule, model: nn.Module, extra: Optional[Dict[str, nn.Mod
     for k, v in (extra or {}).items():
         mods[k] = v
     gm._modules = mods
+    # tensors made in forward (torch.tensor([...])) are the graph's constants: keep them,
+    # outside the state_dict
+    consts = {k: v for k, v in gm._buffers.items() if k.startswith("_tensor_constant") and k not in model._buffers}
     gm._parameters = OrderedDict(model._parameters)
     gm._buffers = OrderedDict(model._buffers)
-    gm._non_persistent_buffers_set = set(model._non_persistent_buffers_set)
+    gm._buffers.update(consts)
+    gm._non_persistent_buffers_set = set(model._non_persistent_buffers_set) | set(consts)
     gm.training = model.training
     return gm
 

@@ -10,7 +10,7 @@ import torch.fx as fx
 from torch import nn
 
 from .capture import Recorder
-from .errors import FxdpError, UnsupportedModelError
+from .errors import FxdpError, SymbolicGraphError, UnsupportedModelError
 from .module import DPModule
 from .passes.capture import CAPTURES, insert_captures
 from .passes.export_graph import symbolic_tracing_drops
@@ -191,7 +191,7 @@ def privatize(
         try:
             captures = insert_captures(gm, recorder)
         except Exception as e:
-            if capture != "auto" or isinstance(e, FxdpError):
+            if capture != "auto" or (isinstance(e, FxdpError) and not isinstance(e, SymbolicGraphError)):
                 raise  # a refusal stays a refusal
             # an op the module-level graph cannot serve (a slice of a parameter, ...): the ATen graph can
             return _exported(model, root, rewrites, loss_reduction, batch_first, input_batch_dims,

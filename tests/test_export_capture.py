@@ -272,3 +272,36 @@ def test_hooks_and_parametrizations_take_the_export_path_and_are_exact(f64):
     torch.testing.assert_close(dp(x), model(x))  # the hooks run
     dp(x).pow(2).sum().backward()
     assert_grad_samples_match(model, batch_of_one_grads(model, [x], lambda out, i: out.pow(2).sum()))
+
+
+class ConstantsAndLearnedQueries(nn.Module):
+    """A normalization constant made in forward, position embeddings of
+    ``torch.arange(T)``, and DETR-style learned queries through an MLP, broadcast
+    over the batch: the layers applied to parameter-only values still get exact
+    per-sample gradients (at the op that meets the batch)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.pos = nn.Embedding(16, 4)
+        self.queries = nn.Parameter(torch.randn(5, 4))
+        self.query_mlp = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x, t):
+        x = (x - torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)) / 0.2
+        h = self.conv(x).mean((2, 3))[:, None, :] + self.pos(torch.arange(t.shape[1]))
+        attn = torch.softmax(h @ self.query_mlp(self.queries).t(), -1)  # [B, T, 5]
+        return self.head(attn @ self.queries).sum(1)
+
+
+def test_constants_positions_and_learned_queries_are_exact(f64):
+    torch.manual_seed(8)
+    model = ConstantsAndLearnedQueries()
+    x, t = torch.randn(4, 3, 6, 6), torch.randn(4, 5)
+    dp = fxdp.privatize(model, loss_reduction="sum")
+    dp(x, t).pow(2).sum().backward()
+    assert not [c for c in dp.captures if c.kind == "functorch"]
+    assert_grad_samples_match(model, batch_of_one_grads(model, [x, t], lambda out, i: out.pow(2).sum()))
+    with pytest.raises(fxdp.UnsupportedOpError, match="pos.weight.*capture='export'"):
+        fxdp.privatize(model, capture="fx")  # the module-level graph cannot serve the query MLP

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ..capture import CaptureOp, Recorder, RuleCapture
-from ..errors import UnsupportedModelError, UnsupportedOpError, where
+from ..errors import SymbolicGraphError, UnsupportedModelError, UnsupportedOpError, where
 from ..rules import module_call_for, rule_for_op
 from ..rules.functorch import FuncCapture
 from ..rules.params import ELEMENTWISE, MATMUL, ParamCapture
@@ -63,6 +63,24 @@ def _batch_norm_training(n: fx.Node) -> bool:
     return not (isinstance(v, bool) and v is False)
 
 
+_SHAPE_ATTRS = {"shape", "ndim"}
+_SHAPE_METHODS = {"size", "dim", "ndimension", "numel"}
+_SHAPE_ARITH = {operator.getitem, operator.add, operator.sub, operator.mul, operator.floordiv, operator.truediv,
+                operator.mod, operator.neg, len, int, max, min}
+
+
+def _fx_shape(n: fx.Node, shapes: Set[fx.Node]) -> bool:
+    """In a symbolically traced graph: ``x.shape``, ``x.size(...)`` and arithmetic on them."""
+    if n.op == "call_function" and n.target is getattr and len(n.args) > 1 and n.args[1] in _SHAPE_ATTRS:
+        return True
+    if n.op == "call_method" and n.target in _SHAPE_METHODS:
+        return True
+    if n.op == "call_function" and n.target in _SHAPE_ARITH:
+        nodes = n.all_input_nodes
+        return bool(nodes) and all(a in shapes for a in nodes)
+    return False
+
+
 class FunctionalModuleCall:
     """``module(*args, **kwargs)`` with the trainable parameters passed explicitly
     (``torch.func.functional_call``), for the fallback rule. A plain object
@@ -98,6 +116,7 @@ class _CaptureBuilder:
         self.container: nn.Module = getattr(gm, CAPTURES)
         self.input_dep: Dict[fx.Node, bool] = {}
         self.pdeps: Dict[fx.Node, Set[str]] = {}
+        self.shapes: Set[fx.Node] = set()
 
     # -- analysis ---------------------------------------------------------------
     def _attr(self, n: fx.Node) -> Any:
@@ -118,14 +137,20 @@ class _CaptureBuilder:
             return {self.trainable[id(p)] for p in m.parameters() if id(p) in self.trainable}
         return set()
 
+    def is_shape(self, n: fx.Node) -> bool:
+        """Scalar shape arithmetic (``x.shape[1]``, ``sym_size``): not sample data."""
+        return n in self.shapes
+
     def analyze(self) -> None:
         for n in self.graph.nodes:
-            # in an exported graph, scalar shape arithmetic (sym_size) is not sample data,
-            # and a value whose symbolic shape holds the batch is batched (a buffer expanded to B)
-            args = [a for a in n.all_input_nodes if not is_shape_value(a)]
-            batched = any(h is not None for h in n.meta.get("fxdp_batch", ())) and not is_shape_value(n)
+            if is_shape_value(n) or _fx_shape(n, self.shapes):
+                self.shapes.add(n)
+            # shape arithmetic is not sample data; in an exported graph a value whose symbolic
+            # shape holds the batch is batched (a buffer expanded to B)
+            args = [a for a in n.all_input_nodes if a not in self.shapes]
+            batched = any(h is not None for h in n.meta.get("fxdp_batch", ())) and n not in self.shapes
             self.input_dep[n] = (n.op == "placeholder" or batched or any(self.input_dep[a] for a in args)) \
-                and not is_shape_value(n)
+                and n not in self.shapes
             deps = set(self._own_trainable(n))
             for a in args:
                 deps |= self.pdeps[a]
@@ -324,7 +349,7 @@ class _CaptureBuilder:
             if x in seen or self.input_dep[x]:
                 return
             seen.add(x)
-            if is_shape_value(x):
+            if self.is_shape(x):
                 shapes.append(x)
                 return
             for a in x.all_input_nodes:
@@ -355,6 +380,13 @@ class _CaptureBuilder:
         fn = fx.GraphModule(self.gm, sub, "ParamUse")
         dyn = acts + shapes + attrs
         params, buffers = self._indices(dyn)
+        hidden = set().union(*(self.pdeps[x] for x in region)) - set(params.values()) if region else set()
+        if hidden:  # parameters used inside a module applied to parameter-only values (DETR's queries)
+            raise SymbolicGraphError(
+                f"{_where(n)}: parameters {sorted(hidden)} are used by a layer applied to parameter-only values "
+                "and then broadcast over the batch; the module-level graph cannot give them per-sample "
+                "gradients. Fix: privatize(..., capture='export') (the default capture='auto' does so)"
+            )
         fast, pos = self._fast_param_rule(n, params, dyn)
         cap = ParamCapture(fn=fn, description=_op_name(n), fast=fast, param_pos=pos, param_index=params,
                            buffer_index=buffers, **self._common(n))
