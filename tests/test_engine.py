@@ -491,3 +491,33 @@ def test_bk_clips_over_the_optimizers_parameters_as_materialize_does():
         opt.step()
         results.append(model[2].weight.detach().clone())
     torch.testing.assert_close(results[0], results[1], rtol=1e-6, atol=1e-7)
+
+
+class EmbeddingThenTranspose(nn.Module):
+    """Opacus' imdb.py: the embedding's output is transposed, so its gradient arrives
+    non-contiguous."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(20, 6)
+        self.fc = nn.Linear(7, 2)
+
+    def forward(self, x):
+        return self.fc(self.emb(x).transpose(1, 2)).mean(1)
+
+
+def test_embedding_followed_by_a_transpose_trains_in_book_keeping():
+    torch.manual_seed(3)
+    x = torch.randint(0, 20, (16, 7))
+    x[:, 1] = x[:, 0]  # repeated tokens within a sample: the grouped-norm path
+    data = TensorDataset(x, torch.randint(0, 2, (16,)))
+    model = EmbeddingThenTranspose()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    dp, opt, dl = PrivacyEngine().make_private(module=model, optimizer=opt, data_loader=DataLoader(data, 8),
+                                               noise_multiplier=1.0, max_grad_norm=1.0)
+    before = model.emb.weight.detach().clone()
+    for xb, yb in dl:
+        opt.zero_grad()
+        nn.functional.cross_entropy(dp(xb), yb).backward()
+        opt.step()
+    assert not torch.equal(model.emb.weight, before)
