@@ -179,6 +179,14 @@ def exported_graph(root: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any
 def instrument(gm: fx.GraphModule, recorder: Recorder) -> List[CaptureOp]:
     """The capture pass on an exported graph; every capture op gets its symbolic
     batch hints and the model's own parameter names (without ``ModelCall``'s prefix)."""
+    for n in gm.graph.nodes:
+        if n.op == "call_function" and str(n.target).startswith(("aten.embedding_bag", "aten._embedding_bag")):
+            raise UnsupportedOpError(
+                f"{where(n.meta.get('fxdp_module'), str(n.target), n.meta.get('fxdp_source'))}: nn.EmbeddingBag "
+                "cannot be served on the torch.export path yet (its bags are not rows of the batch in the ATen "
+                "graph). Fix: make the model readable by symbolic tracing (privatize(..., capture='fx')), where "
+                "the EmbeddingBag rule serves it"
+            )
     captures = insert_captures(gm, recorder)
     container = getattr(gm, CAPTURES)
     for c in captures:

@@ -305,3 +305,19 @@ def test_constants_positions_and_learned_queries_are_exact(f64):
     assert_grad_samples_match(model, batch_of_one_grads(model, [x, t], lambda out, i: out.pow(2).sum()))
     with pytest.raises(fxdp.UnsupportedOpError, match="pos.weight.*capture='export'"):
         fxdp.privatize(model, capture="fx")  # the module-level graph cannot serve the query MLP
+
+
+def test_embedding_bag_is_refused_on_the_export_path_with_the_fix():
+    class Bag(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.e = nn.EmbeddingBag(20, 4, mode="mean")
+            self.l = nn.Linear(4, 2)
+
+        def forward(self, x, **kw):
+            return self.l(self.e(x))
+
+    dp = fxdp.privatize(Bag(), capture="export")
+    with pytest.raises(fxdp.UnsupportedOpError, match="EmbeddingBag.*capture='fx'"):
+        dp(torch.randint(0, 20, (3, 5)))
+    fxdp.privatize(Bag())(torch.randint(0, 20, (3, 5))).sum().backward()  # auto: symbolic tracing serves it
