@@ -354,7 +354,7 @@ class PrivacyEngine:
     @property
     def steps(self) -> int:
         """Number of DP steps taken (accounted) so far."""
-        return len(self.accountant)
+        return self.accountant.steps
 
     def get_epsilon(self, delta: float) -> float:
         """Epsilon spent so far at ``delta`` (by the accountant, over the recorded history)."""
@@ -578,10 +578,10 @@ class PrivacyEngine:
         if not isinstance(data_loader, DataLoader) or len(data_loader) == 0:
             raise ValueError("data_loader must be a DataLoader that yields at least one batch")
         sample_rate = 1 / len(data_loader)
-        if len(self.accountant) > 0:
+        if self.accountant.steps > 0:
             warnings.warn(
                 "make_private_with_epsilon: this engine already accounted "
-                f"{len(self.accountant)} steps; the noise multiplier is computed for the new "
+                f"{self.accountant.steps} steps; the noise multiplier is computed for the new "
                 "training alone, so the total epsilon will exceed target_epsilon",
                 stacklevel=2,
             )
@@ -768,7 +768,7 @@ class PrivacyEngine:
         plan = self._budget_plan
         if plan is not None:
             p_sigma, p_q, p_hist, p_allowed = plan
-            done = len(self.accountant) - sum(h[2] for h in p_hist)
+            done = self.accountant.steps - sum(h[2] for h in p_hist)
             if p_sigma == sigma and p_q == q and done >= 0 and history == _extend(list(p_hist), sigma, q, done):
                 return p_allowed - done
         eps = self.privacy_budget[0]
@@ -790,7 +790,7 @@ class PrivacyEngine:
         if self._steps_allowed(sigma, q) >= 1:
             return
         eps, delta = self.privacy_budget
-        spent = self._epsilon_after(0, sigma, q) if len(self.accountant) else 0.0
+        spent = self._epsilon_after(0, sigma, q) if self.accountant.steps else 0.0
         after = self._epsilon_after(1, sigma, q)
         raise PrivacyBudgetExceeded(
             f"privacy budget exhausted: the next step (noise_multiplier={sigma:g}, sample_rate={q:g}) "

@@ -95,6 +95,14 @@ class DPModule(fx.GraphModule):
         self.rewrites: List[Any] = list(rewrites or [])  # fxdp.passes.rewrite.Rewrite records
         self._batch_dims_cache: Dict[tuple, Dict[str, Any]] = {}
 
+    @property
+    def _module(self) -> nn.Module:
+        """The model that is trained (Opacus' ``GradSampleModule._module``): the model
+        passed to privatize, with privatize's rewrites applied; same ``Parameter``
+        objects and ``state_dict`` keys as this DP model (``torch.save(
+        model._module.state_dict(), path)`` as in Opacus' examples)."""
+        return self._source_root
+
     # -- capture ops ----------------------------------------------------------------
     @property
     def captures(self) -> List[CaptureOp]:

@@ -280,7 +280,7 @@ def test_stepping_equals_history_and_monotone_in_steps(name):
             warnings.simplefilter("ignore", UserWarning)
             eps_path.append(acc.get_epsilon(DELTA))
     assert acc.history == [(1.0, 0.02, 40), (2.0, 0.05, 30)]
-    assert len(acc) == 70
+    assert acc.steps == 70 and len(acc) == 2  # len: history entries, as in Opacus
     assert eps_path[0] < eps_path[1]
     # The two-phase composition equals composing the phases in either order.
     assert _eps(name, [(2.0, 0.05, 30), (1.0, 0.02, 40)]) == pytest.approx(
@@ -443,7 +443,7 @@ def test_state_dict_roundtrip_weights_only(name):
     state = torch.load(buf, weights_only=True)
     restored = create_accountant(name)
     restored.load_state_dict(state)
-    assert restored.history == acc.history and len(restored) == 5
+    assert restored.history == acc.history and restored.steps == 5 and len(restored) == 2  # len: entries (Opacus)
     assert _eps(name, restored.history) == _eps(name, acc.history)
     with pytest.raises(ValueError, match="cannot be loaded into"):
         create_accountant("rdp" if name != "rdp" else "prv").load_state_dict(state)
@@ -545,3 +545,15 @@ def test_accountants_package_is_self_contained():
                 continue
             for name in names:
                 assert name.split(".")[0] in allowed, f"{path.name} imports {name}"
+
+
+def test_state_dict_and_len_match_opacus():
+    """Opacus' format: history as (sigma, q, steps) tuples; len() counts entries."""
+    opacus_rdp = pytest.importorskip("opacus.accountants")
+    ours, theirs = create_accountant("rdp"), opacus_rdp.RDPAccountant()
+    for sigma, q, n in [(1.1, 0.01, 3), (0.9, 0.02, 2)]:
+        for _ in range(n):
+            ours.step(noise_multiplier=sigma, sample_rate=q)
+            theirs.step(noise_multiplier=sigma, sample_rate=q)
+    assert ours.state_dict() == theirs.state_dict()
+    assert len(ours) == len(theirs) == 2 and ours.steps == 5

@@ -537,3 +537,15 @@ def test_embedding_bag_with_flat_indices_and_offsets():
         for (n, p), g in zip(model.named_parameters(), torch.autograd.grad(loss, list(model.parameters()))):
             expected[n][i] = g
     assert_grad_samples_match(dp, expected)
+
+
+def test_opacus_module_attribute_is_the_trained_model():
+    torch.manual_seed(13)
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    dp = privatize(model)
+    assert dp._module is model and dp._module[0].weight is dp.get_parameter("0.weight")
+    assert dp._module.state_dict().keys() == dp.state_dict().keys()
+    bn = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4))
+    dpb = privatize(bn)
+    assert type(dpb._module[1]).__name__ == "DPGroupNorm"  # the rewritten model that is trained
+    assert dpb._module.state_dict().keys() == dpb.state_dict().keys()

@@ -145,6 +145,11 @@ class IAccountant(abc.ABC):
         """Returns the epsilon spent so far at the given ``delta``."""
 
     def __len__(self) -> int:
+        """Number of history entries (runs of steps with the same sigma and q), as in Opacus."""
+        return len(self.history)
+
+    @property
+    def steps(self) -> int:
         """Number of steps recorded so far."""
         return int(sum(n for _, _, n in self.history))
 
@@ -161,13 +166,14 @@ class IAccountant(abc.ABC):
     def state_dict(self, destination: dict[str, Any] | None = None) -> dict[str, Any]:
         """Returns the state as plain Python containers.
 
-        The result only contains ``str``, ``float``, ``int`` and ``list`` so it
-        can be read back with ``torch.load(..., weights_only=True)``.
+        The result only contains ``str``, ``float``, ``int``, ``list`` and ``tuple``
+        (Opacus' format: one ``(sigma, q, steps)`` tuple per entry), so it can be
+        read back with ``torch.load(..., weights_only=True)``.
         """
         if destination is None:
             destination = {}
         destination["history"] = [
-            [float(s), float(q), int(n)] for s, q, n in self.history
+            (float(s), float(q), int(n)) for s, q, n in self.history
         ]
         destination["mechanism"] = self.mechanism()
         return destination
