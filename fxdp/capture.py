@@ -74,7 +74,9 @@ class Recorder:
         #: capture name -> (input batch dims, output batch dims) for the current forward
         self.batch_dims: Dict[str, Tuple[Tuple[Any, ...], Tuple[Any, ...]]] = {}
         self.strict_batch_dims = True
-        self._owner: Dict[int, int] = {}  # id(param) -> generation of its last per-sample gradient
+        self._owner: Dict[int, int] = {}  # id(param) -> backward pass of its last per-sample gradient
+        self._passes_seen = 0
+        self._open_pass: Optional[int] = None
         self.records: List[LayerRecord] = []  # book-keeping: this backward pass's records
         #: book-keeping: the clipping the optimizer asks for, and what each backward produced
         self.clipping: Optional["ClipConfig"] = None
@@ -96,6 +98,7 @@ class Recorder:
         sample whose outputs are sliced away (a graph that cannot run on zero rows):
         its records contribute no per-sample gradient (``[0, *shape]``, no norm)."""
         self.generation += 1
+        self._open_pass = None  # no backward pass runs during a forward (closes one an error left open)
         self.batch_size = batch_size
         self.batch_dims = batch_dims
         if stand_in:
@@ -132,23 +135,43 @@ class Recorder:
             self._accumulate(p, gs, rec)
         return summed
 
+    def _backward_pass(self) -> int:
+        """The id of the backward pass running now (a new one starts with its first record)."""
+        if self._open_pass is None:
+            self._passes_seen += 1
+            self._open_pass = self._passes_seen
+            torch.autograd.Variable._execution_engine.queue_callback(self._close_pass)
+        return self._open_pass
+
+    def _close_pass(self) -> None:
+        self._open_pass = None
+
     def _accumulate(self, p: nn.Parameter, gs: Tensor, rec: LayerRecord) -> None:
         gs = gs.to(p.dtype)
         prev = getattr(p, "grad_sample", None)
-        gen = self._owner.get(id(p))
+        owner = self._owner.get(id(p))
+        now = self._backward_pass()
         if prev is None:
             p.grad_sample = gs
-        elif gen == rec.generation:
-            # another use of the same (tied) parameter in the same forward: add
+        elif owner == now:
+            # another use in the same backward pass (tied weights, or a second forward of the
+            # same batch before one backward): row i sums sample i's contributions, as in Opacus
+            last = prev[-1] if isinstance(prev, list) else prev
+            if last.shape != gs.shape:
+                raise PerSampleGradientError(
+                    f"one backward pass reached a parameter of shape {tuple(p.shape)} from forwards of "
+                    f"{last.shape[0]} and {gs.shape[0]} samples: row i cannot name one sample. Fix: run the "
+                    "forwards of one backward pass on the same batch"
+                )
             if isinstance(prev, list):
-                prev[-1] = prev[-1] + gs
+                prev[-1] = last + gs
             else:
                 p.grad_sample = prev + gs
         else:
-            # a new batch before the previous per-sample gradients were consumed:
+            # a new backward pass before the previous per-sample gradients were consumed:
             # a list with one entry per backward pass (Opacus' gradient accumulation)
             p.grad_sample = (prev if isinstance(prev, list) else [prev]) + [gs]
-        self._owner[id(p)] = rec.generation
+        self._owner[id(p)] = now
 
 
 def _batch_of(t: Tensor, B: Optional[int], hint: Any, what: str, op: "CaptureOp", strict: bool) -> Optional[int]:

@@ -549,3 +549,21 @@ def test_opacus_module_attribute_is_the_trained_model():
     dpb = privatize(bn)
     assert type(dpb._module[1]).__name__ == "DPGroupNorm"  # the rewritten model that is trained
     assert dpb._module.state_dict().keys() == dpb.state_dict().keys()
+
+
+def test_two_forwards_then_one_backward_give_one_tensor_as_in_opacus():
+    """Two views of the same batch, one loss: row i sums sample i's contributions from
+    both forwards (Opacus accumulates them in one tensor); a second backward pass
+    before the step appends a list entry."""
+    torch.manual_seed(14)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    dp = privatize(model, loss_reduction="sum")
+    x1, x2 = torch.randn(5, 3), torch.randn(5, 3)
+    (dp(x1).pow(2).sum() + dp(x2).pow(2).sum()).backward()
+    w = model[0].weight
+    assert isinstance(w.grad_sample, torch.Tensor) and w.grad_sample.shape == (5, 4, 3)
+    for i in range(5):
+        g = torch.autograd.grad(model(x1[i:i + 1]).pow(2).sum() + model(x2[i:i + 1]).pow(2).sum(), w)[0]
+        torch.testing.assert_close(w.grad_sample[i], g)
+    dp(x1).sum().backward()
+    assert isinstance(w.grad_sample, list) and len(w.grad_sample) == 2
