@@ -557,3 +557,11 @@ def test_state_dict_and_len_match_opacus():
             theirs.step(noise_multiplier=sigma, sample_rate=q)
     assert ours.state_dict() == theirs.state_dict()
     assert len(ours) == len(theirs) == 2 and ours.steps == 5
+
+
+def test_get_noise_multiplier_default_is_opacus_default():
+    """Same call, same sigma: the standalone function defaults to RDP, as Opacus' does."""
+    call = dict(target_epsilon=8.0, target_delta=1e-5, sample_rate=0.04, steps=2000)
+    assert get_noise_multiplier(**call) == get_noise_multiplier(**call, accountant="rdp")
+    theirs = pytest.importorskip("opacus.accountants.utils")
+    assert get_noise_multiplier(**call) == pytest.approx(theirs.get_noise_multiplier(**call), abs=0.01)

@@ -80,7 +80,7 @@ def get_noise_multiplier(
     sample_rate: float,
     epochs: float | None = None,
     steps: int | None = None,
-    accountant: str = "prv",
+    accountant: str = "rdp",
     epsilon_tolerance: float = 0.01,
     **kwargs: Any,
 ) -> float:
@@ -98,7 +98,9 @@ def get_noise_multiplier(
         epochs: number of epochs; converted to ``int(epochs / sample_rate)``
             steps as Opacus does.  Give exactly one of ``epochs`` and ``steps``.
         steps: number of steps.
-        accountant: ``"prv"`` (default), ``"rdp"`` or ``"gdp"``.
+        accountant: ``"rdp"`` (default, as Opacus: the same call gives the same
+            sigma), ``"prv"`` (tighter: less noise for the same budget) or ``"gdp"``.
+            ``PrivacyEngine.make_private_with_epsilon`` passes its own accountant.
         epsilon_tolerance: how far below the target the achieved epsilon may be.
         **kwargs: forwarded to the accountant's ``get_epsilon``.
 
