@@ -157,7 +157,7 @@ def test_make_private_trains_three_poisson_steps_with_default_dropout(name):
     engine = fxdp.PrivacyEngine(accountant="rdp")
     dp, opt, dl = engine.make_private(module=model, optimizer=opt, data_loader=loader, noise_multiplier=1.0,
                                       max_grad_norm=1.0, poisson_sampling=True,
-                                      example_inputs=None, verify_first_step=False)
+                                      example_inputs=None)  # the first-step cross-check runs too
     steps = 0
     for batch in dl:
         xb = dict(zip(keys, batch[:-1]))
