@@ -17,6 +17,7 @@ from . import check, verify  # callable modules: fxdp.check(model, x), fxdp.veri
 from .report import CompatibilityReport
 from . import audit
 from .export import export, load
+from .grad_sample import GradSampleModule
 
 __version__ = "0.1.0"
 
@@ -42,4 +43,5 @@ __all__ = [
     "audit",
     "export",
     "load",
+    "GradSampleModule",
 ]

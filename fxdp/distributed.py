@@ -29,6 +29,7 @@ from .data.sampler import DistributedPoissonSampler
 from .optim.distributed import DistributedDPOptimizer, DistributedPerLayerDPOptimizer
 
 __all__ = [
+    "DifferentiallyPrivateDistributedDataParallel",
     "wrap",
     "unwrap",
     "is_distributed_model",
@@ -64,13 +65,27 @@ def wrap(model: nn.Module, src: int = 0) -> nn.Module:
     return model
 
 
+class DifferentiallyPrivateDistributedDataParallel(nn.Module):
+    """Opacus' ``DPDDP(model)``: broadcasts rank 0's parameters and buffers (as
+    :func:`wrap`) and holds the model as ``.module``; no DDP gradient hooks (the DP
+    optimizer all-reduces clipped sums). ``make_private`` unwraps it."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.module = wrap(model)
+
+    def forward(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        return self.module(*args, **kwargs)
+
+
 def unwrap(module: nn.Module) -> nn.Module:
-    """The model inside a ``DistributedDataParallel`` wrapper (else ``module``)."""
-    if isinstance(module, nn.parallel.DistributedDataParallel):
+    """The model inside a ``DistributedDataParallel`` (or Opacus' ``DPDDP``) wrapper (else ``module``)."""
+    if isinstance(module, (nn.parallel.DistributedDataParallel, DifferentiallyPrivateDistributedDataParallel)):
         return module.module
     return module
 
 
 def is_distributed_model(module: nn.Module) -> bool:
     """Whether ``module`` is DDP-wrapped or was prepared by :func:`wrap`."""
-    return isinstance(module, nn.parallel.DistributedDataParallel) or bool(getattr(module, _MARK, False))
+    return isinstance(module, (nn.parallel.DistributedDataParallel, DifferentiallyPrivateDistributedDataParallel)) \
+        or bool(getattr(module, _MARK, False))

@@ -40,7 +40,47 @@ except ImportError as e:  # pragma: no cover - depends on the environment
 
 from .engine import PrivacyEngine
 
-__all__ = ["DPCallback"]
+__all__ = ["DPCallback", "DPLightningDataModule"]
+
+
+class DPLightningDataModule(pl.LightningDataModule):
+    """Opacus' ``DPLightningDataModule(datamodule, generator=None)``: the wrapped data
+    module with its training loader Poisson-sampled (:class:`fxdp.data.DPDataLoader`);
+    validation, test and predict loaders unchanged."""
+
+    def __init__(self, datamodule: "pl.LightningDataModule", generator: Any = None) -> None:
+        super().__init__()
+        self.datamodule = datamodule
+        self.generator = generator
+
+    def prepare_data(self) -> None:
+        self.datamodule.prepare_data()
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        self.datamodule.setup(stage)
+
+    def train_dataloader(self) -> Any:
+        from .data import DPDataLoader
+
+        return DPDataLoader.from_data_loader(self.datamodule.train_dataloader(), generator=self.generator)
+
+    def val_dataloader(self) -> Any:
+        return self.datamodule.val_dataloader()
+
+    def test_dataloader(self) -> Any:
+        return self.datamodule.test_dataloader()
+
+    def predict_dataloader(self) -> Any:
+        return self.datamodule.predict_dataloader()
+
+    def transfer_batch_to_device(self, batch: Any, device: Any, dataloader_idx: int) -> Any:
+        return self.datamodule.transfer_batch_to_device(batch, device, dataloader_idx)
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        return self.datamodule.on_before_batch_transfer(batch, dataloader_idx)
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        return self.datamodule.on_after_batch_transfer(batch, dataloader_idx)
 
 
 class DPCallback(pl.Callback):

@@ -165,3 +165,22 @@ def test_ambiguous_model_needs_a_name():
         fit(lit, make_callback())
     with pytest.raises(AttributeError, match="no nn.Module attribute 'net'"):
         fit(Lit(), make_callback(module="net"))
+
+
+def test_dp_lightning_data_module_poisson_samples_the_training_loader():
+    from fxdp.data import DPDataLoader
+    from fxdp.lightning import DPLightningDataModule
+
+    ds = torch.utils.data.TensorDataset(torch.randn(40, 3), torch.randint(0, 2, (40,)))
+
+    class DM(L.LightningDataModule):
+        def train_dataloader(self):
+            return torch.utils.data.DataLoader(ds, batch_size=8)
+
+        def val_dataloader(self):
+            return torch.utils.data.DataLoader(ds, batch_size=8)
+
+    dm = DPLightningDataModule(DM(), generator=torch.Generator().manual_seed(0))
+    train = dm.train_dataloader()
+    assert isinstance(train, DPDataLoader) and train.sample_rate == pytest.approx(8 / 40)
+    assert not isinstance(dm.val_dataloader(), DPDataLoader)

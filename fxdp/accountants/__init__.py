@@ -17,8 +17,12 @@ from .prv import PRVAccountant
 from .rdp import RDPAccountant
 from .registry import create_accountant
 
+#: Opacus' name of the Gaussian DP (CLT) accountant
+GaussianAccountant = GDPAccountant
+
 __all__ = [
     "GDPAccountant",
+    "GaussianAccountant",
     "IAccountant",
     "PRVAccountant",
     "RDPAccountant",

@@ -12,7 +12,7 @@ import abc
 import math
 import numbers
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Callable
 
 HistoryEntry = tuple[float, float, int]
 
@@ -152,6 +152,17 @@ class IAccountant(abc.ABC):
     def steps(self) -> int:
         """Number of steps recorded so far."""
         return int(sum(n for _, _, n in self.history))
+
+    def get_optimizer_hook_fn(self, sample_rate: float) -> Callable[[Any], None]:
+        """A step hook for a DP optimizer (``optimizer.attach_step_hook``): records each
+        step with the optimizer's noise multiplier, at ``sample_rate`` times the number of
+        accumulated Poisson draws (Opacus' convention)."""
+
+        def hook_fn(optim: Any) -> None:
+            self.step(noise_multiplier=optim.noise_multiplier,
+                      sample_rate=sample_rate * getattr(optim, "accumulated_iterations", 1))
+
+        return hook_fn
 
     @classmethod
     @abc.abstractmethod
