@@ -15,7 +15,8 @@ from .calibrate import get_noise_multiplier
 from .gdp import GDPAccountant
 from .prv import PRVAccountant
 from .rdp import RDPAccountant
-from .registry import create_accountant
+from . import registry
+from .registry import create_accountant, register_accountant
 
 #: Opacus' name of the Gaussian DP (CLT) accountant
 GaussianAccountant = GDPAccountant
@@ -27,5 +28,7 @@ __all__ = [
     "PRVAccountant",
     "RDPAccountant",
     "create_accountant",
+    "register_accountant",
+    "registry",
     "get_noise_multiplier",
 ]

@@ -12,6 +12,15 @@ ACCOUNTANTS: dict[str, type[IAccountant]] = {
     "prv": PRVAccountant,
     "gdp": GDPAccountant,
 }
+_ACCOUNTANTS = ACCOUNTANTS  # Opacus' name of the registry
+
+
+def register_accountant(mechanism: str, accountant: type[IAccountant], force: bool = False) -> None:
+    """Register ``accountant`` under ``mechanism`` for :func:`create_accountant` (Opacus'
+    ``register_accountant``; ``force=True`` replaces an existing one)."""
+    if mechanism in ACCOUNTANTS and not force:
+        raise ValueError(f"an accountant is already registered for {mechanism!r}; pass force=True to replace it")
+    ACCOUNTANTS[mechanism] = accountant
 
 
 def create_accountant(
@@ -26,8 +35,10 @@ def create_accountant(
             f"got both name={name!r} and mechanism={mechanism!r}; pass only one"
         )
     key = name if name is not None else mechanism
-    if not isinstance(key, str) or key.lower() not in ACCOUNTANTS:
+    if isinstance(key, str) and key not in ACCOUNTANTS:
+        key = key.lower()
+    if not isinstance(key, str) or key not in ACCOUNTANTS:
         raise ValueError(
             f"unknown accountant {key!r}; valid names are {sorted(ACCOUNTANTS)}"
         )
-    return ACCOUNTANTS[key.lower()]()
+    return ACCOUNTANTS[key]()
