@@ -21,6 +21,7 @@ import inspect
 import math
 import os
 import warnings
+import weakref
 from numbers import Real
 from typing import IO, Any, BinaryIO, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -119,6 +120,10 @@ def _check_sample_rate(q: Any) -> float:
             "expected batch size divided by the dataset size, e.g. 256 / len(dataset)"
         )
     return float(q)
+
+
+#: models make_private was called on (weak references: a model freed is forgotten)
+_MADE_PRIVATE: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
 
 
 def _check_optimizer_params(module: nn.Module, optimizer: optim.Optimizer) -> None:
@@ -358,7 +363,27 @@ class PrivacyEngine:
 
     def get_epsilon(self, delta: float) -> float:
         """Epsilon spent so far at ``delta`` (by the accountant, over the recorded history)."""
-        return float(self.accountant.get_epsilon(_check_delta(delta)))
+        delta = _check_delta(delta)
+        self._warn_large_delta(delta)
+        return float(self.accountant.get_epsilon(delta))
+
+    def _warn_large_delta(self, delta: float, dataset: Any = None) -> None:
+        """delta >= 1/N promises almost nothing: publishing one random record in full is
+        (0, 1/N)-DP. Warned once per value."""
+        dataset = dataset if dataset is not None else self.dataset
+        try:
+            n = len(dataset) if dataset is not None else None  # type: ignore[arg-type]
+        except TypeError:
+            n = None
+        warned = self.__dict__.setdefault("_delta_warned", set())
+        if n and delta >= 1.0 / n and delta not in warned:
+            warned.add(delta)
+            warnings.warn(
+                f"PrivacyEngine: delta={delta:g} is at least 1/N = 1/{n}: releasing one randomly chosen training "
+                "example in full satisfies (0, 1/N)-DP, so this guarantee protects little. Fix: use delta well "
+                f"below 1/N (e.g. {10 ** math.floor(math.log10(1.0 / n) - 1):g})",
+                stacklevel=3,
+            )
 
     # -- make_private --------------------------------------------------------------------
 
@@ -471,6 +496,14 @@ class PrivacyEngine:
             if not poisson_sampling:
                 raise ValueError("distributed training needs poisson_sampling=True (sharded Poisson batches)")
         module = unwrap(module)
+        if not isinstance(module, DPModule) and module in _MADE_PRIVATE:
+            warnings.warn(
+                "PrivacyEngine: make_private was already called on this model. Its parameters are now trained "
+                "by two DP setups; if both train, the privacy cost adds up and each engine accounts only its own "
+                "steps. Fix: call make_private once per model and training run (reuse the returned model and "
+                "optimizer), or pass a fresh copy of the model",
+                stacklevel=2,
+            )
         if not module.training:
             raise ValueError(
                 "the module is in eval mode: a model in eval mode computes no per-sample gradients, "
@@ -497,6 +530,8 @@ class PrivacyEngine:
             )
         dp_module = self._prepare_model(module, batch_first=batch_first, loss_reduction=loss_reduction,
                                         rewrite_options=rewrite_options, bk=bk)
+        if not isinstance(module, DPModule):
+            _MADE_PRIVATE.add(module)
         sample_rate = _check_sample_rate(1 / len(data_loader))
         loader = self._prepare_data_loader(data_loader, poisson_sampling=poisson_sampling, batch_first=batch_first)
         if distributed:  # this rank's shard of the global Poisson batch (same q, same q*N)
@@ -578,6 +613,7 @@ class PrivacyEngine:
         if not isinstance(data_loader, DataLoader) or len(data_loader) == 0:
             raise ValueError("data_loader must be a DataLoader that yields at least one batch")
         sample_rate = 1 / len(data_loader)
+        self._warn_large_delta(budget[1], data_loader.dataset)
         if self.accountant.steps > 0:
             warnings.warn(
                 "make_private_with_epsilon: this engine already accounted "

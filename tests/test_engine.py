@@ -521,3 +521,29 @@ def test_embedding_followed_by_a_transpose_trains_in_book_keeping():
         nn.functional.cross_entropy(dp(xb), yb).backward()
         opt.step()
     assert not torch.equal(model.emb.weight, before)
+
+
+def test_delta_at_least_one_over_n_is_warned():
+    data = TensorDataset(torch.randn(50, 4), torch.randint(0, 2, (50,)))
+    model = nn.Linear(4, 2)
+    engine = PrivacyEngine()
+    with pytest.warns(UserWarning, match=r"delta=0.05 is at least 1/N = 1/50"):
+        engine.make_private_with_epsilon(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                                         data_loader=DataLoader(data, 10), target_epsilon=3.0, target_delta=0.05,
+                                         epochs=1, max_grad_norm=1.0)
+    with pytest.warns(UserWarning, match="at least 1/N"):
+        engine.get_epsilon(0.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        engine.get_epsilon(1e-5)  # well below 1/N: no warning
+
+
+def test_make_private_twice_on_the_same_model_is_warned():
+    data = TensorDataset(torch.randn(16, 4), torch.randint(0, 2, (16,)))
+    model = nn.Linear(4, 2)
+    kw = dict(data_loader=DataLoader(data, 8), noise_multiplier=1.0, max_grad_norm=1.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        PrivacyEngine().make_private(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), **kw)
+    with pytest.warns(UserWarning, match="make_private was already called on this model"):
+        PrivacyEngine().make_private(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), **kw)
