@@ -28,8 +28,11 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-from scipy import stats
 from torch import Tensor, nn
+
+from .accountants.base import LazyModule
+
+stats = LazyModule("scipy.stats")  # imported when an audit runs, not with fxdp
 
 __all__ = [
     "AuditResult",

@@ -193,3 +193,14 @@ def test_console_script_entry():
     with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
         scripts = tomllib.load(f)["project"]["scripts"]
     assert scripts["fxdp"] == "fxdp.cli:main"
+
+
+def test_the_command_line_starts_without_importing_scipy():
+    """scipy's submodules cost about a second at start-up; fxdp imports them when an
+    accountant first needs them (checked structurally, not timed)."""
+    import subprocess
+    import sys
+
+    code = "import sys, fxdp.cli; print(sorted(m for m in sys.modules if m == 'scipy' or m.startswith('scipy.')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "[]", out

@@ -17,6 +17,20 @@ from typing import Any, Callable
 HistoryEntry = tuple[float, float, int]
 
 
+class LazyModule:
+    """A module imported on first attribute access: scipy's submodules take about a
+    second to import, which every ``fxdp`` command line call would otherwise pay."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self._module: Any = None
+
+    def __getattr__(self, attr: str) -> Any:
+        if self._module is None:
+            self._module = __import__(self._name, fromlist=["_"])  # the submodule itself
+        return getattr(self._module, attr)
+
+
 # ---------------------------------------------------------------------------
 # Validation.  Every message names the parameter, the offending value and what
 # is allowed, so that a typo in a training script is diagnosed immediately.

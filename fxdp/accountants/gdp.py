@@ -25,9 +25,9 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from scipy import optimize, special
+from .base import HistoryEntry, IAccountant, LazyModule, check_delta
 
-from .base import HistoryEntry, IAccountant, check_delta
+optimize, special = LazyModule("scipy.optimize"), LazyModule("scipy.special")
 
 __all__ = [
     "GDPAccountant",

@@ -73,18 +73,19 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
-from scipy import fft as sfft
-from scipy import optimize, signal, special
 
 from .base import (
     HistoryEntry,
     IAccountant,
+    LazyModule,
     check_delta,
     check_positive,
     normalize_history,
 )
 from .gdp import gdp_depsilon_dmu, gdp_epsilon, gdp_mu_for_epsilon
 from .rdp import DEFAULT_ALPHAS, _rdp_curve, rdp_to_epsilon
+
+sfft, optimize, signal, special = (LazyModule(f"scipy.{m}") for m in ("fft", "optimize", "signal", "special"))
 
 __all__ = [
     "EpsilonBounds",

@@ -21,15 +21,17 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from scipy import special
 
 from .base import (
     IAccountant,
+    LazyModule,
     check_delta,
     check_noise_multiplier,
     check_sample_rate,
     check_steps,
 )
+
+special = LazyModule("scipy.special")
 
 __all__ = ["DEFAULT_ALPHAS", "RDPAccountant", "compute_rdp", "rdp_to_epsilon"]
 
