@@ -122,6 +122,29 @@ def _check_sample_rate(q: Any) -> float:
     return float(q)
 
 
+def _warn_replaced_sampler(data_loader: DataLoader) -> None:
+    """Poisson sampling replaces the loader's sampler: say so when it was not a plain
+    sequential or shuffling one (a WeightedRandomSampler's weights, a class-balancing
+    batch sampler or a subset sampler are dropped)."""
+    from torch.utils.data import BatchSampler, RandomSampler, SequentialSampler
+
+    if isinstance(data_loader, DPDataLoader) or _find_poisson_sampler(data_loader) is not None:
+        return
+    sampler = data_loader.sampler
+    batch_sampler = data_loader.batch_sampler
+    custom = not isinstance(sampler, (SequentialSampler, RandomSampler)) or (
+        batch_sampler is not None and type(batch_sampler) is not BatchSampler)
+    if custom:
+        what = type(batch_sampler if type(batch_sampler) is not BatchSampler else sampler).__name__
+        warnings.warn(
+            f"PrivacyEngine: the data loader's {what} is replaced by Poisson sampling of the whole dataset (each "
+            "example with probability q, as the accountant assumes): its weights, subset or batching are dropped. "
+            "Fix: if you need a subset, pass a torch.utils.data.Subset as the dataset; re-weighting examples "
+            "changes the privacy analysis and is not supported",
+            stacklevel=4,
+        )
+
+
 #: models make_private was called on (weak references: a model freed is forgotten)
 _MADE_PRIVATE: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
 
@@ -721,6 +744,7 @@ class PrivacyEngine:
                 stacklevel=3,
             )
         if poisson_sampling:
+            _warn_replaced_sampler(data_loader)
             return DPDataLoader.from_data_loader(data_loader, generator=self.secure_rng, batch_first=batch_first)
         warnings.warn(
             "PrivacyEngine: " + _SHUFFLE_CAVEAT + ". Fix: keep poisson_sampling=True "

@@ -547,3 +547,19 @@ def test_make_private_twice_on_the_same_model_is_warned():
         PrivacyEngine().make_private(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), **kw)
     with pytest.warns(UserWarning, match="make_private was already called on this model"):
         PrivacyEngine().make_private(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), **kw)
+
+
+def test_a_weighted_sampler_replaced_by_poisson_sampling_is_warned():
+    data = TensorDataset(torch.randn(16, 4), torch.randint(0, 2, (16,)))
+    model = nn.Linear(4, 2)
+    sampler = torch.utils.data.WeightedRandomSampler(torch.ones(16), num_samples=16)
+    with pytest.warns(UserWarning, match="WeightedRandomSampler is replaced by Poisson sampling"):
+        PrivacyEngine().make_private(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                                     data_loader=DataLoader(data, 8, sampler=sampler), noise_multiplier=1.0,
+                                     max_grad_norm=1.0)
+    model2 = nn.Linear(4, 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # a plain shuffling loader: nothing is lost
+        PrivacyEngine().make_private(module=model2, optimizer=torch.optim.SGD(model2.parameters(), lr=0.1),
+                                     data_loader=DataLoader(data, 8, shuffle=True), noise_multiplier=1.0,
+                                     max_grad_norm=1.0)
