@@ -189,7 +189,22 @@ class AttentionStack(nn.Module):
         return self.enc(self.att(x, x, x)[0]).sum(1)
 
 
+class LearnedPositions(nn.Module):
+    """BERT/GPT-2 style: token embeddings plus position embeddings of arange(T),
+    broadcast over the batch (served by the embedding rule, not torch.func)."""
+
+    def __init__(self):
+        super().__init__()
+        self.tok = nn.Embedding(11, 6)
+        self.pos = nn.Embedding(16, 6)
+        self.out = nn.Linear(6, 3)
+
+    def forward(self, t, **kw):
+        return self.out(torch.tanh(self.tok(t) + self.pos(torch.arange(t.shape[1])[None])))  # ids [1, T]
+
+
 EXPORT_MODELS = {
+    "positions": (LearnedPositions, lambda: torch.randint(0, 11, (4, 5))),
     "attention": (AttentionStack, lambda: torch.randn(3, 5, 6)),
     "conv": (ConvStack, lambda: torch.randn(4, 2, 7, 7)),
     "seq": (SeqStack, lambda: torch.randint(0, 11, (5, 6))),
@@ -201,7 +216,9 @@ EXPORT_MODELS = {
 def test_aten_rules_equal_batch_of_one(name, f64):
     torch.manual_seed(4)
     cls, make_x = EXPORT_MODELS[name]
-    _per_sample_ok(cls(), make_x())
+    dp = _per_sample_ok(cls(), make_x())
+    if name == "positions":
+        assert "torch.embedding (broadcast over the batch)" in [c.rule_name() for c in dp.captures]
 
 
 @pytest.mark.parametrize("name", sorted(EXPORT_MODELS))

@@ -28,7 +28,7 @@ from ..capture import CaptureOp, Recorder, RuleCapture
 from ..errors import SymbolicGraphError, UnsupportedModelError, UnsupportedOpError, where
 from ..rules import module_call_for, rule_for_op
 from ..rules.functorch import FuncCapture
-from ..rules.params import ELEMENTWISE, MATMUL, ParamCapture
+from ..rules.params import ELEMENTWISE, MATMUL, BroadcastRuleCapture, ParamCapture
 from .symbolic_batch import is_shape_value
 
 __all__ = ["insert_captures", "CAPTURES"]
@@ -62,6 +62,11 @@ def _batch_norm_training(n: fx.Node) -> bool:
         v = n.args[5] if len(n.args) > 5 else n.kwargs.get("training", False)
     return not (isinstance(v, bool) and v is False)
 
+
+#: ops that return their input's values (a copy, a device or dtype move)
+_VALUE_COPIES = {torch.ops.aten.to.dtype, torch.ops.aten.to.dtype_layout, torch.ops.aten.to.device,
+                 torch.ops.aten._to_copy.default, torch.ops.aten.alias.default, torch.ops.aten.clone.default,
+                 torch.ops.aten.contiguous.default}
 
 _SHAPE_ATTRS = {"shape", "ndim"}
 _SHAPE_METHODS = {"size", "dim", "ndimension", "numel"}
@@ -387,10 +392,47 @@ class _CaptureBuilder:
                 "and then broadcast over the batch; the module-level graph cannot give them per-sample "
                 "gradients. Fix: privatize(..., capture='export') (the default capture='auto' does so)"
             )
+        broadcast = self._broadcast_rule(n, region, params, dyn, env)
+        if broadcast is not None:
+            cap: CaptureOp = BroadcastRuleCapture(fn=fn, description=_op_name(n), param_index=params,
+                                                  buffer_index=buffers, **broadcast, **self._common(n))
+            return self._install(n, cap, dyn)
         fast, pos = self._fast_param_rule(n, params, dyn)
         cap = ParamCapture(fn=fn, description=_op_name(n), fast=fast, param_pos=pos, param_index=params,
                            buffer_index=buffers, **self._common(n))
         return self._install(n, cap, dyn)
+
+    def _broadcast_rule(self, n: fx.Node, region: List[fx.Node], params: Dict[int, str], dyn: List[Any],
+                        env: Dict[fx.Node, fx.Node]) -> Optional[Dict[str, Any]]:
+        """``x + op(W, ...)`` where ``op`` has a per-sample rule and reads only parameters and
+        parameter-free values (position embeddings of ``arange(T)``): the rule serves ``W``
+        with the per-sample gradient of the broadcast value as its output gradient."""
+        if ELEMENTWISE.get(n.target) != "add" or n.kwargs or len(n.args) != 2:
+            return None
+        v = next((a for a in n.args if isinstance(a, fx.Node) and a in region), None)
+        if v is None or not self.input_dep.get(n.args[1 - n.args.index(v)], False):
+            return None
+        while v.op == "call_function" and v.target in _VALUE_COPIES and v.args and v.args[0] in region:
+            v = v.args[0]  # GPT-2's position_embeds.to(device): the same values
+        if v.op != "call_function":
+            return None
+        rule = rule_for_op(v.target)
+        if rule is None or rule.input_arg is None or not rule.folds:
+            return None
+        try:
+            bound = rule.bind(tuple(v.args), dict(v.kwargs))
+        except Exception:
+            return None
+        slot = {x: i for i, x in enumerate(dyn)}
+        names: Dict[str, int] = {}
+        for k, x in bound.items():
+            if isinstance(x, fx.Node) and slot.get(x) in params:
+                if k not in rule.param_args:
+                    return None
+                names[k] = slot[x]
+        if set(params) != set(names.values()) or not isinstance(bound.get(rule.input_arg), fx.Node):
+            return None
+        return dict(rule=rule, op=v.target, value=env[v].name, param_names=names)
 
     def _fast_param_rule(self, n: fx.Node, params: Dict[int, str], dyn: List[Any]) -> Tuple[Optional[str], int]:
         """An explicit raw-parameter rule applies to ``op(x, p)`` / ``op(p, x)`` with a

@@ -28,7 +28,7 @@ from ..errors import BatchDimensionError
 from . import batch_sum
 from .functorch import FuncCapture
 
-__all__ = ["ParamCapture", "ELEMENTWISE", "MATMUL"]
+__all__ = ["ParamCapture", "BroadcastRuleCapture", "ELEMENTWISE", "MATMUL"]
 
 #: op -> kind for elementwise binary ops with a fast rule
 ELEMENTWISE: Dict[Any, str] = {
@@ -99,3 +99,97 @@ class ParamCapture(FuncCapture):
                 return super().per_sample_grads(rec)
             shape.pop(k)
         return {pi: batch_sum(d, torch.Size(shape)).reshape((d.shape[0],) + tuple(p.shape))}
+
+
+class BroadcastRuleCapture(ParamCapture):
+    """``x + op(W, idx)``: a rule-served op applied to a parameter and parameter-free
+    inputs (position embeddings of ``arange(T)``), its output broadcast over the batch.
+    Sample i's gradient w.r.t. the op's output is its output gradient summed over the
+    broadcast dimensions (as for a raw parameter); the op's own rule turns it into
+    sample i's gradient of ``W``, with the parameter-free input repeated per sample."""
+
+    def __init__(self, *, rule: Any, op: Any, value: str, param_names: Dict[str, int], **kw: Any) -> None:
+        super().__init__(fast=None, **kw)
+        self.rule = rule
+        self.op = op
+        self.value = value  # the op's node in the capture's subgraph
+        self.param_names = dict(param_names)  # rule argument -> dynamic-input index
+
+    def rule_name(self) -> str:
+        return f"{self.rule.describe()} (broadcast over the batch)"
+
+    def _prepared(self, rec: LayerRecord) -> tuple:
+        """The rule's arguments (input repeated per sample) and the per-sample output gradient."""
+        import torch.fx as fx
+
+        seen: Dict[str, Any] = {}
+
+        class _Grab(fx.Interpreter):
+            def run_node(self, n: Any) -> Any:
+                out = super().run_node(n)
+                if n.name == outer.value:
+                    seen["args"] = self.map_nodes_to_values(n.args, n)
+                    seen["kwargs"] = self.map_nodes_to_values(n.kwargs, n)
+                    seen["out"] = out
+                return out
+
+        outer = self
+        with torch.no_grad():
+            _Grab(self.fn).run(*rec.inputs)
+        args = self.rule.bind(tuple(seen["args"]), dict(seen["kwargs"]))
+        v = seen["out"]
+        dims_in, dims_out = self.resolve_batch_dims(rec)
+        g, bo = rec.grads[0], dims_out[0]
+        if bo is None:
+            raise BatchDimensionError(f"the output of {self.where()} has no batch dimension")
+        g = g.movedim(bo, 0)
+        R, r = g.dim(), v.dim()
+        shape = list(v.shape)
+        if bo >= R - r:  # v spans the batch dimension: it broadcasts along it
+            k = bo - (R - r)
+            if shape[k] != 1:
+                raise BatchDimensionError(f"{self.where()}: the broadcast value does not broadcast over the batch")
+            shape.pop(k)
+        B = g.shape[0]
+        d = batch_sum(g, torch.Size(shape)).reshape((B,) + tuple(shape))
+        x = args[self.rule.input_arg]
+        # the rule's input shares the output's leading dims (linear, embedding, norms: ``folds``)
+        if bo >= R - r:
+            if k >= v.dim() - 1:
+                return None  # the batch meets the feature dim: not this rule's layout
+            x = x.squeeze(k)
+        args[self.rule.input_arg] = x.expand((B,) + tuple(x.shape))
+        for name, i in self.param_names.items():
+            args[name] = rec.inputs[i]
+        return args, d
+
+    def per_sample_grads(self, rec: LayerRecord) -> Dict[int, Tensor]:
+        prepared = self._prepared(rec)
+        if prepared is None:
+            return super().per_sample_grads(rec)
+        args, d = prepared
+        needs = frozenset(n for n, i in self.param_names.items() if i in rec.params)
+        if d.shape[0] == 0:
+            return {i: rec.inputs[i].new_zeros((0,) + tuple(rec.inputs[i].shape)) for i in rec.params}
+        got = self.rule.grad_sample(args, d, needs)
+        return {i: got[n] for n, i in self.param_names.items() if i in rec.params}
+
+    def norm_sample_sq(self, rec: LayerRecord, idx: Any) -> Dict[int, Tensor]:
+        prepared = self._prepared(rec)
+        if prepared is None:
+            return super().norm_sample_sq(rec, idx)
+        args, d = prepared
+        names = {i: n for n, i in self.param_names.items()}
+        out = self.rule.norm_sample_sq(args, d, frozenset(names[i] for i in idx))
+        return {i: out[names[i]] for i in idx}
+
+    def clipped_sum(self, rec: LayerRecord, factors: Dict[int, Tensor]) -> Dict[int, Tensor]:
+        prepared = self._prepared(rec)
+        if prepared is None:
+            return super().clipped_sum(rec, factors)
+        args, d = prepared
+        names = {i: n for n, i in self.param_names.items()}
+        out: Dict[int, Tensor] = {}
+        for i, f in factors.items():
+            out[i] = self.rule.clipped_sum(args, d, f, frozenset({names[i]}))[names[i]]
+        return out
