@@ -18,7 +18,7 @@ same capture (exact, slower); see ``fxdp/rules/functorch.py``.
 from __future__ import annotations
 
 import operator
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -90,15 +90,27 @@ class ParamCapture(FuncCapture):
             d = g * x
         else:  # div
             d = g / x if self.param_pos == 0 else -g * x / (p * p)
-        d = d.expand(g.shape).movedim(bo, 0)
-        R, r = g.dim(), p.dim()
-        shape = list(p.shape)
-        if bo >= R - r:  # p spans the batch dimension: it must broadcast along it
-            k = bo - (R - r)
-            if shape[k] != 1:
-                return super().per_sample_grads(rec)
-            shape.pop(k)
-        return {pi: batch_sum(d, torch.Size(shape)).reshape((d.shape[0],) + tuple(p.shape))}
+        per_sample = broadcast_grad(d.expand(g.shape), bo, tuple(p.shape))
+        if per_sample is None:
+            return super().per_sample_grads(rec)
+        return {pi: per_sample[0].reshape((g.shape[bo],) + tuple(p.shape))}
+
+
+def broadcast_grad(g: Tensor, bo: int, shape: Tuple[int, ...]) -> Optional[Tuple[Tensor, Optional[int]]]:
+    """Sample i's gradient w.r.t. a value of ``shape`` broadcast against the gradient ``g``
+    (batch at ``bo``): ``g`` summed over the broadcast dimensions, ``[B, *shape less the
+    dimension that met the batch]``, and that dimension (``None`` when the value does not
+    span the batch). ``None`` when the value does not broadcast over the batch."""
+    R, r = g.dim(), len(shape)
+    kept = list(shape)
+    k: Optional[int] = None
+    if bo >= R - r:  # the value spans the batch dimension: it must broadcast along it
+        k = bo - (R - r)
+        if kept[k] != 1:
+            return None
+        kept.pop(k)
+    g = g.movedim(bo, 0)
+    return batch_sum(g, torch.Size(kept)).reshape((g.shape[0],) + tuple(kept)), k
 
 
 class BroadcastRuleCapture(ParamCapture):
@@ -142,23 +154,17 @@ class BroadcastRuleCapture(ParamCapture):
         g, bo = rec.grads[0], dims_out[0]
         if bo is None:
             raise BatchDimensionError(f"the output of {self.where()} has no batch dimension")
-        g = g.movedim(bo, 0)
-        R, r = g.dim(), v.dim()
-        shape = list(v.shape)
-        if bo >= R - r:  # v spans the batch dimension: it broadcasts along it
-            k = bo - (R - r)
-            if shape[k] != 1:
-                raise BatchDimensionError(f"{self.where()}: the broadcast value does not broadcast over the batch")
-            shape.pop(k)
-        B = g.shape[0]
-        d = batch_sum(g, torch.Size(shape)).reshape((B,) + tuple(shape))
+        got = broadcast_grad(g, bo, tuple(v.shape))
+        if got is None:
+            raise BatchDimensionError(f"{self.where()}: the broadcast value does not broadcast over the batch")
+        d, k = got
         x = args[self.rule.input_arg]
         # the rule's input shares the output's leading dims (linear, embedding, norms: ``folds``)
-        if bo >= R - r:
+        if k is not None:
             if k >= v.dim() - 1:
                 return None  # the batch meets the feature dim: not this rule's layout
             x = x.squeeze(k)
-        args[self.rule.input_arg] = x.expand((B,) + tuple(x.shape))
+        args[self.rule.input_arg] = x.expand((d.shape[0],) + tuple(x.shape))
         for name, i in self.param_names.items():
             args[name] = rec.inputs[i]
         return args, d
