@@ -86,6 +86,9 @@ class Recorder:
         self.factors: List[Tensor] = []
         self.passes = 0  # backward passes accumulated since the optimizer consumed them
         self.stand_ins: set = set()  # generations of empty batches run on a placeholder sample
+        #: user-level DP: forward generation -> group (user) index of each row
+        self.groups: Dict[int, Tensor] = {}
+        self._pending_groups: Optional[Tensor] = None
 
     def _end_of_backward(self) -> None:
         from .bookkeeping import finish_backward
@@ -101,10 +104,43 @@ class Recorder:
         self._open_pass = None  # no backward pass runs during a forward (closes one an error left open)
         self.batch_size = batch_size
         self.batch_dims = batch_dims
+        groups, self._pending_groups = self._pending_groups, None
+        self.groups = {g: v for g, v in self.groups.items() if g > self.generation - 64}
+        if groups is not None and not stand_in:
+            if batch_size is not None and groups.shape[0] != batch_size:
+                raise BatchDimensionError(
+                    f"set_groups was given {groups.shape[0]} group indices, but the batch has {batch_size} "
+                    "samples. Fix: pass one user index per row of the next batch"
+                )
+            self.groups[self.generation] = groups
         if stand_in:
             self.stand_ins.add(self.generation)
         elif self.stand_ins:  # records live one step (or a few accumulated passes): forget old ones
             self.stand_ins = {g for g in self.stand_ins if g > self.generation - 64}
+
+    def set_groups(self, groups: Tensor) -> None:
+        """User-level DP: row ``i`` of the next forward belongs to group ``groups[i]``
+        (``0..U-1``). Per-sample gradients are summed per group, so ``p.grad_sample``
+        has one row per group and clipping bounds each group's (user's) whole
+        contribution. Needs materialized per-sample gradients."""
+        if self.mode == "bk":
+            raise PerSampleGradientError(
+                "per-user clipping sums per-sample gradients per user, which book-keeping does not form. "
+                "Fix: use grad_sample_mode='materialize' for user-level DP"
+            )
+        groups = torch.as_tensor(groups)
+        if groups.dim() != 1 or groups.dtype not in (torch.int32, torch.int64) or (
+                groups.numel() and int(groups.min()) < 0):
+            raise ValueError("groups must be a 1-d tensor of non-negative integer group indices, one per row")
+        self._pending_groups = groups.long()
+
+    def _group(self, gs: Tensor, generation: int) -> Tensor:
+        """Sum the rows of one group (user): ``[B, ...] -> [U, ...]``."""
+        groups = self.groups.get(generation)
+        if groups is None:
+            return gs
+        U = int(groups.max()) + 1 if groups.numel() else 0
+        return gs.new_zeros((U,) + tuple(gs.shape[1:])).index_add_(0, groups.to(gs.device), gs)
 
     # -- per-sample gradients -------------------------------------------------
     def on_backward(self, rec: LayerRecord) -> Dict[int, Tensor]:
@@ -132,7 +168,7 @@ class Recorder:
                 # the largest tensor of the step); never write into a view of the record
                 owned = gs._base is None and gs.data_ptr() not in theirs
                 gs = gs.mul_(scale) if owned else gs * scale
-            self._accumulate(p, gs, rec)
+            self._accumulate(p, self._group(gs, rec.generation), rec)
         return summed
 
     def _backward_pass(self) -> int:

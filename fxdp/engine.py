@@ -23,7 +23,7 @@ import os
 import warnings
 import weakref
 from numbers import Real
-from typing import IO, Any, BinaryIO, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import IO, Any, BinaryIO, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn, optim
@@ -41,7 +41,7 @@ __all__ = ["PrivacyEngine", "ACCOUNTANTS"]
 #: Accountant names accepted by ``PrivacyEngine(accountant=...)``.
 ACCOUNTANTS = ("prv", "rdp", "gdp")
 #: Opacus' per-sample gradient modes; fxdp computes them all the same way (materialized).
-_OPACUS_GRAD_SAMPLE_MODES = ("auto", "bk", "ghost", "hooks", "functorch", "ew", "materialize")
+_OPACUS_GRAD_SAMPLE_MODES = ("auto", "bk", "ghost", "hooks", "functorch", "ew", "materialize", "no_op")
 _CLIPPINGS = ("flat", "per_layer", "adaptive")
 _CHECKPOINT_FORMAT = 1
 _SHUFFLE_CAVEAT = (
@@ -202,7 +202,9 @@ class _Binding:
         self.data_loader = data_loader
         self.sample_rate = sample_rate
         self.poisson = poisson
-        self.num_samples = len(data_loader.dataset)  # type: ignore[arg-type]
+        sampler = _find_poisson_sampler(data_loader)
+        # the units q samples: records, or users for UserPoissonSampler
+        self.num_samples = sampler.num_samples if sampler is not None else len(data_loader.dataset)  # type: ignore
         self.cross_check: Any = None  # fxdp.verify.FirstStepCrossCheck, if enabled
 
     def step_sample_rate(self, optimizer: DPOptimizer) -> float:
@@ -263,13 +265,16 @@ def _example_from_loader(data_loader: DataLoader,
     return ((batch,), {}) if isinstance(batch, Tensor) else None
 
 
-def _static_check(module: nn.Module, data_loader: DataLoader, example_inputs: Optional[Sequence[Any]], *,
+def _static_check(module: nn.Module, data_loader: DataLoader, example_inputs: Union[Sequence[Any], Mapping[str, Any], None], *,
                   batch_first: bool, rewrite_options: Optional[Dict[str, Any]], allow_unsafe_model: bool) -> Any:
     """Run ``fxdp.check`` on the model; refuse it when an op breaks DP, unless overridden."""
     from .check import check
 
-    example = ((tuple(example_inputs), {}) if example_inputs is not None
-               else _example_from_loader(data_loader, module))
+    if isinstance(example_inputs, Mapping):  # keyword inputs (a Hugging Face batch)
+        example: Any = ((), dict(example_inputs))
+    else:
+        example = ((tuple(example_inputs), {}) if example_inputs is not None
+                   else _example_from_loader(data_loader, module))
     if example is None:
         warnings.warn(
             "PrivacyEngine: could not build example inputs from the data loader, so the static "
@@ -393,11 +398,15 @@ class PrivacyEngine:
     def _warn_large_delta(self, delta: float, dataset: Any = None) -> None:
         """delta >= 1/N promises almost nothing: publishing one random record in full is
         (0, 1/N)-DP. Warned once per value."""
-        dataset = dataset if dataset is not None else self.dataset
-        try:
-            n = len(dataset) if dataset is not None else None  # type: ignore[arg-type]
-        except TypeError:
-            n = None
+        n: Optional[int] = None
+        if dataset is None and self._bindings:  # the units sampled: records, or users (UserPoissonSampler)
+            n = self._bindings[-1].num_samples
+        else:
+            dataset = dataset if dataset is not None else self.dataset
+            try:
+                n = len(dataset) if dataset is not None else None  # type: ignore[arg-type]
+            except TypeError:
+                n = None
         warned = self.__dict__.setdefault("_delta_warned", set())
         if n and delta >= 1.0 / n and delta not in warned:
             warned.add(delta)
@@ -433,7 +442,7 @@ class PrivacyEngine:
         verify_first_step: bool = True,
         distributed: bool = False,
         nonfinite: str = "raise",
-        example_inputs: Optional[Sequence[Any]] = None,
+        example_inputs: Union[Sequence[Any], Mapping[str, Any], None] = None,
         allow_unsafe_model: bool = False,
         **kwargs: Any,
     ) -> Tuple[DPModule, DPOptimizer, DataLoader]:
@@ -480,8 +489,9 @@ class PrivacyEngine:
             nonfinite: a NaN/inf per-sample gradient ``"raise"``s ``FloatingPointError``
                 naming the sample (default), or ``"drop"``: its clip factor is 0, it
                 stays counted in the accounting (``docs/failure_handling.md``).
-            example_inputs: inputs for the static compatibility check (``fxdp.check``);
-                by default the first element of a batch of two dataset samples.
+            example_inputs: inputs for the static compatibility check (``fxdp.check``):
+                a tuple of positional inputs or a dict of keyword inputs; by default
+                built from two dataset samples.
             allow_unsafe_model: explicit override: train even when ``fxdp.check``
                 finds ops that break DP (they are listed in a warning instead of an
                 error). The privacy guarantee does not hold for such a model.
@@ -555,12 +565,22 @@ class PrivacyEngine:
                                         rewrite_options=rewrite_options, bk=bk)
         if not isinstance(module, DPModule):
             _MADE_PRIVATE.add(module)
-        sample_rate = _check_sample_rate(1 / len(data_loader))
-        loader = self._prepare_data_loader(data_loader, poisson_sampling=poisson_sampling, batch_first=batch_first)
-        if distributed:  # this rank's shard of the global Poisson batch (same q, same q*N)
-            loader = DPDataLoader.from_data_loader(data_loader, generator=self.secure_rng, distributed=True,
-                                                   batch_first=batch_first)
-        expected_batch_size = self._expected_batch_size(loader, sample_rate, poisson_sampling)
+        sampler = _find_poisson_sampler(data_loader) if poisson_sampling and not distributed else None
+        if sampler is not None:
+            # already Poisson (a DPDataLoader, or users drawn by UserPoissonSampler): kept as it is,
+            # with its own q and q * N (N counts users for user-level sampling)
+            sample_rate = _check_sample_rate(sampler.sample_rate)
+            loader = self._prepare_data_loader(data_loader, poisson_sampling=False, batch_first=batch_first,
+                                               keep=True)
+            expected_batch_size = float(sampler.expected_batch_size)
+        else:
+            sample_rate = _check_sample_rate(1 / len(data_loader))
+            loader = self._prepare_data_loader(data_loader, poisson_sampling=poisson_sampling,
+                                               batch_first=batch_first)
+            if distributed:  # this rank's shard of the global Poisson batch (same q, same q*N)
+                loader = DPDataLoader.from_data_loader(data_loader, generator=self.secure_rng, distributed=True,
+                                                       batch_first=batch_first)
+            expected_batch_size = self._expected_batch_size(loader, sample_rate, poisson_sampling)
         from .optim import get_optimizer_class
 
         dp_optimizer = (get_optimizer_class(clipping, distributed=True) if distributed else DPOptimizer)(
@@ -733,7 +753,8 @@ class PrivacyEngine:
         return privatize(module, loss_reduction=loss_reduction, batch_first=batch_first,
                          rewrite_options=rewrite_options, grad_sample_mode="bk" if bk else "materialize")
 
-    def _prepare_data_loader(self, data_loader: DataLoader, *, poisson_sampling: bool, batch_first: bool) -> DataLoader:
+    def _prepare_data_loader(self, data_loader: DataLoader, *, poisson_sampling: bool, batch_first: bool,
+                             keep: bool = False) -> DataLoader:
         if self.dataset is None:
             self.dataset = data_loader.dataset
         elif self.dataset is not data_loader.dataset:
@@ -743,6 +764,8 @@ class PrivacyEngine:
                 "if both objects are the same logical dataset)",
                 stacklevel=3,
             )
+        if keep:  # a loader that already draws Poisson batches
+            return data_loader
         if poisson_sampling:
             _warn_replaced_sampler(data_loader)
             return DPDataLoader.from_data_loader(data_loader, generator=self.secure_rng, batch_first=batch_first)

@@ -174,6 +174,16 @@ class DPModule(fx.GraphModule):
         for p in self.parameters():
             p.grad_sample = None
 
+    def set_groups(self, groups: Tensor) -> None:
+        """User-level DP (several records per user): row ``i`` of the *next* forward
+        belongs to user ``groups[i]`` (``0..U-1``). Each parameter's ``grad_sample``
+        then has one row per user, the sum of that user's records' gradients, so
+        clipping bounds a user's whole contribution (McMahan et al. 2018, "Learning
+        Differentially Private Recurrent Language Models"). Pair it with
+        :class:`fxdp.data.UserPoissonSampler` (users, not records, are sampled) and
+        ``grad_sample_mode="materialize"``."""
+        self.recorder.set_groups(groups)
+
     def grad_samples(self) -> Dict[str, Optional[Tensor]]:
         return {n: getattr(p, "grad_sample", None) for n, p in self.named_parameters()}
 

@@ -8,11 +8,12 @@ from .loader import (
     switch_generator,
     wrap_collate_with_empty,
 )
-from .sampler import PoissonSampler, UniformWithReplacementSampler, default_num_steps
+from .sampler import PoissonSampler, UniformWithReplacementSampler, UserPoissonSampler, default_num_steps
 
 __all__ = [
     "PoissonSampler",
     "UniformWithReplacementSampler",
+    "UserPoissonSampler",
     "default_num_steps",
     "DPDataLoader",
     "EmptyBatchCollate",

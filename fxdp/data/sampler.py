@@ -18,7 +18,13 @@ from torch.utils.data import Sampler
 
 from ..optim.secure import is_secure, secure_bernoulli
 
-__all__ = ["PoissonSampler", "UniformWithReplacementSampler", "DistributedPoissonSampler", "default_num_steps"]
+__all__ = [
+    "PoissonSampler",
+    "UniformWithReplacementSampler",
+    "DistributedPoissonSampler",
+    "UserPoissonSampler",
+    "default_num_steps",
+]
 
 
 def default_num_steps(sample_rate: float) -> int:
@@ -176,6 +182,64 @@ class PoissonSampler(Sampler[list[int]]):
 
 #: Opacus' name for the same sampler (same keyword arguments).
 UniformWithReplacementSampler = PoissonSampler
+
+
+class UserPoissonSampler(PoissonSampler):
+    """User-level Poisson sampling: each *user* joins a batch with probability ``q``,
+    bringing their records (all of them, or ``max_records_per_user`` drawn at random).
+
+    With per-user clipping (:meth:`fxdp.DPModule.set_groups`) the unit of privacy is
+    the user: adding or removing one user's whole data changes one clipped term, so
+    the accountants' analysis of Poisson sampling at rate ``q`` holds with users in
+    place of records (McMahan et al. 2018). ``expected_batch_size`` counts users.
+
+    Args:
+        user_ids: the user of each record (any hashable values), ``len = N`` records.
+        sample_rate: probability ``q`` that a user joins a batch.
+        generator, steps, secure: as :class:`PoissonSampler` (``steps`` defaults to ``floor(1/q)``).
+        max_records_per_user: cap on a sampled user's records per batch (a random subset),
+            bounding batch sizes when some users have many records.
+    """
+
+    def __init__(
+        self,
+        user_ids: Any,
+        sample_rate: float,
+        generator: torch.Generator | None = None,
+        steps: int | None = None,
+        *,
+        secure: bool = False,
+        max_records_per_user: int | None = None,
+    ) -> None:
+        ids = user_ids.tolist() if isinstance(user_ids, Tensor) else list(user_ids)
+        if not ids:
+            raise ValueError("user_ids is empty: no records to sample")
+        if max_records_per_user is not None and (
+                isinstance(max_records_per_user, bool) or not isinstance(max_records_per_user, Integral)
+                or max_records_per_user <= 0):
+            raise ValueError(f"max_records_per_user must be a positive integer or None, got {max_records_per_user!r}")
+        records: dict[Any, list[int]] = {}
+        for i, u in enumerate(ids):
+            records.setdefault(u, []).append(i)
+        self.users = list(records)
+        self.user_records = [records[u] for u in self.users]
+        self.max_records_per_user = max_records_per_user
+        super().__init__(len(self.users), sample_rate, generator, steps, secure=secure)
+
+    @property
+    def num_users(self) -> int:
+        return self.num_samples
+
+    def _draw(self) -> list[int]:
+        out: list[int] = []
+        k = self.max_records_per_user
+        for u in super()._draw():
+            rows = self.user_records[u]
+            if k is not None and len(rows) > k:  # a uniform subset; which rows never affects privacy
+                pick = torch.randperm(len(rows), generator=None if self.secure else self.generator)[:k]
+                rows = [rows[j] for j in sorted(pick.tolist())]
+            out.extend(rows)
+        return sorted(out)
 
 
 class DistributedPoissonSampler(PoissonSampler):

@@ -88,6 +88,16 @@ def _is_processed(obj: Tensor | list[Tensor]) -> bool:
     return any(hasattr(t, "_processed") for t in (obj if isinstance(obj, list) else [obj]))
 
 
+def _check_processed_flag(obj: Tensor | list[Tensor]) -> None:
+    """Raise if ``obj`` (a ``grad_sample`` or ``summed_grad``) was already used by a step
+    (Opacus' helper): consuming it twice would clip or noise one batch twice."""
+    if _is_processed(obj):
+        raise ValueError(
+            "this tensor was already processed by a DP step (clipped or noised). "
+            "Fix: call optimizer.zero_grad() after every optimizer.step()"
+        )
+
+
 def _init_signature(cls: type) -> inspect.Signature:
     sig = inspect.signature(cls.__init__)
     return sig.replace(parameters=list(sig.parameters.values())[1:])
