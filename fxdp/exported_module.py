@@ -28,6 +28,7 @@ from .passes.capture import CAPTURES, insert_captures
 from .passes.export_graph import example_for_export, export_graph
 from .errors import BatchDimensionError, UnsupportedOpError, where
 from .passes.symbolic_batch import annotate_batch, batch_symbol, mixing_findings
+from .passes.per_sample_loss import rewrite_in_forward_losses
 
 __all__ = ["ExportedDPModule"]
 
@@ -79,7 +80,7 @@ class ExportedDPModule(DPModule):
 
     # -- capture ----------------------------------------------------------------------
     def _capture(self, args: Tuple[Any, ...], kwargs: Dict[str, Any], dims: List[Optional[int]]) -> tuple:
-        gm = exported_graph(self._source_root, args, kwargs, dims)
+        gm = exported_graph(self._source_root, args, kwargs, dims, self.recorder.loss_reduction)
         _refuse_mixing(gm)
         captures = instrument(gm, self.recorder)
         container = getattr(self, CAPTURES)
@@ -165,11 +166,15 @@ def leaf_batch_dims(args: Tuple[Any, ...], kwargs: Dict[str, Any], batch_dim: An
 
 
 def exported_graph(root: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any],
-                   dims: List[Optional[int]]) -> fx.GraphModule:
-    """Capture (``torch.export``) and annotate batch dimensions: the graph that
+                   dims: List[Optional[int]], loss_reduction: str = "mean") -> fx.GraphModule:
+    """Capture (``torch.export``), annotate batch dimensions and make a loss computed
+    inside ``forward`` per-sample (:mod:`fxdp.passes.per_sample_loss`): the graph that
     ``fxdp.check`` analyses and :func:`instrument` turns into the DP graph."""
     gm, batched = export_graph(root, args, kwargs, dims)
-    annotate_batch(gm, batch_symbol(gm, batched))
+    s = batch_symbol(gm, batched)
+    annotate_batch(gm, s)
+    if rewrite_in_forward_losses(gm, loss_reduction):
+        annotate_batch(gm, s)
     out = next(n for n in gm.graph.nodes if n.op == "output")
     gm.meta["fxdp_output_batch"] = [(a.meta.get("fxdp_batch") or [None])[0] if isinstance(a, fx.Node) else None
                                     for a in tree_flatten(out.args[0])[0]]
@@ -215,6 +220,7 @@ def _refuse_mixing(gm: fx.GraphModule) -> None:
     raise UnsupportedOpError(
         "samples can influence each other in this model, so per-sample gradients (and the DP guarantee) break:\n"
         + "\n".join(lines) + more + "\nFix: compute the loss outside the model, per sample (e.g. "
-        "cross_entropy(..., reduction='sum' or 'mean' over the batch) without labels= in the call), and keep "
+        "cross_entropy(..., reduction='sum' or 'mean' over the batch) and do not divide by a count over the "
+        "batch, such as num_items_in_batch=), and keep "
         "every op within one sample (no batch statistics, no ops along the batch dimension)."
     )

@@ -173,22 +173,48 @@ def test_make_private_trains_three_poisson_steps_with_default_dropout(name):
     assert len(moved) == len(before)
 
 
-def test_labels_loss_inside_forward_is_refused_with_the_fix():
-    """HF's labels= loss averages over every token of the batch: each sample's
-    gradient then depends on the others' token counts."""
+@pytest.mark.parametrize("name", sorted(ZOO))
+def test_labels_loss_inside_forward_becomes_a_mean_of_per_sample_losses(name, f64):
+    """HF's labels= loss averages over every token of the batch (its denominator counts the
+    other samples' labels); the capture rewrites it as a mean of per-sample losses, so
+    row i of grad_sample is the gradient of the model's own loss on sample i alone.
+    LM heads compute their loss on float32 logits (HF upcasts), hence the f32 tolerance."""
+    torch.manual_seed(0)
+    model, kind = ZOO[name](0.0)
+    model = model.double().train()
+    g = torch.Generator().manual_seed(5)
+    x = _inputs(kind, B, g)
+    y = _targets(kind, x, g)
+    dp = fxdp.privatize(model)  # loss_reduction="mean", as the model's loss
+    dp(**x, labels=y).loss.backward()
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    got = {n: p.grad_sample for n, p in trainable.items()}
+    tol = dict(rtol=1e-5, atol=1e-7) if kind in ("lm", "seq2seq") else dict(rtol=1e-6, atol=1e-9)
+    for i in range(B):
+        model.zero_grad()
+        xi = {k: v[i:i + 1] for k, v in x.items()}
+        model(**xi, labels=y[i:i + 1]).loss.backward()
+        for n, p in trainable.items():
+            want = p.grad if p.grad is not None else torch.zeros_like(p)
+            torch.testing.assert_close(got[n][i], want, **tol, msg=f"{name}: {n}, sample {i}")
+
+
+def test_loss_normalized_by_the_batch_token_count_is_refused_with_the_fix():
+    """num_items_in_batch= (the Trainer's gradient-accumulation fix) divides a summed loss by
+    the batch's token count: each sample's gradient depends on the others. Refused."""
     torch.manual_seed(0)
     model, kind = _gpt2()
-    g = torch.Generator().manual_seed(3)
-    x = _inputs(kind, B, g)
+    x = _inputs(kind, B, torch.Generator().manual_seed(3))
     dp = fxdp.privatize(model)
     with pytest.raises(fxdp.UnsupportedModelError, match="loss"):
-        dp(**x, labels=x["input_ids"]).loss.backward()
+        dp(**x, labels=x["input_ids"], num_items_in_batch=torch.tensor(B * T)).loss.backward()
 
 
 @pytest.mark.parametrize("name", sorted(ZOO))
 def test_check_analyses_the_exported_graph(name):
-    """fxdp.check reads the graph privatize runs: ok with every parameter on a rule;
-    the labels= loss (batch-averaged inside forward) is an error."""
+    """fxdp.check reads the graph privatize runs: ok with every parameter on a rule; the
+    labels= loss is a mean of per-sample losses (ok); divided by the batch's token count
+    (num_items_in_batch=) it is an error."""
     torch.manual_seed(0)
     model, kind = ZOO[name]()
     model.train()
@@ -199,7 +225,9 @@ def test_check_analyses_the_exported_graph(name):
     assert trainable and not [lay for lay in trainable if "fallback" in lay.rule or "unused" in lay.rule], \
         [(lay.name, lay.rule) for lay in trainable]
     if kind == "lm":
-        bad = fxdp.check(model, (), example_kwargs={**x, "labels": x["input_ids"]})
+        assert fxdp.check(model, (), example_kwargs={**x, "labels": x["input_ids"]}).ok  # per-sample mean
+        bad = fxdp.check(model, (), example_kwargs={**x, "labels": x["input_ids"],
+                                                     "num_items_in_batch": torch.tensor(B * T)})
         assert not bad.ok and {e.code for e in bad.errors} == {"batch-reduction"}
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -127,6 +128,23 @@ def _explain(e: Exception, model: nn.Module) -> UnsupportedModelError:
     return UnsupportedModelError(f"cannot capture {name} with torch.export: {fix}.\n  {type(e).__name__}: {first}")
 
 
+def _register_output_types() -> None:
+    """Let outputs holding tensors in objects pass through the graph: Hugging Face's
+    ``DynamicCache`` (returned in training when ``use_cache`` is on, the default of
+    GPT-2 and most decoders) becomes a pytree node, so the graph returns its tensors
+    and the caller gets the cache object back."""
+    if "transformers" not in sys.modules:
+        return
+    try:
+        from transformers.integrations.executorch import register_dynamic_cache_export_support
+    except Exception:  # older or newer transformers without it: export names the type instead
+        return
+    try:
+        register_dynamic_cache_export_support()
+    except Exception:
+        pass
+
+
 def export_graph(
     model: nn.Module, args: tuple, kwargs: dict, batch_dims: List[Optional[int]]
 ) -> Tuple[fx.GraphModule, List[Tuple[int, Optional[int]]]]:
@@ -139,6 +157,7 @@ def export_graph(
     flat, spec = tree_flatten((args, kwargs))
     ex_args, ex_kwargs = tree_unflatten(example_for_export(flat, batch_dims), spec)
     dims = {i: d for i, d in enumerate(batch_dims) if d is not None}
+    _register_output_types()
     try:
         call = ModelCall(model)
         ex = (tuple(ex_args), dict(ex_kwargs))

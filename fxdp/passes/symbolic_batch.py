@@ -224,8 +224,9 @@ def mixing_findings(gm: fx.GraphModule) -> list:
     out_node = next(n for n in gm.graph.nodes if n.op == "output")
     for a in tree_flatten(out_node.args)[0]:
         if isinstance(a, fx.Node) and isinstance(a.meta.get("val"), torch.Tensor) and dep.get(a) \
-                and not any(h is not None for h in a.meta.get("fxdp_batch", [None])) and a.op != "placeholder":
-            found.append((a, "batch-reduction", "the model returns a value reduced over the batch (a loss computed "
-                              "inside forward, e.g. Hugging Face's labels=, averages over every token of every "
-                              "sample, so each sample's gradient depends on the others)"))
+                and not any(h is not None for h in a.meta.get("fxdp_batch", [None])) and a.op != "placeholder" \
+                and "fxdp_per_sample_loss" not in a.meta:  # a mean of per-sample losses (passes/per_sample_loss.py)
+            found.append((a, "batch-reduction", "the model returns a value reduced over the batch that is not a mean "
+                              "of per-sample losses (e.g. a loss divided by the batch's token count, as with "
+                              "num_items_in_batch=), so each sample's gradient depends on the others"))
     return found
