@@ -50,6 +50,7 @@ def base_parser(description: str, **defaults: Any) -> argparse.ArgumentParser:
     p.add_argument("--accountant", choices=["prv", "rdp", "gdp"], default="prv")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--plot", default="", help="save a plot of ε and the clipped fraction per epoch (matplotlib)")
     p.set_defaults(**defaults)
     return p
 
@@ -132,25 +133,31 @@ def train_and_evaluate(model: nn.Module, train_set: Dataset, test_set: Dataset, 
     criterion = nn.CrossEntropyLoss()
     test = {"accuracy": float("nan")}
     done = 0
+    log = fxdp.PrivacyLog(engine, optimizer, delta=args.delta, progress_bar=False, print_fn=None)
     for epoch in range(1, args.epochs + 1):
         model.train()
         bar = Progress(len(loader), f"epoch {epoch:>3}/{args.epochs}")
         for loss in _steps(model, optimizer, loader, criterion, args.max_physical_batch_size):
             if engine.steps > done:  # a real step, not an accumulate-only physical batch
                 done = engine.steps
+                log.record_step()
                 lr_decay.step()
                 if args.ema:
                     _update_ema(average, model, args.ema)
                 bar.update(loss=f"{loss:.3f}")
         test = evaluate(average, test_set)
+        row = log.end_epoch()
         bar.close(**{"test loss": f"{test['loss']:.3f}", "test acc": f"{100 * test['accuracy']:.1f}%",
-                     "epsilon": f"{engine.get_epsilon(args.delta):.2f}"})
+                     "epsilon": f"{row['epsilon']:.2f}", "clipped": f"{row['clip_fraction']:.0%}"})
     eps = engine.get_epsilon(args.delta)
     wall = time.time() - start
     print(f"Test accuracy: {100 * test['accuracy']:.2f}%  at (epsilon, delta) = ({eps:.3f}, {args.delta:g})  "
           f"[{args.accountant} accountant, {engine.steps} steps, {wall:.1f} s]", flush=True)
     for caveat in engine.caveats:
         print(f"caveat: {caveat}")
+    if args.plot:
+        log.plot(args.plot)
+        print(f"plot of ε and the clipped fraction per epoch: {args.plot}")
     return {"accuracy": test["accuracy"], "epsilon": eps, "steps": engine.steps, "seconds": wall,
             "noise_multiplier": optimizer.noise_multiplier}
 

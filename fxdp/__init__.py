@@ -18,6 +18,7 @@ from .report import CompatibilityReport
 from . import audit
 from .export import export, load
 from .grad_sample import GradSampleModule
+from .progress import PrivacyLog
 
 __version__ = "0.1.0"
 
@@ -44,4 +45,5 @@ __all__ = [
     "export",
     "load",
     "GradSampleModule",
+    "PrivacyLog",
 ]

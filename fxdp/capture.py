@@ -451,7 +451,11 @@ class CaptureOp(nn.Module):
             hint = hints_in[i] if i < len(hints_in) else "unknown"
             dims_in.append(_batch_of(x, B, hint, f"input {i}", self, strict))
         dims_out: List[Optional[int]] = []
+        first_only = getattr(getattr(self, "rule", None), "first_output_only", False)
         for j, g in enumerate(rec.grads):
+            if j > 0 and first_only:  # integer outputs beside the data (embedding_bag's offset2bag, ...)
+                dims_out.append(None)
+                continue
             hint = hints_out[j] if j < len(hints_out) else "unknown"
             dims_out.append(None if g is None else _batch_of(g, B, hint, f"output {j}", self, strict))
         return dims_in, dims_out

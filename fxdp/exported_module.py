@@ -104,7 +104,7 @@ class ExportedDPModule(DPModule):
         if B == 0:
             return self._empty_batch(gm, flat, spec, dims)
         self.recorder.begin_forward(B, {})
-        return gm(tuple(args), kwargs)
+        return self._watch_loss(gm(tuple(args), kwargs), B)
 
     def _empty_batch(self, gm: fx.GraphModule, flat: List[Any], spec: Any, dims: List[Optional[int]]) -> Any:
         """An empty Poisson batch on a graph that cannot run on zero rows (a reshape
@@ -184,14 +184,6 @@ def exported_graph(root: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any
 def instrument(gm: fx.GraphModule, recorder: Recorder) -> List[CaptureOp]:
     """The capture pass on an exported graph; every capture op gets its symbolic
     batch hints and the model's own parameter names (without ``ModelCall``'s prefix)."""
-    for n in gm.graph.nodes:
-        if n.op == "call_function" and str(n.target).startswith(("aten.embedding_bag", "aten._embedding_bag")):
-            raise UnsupportedOpError(
-                f"{where(n.meta.get('fxdp_module'), str(n.target), n.meta.get('fxdp_source'))}: nn.EmbeddingBag "
-                "cannot be served on the torch.export path yet (its bags are not rows of the batch in the ATen "
-                "graph). Fix: make the model readable by symbolic tracing (privatize(..., capture='fx')), where "
-                "the EmbeddingBag rule serves it"
-            )
     captures = insert_captures(gm, recorder)
     container = getattr(gm, CAPTURES)
     for c in captures:

@@ -18,6 +18,7 @@ import torch.fx as fx
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten
 
+from .loss_check import watch_loss_reduction
 from .capture import CaptureOp, Recorder
 from .passes.batch_dims import input_batch_dim, per_arg, propagate_batch_dims
 from .passes.capture import CAPTURES
@@ -144,13 +145,63 @@ class DPModule(fx.GraphModule):
         return dims
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        variant = self._variant(args, kwargs)
+        if variant is not None:
+            return variant(*args, **kwargs)
         if self.training and torch.is_grad_enabled():
             if kwargs:
                 args = self._positional(args, kwargs)
                 kwargs = {}
             B, _ = _signature(args, self.batch_dim)
             self.recorder.begin_forward(B, self.batch_dims_for(args))
+            return self._watch_loss(super().__call__(*args, **kwargs), B)
         return super().__call__(*args, **kwargs)
+
+    def _variant(self, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Optional["DPModule"]:
+        """The graph for a call passing arguments this one was traced without.
+
+        Arguments defaulting to ``None`` are traced as ``None`` (``fxdp.tracer``), the call
+        Opacus' examples make (``forward(x, hidden=None)``); a call that passes some of
+        them runs a graph traced with them (built on first use, same parameters, capture
+        ops reporting to the same recorder, this module's hooks)."""
+        traced_none = self.meta.get("fxdp_none_args") if hasattr(self, "meta") else None
+        if not traced_none:
+            return None
+        names = [n.target for n in self.graph.nodes if n.op == "placeholder"]
+        given = {name for i, name in enumerate(names) if name in traced_none and (
+            (i < len(args) and args[i] is not None) or kwargs.get(name) is not None)}
+        if not given:
+            return None
+        build = self.__dict__.get("_build_variant")
+        if build is None:
+            raise TypeError(
+                f"{self._class_name}.forward was captured with {sorted(given)} = None and cannot take "
+                "them. Fix: privatize the model again and call it with these arguments"
+            )
+        variants = self.__dict__.setdefault("_variants", {})
+        key = frozenset(traced_none - given)
+        if key not in variants:
+            v = build(set(key))
+            for attr in ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks",
+                         "_forward_hooks_with_kwargs", "_forward_hooks_always_called"):
+                if hasattr(self, attr):
+                    setattr(v, attr, getattr(self, attr))  # the same dicts: hooks added later apply too
+            v.__dict__["_build_variant"] = build
+            v.__dict__["_variants"] = variants
+            v.train(self.training)
+            variants[key] = v
+        v = variants[key]
+        if v.training != self.training:
+            v.train(self.training)
+        return v
+
+    def _watch_loss(self, output: Any, batch_size: Optional[int]) -> Any:
+        """First training forward: check that the loss is reduced as ``loss_reduction``
+        says (:mod:`fxdp.loss_check`)."""
+        if not self.__dict__.get("_loss_watched", False):
+            self.__dict__["_loss_watched"] = True
+            watch_loss_reduction(output, self.recorder.loss_reduction, batch_size)
+        return output
 
     def _positional(self, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Tuple[Any, ...]:
         names = [n.target for n in self.graph.nodes if n.op == "placeholder"]

@@ -4,8 +4,10 @@ from __future__ import annotations
 import copy
 import inspect
 import warnings
+import weakref
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
+import torch
 import torch.fx as fx
 from torch import nn
 
@@ -105,7 +107,83 @@ def apply_rewrites(model: nn.Module, options: Dict[str, Any]) -> Tuple[nn.Module
         raise ValueError(f"unknown rewrite_options {sorted(unknown)}; known: {sorted(known_options())}")
     for rewrite_pass in rewrite_passes():
         rewrites += rewrite_pass(root, options, copied)
+    _warn_when_left_behind_batchnorm_runs(model, rewrites)
     return (root if rewrites else model), rewrites
+
+
+def _warn_when_left_behind_batchnorm_runs(model: nn.Module, rewrites: List[Rewrite]) -> None:
+    """The rewrites work on a copy: the user's object keeps its BatchNorm layers, which
+    the DP model replaced (GroupNorm, frozen statistics) and never trains. Running that
+    object later (evaluating or saving it instead of the returned model) gives other
+    outputs than the trained DP model: warn the first time it happens."""
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    left = []
+    for rw in rewrites:
+        try:
+            m = model.get_submodule(rw.path) if rw.path else model
+        except AttributeError:
+            continue
+        if isinstance(m, _BatchNorm) and "GroupNorm" in rw.replacement:  # frozen BatchNorm = its eval mode
+            left.append((rw.path, m))
+    if not left:
+        return
+    warned = [False]
+
+    def hook(module: nn.Module, args: Any) -> None:
+        if warned[0] or torch.compiler.is_compiling() or torch.compiler.is_exporting() or any(
+                isinstance(a, (fx.Proxy, torch._subclasses.FakeTensor)) for a in args):
+            return  # fxdp.check / torch.export reading the original model
+        path = next((p for p, m in left if m is module), None)
+        if path is None:  # a deep copy of the original (its hooks are copied too): the user's own copy
+            return
+        warned[0] = True
+        warnings.warn(
+            f"fxdp: {type(model).__name__}.{path} ({type(module).__name__}) ran, but this is the model object "
+            "passed to privatize/make_private: in the DP model its BatchNorm layers are replaced (see "
+            "dp_model.rewrites) and only the replacements are trained; these keep their initial statistics and "
+            "give other outputs. Fix: evaluate and save the model returned by make_private/privatize (or its "
+            "._module), not the original object",
+            stacklevel=2,
+        )
+
+    hook.fxdp_internal = True  # type: ignore[attr-defined]  # fxdp's own: not a user hook tracing would drop
+    for _, m in left:
+        if m not in _LEFT_BEHIND_WATCHED:  # privatize and fxdp.check on the same model: one hook
+            _LEFT_BEHIND_WATCHED.add(m)
+            m.register_forward_pre_hook(hook)
+
+
+#: BatchNorm layers of user models already watched (weak: a freed model is forgotten)
+_LEFT_BEHIND_WATCHED: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
+
+
+def _variant_builder(model: nn.Module, root: nn.Module, rewrites: List[Rewrite], recorder: Recorder,
+                     leaf_modules: Iterable[type], batch_first: bool,
+                     input_batch_dims: Optional[Sequence[Optional[int]]]) -> Callable[[set], DPModule]:
+    """Builds the DP graph of ``root`` for a call passing some arguments that default to
+    ``None`` (see :meth:`DPModule._variant`): the same rewritten modules and recorder."""
+    leaf_modules = tuple(leaf_modules)
+
+    def build(none_args: set) -> DPModule:
+        gm = trace(root, DPTracer(leaf_modules=leaf_modules), none_args=none_args)
+        if gm.meta.get("fxdp_untraceable"):
+            raise UnsupportedModelError(
+                f"{type(model).__name__}: with these arguments given, symbolic tracing cannot read "
+                f"{sorted(gm.meta['fxdp_untraceable'])}. Fix: privatize(model, capture='export')"
+            )
+        plain_graph = copy.deepcopy(gm.graph)
+        insert_captures(gm, recorder)
+        v = DPModule(gm, gm.graph, plain_graph=plain_graph, recorder=recorder, batch_first=batch_first,
+                     input_batch_dims=input_batch_dims, class_name=type(model).__name__, rewrites=rewrites)
+        from .module import adopt
+
+        adopt(v, root, {CAPTURES: getattr(gm, CAPTURES)})
+        object.__setattr__(v, "_source_root", root)
+        v.meta["fxdp_none_args"] = gm.meta["fxdp_none_args"]
+        return v
+
+    return build
 
 
 def privatize(
@@ -215,6 +293,10 @@ def privatize(
     object.__setattr__(dp, "_source_root", root)
     if whole:
         object.__setattr__(dp, "_original_model", root)
+    dp.meta["fxdp_none_args"] = gm.meta.get("fxdp_none_args", frozenset())
+    if not whole:
+        object.__setattr__(dp, "_build_variant", _variant_builder(model, root, rewrites, recorder, leaf_modules,
+                                                                   batch_first, input_batch_dims))
     fallbacks = [c for c in captures if c.kind == "functorch"]
     if fallbacks or dp.untraceable:
         lines = [f"  {c.module_path or c.capture_name}: {c.rule_name()}" for c in fallbacks]

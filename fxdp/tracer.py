@@ -17,6 +17,8 @@ excluded from differentiation.
 """
 from __future__ import annotations
 
+import inspect
+
 import linecache
 import os
 import sys
@@ -132,12 +134,37 @@ class DPTracer(fx.Tracer):
             real(prev)
 
 
-def trace(model: nn.Module, tracer: Optional[DPTracer] = None) -> fx.GraphModule:
+def _none_defaults(model: nn.Module) -> Dict[str, None]:
+    """``forward``'s arguments that default to ``None`` (``hidden=None``, ``mask=None``),
+    traced as the concrete ``None``: a proxy in their place would take the ``is not None``
+    branch of ``if hidden is None`` and build a graph for a call nobody makes. fx guards
+    the specialization; :class:`fxdp.module.DPModule` traces another graph for calls that
+    pass some of them."""
+    try:
+        params = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError):
+        return {}
+    return {p.name: None for p in params
+            if p.default is None and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+
+
+def trace(model: nn.Module, tracer: Optional[DPTracer] = None,
+          none_args: Optional[Set[str]] = None) -> fx.GraphModule:
     """Trace ``model`` with a DPTracer into a GraphModule sharing its submodules.
-    ``gm.meta["fxdp_untraceable"]`` maps submodules kept whole to the reason."""
+    ``gm.meta["fxdp_untraceable"]`` maps submodules kept whole to the reason;
+    ``gm.meta["fxdp_none_args"]`` names the arguments traced as ``None`` (default: every
+    argument whose default is ``None``; ``none_args`` chooses a subset)."""
     tracer = tracer or DPTracer()
-    graph = tracer.trace(model)
+    concrete = _none_defaults(model)
+    if none_args is not None:
+        concrete = {k: v for k, v in concrete.items() if k in none_args}
+    graph = tracer.trace(model, concrete or None)
+    for n in graph.nodes:  # fx renames a specialized argument's placeholder ("y_1"): keep forward's name
+        if n.op == "placeholder" and isinstance(n.target, str) and n.target.endswith("_1") \
+                and n.target[:-2] in concrete:
+            n.target = n.target[:-2]
     name = model.__class__.__name__
     gm = fx.GraphModule(tracer.root, graph, name)
     gm.meta["fxdp_untraceable"] = dict(tracer.untraceable)
+    gm.meta["fxdp_none_args"] = frozenset(concrete)
     return gm

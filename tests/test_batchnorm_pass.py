@@ -415,3 +415,22 @@ def test_batchnorm_with_another_custom_forward_is_refused():
 
     with pytest.raises(fxdp.UnsupportedModelError, match="own forward.*drop whatever"):
         privatize(nn.Sequential(nn.Conv2d(3, 4, 1), Scaled(4)))
+
+
+def test_running_the_original_batchnorm_model_after_privatize_is_warned_once():
+    """The rewrite works on a copy: the object passed keeps BatchNorm, never trained."""
+    import warnings
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 2))
+    x = torch.randn(4, 3, 8, 8)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        dp = fxdp.privatize(model)
+        dp(x).sum().backward()
+        fxdp.check(model, (x,))  # reading the original model is not running it
+        assert not [w for w in caught if "BatchNorm layers are replaced" in str(w.message)]
+        model.eval()
+        model(x)
+        model(x)
+    msgs = [str(w.message) for w in caught if "BatchNorm layers are replaced" in str(w.message)]
+    assert len(msgs) == 1 and "Sequential.1 (BatchNorm2d)" in msgs[0] and "returned by make_private" in msgs[0]

@@ -567,3 +567,39 @@ def test_two_forwards_then_one_backward_give_one_tensor_as_in_opacus():
         torch.testing.assert_close(w.grad_sample[i], g)
     dp(x1).sum().backward()
     assert isinstance(w.grad_sample, list) and len(w.grad_sample) == 2
+
+
+def test_optional_argument_omitted_or_given_gets_its_own_exact_graph(f64):
+    """forward(x, h=None) with `if h is None` (Opacus' char-lstm example): traced with h=None,
+    not a proxy taking the other branch; a call passing h runs a graph traced with it.
+    Both are exact (batch of one), share parameters and the recorder, and keep the hooks."""
+    class WithState(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp = nn.Linear(3, 4)
+            self.state = nn.Linear(4, 4)
+            self.out = nn.Linear(4, 2)
+
+        def forward(self, x, h=None):
+            z = self.inp(x)
+            if h is None:
+                h = torch.zeros_like(z)
+            return self.out(torch.tanh(z + self.state(h)))
+
+    torch.manual_seed(3)
+    model = WithState().double()
+    dp = privatize(model, loss_reduction="sum")
+    seen = []
+    dp.register_forward_pre_hook(lambda m, a: seen.append(len(a)))
+    x, h = torch.randn(4, 3), torch.randn(4, 4)
+    for call in ((x,), (x, h)):
+        dp.zero_grad()
+        torch.testing.assert_close(dp(*call), model(*call))
+        dp(*call).pow(2).sum().backward()
+        for i in range(4):
+            model.zero_grad()
+            model(*(t[i:i + 1] for t in call)).pow(2).sum().backward()
+            for n, p in model.named_parameters():
+                torch.testing.assert_close(p.grad_sample[i], p.grad, rtol=1e-10, atol=1e-12, msg=f"{n} {len(call)}")
+    assert seen == [1, 1, 2, 2]
+    torch.testing.assert_close(dp(x, h=h), model(x, h=h))

@@ -459,3 +459,33 @@ def test_privatize_refuses_embedding_options(option, value):
     m = nn.Sequential(nn.Embedding(5, 3, **{option: value}), nn.Flatten(), nn.Linear(6, 2))
     with pytest.raises(UnsupportedOpError, match=option):
         fxdp.privatize(m)
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+@pytest.mark.parametrize("mode", ["sum", "mean", "max"])
+def test_embedding_bag_last_row_without_padding_and_on_the_export_path(capture, mode, f64):
+    """Row V-1 is an ordinary row when padding_idx is None (ATen's -1 would mean row V-1:
+    max mode got sample gradients wrong there); the ATen rule of the torch.export graph
+    (a 2-D input arrives flattened with offsets) is exact too."""
+    class Bag(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.eb = nn.EmbeddingBag(20, 4, mode=mode)
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.fc(self.eb(x))
+
+    torch.manual_seed(0)
+    model = Bag()
+    x = torch.randint(0, 20, (3, 5))
+    x[0, 1] = 19  # the last row, in a bag where it is the max of some coordinates
+    dp = fxdp.privatize(model, capture=capture, loss_reduction="sum")
+    dp(x).pow(2).sum().backward()
+    assert [c.kind for c in dp.captures if c.kind == "functorch"] == []
+    got = {n: p.grad_sample.clone() for n, p in model.named_parameters()}
+    for i in range(3):
+        model.zero_grad()
+        model(x[i:i + 1]).pow(2).sum().backward()
+        for n, p in model.named_parameters():
+            torch.testing.assert_close(got[n][i], p.grad, rtol=1e-10, atol=1e-12, msg=f"{n}, sample {i}")

@@ -85,3 +85,55 @@ def register_grad_sampler(target_class_or_classes: Union[type, Sequence[type]]) 
         return f
 
     return deco
+
+
+# -- the rest of Opacus' ``opacus.grad_sample`` names --------------------------------------
+# Opacus has one GradSampleModule class per way of computing per-sample gradients (hooks,
+# expanded weights, no-op, ghost clipping); fxdp has one: the compiled graph. Each name
+# builds it, materializing ``p.grad_sample`` (book-keeping needs the optimizer's clip bound,
+# so make_private chooses it).
+GradSampleModuleFastGradientClipping = GradSampleModule
+GradSampleModuleExpandedWeights = GradSampleModule
+GradSampleModuleNoOp = GradSampleModule
+AbstractGradSampleModule = GradSampleModule
+
+
+def get_gsm_class(grad_sample_mode: str) -> type:
+    """Opacus' factory lookup: every mode is served by :class:`GradSampleModule`."""
+    if grad_sample_mode in ("ghost_fsdp", "ghost_tp"):
+        raise NotImplementedError(f"grad_sample_mode={grad_sample_mode!r} (FSDP / tensor parallel) is not implemented")
+    return GradSampleModule
+
+
+def wrap_model(model: nn.Module, grad_sample_mode: str = "hooks", batch_first: bool = True,
+               loss_reduction: str = "mean", **kwargs: Any) -> DPModule:
+    """Opacus' ``wrap_model``: ``privatize(model)`` (``grad_sample`` materialized)."""
+    get_gsm_class(grad_sample_mode)
+    return privatize(model, batch_first=batch_first, loss_reduction=loss_reduction)
+
+
+def register_norm_sampler(target_class_or_classes: Union[type, Sequence[type]]) -> Callable[[Any], Any]:
+    """Opacus' norm samplers (ghost clipping of a custom layer) are not used by fxdp: its
+    book-keeping derives norms and clipped sums from the layer's per-sample rule."""
+    def deco(f: Any) -> Any:
+        raise NotImplementedError(
+            "fxdp does not take norm samplers: book-keeping computes a layer's norms from its per-sample rule. "
+            "Fix: register the layer's grad sampler with fxdp.grad_sample.register_grad_sampler (or an fxdp "
+            "PerSampleRule, docs/custom_rules.md); ghost norms then come with it"
+        )
+    return deco
+
+
+def create_or_accumulate_grad_sample(*, param: Tensor, grad_sample: Tensor, max_batch_len: int = 0) -> None:
+    """Opacus' helper for custom grad samplers: set ``param.grad_sample`` or add to it."""
+    if not param.requires_grad:
+        return
+    if getattr(param, "grad_sample", None) is not None:
+        param.grad_sample[: grad_sample.shape[0]] += grad_sample
+    else:
+        param.grad_sample = grad_sample
+
+
+__all__ += ["GradSampleModuleFastGradientClipping", "GradSampleModuleExpandedWeights", "GradSampleModuleNoOp",
+            "AbstractGradSampleModule", "get_gsm_class", "wrap_model", "register_norm_sampler",
+            "create_or_accumulate_grad_sample"]

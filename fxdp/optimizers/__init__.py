@@ -4,6 +4,9 @@ from ..optim.distributed import DistributedDPOptimizer, DistributedPerLayerDPOpt
 
 #: Opacus' name of the distributed per-layer optimizer
 SimpleDistributedPerLayerOptimizer = DistributedPerLayerDPOptimizer
+#: Opacus' ghost-clipping optimizer: fxdp's DPOptimizer reads book-keeping's clipped sums itself
+DPOptimizerFastGradientClipping = DPOptimizer
+DistributedDPOptimizerFastGradientClipping = DistributedDPOptimizer
 
 __all__ = [
     "DPOptimizer",
@@ -12,4 +15,6 @@ __all__ = [
     "DistributedDPOptimizer",
     "SimpleDistributedPerLayerOptimizer",
     "get_optimizer_class",
+    "DPOptimizerFastGradientClipping",
+    "DistributedDPOptimizerFastGradientClipping",
 ]

@@ -195,7 +195,8 @@ def symbolic_tracing_drops(root: nn.Module) -> Optional[str]:
     if module_mod._global_forward_hooks or module_mod._global_forward_pre_hooks:
         return "global forward hooks"
     for name, m in root.named_modules():
-        if m._forward_hooks or m._forward_pre_hooks:
+        if any(not getattr(h, "fxdp_internal", False)
+               for h in list(m._forward_hooks.values()) + list(m._forward_pre_hooks.values())):
             return f"forward hooks on '{name}'"
         if parametrize.is_parametrized(m):
             return f"parametrizations on '{name}'"

@@ -58,9 +58,28 @@ def batch_symbol(gm: fx.GraphModule, batch_leaves: List[tuple]) -> Any:
     return None
 
 
+def _equals_batch(e: Any, s: Any) -> bool:
+    """``e == s`` for every size: also when sympy leaves it unsimplified, such as the
+    bag count ``(s0*L + L - 1) // L`` of a flattened ``[s0, L]`` input (checked at
+    several integer points of its symbols)."""
+    if e == s:
+        return True
+    if s not in e.free_symbols:
+        return False
+    syms = sorted(e.free_symbols, key=str)
+    for k, point in enumerate(((2, 3), (5, 7), (11, 2), (64, 128))):
+        values = {x: point[j % 2] + j for j, x in enumerate(syms)}
+        try:
+            if int(e.subs(values)) != int(s.subs(values)):
+                return False
+        except (TypeError, ValueError):
+            return False
+    return True
+
+
 def _tensor_hint(v: torch.Tensor, s: Any) -> Any:
     dims = [_expr(x) for x in v.shape]
-    exact = [d for d, e in enumerate(dims) if e == s]
+    exact = [d for d, e in enumerate(dims) if _equals_batch(e, s)]
     if len(exact) == 1:
         return exact[0]
     if len(exact) > 1:

@@ -50,7 +50,7 @@ from torch import Tensor, nn
 from ..errors import UnsupportedOpError
 from . import ModuleCall, PerSampleRule, register_module, register_rule
 
-__all__ = ["EmbeddingRule", "TorchEmbeddingRule", "EmbeddingBagRule"]
+__all__ = ["EmbeddingRule", "TorchEmbeddingRule", "EmbeddingBagRule", "AtenEmbeddingBagRule"]
 
 
 def _check_options(op_name: str, args: Mapping[str, Any]) -> None:
@@ -371,7 +371,7 @@ class EmbeddingBagRule(PerSampleRule):
             # include_last_offset=False with the B bag starts: the last bag runs to the end.
             _, _, bag_size, max_idx = torch.embedding_bag(
                 weight.detach(), x, starts, False, _MODES["max"], False, None, False,
-                -1 if pad is None else pad,
+                pad,  # None: no padding row (-1 would mean row V-1)
             )
         return max_idx, bag_size > 0
 
@@ -422,6 +422,51 @@ class EmbeddingBagRule(PerSampleRule):
             return {"weight": out.scatter_add_(0, max_idx, g * (f * valid.to(g.dtype)).unsqueeze(1))}
         bag, tok, coef, _, _ = self._entries(args)
         return {"weight": _row_sums(V, tok, g[bag] * (coef.to(g.dtype) * f[bag]).unsqueeze(1))}
+
+
+@register_rule(torch.ops.aten.embedding_bag.padding_idx, torch.ops.aten.embedding_bag.default)
+class AtenEmbeddingBagRule(EmbeddingBagRule):
+    """``aten.embedding_bag`` of the ``torch.export`` graph: the rule above on the ATen
+    arguments (``indices`` flat, ``offsets`` of the bags, ``mode`` 0/1/2). The op returns
+    ``(output, offset2bag, bag_size, max_indices)``; the output's rows are the bags. A 2-D
+    input arrives flattened (a batch-major fold) with ``offsets = arange(0, B*L, L)``."""
+
+    folds = True  # the flattened [B*L] indices of a 2-D input
+    first_output_only = True  # offset2bag, bag_size, max_indices are integer bookkeeping
+
+    def signature(self, weight, indices, offsets, scale_grad_by_freq=False, mode=0, sparse=False,
+                  per_sample_weights=None, include_last_offset=False, padding_idx=None):  # noqa: D401
+        pass
+
+    def _check(self, args: Mapping[str, Any]) -> None:
+        _check_options(self.name, args)
+        if int(args.get("mode", 1)) not in _MODES.values():
+            raise UnsupportedOpError(f"{self.name} with mode={args.get('mode')!r} is not supported")
+
+    def forward(self, op, args):
+        self._check(args)
+        names = ["weight", "indices", "offsets", "scale_grad_by_freq", "mode", "sparse", "per_sample_weights",
+                 "include_last_offset", "padding_idx"]
+        return op(*[args.get(n) for n in names[:3]], *[args.get(n, d) for n, d in zip(
+            names[3:], [False, 0, False, None, False, None])])
+
+    @staticmethod
+    def _as_functional(args: Mapping[str, Any]) -> Dict[str, Any]:
+        mode = {v: k for k, v in _MODES.items()}[int(args.get("mode", 0))]
+        pad = args.get("padding_idx", None)
+        return {"input": args["indices"], "weight": args["weight"], "offsets": args["offsets"], "mode": mode,
+                "per_sample_weights": args.get("per_sample_weights", None),
+                "include_last_offset": bool(args.get("include_last_offset", False)),
+                "padding_idx": None if pad is None or int(pad) < 0 else int(pad)}
+
+    def grad_sample(self, args, grad_output, needs):
+        return super().grad_sample(self._as_functional(args), grad_output, needs)
+
+    def norm_sample_sq(self, args, grad_output, needs):
+        return super().norm_sample_sq(self._as_functional(args), grad_output, needs)
+
+    def clipped_sum(self, args, grad_output, factors, needs):
+        return super().clipped_sum(self._as_functional(args), grad_output, factors, needs)
 
 
 @register_module(nn.EmbeddingBag)
