@@ -245,23 +245,110 @@ def test_bk_clipped_sums_equal_materialized_on_the_export_path(name, per_layer, 
         torch.testing.assert_close(dpb.recorder.clipped[id(p)], e, rtol=1e-9, atol=1e-12)
 
 
-def test_dp_recurrent_layers_are_refused_on_the_export_path():
-    """fxdp's scan is not an ATen op yet: exporting it would record its shape-only
-    path (wrong values, no per-sample gradients), so it is refused."""
+class _RecurrentNet(nn.Module):
+    """A recurrent classifier, captured here with torch.export."""
 
-    class LSTMNet(nn.Module):
+    def __init__(self, kind="LSTM", batch_first=True, **rnn):
+        super().__init__()
+        self.emb = nn.Embedding(30, 6)
+        self.rnn = getattr(nn, kind)(6, 5, batch_first=batch_first, **rnn)
+        self.head = nn.Linear(5 * (2 if rnn.get("bidirectional") else 1), 2)
+        self.batch_first = batch_first
+
+    def forward(self, x, h=None, **kw):
+        e = self.emb(x)
+        y, _ = self.rnn(e if self.batch_first else e.transpose(0, 1), h)
+        return self.head(y[:, -1] if self.batch_first else y[-1])
+
+
+@pytest.mark.parametrize("kind, options", [
+    ("LSTM", dict(num_layers=2, bidirectional=True)), ("GRU", dict(num_layers=2)), ("RNN", dict(nonlinearity="relu")),
+    ("LSTM", dict(proj_size=3, batch_first=False)),
+])
+def test_dp_recurrent_layers_on_the_export_path_are_exact(kind, options, f64):
+    """The DP layers' scan is the custom op fxdp::rnn_scan in the ATen graph, served by
+    its rule (BPTT rerun from the record): exact per-sample gradients, no fallback."""
+    options = dict(options)
+    bf = options.pop("batch_first", True)
+    torch.manual_seed(0)
+    model = _RecurrentNet(kind, bf, **options)
+    if options.get("proj_size"):
+        model.head = nn.Linear(3, 2)
+    dp = fxdp.privatize(model, loss_reduction="sum", capture="export")
+    assert isinstance(dp, ExportedDPModule)
+    x = torch.randint(0, 30, (4, 7))
+    out = dp(x)
+    torch.testing.assert_close(out, model(x))
+    out.pow(2).sum().backward()
+    assert "recurrent_scan" in {c.rule_name() for c in dp.captures}
+    assert not [c for c in dp.captures if c.kind == "functorch"]
+    got = {n: p.grad_sample.clone() for n, p in model.named_parameters()}
+    for i in range(4):
+        model.zero_grad()
+        model(x[i:i + 1]).pow(2).sum().backward()
+        for n, p in model.named_parameters():
+            torch.testing.assert_close(got[n][i], p.grad, rtol=1e-9, atol=1e-12, msg=f"{kind} {n} sample {i}")
+
+
+def test_dp_recurrent_layer_on_the_export_path_with_a_state_and_book_keeping(f64):
+    """An initial state given (its own graph), book-keeping's clipped sums equal the
+    materialized ones, and make_private trains it."""
+    torch.manual_seed(1)
+    model = _RecurrentNet("GRU", num_layers=1)
+    x, h = torch.randint(0, 30, (5, 6)), torch.randn(1, 5, 5)
+    dpm = fxdp.privatize(model, loss_reduction="sum", capture="export", input_batch_dims=[0, 1])  # h: [L, B, H]
+    dpm(x, h).pow(2).sum().backward()
+    gs = {n: p.grad_sample.clone() for n, p in model.named_parameters()}
+    for i in range(5):
+        model.zero_grad()
+        model(x[i:i + 1], h[:, i:i + 1]).pow(2).sum().backward()
+        for n, p in model.named_parameters():
+            torch.testing.assert_close(gs[n][i], p.grad, rtol=1e-9, atol=1e-12, msg=n)
+    for p in model.parameters():
+        p.grad_sample = None
+    dpb = fxdp.privatize(model, loss_reduction="sum", grad_sample_mode="bk", capture="export",
+                         input_batch_dims=[0, 1])
+    dpb.recorder.clipping = ClipConfig(bounds=lambda: 0.5)
+    dpb(x, h).pow(2).sum().backward()
+    total = torch.cat([g.flatten(1) for g in gs.values()], 1).norm(dim=1)
+    factors = (0.5 / (total + 1e-6)).clamp(max=1.0)  # optim/clip.py's formula
+    for n, p in model.named_parameters():
+        want = (gs[n] * factors.view(-1, *[1] * (gs[n].dim() - 1))).sum(0)
+        torch.testing.assert_close(dpb.recorder.clipped[id(p)], want, rtol=1e-9, atol=1e-12, msg=n)
+
+    class DS(torch.utils.data.Dataset):
+        def __len__(self):
+            return 16
+
+        def __getitem__(self, i):
+            return torch.randint(0, 30, (6,)), torch.randint(0, 2, ())
+
+    engine = fxdp.PrivacyEngine(accountant="rdp")
+    net = _RecurrentNet("LSTM").float()
+    net = fxdp.privatize(net, capture="export")  # make_private takes a privatized model too
+    dp, opt, dl = engine.make_private(module=net, optimizer=torch.optim.SGD(net.parameters(), lr=0.1),
+                                      data_loader=torch.utils.data.DataLoader(DS(), batch_size=4),
+                                      noise_multiplier=1.0, max_grad_norm=1.0)
+    for xb, yb in dl:
+        opt.zero_grad()
+        nn.functional.cross_entropy(dp(xb), yb).backward()
+        opt.step()
+    assert engine.steps == 4
+
+
+def test_packed_sequences_are_refused_on_the_export_path_with_the_fix():
+    class Packed(nn.Module):
         def __init__(self):
             super().__init__()
             self.rnn = nn.LSTM(4, 5, batch_first=True)
-            self.head = nn.Linear(5, 2)
 
-        def forward(self, x, **kw):
-            return self.head(self.rnn(x)[0][:, -1])
+        def forward(self, x, lengths, **kw):
+            p = nn.utils.rnn.pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
+            return nn.utils.rnn.pad_packed_sequence(self.rnn(p)[0], batch_first=True)[0].sum(1)
 
-    dp = fxdp.privatize(LSTMNet(), capture="export")
-    with pytest.raises(fxdp.UnsupportedModelError, match="recurrent layers .* torch.export"):
-        dp(torch.randn(3, 6, 4))
-    assert fxdp.privatize(LSTMNet())(torch.randn(3, 6, 4)).shape == (3, 2)  # auto: symbolic tracing reads it
+    dp = fxdp.privatize(Packed(), capture="export")
+    with pytest.raises(fxdp.FxdpError, match="capture='fx'"):
+        dp(torch.randn(3, 6, 4), torch.tensor([6, 4, 2]))
 
 
 class HookedAndParametrized(nn.Module):
@@ -324,17 +411,26 @@ def test_constants_positions_and_learned_queries_are_exact(f64):
         fxdp.privatize(model, capture="fx")  # the module-level graph cannot serve the query MLP
 
 
-def test_embedding_bag_is_refused_on_the_export_path_with_the_fix():
+def test_embedding_bag_with_offsets_on_the_export_path_is_exact(f64):
+    """A 1-D input with offsets (input_batch_dims=[None, 0]): the bags are the samples
+    (2-D inputs: tests/test_rules_embedding.py)."""
     class Bag(nn.Module):
         def __init__(self):
             super().__init__()
-            self.e = nn.EmbeddingBag(20, 4, mode="mean")
+            self.e = nn.EmbeddingBag(20, 4, mode="sum")
             self.l = nn.Linear(4, 2)
 
-        def forward(self, x, **kw):
-            return self.l(self.e(x))
+        def forward(self, x, offsets, **kw):
+            return self.l(self.e(x, offsets))
 
-    dp = fxdp.privatize(Bag(), capture="export")
-    with pytest.raises(fxdp.UnsupportedOpError, match="EmbeddingBag.*capture='fx'"):
-        dp(torch.randint(0, 20, (3, 5)))
-    fxdp.privatize(Bag())(torch.randint(0, 20, (3, 5))).sum().backward()  # auto: symbolic tracing serves it
+    torch.manual_seed(0)
+    model = Bag()
+    x, offsets, bounds = torch.randint(0, 20, (11,)), torch.tensor([0, 3, 7]), [0, 3, 7, 11]
+    dp = fxdp.privatize(model, capture="export", input_batch_dims=[None, 0], loss_reduction="sum")
+    dp(x, offsets).pow(2).sum().backward()
+    got = {n: p.grad_sample.clone() for n, p in model.named_parameters()}
+    for i in range(3):
+        model.zero_grad()
+        model(x[bounds[i]:bounds[i + 1]], torch.tensor([0])).pow(2).sum().backward()
+        for n, p in model.named_parameters():
+            torch.testing.assert_close(got[n][i], p.grad, rtol=1e-10, atol=1e-12, msg=f"{n}, bag {i}")

@@ -94,13 +94,10 @@ def _graph_op(fn: Callable) -> Callable:
         if proxy is not None:
             return proxy.tracer.create_proxy("call_function", op, args, kwargs)
         if torch.compiler.is_exporting():
-            # not an ATen op: torch.export would record its shape-only fake path (wrong
-            # values, parameters without per-sample gradients). Fail closed.
-            raise UnsupportedModelError(
-                f"fxdp's DP recurrent layers ({fn.__name__}) cannot be captured with torch.export yet. Fix: make "
-                "the model readable by symbolic tracing (privatize(..., capture='fx'); move code it cannot "
-                "trace out of forward), or keep the recurrent layer in a submodule that is privatized on its own"
-            )
+            # torch.export records ATen ops: the scan becomes the custom op fxdp::rnn_scan (one
+            # node, served by its rule), the plumbing runs as ordinary tensor ops, and what has
+            # no exportable form yet (packed sequences) fails closed
+            return _exportable(fn)(*args, **kwargs)
         return fn(*args, **kwargs)
 
     return op
@@ -432,6 +429,81 @@ def rnn_scan(
         sv = _scan_forward(*args, mask, mode, reverse)
     tape.saved = sv
     return sv["S"]
+
+
+# -- the scan as a custom op, for torch.export --------------------------------------------
+
+@torch.library.custom_op("fxdp::rnn_scan", mutates_args=())
+def rnn_scan_op(gates_x: Tensor, weight_hh: Tensor, bias_hh: Optional[Tensor], h0: Optional[Tensor],
+                c0: Optional[Tensor], weight_hr: Optional[Tensor], lengths: Optional[Tensor], mode: str,
+                reverse: bool) -> Tensor:
+    """``rnn_scan`` as one op of the ``torch.export`` graph (no tape: its per-sample rule
+    reruns the scan's BPTT from the recorded inputs and output gradient)."""
+    B, T, _, _, _ = _dims(gates_x, weight_hh, mode)
+    with torch.no_grad():
+        return _scan_forward(gates_x, weight_hh, bias_hh, h0, c0, weight_hr, _mask(lengths, B, T, gates_x.device),
+                             mode, reverse)["S"]
+
+
+@rnn_scan_op.register_fake
+def _rnn_scan_fake(gates_x, weight_hh, bias_hh, h0, c0, weight_hr, lengths, mode, reverse):
+    B, T, _, H, P = _dims(gates_x, weight_hh, mode)
+    return gates_x.new_empty(B, T + 1, P + H if mode == "LSTM" else H)
+
+
+def _rnn_scan_setup(ctx: Any, inputs: tuple, output: Tensor) -> None:
+    ctx.save_for_backward(*inputs[:7])
+    ctx.mode, ctx.reverse = inputs[7], inputs[8]
+
+
+def _rnn_scan_backward(ctx: Any, dS: Tensor) -> tuple:
+    gx, w_hh, b_hh, h0, c0, w_hr, lengths = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    B, T, _, _, _ = _dims(gx, w_hh, ctx.mode)
+    with torch.no_grad():  # recompute the states (the op keeps no tape), then BPTT
+        sv = _scan_forward(gx, w_hh, b_hh, h0, c0, w_hr, _mask(lengths, B, T, gx.device), ctx.mode, ctx.reverse)
+        gr = _scan_backward(sv, dS.contiguous())
+        dG = gr["dG"]
+        d_w_hh = torch.tensordot(dG, _prev_states(sv), dims=([0, 1], [0, 1])) if need[1] else None
+        d_b_hh = dG.sum((0, 1)) if need[2] and b_hh is not None else None
+        d_w_hr = torch.tensordot(gr["dHt"], sv["U"], dims=([0, 1], [0, 1])) if need[5] and w_hr is not None \
+            else None
+    return (gr["dgx"] if need[0] else None, d_w_hh, d_b_hh, gr["dh0"] if need[3] and h0 is not None else None,
+            gr["dc0"] if need[4] and c0 is not None else None, d_w_hr, None, None, None)
+
+
+rnn_scan_op.register_autograd(_rnn_scan_backward, setup_context=_rnn_scan_setup)
+
+
+def _export_rnn_scan(gates_x: Tensor, weight_hh: Tensor, bias_hh: Optional[Tensor] = None,
+                     h0: Optional[Tensor] = None, c0: Optional[Tensor] = None, weight_hr: Optional[Tensor] = None,
+                     lengths: Optional[Tensor] = None, tape: Any = None, mode: str = "LSTM",
+                     reverse: bool = False) -> Tensor:
+    return rnn_scan_op(gates_x, weight_hh, bias_hh, h0, c0, weight_hr, lengths, mode, reverse)
+
+
+def _export_rnn_begin(input: Any, batch_first: bool, input_size: int) -> Any:
+    if not isinstance(input, Tensor):
+        raise UnsupportedModelError(
+            "fxdp's DP recurrent layers take packed sequences only on the symbolic-tracing path for now. Fix: "
+            "privatize(model, capture='fx'), or pass a padded [B, T, d] tensor"
+        )
+    return _rnn_begin.__wrapped__(input, batch_first, input_size)
+
+
+def _exportable(fn: Callable) -> Callable:
+    """What a graph op runs while ``torch.export`` traces it."""
+    special = {"rnn_scan": _export_rnn_scan, "_new_tape": lambda like: None, "_rnn_begin": _export_rnn_begin}
+    if fn.__name__ in special:
+        return special[fn.__name__]
+    if fn.__name__ in ("pack_padded_sequence", "pad_packed_sequence"):
+        def refuse(*args: Any, **kwargs: Any) -> Any:
+            raise UnsupportedModelError(
+                f"{fn.__name__} on the torch.export path is not supported yet. Fix: privatize(model, "
+                "capture='fx'), or pass padded [B, T, d] tensors to the recurrent layer"
+            )
+        return refuse
+    return fn
 
 
 # -- input/output plumbing (runtime dispatch on the input kind) ------------------------

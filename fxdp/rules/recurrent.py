@@ -23,7 +23,7 @@ from typing import Any, Dict, FrozenSet, Mapping, Tuple
 import torch
 from torch import Tensor
 
-from ..layers.recurrent import ScanTape, _mask, _prev_states, _scan_backward, _scan_forward, rnn_scan
+from ..layers.recurrent import ScanTape, _mask, _prev_states, _scan_backward, _scan_forward, rnn_scan, rnn_scan_op
 from . import PerSampleRule, register_rule
 
 
@@ -112,3 +112,13 @@ class RecurrentScanRule(PerSampleRule):
         if "weight_hr" in needs:
             out["weight_hr"] = torch.bmm(gr["dHt"].transpose(1, 2), sv["U"])
         return out
+
+
+@register_rule(rnn_scan_op._opoverload)
+class ExportedRecurrentScanRule(RecurrentScanRule):
+    """``fxdp::rnn_scan`` of the ``torch.export`` graph: the same rule without a tape
+    (the BPTT is rerun from the recorded inputs and output gradient)."""
+
+    def signature(self, gates_x, weight_hh, bias_hh=None, h0=None, c0=None, weight_hr=None, lengths=None,
+                  mode="LSTM", reverse=False):  # noqa: D401 - binding only
+        pass
