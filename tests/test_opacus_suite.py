@@ -16,6 +16,8 @@ import textwrap
 
 import pytest
 
+from opacus_alias import ALIAS
+
 opacus = pytest.importorskip("opacus")
 
 FILES = ["accountants_test.py", "batch_memory_manager_test.py"]
@@ -33,22 +35,7 @@ DIFFERENT = {
     "accountants_test.py::AccountingTest::test_prv_accountant": "tighter PRV bound",
 }
 
-BOOT = textwrap.dedent('''
-    import importlib, importlib.abc, importlib.util, sys
-
-    class OpacusIsFxdp(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-        """import opacus.X -> the module fxdp.X"""
-        def find_spec(self, name, path=None, target=None):
-            if name == "opacus" or name.startswith("opacus."):
-                return importlib.util.spec_from_loader(name, self)
-            return None
-
-        def create_module(self, spec):
-            return importlib.import_module("fxdp" + spec.name[len("opacus"):])
-
-        def exec_module(self, module):
-            pass
-
+BOOT = ALIAS + textwrap.dedent('''
     sys.meta_path.insert(0, OpacusIsFxdp())
     import pytest
     sys.exit(pytest.main(sys.argv[1:]))

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from opacus_alias import ALIAS
+
 pytest.importorskip("opacus")
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
@@ -19,23 +21,10 @@ pytest.importorskip("peft")
 HERE = Path(__file__).resolve().parent / "opacus_usage"
 SCRIPTS = sorted(p.stem for p in HERE.glob("*.py"))
 
-RUNNER = textwrap.dedent('''
-    import importlib, importlib.abc, importlib.util, json, runpy, sys, traceback, warnings
+RUNNER = ALIAS + textwrap.dedent('''
+    import json, runpy, traceback, warnings
     warnings.simplefilter("ignore")
     backend, folder, names = sys.argv[1], sys.argv[2], sys.argv[3:]
-
-    class OpacusIsFxdp(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-        """import opacus.X -> the module fxdp.X"""
-        def find_spec(self, name, path=None, target=None):
-            if name == "opacus" or name.startswith("opacus."):
-                return importlib.util.spec_from_loader(name, self)
-            return None
-
-        def create_module(self, spec):
-            return importlib.import_module("fxdp" + spec.name[len("opacus"):])
-
-        def exec_module(self, module):
-            pass
 
     if backend == "fxdp":
         sys.meta_path.insert(0, OpacusIsFxdp())
