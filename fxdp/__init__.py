@@ -20,7 +20,7 @@ from .export import export, load
 from .grad_sample import GradSampleModule
 from .progress import PrivacyLog
 
-__version__ = "0.1.0"
+from ._version import __version__  # noqa: E402
 
 __all__ = [
     "privatize",

@@ -20,13 +20,15 @@ parameters are materialized per sample (only they). Layers served by the
 """
 from __future__ import annotations
 
-from typing import Dict, List
+from typing import TYPE_CHECKING, Dict, List
 
 import torch
 from torch import Tensor
 
-from .capture import LayerRecord, Recorder
 from .errors import PerSampleGradientError
+
+if TYPE_CHECKING:  # capture.py calls finish_backward; the types only are needed here
+    from .capture import LayerRecord, Recorder
 
 __all__ = ["finish_backward"]
 

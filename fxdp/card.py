@@ -12,6 +12,7 @@ too (there is no signature).
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import json
 import math
 import platform
@@ -20,11 +21,27 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from ._version import __version__
+from .errors import ExportError
+
 __all__ = ["build_card", "read_card", "verify_files", "verify_card", "recompute_epsilon", "format_card",
            "privacy_statement", "card_hash", "CARD_FORMAT"]
 
 CARD_FORMAT = "fxdp-privacy-card/1"
 _EPS_RTOL = 1e-6  # recomputed epsilon must match to this relative tolerance
+
+
+#: the card's file name in an export directory
+CARD_FILE = "privacy.json"
+
+
+def sha256(path: Any) -> str:
+    """SHA-256 of a file's bytes (the hashes a card lists)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def default_delta(engine: Any, binding: Any) -> float:
@@ -37,8 +54,6 @@ def default_delta(engine: Any, binding: Any) -> float:
 
 def card_hash(card: Dict[str, Any]) -> str:
     """SHA-256 of the card's canonical JSON without its own ``card_sha256``."""
-    import hashlib
-
     body = {k: v for k, v in card.items() if k != "card_sha256"}
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
@@ -95,8 +110,6 @@ def privacy_statement(engine: Any, delta: Optional[float] = None) -> str:
 def build_card(engine: Any, binding: Any, dp: Any, plain: Any, *, delta: float, report: Optional[Dict[str, Any]],
                files: Dict[str, str], torch_export: Dict[str, Any], example_inputs: Sequence[Any]) -> Dict[str, Any]:
     """The privacy card (a JSON-ready dict) of an export, ``card_sha256`` included."""
-    from . import __version__
-
     acc = engine.accountant
     history = [[float(s), float(q), int(n)] for s, q, n in acc.history]
     opt = binding.optimizer
@@ -163,8 +176,6 @@ def build_card(engine: Any, binding: Any, dp: Any, plain: Any, *, delta: float, 
 
 def read_card(directory: Any) -> Dict[str, Any]:
     """The card of an export directory (parsed, not verified)."""
-    from .export import CARD_FILE, ExportError
-
     path = Path(directory) / CARD_FILE
     if not path.is_file():
         raise ExportError(f"{path} does not exist. Fix: pass a directory written by fxdp.export")
@@ -180,8 +191,6 @@ def read_card(directory: Any) -> Dict[str, Any]:
 
 def verify_files(directory: Any, card: Dict[str, Any]) -> List[str]:
     """Problems with the card's own hash and the hashes of the files it lists ([] if none)."""
-    from .export import sha256
-
     problems = []
     if card.get("card_sha256") != card_hash(card):
         problems.append("privacy.json: the card's content does not match its card_sha256 (the card was edited)")

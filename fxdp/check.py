@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten
 
 from .capture import Recorder
+from .model_state import ModelState
 from .errors import FxdpError, SymbolicGraphError, UnsupportedModelError
 from .passes.batch_dims import input_batch_dim
 from .passes.batch_mixing import MixingFinding, analyze_batch_mixing, fork_rng, op_name, small_model_threads
@@ -109,55 +110,6 @@ def _user_line(exc: BaseException) -> Optional[Tuple[str, int, str]]:
         if not (fn.startswith(_TORCH_DIR) or fn.startswith(_FXDP_DIR) or fn.startswith("<")):
             best = (fn, fr.lineno or 0, (fr.line or "").strip())
     return best
-
-
-class _State:
-    """Everything analysis may touch on the user's model, restored afterwards:
-    buffers and parameters (values), module attributes (tracing can assign
-    proxies), and the RNG."""
-
-    #: parameters are snapshotted too (forward code may update them in place) up to this size
-    PARAM_BYTES = 1 << 30
-
-    def __init__(self, model: nn.Module) -> None:
-        self.modules = list(model.modules())
-        self.dicts = [dict(vars(m)) for m in self.modules]
-        named = list(model.named_buffers())
-        params = list(model.named_parameters())
-        if sum(p.numel() * p.element_size() for _, p in params) <= self.PARAM_BYTES:
-            named += params
-        self.names = [k for k, _ in named]
-        self.tensors = [(t, t.detach().clone()) for _, t in named]
-
-    def changed(self) -> List[str]:
-        """Buffers/parameters whose values differ from the snapshot."""
-        return [k for k, (t, saved) in zip(self.names, self.tensors)
-                if t.shape != saved.shape or not torch.equal(t, saved)]
-
-    @staticmethod
-    def proxies(*models: nn.Module) -> List[Tuple[nn.Module, str, fx.Proxy]]:
-        out, seen = [], set()
-        for model in models:
-            for m in model.modules():
-                for k, v in list(vars(m).items()):
-                    if isinstance(v, fx.Proxy) and id(v) not in seen:
-                        seen.add(id(v))
-                        out.append((m, k, v))
-        return out
-
-    def restore(self) -> None:
-        for m, d in zip(self.modules, self.dicts):
-            cur = vars(m)
-            for k in list(cur):
-                if k not in d:
-                    del cur[k]
-            for k, v in d.items():
-                if cur.get(k) is not v:
-                    cur[k] = v
-        with torch.no_grad():
-            for t, saved in self.tensors:
-                if t.shape == saved.shape and not torch.equal(t, saved):
-                    t.copy_(saved)
 
 
 def _outer_frames() -> Set[Tuple[str, int]]:
@@ -264,7 +216,7 @@ def _check(model: nn.Module, args: Tuple[Any, ...], batch_dim: int, B0: int, bat
     from .passes.export_graph import symbolic_tracing_drops
     from .privatize import apply_rewrites
 
-    state = _State(model)
+    state = ModelState(model)
     raw: List[Tuple[MixingFinding, Optional[Tuple[str, int, str]]]] = []  # (finding, override location)
     refusals: List[str] = []  # rewrite passes that refuse the model
     graph: Dict[str, Any] = {"nodes": [], "edges": []}
@@ -454,7 +406,7 @@ def _eager_updates(gm: fx.GraphModule, changed: List[str]) -> List[Tuple[MixingF
     return out
 
 
-def _proxy_assignments(state: _State, *models: nn.Module) -> List[Tuple[MixingFinding, None]]:
+def _proxy_assignments(state: ModelState, *models: nn.Module) -> List[Tuple[MixingFinding, None]]:
     """``self.attr = <traced value>`` in forward: module state set from the batch."""
     out = []
     for m, k, p in state.proxies(*models):

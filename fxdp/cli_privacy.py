@@ -177,7 +177,7 @@ def run_card(args: argparse.Namespace) -> int:
     import os
 
     from .card import format_card, read_card, verify_card
-    from .export import ExportError
+    from .errors import ExportError
 
     if not os.path.isdir(args.directory):
         raise _usage(f"{args.directory!r} is not a directory; pass the directory written by fxdp.export")

@@ -9,6 +9,7 @@ __all__ = [
     "SymbolicGraphError",
     "PerSampleGradientError",
     "PrivacyBudgetExceeded",
+    "ExportError",
 ]
 
 
@@ -39,6 +40,10 @@ class PerSampleGradientError(FxdpError):
 
 class PrivacyBudgetExceeded(FxdpError):
     """The next optimizer step would exceed the privacy budget."""
+
+
+class ExportError(FxdpError, ValueError):
+    """The model cannot be exported (or an export cannot be loaded)."""
 
 
 def where(module_path: str | None = None, op: str | None = None, source: str | None = None) -> str:

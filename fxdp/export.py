@@ -37,20 +37,18 @@ import torch.fx as fx
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten
 
-from .errors import FxdpError
+from ._version import __version__
+from .card import CARD_FILE, sha256
+from .errors import ExportError, FxdpError
 
 __all__ = ["export", "load", "generate_source", "ExportError"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
-MODEL_FILE, WEIGHTS_FILE, CARD_FILE, REPORT_FILE, PT2_FILE = "model.py", "weights.pt", "privacy.json", "report.json", "model.pt2"
+MODEL_FILE, WEIGHTS_FILE, REPORT_FILE, PT2_FILE = "model.py", "weights.pt", "report.json", "model.pt2"
 _CLASS = "DPReadyModel"
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 _LITERAL_LIMIT = 4096  # largest constant tensor written into model.py as a literal
-
-
-class ExportError(FxdpError, ValueError):
-    """The model cannot be exported (or an export cannot be loaded)."""
 
 
 # --- source generation -------------------------------------------------------------------
@@ -345,14 +343,6 @@ def _import_file(path: Path, name: str) -> types.ModuleType:
     return mod
 
 
-def sha256(path: PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _same_outputs(a: Any, b: Any) -> Optional[str]:
     fa, sa = tree_flatten(a)
     fb, sb = tree_flatten(b)
@@ -500,8 +490,6 @@ def _torch_export(plain: nn.Module, args: Tuple[Any, ...], dest: Path) -> Dict[s
 
 
 def _fxdp_version() -> str:
-    from . import __version__
-
     return __version__
 
 

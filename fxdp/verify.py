@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_map
 
 from .errors import PerSampleGradientError
+from .model_state import ModelState
 from .passes.batch_dims import input_batch_dim
 from .passes.batch_mixing import fork_rng, small_model_threads
 
@@ -178,9 +179,7 @@ class _Quiet:
         self.capture = capture
 
     def __enter__(self) -> "_Quiet":
-        from .check import _State
-
-        self.state = _State(self.model)
+        self.state = ModelState(self.model)
         self.grads = [(p, p.grad, getattr(p, "grad_sample", None)) for p in self.model.parameters()]
         rec = getattr(self.model, "recorder", None)
         self.rec = None

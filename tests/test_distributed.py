@@ -25,6 +25,8 @@ from fxdp.data.sampler import DistributedPoissonSampler, PoissonSampler
 from fxdp.optim import get_optimizer_class
 from fxdp.optim.distributed import DistributedDPOptimizer
 
+pytestmark = pytest.mark.slow
+
 DT = torch.float64
 N, BATCH, STEPS = 20, 2, 8  # q = 0.1: local batches of 10 expected 1, often empty
 SIGMA, C, NOISE_STEPS, D = 2.0, 0.5, 20, 50

@@ -206,6 +206,7 @@ def test_refusals_name_the_fix(tmp_path):
         trainer.compute_loss(trainer.model, batch)
 
 
+@pytest.mark.slow
 def test_hf_finetune_example_reaches_its_stated_accuracy_at_epsilon_8():
     """examples/hf_finetune.py (README): >= 90% test accuracy at ε = 8 (about a minute)."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))

@@ -18,6 +18,8 @@ import pytest
 
 from opacus_alias import ALIAS
 
+pytestmark = pytest.mark.slow
+
 opacus = pytest.importorskip("opacus")
 
 FILES = ["accountants_test.py", "batch_memory_manager_test.py"]

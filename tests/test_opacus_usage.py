@@ -14,6 +14,8 @@ import pytest
 
 from opacus_alias import ALIAS
 
+pytestmark = pytest.mark.slow
+
 pytest.importorskip("opacus")
 pytest.importorskip("transformers")
 pytest.importorskip("peft")

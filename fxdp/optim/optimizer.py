@@ -46,7 +46,6 @@ __all__ = [
     "DPOptimizer",
     "DPPerLayerOptimizer",
     "AdaClipDPOptimizer",
-    "get_optimizer_class",
 ]
 
 StepHook = Callable[["DPOptimizer"], None]
@@ -153,7 +152,9 @@ class DPOptimizer(Optimizer):
         # DPOptimizer(..., clipping="per_layer") builds the per-layer subclass, so code
         # written against one constructor gets the right class (and isinstance checks).
         if cls is DPOptimizer:
-            cls = get_optimizer_class(clipping)
+            if clipping not in _CLASSES:
+                raise ValueError(f"unknown clipping mode clipping={clipping!r}; expected one of {sorted(_CLASSES)}")
+            cls = _CLASSES[clipping]
         return object.__new__(cls)
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -907,19 +908,3 @@ _CLASSES: dict[str, type[DPOptimizer]] = {
     "per_layer": DPPerLayerOptimizer,
     "adaptive": AdaClipDPOptimizer,
 }
-
-
-def get_optimizer_class(
-    clipping: str, distributed: bool = False, grad_sample_mode: str | None = None
-) -> type[DPOptimizer]:
-    """The DP optimizer class for a clipping mode (Opacus-compatible signature)."""
-    if clipping not in _CLASSES:
-        raise ValueError(f"unknown clipping mode clipping={clipping!r}; expected one of {sorted(_CLASSES)}")
-    if distributed:  # all-reduce of clipped sums, noise once (fxdp/optim/distributed.py)
-        from .distributed import distributed_optimizer_class
-
-        return distributed_optimizer_class(clipping)
-    if grad_sample_mode == "ghost_fsdp":
-        raise NotImplementedError("grad_sample_mode='ghost_fsdp' (FSDP) is not implemented")
-    # "ghost": the same class; clipped sums come from book-keeping (attach_bookkeeping)
-    return _CLASSES[clipping]

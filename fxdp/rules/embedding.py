@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import UnsupportedOpError
-from . import ModuleCall, PerSampleRule, register_module, register_rule
+from .base import ModuleCall, PerSampleRule, register_module, register_rule
 
 __all__ = ["EmbeddingRule", "TorchEmbeddingRule", "EmbeddingBagRule", "AtenEmbeddingBagRule"]
 

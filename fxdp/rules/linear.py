@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import ModuleCall, PerSampleRule, register_module, register_rule
+from .base import ModuleCall, PerSampleRule, register_module, register_rule
 
 aten = torch.ops.aten
 

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import UnsupportedOpError
-from . import ModuleCall, PerSampleRule, batch_sum, register_module, register_rule
+from .base import ModuleCall, PerSampleRule, batch_sum, register_module, register_rule
 
 __all__ = ["LayerNormRule", "GroupNormRule", "InstanceNormRule", "RMSNormRule"]
 

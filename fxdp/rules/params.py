@@ -25,7 +25,7 @@ from torch import Tensor
 
 from ..capture import LayerRecord
 from ..errors import BatchDimensionError
-from . import batch_sum
+from .base import batch_sum
 from .functorch import FuncCapture
 
 __all__ = ["ParamCapture", "BroadcastRuleCapture", "ELEMENTWISE", "MATMUL"]

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from ..layers.recurrent import ScanTape, _mask, _prev_states, _scan_backward, _scan_forward, rnn_scan, rnn_scan_op
-from . import PerSampleRule, register_rule
+from .base import PerSampleRule, register_rule
 
 
 @register_rule(rnn_scan)

@@ -1,0 +1,187 @@
+"""The rule base class and the registry: what every per-sample rule (one op family
+per file in this package) subclasses and registers into. See the package docstring."""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, FrozenSet, Mapping, Optional, Tuple, Type
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "PerSampleRule",
+    "ModuleCall",
+    "register_rule",
+    "register_module",
+    "rule_for_op",
+    "module_call_for",
+    "registered_ops",
+    "registered_modules",
+]
+
+
+class PerSampleRule:
+    """Per-sample gradient math for one functional op family.
+
+    Subclasses define ``signature`` (a Python function whose parameters name the
+    op's arguments; used only to bind calls), ``forward`` when the op cannot be
+    called with keyword arguments, and ``grad_sample``. ``param_args`` lists the
+    argument names that may hold trainable parameters; ``input_arg`` names the
+    batched activation whose batch dimension is moved to 0 (``None`` when the rule
+    handles layouts itself). ``folds``: the rule accepts extra per-sample
+    dimensions after the batch (``[B, T, ...]``), so a batch folded into the
+    leading dimension (``x.view(-1, d)`` of a ``[B, T, d]`` tensor, batch-major)
+    is served exactly by viewing it as ``[B, T, ...]``.
+    """
+
+    name: str = "rule"
+    param_args: Tuple[str, ...] = ("weight", "bias")
+    input_arg: Optional[str] = "input"
+    folds: bool = False
+
+    def signature(self, *args: Any, **kwargs: Any) -> None:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def bind(self, args: tuple, kwargs: Mapping[str, Any]) -> Dict[str, Any]:
+        """Bind a call's arguments by name, defaults applied."""
+        bound = inspect.signature(self.signature).bind(*args, **kwargs)
+        bound.apply_defaults()
+        return dict(bound.arguments)
+
+    def forward(self, op: Callable, args: Mapping[str, Any]) -> Any:
+        """Run the op on bound arguments (override when it takes no keywords)."""
+        return op(**args)
+
+    def has_input_grad(self, args: Mapping[str, Any]) -> bool:
+        """Whether :meth:`input_grad` has a closed form for this call. When it does,
+        the capture op runs the forward without recording an inner autograd graph
+        and its backward calls :meth:`input_grad` instead of ``autograd.grad``."""
+        return False
+
+    def input_grad(self, args: Mapping[str, Any], grad_output: Tensor) -> Tensor:
+        """Gradient of the (single) output w.r.t. ``args[input_arg]``, any layout."""
+        raise NotImplementedError
+
+    def grad_sample(self, args: Mapping[str, Any], grad_output: Tensor, needs: FrozenSet[str]) -> Dict[str, Tensor]:
+        """Raw per-sample gradients ``{name: [B, *shape]}`` for each name in ``needs``."""
+        raise NotImplementedError
+
+    def norm_sample_sq(self, args: Mapping[str, Any], grad_output: Tensor, needs: FrozenSet[str]) -> Dict[str, Tensor]:
+        """Per-sample squared gradient norms ``{name: [B]}`` (book-keeping hook)."""
+        gs = self.grad_sample(args, grad_output, needs)
+        return {k: v.flatten(1).pow(2).sum(1) for k, v in gs.items()}
+
+    def norm_sample_sq_keep(
+        self, args: Mapping[str, Any], grad_output: Tensor, needs: FrozenSet[str]
+    ) -> Tuple[Dict[str, Tensor], Dict[str, Tensor]]:
+        """Book-keeping: ``(norms, kept)``, the per-sample squared norms and the
+        per-sample gradients that computing them materialized. Book-keeping forms a
+        kept gradient's clipped sum as ``sum_i c_i g_i`` (one small contraction)
+        instead of calling :meth:`clipped_sum`, which would redo a weight-gradient
+        pass. Rules keep gradients only when they are at most about twice the
+        record's size (here: twice the output gradient), bounding the memory."""
+        if type(self).norm_sample_sq is not PerSampleRule.norm_sample_sq:
+            return self.norm_sample_sq(args, grad_output, needs), {}
+        gs = self.grad_sample(args, grad_output, needs)
+        norms = {k: v.flatten(1).pow(2).sum(1) for k, v in gs.items()}
+        return norms, (gs if sum(v.numel() for v in gs.values()) <= 2 * grad_output.numel() else {})
+
+    def clipped_sum(
+        self, args: Mapping[str, Any], grad_output: Tensor, factors: Tensor, needs: FrozenSet[str]
+    ) -> Dict[str, Tensor]:
+        """``sum_i factors[i] * grad_i`` for each name in ``needs`` (book-keeping hook)."""
+        gs = self.grad_sample(args, grad_output, needs)
+        return {k: torch.einsum("b,b...->...", factors.to(v.dtype), v) for k, v in gs.items()}
+
+    def bk_plan(self, args: Mapping[str, Any], grad_output: Tensor, needs: FrozenSet[str]) -> Dict[str, str]:
+        """How book-keeping computes each parameter's norm and clipped sum at these
+        shapes (any device, ``meta`` included), for the compatibility report."""
+        if type(self).norm_sample_sq is not PerSampleRule.norm_sample_sq:
+            return {n: f"{self.name} book-keeping rule" for n in needs}
+        return {n: "materialized per sample (kept for the clipped sum when small)" for n in needs}
+
+    def describe(self) -> str:
+        return self.name
+
+
+@dataclass
+class ModuleCall:
+    """How a leaf module's call maps onto a functional op served by a rule.
+
+    ``params`` maps the op's argument names to the module's attribute names
+    (``{"weight": "weight", "bias": "bias"}``); ``kwargs`` are static arguments
+    taken from the module's configuration (stride, padding, eps, ...); the
+    activation arguments of the call are bound positionally after ``inputs``.
+    """
+
+    op: Callable
+    inputs: Tuple[str, ...] = ("input",)
+    params: Dict[str, str] = field(default_factory=dict)
+    kwargs: Dict[str, Any] = field(default_factory=dict)
+
+
+_RULES: Dict[Callable, PerSampleRule] = {}
+_MODULES: Dict[Type[nn.Module], Callable[[nn.Module], ModuleCall]] = {}
+
+
+def register_rule(*ops: Callable):
+    """Class decorator: serve ``ops`` (functional callables) with this rule."""
+
+    def deco(cls: Type[PerSampleRule]) -> Type[PerSampleRule]:
+        inst = cls()
+        for op in ops:
+            _RULES[op] = inst
+        return cls
+
+    return deco
+
+
+def register_module(*module_types: Type[nn.Module]):
+    """Decorator for ``fn(module) -> ModuleCall``: make these module classes (and
+    subclasses that keep the base ``forward``) capturable leaves."""
+
+    def deco(fn: Callable[[nn.Module], ModuleCall]) -> Callable[[nn.Module], ModuleCall]:
+        for t in module_types:
+            _MODULES[t] = fn
+        return fn
+
+    return deco
+
+
+def rule_for_op(op: Callable) -> Optional[PerSampleRule]:
+    return _RULES.get(op)
+
+
+def module_call_for(module: nn.Module) -> Optional[Callable[[nn.Module], ModuleCall]]:
+    """The adapter for ``module``: its own class, or the nearest registered base
+    class whose ``forward`` it does not override (an overridden ``forward`` may
+    compute anything, so it is traced through instead)."""
+    for base in type(module).__mro__:
+        if base in _MODULES:
+            if type(module).forward is base.forward:
+                return _MODULES[base]
+            return None
+    return None
+
+
+def registered_ops() -> Dict[Callable, PerSampleRule]:
+    return dict(_RULES)
+
+
+def registered_modules() -> Dict[Type[nn.Module], Callable[[nn.Module], ModuleCall]]:
+    return dict(_MODULES)
+
+
+def batch_sum(t: Tensor, shape: torch.Size) -> Tensor:
+    """Sum ``t`` of shape ``[B, *s]`` down to ``[B, *shape]`` along broadcast dims
+    (the per-sample form of ``Tensor.sum_to_size``)."""
+    B = t.shape[0]
+    target = (B,) + tuple(shape)
+    extra = t.dim() - len(target)
+    if extra > 0:
+        t = t.sum(dim=tuple(range(1, 1 + extra)))
+    dims = tuple(i for i in range(1, t.dim()) if target[i] == 1 and t.shape[i] != 1)
+    if dims:
+        t = t.sum(dim=dims, keepdim=True)
+    return t.reshape(target)
