@@ -357,6 +357,9 @@ BK_CASES = [
                                      groups=2), (3, 4, 3, 4)),
     ("mod", nn.ConvTranspose1d, dict(in_channels=2, out_channels=3, kernel_size=4, dilation=2), (3, 2, 5)),
     ("fn", F.conv2d, dict(stride=2, padding=(1, 0)), ((3, 3, 7, 6), (4, 3, 3, 2))),
+    # a 1x1 output map (ResNet's last stage at 32x32 inputs): the rank-one ghost norm
+    ("mod", nn.Conv2d, dict(in_channels=4, out_channels=6, kernel_size=3, stride=2, padding=1, groups=2),
+     (3, 4, 2, 2)),
 ]
 
 
@@ -408,6 +411,8 @@ def test_method_heuristics():
     assert rule.method(*geo(2, 256, 256, 4, 3, 1, 1)) == "unfold"  # wide, 4x4
     assert not rule.use_ghost(*geo(2, 32, 32, 32, 3, 1, 1))
     assert rule.use_ghost(*geo(2, 256, 256, 4, 3, 1, 1))
+    # 1x1 output (T = 1): the norm is |g|^2 |a|^2, O(d + p), never a [B, p, d] gradient
+    assert rule.use_ghost(*geo(2, 512, 512, 2, 3, 2, 1))
 
 
 # ----------------------------------------------------------------------------

@@ -392,7 +392,7 @@ class _ConvMath:
         T = math.prod(gout.shape[2:])
         d = geo.x.shape[1] // geo.groups * math.prod(geo.k)
         p = gout.shape[1] // geo.groups
-        return T > 1 and T * (d + p) <= self.ghost_ratio * p * d
+        return T * (d + p) <= self.ghost_ratio * p * d  # T = 1: the rank-one norm |g|^2 |a|^2
 
     def bk_plan(self, args: Mapping[str, Any], grad_output: Tensor, needs: FrozenSet[str]) -> Dict[str, str]:
         geo, gout = self._setup(args, grad_output)
