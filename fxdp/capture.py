@@ -404,13 +404,17 @@ class CaptureOp(nn.Module):
 
     def norm_sample_sq(self, rec: LayerRecord, idx: Sequence[int]) -> Dict[int, Tensor]:
         """Raw per-sample squared gradient norms ``[B]`` of the inputs ``idx``
-        (book-keeping); materializes by default."""
+        (book-keeping); materializes by default, and keeps the per-sample gradients on
+        the record for :meth:`clipped_sum` (computed once per step, not twice)."""
         gs = self.per_sample_grads(rec)
+        rec.kept.update({i: gs[i] for i in idx})
         return {i: gs[i].flatten(1).pow(2).sum(1) for i in idx}
 
     def clipped_sum(self, rec: LayerRecord, factors: Dict[int, Tensor]) -> Dict[int, Tensor]:
         """``sum_i factors[k][i] * raw_grad_i`` for each input k in ``factors``."""
-        gs = self.per_sample_grads(rec)
+        gs = {i: rec.kept.pop(i) for i in list(factors) if i in rec.kept}
+        if len(gs) < len(factors):
+            gs.update({i: g for i, g in self.per_sample_grads(rec).items() if i not in gs})
         return {i: torch.einsum("b,b...->...", f.to(gs[i].dtype), gs[i]) for i, f in factors.items()}
 
     def rule_name(self) -> str:

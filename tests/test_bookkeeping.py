@@ -167,3 +167,37 @@ def test_compatibility_report_records_the_bk_method_per_layer(monkeypatch):
     assert {lay.name: lay.bookkeeping for lay in report.layers}["seq.weight"].startswith("ghost norm (T=10")
     assert "Book-keeping (grad_sample_mode='bk'" in report.to_text()
     assert report.to_dict()["layers"][0]["bookkeeping"]
+
+
+def test_fallback_layer_per_sample_gradients_are_computed_once_per_step(monkeypatch):
+    """Book-keeping needs a fallback layer's per-sample gradients twice (norms, then the
+    clipped sum): they are kept on the record, not recomputed; the sums stay exact."""
+    from fxdp.rules.functorch import FuncCapture
+
+    class Branchy(nn.Module):  # data-dependent control flow: symbolic tracing keeps it whole
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 3)
+
+        def forward(self, x):
+            if x.sum() > -1e9:
+                x = torch.tanh(self.lin(x))
+            return x
+
+    model = nn.Sequential(nn.Linear(4, 3), Branchy(), nn.Linear(3, 2)).double()
+    torch.manual_seed(0)
+    x, w = torch.randn(6, 4, dtype=torch.float64), torch.randn(6, 2, dtype=torch.float64)
+    dpm = quiet_privatize(model, capture="fx")
+    assert [c.kind for c in dpm.captures].count("functorch") == 1
+    want = clipped_sums_materialized(dpm, x, w, 0.7, per_layer=False)
+    calls = []
+    real = FuncCapture.per_sample_grads
+    monkeypatch.setattr(FuncCapture, "per_sample_grads", lambda self, rec: calls.append(1) or real(self, rec))
+    for p in model.parameters():
+        p.grad_sample = None
+    dpb = quiet_privatize(model, capture="fx", grad_sample_mode="bk")
+    dpb.recorder.clipping = ClipConfig(bounds=lambda: 0.7)
+    dpb(x).mul(w).sum().div(x.shape[0]).backward()
+    assert len(calls) == 1
+    for p, s in zip([p for p in dpb.parameters() if p.requires_grad], want):
+        torch.testing.assert_close(dpb.recorder.clipped[id(p)], s, rtol=1e-9, atol=1e-12)
