@@ -167,7 +167,9 @@ class DPModule(fx.GraphModule):
         traced_none = self.meta.get("fxdp_none_args") if hasattr(self, "meta") else None
         if not traced_none:
             return None
-        names = [n.target for n in self.graph.nodes if n.op == "placeholder"]
+        names = self.__dict__.get("_placeholder_names")
+        if names is None:  # once: this runs on every call
+            names = self.__dict__["_placeholder_names"] = [n.target for n in self.graph.nodes if n.op == "placeholder"]
         given = {name for i, name in enumerate(names) if name in traced_none and (
             (i < len(args) and args[i] is not None) or kwargs.get(name) is not None)}
         if not given:

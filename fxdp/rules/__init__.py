@@ -26,28 +26,8 @@ adapter, for module classes (``nn.Linear`` and its subclasses that keep the base
         def signature(self, input, weight, bias=None): ...
         def grad_sample(self, args, grad_output, needs): ...
 """
-from .base import (  # noqa: F401
-    ModuleCall,
-    PerSampleRule,
-    batch_sum,
-    module_call_for,
-    register_module,
-    register_rule,
-    registered_modules,
-    registered_ops,
-    rule_for_op,
-)
-
-__all__ = [
-    "PerSampleRule",
-    "ModuleCall",
-    "register_rule",
-    "register_module",
-    "rule_for_op",
-    "module_call_for",
-    "registered_ops",
-    "registered_modules",
-]
+from .base import *  # noqa: F401,F403 - the rule base class and the registry
+from .base import __all__, batch_sum  # noqa: F401
 
 # the rules register themselves on import
 from . import linear, embedding, norms, conv, recurrent  # noqa: E402,F401
