@@ -36,10 +36,8 @@ from .optim import DPOptimizer
 from .optim.noise import secure_generator
 from .privatize import privatize
 
-__all__ = ["PrivacyEngine", "ACCOUNTANTS"]
+__all__ = ["PrivacyEngine"]
 
-#: Accountant names accepted by ``PrivacyEngine(accountant=...)``.
-ACCOUNTANTS = ("prv", "rdp", "gdp")
 #: Opacus' per-sample gradient modes; fxdp computes them all the same way (materialized).
 _OPACUS_GRAD_SAMPLE_MODES = ("auto", "bk", "ghost", "hooks", "functorch", "ew", "materialize", "no_op")
 _CLIPPINGS = ("flat", "per_layer", "adaptive")
@@ -367,9 +365,11 @@ class PrivacyEngine:
 
     def __init__(self, *, accountant: str = "prv", secure_mode: bool = False) -> None:
         from .accountants import create_accountant
+        from .accountants.registry import ACCOUNTANTS  # the one list: built-ins and register_accountant's
 
-        if accountant not in ACCOUNTANTS:
-            raise ValueError(f"unknown accountant={accountant!r}; expected one of {list(ACCOUNTANTS)}")
+        if not isinstance(accountant, str) or accountant not in ACCOUNTANTS:
+            raise ValueError(f"unknown accountant={accountant!r}; expected one of {sorted(ACCOUNTANTS)} "
+                             "(or register one with fxdp.accountants.register_accountant)")
         self.accountant = create_accountant(mechanism=accountant)
         self.accountant_name = accountant
         self.secure_mode = bool(secure_mode)

@@ -563,3 +563,23 @@ def test_a_weighted_sampler_replaced_by_poisson_sampling_is_warned():
         PrivacyEngine().make_private(module=model2, optimizer=torch.optim.SGD(model2.parameters(), lr=0.1),
                                      data_loader=DataLoader(data, 8, shuffle=True), noise_multiplier=1.0,
                                      max_grad_norm=1.0)
+
+
+def test_an_accountant_registered_like_opacus_is_usable_by_the_engine():
+    """register_accountant (Opacus' API) adds to the one registry the engine reads."""
+    from fxdp.accountants import RDPAccountant, register_accountant
+    from fxdp.accountants.registry import ACCOUNTANTS
+
+    class MyRDP(RDPAccountant):
+        pass
+
+    register_accountant("my-rdp", MyRDP)
+    try:
+        engine = fxdp.PrivacyEngine(accountant="my-rdp")
+        assert isinstance(engine.accountant, MyRDP)
+        engine.accountant.step(noise_multiplier=1.0, sample_rate=0.1)
+        assert engine.get_epsilon(1e-5) > 0
+    finally:
+        ACCOUNTANTS.pop("my-rdp", None)
+    with pytest.raises(ValueError, match="register_accountant"):
+        fxdp.PrivacyEngine(accountant="my-rdp")
