@@ -1,0 +1,89 @@
+"""torchvision / timm CNNs: step time of fxdp book-keeping against non-private PyTorch.
+
+Needs torch 2.14.1 + torchvision + timm in their own venv (see ``zoo_vision.py``)::
+
+    venv-vision/bin/python benchmarks/bench_vision.py [--rounds 7] [--batch-size 16]
+
+One thread; each round runs one non-private step and one book-keeping step (forward,
+backward, clipped sums; no optimizer update on either side's DP part) back to back, and
+the table reports the median of the per-round ratios. Random weights, train mode.
+Results: ``results/vision_steps.md``.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+import torch
+
+import fxdp
+from fxdp.capture import ClipConfig
+
+
+def _models():
+    import timm
+    import torchvision
+
+    tv = torchvision.models
+    return {
+        "torchvision resnet18": (lambda: tv.resnet18(weights=None, num_classes=10), 32),
+        "torchvision mobilenet_v3_small": (lambda: tv.mobilenet_v3_small(weights=None, num_classes=10), 64),
+        "torchvision efficientnet_b0": (lambda: tv.efficientnet_b0(weights=None, num_classes=10), 64),
+        "timm resnet10t": (lambda: timm.create_model("resnet10t", pretrained=False, num_classes=10), 64),
+        "timm convnext_atto": (lambda: timm.create_model("convnext_atto", pretrained=False, num_classes=10), 64),
+    }
+
+
+def ratio(build, size: int, batch: int, rounds: int) -> float:
+    torch.manual_seed(0)
+    x, y = torch.randn(batch, 3, size, size), torch.randint(0, 10, (batch,))
+    plain = build().train()
+    opt = torch.optim.SGD(plain.parameters(), lr=0.01)
+    dp = fxdp.privatize(build().train(), grad_sample_mode="bk")
+    dp.recorder.clipping = ClipConfig(bounds=lambda: 1.0)
+
+    def plain_step():
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(plain(x), y).backward()
+        opt.step()
+
+    def bk_step():
+        dp.zero_grad()
+        dp.recorder.clipped.clear()
+        torch.nn.functional.cross_entropy(dp(x), y).backward()
+
+    for f in (plain_step, bk_step, plain_step, bk_step):  # warm-up
+        f()
+    ratios = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        plain_step()
+        t1 = time.perf_counter()
+        bk_step()
+        ratios.append((time.perf_counter() - t1) / (t1 - t0))
+    return statistics.median(ratios)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "vision_steps.md"))
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    lines = ["# torchvision / timm: fxdp book-keeping step time / non-private (benchmarks/bench_vision.py)", "",
+             f"torch {torch.__version__}, 1 thread, batch {args.batch_size}, median of {args.rounds} interleaved "
+             "rounds; target of issue 13 for CNNs: <= 1.5x.", "",
+             "| model | input | bk / non-private |", "|---|---|---|"]
+    for name, (build, size) in _models().items():
+        r = ratio(build, size, args.batch_size, args.rounds)
+        lines.append(f"| {name} | {size}x{size} | {r:.2f}x |")
+        print(lines[-1], flush=True)
+    with open(args.out, "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
