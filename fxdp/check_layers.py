@@ -1,0 +1,122 @@
+"""The layer table of ``fxdp.check``'s report: per parameter, the per-sample rule that
+privatize's capture pass picks (or would pick), its book-keeping plan, the rewrite that
+replaced its module and the memory of its per-sample gradients."""
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from .errors import FxdpError
+from .report import LayerInfo
+
+
+def _bk_plans(gm: fx.GraphModule, cap_nodes: Dict[str, Any], result: Any) -> Dict[str, str]:
+    """``{parameter name: book-keeping method}`` from each capture op's traced shapes
+    (ghost vs materialized norms are chosen from these shapes at run time, too)."""
+    out: Dict[str, str] = {}
+
+    def meta(name: str, k: int = 0) -> Optional[Tuple[torch.Tensor, Optional[int]]]:
+        shapes, hints = result.shapes.get(name) or [], result.hints.get(name) or []
+        if k >= len(shapes) or not isinstance(shapes[k], tuple):
+            return None
+        h = hints[k] if k < len(hints) and isinstance(hints[k], int) else None
+        return torch.empty(shapes[k], device="meta"), h
+
+    for orig, cn in cap_nodes.items():
+        try:
+            op = gm.get_submodule(str(cn.target))
+            dyn, dims = [], []
+            for a in cn.args:
+                if isinstance(a, fx.Node) and a.op == "get_attr":
+                    obj: Any = gm
+                    for part in str(a.target).split("."):
+                        obj = getattr(obj, part)
+                    dyn.append(torch.empty_like(obj, device="meta") if isinstance(obj, torch.Tensor) else obj)
+                    dims.append(None)
+                elif isinstance(a, fx.Node):
+                    m = meta(a.name)  # None for non-tensor values (a scan's tape, an absent h0)
+                    dyn.append(m[0] if m is not None else None)
+                    dims.append(m[1] if m is not None else None)
+                else:
+                    dyn.append(a)
+                    dims.append(None)
+            o = meta(orig)
+            if o is None:
+                continue
+            for name, how in op.bk_plan(dyn, o[0], dims, o[1]).items():
+                out.setdefault(name, how)
+        except Exception:  # the plan is informative only: never fail the report on it
+            continue
+    return out
+
+
+def _layers(root: nn.Module, captures: Optional[list], rewrites: List[Any], batch_size: int,
+            whole: bool = False, gm: Optional[fx.GraphModule] = None,
+            plans: Optional[Dict[str, str]] = None) -> List[LayerInfo]:
+    rules: Dict[str, List[str]] = {}
+    if captures is not None:
+        for c in captures:
+            for p in sorted(set(c.param_index.values())):
+                r = c.rule_name()
+                if r not in rules.setdefault(p, []):
+                    rules[p].append(r)
+    elif gm is not None:
+        rules = _predicted_rules(gm)
+    out = []
+    for name, p in root.named_parameters():
+        mod = name.rsplit(".", 1)[0] if "." in name else ""
+        rw = max((r for r in rewrites if r.path and name.startswith(r.path + ".")), key=lambda r: len(r.path),
+                 default=None)
+        if not p.requires_grad:
+            rule = "frozen (no per-sample gradient)"
+        elif whole:
+            rule = f"functorch fallback ({type(root).__name__}.forward, kept whole)"
+        else:
+            rule = " + ".join(rules.get(name, [])) or "unused (no gradient reaches it)"
+        out.append(LayerInfo(
+            name=name, module=mod, shape=list(p.shape), numel=p.numel(), dtype=str(p.dtype).replace("torch.", ""),
+            trainable=p.requires_grad, rule=rule,
+            grad_sample_bytes=batch_size * p.numel() * p.element_size() if p.requires_grad else 0,
+            rewrite=f"{rw.original} -> {rw.replacement}" if rw else None,
+            bookkeeping=(plans or {}).get(name) if p.requires_grad else None,
+        ))
+    return out
+
+
+def _predicted_rules(gm: fx.GraphModule) -> Dict[str, List[str]]:
+    """The rule privatize would pick per parameter when its capture pass fails."""
+    from .rules import module_call_for, rule_for_op
+
+    names = {id(p): n for n, p in gm.named_parameters()}
+    out: Dict[str, List[str]] = {}
+    from .capture import CaptureOp
+
+    for n in gm.graph.nodes:
+        if n.op == "call_module":
+            m = gm.get_submodule(str(n.target))
+            if isinstance(m, CaptureOp):  # inserted before the capture pass failed
+                for p in set(m.param_index.values()):
+                    out.setdefault(p, [m.rule_name()])
+                continue
+            ad = module_call_for(m)
+            try:
+                rule = rule_for_op(ad(m).op) if ad is not None else None
+            except FxdpError:  # the adapter refuses this configuration (reported by the capture pass)
+                rule = None
+            r = rule.describe() if rule is not None else f"functorch fallback ({type(m).__name__})"
+            for p in m.parameters():
+                if id(p) in names and p.requires_grad:
+                    out.setdefault(names[id(p)], [r + " (predicted)"])
+        elif n.op == "get_attr":
+            obj: Any = gm
+            for part in str(n.target).split("."):
+                obj = getattr(obj, part, None)
+            if isinstance(obj, nn.Parameter) and obj.requires_grad and id(obj) in names:
+                user = next(iter(n.users), None)
+                rule = rule_for_op(user.target) if user is not None and user.op == "call_function" else None
+                r = rule.describe() if rule is not None else "functorch fallback"
+                out.setdefault(names[id(obj)], [r + " (predicted)"])
+    return out
