@@ -19,8 +19,10 @@ from typing import Any, Callable, Dict, List, Optional
 
 __all__ = ["SUBCOMMANDS"]
 
-_NAMES = ("prv", "rdp", "gdp")
+_DEFAULT = "prv"
+#: what each built-in accountant's epsilon is (the names come from the registry, see _names)
 _NOTES = {"prv": "upper bound", "rdp": "upper bound", "gdp": "approximation (not a bound)"}
+_NO_NOTE = "added with register_accountant"
 
 
 def _usage(message: str) -> Exception:
@@ -30,8 +32,17 @@ def _usage(message: str) -> Exception:
     return UsageError(message)
 
 
+def _names() -> List[str]:
+    """The accountant names, from the one list: the registry ``fxdp.accountants.registry``
+    (built-ins and those added with ``register_accountant``), the default first. Imported
+    here, not at start-up; ``import fxdp`` has loaded it already, and scipy stays lazy."""
+    from .accountants.registry import ACCOUNTANTS
+
+    return sorted(ACCOUNTANTS, key=lambda n: n != _DEFAULT)  # stable: then the registry's order
+
+
 def _accountants(name: str) -> List[str]:
-    return list(_NAMES) if name == "all" else [name]
+    return _names() if name == "all" else [name]
 
 
 def _steps(args: argparse.Namespace) -> int:
@@ -62,7 +73,7 @@ def _epsilon(name: str, sigma: float, q: float, steps: int, delta: float) -> Dic
     with warnings.catch_warnings():  # gdp warns it is an approximation: the output says so
         warnings.simplefilter("ignore")
         eps = float(acc.get_epsilon(delta))
-    row: Dict[str, Any] = {"accountant": name, "epsilon": eps, "kind": _NOTES[name]}
+    row: Dict[str, Any] = {"accountant": name, "epsilon": eps, "kind": _NOTES.get(name, _NO_NOTE)}
     if hasattr(acc, "get_epsilon_bounds"):
         lo, _, hi = acc.get_epsilon_bounds(delta)
         row["bounds"] = [float(lo), float(hi)]
@@ -77,8 +88,10 @@ def _add_schedule(p: argparse.ArgumentParser, epochs_required: bool = False) -> 
         p.add_argument("--steps", type=int, default=None, help="number of DP-SGD steps")
     p.add_argument("--epochs", type=float, required=epochs_required, default=None,
                    help="number of epochs (steps = ceil(epochs / sample rate))")
-    p.add_argument("--accountant", choices=_NAMES + ("all",), default="prv",
-                   help="prv (default, tight upper bound), rdp (upper bound), gdp (approximation) or all")
+    names = _names()
+    p.add_argument("--accountant", choices=names + ["all"], default=_DEFAULT,
+                   help="; ".join(f"{n}{' (default)' if n == _DEFAULT else ''}: {_NOTES.get(n, _NO_NOTE)}"
+                                  for n in names) + "; or all")
     p.add_argument("--json", action="store_true", help="print JSON")
 
 
@@ -249,7 +262,7 @@ def run_plot_budget(args: argparse.Namespace) -> int:
             eps = [_epsilon(name, args.noise, args.sample_rate, s, args.delta)["epsilon"] for s in steps]
         except ValueError as e:
             raise _usage(str(e)) from None
-        ax.plot([s * args.sample_rate for s in steps], eps, marker=".", label=f"{name} ({_NOTES[name]})")
+        ax.plot([s * args.sample_rate for s in steps], eps, marker=".", label=f"{name} ({_NOTES.get(name, _NO_NOTE)})")
     ax.set_xlabel("epochs")
     ax.set_ylabel(f"epsilon at delta={args.delta:g}")
     ax.set_title(f"DP-SGD budget: noise {args.noise:g}, sample rate {args.sample_rate:g}")
