@@ -117,7 +117,7 @@ def build(layer: str, variant: str, B: int) -> Tuple[Callable[[], None], Callabl
             generator=torch.Generator().manual_seed(1),
         )
         if variant == "bk":
-            opt.attach_bookkeeping(net.recorder)
+            opt.attach_bookkeeping(net.bookkeeping)
         info = ", ".join(sorted({r["rule"] for r in net.capture_table()}))
 
     def step() -> None:

@@ -170,7 +170,7 @@ def build_variant(name: str, base: nn.Module, x: torch.Tensor, y: torch.Tensor) 
             generator=torch.Generator().manual_seed(1),
         )
         if mode == "bk":
-            opt.attach_bookkeeping(dp.recorder)
+            opt.attach_bookkeeping(dp.bookkeeping)
         rules = ", ".join(sorted({r["rule"] for r in dp.capture_table()}))
 
         def step() -> None:

@@ -19,7 +19,7 @@ import time
 import torch
 
 import fxdp
-from fxdp.capture import ClipConfig
+from fxdp.optim import DPOptimizer
 
 
 def _models():
@@ -42,17 +42,19 @@ def ratio(build, size: int, batch: int, rounds: int) -> float:
     plain = build().train()
     opt = torch.optim.SGD(plain.parameters(), lr=0.01)
     dp = fxdp.privatize(build().train(), grad_sample_mode="bk")
-    dp.recorder.clipping = ClipConfig(bounds=lambda: 1.0)
+    dp_opt = DPOptimizer(torch.optim.SGD(dp.parameters(), lr=0.01), noise_multiplier=1.0, max_grad_norm=1.0,
+                         expected_batch_size=batch)
+    dp_opt.attach_bookkeeping(dp.bookkeeping)
 
     def plain_step():
         opt.zero_grad()
         torch.nn.functional.cross_entropy(plain(x), y).backward()
         opt.step()
 
-    def bk_step():
-        dp.zero_grad()
-        dp.recorder.clipped.clear()
+    def bk_step():  # the whole DP step: norms, clipped sums, noise, update
+        dp_opt.zero_grad()
         torch.nn.functional.cross_entropy(dp(x), y).backward()
+        dp_opt.step()
 
     for f in (plain_step, bk_step, plain_step, bk_step):  # warm-up
         f()

@@ -128,7 +128,7 @@ def variant(name: str, base: nn.Module, kind: str, x: Dict[str, torch.Tensor], y
         opt = DPOptimizer(torch.optim.SGD(params, lr=LR), noise_multiplier=SIGMA, max_grad_norm=CLIP,
                           expected_batch_size=B, generator=torch.Generator().manual_seed(1))
         if mode == "bk":
-            opt.attach_bookkeeping(dp.recorder)
+            opt.attach_bookkeeping(dp.bookkeeping)
 
         def step() -> None:
             opt.zero_grad()

@@ -81,7 +81,7 @@ class Stepper:
                 generator=torch.Generator().manual_seed(1),
             )
             if mode == "bk":
-                self.opt.attach_bookkeeping(self.model.recorder)
+                self.opt.attach_bookkeeping(self.model.bookkeeping)
 
     def step(self) -> None:
         self.opt.zero_grad()

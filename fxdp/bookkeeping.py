@@ -5,143 +5,198 @@ at Small Cost" (book-keeping, BK): DP-SGD needs only
 
     sum_i c_i g_i,   c_i = min(1, C / ||g_i||),
 
-not the per-sample gradients g_i. Each capture op keeps its activations ``a`` and
-output gradients ``g`` during the backward pass; when the pass ends, each rule
-gives per-sample squared norms from ``(a, g)`` (ghost norms where cheaper,
-Goodfellow 2015 / Li et al. 2021), the norms give the clip factors, and each rule
-forms its layer's clipped sum ``a^T (c * g)`` directly. Autograd never computes
-the non-private weight gradients, and the records are freed as soon as the sums
-are formed.
+not the per-sample gradients g_i. Each capture op hands its record (activations ``a``
+and output gradients ``g``) to :class:`BookKeeping` during the backward pass; autograd
+never computes the non-private weight gradients. When the pass ends, each rule gives
+per-sample squared norms from ``(a, g)`` (ghost norms where cheaper, Goodfellow 2015 /
+Li et al. 2021). At the optimizer step, :meth:`fxdp.optim.clip.Clipping.factors` turns
+the norms into clip factors with the bound of that step, and each rule forms its
+layer's clipped sum ``a^T (c * g)`` directly; the records are freed as soon as the
+sums are formed.
 
 Exactness notes: a parameter used by several capture ops (tied weights) has
 per-sample gradient g_i = g1_i + g2_i, whose norm is not a sum of norms: such
 parameters are materialized per sample (only they). Layers served by the
-``torch.func`` fallback materialize only their own per-sample gradients.
+``torch.func`` fallback materialize only their own per-sample gradients, once per step.
 """
 from __future__ import annotations
 
+import functools
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Dict, List
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from .errors import PerSampleGradientError
+from .optim.clip import ClipResult, Clipping, factor_of
+from .optim.grad_source import ClippedSumSource
 
-if TYPE_CHECKING:  # capture.py calls finish_backward; the types only are needed here
-    from .capture import LayerRecord, Recorder
+if TYPE_CHECKING:  # fxdp.capture hands records over; the types only are needed here
+    from .capture import LayerRecord
 
-__all__ = ["finish_backward"]
-
-
-def _scale(recorder: Recorder, B: int) -> float:
-    """Raw per-sample gradients of a mean-reduced loss carry 1/B (Opacus' convention undoes it)."""
-    return float(B) if recorder.loss_reduction == "mean" else 1.0
+__all__ = ["BookKeeping"]
 
 
-def finish_backward(recorder: Recorder, records: List[LayerRecord]) -> None:
-    """Per-sample norms, clip factors and clipped sums for one backward pass."""
-    if not records:
-        return
-    if all(r.generation in recorder.stand_ins for r in records):  # an empty batch: no samples
-        empty = torch.zeros(0)
-        recorder.norms.append(empty)
-        recorder.factors.append(empty)
-        recorder.passes += 1
-        return
-    cfg = recorder.clipping
-    if cfg is None:
-        raise PerSampleGradientError(
-            "grad_sample_mode='bk' forms clipped sums at the end of the backward pass and needs the clip "
-            "bound: use PrivacyEngine.make_private(..., grad_sample_mode='bk'), or set "
-            "dp_model.recorder.clipping = fxdp.capture.ClipConfig(bounds=lambda: C)."
-        )
-    B = records[0].batch_size
-    if any(r.batch_size != B for r in records):
-        raise PerSampleGradientError("records of one backward pass disagree on the batch size")
-    scale = _scale(recorder, B)
+@dataclass
+class _Pass:
+    """One finished backward pass: its records (stand-ins dropped) and raw per-sample
+    squared norms ``{id(p): [B]}``; tied parameters keep their per-sample gradients."""
 
-    if cfg.params is not None:  # clip over the optimizer's parameters only, as materialize mode does
-        records = [r for r in records if any(id(p) in cfg.params for p in r.params.values())]
+    records: List[LayerRecord]
+    batch_size: int
+    sq: Dict[int, Tensor]
+    tied: Dict[int, Tensor]
+    uses: Dict[int, int]
+
+
+class BookKeeping(ClippedSumSource):
+    """Records of the backward passes since the last step, and their clipped sums.
+
+    ``loss_reduction="mean"``: raw per-sample gradients of a mean loss carry ``1/B``;
+    norms and sums are of ``B *`` raw, Opacus' convention (each row a sample's own gradient).
+    """
+
+    def __init__(self, loss_reduction: str = "mean") -> None:
+        self.loss_reduction = loss_reduction
+        self.records: List[LayerRecord] = []  # the backward pass running now
+        self.pending: List[_Pass] = []  # finished backward passes, not yet clipped
+        self._consumed = 0  # passes clipped by the current step
+        #: set by ``DPOptimizer.attach_bookkeeping``: without a step to clip them, records would pile up
+        self.attached = False
+
+    # -- capture side ---------------------------------------------------------------
+    def record(self, rec: LayerRecord) -> None:
+        """Keep one capture op's record until the step; the first of a backward pass
+        queues the close of that pass."""
+        if not self.attached:
+            raise PerSampleGradientError(
+                "grad_sample_mode='bk' forms clipped sums at the optimizer step and needs its clip bound: use "
+                "PrivacyEngine.make_private(..., grad_sample_mode='bk'), or "
+                "DPOptimizer(...).attach_bookkeeping(dp_model.bookkeeping) before the first backward pass."
+            )
+        if not self.records:
+            torch.autograd.Variable._execution_engine.queue_callback(self._close_pass)
+        self.records.append(rec)
+
+    def _close_pass(self) -> None:
+        """The per-sample norms of the pass that just ended (errors surface in backward)."""
+        records, self.records = self.records, []
+        records = [r for r in records if not r.stand_in]
+        B = records[0].batch_size if records else 0
+        if any(r.batch_size != B for r in records):
+            raise PerSampleGradientError("records of one backward pass disagree on the batch size")
+        uses: Dict[int, int] = {}
         for r in records:
-            r.params = {i: p for i, p in r.params.items() if id(p) in cfg.params}
-        if not records:
-            recorder.passes += 1
-            return
-    uses: Dict[int, int] = {}
-    for r in records:
-        for p in r.params.values():
-            uses[id(p)] = uses.get(id(p), 0) + 1
-    params = {id(p): p for r in records for p in r.params.values()}
+            for p in r.params.values():
+                uses[id(p)] = uses.get(id(p), 0) + 1
+        sq, tied = self._squared_norms(records, uses)
+        self.pending.append(_Pass(records, B, sq, tied, uses))
 
-    # 1. per-sample squared norms per parameter (raw scale)
-    sq: Dict[int, Tensor] = {}
-    tied: Dict[int, Tensor] = {}  # materialized per-sample gradients of tied parameters
-    for r in records:
-        single = [i for i, p in r.params.items() if uses[id(p)] == 1]
-        multi = [i for i, p in r.params.items() if uses[id(p)] > 1]
-        if single:
-            for i, v in r.op.norm_sample_sq(r, single).items():
-                sq[id(r.params[i])] = v
-        if multi:
-            gs = r.op.per_sample_grads(r)
-            for i in multi:
-                k = id(r.params[i])
-                tied[k] = tied[k] + gs[i] if k in tied else gs[i]
-    for k, g in tied.items():
-        sq[k] = g.flatten(1).pow(2).sum(1)
+    # -- optimizer side (ClippedSumSource) --------------------------------------------
+    def check(self, params: Sequence[nn.Parameter]) -> int:
+        if not self.pending:
+            raise ValueError(
+                "no clipped gradients: call loss.backward() on the privatized model (in training mode) "
+                "before optimizer.step(), and optimizer.zero_grad() after it"
+            )
+        return len(self.pending)
 
-    # 2. clip factors (Opacus' convention: norms of scale * raw gradients)
-    keys = list(params)
-    norms = torch.stack([sq[k] for k in keys], 1).clamp_min(0).sqrt() * scale if keys else None
-    bounds = cfg.bounds()
-    if cfg.per_layer:
-        C = torch.tensor([float(bounds[k]) for k in keys], dtype=norms.dtype, device=norms.device)
-        factors = (C / (norms + 1e-6)).clamp(max=1.0)  # [B, P]
-        per_param = {k: factors[:, j] for j, k in enumerate(keys)}
-        recorder.norms.append(norms.detach())
-    else:
-        total = norms.norm(dim=1)
-        factors = (float(bounds) / (total + 1e-6)).clamp(max=1.0)  # [B]
-        per_param = {k: factors for k in keys}
-        recorder.norms.append(total.detach())
-    # nonfinite="drop" (failure handling): factor 0 for samples with a NaN/inf gradient;
-    # recorder.norms keeps their non-finite norms, so the optimizer can report them.
-    bad = None
-    if getattr(recorder, "nonfinite", "raise") == "drop":
-        bad = ~torch.isfinite(norms).all(dim=1)
-        if bool(bad.any()):
-            factors = torch.where(bad.view(-1, *[1] * (factors.dim() - 1)), 0, factors)
-            per_param = {k: factors[:, j] for j, k in enumerate(keys)} if cfg.per_layer else {k: factors for k in keys}
-        else:
-            bad = None
-    recorder.factors.append(factors.detach())
+    def accumulated_passes(self, params: Sequence[nn.Parameter]) -> int:
+        return len(self.pending) or max(self._consumed, 1)
 
-    # 3. clipped sums sum_i c_i * (scale * raw_i), layer by layer
-    sums: Dict[int, Tensor] = {}
-    # one scaled tensor per distinct factor vector: RuleCapture.clipped_sum groups a
-    # layer's parameters by tensor identity and then calls the rule once per layer
-    scaled = {id(f): f * scale for f in {id(f): f for f in per_param.values()}.values()}
-    for r in records:
-        want = {i: scaled[id(per_param[id(p)])] for i, p in r.params.items() if uses[id(p)] == 1}
-        if want and bad is not None:  # a^T (0 * nan) is nan: materialize and zero the bad rows
-            gs = r.op.per_sample_grads(r)
-            for i, f in want.items():
-                g = torch.where(bad.view(-1, *[1] * (gs[i].dim() - 1)), 0, gs[i])
-                k = id(r.params[i])
-                v = torch.einsum("b,b...->...", f.to(g.dtype), g)
-                sums[k] = sums[k] + v if k in sums else v
-        elif want:
-            for i, v in r.op.clipped_sum(r, want).items():
-                k = id(r.params[i])
-                sums[k] = sums[k] + v if k in sums else v
-    for k, g in tied.items():
-        if bad is not None:
-            g = torch.where(bad.view(-1, *[1] * (g.dim() - 1)), 0, g)
-        sums[k] = torch.einsum("b,b...->...", (per_param[k] * scale).to(g.dtype), g)
+    def clear(self, params: Sequence[nn.Parameter]) -> None:
+        self.records, self.pending, self._consumed = [], [], 0
 
-    for k, v in sums.items():
-        p = params[k]
-        v = v.to(p.dtype).reshape(p.shape)
-        recorder.clipped[k] = recorder.clipped[k] + v if k in recorder.clipped else v
-        recorder.clipped_params[k] = p
-    recorder.passes += 1
+    def clip_and_sum(self, params: Sequence[nn.Parameter], clipping: Clipping) -> ClipResult:
+        passes, self.pending = self.pending, []
+        self._consumed = len(passes)
+        reached = {id(p) for ps in passes for r in ps.records for p in r.params.values()}
+        for p in params:
+            if p.grad is not None and id(p) not in reached:
+                raise PerSampleGradientError(
+                    f"a parameter of shape {tuple(p.shape)} got an ordinary (non-private) gradient but no "
+                    "per-sample one: it was frozen (requires_grad=False) when the model was privatized and "
+                    "unfrozen later, so no capture op serves it. The step was not applied. Fix: unfreeze it "
+                    "before make_private, or call make_private again (on the original model) after unfreezing"
+                )
+        result = None
+        for ps in passes:
+            r = self._clip_pass(ps, list(params), clipping)
+            result = r if result is None else result.add(r)
+        assert result is not None, "check() runs first"
+        return result
+
+    def _clip_pass(self, ps: _Pass, params: List[nn.Parameter], clipping: Clipping) -> ClipResult:
+        """Factors and clipped sums of one backward pass over the optimizer's ``params``."""
+        position = {id(p): k for k, p in enumerate(params)}
+        B, scale = ps.batch_size, (float(ps.batch_size) if self.loss_reduction == "mean" else 1.0)
+        sq = {k: v for k, v in ps.sq.items() if k in position}
+        if not sq:  # an empty batch (run on a stand-in sample) or nothing trainable reached
+            zeros = torch.zeros(B, len(params), device=params[0].device if params else None)
+            factors = zeros if clipping.per_parameter is not None else zeros[:, 0]
+            return ClipResult([torch.zeros_like(p) for p in params], zeros, factors)
+        dtype = functools.reduce(torch.promote_types, [v.dtype for v in sq.values()])
+        zero = torch.zeros(B, dtype=dtype, device=next(iter(sq.values())).device)
+        norms = torch.stack([sq.get(id(p), zero).to(dtype) for p in params], 1).clamp_min(0).sqrt() * scale
+        factors, ok = clipping.factors(norms, [p.shape for p in params])
+        if ok is not None:
+            norms = torch.where(ok[:, None], norms, 0)
+        sums = self._clipped_sums(ps, params, position, factors * scale, ok)
+        return ClipResult(sums, norms.detach(), factors.detach())
+
+    @staticmethod
+    def _squared_norms(records: List[LayerRecord], uses: Dict[int, int]):
+        """Raw per-sample squared norms ``{id(p): [B]}``, and the per-sample gradients
+        of tied parameters (materialized: their norm is not a sum of norms)."""
+        sq: Dict[int, Tensor] = {}
+        tied: Dict[int, Tensor] = {}
+        for r in records:
+            single = [i for i, p in r.params.items() if uses[id(p)] == 1]
+            multi = [i for i, p in r.params.items() if uses[id(p)] > 1]
+            if single:
+                for i, v in r.op.norm_sample_sq(r, single).items():
+                    sq[id(r.params[i])] = v
+            if multi:
+                gs = r.op.per_sample_grads(r)
+                for i in multi:
+                    k = id(r.params[i])
+                    tied[k] = tied[k] + gs[i] if k in tied else gs[i]
+        for k, g in tied.items():
+            sq[k] = g.flatten(1).pow(2).sum(1)
+        return sq, tied
+
+    @staticmethod
+    def _clipped_sums(ps: _Pass, params: List[nn.Parameter], position: Dict[int, int], scaled: Tensor,
+                      ok: Tensor | None) -> List[Tensor]:
+        """``sum_i c_i * (scale * raw_i)`` per parameter, layer by layer (``scaled = c * scale``)."""
+        # one factor tensor per parameter; flat clipping shares one object, so a layer's
+        # rule is called once for all its parameters (RuleCapture groups by identity)
+        column = {k: factor_of(scaled, k) for k in range(len(params))} if scaled.dim() == 2 else None
+        sums: Dict[int, Tensor] = {}
+
+        def add(k: int, v: Tensor) -> None:
+            sums[k] = sums[k] + v if k in sums else v
+
+        for r in ps.records:
+            want = {i: (scaled if column is None else column[position[id(p)]])
+                    for i, p in r.params.items() if id(p) in position and ps.uses[id(p)] == 1}
+            if want and ok is not None:  # a^T (0 * nan) is nan: materialize and zero the dropped rows
+                gs = r.op.per_sample_grads(r)
+                for i, f in want.items():
+                    g = torch.where(ok.view(-1, *[1] * (gs[i].dim() - 1)), gs[i], 0)
+                    add(position[id(r.params[i])], torch.einsum("b,b...->...", f.to(g.dtype), g))
+            elif want:
+                for i, v in r.op.clipped_sum(r, want).items():
+                    add(position[id(r.params[i])], v)
+        for pid, g in ps.tied.items():
+            if pid not in position:
+                continue
+            k = position[pid]
+            if ok is not None:
+                g = torch.where(ok.view(-1, *[1] * (g.dim() - 1)), g, 0)
+            f = scaled if column is None else column[k]
+            sums[k] = torch.einsum("b,b...->...", f.to(g.dtype), g)
+        return [sums[k].to(p.dtype).reshape(p.shape) if k in sums else torch.zeros_like(p)
+                for k, p in enumerate(params)]

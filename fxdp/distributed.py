@@ -26,7 +26,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .data.sampler import DistributedPoissonSampler
-from .optim.distributed import DistributedDPOptimizer, DistributedPerLayerDPOptimizer
+from .optim.distributed import DistributedDPOptimizer, DistributedPerLayerDPOptimizer, require_process_group
 
 __all__ = [
     "DifferentiallyPrivateDistributedDataParallel",
@@ -41,21 +41,13 @@ __all__ = [
 _MARK = "_fxdp_distributed"
 
 
-def _require_process_group() -> None:
-    if not (dist.is_available() and dist.is_initialized()):
-        raise RuntimeError(
-            "fxdp.distributed needs an initialized torch.distributed process group. Fix: call "
-            "torch.distributed.init_process_group('gloo') (CPU) or ('nccl') first, e.g. under torchrun"
-        )
-
-
 @torch.no_grad()
 def wrap(model: nn.Module, src: int = 0) -> nn.Module:
     """Prepare ``model`` for distributed DP training: broadcast rank ``src``'s parameters
     and buffers to all ranks and mark it for ``make_private`` (which then picks the
     distributed sampler and optimizer). Returns ``model`` itself (no DDP hooks: the DP
     optimizer all-reduces clipped sums, not gradients)."""
-    _require_process_group()
+    require_process_group("fxdp.distributed")
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     model = unwrap(model)

@@ -40,6 +40,7 @@ from torch.utils._pytree import tree_flatten
 from ._version import __version__
 from .card import CARD_FILE, sha256
 from .errors import ExportError, FxdpError
+from .layers.batchnorm import norm_groups
 
 __all__ = ["export", "load", "generate_source", "ExportError"]
 
@@ -144,9 +145,9 @@ def _tensor_literal(path: str, t: Tensor) -> str:
 #: fxdp graph functions (``torch.fx.wrap``-ped) written into model.py as standalone
 #: definitions, so that it needs no fxdp: "module.qualname" -> source of ``def {name}``
 _PORTABLE = {
-    # DPGroupNorm's group count (fxdp.passes.batchnorm.norm_groups): one group when a
+    # DPGroupNorm's group count (fxdp.layers.batchnorm.norm_groups): one group when a
     # group would hold at most 2 values; shape arithmetic only
-    "fxdp.passes.batchnorm.norm_groups": (
+    f"{norm_groups.__module__}.{norm_groups.__qualname__}": (
         "def {name}(input, num_groups, token):\n"
         "    C = int(input.shape[1]) if input.dim() > 1 else 1\n"
         "    spatial = math.prod(int(s) for s in input.shape[2:])\n"

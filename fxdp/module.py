@@ -18,6 +18,7 @@ import torch.fx as fx
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten
 
+from .bookkeeping import BookKeeping
 from .loss_check import watch_loss_reduction
 from .capture import CaptureOp, Recorder
 from .passes.batch_dims import input_batch_dim, per_arg, propagate_batch_dims
@@ -221,11 +222,29 @@ class DPModule(fx.GraphModule):
         return tuple(out)
 
     # -- per-sample gradients -------------------------------------------------------
+    @property
+    def grad_sample_mode(self) -> str:
+        """``"bk"`` (book-keeping: clipped sums without per-sample gradients) or
+        ``"materialize"`` (``p.grad_sample``); settable, the same graph serves both."""
+        return self.recorder.mode
+
+    @grad_sample_mode.setter
+    def grad_sample_mode(self, mode: str) -> None:
+        self.recorder.set_mode(mode)
+
+    @property
+    def bookkeeping(self) -> Optional[BookKeeping]:
+        """The records a ``"bk"`` model's backward passes leave for the optimizer
+        (``optimizer.attach_bookkeeping(model.bookkeeping)``); ``None`` in materialize mode."""
+        return self.recorder.bookkeeping
+
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """Clear ``p.grad`` and ``p.grad_sample``."""
+        """Clear ``p.grad``, ``p.grad_sample`` and book-keeping records not yet clipped."""
         super().zero_grad(set_to_none=set_to_none)
         for p in self.parameters():
             p.grad_sample = None
+        if self.recorder.bookkeeping is not None:
+            self.recorder.bookkeeping.clear(list(self.parameters()))
 
     def set_groups(self, groups: Tensor) -> None:
         """User-level DP (several records per user): row ``i`` of the *next* forward

@@ -54,7 +54,7 @@ def whole_model_capture(gm: fx.GraphModule, model: nn.Module, recorder: Recorder
     from torch.utils._pytree import tree_flatten
 
     from .passes.capture import FunctionalModuleCall
-    from .rules.functorch import FuncCapture
+    from .capture import FuncCapture
 
     gm.add_module(CAPTURES, nn.Module())
     node = next(n for n in gm.graph.nodes if n.target is _call_whole)

@@ -16,8 +16,9 @@ constructing the scheduler again before ``load_state_dict``.
 from __future__ import annotations
 
 import math
-from numbers import Real
 from typing import Any, Callable, Dict
+
+from .accountants.validation import check_positive, is_real
 
 __all__ = [
     "_NoiseScheduler",
@@ -32,9 +33,7 @@ __all__ = [
 
 
 def _check_gamma(gamma: Any) -> float:
-    if isinstance(gamma, bool) or not isinstance(gamma, Real) or not math.isfinite(gamma) or gamma <= 0:
-        raise ValueError(f"gamma must be a finite number > 0, got gamma={gamma!r}")
-    return float(gamma)
+    return check_positive("gamma", gamma)
 
 
 def _check_step_size(step_size: Any) -> int:
@@ -96,7 +95,7 @@ class _NoiseScheduler(_Scheduler):
         return self.get_noise_multiplier()
 
     def _apply(self, value: float) -> None:
-        if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value) or value < 0:
+        if not is_real(value) or not math.isfinite(value) or value < 0:
             raise ValueError(f"{type(self).__name__} produced noise_multiplier={value!r}; it must be finite and >= 0")
         self.optimizer.noise_multiplier = float(value)
 
@@ -170,7 +169,7 @@ class _GradClipScheduler(_Scheduler):
         return self.get_max_grad_norm()
 
     def _apply(self, value: float) -> None:
-        if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value) or value <= 0:
+        if not is_real(value) or not math.isfinite(value) or value <= 0:
             raise ValueError(f"{type(self).__name__} produced max_grad_norm={value!r}; it must be finite and > 0")
         opt = self.optimizer
         bounds = getattr(opt, "max_grad_norms", None)

@@ -184,7 +184,9 @@ class _Quiet:
         rec = getattr(self.model, "recorder", None)
         self.rec = None
         if rec is not None:
-            self.rec = (rec, rec.generation, rec.batch_size, rec.batch_dims, dict(rec._owner), list(rec.records))
+            # book-keeping records of the step are kept aside: the check materializes p.grad_sample
+            self.rec = (rec, rec.generation, rec.batch_size, rec.batch_dims, dict(rec._owner), rec.bookkeeping)
+            rec.bookkeeping = None
         caps = getattr(self.model, "captures", None) if not self.capture else None
         self.caps = [(c, c.training) for c in (caps or [])]
         for c, _ in self.caps:
@@ -202,10 +204,10 @@ class _Quiet:
             else:
                 p.grad_sample = gs
         if self.rec is not None:
-            rec, gen, bs, bd, owner, records = self.rec
+            rec, gen, bs, bd, owner, bookkeeping = self.rec
             rec.generation, rec.batch_size, rec.batch_dims = gen, bs, bd
             rec._owner = owner
-            rec.records = records
+            rec.bookkeeping = bookkeeping
         self.state.restore()
 
 

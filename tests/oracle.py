@@ -115,3 +115,21 @@ def clipped_sums_materialized(dp, x, w, bounds, per_layer):
         tot = torch.stack([g.flatten(1).norm(dim=1) for g in gs], 1).norm(dim=1)
         fac = [(bounds / (tot + 1e-6)).clamp(max=1)] * len(gs)
     return [torch.einsum("b,b...->...", f, g) for f, g in zip(fac, gs)]
+
+
+def bk_clipped_sums(dp, run: Callable[[], None], bounds, per_layer: bool = False) -> Dict[int, Tensor]:
+    """Run ``run()`` (forward and backward of ``dp``, privatized with grad_sample_mode="bk")
+    and clip what it recorded as a DP optimizer step with ``bounds`` would (a float, or one
+    bound per trainable parameter): ``{id(p): clipped sum}``. Checks the records are freed."""
+    from fxdp.optim.clip import Clipping
+
+    params = [p for p in dp.parameters() if p.requires_grad]
+    dp.bookkeeping.attached = True
+    run()
+    if per_layer:
+        clipping = Clipping(bound=float(sum(c * c for c in bounds)) ** 0.5, per_parameter=tuple(bounds))
+    else:
+        clipping = Clipping(bound=float(bounds))
+    sums = dp.bookkeeping.clip_and_sum(params, clipping).sums
+    assert dp.bookkeeping.pending == [] and dp.bookkeeping.records == []  # activations freed once summed
+    return {id(p): s for p, s in zip(params, sums)}

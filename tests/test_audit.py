@@ -25,7 +25,7 @@ from fxdp.audit import (
     one_run_p_value,
     threshold_audit,
 )
-from fxdp.optim import DPOptimizer
+from fxdp.optim import Clipping, DPOptimizer
 
 DT = torch.float64
 
@@ -43,8 +43,8 @@ class NoNoiseOptimizer(DPOptimizer):
 class NoClipOptimizer(DPOptimizer):
     """Never clips (as ``C = inf``) but calibrates the noise to the configured ``C``."""
 
-    def _clip_factors(self, norms: torch.Tensor) -> torch.Tensor:
-        return torch.ones(norms.shape[0], dtype=norms.dtype, device=norms.device)
+    def current_clipping(self) -> Clipping:
+        return Clipping(bound=math.inf, nonfinite=self.nonfinite)
 
 
 class ActualBatchSizeOptimizer(DPOptimizer):

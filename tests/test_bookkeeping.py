@@ -9,8 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fxdp
-from oracle import clipped_sums_materialized, quiet_privatize, use_float64
-from fxdp.capture import ClipConfig
+from oracle import bk_clipped_sums, clipped_sums_materialized, quiet_privatize, use_float64
 from fxdp.optim import DPOptimizer
 from test_privatize import Nested, RawParams, TiedLM
 
@@ -67,15 +66,11 @@ def test_bk_clipped_sums_equal_materialized(name, per_layer):
     bounds = [0.05 * (j + 1) for j in range(nparams)] if per_layer else 0.3
     expected = clipped_sums_materialized(dpm, x, w, bounds, per_layer)
     pb = [p for p in dpb.parameters() if p.requires_grad]
-    if per_layer:
-        dpb.recorder.clipping = ClipConfig(bounds=lambda: {id(p): c for p, c in zip(pb, bounds)}, per_layer=True)
-    else:
-        dpb.recorder.clipping = ClipConfig(bounds=lambda: bounds)
-    dpb(x).mul(w).sum().div(x.shape[0]).backward()
-    assert dpb.recorder.records == []  # activations freed once the sums are formed
+    # (bk_clipped_sums asserts the activations are freed once the sums are formed)
+    sums = bk_clipped_sums(dpb, lambda: dpb(x).mul(w).sum().div(x.shape[0]).backward(), bounds, per_layer)
     for j, (p, e) in enumerate(zip(pb, expected)):
         assert p.grad is None, "bk must not compute the non-private gradient"
-        torch.testing.assert_close(dpb.recorder.clipped[id(p)], e, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(sums[id(p)], e, rtol=1e-9, atol=1e-12)
 
 
 @pytest.mark.parametrize("clipping", ["flat", "per_layer"])
@@ -97,7 +92,7 @@ def test_bk_training_equals_materialize(clipping):
             clipping=clipping,
         )
         if mode == "bk":
-            opt.attach_bookkeeping(dp.recorder)
+            opt.attach_bookkeeping(dp.bookkeeping)
         data = torch.Generator().manual_seed(3)
         for step in range(4):
             B = 4 + step
@@ -124,7 +119,7 @@ def test_bk_empty_batch_and_step():
     dp = privatize(nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)), grad_sample_mode="bk")
     opt = DPOptimizer(torch.optim.SGD(dp.parameters(), lr=1.0), noise_multiplier=0.0, max_grad_norm=1.0,
                       expected_batch_size=4)
-    opt.attach_bookkeeping(dp.recorder)
+    opt.attach_bookkeeping(dp.bookkeeping)
     before = [p.detach().clone() for p in dp.parameters()]
     dp(torch.randn(0, 3)).sum().backward()
     opt.step()  # an empty batch is still a step; with sigma = 0 nothing moves
@@ -172,7 +167,7 @@ def test_compatibility_report_records_the_bk_method_per_layer(monkeypatch):
 def test_fallback_layer_per_sample_gradients_are_computed_once_per_step(monkeypatch):
     """Book-keeping needs a fallback layer's per-sample gradients twice (norms, then the
     clipped sum): they are kept on the record, not recomputed; the sums stay exact."""
-    from fxdp.rules.functorch import FuncCapture
+    from fxdp.capture import FuncCapture
 
     class Branchy(nn.Module):  # data-dependent control flow: symbolic tracing keeps it whole
         def __init__(self):
@@ -196,8 +191,7 @@ def test_fallback_layer_per_sample_gradients_are_computed_once_per_step(monkeypa
     for p in model.parameters():
         p.grad_sample = None
     dpb = quiet_privatize(model, capture="fx", grad_sample_mode="bk")
-    dpb.recorder.clipping = ClipConfig(bounds=lambda: 0.7)
-    dpb(x).mul(w).sum().div(x.shape[0]).backward()
+    sums = bk_clipped_sums(dpb, lambda: dpb(x).mul(w).sum().div(x.shape[0]).backward(), 0.7)
     assert len(calls) == 1
     for p, s in zip([p for p in dpb.parameters() if p.requires_grad], want):
-        torch.testing.assert_close(dpb.recorder.clipped[id(p)], s, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(sums[id(p)], s, rtol=1e-9, atol=1e-12)

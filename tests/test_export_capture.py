@@ -7,9 +7,8 @@ import torch
 from torch import nn
 
 import fxdp
-from fxdp.capture import ClipConfig
 from fxdp.exported_module import ExportedDPModule
-from oracle import assert_grad_samples_match, batch_of_one_grads, clipped_sums_materialized
+from oracle import assert_grad_samples_match, batch_of_one_grads, bk_clipped_sums, clipped_sums_materialized
 
 
 def _per_sample_ok(model, x, **call):
@@ -233,16 +232,11 @@ def test_bk_clipped_sums_equal_materialized_on_the_export_path(name, per_layer, 
     bounds = [0.05 * (j + 1) for j in range(len(trainable))] if per_layer else 0.3
     expected = clipped_sums_materialized(dpm, x, w, bounds, per_layer)
     dpb = fxdp.privatize(model, capture="export", grad_sample_mode="bk")
-    if per_layer:
-        dpb.recorder.clipping = ClipConfig(bounds=lambda: {id(p): c for p, c in zip(trainable, bounds)},
-                                           per_layer=True)
-    else:
-        dpb.recorder.clipping = ClipConfig(bounds=lambda: bounds)
     for p in trainable:
         p.grad = None
-    dpb(x).mul(w).sum().div(x.shape[0]).backward()
+    sums = bk_clipped_sums(dpb, lambda: dpb(x).mul(w).sum().div(x.shape[0]).backward(), bounds, per_layer)
     for p, e in zip(trainable, expected):
-        torch.testing.assert_close(dpb.recorder.clipped[id(p)], e, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(sums[id(p)], e, rtol=1e-9, atol=1e-12)
 
 
 class _RecurrentNet(nn.Module):
@@ -308,13 +302,12 @@ def test_dp_recurrent_layer_on_the_export_path_with_a_state_and_book_keeping(f64
         p.grad_sample = None
     dpb = fxdp.privatize(model, loss_reduction="sum", grad_sample_mode="bk", capture="export",
                          input_batch_dims=[0, 1])
-    dpb.recorder.clipping = ClipConfig(bounds=lambda: 0.5)
-    dpb(x, h).pow(2).sum().backward()
+    sums = bk_clipped_sums(dpb, lambda: dpb(x, h).pow(2).sum().backward(), 0.5)
     total = torch.cat([g.flatten(1) for g in gs.values()], 1).norm(dim=1)
     factors = (0.5 / (total + 1e-6)).clamp(max=1.0)  # optim/clip.py's formula
     for n, p in model.named_parameters():
         want = (gs[n] * factors.view(-1, *[1] * (gs[n].dim() - 1))).sum(0)
-        torch.testing.assert_close(dpb.recorder.clipped[id(p)], want, rtol=1e-9, atol=1e-12, msg=n)
+        torch.testing.assert_close(sums[id(p)], want, rtol=1e-9, atol=1e-12, msg=n)
 
     class DS(torch.utils.data.Dataset):
         def __len__(self):

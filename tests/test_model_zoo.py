@@ -246,7 +246,7 @@ def test_poisson_batch_sizes_0_and_1_train(name, mode):
     opt = DPOptimizer(torch.optim.SGD(params, lr=0.1), noise_multiplier=0.0, max_grad_norm=1.0,
                       expected_batch_size=4, loss_reduction="sum")
     if mode == "bk":
-        opt.attach_bookkeeping(dp.recorder)
+        opt.attach_bookkeeping(dp.bookkeeping)
     g = torch.Generator().manual_seed(5)
     for n in (4, 0, 1):
         x = _inputs(kind, max(n, 2), g)

@@ -9,10 +9,17 @@ the mathematics lives in pure functions in the sibling modules.
 from __future__ import annotations
 
 import abc
-import math
-import numbers
 from collections.abc import Mapping, Sequence
 from typing import Any, Callable
+
+from .validation import (  # noqa: F401 - re-exported for the accountant modules
+    as_float,
+    check_delta,
+    check_noise_multiplier,
+    check_positive,
+    check_sample_rate,
+    check_steps,
+)
 
 HistoryEntry = tuple[float, float, int]
 
@@ -31,79 +38,7 @@ class LazyModule:
         return getattr(self._module, attr)
 
 
-# ---------------------------------------------------------------------------
-# Validation.  Every message names the parameter, the offending value and what
-# is allowed, so that a typo in a training script is diagnosed immediately.
-# ---------------------------------------------------------------------------
-
-
-def _as_float(name: str, value: Any) -> float:
-    """``value`` as a float; nan and inf are left to the callers' range checks."""
-    if isinstance(value, bool):  # True/False are almost surely a mistake here
-        raise ValueError(f"{name} must be a real number, got the bool {value!r}")  # noqa: TRY004
-    try:  # also accepts numpy and one-element torch scalars
-        return float(value)
-    except (TypeError, ValueError):
-        raise ValueError(
-            f"{name} must be a real number, got {value!r} of type {type(value).__name__}"
-        ) from None
-
-
-def check_noise_multiplier(noise_multiplier: Any) -> float:
-    """Returns ``noise_multiplier`` as a float; it must be finite and >= 0."""
-    sigma = _as_float("noise_multiplier", noise_multiplier)
-    if not math.isfinite(sigma) or sigma < 0:
-        raise ValueError(
-            f"noise_multiplier must be a finite number >= 0, got {sigma!r} "
-            "(0 means no noise and therefore epsilon = inf)"
-        )
-    return sigma
-
-
-def check_sample_rate(sample_rate: Any) -> float:
-    """Returns ``sample_rate`` as a float; it must lie in (0, 1]."""
-    q = _as_float("sample_rate", sample_rate)
-    if not 0.0 < q <= 1.0:
-        raise ValueError(
-            f"sample_rate must be in (0, 1], got {q!r} "
-            "(it is the Poisson sampling probability, e.g. batch_size / dataset_size)"
-        )
-    return q
-
-
-def check_delta(delta: Any) -> float:
-    """Returns ``delta`` as a float; it must lie in the open interval (0, 1)."""
-    d = _as_float("delta", delta)
-    if not 0.0 < d < 1.0:
-        raise ValueError(
-            f"delta must be in the open interval (0, 1), got {d!r} "
-            "(a common choice is 1 / dataset_size or smaller)"
-        )
-    return d
-
-
-def check_steps(steps: Any, name: str = "steps") -> int:
-    """Returns ``steps`` as an int; it must be a non-negative integer."""
-    if isinstance(steps, bool):  # all bad arguments are reported as ValueError
-        raise ValueError(f"{name} must be a non-negative integer, got {steps!r}")  # noqa: TRY004
-    if isinstance(steps, numbers.Integral):
-        n = int(steps)
-    else:
-        s = _as_float(name, steps)
-        if not math.isfinite(s) or s != int(s):
-            raise ValueError(f"{name} must be a non-negative integer, got {steps!r}")
-        n = int(s)
-    if n < 0:
-        raise ValueError(f"{name} must be a non-negative integer, got {n}")
-    return n
-
-
-def check_positive(name: str, value: Any) -> float:
-    """Returns ``value`` as a float; it must be finite and > 0."""
-    v = _as_float(name, value)
-    if not (math.isfinite(v) and v > 0):
-        raise ValueError(f"{name} must be a finite number > 0, got {v!r}")
-    return v
+_as_float = as_float  # the validators live in fxdp.validation (imported above for the accountants)
 
 
 def normalize_history(history: Sequence[Sequence[Any]]) -> tuple[HistoryEntry, ...]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any, Callable
 
-from .base import _as_float, check_delta, check_sample_rate, check_steps
+from .validation import as_float as _as_float, check_delta, check_sample_rate, check_steps
 from .registry import ACCOUNTANTS, create_accountant
 
 __all__ = ["MAX_NOISE_MULTIPLIER", "get_noise_multiplier"]

@@ -25,7 +25,8 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from .base import HistoryEntry, IAccountant, LazyModule, check_delta
+from .validation import check_delta
+from .base import HistoryEntry, IAccountant, LazyModule
 
 optimize, special = LazyModule("scipy.optimize"), LazyModule("scipy.special")
 

@@ -22,14 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from .base import (
-    IAccountant,
-    LazyModule,
-    check_delta,
-    check_noise_multiplier,
-    check_sample_rate,
-    check_steps,
-)
+from .validation import check_delta, check_noise_multiplier, check_sample_rate, check_steps
+from .base import IAccountant, LazyModule
 
 special = LazyModule("scipy.special")
 

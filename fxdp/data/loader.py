@@ -287,3 +287,11 @@ def switch_generator(*, data_loader: DataLoader, generator: torch.Generator) -> 
     kwargs = _loader_kwargs(data_loader)
     kwargs["generator"] = generator
     return DataLoader(data_loader.dataset, batch_sampler=new_bs, collate_fn=data_loader.collate_fn, **kwargs)
+
+
+def find_poisson_sampler(data_loader: DataLoader) -> Any:
+    """The Poisson batch sampler of ``data_loader`` (through BatchMemoryManager's splitter), or None."""
+    bs = getattr(data_loader, "batch_sampler", None)
+    while bs is not None and not hasattr(bs, "sample_rate") and hasattr(bs, "sampler"):
+        bs = bs.sampler  # BatchMemoryManager's splitter wraps the Poisson sampler
+    return bs if hasattr(bs, "sample_rate") else None

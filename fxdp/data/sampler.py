@@ -9,7 +9,7 @@ inclusions from the CSPRNG of :mod:`fxdp.optim.secure`.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from numbers import Integral, Real
+from numbers import Integral
 from typing import Any
 
 import torch
@@ -17,6 +17,7 @@ from torch import Tensor
 from torch.utils.data import Sampler
 
 from ..optim.secure import is_secure, secure_bernoulli
+from ..accountants.validation import check_sample_rate
 
 __all__ = [
     "PoissonSampler",
@@ -60,8 +61,7 @@ class PoissonSampler(Sampler[list[int]]):
     ) -> None:
         if isinstance(num_samples, bool) or not isinstance(num_samples, Integral) or num_samples <= 0:
             raise ValueError(f"num_samples must be a positive integer, got num_samples={num_samples!r}")
-        if isinstance(sample_rate, bool) or not isinstance(sample_rate, Real) or not 0 < sample_rate <= 1:
-            raise ValueError(f"sample_rate must be in (0, 1], got sample_rate={sample_rate!r}")
+        check_sample_rate(sample_rate)
         if steps is not None and (isinstance(steps, bool) or not isinstance(steps, Integral) or steps <= 0):
             raise ValueError(f"steps must be a positive integer or None, got steps={steps!r}")
         if generator is not None and not isinstance(generator, torch.Generator):

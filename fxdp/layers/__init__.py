@@ -7,14 +7,4 @@ from .transformer import (  # noqa: F401
     DPTransformerEncoder,
     DPTransformerEncoderLayer,
 )
-from .recurrent import (  # noqa: F401
-    DPGRU,
-    DPLSTM,
-    DPRNN,
-    DPGRUCell,
-    DPLSTMCell,
-    DPRNNCell,
-    pack_padded_sequence,
-    pad_packed_sequence,
-    rnn_scan,
-)
+from .recurrent import *  # noqa: F401,F403 - DPRNN/DPGRU/DPLSTM, cells, packing, rnn_scan

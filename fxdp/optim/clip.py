@@ -1,15 +1,19 @@
 """Clipping math for DP-SGD (Abadi et al. 2016, "Deep Learning with Differential Privacy").
 
-Pure functions over lists of per-sample gradients ``g[k]`` of shape ``[B, *p_k.shape]``.
-They are split (norms -> factors -> clipped sum) so that a code path which gets norms
-and clipped sums without materialising per-sample gradients (e.g. ghost clipping) can
-reuse the same factor and statistics logic.
+Pure functions over lists of per-sample gradients ``g[k]`` of shape ``[B, *p_k.shape]``,
+split (norms -> factors -> clipped sum) so that book-keeping, which forms norms and
+clipped sums without per-sample gradients, uses the same factors: every clip factor
+and every non-finite decision of fxdp is made here (:meth:`Clipping.factors`).
+
+``Clipping`` is the value an optimizer step hands to its source of clipped sums
+(:mod:`fxdp.optim.grad_source`): the bound(s) read at that step and the non-finite policy.
 """
 
 from __future__ import annotations
 
 import functools
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -18,6 +22,8 @@ from torch import Tensor
 
 __all__ = [
     "EPS",
+    "Clipping",
+    "ClipResult",
     "ClipStats",
     "per_param_sample_norms",
     "per_sample_norms",
@@ -69,6 +75,11 @@ def clip_factors(norms: Tensor, max_norm: float | Tensor) -> Tensor:
     return (max_norm / (norms + EPS)).clamp(max=1.0)
 
 
+def factor_of(factors: Tensor, k: int) -> Tensor:
+    """Parameter ``k``'s column of ``[B]`` (flat) or ``[B, K]`` (per-layer) factors."""
+    return factors if factors.dim() == 1 else factors[:, k]
+
+
 def clipped_sum(grad_samples: Sequence[Tensor], factors: Tensor) -> list[Tensor]:
     """``sum_i factors[i] * g[i]`` for each parameter (one einsum, no clipped copy).
 
@@ -77,8 +88,7 @@ def clipped_sum(grad_samples: Sequence[Tensor], factors: Tensor) -> list[Tensor]
     """
     out = []
     for k, g in enumerate(grad_samples):
-        f = factors if factors.dim() == 1 else factors[:, k]
-        out.append(torch.einsum("i,i...->...", f.to(device=g.device, dtype=g.dtype), g))
+        out.append(torch.einsum("i,i...->...", factor_of(factors, k).to(device=g.device, dtype=g.dtype), g))
     return out
 
 
@@ -93,6 +103,79 @@ def first_non_finite(norms: Tensor) -> tuple[int, int] | None:
         return None
     i, k = (int(v) for v in bad.nonzero()[0])
     return i, k
+
+
+NONFINITE_POLICIES = ("raise", "drop")
+
+
+@dataclass(frozen=True)
+class Clipping:
+    """The clipping of one step: flat bound ``C``, or one bound ``C_k`` per parameter
+    (per-layer, McMahan et al. 2018; then ``bound = sqrt(sum C_k^2)``, the sensitivity),
+    and what a NaN/inf per-sample gradient does: ``"raise"`` ``FloatingPointError``
+    before anything changes, or ``"drop"`` the sample (factor 0, a warning)."""
+
+    bound: float
+    per_parameter: tuple[float, ...] | None = None
+    nonfinite: str = "raise"
+
+    def factors(self, norms: Tensor, shapes: Sequence[Sequence[int]] = ()) -> tuple[Tensor, Tensor | None]:
+        """Clip factors from per-parameter norms ``[B, K]`` (the optimizer's parameter
+        order): ``[B]`` (flat) or ``[B, K]`` (per-layer), and the mask of the finite
+        samples when some were dropped (``None`` otherwise). ``shapes`` name the
+        parameters in the error message."""
+        ok = self._finite(norms, shapes)
+        if self.per_parameter is None:
+            total = torch.linalg.vector_norm(norms, dim=1)
+            factors = clip_factors(total, self.bound)
+        else:
+            if norms.shape[1] != len(self.per_parameter):
+                raise ValueError(
+                    f"per_layer clipping: {len(self.per_parameter)} bounds for {norms.shape[1]} trainable "
+                    "parameters (parameters were added or unfrozen)"
+                )
+            factors = clip_factors(norms, torch.tensor(self.per_parameter, dtype=norms.dtype, device=norms.device))
+        if ok is not None:  # 0 * nan is nan: the caller zeroes the dropped rows too
+            factors = torch.where(ok.view(-1, *[1] * (factors.dim() - 1)), factors, 0)
+        return factors, ok
+
+    def _finite(self, norms: Tensor, shapes: Sequence[Sequence[int]]) -> Tensor | None:
+        bad = first_non_finite(norms)
+        if bad is None:
+            return None
+        i, k = bad
+        if self.nonfinite == "drop":
+            ok = torch.isfinite(norms).all(dim=1)
+            warnings.warn(
+                f"nonfinite='drop': sample indices {(~ok).nonzero().reshape(-1).tolist()} of the current batch "
+                "have a non-finite per-sample gradient; their contribution was dropped (clip factor 0), they "
+                "stay counted in the accounting",
+                RuntimeWarning,
+                stacklevel=5,
+            )
+            return ok
+        shape = f", shape {tuple(shapes[k])}" if k < len(shapes) else ""
+        raise FloatingPointError(
+            f"non-finite per-sample gradient: sample index {i} of the current batch (parameter #{k}{shape}) "
+            f"has gradient norm {float(norms[i, k])}; the step was not applied. Check the loss/inputs of that "
+            "sample (e.g. log of 0, division by 0, overflow in low precision)."
+        )
+
+
+@dataclass
+class ClipResult:
+    """What clipping one logical batch gives: ``sums[k] = sum_i c_ik g_ik`` in the
+    optimizer's parameter order, the per-parameter norms ``[B, K]`` (dropped samples: 0)
+    and the factors ``[B]`` or ``[B, K]``."""
+
+    sums: list[Tensor]
+    norms: Tensor
+    factors: Tensor
+
+    def add(self, other: ClipResult) -> ClipResult:
+        """Two backward passes of one step (gradient accumulation)."""
+        return ClipResult([a + b for a, b in zip(self.sums, other.sums)], torch.cat([self.norms, other.norms]),
+                          torch.cat([self.factors, other.factors]))
 
 
 @dataclass(frozen=True)

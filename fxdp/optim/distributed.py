@@ -21,60 +21,49 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import Tensor
 
 from .noise import noisy_sum
-from .optimizer import (
-    DPOptimizer,
-    DPPerLayerOptimizer,
-    _is_processed,
-    _mark_as_processed,
-)
+from .optimizer import DPOptimizer
+from .per_layer import DPPerLayerOptimizer
 
-__all__ = ["DistributedDPOptimizer", "DistributedPerLayerDPOptimizer", "distributed_optimizer_class"]
+__all__ = [
+    "DistributedDPOptimizer", "DistributedPerLayerDPOptimizer", "distributed_optimizer_class", "require_process_group",
+]
 
 
-def _require_process_group() -> None:
+def require_process_group(what: str = "a distributed DP optimizer") -> None:
     if not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError(
-            "a distributed DP optimizer needs an initialized torch.distributed process group. Fix: call "
-            "torch.distributed.init_process_group(backend='gloo' or 'nccl') first (torchrun sets the "
-            "environment), or use the non-distributed DPOptimizer"
+            f"{what} needs an initialized torch.distributed process group. Fix: call "
+            "torch.distributed.init_process_group(backend='gloo' (CPU) or 'nccl') first (torchrun sets the "
+            "environment), or train without distributed=True"
         )
 
 
 class _DistributedNoise:
-    """Mixin replacing ``add_noise`` by all-reduce, noise on rank 0, broadcast."""
+    """Mixin replacing the Gaussian mechanism (:meth:`DPOptimizer.noisy_sums`) by all-reduce,
+    noise on rank 0, broadcast."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        _require_process_group()
+        require_process_group()
         super().__init__(*args, **kwargs)  # type: ignore[call-arg]
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
 
-    def add_noise(self) -> None:
-        """``p.grad = all_reduce(p.summed_grad) + N(0, (sigma C)^2)`` (noise drawn on rank 0)."""
-        if self._pending_norms:  # type: ignore[attr-defined]
-            self._finish_clip_stats()  # type: ignore[attr-defined]  (local samples only)
-        params = self.params  # type: ignore[attr-defined]
-        for k, p in enumerate(params):
-            if p.summed_grad is None:
-                raise ValueError(f"parameter #{k} has no p.summed_grad; call clip_and_accumulate() first")
-            if _is_processed(p.summed_grad):
-                raise ValueError("clipped gradients were already noised; call optimizer.zero_grad() after every step")
-        if not params:
-            return
-        dtype = params[0].summed_grad.dtype
-        flat = torch.cat([p.summed_grad.reshape(-1).to(dtype) for p in params])
+    def noisy_sums(self, sums: list[Tensor], std: float) -> list[Tensor]:
+        """``all_reduce(sums) + N(0, std^2)``, the noise drawn on rank 0 and broadcast."""
+        dtype = sums[0].dtype
+        flat = torch.cat([s.reshape(-1).to(dtype) for s in sums])
         dist.all_reduce(flat, op=dist.ReduceOp.SUM)  # the global clipped sum
         if self.rank == 0:
-            flat = noisy_sum(flat, self._noise_std(), generator=self.generator)  # type: ignore[attr-defined]
+            flat = noisy_sum(flat, std, generator=self.generator)  # type: ignore[attr-defined]
         dist.broadcast(flat, src=0)  # identical update on every rank
-        offset = 0
-        for p in params:
-            n = p.numel()
-            p.grad = flat[offset:offset + n].view_as(p).to(p.dtype).clone()
-            offset += n
-            _mark_as_processed(p.summed_grad)
+        out, offset = [], 0
+        for s in sums:
+            out.append(flat[offset:offset + s.numel()].view_as(s).to(s.dtype).clone())
+            offset += s.numel()
+        return out
 
 
 class DistributedDPOptimizer(_DistributedNoise, DPOptimizer):

@@ -5,7 +5,10 @@ API-compatible with ``opacus.optimizers``: wrap any ``torch.optim.Optimizer``; a
 or a list of such tensors when several backward passes are accumulated), and ``step()``
 
 1. clips each sample's gradient to norm ``C`` and sums (``p.summed_grad``, accumulated
-   over skipped steps, see :meth:`DPOptimizer.signal_skip_step`),
+   over skipped steps, see :meth:`DPOptimizer.signal_skip_step`): the step reads the
+   clipped sums from its :attr:`~DPOptimizer.grad_source` (per-sample gradients or
+   book-keeping, :mod:`fxdp.optim.grad_source`) with the :class:`~fxdp.optim.clip.Clipping`
+   of this step,
 2. adds ``N(0, (sigma * C)^2)`` once per step (the Gaussian mechanism on a sum whose
    L2 sensitivity is ``C``),
 3. divides by the *expected* batch size for a mean loss (the actual Poisson batch size
@@ -19,7 +22,6 @@ import inspect
 import math
 from collections import OrderedDict
 from collections.abc import Sequence
-from numbers import Real
 from typing import Any, Callable
 
 import torch
@@ -27,74 +29,47 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
-from .clip import (
-    ClipStats,
-    adaptive_gradient_noise_multiplier,
-    clip_factors,
-    clip_statistics,
-    clipped_sum,
-    first_non_finite,
-    geometric_clipbound_update,
-    per_param_sample_norms,
-    private_unclipped_fraction,
-)
-from ..errors import PerSampleGradientError
-from .noise import gaussian_noise, noisy_sum, secure_generator
+from ..accountants.validation import check_nonneg, check_positive, is_real
+from .clip import NONFINITE_POLICIES, ClipResult, Clipping, ClipStats, clip_statistics
+from .grad_source import ClippedSumSource, MaterializedGradients, is_processed, mark_as_processed
+from .noise import noisy_sum, secure_generator
 from .secure import is_secure
 
-__all__ = [
-    "DPOptimizer",
-    "DPPerLayerOptimizer",
-    "AdaClipDPOptimizer",
-]
+__all__ = ["DPOptimizer", "clipping_modes", "optimizer_class"]
 
 StepHook = Callable[["DPOptimizer"], None]
 
 _DP_STATE_KEY = "dp_state"
 
 
-# --- validation helpers ---------------------------------------------------------------
-
-
-def _is_real(x: Any) -> bool:
-    return isinstance(x, Real) and not isinstance(x, bool)
-
-
-def _check_nonneg(name: str, value: Any) -> float:
-    if not _is_real(value) or not math.isfinite(value) or value < 0:
-        raise ValueError(f"{name} must be a finite number >= 0, got {name}={value!r}")
-    return float(value)
-
-
-def _check_positive(name: str, value: Any, allow_inf: bool = False) -> float:
-    ok = _is_real(value) and value > 0 and (allow_inf or math.isfinite(value))
-    if not ok:
-        raise ValueError(f"{name} must be a finite number > 0, got {name}={value!r}")
-    return float(value)
-
-
-# --- marks against reusing gradients (as Opacus) --------------------------------------
-# Using the same per-sample gradients in two steps would release them twice while the
-# accountant counts one step, so consumed tensors are tagged and zero_grad() is required.
-
-
-def _mark_as_processed(obj: Tensor | list[Tensor]) -> None:
-    for t in obj if isinstance(obj, list) else [obj]:
-        t._processed = True
-
-
-def _is_processed(obj: Tensor | list[Tensor]) -> bool:
-    return any(hasattr(t, "_processed") for t in (obj if isinstance(obj, list) else [obj]))
+# Opacus' names of the processed-flag helpers (fxdp.optimizers.optimizer re-exports them)
+_mark_as_processed, _is_processed = mark_as_processed, is_processed
 
 
 def _check_processed_flag(obj: Tensor | list[Tensor]) -> None:
     """Raise if ``obj`` (a ``grad_sample`` or ``summed_grad``) was already used by a step
     (Opacus' helper): consuming it twice would clip or noise one batch twice."""
-    if _is_processed(obj):
+    if is_processed(obj):
         raise ValueError(
             "this tensor was already processed by a DP step (clipped or noised). "
             "Fix: call optimizer.zero_grad() after every optimizer.step()"
         )
+
+
+#: clipping mode -> optimizer class (filled by DPOptimizer.__init_subclass__)
+_CLASSES: dict[str, type] = {}
+
+
+def optimizer_class(clipping: str) -> type:
+    """The DP optimizer class for a clipping mode (``"flat"``, ``"per_layer"``, ``"adaptive"``)."""
+    if clipping not in _CLASSES:
+        raise ValueError(f"unknown clipping mode clipping={clipping!r}; expected one of {sorted(_CLASSES)}")
+    return _CLASSES[clipping]
+
+
+def clipping_modes() -> list[str]:
+    """The clipping modes an optimizer class is registered for."""
+    return sorted(_CLASSES)
 
 
 def _init_signature(cls: type) -> inspect.Signature:
@@ -105,18 +80,6 @@ def _init_signature(cls: type) -> inspect.Signature:
 def _params(optimizer: Optimizer) -> list[nn.Parameter]:
     """Trainable parameters of all ``param_groups``, in order."""
     return [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
-
-
-def _warn_dropped(norms: Tensor) -> None:
-    import warnings
-
-    idx = (~torch.isfinite(norms)).any(dim=1).nonzero().reshape(-1).tolist()
-    warnings.warn(
-        f"nonfinite='drop': sample indices {idx} of the current batch have a non-finite per-sample "
-        "gradient; their contribution was dropped (clip factor 0), they stay counted in the accounting",
-        RuntimeWarning,
-        stacklevel=4,
-    )
 
 
 class DPOptimizer(Optimizer):
@@ -145,21 +108,18 @@ class DPOptimizer(Optimizer):
     """
 
     _clipping = "flat"
-    #: NaN/inf per-sample gradient: "raise" FloatingPointError, or "drop" (clip factor 0)
-    nonfinite = "raise"
 
     def __new__(cls, *args: Any, clipping: str = "flat", **kwargs: Any) -> DPOptimizer:
         # DPOptimizer(..., clipping="per_layer") builds the per-layer subclass, so code
         # written against one constructor gets the right class (and isinstance checks).
         if cls is DPOptimizer:
-            if clipping not in _CLASSES:
-                raise ValueError(f"unknown clipping mode clipping={clipping!r}; expected one of {sorted(_CLASSES)}")
-            cls = _CLASSES[clipping]
+            cls = optimizer_class(clipping)
         return object.__new__(cls)
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         cls.__signature__ = _init_signature(cls)  # help()/IDEs show __init__, not __new__
+        _CLASSES.setdefault(cls._clipping, cls)  # the first class of a mode (not its distributed variant)
 
     def __init__(
         self,
@@ -171,7 +131,8 @@ class DPOptimizer(Optimizer):
         loss_reduction: str = "mean",
         generator: torch.Generator | None = None,
         secure_mode: bool = False,
-        clipping: str = "flat",
+        clipping: str | None = None,
+        nonfinite: str = "raise",
     ) -> None:
         """
         Args:
@@ -186,8 +147,11 @@ class DPOptimizer(Optimizer):
                 (or, with ``secure_mode``, a generator seeded from ``os.urandom``).
             secure_mode: draw noise from an unpredictable generator (see
                 :func:`fxdp.optim.noise.secure_generator`).
-            clipping: ``"flat"``, ``"per_layer"`` or ``"adaptive"``.
+            clipping: ``"flat"``, ``"per_layer"`` or ``"adaptive"`` (default: this class's).
+            nonfinite: a NaN/inf per-sample gradient ``"raise"``s ``FloatingPointError``
+                (the step is not applied) or is ``"drop"``ped (factor 0, still counted).
         """
+        clipping = self._clipping if clipping is None else clipping
         if clipping != self._clipping:
             raise ValueError(
                 f"{type(self).__name__} implements clipping={self._clipping!r}, got "
@@ -202,7 +166,7 @@ class DPOptimizer(Optimizer):
             raise ValueError(f"loss_reduction must be 'mean' or 'sum', got loss_reduction={loss_reduction!r}")
         if expected_batch_size is not None or loss_reduction == "mean":
             if not (
-                _is_real(expected_batch_size)
+                is_real(expected_batch_size)
                 and math.isfinite(expected_batch_size)
                 and expected_batch_size > 0
             ):
@@ -211,18 +175,21 @@ class DPOptimizer(Optimizer):
                     f"q*N, the denominator of a mean loss), got expected_batch_size={expected_batch_size!r}"
                     + (" with loss_reduction='mean'" if loss_reduction == "mean" else "")
                 )
+        if nonfinite not in NONFINITE_POLICIES:
+            raise ValueError(f"nonfinite must be 'raise' or 'drop', got nonfinite={nonfinite!r}")
         if generator is not None and not isinstance(generator, torch.Generator):
             raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
 
         self.original_optimizer = optimizer
         self.clipping = clipping
-        self.noise_multiplier = _check_nonneg("noise_multiplier", noise_multiplier)
+        self.noise_multiplier = check_nonneg("noise_multiplier", noise_multiplier)
         if self.noise_multiplier > 1e6:  # failure handling: an argument-order or unit mistake
             raise ValueError(
                 f"noise_multiplier={noise_multiplier!r} is absurdly large (> 1e6): the update would be pure "
                 "noise. Fix: noise_multiplier is the noise std divided by max_grad_norm, typically 0.5-10"
             )
         self.loss_reduction = loss_reduction
+        self.nonfinite = nonfinite
         self.expected_batch_size = expected_batch_size
         self.secure_mode = bool(secure_mode)
         if self.secure_mode and generator is not None and not is_secure(generator):
@@ -246,9 +213,8 @@ class DPOptimizer(Optimizer):
         self._last_clip: tuple[Tensor, Tensor, float] | None = None
         self._clip_stats: ClipStats | None = None
         self._init_clipping(max_grad_norm)
-        #: book-keeping source of clipped sums (fxdp.capture.Recorder), if attached
-        self._recorder: Any = None
-        self._bk_passes = 0
+        #: where the step reads clipped sums: ``p.grad_sample``, or book-keeping (attach_bookkeeping)
+        self.grad_source: ClippedSumSource = MaterializedGradients()
 
         for p in self.params:
             p.summed_grad = None
@@ -256,16 +222,17 @@ class DPOptimizer(Optimizer):
     # -- clipping strategy (overridden by subclasses) ----------------------------------
 
     def _init_clipping(self, max_grad_norm: Any) -> None:
-        if not _is_real(max_grad_norm):
+        if not is_real(max_grad_norm):
             raise ValueError(
                 "flat clipping takes one bound, got max_grad_norm="
                 f"{max_grad_norm!r}; for one bound per parameter use clipping='per_layer'"
             )
-        self.max_grad_norm = _check_positive("max_grad_norm", max_grad_norm)
+        self.max_grad_norm = check_positive("max_grad_norm", max_grad_norm)
 
-    def _clip_factors(self, norms: Tensor) -> Tensor:
-        """Clip factors from the ``[B, K]`` per-parameter norms: ``[B]`` or ``[B, K]``."""
-        return clip_factors(torch.linalg.vector_norm(norms, dim=1), self.max_grad_norm)
+    def current_clipping(self) -> Clipping:
+        """The clipping of the step about to run: the bound as it is now (adaptive
+        clipping and clip schedulers move it between steps) and the non-finite policy."""
+        return Clipping(bound=self.max_grad_norm, nonfinite=self.nonfinite)
 
     def _noise_std(self) -> float:
         return self.noise_multiplier * self.max_grad_norm
@@ -348,26 +315,7 @@ class DPOptimizer(Optimizer):
 
     def _get_flat_grad_sample(self, p: nn.Parameter, index: int | None = None) -> Tensor:
         """``p.grad_sample`` as one ``[B, *p.shape]`` tensor (lists are concatenated)."""
-        gs = getattr(p, "grad_sample", None)
-        if gs is None:
-            where = f"parameter #{index} " if index is not None else "a parameter "
-            raise ValueError(
-                f"per-sample gradients are missing: {where}(shape {tuple(p.shape)}) requires "
-                "grad but has no p.grad_sample. Either the model was not made private (so "
-                "backward does not compute per-sample gradients), loss.backward() was not "
-                "called before optimizer.step(), or the parameter is unused in the forward "
-                "pass (freeze it with p.requires_grad_(False))"
-                + (", or it was frozen when the model was privatized and unfrozen later (it has an ordinary "
-                   "gradient but no capture op serves it: call make_private again after unfreezing)."
-                   if p.grad is not None else ".")
-            )
-        if isinstance(gs, Tensor):
-            return gs
-        if isinstance(gs, list) and gs:
-            return torch.cat(gs, dim=0)
-        raise ValueError(
-            f"p.grad_sample must be a tensor or a non-empty list of tensors, got {type(gs).__name__}"
-        )
+        return MaterializedGradients.grad_sample(p, index)
 
     @property
     def grad_samples(self) -> list[Tensor]:
@@ -376,47 +324,9 @@ class DPOptimizer(Optimizer):
 
     @property
     def accumulated_iterations(self) -> int:
-        """Number of backward passes accumulated in ``p.grad_sample`` since the last step.
-
-        Privacy accountants multiply the sample rate by it (Opacus semantics).
-        """
-        if self._recorder is not None:
-            return max(self._bk_passes, 1)
-        counts = set()
-        for k, p in enumerate(self.params):
-            gs = getattr(p, "grad_sample", None)
-            if gs is None:
-                self._get_flat_grad_sample(p, k)  # raises the explanatory error
-            counts.add(len(gs) if isinstance(gs, list) else 1)
-        if len(counts) > 1:
-            raise ValueError(
-                f"number of accumulated backward passes differs across parameters: {sorted(counts)}"
-            )
-        return counts.pop() if counts else 1
-
-    def _checked_grad_samples(self) -> list[Tensor]:
-        """Grad samples after the checks that must pass before anything is mutated."""
-        params = self.params
-        grad_samples = self.grad_samples
-        for k, p in enumerate(params):
-            if _is_processed(p.grad_sample):
-                raise ValueError(
-                    f"per-sample gradients of parameter #{k} were already used by a previous "
-                    "optimizer.step(); call optimizer.zero_grad() after every step (reusing "
-                    "them would release the same data twice while privacy is counted once)"
-                )
-        sizes = {int(g.shape[0]) for g in grad_samples}
-        if len(sizes) > 1:
-            raise ValueError(
-                f"per-sample gradients disagree on the batch size across parameters: {sorted(sizes)}"
-            )
-        for k, (p, g) in enumerate(zip(params, grad_samples)):
-            if tuple(g.shape[1:]) != tuple(p.shape):
-                raise ValueError(
-                    f"p.grad_sample of parameter #{k} has shape {tuple(g.shape)}, expected "
-                    f"[B, {', '.join(map(str, p.shape))}]"
-                )
-        return grad_samples
+        """Number of backward passes accumulated since the last step (Opacus semantics:
+        privacy accountants multiply the sample rate by it)."""
+        return self.grad_source.accumulated_passes(self.params)
 
     # -- the DP step -------------------------------------------------------------------
 
@@ -456,108 +366,35 @@ class DPOptimizer(Optimizer):
 
     def clip_and_accumulate(self) -> None:
         """Clip each sample's gradient and add the sum to ``p.summed_grad``."""
-        self._clip_and_accumulate(self._checked_grad_samples())
+        self.grad_source.check(self.params)
+        self._clip_and_accumulate()
 
-    # -- book-keeping (fxdp.bookkeeping): clipped sums without per-sample gradients -----
-
-    def attach_bookkeeping(self, recorder: Any) -> None:
-        """Take clipped sums from a privatized model in ``grad_sample_mode="bk"``.
-
-        The model's capture ops form ``sum_i c_i g_i`` at the end of each backward
-        pass with this optimizer's clip bound(s) (read at that moment, so adaptive
-        clipping and clip schedulers apply); ``step()`` then noises and applies them.
-        """
-        from ..capture import ClipConfig
-
-        ids = [id(p) for p in self.params]
-        if self.clipping == "per_layer":
-            recorder.clipping = ClipConfig(
-                bounds=lambda: dict(zip(ids, self.max_grad_norms)), per_layer=True, params=frozenset(ids)
+    def attach_bookkeeping(self, bookkeeping: ClippedSumSource) -> None:
+        """Take clipped sums from a privatized model in ``grad_sample_mode="bk"``
+        (``dp_model.bookkeeping``, a :class:`fxdp.bookkeeping.BookKeeping`): each step
+        clips its records with this optimizer's bound(s) of that step, without
+        per-sample gradients."""
+        if not isinstance(bookkeeping, ClippedSumSource):
+            raise TypeError(
+                f"attach_bookkeeping takes the model's book-keeping, got {type(bookkeeping).__name__}. Fix: "
+                "optimizer.attach_bookkeeping(dp_model.bookkeeping) for a model privatized with "
+                "grad_sample_mode='bk'"
             )
-        else:
-            recorder.clipping = ClipConfig(bounds=lambda: self.max_grad_norm, params=frozenset(ids))
-        self._recorder = recorder
+        bookkeeping.attached = True
+        self.grad_source = bookkeeping
 
-    def _bk_check(self) -> None:
-        rec = self._recorder
-        if rec.passes == 0:
-            raise ValueError(
-                "no clipped gradients: call loss.backward() on the privatized model (in training mode) "
-                "before optimizer.step(), and optimizer.zero_grad() after it"
-            )
-        for norms in rec.norms:
-            bad = first_non_finite(norms if norms.dim() == 2 else norms[:, None])
-            if bad is not None and self.nonfinite == "drop":  # the recorder zeroed their factors
-                _warn_dropped(norms if norms.dim() == 2 else norms[:, None])
-            elif bad is not None:
-                raise FloatingPointError(
-                    f"non-finite per-sample gradient: sample index {bad[0]} of the current batch has "
-                    "gradient norm " + str(float(norms[bad[0]].flatten()[0 if norms.dim() == 1 else bad[1]]))
-                    + "; the step was not applied. Check the loss/inputs of that sample."
-                )
-
-    def _bk_accumulate(self) -> None:
-        rec = self._recorder
-        for p in self.params:
-            s = rec.clipped.get(id(p))
-            if s is None and p.grad is not None:
-                raise PerSampleGradientError(
-                    f"a parameter of shape {tuple(p.shape)} got an ordinary (non-private) gradient but no "
-                    "per-sample one: it was frozen (requires_grad=False) when the model was privatized and "
-                    "unfrozen later, so no capture op serves it. The step was not applied. Fix: unfreeze it "
-                    "before make_private, or call make_private again (on the original model) after unfreezing"
-                )
-            if s is None:
-                s = torch.zeros_like(p)  # not reached by the backward pass: zero for every sample
-            if p.summed_grad is None:
-                p.summed_grad = s
-            else:
-                p.summed_grad.add_(s)
-        for norms, factors in zip(rec.norms, rec.factors):
-            clipped = factors < 1
-            self._pending_norms.append(torch.linalg.vector_norm(norms, dim=1) if norms.dim() == 2 else norms)
-            self._pending_clipped.append(clipped.any(dim=1) if clipped.dim() == 2 else clipped)
-        self._bk_passes = rec.passes
-        self._bk_reset()
-
-    def _bk_reset(self) -> None:
-        rec = self._recorder
-        rec.clipped.clear()
-        rec.clipped_params.clear()
-        rec.norms.clear()
-        rec.factors.clear()
-        rec.passes = 0
-
-    def _clip_and_accumulate(self, grad_samples: list[Tensor]) -> None:
+    def _clip_and_accumulate(self) -> None:
+        """``p.summed_grad += sum_i c_i g_i`` from the grad source, with this step's clipping."""
         params = self.params
-        norms = per_param_sample_norms(grad_samples)
-        bad = first_non_finite(norms)
-        if bad is not None and self.nonfinite == "drop":
-            # clip factor 0 and zeroed rows (0 * nan is nan): the sample adds nothing
-            _warn_dropped(norms)
-            ok = torch.isfinite(norms).all(dim=1)
-            grad_samples = [torch.where(ok.view(-1, *[1] * (g.dim() - 1)), g, 0) for g in grad_samples]
-            norms = torch.where(ok[:, None], norms, 0)
-        elif bad is not None:
-            i, k = bad
-            raise FloatingPointError(
-                f"non-finite per-sample gradient: sample index {i} of the current batch "
-                f"(parameter #{k}, shape {tuple(params[k].shape)}) has gradient norm "
-                f"{float(norms[i, k])}; the step was not applied. Check the loss/inputs of "
-                "that sample (e.g. log of 0, division by 0, overflow in low precision)."
-            )
-        factors = self._clip_factors(norms)
-        self._pending_norms.append(torch.linalg.vector_norm(norms, dim=1).detach())
-        clipped = factors < 1
+        result: ClipResult = self.grad_source.clip_and_sum(params, self.current_clipping())
+        self._pending_norms.append(torch.linalg.vector_norm(result.norms, dim=1))
+        clipped = result.factors < 1
         self._pending_clipped.append(clipped.any(dim=1) if clipped.dim() == 2 else clipped)
-        # Mixed precision: accumulate in the parameter dtype (usually fp32).
-        sums = clipped_sum([g.to(p.dtype) for p, g in zip(params, grad_samples)], factors)
-        for p, s in zip(params, sums):
+        for p, s in zip(params, result.sums):
             if p.summed_grad is None:
                 p.summed_grad = s
             else:
                 p.summed_grad.add_(s)
-            _mark_as_processed(p.grad_sample)
 
     def _finish_clip_stats(self) -> None:
         device = self._pending_norms[0].device
@@ -583,17 +420,26 @@ class DPOptimizer(Optimizer):
         """Set ``p.grad = p.summed_grad + N(0, std^2)`` with ``std = sigma * C``."""
         if self._pending_norms:  # the logical batch is complete: fix its clip statistics
             self._finish_clip_stats()
-        std = self._noise_std()
-        for k, p in enumerate(self.params):
+        params = self.params
+        for k, p in enumerate(params):
             if p.summed_grad is None:
                 raise ValueError(f"parameter #{k} has no p.summed_grad; call clip_and_accumulate() first")
-            if _is_processed(p.summed_grad):
+            if is_processed(p.summed_grad):
                 raise ValueError(
                     "clipped gradients were already noised; call optimizer.zero_grad() after every step"
                 )
-            # secure generators: CSPRNG noise and a snapped float64 sum (Mironov 2012)
-            p.grad = noisy_sum(p.summed_grad, std, generator=self.generator).view_as(p)
-            _mark_as_processed(p.summed_grad)
+        if not params:
+            return
+        noisy = self.noisy_sums([p.summed_grad for p in params], self._noise_std())
+        for p, g in zip(params, noisy):
+            p.grad = g.view_as(p)
+            mark_as_processed(p.summed_grad)
+
+    def noisy_sums(self, sums: list[Tensor], std: float) -> list[Tensor]:
+        """The Gaussian mechanism on the clipped sums: ``S_k + N(0, std^2)`` per parameter
+        (secure generators: CSPRNG noise and a snapped float64 sum, Mironov 2012). The
+        distributed optimizers override it to all-reduce the sums first."""
+        return [noisy_sum(s, std, generator=self.generator) for s in sums]
 
     def scale_grad(self) -> None:
         """Divide ``p.grad`` by ``expected_batch_size * accumulated_iterations`` for a mean loss."""
@@ -606,19 +452,11 @@ class DPOptimizer(Optimizer):
         """Everything of a DP step except the wrapped update; ``False`` if it was skipped."""
         if not self.params:
             return True  # nothing trainable: behave as the wrapped optimizer
-        bk = self._recorder is not None
-        if bk:
-            self._bk_check()
-            self._bk_passes = self._recorder.passes  # guards see accumulated_iterations
-        else:
-            grad_samples = self._checked_grad_samples()
+        self.grad_source.check(self.params)  # raises before anything changes
         if not self._check_skip_next_step(pop_next=False):
             for guard in list(self._step_guards.values()):
                 guard(self)
-        if bk:
-            self._bk_accumulate()
-        else:
-            self._clip_and_accumulate(grad_samples)
+        self._clip_and_accumulate()
         if self._check_skip_next_step():
             self._is_last_step_skipped = True
             return False
@@ -641,17 +479,15 @@ class DPOptimizer(Optimizer):
         return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """Clear ``p.grad`` (as torch), ``p.grad_sample`` and, unless the last step was
-        skipped, ``p.summed_grad``. Per-sample tensors are always set to ``None``.
+        """Clear ``p.grad`` (as torch), what the grad source holds (``p.grad_sample``, or the
+        book-keeping records) and, unless the last step was skipped, ``p.summed_grad``.
         """
-        for p in self.params:
-            p.grad_sample = None
-            if not self._is_last_step_skipped:
-                p.summed_grad = None
+        params = self.params
         if not self._is_last_step_skipped:
+            for p in params:
+                p.summed_grad = None
             self._pending_norms, self._pending_clipped = [], []
-        if self._recorder is not None:
-            self._bk_reset()
+        self.grad_source.clear(params)
         self.original_optimizer.zero_grad(set_to_none)
 
     # -- checkpoints -------------------------------------------------------------------
@@ -707,204 +543,5 @@ class DPOptimizer(Optimizer):
         self.generator.set_state(state)
 
 
-class DPPerLayerOptimizer(DPOptimizer):
-    """DP-SGD with per-layer clipping (McMahan et al. 2018; Opacus ``DPPerLayerOptimizer``).
-
-    ``max_grad_norm`` is a list with one bound ``C_k`` per trainable parameter; each
-    sample's gradient of parameter ``k`` is clipped to ``C_k``. The clipped per-sample
-    gradient then has total norm at most ``C = sqrt(sum_k C_k^2)``, the sensitivity of
-    the sum, so every coordinate gets noise of std ``sigma * C`` and the privacy is that
-    of flat clipping with bound ``C``. ``max_grad_norm`` holds ``C``, ``max_grad_norms``
-    the list.
-    """
-
-    _clipping = "per_layer"
-
-    def __init__(
-        self,
-        optimizer: Optimizer,
-        *,
-        noise_multiplier: float,
-        max_grad_norm: Sequence[float],
-        expected_batch_size: int | None,
-        loss_reduction: str = "mean",
-        generator: torch.Generator | None = None,
-        secure_mode: bool = False,
-        clipping: str = "per_layer",
-    ) -> None:
-        super().__init__(
-            optimizer,
-            noise_multiplier=noise_multiplier,
-            max_grad_norm=max_grad_norm,
-            expected_batch_size=expected_batch_size,
-            loss_reduction=loss_reduction,
-            generator=generator,
-            secure_mode=secure_mode,
-            clipping=clipping,
-        )
-
-    def _init_clipping(self, max_grad_norm: Any) -> None:
-        if _is_real(max_grad_norm) or not isinstance(max_grad_norm, Sequence):
-            raise ValueError(
-                "per_layer clipping needs max_grad_norm as a list with one bound per trainable "
-                f"parameter, got max_grad_norm={max_grad_norm!r}"
-            )
-        n = len(self.params)
-        if len(max_grad_norm) != n:
-            raise ValueError(
-                f"per_layer clipping: got {len(max_grad_norm)} bounds in max_grad_norm for "
-                f"{n} trainable parameters; pass exactly one bound per parameter"
-            )
-        self.max_grad_norms = [_check_positive(f"max_grad_norm[{k}]", c) for k, c in enumerate(max_grad_norm)]
-        self.max_grad_norm = math.sqrt(sum(c * c for c in self.max_grad_norms))
-
-    def _clip_factors(self, norms: Tensor) -> Tensor:
-        if norms.shape[1] != len(self.max_grad_norms):
-            raise ValueError(
-                f"per_layer clipping: {len(self.max_grad_norms)} bounds for "
-                f"{norms.shape[1]} trainable parameters (parameters were added or unfrozen)"
-            )
-        bounds = torch.tensor(self.max_grad_norms, dtype=norms.dtype, device=norms.device)
-        return clip_factors(norms, bounds)
-
-
-class AdaClipDPOptimizer(DPOptimizer):
-    """DP-SGD with adaptive clipping (Andrew, Thakkar, McMahan, Ramaswamy 2021,
-    "Differentially Private Learning with Adaptive Clipping"; Opacus ``AdaClipDPOptimizer``).
-
-    After each step the bound moves geometrically toward the ``target_unclipped_quantile``
-    of the per-sample norms, ``C <- C * exp(-lr * (b - gamma))`` clamped to
-    ``[min_clipbound, max_clipbound]``, where ``b`` is a private estimate of the unclipped
-    fraction: ``(sum_i (b_i - 1/2) + N(0, sigma_b^2)) / m + 1/2`` with ``m`` the expected
-    batch size and ``sigma_b = unclipped_num_std``.
-
-    Privacy (Theorem 1): gradient noise is drawn with
-    ``sigma_grad = (sigma^-2 - (2 sigma_b)^-2)^(-1/2)`` so that the pair (gradient, count)
-    costs exactly one Gaussian mechanism with the requested ``noise_multiplier = sigma``;
-    accountants keep using ``noise_multiplier``. Requires ``sigma < 2 sigma_b``.
-
-    Unlike Opacus, the count is centred and divided by the public expected batch size,
-    as in the paper; Opacus divides an uncentred count by the actual (private) batch size.
-    """
-
-    _clipping = "adaptive"
-
-    def __init__(
-        self,
-        optimizer: Optimizer,
-        *,
-        noise_multiplier: float,
-        max_grad_norm: float,
-        expected_batch_size: int | None,
-        target_unclipped_quantile: float,
-        clipbound_learning_rate: float,
-        max_clipbound: float,
-        min_clipbound: float,
-        unclipped_num_std: float,
-        loss_reduction: str = "mean",
-        generator: torch.Generator | None = None,
-        secure_mode: bool = False,
-        clipping: str = "adaptive",
-    ) -> None:
-        if not (_is_real(target_unclipped_quantile) and 0 <= target_unclipped_quantile <= 1):
-            raise ValueError(
-                "target_unclipped_quantile must be in [0, 1], "
-                f"got target_unclipped_quantile={target_unclipped_quantile!r}"
-            )
-        self.target_unclipped_quantile = float(target_unclipped_quantile)
-        self.clipbound_learning_rate = _check_nonneg("clipbound_learning_rate", clipbound_learning_rate)
-        self.min_clipbound = _check_positive("min_clipbound", min_clipbound)
-        self.max_clipbound = _check_positive("max_clipbound", max_clipbound, allow_inf=True)
-        if not self.min_clipbound < self.max_clipbound:
-            raise ValueError(
-                f"min_clipbound must be < max_clipbound, got min_clipbound={min_clipbound!r}, "
-                f"max_clipbound={max_clipbound!r}"
-            )
-        self.unclipped_num_std = _check_nonneg("unclipped_num_std", unclipped_num_std)
-        super().__init__(
-            optimizer,
-            noise_multiplier=noise_multiplier,
-            max_grad_norm=max_grad_norm,
-            expected_batch_size=expected_batch_size,
-            loss_reduction=loss_reduction,
-            generator=generator,
-            secure_mode=secure_mode,
-            clipping=clipping,
-        )
-        if expected_batch_size is None:
-            raise ValueError(
-                "adaptive clipping needs expected_batch_size (the public denominator of the "
-                "private unclipped fraction), also with loss_reduction='sum'"
-            )
-        if not self.min_clipbound <= self.max_grad_norm <= self.max_clipbound:
-            raise ValueError(
-                f"max_grad_norm={max_grad_norm!r} must lie in [min_clipbound, max_clipbound] = "
-                f"[{self.min_clipbound}, {self.max_clipbound}]"
-            )
-        # fail now, not at the first step, if sigma_grad is undefined
-        adaptive_gradient_noise_multiplier(self.noise_multiplier, self.unclipped_num_std)
-        #: private estimate of the unclipped fraction of the last step
-        self.unclipped_fraction: float | None = None
-
-    @property
-    def gradient_noise_multiplier(self) -> float:
-        """``sigma_grad`` of Theorem 1 for the current ``noise_multiplier``."""
-        return adaptive_gradient_noise_multiplier(self.noise_multiplier, self.unclipped_num_std)
-
-    def _noise_std(self) -> float:
-        return self.gradient_noise_multiplier * self.max_grad_norm
-
-    def add_noise(self) -> None:
-        """Noise the gradient with ``sigma_grad * C`` and release the noisy unclipped count."""
-        super().add_noise()
-        assert self._last_clip is not None  # set by super().add_noise()
-        _, clipped, _ = self._last_clip
-        num = int(clipped.numel())
-        unclipped = float(num - int(clipped.sum()))
-        gen = self.generator
-        noise = float(
-            gaussian_noise(
-                self.unclipped_num_std,
-                (),
-                dtype=torch.float64,
-                device=gen.device if gen is not None else None,
-                generator=gen,
-            )
-        )
-        expected = self.expected_batch_size * self.accumulated_iterations
-        self.unclipped_fraction = private_unclipped_fraction(unclipped, num, noise, expected)
-
-    def update_max_grad_norm(self) -> None:
-        """Geometric update of ``max_grad_norm`` from the last private unclipped fraction."""
-        if self.unclipped_fraction is None:
-            raise ValueError("no unclipped fraction yet: update_max_grad_norm() runs after add_noise()")
-        self.max_grad_norm = geometric_clipbound_update(
-            self.max_grad_norm,
-            self.unclipped_fraction,
-            self.target_unclipped_quantile,
-            self.clipbound_learning_rate,
-            self.min_clipbound,
-            self.max_clipbound,
-        )
-
-    def pre_step(self, closure: Callable[[], Any] | None = None) -> bool:
-        stepped = super().pre_step(closure)
-        if stepped and self.params:
-            self.update_max_grad_norm()
-        return stepped
-
-    def _dp_state_dict(self) -> dict[str, Any]:
-        return {"max_grad_norm": float(self.max_grad_norm)}
-
-    def _load_dp_state_dict(self, state: dict[str, Any]) -> None:
-        if "max_grad_norm" in state:
-            self.max_grad_norm = _check_positive("dp_state['max_grad_norm']", state["max_grad_norm"])
-
-
 DPOptimizer.__signature__ = _init_signature(DPOptimizer)
-
-_CLASSES: dict[str, type[DPOptimizer]] = {
-    "flat": DPOptimizer,
-    "per_layer": DPPerLayerOptimizer,
-    "adaptive": AdaClipDPOptimizer,
-}
+_CLASSES["flat"] = DPOptimizer

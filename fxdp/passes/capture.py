@@ -24,11 +24,10 @@ import torch.fx as fx
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from ..capture import CaptureOp, Recorder, RuleCapture
+from ..capture import CaptureOp, FuncCapture, Recorder, RuleCapture
 from ..errors import SymbolicGraphError, UnsupportedModelError, UnsupportedOpError, where
 from ..rules import module_call_for, rule_for_op
-from ..rules.functorch import FuncCapture
-from ..rules.params import ELEMENTWISE, MATMUL, BroadcastRuleCapture, ParamCapture
+from ..capture.params import ELEMENTWISE, MATMUL, BroadcastRuleCapture, ParamCapture
 from .symbolic_batch import is_shape_value
 
 __all__ = ["insert_captures", "CAPTURES"]

@@ -30,4 +30,4 @@ from .base import *  # noqa: F401,F403 - the rule base class and the registry
 from .base import __all__, batch_sum  # noqa: F401
 
 # the rules register themselves on import
-from . import linear, embedding, norms, conv, recurrent  # noqa: E402,F401
+from . import linear, embedding, norms, conv, recurrent, attention  # noqa: E402,F401

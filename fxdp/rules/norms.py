@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import UnsupportedOpError
+from ..layers.batchnorm import FrozenBatchNorm
 from .base import ModuleCall, PerSampleRule, batch_sum, register_module, register_rule
 
 __all__ = ["LayerNormRule", "GroupNormRule", "InstanceNormRule", "RMSNormRule"]
@@ -262,3 +263,11 @@ def _instance_norm_call(m: nn.modules.instancenorm._InstanceNorm) -> ModuleCall:
         "eps": m.eps,
     }
     return ModuleCall(F.instance_norm, params=params, kwargs=kwargs)
+
+
+@register_module(FrozenBatchNorm)
+def _frozen_bn_call(m: FrozenBatchNorm) -> ModuleCall:
+    # fixed statistics: the instance norm rule's evaluation mode (a per-channel affine map)
+    params = {n: n for n in ("weight", "bias") if getattr(m, n) is not None}
+    params.update(running_mean="running_mean", running_var="running_var")
+    return ModuleCall(F.instance_norm, params=params, kwargs={"use_input_stats": False, "momentum": 0.0, "eps": m.eps})

@@ -1,4 +1,4 @@
-"""Fallback rule: per-sample gradients with ``torch.func`` (vmap over vjp).
+"""Fallback capture op: per-sample gradients with ``torch.func`` (vmap over vjp).
 
 Serves (1) leaf modules with trainable parameters and no registered rule, and
 (2) raw ``nn.Parameter`` uses: the first op that combines batched data with a
@@ -24,7 +24,8 @@ import torch
 from torch import Tensor
 from torch.utils._pytree import tree_flatten
 
-from ..capture import CaptureOp, LayerRecord
+from .op import CaptureOp
+from .record import LayerRecord
 from ..errors import BatchDimensionError, PerSampleGradientError, UnsupportedOpError
 
 __all__ = ["FuncCapture"]

@@ -13,7 +13,7 @@ Linear: ``grad W_i = sum_t x_{i,t}^T g_{i,t}``.
 
 Other raw-parameter uses (``self.W.t()`` before the op, ``self.cls.expand(B,
 -1, -1)``, ``torch.cat`` with a parameter...) go through ``torch.func`` on the
-same capture (exact, slower); see ``fxdp/rules/functorch.py``.
+same capture (exact, slower); see ``fxdp/capture/functorch.py``.
 """
 from __future__ import annotations
 
@@ -23,10 +23,10 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 from torch import Tensor
 
-from ..capture import LayerRecord
 from ..errors import BatchDimensionError
-from .base import batch_sum
+from ..rules.base import batch_sum
 from .functorch import FuncCapture
+from .record import LayerRecord
 
 __all__ = ["ParamCapture", "BroadcastRuleCapture", "ELEMENTWISE", "MATMUL"]
 

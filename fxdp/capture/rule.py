@@ -1,0 +1,119 @@
+"""The capture op served by a registered per-sample rule (``fxdp.rules``)."""
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, FrozenSet, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from .op import CaptureOp, move_to_front
+from .record import LayerRecord
+
+__all__ = ["RuleCapture"]
+
+
+class RuleCapture(CaptureOp):
+    """Capture served by a registered per-sample rule (``fxdp.rules``)."""
+
+    kind = "rule"
+
+    def __init__(self, *, rule, op: Callable, names: Sequence[str], static: Dict[str, Any], **kw: Any) -> None:
+        super().__init__(**kw)
+        self.rule = rule
+        self.op = op
+        self.names = list(names)
+        self.static = dict(static)
+
+    def rule_name(self) -> str:
+        return self.rule.describe()
+
+    @property
+    def folds(self) -> bool:  # type: ignore[override]
+        return self.rule.folds
+
+    def bound(self, dyn: Sequence[Any]) -> Dict[str, Any]:
+        args = dict(zip(self.names, dyn))
+        args.update(self.static)
+        return args
+
+    def compute(self, dyn: Sequence[Any]) -> Any:
+        return self.rule.forward(self.op, self.bound(dyn))
+
+    def bk_plan(self, dyn: Sequence[Any], out: Tensor, dims_in: Sequence[Optional[int]],
+                dim_out: Optional[int]) -> Dict[str, str]:
+        args = self.bound(dyn)
+        g = out if dim_out in (None, 0) else out.movedim(dim_out, 0)
+        arg = self.rule.input_arg
+        if arg in self.names:
+            d = dims_in[self.names.index(arg)]
+            if d not in (None, 0):
+                args[arg] = args[arg].movedim(d, 0)
+        plan = self.rule.bk_plan(args, g, frozenset(self.names[i] for i in self.param_index))
+        return {p: plan[self.names[i]] for i, p in self.param_index.items() if self.names[i] in plan}
+
+    def explicit_input_grad(self, dyn: Sequence[Any], needs_grad: Sequence[bool]) -> bool:
+        arg = self.rule.input_arg
+        if arg is None or arg not in self.names:
+            return False
+        i = self.names.index(arg)
+        if not needs_grad[i] or sum(needs_grad) != 1:
+            return False
+        return self.rule.has_input_grad(self.bound(dyn))
+
+    def input_grads(self, dyn: Sequence[Any], grads: Sequence[Optional[Tensor]]) -> Dict[int, Tensor]:
+        if len(grads) != 1 or grads[0] is None:
+            return {}
+        return {self.names.index(self.rule.input_arg): self.rule.input_grad(self.bound(dyn), grads[0])}
+
+    def prepared(self, rec: LayerRecord) -> Tuple[Dict[str, Any], Tensor, FrozenSet[str]]:
+        """Bound arguments and output gradient, batch-first, and the needed names."""
+        dims_in, dims_out = self.resolve_batch_dims(rec)
+        args = self.bound(rec.inputs)
+        g = rec.grads[0]
+        if g is None:  # output unused by the loss
+            g = torch.zeros_like(self.compute(rec.inputs))
+            dims_out = [dims_out[0] if dims_out and dims_out[0] is not None else 0]
+        g = move_to_front(g, dims_out[0], "the output", self, rec.batch_size)
+        if self.rule.input_arg is not None and self.rule.input_arg in self.names:
+            i = self.names.index(self.rule.input_arg)
+            args[self.rule.input_arg] = move_to_front(args[self.rule.input_arg], dims_in[i], "the input", self,
+                                                       rec.batch_size)
+        needs = frozenset(self.names[i] for i in rec.params)
+        return args, g, needs
+
+    def per_sample_grads(self, rec: LayerRecord) -> Dict[int, Tensor]:
+        if rec.kept and all(i in rec.kept for i in rec.params):
+            return dict(rec.kept)
+        args, g, needs = self.prepared(rec)
+        if g.shape[0] == 0:  # empty batch: no samples, no rows
+            return {i: rec.inputs[i].new_zeros((0,) + tuple(rec.inputs[i].shape)) for i in rec.params}
+        raw = self.rule.grad_sample(args, g, needs)
+        return {i: raw[self.names[i]] for i in rec.params}
+
+    def norm_sample_sq(self, rec: LayerRecord, idx: Sequence[int]) -> Dict[int, Tensor]:
+        args, g, _ = self.prepared(rec)
+        if g.shape[0] == 0:
+            return {i: g.new_zeros(0) for i in idx}
+        out, kept = self.rule.norm_sample_sq_keep(args, g, frozenset(self.names[i] for i in idx))
+        rec.kept.update({i: kept[self.names[i]] for i in idx if self.names[i] in kept})
+        return {i: out[self.names[i]] for i in idx}
+
+    def clipped_sum(self, rec: LayerRecord, factors: Dict[int, Tensor]) -> Dict[int, Tensor]:
+        out: Dict[int, Tensor] = {}
+        for i in [i for i in factors if i in rec.kept]:  # sum_i c_i g_i of kept per-sample gradients
+            gs = rec.kept.pop(i)
+            out[i] = torch.einsum("b,b...->...", factors[i].to(gs.dtype), gs)
+        factors = {i: f for i, f in factors.items() if i not in out}
+        if not factors:
+            return out
+        args, g, _ = self.prepared(rec)
+        if g.shape[0] == 0:
+            return {**out, **{i: torch.zeros_like(rec.inputs[i]) for i in factors}}
+        # one rule call per distinct factor vector (flat clipping: a single call)
+        groups: Dict[int, List[int]] = {}
+        for i, f in factors.items():
+            groups.setdefault(id(f), []).append(i)
+        for ids in groups.values():
+            res = self.rule.clipped_sum(args, g, factors[ids[0]], frozenset(self.names[i] for i in ids))
+            out.update({i: res[self.names[i]] for i in ids})
+        return out
