@@ -8,6 +8,9 @@ full step (zero_grad, forward, loss, backward, optimizer step with clip + noise)
 
 * ``nonprivate``: plain PyTorch + SGD;
 * ``fxdp_bk`` / ``fxdp_materialize``: ``fxdp.privatize`` + ``DPOptimizer``;
+* ``fxdp_bk_measure``: book-keeping with ``bk_methods="measure"`` (each layer's ghost or
+  materialized norm timed on the first batch, the faster kept); the cell records, per
+  layer, the measured winner against the cost model's choice (``bk_methods``);
 * ``opacus_hooks`` / ``opacus_ghost``: Opacus' ``make_private`` (when it accepts the
   model; ghost clipping only for classification heads, where its loss wrapper applies).
 
@@ -18,6 +21,8 @@ Usage::
 
     python benchmarks/bench_zoo.py                     # every model, B=16, T=64
     python benchmarks/bench_zoo.py --models bert gpt2 --batch-size 16 --seq-len 128
+    python benchmarks/bench_zoo.py --seq-len 128 --variants nonprivate fxdp_bk fxdp_bk_measure opacus_hooks \
+        --out results/zoo_t128
 """
 from __future__ import annotations
 
@@ -121,7 +126,7 @@ def variant(name: str, base: nn.Module, kind: str, x: Dict[str, torch.Tensor], y
 
         return step
     if name.startswith("fxdp_"):
-        mode = name[5:]
+        mode = "bk" if name.startswith("fxdp_bk") else name[5:]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             dp = fxdp.privatize(model, grad_sample_mode=mode)
@@ -129,12 +134,14 @@ def variant(name: str, base: nn.Module, kind: str, x: Dict[str, torch.Tensor], y
                           expected_batch_size=B, generator=torch.Generator().manual_seed(1))
         if mode == "bk":
             opt.attach_bookkeeping(dp.bookkeeping)
+            dp.bookkeeping.measure = name == "fxdp_bk_measure"
 
         def step() -> None:
             opt.zero_grad()
             loss_of(kind, dp(**x).logits, y).backward()
             opt.step()
 
+        step.dp = dp  # type: ignore[attr-defined]  # read back for the measured methods
         return step
     if name.startswith("opacus_"):
         from opacus import PrivacyEngine
@@ -177,11 +184,25 @@ def variant(name: str, base: nn.Module, kind: str, x: Dict[str, torch.Tensor], y
     raise ValueError(name)
 
 
-def run(name: str, B: int, T: int, rounds: int, warmup: int, seconds: float) -> Dict[str, Any]:
+VARIANTS = ["nonprivate", "fxdp_bk", "fxdp_bk_measure", "fxdp_materialize", "opacus_hooks", "opacus_ghost"]
+
+
+def _methods(dp: Any) -> Dict[str, Any]:
+    """Per layer: the measured book-keeping method against the cost model's choice."""
+    rows = [r for rs in dp.bookkeeping_methods().values() for r in rs]
+    return {"layers": len(rows), "cost_model_agrees": sum(r["method"] == r["model"] for r in rows),
+            "measured_ms": round(sum(r["ms"][r["method"]] for r in rows), 2),
+            "cost_model_ms": round(sum(r["ms"][r["model"]] for r in rows), 2),
+            "disagreements": [{"layer": k, "shape": r["output_shape"], "model": r["model"], "measured": r["method"],
+                               "ms": {m: round(t, 2) for m, t in r["ms"].items()}}
+                              for k, rs in dp.bookkeeping_methods().items() for r in rs if r["method"] != r["model"]]}
+
+
+def run(name: str, B: int, T: int, rounds: int, warmup: int, seconds: float,
+        names: List[str] = VARIANTS) -> Dict[str, Any]:
     torch.manual_seed(0)
     base, kind = build(name, T)
     x, y = batch(kind, B, T)
-    names = ["nonprivate", "fxdp_bk", "fxdp_materialize", "opacus_hooks", "opacus_ghost"]
     live: Dict[str, Callable[[], None]] = {}
     cell: Dict[str, Any] = {"model": name, "batch_size": B, "seq_len": T if kind != "image" else None,
                             "params": sum(p.numel() for p in base.parameters()), "variants": {}}
@@ -219,6 +240,8 @@ def run(name: str, B: int, T: int, rounds: int, warmup: int, seconds: float) -> 
             e["vs_opacus_fastest"] = statistics.median(a / b for a, b in zip(ts, times[fastest]))
     cell["rounds"] = r
     cell["opacus_fastest"] = fastest
+    if "fxdp_bk_measure" in live:
+        cell["bk_methods"] = _methods(live["fxdp_bk_measure"].dp)  # type: ignore[attr-defined]
     return cell
 
 
@@ -229,9 +252,9 @@ def write_md(cells: List[Dict[str, Any]], path: str) -> None:
         f"torch {torch.__version__}, transformers {transformers.__version__}, {platform.processor() or platform.machine()}, "
         f"{torch.get_num_threads()} thread(s). Median of per-round ratios, variants interleaved in one process.",
         "",
-        "| model | params | B | T | non-private ms | fxdp bk | fxdp materialize | Opacus hooks | Opacus ghost | "
-        "fxdp bk / Opacus fastest |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| model | params | B | T | non-private ms | fxdp bk | fxdp bk, measured methods | fxdp materialize | "
+        "Opacus hooks | Opacus ghost | fxdp bk / Opacus fastest |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
 
     def fmt(c: Dict[str, Any], k: str) -> str:
@@ -245,10 +268,21 @@ def write_md(cells: List[Dict[str, Any]], path: str) -> None:
         bk = c["variants"].get("fxdp_bk", {})
         lines.append(
             f"| {c['model']} | {c['params'] / 1e6:.2f}M | {c['batch_size']} | {c['seq_len'] or '-'} | "
-            f"{np_ms:.1f} | {fmt(c, 'fxdp_bk')} | {fmt(c, 'fxdp_materialize')} | {fmt(c, 'opacus_hooks')} | "
+            f"{np_ms:.1f} | {fmt(c, 'fxdp_bk')} | {fmt(c, 'fxdp_bk_measure')} | {fmt(c, 'fxdp_materialize')} | "
+            f"{fmt(c, 'opacus_hooks')} | "
             f"{fmt(c, 'opacus_ghost')} | "
             + (f"{bk['vs_opacus_fastest']:.2f}x |" if "vs_opacus_fastest" in bk else "- |")
         )
+    measured = [c for c in cells if "bk_methods" in c]
+    if measured:
+        lines += ["", "Book-keeping cost model checked against measurement (`bk_methods=\"measure\"`: each layer "
+                  "with two exact methods, ghost and materialized norms, timed on the first batch):", "",
+                  "| model | layers timed | cost model picks the faster | their time, cost model's picks | "
+                  "their time, measured picks |", "|---|---|---|---|---|"]
+        for c in measured:
+            b = c["bk_methods"]
+            lines.append(f"| {c['model']} | {b['layers']} | {b['cost_model_agrees']} | {b['cost_model_ms']:.1f} ms | "
+                         f"{b['measured_ms']:.1f} ms |")
     errors = [(c["model"], k, e["error"]) for c in cells for k, e in c["variants"].items() if "error" in e]
     if errors:
         lines += ["", "Failures and variants not run:", ""]
@@ -266,20 +300,22 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--seconds", type=float, default=60.0, help="time budget per model (after 5 rounds)")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--variants", nargs="+", choices=VARIANTS, default=VARIANTS)
+    ap.add_argument("--out", default=os.path.join(RESULTS, "zoo"), help="writes OUT.json and OUT.md")
     ap.add_argument("--no-save", action="store_true")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     transformers.logging.set_verbosity_error()
     cells = []
     for m in a.models:
-        cell = run(m, a.batch_size, a.seq_len, a.rounds, a.warmup, a.seconds)
+        cell = run(m, a.batch_size, a.seq_len, a.rounds, a.warmup, a.seconds, a.variants)
         print(json.dumps({k: v for k, v in cell.items()}, indent=None, default=str))
         cells.append(cell)
     if not a.no_save:
-        os.makedirs(RESULTS, exist_ok=True)
-        with open(os.path.join(RESULTS, "zoo.json"), "w") as f:
+        os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
+        with open(a.out + ".json", "w") as f:
             json.dump(cells, f, indent=1)
-        write_md(cells, os.path.join(RESULTS, "zoo.md"))
+        write_md(cells, a.out + ".md")
 
 
 if __name__ == "__main__":

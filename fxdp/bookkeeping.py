@@ -65,6 +65,9 @@ class BookKeeping(ClippedSumSource):
         self._consumed = 0  # passes clipped by the current step
         #: set by ``DPOptimizer.attach_bookkeeping``: without a step to clip them, records would pile up
         self.attached = False
+        #: ``bk_methods="measure"``: where a rule has several exact methods (ghost or materialized
+        #: norms), time them on the first batch of each shape and keep the faster, per layer
+        self.measure = False
 
     # -- capture side ---------------------------------------------------------------
     def record(self, rec: LayerRecord) -> None:
@@ -91,7 +94,7 @@ class BookKeeping(ClippedSumSource):
         for r in records:
             for p in r.params.values():
                 uses[id(p)] = uses.get(id(p), 0) + 1
-        sq, tied = self._squared_norms(records, uses)
+        sq, tied = self._squared_norms(records, uses, self.measure)
         self.pending.append(_Pass(records, B, sq, tied, uses))
 
     # -- optimizer side (ClippedSumSource) --------------------------------------------
@@ -147,7 +150,7 @@ class BookKeeping(ClippedSumSource):
         return ClipResult(sums, norms.detach(), factors.detach())
 
     @staticmethod
-    def _squared_norms(records: List[LayerRecord], uses: Dict[int, int]):
+    def _squared_norms(records: List[LayerRecord], uses: Dict[int, int], measure: bool = False):
         """Raw per-sample squared norms ``{id(p): [B]}``, and the per-sample gradients
         of tied parameters (materialized: their norm is not a sum of norms)."""
         sq: Dict[int, Tensor] = {}
@@ -156,7 +159,7 @@ class BookKeeping(ClippedSumSource):
             single = [i for i, p in r.params.items() if uses[id(p)] == 1]
             multi = [i for i, p in r.params.items() if uses[id(p)] > 1]
             if single:
-                for i, v in r.op.norm_sample_sq(r, single).items():
+                for i, v in r.op.norm_sample_sq(r, single, measure).items():
                     sq[id(r.params[i])] = v
             if multi:
                 gs = r.op.per_sample_grads(r)

@@ -166,6 +166,7 @@ class PrivacyEngine:
         nonfinite: str = "raise",
         example_inputs: Union[Sequence[Any], Mapping[str, Any], None] = None,
         allow_unsafe_model: bool = False,
+        bk_methods: str = "model",
         **kwargs: Any,
     ) -> Tuple[DPModule, DPOptimizer, DataLoader]:
         """Make ``module``, ``optimizer`` and ``data_loader`` private (Opacus' signature).
@@ -214,6 +215,11 @@ class PrivacyEngine:
             example_inputs: inputs for the static compatibility check (``fxdp.check``):
                 a tuple of positional inputs or a dict of keyword inputs; by default
                 built from two dataset samples.
+            bk_methods: book-keeping's method per layer where a rule has several exact ones
+                (ghost or materialized norms): ``"model"`` (default) picks by the rule's cost
+                model, deterministically; ``"measure"`` times the candidates on the first
+                batch of each shape and keeps the faster (``model.bookkeeping_methods()``
+                reports both; results then differ from ``"model"`` in float rounding only).
             allow_unsafe_model: explicit override: train even when ``fxdp.check``
                 finds ops that break DP (they are listed in a warning instead of an
                 error). The privacy guarantee does not hold for such a model.
@@ -228,6 +234,8 @@ class PrivacyEngine:
                 f"noise_multiplier={noise_multiplier!r} is absurdly large (> 1e6): the update would be pure "
                 "noise. Fix: noise_multiplier is the noise std divided by max_grad_norm, typically 0.5-10"
             )
+        if bk_methods not in ("model", "measure"):
+            raise ValueError(f"bk_methods must be 'model' or 'measure', got bk_methods={bk_methods!r}")
         if nonfinite not in NONFINITE_POLICIES:
             raise ValueError(f"nonfinite must be 'raise' or 'drop', got nonfinite={nonfinite!r}")
         if clipping not in clipping_modes():
@@ -278,6 +286,7 @@ class PrivacyEngine:
         )
         if bk:  # clipped sums from the model's book-keeping records instead of p.grad_sample
             dp_optimizer.attach_bookkeeping(dp_module.bookkeeping)
+            dp_module.bookkeeping.measure = bk_methods == "measure"
         # 4. the accounting hooks of every step
         self._bind(dp_module, dp_optimizer, loader, sample_rate, poisson_sampling, verify_first_step)
         if budget is not None:

@@ -238,6 +238,17 @@ class DPModule(fx.GraphModule):
         (``optimizer.attach_bookkeeping(model.bookkeeping)``); ``None`` in materialize mode."""
         return self.recorder.bookkeeping
 
+    def bookkeeping_methods(self) -> Dict[str, List[Dict[str, Any]]]:
+        """Per layer, the book-keeping method used at each input shape seen so far where
+        the rule has several exact ones and ``bk_methods="measure"``: the measured
+        winner, the cost model's choice and the milliseconds of each candidate."""
+        out: Dict[str, List[Dict[str, Any]]] = {}
+        for cap in self.captures:
+            for (out_shape, in_shapes, needs), choice in getattr(cap, "bk_methods", {}).items():
+                out.setdefault(cap.capture_name, []).append(
+                    {"output_shape": out_shape, "params": sorted(needs), **choice})
+        return out
+
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Clear ``p.grad``, ``p.grad_sample`` and book-keeping records not yet clipped."""
         super().zero_grad(set_to_none=set_to_none)

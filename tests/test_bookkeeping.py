@@ -195,3 +195,100 @@ def test_fallback_layer_per_sample_gradients_are_computed_once_per_step(monkeypa
     assert len(calls) == 1
     for p, s in zip([p for p in dpb.parameters() if p.requires_grad], want):
         torch.testing.assert_close(sums[id(p)], s, rtol=1e-9, atol=1e-12)
+
+
+# --- bk_methods="measure": the faster exact method per layer, timed on the first batch ---------------
+
+
+class Mixed(nn.Module):
+    """A sequence linear layer (ghost or materialized), a conv (ghost or materialized), a T = 1 head."""
+
+    def __init__(self):
+        super().__init__()
+        self.seq = nn.Linear(6, 5)
+        self.conv = nn.Conv2d(2, 3, 3, padding=1)
+        self.head = nn.Linear(5 + 3, 4)
+
+    def forward(self, s, x):
+        return self.head(torch.cat([self.seq(s).mean(1), self.conv(x).mean((2, 3))], 1))
+
+
+def _mixed_batch(B: int, g: torch.Generator):
+    return torch.randn(B, 7, 6, generator=g), torch.randn(B, 2, 5, 5, generator=g)
+
+
+@pytest.mark.parametrize("method", ["ghost", "materialize"])
+def test_every_bk_candidate_gives_the_materialized_clipped_sums(method, monkeypatch):
+    torch.manual_seed(3)
+    model = Mixed()
+    s, x = _mixed_batch(5, torch.Generator().manual_seed(4))
+    dpm = privatize(copy.deepcopy(model))
+    w = torch.randn_like(dpm(s, x))
+    dpm(s, x).mul(w).sum().div(5).backward()
+    params_m = [p for p in dpm.parameters() if p.requires_grad]
+    gs = [p.grad_sample for p in params_m]
+    tot = torch.stack([g.flatten(1).norm(dim=1) for g in gs], 1).norm(dim=1)
+    fac = (0.3 / (tot + 1e-6)).clamp(max=1)
+    expected = [torch.einsum("b,b...->...", fac, g) for g in gs]
+
+    from fxdp.rules import rule_for_op
+    for op in (F.linear, F.conv2d):  # force one method in both rules
+        rule = rule_for_op(op)
+        real = type(rule).norm_sample_sq_keep
+        monkeypatch.setattr(type(rule), "norm_sample_sq_keep",
+                            lambda self, a, g, n, m=None, real=real: real(self, a, g, n, method if m is None else m))
+    dpb = privatize(copy.deepcopy(model), grad_sample_mode="bk")
+    sums = bk_clipped_sums(dpb, lambda: dpb(s, x).mul(w).sum().div(5).backward(), 0.3)
+    for p, e in zip([p for p in dpb.parameters() if p.requires_grad], expected):
+        torch.testing.assert_close(sums[id(p)], e, rtol=1e-9, atol=1e-12)
+
+
+def test_measured_methods_are_timed_once_per_shape_reported_and_exact():
+    torch.manual_seed(5)
+    model = Mixed()
+    ref = copy.deepcopy(model)
+    data = torch.Generator().manual_seed(6)
+    batches = [_mixed_batch(B, data) + (torch.randint(0, 4, (B,), generator=data),) for B in (6, 4, 6)]
+    runs = {}
+    for mode, m in (("model", ref), ("measure", model)):
+        dp = privatize(m, grad_sample_mode="bk")
+        opt = DPOptimizer(torch.optim.SGD(dp.parameters(), lr=0.5), noise_multiplier=0.0, max_grad_norm=0.4,
+                          expected_batch_size=5)
+        opt.attach_bookkeeping(dp.bookkeeping)
+        dp.bookkeeping.measure = mode == "measure"
+        calls = []
+        for cap in dp.captures:  # count the timing runs
+            if hasattr(cap, "_time_method"):
+                real = cap._time_method
+                cap._time_method = lambda *a, real=real: calls.append(1) or real(*a)
+        for s, x, y in batches:
+            opt.zero_grad()
+            F.cross_entropy(dp(s, x), y).backward()
+            opt.step()
+        runs[mode] = ([p.detach().clone() for p in dp.parameters()], dp.bookkeeping_methods(), len(calls))
+    # the same weights whichever exact method each layer used
+    for a, b in zip(runs["model"][0], runs["measure"][0]):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+    report, timed = runs["measure"][1], runs["measure"][2]
+    assert runs["model"][1] == {} and runs["model"][2] == 0  # the cost model times nothing
+    assert set(report) == {"seq", "conv"}  # the T = 1 head has one method (rank one)
+    for rows in report.values():
+        assert len(rows) == 1  # one input shape each (the batch size is not part of the key)
+        row = rows[0]
+        assert set(row["ms"]) == {"ghost", "materialize"} and row["method"] == min(row["ms"], key=row["ms"].get)
+        assert row["model"] in row["ms"]
+    assert timed == 2 * 2 * 2  # 2 layers x 2 candidates x best of 2, on the first batch only
+
+
+def test_make_private_bk_methods_option():
+    model = Mixed()
+    ds = torch.utils.data.TensorDataset(*_mixed_batch(8, torch.Generator().manual_seed(1)), torch.zeros(8).long())
+    loader = torch.utils.data.DataLoader(ds, batch_size=4)
+    with pytest.raises(ValueError, match="bk_methods must be 'model' or 'measure'"):
+        fxdp.PrivacyEngine().make_private(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                                          data_loader=loader, noise_multiplier=1.0, max_grad_norm=1.0,
+                                          bk_methods="fastest")
+    dp, opt, _ = fxdp.PrivacyEngine().make_private(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), data_loader=loader,
+        noise_multiplier=1.0, max_grad_norm=1.0, bk_methods="measure", example_inputs=_mixed_batch(2, torch.Generator()))
+    assert dp.bookkeeping.measure

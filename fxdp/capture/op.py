@@ -218,7 +218,7 @@ class CaptureOp(nn.Module):
     def input_grads(self, dyn: Sequence[Any], grads: Sequence[Optional[Tensor]]) -> Dict[int, Tensor]:
         raise NotImplementedError  # pragma: no cover - only called when explicit_input_grad
 
-    def norm_sample_sq(self, rec: LayerRecord, idx: Sequence[int]) -> Dict[int, Tensor]:
+    def norm_sample_sq(self, rec: LayerRecord, idx: Sequence[int], measure: bool = False) -> Dict[int, Tensor]:
         """Raw per-sample squared gradient norms ``[B]`` of the inputs ``idx``
         (book-keeping); materializes by default, and keeps the per-sample gradients on
         the record for :meth:`clipped_sum` (computed once per step, not twice)."""

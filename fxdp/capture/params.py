@@ -180,7 +180,7 @@ class BroadcastRuleCapture(ParamCapture):
         got = self.rule.grad_sample(args, d, needs)
         return {i: got[n] for n, i in self.param_names.items() if i in rec.params}
 
-    def norm_sample_sq(self, rec: LayerRecord, idx: Any) -> Dict[int, Tensor]:
+    def norm_sample_sq(self, rec: LayerRecord, idx: Any, measure: bool = False) -> Dict[int, Tensor]:
         prepared = self._prepared(rec)
         if prepared is None:
             return super().norm_sample_sq(rec, idx)

@@ -1,6 +1,7 @@
 """The capture op served by a registered per-sample rule (``fxdp.rules``)."""
 from __future__ import annotations
 
+import time
 from typing import Any, Callable, Dict, FrozenSet, List, Optional, Sequence, Tuple
 
 import torch
@@ -23,6 +24,9 @@ class RuleCapture(CaptureOp):
         self.op = op
         self.names = list(names)
         self.static = dict(static)
+        #: book-keeping methods measured per shape (``bk_methods="measure"``):
+        #: ``{(shapes, needs): {"method", "model" (the cost model's choice), "ms"}}``
+        self.bk_methods: Dict[tuple, Dict[str, Any]] = {}
 
     def rule_name(self) -> str:
         return self.rule.describe()
@@ -90,13 +94,43 @@ class RuleCapture(CaptureOp):
         raw = self.rule.grad_sample(args, g, needs)
         return {i: raw[self.names[i]] for i in rec.params}
 
-    def norm_sample_sq(self, rec: LayerRecord, idx: Sequence[int]) -> Dict[int, Tensor]:
+    def norm_sample_sq(self, rec: LayerRecord, idx: Sequence[int], measure: bool = False) -> Dict[int, Tensor]:
         args, g, _ = self.prepared(rec)
         if g.shape[0] == 0:
             return {i: g.new_zeros(0) for i in idx}
-        out, kept = self.rule.norm_sample_sq_keep(args, g, frozenset(self.names[i] for i in idx))
+        needs = frozenset(self.names[i] for i in idx)
+        method = self._measured_method(args, g, needs) if measure else None
+        out, kept = (self.rule.norm_sample_sq_keep(args, g, needs, method) if method is not None
+                     else self.rule.norm_sample_sq_keep(args, g, needs))
         rec.kept.update({i: kept[self.names[i]] for i in idx if self.names[i] in kept})
         return {i: out[self.names[i]] for i in idx}
+
+    def _measured_method(self, args: Dict[str, Any], g: Tensor, needs: FrozenSet[str]) -> Optional[str]:
+        """The faster exact book-keeping method at these shapes, timed once per shape
+        (norms and clipped sum of each candidate, best of two runs) and cached in
+        :attr:`bk_methods`; ``None`` when the rule has one method only."""
+        candidates = self.rule.bk_candidates(args, g, needs)
+        if len(candidates) < 2:
+            return None
+        key = (tuple(g.shape[1:]), tuple(t.shape[1:] for t in args.values() if isinstance(t, Tensor)), needs)
+        if key not in self.bk_methods:
+            ms = {m: min(self._time_method(args, g, needs, m) for _ in range(2)) for m in candidates}
+            self.bk_methods[key] = {"method": min(ms, key=ms.get), "model": candidates[0], "ms": ms}
+        return self.bk_methods[key]["method"]
+
+    def _time_method(self, args: Dict[str, Any], g: Tensor, needs: FrozenSet[str], method: str) -> float:
+        sync = torch.cuda.synchronize if g.is_cuda else (lambda: None)
+        sync()
+        start = time.perf_counter()
+        _, kept = self.rule.norm_sample_sq_keep(args, g, needs, method)
+        ones = g.new_ones(g.shape[0])
+        for v in kept.values():
+            torch.einsum("b,b...->...", ones.to(v.dtype), v)
+        rest = needs - set(kept)
+        if rest:
+            self.rule.clipped_sum(args, g, ones, frozenset(rest))
+        sync()
+        return (time.perf_counter() - start) * 1e3
 
     def clipped_sum(self, rec: LayerRecord, factors: Dict[int, Tensor]) -> Dict[int, Tensor]:
         out: Dict[int, Tensor] = {}

@@ -72,8 +72,14 @@ class PerSampleRule:
         gs = self.grad_sample(args, grad_output, needs)
         return {k: v.flatten(1).pow(2).sum(1) for k, v in gs.items()}
 
+    def bk_candidates(self, args: Mapping[str, Any], grad_output: Tensor, needs: FrozenSet[str]) -> Tuple[str, ...]:
+        """The exact book-keeping methods at these shapes, the cost model's choice first
+        (``norm_sample_sq_keep(..., method=m)``); empty when there is one way only.
+        ``bk_methods="measure"`` times them on the first step and keeps the faster."""
+        return ()
+
     def norm_sample_sq_keep(
-        self, args: Mapping[str, Any], grad_output: Tensor, needs: FrozenSet[str]
+        self, args: Mapping[str, Any], grad_output: Tensor, needs: FrozenSet[str], method: Optional[str] = None
     ) -> Tuple[Dict[str, Tensor], Dict[str, Tensor]]:
         """Book-keeping: ``(norms, kept)``, the per-sample squared norms and the
         per-sample gradients that computing them materialized. Book-keeping forms a

@@ -432,10 +432,19 @@ class _ConvMath:
     def norm_sample_sq(self, args: Mapping[str, Any], grad_output: Tensor, needs: FrozenSet[str]) -> Dict[str, Tensor]:
         return self.norm_sample_sq_keep(args, grad_output, needs)[0]
 
+    def bk_candidates(self, args: Mapping[str, Any], grad_output: Tensor, needs: FrozenSet[str]) -> Tuple[str, ...]:
+        if "weight" not in needs:
+            return ()
+        geo, gout = self._setup(args, grad_output)
+        if math.prod(gout.shape[2:]) == 1:  # rank one: the ghost norm is O(B (d + p))
+            return ()
+        return ("ghost", "materialize") if self.use_ghost(geo, gout) else ("materialize", "ghost")
+
     def norm_sample_sq_keep(
-        self, args: Mapping[str, Any], grad_output: Tensor, needs: FrozenSet[str]
+        self, args: Mapping[str, Any], grad_output: Tensor, needs: FrozenSet[str], method: Optional[str] = None
     ) -> Tuple[Dict[str, Tensor], Dict[str, Tensor]]:
-        """Ghost norms where cheaper; otherwise the per-sample gradients are
+        """Ghost norms where cheaper (``method`` overrides the cost model: ``"ghost"`` or
+        ``"materialize"``); otherwise the per-sample gradients are
         materialized and, when at most twice the size of the record (input and
         output gradient), kept, so the clipped sum is a contraction instead of a
         second weight-gradient pass."""
@@ -445,7 +454,7 @@ class _ConvMath:
         if "weight" in needs:
             geo, gout = self._setup(args, grad_output)
             B = gout.shape[0]
-            if self.use_ghost(geo, gout):
+            if method == "ghost" or (method is None and self.use_ghost(geo, gout)):
                 P, gg = _grouped(geo, gout)
                 gram = torch.bmm(P, P.transpose(1, 2)) * torch.bmm(gg, gg.transpose(1, 2))
                 out["weight"] = gram.reshape(B, -1).sum(1)

@@ -80,10 +80,18 @@ class LinearRule(PerSampleRule):
     def norm_sample_sq(self, args: Mapping[str, Any], grad_output: Tensor, needs: FrozenSet[str]) -> Dict[str, Tensor]:
         return self.norm_sample_sq_keep(args, grad_output, needs)[0]
 
+    def bk_candidates(self, args: Mapping[str, Any], grad_output: Tensor, needs: FrozenSet[str]) -> Tuple[str, ...]:
+        a, g = _flat(args["input"]), _flat(grad_output)
+        T, d, p = a.shape[1], a.shape[2], g.shape[2]
+        if "weight" not in needs or T == 1:  # rank one is cheapest at T = 1 by a factor p d / (d + p)
+            return ()
+        return ("ghost", "materialize") if self.use_ghost(T, d, p) else ("materialize", "ghost")
+
     def norm_sample_sq_keep(
-        self, args: Mapping[str, Any], grad_output: Tensor, needs: FrozenSet[str]
+        self, args: Mapping[str, Any], grad_output: Tensor, needs: FrozenSet[str], method: Optional[str] = None
     ) -> Tuple[Dict[str, Tensor], Dict[str, Tensor]]:
-        """Rank one or ghost norms where cheaper; a materialized sequence gradient
+        """Rank one or ghost norms where cheaper (``method`` overrides the cost model:
+        ``"ghost"`` or ``"materialize"``); a materialized sequence gradient
         ``[B, p, d]`` is kept (when at most twice the record) so the clipped sum
         is a contraction over B instead of another ``B T p d`` matmul."""
         a, g = _flat(args["input"]), _flat(grad_output)
@@ -93,7 +101,7 @@ class LinearRule(PerSampleRule):
             T, d, p = a.shape[1], a.shape[2], g.shape[2]
             if T == 1:  # rank one: ||g a^T||_F^2 = ||g||^2 ||a||^2, O(B (d + p))
                 out["weight"] = a.pow(2).sum((1, 2)) * g.pow(2).sum((1, 2))
-            elif self.use_ghost(T, d, p):
+            elif method == "ghost" or (method is None and self.use_ghost(T, d, p)):
                 out["weight"] = (torch.bmm(a, a.transpose(1, 2)) * torch.bmm(g, g.transpose(1, 2))).sum((1, 2))
             else:
                 ps = torch.bmm(g.transpose(1, 2), a)
@@ -165,11 +173,15 @@ class AddmmRule(PerSampleRule):
         la, g = self._linear(args, grad_output)
         return self._back(_LINEAR.grad_sample(la, g, self._names(needs)), args)
 
+    def bk_candidates(self, args: Mapping[str, Any], grad_output: Tensor, needs: FrozenSet[str]) -> Tuple[str, ...]:
+        la, g = self._linear(args, grad_output)
+        return _LINEAR.bk_candidates(la, g, self._names(needs))
+
     def norm_sample_sq_keep(
-        self, args: Mapping[str, Any], grad_output: Tensor, needs: FrozenSet[str]
+        self, args: Mapping[str, Any], grad_output: Tensor, needs: FrozenSet[str], method: Optional[str] = None
     ) -> Tuple[Dict[str, Tensor], Dict[str, Tensor]]:
         la, g = self._linear(args, grad_output)
-        norms, kept = _LINEAR.norm_sample_sq_keep(la, g, self._names(needs))
+        norms, kept = _LINEAR.norm_sample_sq_keep(la, g, self._names(needs), method)
         ratio = (args.get("beta", 1) / args.get("alpha", 1)) ** 2
         if "bias" in norms and ratio != 1:
             norms["bias"] = norms["bias"] * ratio
