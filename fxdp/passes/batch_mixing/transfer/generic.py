@@ -1,0 +1,110 @@
+"""Transfer functions of ops whose tags follow from the op's kind alone: inputs,
+constants and factories, non-tensor results, dtype/device conversions, attribute
+reads, and ops assumed per-sample (declared, or unknown and reported)."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, List, Optional
+
+import torch
+import torch.fx as fx
+from torch import Tensor
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
+
+from ...batch_dims import input_batch_dim
+from ..ops import op_name
+from ..tags import NO, NT, _is_fold, _is_int, _NoTag, along, combine, const, fit, ideal, reduce_all, uniform
+
+if TYPE_CHECKING:
+    from ..analysis import BatchMixingAnalysis
+
+
+def arg(n: fx.Node, i: int, kw: Optional[str] = None) -> Any:
+    """Argument ``i`` of ``n``, or its keyword ``kw`` when passed by name (None when absent)."""
+    return n.args[i] if len(n.args) > i else n.kwargs.get(kw)
+
+
+def input_tags(an: "BatchMixingAnalysis", n: fx.Node, out: Any, name: Optional[str]) -> Any:
+    """A placeholder: sample i at index i of its batch dimension."""
+
+    def one(v: Any) -> Any:
+        if not isinstance(v, Tensor):
+            return NT
+        d = input_batch_dim(v, an.batch_dim)
+        if d is None or v.shape[d] != an.b1:
+            return const(v.shape)
+        return ideal(v.shape, d, an.b1)
+
+    return tree_map(one, out)
+
+
+def constant(an: "BatchMixingAnalysis", n: fx.Node, out: Any, name: Optional[str]) -> Any:
+    """Parameters, buffers, factories and functions of no tensor: no sample."""
+    return tree_map(lambda v: const(v.shape) if isinstance(v, Tensor) else NT, out)
+
+
+def no_tag(an: "BatchMixingAnalysis", n: fx.Node, out: Any, name: Optional[str]) -> Any:
+    """Sizes, shapes and flags, and operators on plain numbers: not tensors."""
+    return tree_map(lambda v: NT, out)
+
+
+def grad_mode(an: "BatchMixingAnalysis", n: fx.Node, out: Any, name: Optional[str]) -> Any:
+    """``torch._C._set_grad_enabled``: no value."""
+    return NT
+
+
+def convert(an: "BatchMixingAnalysis", n: fx.Node, out: Any, name: Optional[str]) -> Any:
+    """dtype/device/copy conversions: the tags of the first argument."""
+    return fit(an.tag(n.args[0]), out.shape) if isinstance(out, Tensor) else an.tag(n.args[0])
+
+
+def attribute(an: "BatchMixingAnalysis", n: fx.Node, out: Any, name: Optional[str]) -> Any:
+    """``getattr(x, attr)`` in the graph: transposes, views of the data, fields of results."""
+    attr = n.args[1]
+    bt = an.tag(n.args[0])
+    if isinstance(bt, Tensor):
+        if attr in ("T", "mT", "H", "mH"):
+            return getattr(bt, attr)
+        if attr in ("data", "real", "imag"):
+            return bt
+    elif hasattr(bt, attr) and not isinstance(bt, _NoTag):  # e.g. .values of torch.return_types.max
+        return getattr(bt, attr)
+    return tree_map(lambda v: const(v.shape) if isinstance(v, Tensor) else NT, out)
+
+
+def assume(an: "BatchMixingAnalysis", n: fx.Node, out: Any, name: Optional[str] = None,
+           unknown: Optional[str] = None) -> Any:
+    """Tags of an op assumed per-sample (consistent with its output's batch dims);
+    with ``unknown`` (the reason), reported when it carries samples."""
+    ins = an.flat_tags(n.args, n.kwargs)
+    carries = any(uniform(t) != NO for t in ins)
+    hs = an.hints.get(n.name, [])
+    flat_v, spec = tree_flatten(out)
+    res: List[Any] = []
+    for i, v in enumerate(flat_v):
+        if not isinstance(v, Tensor):
+            res.append(NT)
+            continue
+        h = hs[i] if i < len(hs) else "ambiguous"
+        if _is_int(h) and v.dim() > h and v.shape[h] == an.b1:
+            res.append(ideal(v.shape, h, an.b1))
+        elif _is_fold(h):
+            same = next((t for t in ins if tuple(t.shape) == tuple(v.shape)), None)
+            if same is not None:
+                res.append(same.clamp(min=NO))
+            else:
+                rows = torch.arange(1, an.b1 + 1).repeat_interleave(h[2])
+                res.append(along(rows, h[1], v.shape))
+        else:
+            g = combine(*[reduce_all(t) for t in ins]) if ins else const(())
+            res.append(g.expand(v.shape))
+    if unknown and carries:
+        report_unknown(an, n, unknown)
+    return tree_unflatten(res, spec)
+
+
+def report_unknown(an: "BatchMixingAnalysis", n: fx.Node, reason: str) -> None:
+    an.add(
+        n, "unknown-op", "warning",
+        f"{op_name(n)} is not in fxdp's op table ({reason}); it could not be proven to keep samples apart",
+        "run fxdp.verify(model, example_inputs) to test it dynamically, or express it with known torch ops",
+    )
