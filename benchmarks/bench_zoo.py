@@ -11,6 +11,8 @@ full step (zero_grad, forward, loss, backward, optimizer step with clip + noise)
 * ``fxdp_bk_measure``: book-keeping with ``bk_methods="measure"`` (each layer's ghost or
   materialized norm timed on the first batch, the faster kept); the cell records, per
   layer, the measured winner against the cost model's choice (``bk_methods``);
+* ``fxdp_bk_compile``: book-keeping with ``dp.compile()`` (``torch.compile`` of the code
+  between capture ops; compile time excluded, it happens in the warm-up steps);
 * ``opacus_hooks`` / ``opacus_ghost``: Opacus' ``make_private`` (when it accepts the
   model; ghost clipping only for classification heads, where its loss wrapper applies).
 
@@ -135,6 +137,8 @@ def variant(name: str, base: nn.Module, kind: str, x: Dict[str, torch.Tensor], y
         if mode == "bk":
             opt.attach_bookkeeping(dp.bookkeeping)
             dp.bookkeeping.measure = name == "fxdp_bk_measure"
+        if name == "fxdp_bk_compile":
+            dp.compile()
 
         def step() -> None:
             opt.zero_grad()
@@ -184,7 +188,8 @@ def variant(name: str, base: nn.Module, kind: str, x: Dict[str, torch.Tensor], y
     raise ValueError(name)
 
 
-VARIANTS = ["nonprivate", "fxdp_bk", "fxdp_bk_measure", "fxdp_materialize", "opacus_hooks", "opacus_ghost"]
+VARIANTS = ["nonprivate", "fxdp_bk", "fxdp_bk_measure", "fxdp_bk_compile", "fxdp_materialize", "opacus_hooks",
+            "opacus_ghost"]
 
 
 def _methods(dp: Any) -> Dict[str, Any]:
@@ -252,9 +257,9 @@ def write_md(cells: List[Dict[str, Any]], path: str) -> None:
         f"torch {torch.__version__}, transformers {transformers.__version__}, {platform.processor() or platform.machine()}, "
         f"{torch.get_num_threads()} thread(s). Median of per-round ratios, variants interleaved in one process.",
         "",
-        "| model | params | B | T | non-private ms | fxdp bk | fxdp bk, measured methods | fxdp materialize | "
-        "Opacus hooks | Opacus ghost | fxdp bk / Opacus fastest |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | params | B | T | non-private ms | fxdp bk | fxdp bk, measured methods | fxdp bk, compiled | "
+        "fxdp materialize | Opacus hooks | Opacus ghost | fxdp bk / Opacus fastest |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
 
     def fmt(c: Dict[str, Any], k: str) -> str:
@@ -268,7 +273,8 @@ def write_md(cells: List[Dict[str, Any]], path: str) -> None:
         bk = c["variants"].get("fxdp_bk", {})
         lines.append(
             f"| {c['model']} | {c['params'] / 1e6:.2f}M | {c['batch_size']} | {c['seq_len'] or '-'} | "
-            f"{np_ms:.1f} | {fmt(c, 'fxdp_bk')} | {fmt(c, 'fxdp_bk_measure')} | {fmt(c, 'fxdp_materialize')} | "
+            f"{np_ms:.1f} | {fmt(c, 'fxdp_bk')} | {fmt(c, 'fxdp_bk_measure')} | {fmt(c, 'fxdp_bk_compile')} | "
+            f"{fmt(c, 'fxdp_materialize')} | "
             f"{fmt(c, 'opacus_hooks')} | "
             f"{fmt(c, 'opacus_ghost')} | "
             + (f"{bk['vs_opacus_fastest']:.2f}x |" if "vs_opacus_fastest" in bk else "- |")

@@ -88,7 +88,20 @@ class ExportedDPModule(DPModule):
         for c in captures:
             container.add_module(prefix + c.capture_name, c)
         leaves = [i for i, d in enumerate(dims) if d is not None]
+        if self.__dict__.get("_compile_options") is not None:  # DPModule.compile() ran before this graph
+            self._compile_one(gm, captures)
         return gm, [(i, dims[i]) for i in leaves]
+
+    def _compile_graph_code(self) -> None:
+        for gm, _ in self._graphs.values():
+            self._compile_one(gm, [m for m in gm.modules() if isinstance(m, CaptureOp)])
+
+    def _compile_one(self, gm: fx.GraphModule, captures: List[CaptureOp]) -> None:
+        for cap in captures:
+            if "forward" not in cap.__dict__:
+                cap.forward = torch._dynamo.disable(cap.forward)
+        if "forward" not in gm.__dict__:
+            gm.forward = torch.compile(gm.forward, **self.__dict__["_compile_options"])
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if not (self.training and torch.is_grad_enabled()):

@@ -238,6 +238,27 @@ class DPModule(fx.GraphModule):
         (``optimizer.attach_bookkeeping(model.bookkeeping)``); ``None`` in materialize mode."""
         return self.recorder.bookkeeping
 
+    def compile(self, **options: Any) -> "DPModule":  # type: ignore[override]
+        """``torch.compile`` the model's code between its capture ops (``options`` go to
+        ``torch.compile``). A capture op hands records to the recorder in its backward
+        pass, a side effect Dynamo cannot trace, so each one stays eager (a graph break:
+        ``torch._dynamo.disable``) and the ops between them (activations, norms without
+        parameters, attention) are compiled. ``torch.nn.Module.compile`` would compile
+        the recorder's Python state changes too and fail. Returns ``self``."""
+        self.__dict__["_compile_options"] = dict(options)
+        self._compile_graph_code()
+        return self
+
+    def _compile_graph_code(self) -> None:
+        options = self.__dict__.get("_compile_options")
+        if options is None:
+            return
+        for cap in self.captures:
+            if "forward" not in cap.__dict__:  # once per capture op
+                cap.forward = torch._dynamo.disable(cap.forward)
+        if "forward" not in self.__dict__:
+            self.forward = torch.compile(self.forward, **options)
+
     def bookkeeping_methods(self) -> Dict[str, List[Dict[str, Any]]]:
         """Per layer, the book-keeping method used at each input shape seen so far where
         the rule has several exact ones and ``bk_methods="measure"``: the measured
