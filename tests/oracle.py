@@ -51,17 +51,9 @@ def assert_grad_samples_match(model: nn.Module, expected: Dict[str, Tensor], rto
 
 # -- shared test helpers ---------------------------------------------------------------
 
+import inspect  # noqa: E402
 import warnings  # noqa: E402
 import zlib  # noqa: E402
-
-
-def use_float64():
-    """Float64 as the default dtype for a test; a module applies it to all its tests
-    with ``_float64 = pytest.fixture(autouse=True)(use_float64)``."""
-    prev = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(prev)
 
 
 def quiet_privatize(model: nn.Module, **kw):
@@ -71,6 +63,12 @@ def quiet_privatize(model: nn.Module, **kw):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return fxdp.privatize(model, **kw)
+
+
+def line_of(obj, marker: str) -> int:
+    """Line number of the first source line of ``obj`` that contains ``marker``."""
+    lines, start = inspect.getsourcelines(obj)
+    return next(start + i for i, line in enumerate(lines) if marker in line)
 
 
 def seed_of(*key) -> int:
@@ -133,3 +131,73 @@ def bk_clipped_sums(dp, run: Callable[[], None], bounds, per_layer: bool = False
     sums = dp.bookkeeping.clip_and_sum(params, clipping).sums
     assert dp.bookkeeping.pending == [] and dp.bookkeeping.records == []  # activations freed once summed
     return {id(p): s for p, s in zip(params, sums)}
+
+
+# -- privatize a model and compare its grad_sample with the batch-of-one reference ---------------
+
+
+def check_privatized(model, x, *, reduction="mean", batch_first=True, in_dim=0, out_dim=None, seed=0, capture="auto"):
+    """privatize(model); loss = weighted sum of outputs (mean or sum over the batch);
+    compare every grad_sample with the batch-of-one reference."""
+    out_dim = in_dim if out_dim is None else out_dim
+    dp = quiet_privatize(model, loss_reduction=reduction, batch_first=batch_first, capture=capture)
+    out = dp(x)
+    ref = model(x)
+    o = out[0] if isinstance(out, tuple) else out
+    r = ref[0] if isinstance(ref, tuple) else ref
+    torch.testing.assert_close(o, r, rtol=0, atol=1e-10)
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(o.shape, generator=gen)
+    B = x.shape[in_dim]
+    loss = (o * w).sum()
+    if reduction == "mean":
+        loss = loss / B
+    loss.backward()
+
+    def sample_loss(oi, i):
+        oi = oi[0] if isinstance(oi, tuple) else oi
+        return (oi * w.narrow(out_dim, i, 1)).sum()
+
+    expected = batch_of_one_grads(model, [x], sample_loss, [in_dim])
+    assert_grad_samples_match(dp, expected)
+    # p.grad keeps its usual meaning
+    scale = 1.0 / B if reduction == "mean" else 1.0
+    for n, p in dp.named_parameters():
+        if p.requires_grad and p.grad is not None:
+            torch.testing.assert_close(p.grad, expected[n].sum(0) * scale, rtol=1e-6, atol=1e-9)
+    return dp
+
+
+def check_recurrent(model, inputs, *, dims, out_dim=0, reduction="mean", **kw):
+    """privatize(model, **kw) on several inputs (``dims``: their batch dimensions):
+    equal outputs, grad_sample equal to batch-of-one, p.grad their (scaled) sum."""
+    dp = quiet_privatize(model, loss_reduction=reduction, **kw)
+    out = dp(*inputs)
+    ref = model(*inputs)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-10)
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(out.shape, generator=gen)
+    B = out.shape[out_dim]
+    loss = (out * w).sum() / (B if reduction == "mean" else 1)
+    loss.backward()
+    expected = batch_of_one_grads(model, inputs, lambda o, i: (o * w.narrow(out_dim, i, 1)).sum(), dims)
+    assert_grad_samples_match(dp, expected)
+    scale = 1.0 / B if reduction == "mean" else 1.0
+    for n, p in dp.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, expected[n].sum(0) * scale, rtol=1e-6, atol=1e-9)
+    return dp
+
+
+def check_attention(model, inputs, batch_first, dims=None, seed=0):
+    """privatize(model): equal outputs, per-sample gradients equal batch-of-one."""
+    d = 0 if batch_first else 1
+    dims = dims or [d] * len(inputs)
+    dp = quiet_privatize(model, batch_first=batch_first)
+    out = dp(*inputs)
+    torch.testing.assert_close(out, model(*inputs), rtol=0, atol=1e-10)
+    w = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed))
+    (out * w).sum().div(inputs[0].shape[d]).backward()
+    exp = batch_of_one_grads(model, inputs, lambda o, i: (o * w.narrow(d, i, 1)).sum(), dims)
+    assert_grad_samples_match(dp, exp)
+    return dp

@@ -9,12 +9,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fxdp
-from oracle import bk_clipped_sums, clipped_sums_materialized, quiet_privatize, use_float64
 from fxdp.optim import DPOptimizer
-from test_privatize import Nested, RawParams, TiedLM
+from models import Nested, RawParams, TiedLM
+from oracle import bk_clipped_sums, clipped_sums_materialized, quiet_privatize
 
-
-_float64 = pytest.fixture(autouse=True)(use_float64)
+pytestmark = pytest.mark.usefixtures("f64")
 privatize = quiet_privatize
 
 

@@ -9,105 +9,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fxdp
-from oracle import quiet_privatize, use_float64, assert_grad_samples_match, batch_of_one_grads
+from models import Nested, RawParams, TiedLM
+from oracle import assert_grad_samples_match, check_privatized as check, quiet_privatize
 
-
-
-_float64 = pytest.fixture(autouse=True)(use_float64)
+pytestmark = pytest.mark.usefixtures("f64")
 privatize = quiet_privatize
 
 
-def check(model, x, *, reduction="mean", batch_first=True, in_dim=0, out_dim=None, seed=0, capture="auto"):
-    """privatize(model); loss = weighted sum of outputs (mean or sum over the batch);
-    compare every grad_sample with the batch-of-one reference."""
-    out_dim = in_dim if out_dim is None else out_dim
-    dp = privatize(model, loss_reduction=reduction, batch_first=batch_first, capture=capture)
-    out = dp(x)
-    ref = model(x)
-    o = out[0] if isinstance(out, tuple) else out
-    r = ref[0] if isinstance(ref, tuple) else ref
-    torch.testing.assert_close(o, r, rtol=0, atol=1e-10)
-    gen = torch.Generator().manual_seed(seed)
-    w = torch.randn(o.shape, generator=gen)
-    B = x.shape[in_dim]
-    loss = (o * w).sum()
-    if reduction == "mean":
-        loss = loss / B
-    loss.backward()
-
-    def sample_loss(oi, i):
-        oi = oi[0] if isinstance(oi, tuple) else oi
-        return (oi * w.narrow(out_dim, i, 1)).sum()
-
-    expected = batch_of_one_grads(model, [x], sample_loss, [in_dim])
-    assert_grad_samples_match(dp, expected)
-    # p.grad keeps its usual meaning
-    scale = 1.0 / B if reduction == "mean" else 1.0
-    for n, p in dp.named_parameters():
-        if p.requires_grad and p.grad is not None:
-            torch.testing.assert_close(p.grad, expected[n].sum(0) * scale, rtol=1e-6, atol=1e-9)
-    return dp
-
-
-# -- Linear on every rank, both reductions -----------------------------------------------
-
-@pytest.mark.parametrize("shape", [(5, 4), (3, 6, 4), (2, 3, 2, 4), (1, 4)])
-@pytest.mark.parametrize("reduction", ["mean", "sum"])
-@pytest.mark.parametrize("bias", [True, False])
-def test_linear_any_rank(shape, reduction, bias):
-    torch.manual_seed(sum(shape))
-    model = nn.Sequential(nn.Linear(4, 7, bias=bias), nn.Tanh(), nn.Linear(7, 3, bias=bias))
-    check(model, torch.randn(*shape), reduction=reduction)
-
-
-class FunctionalLinear(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.w = nn.Parameter(torch.randn(5, 4))
-        self.b = nn.Parameter(torch.randn(5))
-
-    def forward(self, x):
-        return F.linear(x, self.w, self.b) + F.linear(x, self.w)  # two uses of one weight
-
-
-def test_functional_linear_and_tied_uses():
-    torch.manual_seed(1)
-    dp = check(FunctionalLinear(), torch.randn(4, 3, 4))
-    assert [c["rule"] for c in dp.capture_table()] == ["linear", "linear"]
-
-
-class LinearSub(nn.Linear):
-    pass
-
-
-class LinearOverride(nn.Linear):
-    def forward(self, x):
-        return F.linear(x * 2.0, self.weight, self.bias)
-
-
-def test_subclasses_get_the_base_rule_unless_forward_is_overridden():
-    torch.manual_seed(2)
-    model = nn.Sequential(LinearSub(4, 5), nn.ReLU(), LinearOverride(5, 3))
-    dp = check(model, torch.randn(6, 4))
-    rules = {c["module"]: c["rule"] for c in dp.capture_table()}
-    assert rules == {"0": "linear", "2": "linear"}
-
-
 # -- tied, frozen, nested, in-place ------------------------------------------------
-
-class TiedLM(nn.Module):
-    def __init__(self, V=11, D=6):
-        super().__init__()
-        self.enc = nn.Linear(D, D, bias=False)
-        self.out = nn.Linear(D, V)
-        self.inp = nn.Linear(V, D, bias=False)
-        self.inp.weight = nn.Parameter(self.out.weight.detach().t().contiguous())
-        self.dec = nn.Linear(D, D, bias=False)
-        self.dec.weight = self.enc.weight  # shared parameter
-
-    def forward(self, x):
-        return self.out(torch.tanh(self.dec(torch.tanh(self.enc(self.inp(x))))))
-
 
 def test_tied_weights_sum_their_uses():
     torch.manual_seed(3)
@@ -135,30 +44,6 @@ def test_frozen_parameters_are_not_captured():
     assert dp.a.weight.grad is None and getattr(dp.a.weight, "grad_sample", None) is None
 
 
-class Block(nn.Module):
-    def __init__(self, d):
-        super().__init__()
-        self.fc = nn.Linear(d, d)
-        self.act = nn.ReLU(inplace=True)
-        self.scale = nn.Parameter(torch.rand(d) + 0.5)
-
-    def forward(self, x):
-        h = self.fc(x)
-        h.mul_(0.5)  # in-place op on a captured layer's output
-        h = self.act(h)  # in-place activation
-        return (h + x) * self.scale
-
-
-class Nested(nn.Module):
-    def __init__(self, d=5):
-        super().__init__()
-        self.blocks = nn.Sequential(Block(d), Block(d), nn.Sequential(Block(d)))
-        self.head = nn.Linear(d, 2)
-
-    def forward(self, x):
-        return self.head(F.relu_(self.blocks(x)))
-
-
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 def test_nested_model_with_inplace_activations(reduction):
     torch.manual_seed(5)
@@ -166,26 +51,6 @@ def test_nested_model_with_inplace_activations(reduction):
 
 
 # -- raw parameters -----------------------------------------------------------------
-
-class RawParams(nn.Module):
-    def __init__(self, T=5, D=4):
-        super().__init__()
-        self.cls_token = nn.Parameter(torch.randn(1, 1, D))
-        self.pos_embedding = nn.Parameter(torch.randn(1, T + 1, D))
-        self.layer_scale = nn.Parameter(torch.randn(D))
-        self.W = nn.Parameter(torch.randn(D, 3))
-        self.V = nn.Parameter(torch.randn(D, 3))
-        self.shift = nn.Parameter(torch.randn(T + 1, 1))
-
-    def forward(self, x):
-        B = x.shape[0]
-        x = torch.cat([self.cls_token.expand(B, -1, -1), x], 1)
-        x = x + self.pos_embedding
-        x = x * self.layer_scale
-        x = x - self.shift
-        x = x / (1.5 + self.layer_scale.abs())
-        return torch.tanh(x @ self.W) @ self.V.t()
-
 
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 def test_raw_parameters(reduction):

@@ -2,8 +2,6 @@
 ignore, and the per-sample gradient cross-check (for the engine's first step)."""
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
 import torch.nn as nn
@@ -12,12 +10,7 @@ import torch.nn.functional as F
 import fxdp
 from fxdp.verify import FirstStepCrossCheck, cross_check
 
-
-@pytest.fixture(autouse=True)
-def _quiet():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
+pytestmark = pytest.mark.usefixtures("quiet")
 
 
 class Centered(nn.Module):

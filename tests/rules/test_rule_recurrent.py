@@ -1,8 +1,10 @@
-"""DP recurrent layers and their rewrite pass: same outputs, state_dict and
-Parameters as torch's RNN/GRU/LSTM (and cells); exact per-sample gradients (float64)."""
+"""DP recurrent layers and the per-sample rule of their recurrence
+(``fxdp/rules/recurrent.py``, ``rnn_scan``): same outputs and gradients as torch's
+RNN/GRU/LSTM (and cells); per-sample gradients through fxdp.privatize equal
+batch-of-one gradients (float64). The rewrite pass (parameters, state_dict, strip):
+tests/passes/test_pass_recurrent.py."""
 from __future__ import annotations
 
-import copy
 import itertools
 
 import pytest
@@ -11,22 +13,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils.rnn import PackedSequence
 
-import fxdp
-from fxdp.layers import DPGRU, DPLSTM, DPLSTMCell, DPRNN, pack_padded_sequence, pad_packed_sequence
+from fxdp.layers import DPLSTM, DPLSTMCell, DPRNN, pack_padded_sequence, pad_packed_sequence
 from fxdp.layers.recurrent import DP_RECURRENT, _scan_reference, rnn_scan
-from oracle import quiet_privatize, use_float64, assert_grad_samples_match, batch_of_one_grads
+from models import SeqClassifier
+from oracle import check_recurrent as check, quiet_privatize
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny tensors: threads only add OpenMP synchronization (seconds on a busy machine)
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
-
-
-_float64 = pytest.fixture(autouse=True)(use_float64)
+pytestmark = pytest.mark.usefixtures("one_thread", "f64")
 privatize = quiet_privatize
 
 
@@ -180,41 +172,6 @@ def test_in_place_change_of_the_states_is_refused():
 
 
 # -- privatize: per-sample gradients equal batch-of-one gradients ---------------------------
-
-class SeqClassifier(nn.Module):
-    """Uses the whole output sequence and the final states."""
-
-    def __init__(self, rnn, out_features):
-        super().__init__()
-        self.rnn = rnn
-        self.head = nn.Linear(out_features, 2)
-
-    def forward(self, x):
-        y, h = self.rnn(x)
-        if isinstance(h, tuple):  # LSTM: (h_n, c_n)
-            h = h[0] + h[1][..., : h[0].shape[-1]]
-        t = 1 if self.rnn.batch_first else 0
-        return self.head(y).sum(t) + self.head(torch.cat([h[-1]] * (y.shape[-1] // h.shape[-1]), -1))
-
-
-def check(model, inputs, *, dims, out_dim=0, reduction="mean", **kw):
-    dp = privatize(model, loss_reduction=reduction, **kw)
-    out = dp(*inputs)
-    ref = model(*inputs)
-    torch.testing.assert_close(out, ref, rtol=0, atol=1e-10)
-    gen = torch.Generator().manual_seed(0)
-    w = torch.randn(out.shape, generator=gen)
-    B = out.shape[out_dim]
-    loss = (out * w).sum() / (B if reduction == "mean" else 1)
-    loss.backward()
-    expected = batch_of_one_grads(model, inputs, lambda o, i: (o * w.narrow(out_dim, i, 1)).sum(), dims)
-    assert_grad_samples_match(dp, expected)
-    scale = 1.0 / B if reduction == "mean" else 1.0
-    for n, p in dp.named_parameters():
-        if p.requires_grad:
-            torch.testing.assert_close(p.grad, expected[n].sum(0) * scale, rtol=1e-6, atol=1e-9)
-    return dp
-
 
 def fast_path(dp):
     """Every recurrent weight is served by the recurrent/linear rules, no fallback."""
@@ -386,95 +343,7 @@ def test_empty_batch():
         assert p.grad_sample.shape == (0,) + p.shape
 
 
-# -- rewrite pass: parameters, state_dict, strip -------------------------------------------
-
-def test_same_parameters_and_state_dict_both_ways():
-    torch.manual_seed(11)
-    model = SeqClassifier(nn.LSTM(3, 4, num_layers=2, proj_size=2, bidirectional=True), 4)
-    ref = copy.deepcopy(model)
-    dp = privatize(model)
-    assert type(dp.rnn) is DPLSTM and type(model.rnn) is nn.LSTM  # the user's model is untouched
-    for name, p in model.rnn.named_parameters():
-        assert getattr(dp.rnn, name) is p
-    assert list(dp.state_dict()) == list(ref.state_dict())
-    for k, v in ref.state_dict().items():
-        assert torch.equal(dp.state_dict()[k], v)
-    other = SeqClassifier(nn.LSTM(3, 4, num_layers=2, proj_size=2, bidirectional=True), 4)
-    dp.load_state_dict(other.state_dict())  # torch -> privatized
-    x = torch.randn(2, 3, 3)
-    torch.testing.assert_close(dp(x), other(x), rtol=0, atol=1e-10)
-    ref.load_state_dict(dp.state_dict())  # privatized -> torch
-    torch.testing.assert_close(ref(x), other(x), rtol=0, atol=1e-10)
-
-
-class MyGRU(nn.GRU):
-    pass
-
-
-class CustomLSTM(nn.LSTM):
-    def forward(self, x, hx=None):
-        return super().forward(x * 2, hx)
-
-
-class Mixed(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.enc = nn.Sequential(MyGRU(3, 4, batch_first=True))
-        self.custom = CustomLSTM(4, 4, batch_first=True)
-        self.cell = nn.LSTMCell(4, 4)
-
-    def forward(self, x):
-        y, _ = self.enc[0](x)
-        y, _ = self.custom(y)
-        h, c = self.cell(y[:, -1])
-        return h + c
-
-
-def test_strip_gives_back_torch_modules_with_trained_weights():
-    torch.manual_seed(12)
-    model = Mixed()
-    dp = privatize(model, capture="fx")  # the symbolic-tracing fallback on purpose
-    assert {r.path: r.replacement for r in dp.rewrites} == {"enc.0": "DPGRU", "cell": "DPLSTMCell"}
-    assert all(r.reversible for r in dp.rewrites)
-    opt = torch.optim.SGD(model.parameters(), lr=0.5)  # built on the original model
-    x = torch.randn(3, 4, 3)
-    before = model.cell.weight_ih.detach().clone()
-    for _ in range(2):
-        opt.zero_grad()
-        dp(x).pow(2).sum().backward()
-        opt.step()
-    assert not torch.equal(before, dp.cell.weight_ih)
-    plain = dp.strip()
-    assert type(plain.get_submodule("enc.0")) is MyGRU and type(plain.get_submodule("cell")) is nn.LSTMCell
-    assert type(plain.get_submodule("custom")) is CustomLSTM
-    assert plain.get_submodule("cell").weight_hh is model.cell.weight_hh
-    torch.testing.assert_close(plain(x), dp(x), rtol=0, atol=1e-10)
-    torch.testing.assert_close(plain(x), model(x), rtol=0, atol=1e-10)
-    assert list(plain.state_dict()) == list(model.state_dict())
-
-
-def test_rewrite_option_and_shared_modules():
-    torch.manual_seed(13)
-    rnn = nn.GRU(3, 3, batch_first=True)
-
-    class Twice(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a = rnn
-            self.b = rnn
-
-        def forward(self, x):
-            return self.b(self.a(x)[0])[0].sum(1)
-
-    model = Twice()
-    dp = check(model, [torch.randn(3, 2, 3)], dims=[0])
-    assert dp.a is dp.b and type(dp.a) is DPGRU
-    with pytest.warns(UserWarning, match="fallback"):
-        kept = fxdp.privatize(model, rewrite_options={"recurrent": False}, capture="fx")
-    assert kept.rewrites == [] and type(kept.a) is nn.GRU
-    with pytest.raises(TypeError, match="recurrent"):
-        fxdp.privatize(model, rewrite_options={"recurrent": "yes"})
-
+# -- layers built directly ----------------------------------------------------------------
 
 def test_layers_construct_like_torch():
     torch.manual_seed(14)

@@ -4,8 +4,6 @@ every padding mode, transposed convolutions) against batch-of-one gradients
 materialized path."""
 from __future__ import annotations
 
-import zlib
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -18,9 +16,10 @@ from fxdp.errors import FxdpError, UnsupportedOpError
 from fxdp.rules import module_call_for, rule_for_op
 from fxdp.rules import conv as C
 
-from oracle import assert_grad_samples_match, batch_of_one_grads
+from oracle import assert_grad_samples_match, batch_of_one_grads, seed_of
 
-pytestmark = pytest.mark.filterwarnings("ignore:Using padding=.same. with even kernel lengths")
+pytestmark = [pytest.mark.filterwarnings("ignore:Using padding=.same. with even kernel lengths"),
+              pytest.mark.usefixtures("one_thread")]  # tiny tensors: one intra-op thread
 
 DT = torch.float64
 RTOL, ATOL = 1e-6, 1e-9
@@ -28,18 +27,7 @@ METHODS = ("groups", "unfold")
 MODES = ("zeros", "reflect", "replicate", "circular")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The tensors here are tiny: one intra-op thread avoids OpenMP hand-off cost
-    (large on a busy 2-core machine); restored for the other test modules."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def _seed(*key) -> int:
-    return zlib.crc32(repr(key).encode())
+_seed = seed_of
 
 
 class FnModel(nn.Module):

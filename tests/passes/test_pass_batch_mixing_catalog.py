@@ -1,4 +1,5 @@
-"""fxdp.check on catalogs of models: every batch-mixing model is refused with an
+"""The batch-mixing analysis (``fxdp/passes/batch_mixing/``) through fxdp.check on
+catalogs of models: every batch-mixing model is refused with an
 error at the offending line (marked ``# MIX`` below), every clean model passes.
 
 The mixing catalog covers each op family the analysis knows, including the three
@@ -9,7 +10,6 @@ the mixing changes outputs, ``fxdp.verify`` (dynamic) must agree.
 from __future__ import annotations
 
 import inspect
-import warnings
 
 import pytest
 import torch
@@ -18,14 +18,9 @@ import torch.nn.functional as F
 
 import fxdp
 
+pytestmark = pytest.mark.usefixtures("quiet")
+
 D = 6  # feature size; batch sizes used by the analysis (5, 7) and the tests (4) differ from it
-
-
-@pytest.fixture(autouse=True)
-def _quiet():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
 
 
 def run_check(model, inputs, **kw):

@@ -1,4 +1,4 @@
-"""The BatchNorm rewrite pass: replacements, degenerate groups, freeze, instance norm
+"""The BatchNorm rewrite pass (``fxdp/passes/batchnorm.py``): replacements, degenerate groups, freeze, instance norm
 running statistics, refusals, and training a ResNet-style model (float64)."""
 from __future__ import annotations
 
@@ -15,10 +15,9 @@ import fxdp
 from fxdp.capture import Recorder
 from fxdp.passes.batchnorm import DPGroupNorm, FrozenBatchNorm
 from fxdp.passes.capture import insert_captures
-from oracle import quiet_privatize, use_float64, assert_grad_samples_match, batch_of_one_grads
+from oracle import assert_grad_samples_match, batch_of_one_grads, quiet_privatize
 
-
-_float64 = pytest.fixture(autouse=True)(use_float64)
+pytestmark = pytest.mark.usefixtures("f64")
 privatize = quiet_privatize
 
 

@@ -1,5 +1,7 @@
-"""The torch.export front end on models symbolic tracing cannot read: exact where it
-captures, and fail closed where samples could influence each other."""
+"""The torch.export front end (``fxdp/passes/export_graph.py``, batch dimensions from
+symbolic shapes in ``fxdp/passes/symbolic_batch.py``) on models symbolic tracing
+cannot read: exact where it captures, and fail closed where samples could influence
+each other."""
 from __future__ import annotations
 
 import pytest
@@ -406,7 +408,7 @@ def test_constants_positions_and_learned_queries_are_exact(f64):
 
 def test_embedding_bag_with_offsets_on_the_export_path_is_exact(f64):
     """A 1-D input with offsets (input_batch_dims=[None, 0]): the bags are the samples
-    (2-D inputs: tests/test_rules_embedding.py)."""
+    (2-D inputs: tests/rules/test_rule_embedding.py)."""
     class Bag(nn.Module):
         def __init__(self):
             super().__init__()

@@ -1,0 +1,104 @@
+"""Model classes and small builders shared by several test files (test files never
+import each other): the privatize models that the book-keeping tests reuse, the
+recurrent classifier of the recurrent rule and pass tests, and the sizes and
+initialization of the attention rule and pass tests."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+# -- privatize (tests/test_privatize.py, tests/test_bookkeeping.py) -------------------------------
+
+class TiedLM(nn.Module):
+    def __init__(self, V=11, D=6):
+        super().__init__()
+        self.enc = nn.Linear(D, D, bias=False)
+        self.out = nn.Linear(D, V)
+        self.inp = nn.Linear(V, D, bias=False)
+        self.inp.weight = nn.Parameter(self.out.weight.detach().t().contiguous())
+        self.dec = nn.Linear(D, D, bias=False)
+        self.dec.weight = self.enc.weight  # shared parameter
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.dec(torch.tanh(self.enc(self.inp(x))))))
+
+
+class Block(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.fc = nn.Linear(d, d)
+        self.act = nn.ReLU(inplace=True)
+        self.scale = nn.Parameter(torch.rand(d) + 0.5)
+
+    def forward(self, x):
+        h = self.fc(x)
+        h.mul_(0.5)  # in-place op on a captured layer's output
+        h = self.act(h)  # in-place activation
+        return (h + x) * self.scale
+
+
+class Nested(nn.Module):
+    def __init__(self, d=5):
+        super().__init__()
+        self.blocks = nn.Sequential(Block(d), Block(d), nn.Sequential(Block(d)))
+        self.head = nn.Linear(d, 2)
+
+    def forward(self, x):
+        return self.head(F.relu_(self.blocks(x)))
+
+
+class RawParams(nn.Module):
+    def __init__(self, T=5, D=4):
+        super().__init__()
+        self.cls_token = nn.Parameter(torch.randn(1, 1, D))
+        self.pos_embedding = nn.Parameter(torch.randn(1, T + 1, D))
+        self.layer_scale = nn.Parameter(torch.randn(D))
+        self.W = nn.Parameter(torch.randn(D, 3))
+        self.V = nn.Parameter(torch.randn(D, 3))
+        self.shift = nn.Parameter(torch.randn(T + 1, 1))
+
+    def forward(self, x):
+        B = x.shape[0]
+        x = torch.cat([self.cls_token.expand(B, -1, -1), x], 1)
+        x = x + self.pos_embedding
+        x = x * self.layer_scale
+        x = x - self.shift
+        x = x / (1.5 + self.layer_scale.abs())
+        return torch.tanh(x @ self.W) @ self.V.t()
+
+
+# -- recurrent (tests/rules/test_rule_recurrent.py, tests/passes/test_pass_recurrent.py) ----------
+
+class SeqClassifier(nn.Module):
+    """Uses the whole output sequence and the final states."""
+
+    def __init__(self, rnn, out_features):
+        super().__init__()
+        self.rnn = rnn
+        self.head = nn.Linear(out_features, 2)
+
+    def forward(self, x):
+        y, h = self.rnn(x)
+        if isinstance(h, tuple):  # LSTM: (h_n, c_n)
+            h = h[0] + h[1][..., : h[0].shape[-1]]
+        t = 1 if self.rnn.batch_first else 0
+        return self.head(y).sum(t) + self.head(torch.cat([h[-1]] * (y.shape[-1] // h.shape[-1]), -1))
+
+
+# -- attention (tests/rules/test_rule_attention.py, tests/passes/test_pass_attention.py) ----------
+
+#: batch size, target and source lengths, embedding size, heads
+B, L, S, E, H = 3, 4, 5, 8, 2
+
+
+def randomize(m: nn.Module) -> nn.Module:
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_(0, 0.5)
+    return m
+
+
+def seq(T, d, batch_first, n=B):
+    return torch.randn(n, T, d) if batch_first else torch.randn(T, n, d)
