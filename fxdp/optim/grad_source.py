@@ -83,21 +83,28 @@ class MaterializedGradients(ClippedSumSource):
         raise ValueError(f"p.grad_sample must be a tensor or a non-empty list of tensors, got {type(gs).__name__}")
 
     def check(self, params: Sequence[nn.Parameter]) -> int:
-        grad_samples = [self.grad_sample(p, k) for k, p in enumerate(params)]
+        # shapes and batch sizes from the pieces (no concatenation: clip_and_sum does that once)
+        sizes, shapes = set(), []
         for k, p in enumerate(params):
-            if is_processed(p.grad_sample):
+            gs = getattr(p, "grad_sample", None)
+            if gs is None or (isinstance(gs, list) and not gs) or not isinstance(gs, (Tensor, list)):
+                self.grad_sample(p, k)  # raises the explanatory error
+            if is_processed(gs):
                 raise ValueError(
                     f"per-sample gradients of parameter #{k} were already used by a previous "
                     "optimizer.step(); call optimizer.zero_grad() after every step (reusing "
                     "them would release the same data twice while privacy is counted once)"
                 )
-        sizes = {int(g.shape[0]) for g in grad_samples}
+            pieces = gs if isinstance(gs, list) else [gs]
+            sizes.add(sum(int(g.shape[0]) for g in pieces))
+            shapes.append((k, p, [tuple(g.shape) for g in pieces]))
         if len(sizes) > 1:
             raise ValueError(f"per-sample gradients disagree on the batch size across parameters: {sorted(sizes)}")
-        for k, (p, g) in enumerate(zip(params, grad_samples)):
-            if tuple(g.shape[1:]) != tuple(p.shape):
+        for k, p, got in shapes:
+            bad = [s for s in got if s[1:] != tuple(p.shape)]
+            if bad:
                 raise ValueError(
-                    f"p.grad_sample of parameter #{k} has shape {tuple(g.shape)}, expected "
+                    f"p.grad_sample of parameter #{k} has shape {bad[0]}, expected "
                     f"[B, {', '.join(map(str, p.shape))}]"
                 )
         return self.accumulated_passes(params)
