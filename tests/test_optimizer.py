@@ -23,7 +23,7 @@ from fxdp.optim.clip import (
     per_sample_norms,
     private_unclipped_fraction,
 )
-from fxdp.optim.noise import gaussian_noise
+from fxdp.optim.noise import FlatNoise, gaussian_noise, noisy_sum
 
 DT = torch.float64
 
@@ -669,6 +669,39 @@ def test_gaussian_noise_zero_std_draws_nothing():
     assert gaussian_noise(1.0, (4,), dtype=torch.bfloat16, generator=g).dtype == torch.bfloat16
     with pytest.raises(ValueError):
         gaussian_noise(-1.0, (3,))
+
+
+def test_flat_noise_is_one_draw_into_a_reused_buffer():
+    """One normal_ over every parameter's noise, sums added in place; the buffer is
+    reused (no allocation per step) and each call draws fresh noise."""
+    sums = [torch.randn(3, 4), torch.randn(5), torch.randn(2, 2, 2)]
+    mech = FlatNoise()
+    out = mech(sums, 0.7, generator=torch.Generator().manual_seed(1))
+    flat = torch.empty(25).normal_(0.0, 0.7, generator=torch.Generator().manual_seed(1))
+    expected = [s + n.view(s.shape) for s, n in zip(sums, flat.split([12, 5, 8]))]
+    for o, e, s in zip(out, expected, sums):
+        assert o.shape == s.shape and torch.equal(o, e)
+        assert o.untyped_storage().data_ptr() == mech.buffer.untyped_storage().data_ptr()
+    g = torch.Generator().manual_seed(2)
+    first = [o.clone() for o in mech(sums, 0.7, generator=g)]
+    ptr = mech.buffer.data_ptr()
+    second = mech(sums, 0.7, generator=g)
+    assert mech.buffer.data_ptr() == ptr and not torch.equal(first[0], second[0])
+
+
+def test_flat_noise_falls_back_per_sum_and_zero_std_draws_nothing():
+    mixed = [torch.randn(3), torch.randn(4, dtype=torch.float64), torch.randn(2, dtype=torch.bfloat16)]
+    out = FlatNoise()(mixed, 0.5, generator=torch.Generator().manual_seed(3))
+    g = torch.Generator().manual_seed(3)
+    for o, s in zip(out, mixed):  # mixed dtypes: exactly noisy_sum per sum, dtypes kept
+        assert o.dtype == s.dtype and torch.equal(o, noisy_sum(s, 0.5, generator=g))
+    g = torch.Generator().manual_seed(0)
+    state = g.get_state()
+    sums = [torch.randn(3), torch.randn(2)]
+    assert all(torch.equal(o, s) for o, s in zip(FlatNoise()(sums, 0.0, generator=g), sums))
+    assert torch.equal(g.get_state(), state)
+    with pytest.raises(ValueError, match="std"):
+        FlatNoise()(sums, float("nan"))
 
 
 def test_deepcopy():

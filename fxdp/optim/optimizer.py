@@ -32,7 +32,7 @@ from torch.utils.hooks import RemovableHandle
 from ..accountants.validation import check_nonneg, check_positive, is_real
 from .clip import NONFINITE_POLICIES, ClipResult, Clipping, ClipStats, clip_statistics
 from .grad_source import ClippedSumSource, MaterializedGradients, is_processed, mark_as_processed
-from .noise import noisy_sum, secure_generator
+from .noise import FlatNoise, secure_generator
 from .secure import is_secure
 
 __all__ = ["DPOptimizer", "clipping_modes", "optimizer_class"]
@@ -202,6 +202,7 @@ class DPOptimizer(Optimizer):
             params = self.params
             generator = secure_generator(params[0].device if params else None)
         self.generator = generator
+        self._flat_noise = FlatNoise()
         self.step_hook: StepHook | None = None
         self._step_guards: OrderedDict[int, StepHook] = OrderedDict()
         self._step_skip_queue: list[bool] = []
@@ -436,10 +437,11 @@ class DPOptimizer(Optimizer):
             mark_as_processed(p.summed_grad)
 
     def noisy_sums(self, sums: list[Tensor], std: float) -> list[Tensor]:
-        """The Gaussian mechanism on the clipped sums: ``S_k + N(0, std^2)`` per parameter
-        (secure generators: CSPRNG noise and a snapped float64 sum, Mironov 2012). The
-        distributed optimizers override it to all-reduce the sums first."""
-        return [noisy_sum(s, std, generator=self.generator) for s in sums]
+        """The Gaussian mechanism on the clipped sums: ``S_k + N(0, std^2)`` per parameter,
+        drawn at once into a flat buffer (:class:`~fxdp.optim.noise.FlatNoise`; secure
+        generators: CSPRNG noise and a snapped float64 sum per parameter, Mironov 2012).
+        The distributed optimizers override it to all-reduce the sums first."""
+        return self._flat_noise(sums, std, generator=self.generator)
 
     def scale_grad(self) -> None:
         """Divide ``p.grad`` by ``expected_batch_size * accumulated_iterations`` for a mean loss."""
