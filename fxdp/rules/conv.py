@@ -363,6 +363,17 @@ def _grouped(geo: _Geom, g: Tensor) -> Tuple[Tensor, Tensor]:
     return P, gg
 
 
+def _sum_unfold(geo: _Geom, g: Tensor) -> Tensor:
+    """``sum_i grad W_i``: patches and one batched matmul over the groups, contracting
+    samples and positions together (the weight gradient of ``g``)."""
+    B, O, C, G = g.shape[0], g.shape[1], geo.x.shape[1], geo.groups
+    P, gg = _grouped(geo, g)  # [B*G, T, d], [B*G, T, p]
+    T = P.shape[1]
+    P = P.reshape(B, G, T, -1).transpose(0, 1).reshape(G, B * T, -1)
+    gg = gg.reshape(B, G, T, -1).transpose(0, 1).reshape(G, B * T, -1)
+    return torch.bmm(gg.transpose(1, 2), P).reshape(O, C // G, *geo.k)
+
+
 def _ps_unfold(geo: _Geom, g: Tensor) -> Tensor:
     B, O, C, G = g.shape[0], g.shape[1], geo.x.shape[1], geo.groups
     P, gg = _grouped(geo, g)
@@ -378,6 +389,10 @@ class _ConvMath:
     groups_weight_per_position: float = 1000.0
     #: ghost norms when ``T (d + p) <= ghost_ratio * p d`` (per group)
     ghost_ratio: float = 1.0
+    #: book-keeping's clipped sum by patches + matmul (``_sum_unfold``) when the output
+    #: map has at most this many positions, else by the weight-gradient convolution
+    #: (measured, see the module doc)
+    sum_unfold_max_positions: int = 4
 
     def _setup(self, args: Mapping[str, Any], grad_output: Tensor) -> Tuple[_Geom, Tensor]:  # pragma: no cover
         raise NotImplementedError
@@ -479,7 +494,10 @@ class _ConvMath:
         if "weight" in needs:
             geo, gout = self._setup(args, grad_output)
             gout = gout * f  # bilinear in (input, output gradient): scale either
-            out["weight"] = _wgrad(geo, gout.contiguous(), geo.x, geo.groups, _weight_shape(geo, gout))
+            if math.prod(gout.shape[2:]) <= self.sum_unfold_max_positions:
+                out["weight"] = _sum_unfold(geo, gout)
+            else:
+                out["weight"] = _wgrad(geo, gout.contiguous(), geo.x, geo.groups, _weight_shape(geo, gout))
         if "bias" in needs:
             out["bias"] = self._bias_ps(args, grad_output * f).sum(0)
         return out

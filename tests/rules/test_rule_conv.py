@@ -351,10 +351,11 @@ BK_CASES = [
 ]
 
 
+@pytest.mark.parametrize("sum_by", ["wgrad", "unfold"])
 @pytest.mark.parametrize("ghost", [True, False])
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("case", range(len(BK_CASES)))
-def test_book_keeping(case, method, ghost, monkeypatch):
+def test_book_keeping(case, method, ghost, sum_by, monkeypatch):
     kind, ctor, kw, shape = BK_CASES[case]
     torch.manual_seed(_seed("bk", case))
     if kind == "mod":
@@ -369,6 +370,8 @@ def test_book_keeping(case, method, ghost, monkeypatch):
         bound = rule.bind((x, torch.randn(shape[1], dtype=DT), torch.randn(shape[1][0], dtype=DT)), kw)
     _force(monkeypatch, rule, method)
     monkeypatch.setattr(rule, "ghost_ratio", float("inf") if ghost else 0.0)
+    # the clipped sum by the weight-gradient convolution, or by patches + matmul
+    monkeypatch.setattr(rule, "sum_unfold_max_positions", 10**9 if sum_by == "unfold" else 0)
     out = rule.forward(op, bound)
     g = torch.randn_like(out)
     needs = frozenset({"weight", "bias"})
