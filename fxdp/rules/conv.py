@@ -71,6 +71,15 @@ The MNIST 16->32 layer at its real 13x13 input (T = 25) is near the crossover
 book-keeping ghost norm is far cheaper still (below). Heuristics were tuned on
 CPU only.
 
+Depthwise layers (one input channel per group) with stride 1 and kernels of 5x5 or
+more (ConvNeXt, MobileNetV3, EfficientNet) take a third method, ``correlate``: the
+forward convolution of the padded input, every (sample, channel) a group, with the
+output gradient as kernel (Rochette et al. 2019), where oneDNN's many-group weight
+gradient is slow. ms, 1 thread, batch 16 (``correlate`` / ``groups``): 7x7 at 16x16
+40 channels 3.2 / 13.5, at 4x4 160 channels 0.37 / 4.3, 5x5 at 32x32 96 channels
+17 / 41, at 8x8 240 channels 0.9 / 10.5; slower on 3x3 kernels (0.42 / 0.36 at
+16x16) and with stride 2 (5x5: 3.4 / 2.9), which keep ``groups``.
+
 Book-keeping (Bu et al. 2023). ``norm_sample_sq`` uses the ghost norm (Li et al.
 2021) ``||grad W_i||^2 = sum_groups <P_i P_i^T, g_i g_i^T>`` (two T x T Gram
 matrices) when its cost ``T^2 (d + p)`` is below ``ghost_ratio * T p d`` of the
@@ -78,7 +87,12 @@ materialized gradient (per group, ``d = C/G prod(k)``, ``p = O/G``; this also
 bounds the Gram matrices' memory by that of the gradients), else it materializes
 with the fast method above. ``clipped_sum`` scales the output gradient by the
 clipping factors and takes one ordinary weight gradient
-(``aten.convolution_backward``), never forming per-sample gradients. Measured
+(``aten.convolution_backward``), never forming per-sample gradients; on maps of
+at most ``sum_unfold_max_positions`` (4) positions it is patches + one matmul
+instead, and on ``correlate`` layers the correlation with the samples summed inside
+each group (ms, batch 16, weight gradient / matmul: 512->512 3x3 at 1x1 18.0 / 2.4,
+256->512 stride 2 at 2x2 4.7 / 0.8, 256->256 at 2x2 4.1 / 1.7; at 4x4, T = 16,
+the weight gradient wins: 0.87 / 1.38). Measured
 (same machine, but busy, so only the ratios mean much; ms, batch 128): norms of
 CIFAR 128->256 @4 ghost 7.6 vs materialized 247, 256->256 @4 24 vs 234, 64->128 @8
 36 vs 91; ``clipped_sum`` vs per-sample gradients + weighted sum 12-40 vs 58-274 on
@@ -363,6 +377,38 @@ def _grouped(geo: _Geom, g: Tensor) -> Tuple[Tensor, Tensor]:
     return P, gg
 
 
+def _ps_correlate(geo: _Geom, g: Tensor) -> Tensor:
+    """Per-sample weight gradients of a depthwise convolution (one input channel per
+    group) as one forward convolution (Rochette et al. 2019): the padded input with
+    every (sample, channel) as a group, correlated with the output gradient as the
+    kernel. The conv's stride becomes the kernel's dilation, its dilation the stride."""
+    x = geo.x
+    if any(geo.pad):
+        x = F.pad(x, _f_pad_arg([(p, p) for p in geo.pad]))
+    B, C, O = x.shape[0], x.shape[1], g.shape[1]
+    w = _CONV[geo.n](
+        x.reshape(1, B * C, *x.shape[2:]), g.reshape(B * O, 1, *g.shape[2:]),
+        stride=geo.dilation, dilation=geo.stride, groups=B * C,
+    )
+    w = w[(slice(None), slice(None)) + tuple(slice(0, k) for k in geo.k)]  # the span can exceed k
+    return w.reshape(B, O, 1, *geo.k)
+
+
+def _sum_correlate(geo: _Geom, g: Tensor) -> Tensor:
+    """``sum_i grad W_i`` of a depthwise convolution as :func:`_ps_correlate` with the
+    samples inside each channel's group, so the correlation also sums over them."""
+    x = geo.x
+    if any(geo.pad):
+        x = F.pad(x, _f_pad_arg([(p, p) for p in geo.pad]))
+    B, C, O = x.shape[0], x.shape[1], g.shape[1]
+    w = _CONV[geo.n](
+        x.transpose(0, 1).reshape(1, C * B, *x.shape[2:]), g.transpose(0, 1).reshape(O, B, *g.shape[2:]),
+        stride=geo.dilation, dilation=geo.stride, groups=C,
+    )
+    w = w[(slice(None), slice(None)) + tuple(slice(0, k) for k in geo.k)]
+    return w.reshape(O, 1, *geo.k)
+
+
 def _sum_unfold(geo: _Geom, g: Tensor) -> Tensor:
     """``sum_i grad W_i``: patches and one batched matmul over the groups, contracting
     samples and positions together (the weight gradient of ``g``)."""
@@ -387,6 +433,10 @@ class _ConvMath:
     #: per-group weight ``O/G x C/G prod(k)`` has at most this many entries per
     #: output position (``T``), else by unfold + bmm (measured, see the module doc)
     groups_weight_per_position: float = 1000.0
+    #: depthwise layers (one input channel per group) with stride 1 and a kernel of at
+    #: least this many taps: per-sample weight gradients by ``_ps_correlate`` (measured,
+    #: see the module doc)
+    correlate_min_kernel: int = 25
     #: ghost norms when ``T (d + p) <= ghost_ratio * p d`` (per group)
     ghost_ratio: float = 1.0
     #: book-keeping's clipped sum by patches + matmul (``_sum_unfold``) when the output
@@ -398,7 +448,11 @@ class _ConvMath:
         raise NotImplementedError
 
     def method(self, geo: _Geom, gout: Tensor) -> str:
-        """``"groups"`` or ``"unfold"`` for the per-sample weight gradients."""
+        """``"correlate"``, ``"groups"`` or ``"unfold"`` for the per-sample weight gradients."""
+        if geo.x.shape[1] == geo.groups and all(s == 1 for s in geo.stride) and (
+            math.prod(geo.k) >= self.correlate_min_kernel
+        ):
+            return "correlate"
         T = math.prod(gout.shape[2:])
         per_group = (gout.shape[1] // geo.groups) * (geo.x.shape[1] // geo.groups) * math.prod(geo.k)
         return "groups" if per_group <= self.groups_weight_per_position * T else "unfold"
@@ -427,7 +481,10 @@ class _ConvMath:
         return out
 
     def _weight_ps(self, geo: _Geom, gout: Tensor) -> Tensor:
-        if self.method(geo, gout) == "groups":
+        method = self.method(geo, gout)
+        if method == "correlate":
+            return _ps_correlate(geo, gout)
+        if method == "groups":
             return _ps_groups(geo, gout)
         return _ps_unfold(geo, gout)
 
@@ -494,7 +551,9 @@ class _ConvMath:
         if "weight" in needs:
             geo, gout = self._setup(args, grad_output)
             gout = gout * f  # bilinear in (input, output gradient): scale either
-            if math.prod(gout.shape[2:]) <= self.sum_unfold_max_positions:
+            if self.method(geo, gout) == "correlate":
+                out["weight"] = _sum_correlate(geo, gout)
+            elif math.prod(gout.shape[2:]) <= self.sum_unfold_max_positions:
                 out["weight"] = _sum_unfold(geo, gout)
             else:
                 out["weight"] = _wgrad(geo, gout.contiguous(), geo.x, geo.groups, _weight_shape(geo, gout))

@@ -23,7 +23,7 @@ pytestmark = [pytest.mark.filterwarnings("ignore:Using padding=.same. with even 
 
 DT = torch.float64
 RTOL, ATOL = 1e-6, 1e-9
-METHODS = ("groups", "unfold")
+METHODS = ("groups", "unfold", "correlate")
 MODES = ("zeros", "reflect", "replicate", "circular")
 
 
@@ -49,6 +49,8 @@ def _force(monkeypatch, rule, method):
         monkeypatch.setattr(rule, "groups_weight_per_position", float("inf"))
     elif method == "unfold":
         monkeypatch.setattr(rule, "groups_weight_per_position", -1.0)
+    # "correlate" serves every depthwise stride-1 layer; the others keep the heuristic
+    monkeypatch.setattr(rule, "correlate_min_kernel", 0 if method == "correlate" else float("inf"))
 
 
 def _loss(out, reduction, r):
@@ -150,6 +152,10 @@ FN_CASES = [
     (F.conv3d, (2, 4, 5, 6, 5), (4, 2, 2, 3, 2), True, dict(stride=(1, 2, 1), padding=(1, 0, 1), groups=2)),
     (torch.conv3d, (2, 2, 5, 4, 5), (3, 2, 2, 2, 3), False, dict(padding="same", dilation=(1, 2, 1))),
     (F.conv3d, (2, 3, 6, 5, 5), (3, 1, 3, 3, 3), True, dict(stride=2, dilation=(1, 1, 2), groups=3)),
+    # depthwise, stride 1 (per-sample gradients by correlation when forced)
+    (F.conv2d, (3, 3, 9, 8), (6, 1, 5, 3), True, dict(padding="same", dilation=(2, 1), groups=3)),
+    (F.conv1d, (2, 4, 12), (4, 1, 5), True, dict(padding=1, dilation=2, groups=4)),
+    (F.conv3d, (2, 2, 5, 6, 4), (2, 1, 3, 2, 3), False, dict(padding=(1, 0, 2), groups=2)),
 ]
 
 
@@ -244,6 +250,8 @@ T_CASES = [
     (2, 3, 2, (2, 3), dict(stride=(1, 2), padding=(0, 1)), (4, 4)),
     (3, 4, 6, 3, dict(stride=2, padding=1, output_padding=(1, 0, 1), groups=2), (3, 4, 3)),
     (3, 2, 3, (2, 1, 2), dict(dilation=(2, 1, 1), stride=(1, 1, 2)), (3, 3, 3)),
+    (2, 3, 3, 3, dict(padding=1, groups=3, dilation=2), (5, 6)),  # depthwise, stride 1
+    (1, 2, 2, 5, dict(padding=2, groups=2), (7,)),
 ]
 _TMOD = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
 
@@ -345,6 +353,10 @@ BK_CASES = [
                                      groups=2), (3, 4, 3, 4)),
     ("mod", nn.ConvTranspose1d, dict(in_channels=2, out_channels=3, kernel_size=4, dilation=2), (3, 2, 5)),
     ("fn", F.conv2d, dict(stride=2, padding=(1, 0)), ((3, 3, 7, 6), (4, 3, 3, 2))),
+    # depthwise, stride 1 (ConvNeXt's 7x7, MobileNet's 5x5): correlation when forced
+    ("mod", nn.Conv2d, dict(in_channels=3, out_channels=3, kernel_size=5, padding=2, groups=3), (2, 3, 4, 4)),
+    ("mod", nn.ConvTranspose2d, dict(in_channels=2, out_channels=2, kernel_size=3, padding=1, dilation=2, groups=2),
+     (3, 2, 4, 5)),
     # a 1x1 output map (ResNet's last stage at 32x32 inputs): the rank-one ghost norm
     ("mod", nn.Conv2d, dict(in_channels=4, out_channels=6, kernel_size=3, stride=2, padding=1, groups=2),
      (3, 4, 2, 2)),
