@@ -468,3 +468,31 @@ def test_optional_argument_omitted_or_given_gets_its_own_exact_graph(f64):
                 torch.testing.assert_close(p.grad_sample[i], p.grad, rtol=1e-10, atol=1e-12, msg=f"{n} {len(call)}")
     assert seen == [1, 1, 2, 2]
     torch.testing.assert_close(dp(x, h=h), model(x, h=h))
+
+
+@pytest.mark.parametrize("mode", ["bk", "materialize"])
+def test_capture_ops_hold_their_outputs_only_for_an_inner_backward(mode):
+    """A layer with a closed-form input gradient (Linear, Conv, ...) does not keep its output
+    alive until its backward (it would double the activations a forward holds); a fallback
+    layer differentiated through an inner graph does, and needs to."""
+
+    class Fallback(nn.Module):  # no per-sample rule: served by torch.func on its capture
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(4))
+
+        def forward(self, x):
+            return torch.sin(x * self.w.exp())
+
+    dp = quiet_privatize(nn.Sequential(nn.Linear(3, 4), nn.Tanh(), Fallback(), nn.Linear(4, 2)), grad_sample_mode=mode)
+    nodes, seen, todo = [], set(), [dp(torch.randn(5, 3)).grad_fn]
+    while todo:
+        n = todo.pop()
+        if n is None or n in seen:
+            continue
+        seen.add(n)
+        if type(n).__name__ == "_CaptureFunctionBackward":
+            nodes.append(n)
+        todo += [f for f, _ in n.next_functions]
+    held = sorted(n.inner[1] is not None for n in nodes)
+    assert held == [False, False, True], held  # the two Linears drop it, the fallback keeps it

@@ -99,7 +99,10 @@ class _CaptureFunction(torch.autograd.Function):
                 raise UnsupportedOpError(f"{op.where()} returns a non-tensor {type(o).__name__}; cannot capture it")
         ctx.op = op
         ctx.spec = spec
-        ctx.inner = (inner, flat, needs_grad)
+        # the outputs only for the inner graph's backward: holding them otherwise would keep
+        # every captured layer's output alive until its backward (the memory of a second
+        # activation per layer; the returned detached outputs are the caller's to keep or free)
+        ctx.inner = (inner, flat if record else None, needs_grad)
         ctx.explicit = explicit
         ctx.params = {i: dyn[i] for i in op.param_index if dyn[i].requires_grad}
         ctx.batch_size = rec.batch_size
