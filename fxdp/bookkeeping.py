@@ -7,9 +7,11 @@ at Small Cost" (book-keeping, BK): DP-SGD needs only
 
 not the per-sample gradients g_i. Each capture op hands its record (activations ``a``
 and output gradients ``g``) to :class:`BookKeeping` during the backward pass; autograd
-never computes the non-private weight gradients. When the pass ends, each rule gives
+never computes the non-private weight gradients. As each record arrives, its rule gives
 per-sample squared norms from ``(a, g)`` (ghost norms where cheaper, Goodfellow 2015 /
-Li et al. 2021). At the optimizer step, :meth:`fxdp.optim.clip.Clipping.factors` turns
+Li et al. 2021); a layer whose per-sample gradients were materialized for that keeps
+them and drops ``a`` and ``g``, so the backward pass does not hold every layer's output
+gradient at once. At the optimizer step, :meth:`fxdp.optim.clip.Clipping.factors` turns
 the norms into clip factors with the bound of that step, and each rule forms its
 layer's clipped sum ``a^T (c * g)`` directly; the records are freed as soon as the
 sums are formed.
@@ -68,6 +70,9 @@ class BookKeeping(ClippedSumSource):
         #: ``bk_methods="measure"``: where a rule has several exact methods (ghost or materialized
         #: norms), time them on the first batch of each shape and keep the faster, per layer
         self.measure = False
+        #: parameters found tied (used by several capture ops) in the last pass: their norms
+        #: are not formed per record (a hint only; each pass counts its uses again)
+        self._tied_hint: set = set()
 
     # -- capture side ---------------------------------------------------------------
     def record(self, rec: LayerRecord) -> None:
@@ -82,6 +87,11 @@ class BookKeeping(ClippedSumSource):
         if not self.records:
             torch.autograd.Variable._execution_engine.queue_callback(self._close_pass)
         self.records.append(rec)
+        single = [i for i, p in rec.params.items() if id(p) not in self._tied_hint]
+        if single and not rec.stand_in:  # norms now, while a and g are fresh in cache
+            rec.sq = rec.op.norm_sample_sq(rec, single, self.measure)
+            if rec.params and all(i in rec.kept for i in rec.params):
+                rec.release()
 
     def _close_pass(self) -> None:
         """The per-sample norms of the pass that just ended (errors surface in backward)."""
@@ -94,6 +104,7 @@ class BookKeeping(ClippedSumSource):
         for r in records:
             for p in r.params.values():
                 uses[id(p)] = uses.get(id(p), 0) + 1
+        self._tied_hint = {k for k, n in uses.items() if n > 1}
         sq, tied = self._squared_norms(records, uses, self.measure)
         self.pending.append(_Pass(records, B, sq, tied, uses))
 
@@ -158,11 +169,13 @@ class BookKeeping(ClippedSumSource):
         for r in records:
             single = [i for i, p in r.params.items() if uses[id(p)] == 1]
             multi = [i for i, p in r.params.items() if uses[id(p)] > 1]
-            if single:
-                for i, v in r.op.norm_sample_sq(r, single, measure).items():
-                    sq[id(r.params[i])] = v
+            late = [i for i in single if i not in r.sq]  # formed when the record arrived, except
+            if late:  # parameters the hint wrongly took for tied
+                r.sq.update(r.op.norm_sample_sq(r, late, measure))
+            for i in single:
+                sq[id(r.params[i])] = r.sq[i]
             if multi:
-                gs = r.op.per_sample_grads(r)
+                gs = _per_sample_grads(r)
                 for i in multi:
                     k = id(r.params[i])
                     tied[k] = tied[k] + gs[i] if k in tied else gs[i]
@@ -186,9 +199,13 @@ class BookKeeping(ClippedSumSource):
             want = {i: (scaled if column is None else column[position[id(p)]])
                     for i, p in r.params.items() if id(p) in position and ps.uses[id(p)] == 1}
             if want and ok is not None:  # a^T (0 * nan) is nan: materialize and zero the dropped rows
-                gs = r.op.per_sample_grads(r)
+                gs = _per_sample_grads(r)
                 for i, f in want.items():
                     g = torch.where(ok.view(-1, *[1] * (gs[i].dim() - 1)), gs[i], 0)
+                    add(position[id(r.params[i])], torch.einsum("b,b...->...", f.to(g.dtype), g))
+            elif want and r.released:  # sum_i c_i g_i of the kept per-sample gradients
+                for i, f in want.items():
+                    g = r.kept.pop(i)
                     add(position[id(r.params[i])], torch.einsum("b,b...->...", f.to(g.dtype), g))
             elif want:
                 for i, v in r.op.clipped_sum(r, want).items():
@@ -203,3 +220,8 @@ class BookKeeping(ClippedSumSource):
             sums[k] = torch.einsum("b,b...->...", f.to(g.dtype), g)
         return [sums[k].to(p.dtype).reshape(p.shape) if k in sums else torch.zeros_like(p)
                 for k, p in enumerate(params)]
+
+
+def _per_sample_grads(rec: LayerRecord) -> Dict[int, Tensor]:
+    """The record's per-sample gradients: those kept, or formed again from ``(a, g)``."""
+    return dict(rec.kept) if rec.released else rec.op.per_sample_grads(rec)

@@ -36,6 +36,17 @@ class LayerRecord:
     outputs: Optional[List[Tensor]] = None
     #: recorded on the placeholder sample of an empty batch: no per-sample gradient, no norm
     stand_in: bool = False
+    #: book-keeping: raw per-sample squared norms formed as the record arrived (index -> [B])
+    sq: Dict[int, Tensor] = field(default_factory=dict)
+    #: inputs and output gradients dropped: every per-sample gradient is in ``kept``
+    released: bool = False
+
+    def release(self) -> None:
+        """Drop the activations and output gradients once ``kept`` holds every
+        parameter's per-sample gradient (book-keeping's memory: the record is then
+        the per-sample gradients alone, often far smaller than ``a`` and ``g``)."""
+        assert all(i in self.kept for i in self.params), "release() needs every per-sample gradient kept"
+        self.inputs, self.grads, self.outputs, self.released = [], [], None, True
 
 
 class Recorder:
