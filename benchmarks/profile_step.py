@@ -5,7 +5,7 @@ Sections (all single-process, ``--threads`` intra-op threads, fixed seeds):
 
 1. phase breakdown, median ms over ``--steps`` steps: forward, backward (for
    ``bk`` split into autograd and the end-of-backward book-keeping,
-   ``fxdp.bookkeeping.finish_backward``), optimizer step;
+   ``BookKeeping._close_pass``: the per-sample norms), optimizer step;
 2. fixed per-step cost: the same breakdown at batch size 1, where kernels are
    negligible and the time is framework overhead;
 3. ``torch.profiler``: the aten ops of one step by self CPU time, and the number
@@ -46,16 +46,16 @@ import fxdp.bookkeeping as bookkeeping  # noqa: E402
 from fxdp.optim import DPOptimizer  # noqa: E402
 
 _T: Dict[str, float] = {"finish": 0.0}
-_orig_finish = bookkeeping.finish_backward
+_orig_finish = bookkeeping.BookKeeping._close_pass
 
 
-def _timed_finish(recorder, records) -> None:
+def _timed_finish(self) -> None:
     t = time.perf_counter()
-    _orig_finish(recorder, records)
+    _orig_finish(self)
     _T["finish"] += time.perf_counter() - t
 
 
-bookkeeping.finish_backward = _timed_finish  # Recorder imports it at call time
+bookkeeping.BookKeeping._close_pass = _timed_finish  # queued by bound-method lookup at each backward
 
 
 class Stepper:
