@@ -88,7 +88,9 @@ class BookKeeping(ClippedSumSource):
             torch.autograd.Variable._execution_engine.queue_callback(self._close_pass)
         self.records.append(rec)
         single = [i for i, p in rec.params.items() if id(p) not in self._tied_hint]
-        if single and not rec.stand_in:  # norms now, while a and g are fresh in cache
+        # a layer whose norms keep its per-sample gradients: norms now, and drop a and g
+        # (other layers need a and g at the step anyway: their norms wait for the pass's end)
+        if single and not rec.stand_in and rec.op.keeps_per_sample_grads(rec, single):
             rec.sq = rec.op.norm_sample_sq(rec, single, self.measure)
             if rec.params and all(i in rec.kept for i in rec.params):
                 rec.release()

@@ -317,3 +317,33 @@ def test_make_private_bk_methods_option():
         module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), data_loader=loader,
         noise_multiplier=1.0, max_grad_norm=1.0, bk_methods="measure", example_inputs=_mixed_batch(2, torch.Generator()))
     assert dp.bookkeeping.measure
+
+
+_KEEP_CASES = [  # (op, input shape, weight shape, kwargs)
+    (F.linear, (4, 6), (5, 6), {}),  # T = 1: rank-one norm, nothing kept
+    (F.linear, (4, 7, 6), (5, 6), {}),  # materialized and kept
+    (F.linear, (4, 2, 64), (64, 64), {}),  # ghost
+    (F.linear, (4, 40, 3), (300, 3), {}),  # materialized, larger than twice the record: not kept
+    (F.conv2d, (3, 2, 5, 5), (3, 2, 3, 3), dict(padding=1)),  # materialized and kept
+    (F.conv2d, (3, 8, 1, 1), (8, 8, 3, 3), dict(padding=1)),  # one position: ghost (rank one)
+    (F.conv2d, (3, 4, 6, 6), (4, 1, 5, 5), dict(padding=2, groups=4)),  # depthwise by correlation
+    (torch.ops.aten.addmm.default, (4, 6), (6, 5), {}),  # GPT-2's Conv1D: as linear on [B, d]
+]
+
+
+@pytest.mark.parametrize("case", range(len(_KEEP_CASES)))
+def test_bk_keeps_predicts_what_the_norms_keep(case):
+    """Book-keeping releases a record as it arrives only where the rule says its norms keep
+    every per-sample gradient; the prediction must match what the norms then keep."""
+    from fxdp.rules import rule_for_op
+
+    op, xs, ws, kw = _KEEP_CASES[case]
+    torch.manual_seed(case)
+    rule = rule_for_op(op)
+    addmm = op is torch.ops.aten.addmm.default
+    x, w, b = torch.randn(xs), torch.randn(ws), torch.randn(ws[1] if addmm else ws[0])
+    args = rule.bind((b, x, w) if addmm else (x, w, b), kw)
+    g = torch.randn_like(rule.forward(op, args))
+    for needs in (frozenset(rule.param_args), frozenset(rule.param_args[:1])):
+        _, kept = rule.norm_sample_sq_keep(args, g, needs)
+        assert rule.bk_keeps(args, g, needs) == (set(kept) == set(needs)), (needs, set(kept))

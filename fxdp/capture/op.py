@@ -221,6 +221,11 @@ class CaptureOp(nn.Module):
     def input_grads(self, dyn: Sequence[Any], grads: Sequence[Optional[Tensor]]) -> Dict[int, Tensor]:
         raise NotImplementedError  # pragma: no cover - only called when explicit_input_grad
 
+    def keeps_per_sample_grads(self, rec: LayerRecord, idx: Sequence[int]) -> bool:
+        """Whether :meth:`norm_sample_sq` of ``idx`` keeps every per-sample gradient on the
+        record (book-keeping then forms the norms as the record arrives and releases it)."""
+        return True  # the default below materializes and keeps
+
     def norm_sample_sq(self, rec: LayerRecord, idx: Sequence[int], measure: bool = False) -> Dict[int, Tensor]:
         """Raw per-sample squared gradient norms ``[B]`` of the inputs ``idx``
         (book-keeping); materializes by default, and keeps the per-sample gradients on

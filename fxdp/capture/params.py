@@ -180,6 +180,9 @@ class BroadcastRuleCapture(ParamCapture):
         got = self.rule.grad_sample(args, d, needs)
         return {i: got[n] for n, i in self.param_names.items() if i in rec.params}
 
+    def keeps_per_sample_grads(self, rec: LayerRecord, idx: Any) -> bool:
+        return False  # (replaying the graph to find out would cost a forward of the layer)
+
     def norm_sample_sq(self, rec: LayerRecord, idx: Any, measure: bool = False) -> Dict[int, Tensor]:
         prepared = self._prepared(rec)
         if prepared is None:

@@ -94,6 +94,10 @@ class RuleCapture(CaptureOp):
         raw = self.rule.grad_sample(args, g, needs)
         return {i: raw[self.names[i]] for i in rec.params}
 
+    def keeps_per_sample_grads(self, rec: LayerRecord, idx: Sequence[int]) -> bool:
+        args, g, _ = self.prepared(rec)
+        return g.shape[0] > 0 and self.rule.bk_keeps(args, g, frozenset(self.names[i] for i in idx))
+
     def norm_sample_sq(self, rec: LayerRecord, idx: Sequence[int], measure: bool = False) -> Dict[int, Tensor]:
         args, g, _ = self.prepared(rec)
         if g.shape[0] == 0:

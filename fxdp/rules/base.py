@@ -78,6 +78,12 @@ class PerSampleRule:
         ``bk_methods="measure"`` times them on the first step and keeps the faster."""
         return ()
 
+    def bk_keeps(self, args: Mapping[str, Any], grad_output: Tensor, needs: FrozenSet[str]) -> bool:
+        """Whether :meth:`norm_sample_sq_keep` (with the cost model's method) keeps every
+        per-sample gradient of ``needs`` at these shapes. Book-keeping then forms the
+        norms as the record arrives and drops its activations and output gradient."""
+        return type(self).norm_sample_sq is PerSampleRule.norm_sample_sq
+
     def norm_sample_sq_keep(
         self, args: Mapping[str, Any], grad_output: Tensor, needs: FrozenSet[str], method: Optional[str] = None
     ) -> Tuple[Dict[str, Tensor], Dict[str, Tensor]]:

@@ -512,6 +512,13 @@ class _ConvMath:
             return ()
         return ("ghost", "materialize") if self.use_ghost(geo, gout) else ("materialize", "ghost")
 
+    def bk_keeps(self, args: Mapping[str, Any], grad_output: Tensor, needs: FrozenSet[str]) -> bool:
+        if "weight" not in needs:
+            return True  # the bias's [B, O] is always kept
+        geo, gout = self._setup(args, grad_output)
+        ps = gout.shape[0] * math.prod(_weight_shape(geo, gout))
+        return not self.use_ghost(geo, gout) and ps <= 2 * (gout.numel() + geo.x.numel())
+
     def norm_sample_sq_keep(
         self, args: Mapping[str, Any], grad_output: Tensor, needs: FrozenSet[str], method: Optional[str] = None
     ) -> Tuple[Dict[str, Tensor], Dict[str, Tensor]]:

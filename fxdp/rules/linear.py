@@ -87,6 +87,13 @@ class LinearRule(PerSampleRule):
             return ()
         return ("ghost", "materialize") if self.use_ghost(T, d, p) else ("materialize", "ghost")
 
+    def bk_keeps(self, args: Mapping[str, Any], grad_output: Tensor, needs: FrozenSet[str]) -> bool:
+        a, g = _flat(args["input"]), _flat(grad_output)
+        T, d, p = a.shape[1], a.shape[2], g.shape[2]
+        if T == 1:
+            return False
+        return "weight" not in needs or (not self.use_ghost(T, d, p) and p * d <= 2 * T * (p + d))
+
     def norm_sample_sq_keep(
         self, args: Mapping[str, Any], grad_output: Tensor, needs: FrozenSet[str], method: Optional[str] = None
     ) -> Tuple[Dict[str, Tensor], Dict[str, Tensor]]:
@@ -176,6 +183,10 @@ class AddmmRule(PerSampleRule):
     def bk_candidates(self, args: Mapping[str, Any], grad_output: Tensor, needs: FrozenSet[str]) -> Tuple[str, ...]:
         la, g = self._linear(args, grad_output)
         return _LINEAR.bk_candidates(la, g, self._names(needs))
+
+    def bk_keeps(self, args: Mapping[str, Any], grad_output: Tensor, needs: FrozenSet[str]) -> bool:
+        la, g = self._linear(args, grad_output)
+        return _LINEAR.bk_keeps(la, g, self._names(needs))
 
     def norm_sample_sq_keep(
         self, args: Mapping[str, Any], grad_output: Tensor, needs: FrozenSet[str], method: Optional[str] = None

@@ -74,6 +74,9 @@ class RecurrentScanRule(PerSampleRule):
                     "materialized [B, 4H, H] from the scan's BPTT (no tape kept), reused for the clipped sum")
                 for n in needs}
 
+    def bk_keeps(self, args: Mapping[str, Any], grad_output: Tensor, needs: FrozenSet[str]) -> bool:
+        return True
+
     def norm_sample_sq_keep(
         self, args: Mapping[str, Any], grad_output: Tensor, needs: FrozenSet[str]
     ) -> Tuple[Dict[str, Tensor], Dict[str, Tensor]]:
