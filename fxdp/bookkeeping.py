@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from .errors import PerSampleGradientError
 from .optim.clip import ClipResult, Clipping, factor_of
 from .optim.grad_source import ClippedSumSource
+from .rules.base import sq_norms
 
 if TYPE_CHECKING:  # fxdp.capture hands records over; the types only are needed here
     from .capture import LayerRecord
@@ -182,7 +183,7 @@ class BookKeeping(ClippedSumSource):
                     k = id(r.params[i])
                     tied[k] = tied[k] + gs[i] if k in tied else gs[i]
         for k, g in tied.items():
-            sq[k] = g.flatten(1).pow(2).sum(1)
+            sq[k] = sq_norms(g)
         return sq, tied
 
     @staticmethod

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ..errors import BatchDimensionError, PerSampleGradientError, UnsupportedOpError, where
+from ..rules.base import sq_norms
 from .record import LayerRecord, Recorder
 
 __all__ = ["CaptureOp", "move_to_front"]
@@ -232,7 +233,7 @@ class CaptureOp(nn.Module):
         the record for :meth:`clipped_sum` (computed once per step, not twice)."""
         gs = self.per_sample_grads(rec)
         rec.kept.update({i: gs[i] for i in idx})
-        return {i: gs[i].flatten(1).pow(2).sum(1) for i in idx}
+        return {i: sq_norms(gs[i]) for i in idx}
 
     def clipped_sum(self, rec: LayerRecord, factors: Dict[int, Tensor]) -> Dict[int, Tensor]:
         """``sum_i factors[k][i] * raw_grad_i`` for each input k in ``factors``."""

@@ -18,6 +18,7 @@ __all__ = [
     "module_call_for",
     "registered_ops",
     "registered_modules",
+    "sq_norms",
 ]
 
 
@@ -70,7 +71,7 @@ class PerSampleRule:
     def norm_sample_sq(self, args: Mapping[str, Any], grad_output: Tensor, needs: FrozenSet[str]) -> Dict[str, Tensor]:
         """Per-sample squared gradient norms ``{name: [B]}`` (book-keeping hook)."""
         gs = self.grad_sample(args, grad_output, needs)
-        return {k: v.flatten(1).pow(2).sum(1) for k, v in gs.items()}
+        return {k: sq_norms(v) for k, v in gs.items()}
 
     def bk_candidates(self, args: Mapping[str, Any], grad_output: Tensor, needs: FrozenSet[str]) -> Tuple[str, ...]:
         """The exact book-keeping methods at these shapes, the cost model's choice first
@@ -96,7 +97,7 @@ class PerSampleRule:
         if type(self).norm_sample_sq is not PerSampleRule.norm_sample_sq:
             return self.norm_sample_sq(args, grad_output, needs), {}
         gs = self.grad_sample(args, grad_output, needs)
-        norms = {k: v.flatten(1).pow(2).sum(1) for k, v in gs.items()}
+        norms = {k: sq_norms(v) for k, v in gs.items()}
         return norms, (gs if sum(v.numel() for v in gs.values()) <= 2 * grad_output.numel() else {})
 
     def clipped_sum(
@@ -183,6 +184,14 @@ def registered_ops() -> Dict[Callable, PerSampleRule]:
 
 def registered_modules() -> Dict[Type[nn.Module], Callable[[nn.Module], ModuleCall]]:
     return dict(_MODULES)
+
+
+def sq_norms(g: Tensor) -> Tensor:
+    """Per-sample squared L2 norms ``[B]`` of ``g`` (``[B, ...]``), in at least float32,
+    by one reduction (no squared copy of ``g``: the per-sample gradients are often the
+    largest tensors of a book-keeping step)."""
+    flat = g.reshape(g.shape[0], -1)
+    return torch.linalg.vector_norm(flat, dim=1, dtype=torch.promote_types(g.dtype, torch.float32)).square()
 
 
 def batch_sum(t: Tensor, shape: torch.Size) -> Tensor:

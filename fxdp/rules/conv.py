@@ -108,7 +108,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import UnsupportedOpError
-from .base import ModuleCall, PerSampleRule, register_module, register_rule
+from .base import ModuleCall, PerSampleRule, register_module, register_rule, sq_norms
 
 aten = torch.ops.aten
 
@@ -539,12 +539,12 @@ class _ConvMath:
                 out["weight"] = gram.reshape(B, -1).sum(1)
             else:
                 ps = self._weight_ps(geo, gout)
-                out["weight"] = ps.reshape(B, -1).pow(2).sum(1)
+                out["weight"] = sq_norms(ps)
                 if ps.numel() <= 2 * (gout.numel() + geo.x.numel()):
                     kept["weight"] = ps
         if "bias" in needs:
             ps = self._bias_ps(args, grad_output)
-            out["bias"] = ps.pow(2).sum(1)
+            out["bias"] = sq_norms(ps)
             kept["bias"] = ps  # [B, O]: smaller than any output gradient
         return out, kept
 

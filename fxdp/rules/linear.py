@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import ModuleCall, PerSampleRule, register_module, register_rule
+from .base import ModuleCall, PerSampleRule, register_module, register_rule, sq_norms
 
 aten = torch.ops.aten
 
@@ -112,12 +112,12 @@ class LinearRule(PerSampleRule):
                 out["weight"] = (torch.bmm(a, a.transpose(1, 2)) * torch.bmm(g, g.transpose(1, 2))).sum((1, 2))
             else:
                 ps = torch.bmm(g.transpose(1, 2), a)
-                out["weight"] = ps.flatten(1).pow(2).sum(1)
+                out["weight"] = sq_norms(ps)
                 if ps.numel() <= 2 * (g.numel() + a.numel()):
                     kept["weight"] = ps
         if "bias" in needs:
             ps = g.sum(1)
-            out["bias"] = ps.pow(2).sum(1)
+            out["bias"] = sq_norms(ps)
             if g.shape[1] > 1:
                 kept["bias"] = ps
         return out, kept
@@ -126,12 +126,17 @@ class LinearRule(PerSampleRule):
         self, args: Mapping[str, Any], grad_output: Tensor, factors: Tensor, needs: FrozenSet[str]
     ) -> Dict[str, Tensor]:
         a, g = _flat(args["input"]), _flat(grad_output)
-        gc = g * factors.to(g.dtype).view(-1, 1, 1)
+        f = factors.to(g.dtype)
         out: Dict[str, Tensor] = {}
-        if "weight" in needs:
-            out["weight"] = gc.reshape(-1, gc.shape[-1]).t() @ a.reshape(-1, a.shape[-1])
+        if "weight" in needs:  # bilinear in (a, g): scale the smaller of the two
+            d, p = a.shape[-1], g.shape[-1]
+            if d < p:
+                ac = a * f.to(a.dtype).view(-1, 1, 1)
+                out["weight"] = g.reshape(-1, p).t() @ ac.reshape(-1, d)
+            else:
+                out["weight"] = (g * f.view(-1, 1, 1)).reshape(-1, p).t() @ a.reshape(-1, d)
         if "bias" in needs:
-            out["bias"] = gc.sum((0, 1))
+            out["bias"] = f @ g.sum(1)
         return out
 
 

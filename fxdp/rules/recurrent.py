@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from ..layers.recurrent import ScanTape, _mask, _prev_states, _scan_backward, _scan_forward, rnn_scan, rnn_scan_op
-from .base import PerSampleRule, register_rule
+from .base import PerSampleRule, register_rule, sq_norms
 
 
 @register_rule(rnn_scan)
@@ -84,7 +84,7 @@ class RecurrentScanRule(PerSampleRule):
         tape's ``[B, T, 4H]``) are materialized for the norms and kept for the
         clipped sum, which then needs neither the tape nor another matmul."""
         kept = self.grad_sample(args, grad_output, needs)  # reading the tape frees it
-        return {k: v.flatten(1).pow(2).sum(1) for k, v in kept.items()}, kept
+        return {k: sq_norms(v) for k, v in kept.items()}, kept
 
     def clipped_sum(
         self, args: Mapping[str, Any], grad_output: Tensor, factors: Tensor, needs: FrozenSet[str]

@@ -55,3 +55,29 @@ def test_subclasses_get_the_base_rule_unless_forward_is_overridden():
     dp = check(model, torch.randn(6, 4))
     rules = {c["module"]: c["rule"] for c in dp.capture_table()}
     assert rules == {"0": "linear", "2": "linear"}
+
+
+# -- book-keeping: norms and clipped sums of the rule itself -------------------------------
+
+@pytest.mark.parametrize("method", ["ghost", "materialize"])
+@pytest.mark.parametrize("shape", [(3, 4, 7), (3, 5, 4, 7), (3, 5, 7, 4), (2, 2, 3, 6, 6)])  # [B, ..., d] and p
+def test_book_keeping_norms_and_clipped_sums(shape, method):
+    """Rank one (T = 1), ghost and materialized norms and the clipped sum (which scales the
+    smaller of ``a`` and ``g``) against the rule's per-sample gradients, float64."""
+    from fxdp.rules import rule_for_op
+
+    torch.manual_seed(sum(shape))
+    rule = rule_for_op(F.linear)
+    *xs, p = shape
+    x, w, b = torch.randn(xs), torch.randn(p, xs[-1]), torch.randn(p)
+    args = rule.bind((x, w, b), {})
+    g = torch.randn_like(rule.forward(F.linear, args))
+    factors = torch.rand(xs[0])
+    for needs in (frozenset({"weight", "bias"}), frozenset({"weight"}), frozenset({"bias"})):
+        gs = rule.grad_sample(args, g, needs)
+        norms, _ = rule.norm_sample_sq_keep(args, g, needs, method)
+        sums = rule.clipped_sum(args, g, factors, needs)
+        assert set(norms) == set(sums) == set(needs)
+        for n in needs:
+            torch.testing.assert_close(norms[n], gs[n].flatten(1).pow(2).sum(1), rtol=1e-9, atol=1e-12)
+            torch.testing.assert_close(sums[n], torch.einsum("b,b...->...", factors, gs[n]), rtol=1e-9, atol=1e-12)
