@@ -164,7 +164,7 @@ def test_compatibility_report_records_the_bk_method_per_layer(monkeypatch):
             super().__init__()
             self.emb = nn.Embedding(50, 8)
             self.conv = nn.Conv1d(8, 16, 3)  # T = 10: T(d+p) = 400 > pd = 384: materialized
-            self.seq = nn.Linear(16, 4)  # on [B, 10, 16]: T(d+p) = 200 > pd = 64: materialized
+            self.seq = nn.Linear(16, 4)  # on [B, 10, 16]: kept, T²(d+p) = 2000 > 4pd = 256: materialized
             self.head = nn.Linear(4, 2)  # rank 2: rank-one norm
 
         def forward(self, x):
@@ -329,6 +329,20 @@ _KEEP_CASES = [  # (op, input shape, weight shape, kwargs)
     (F.conv2d, (3, 4, 6, 6), (4, 1, 5, 5), dict(padding=2, groups=4)),  # depthwise by correlation
     (torch.ops.aten.addmm.default, (4, 6), (6, 5), {}),  # GPT-2's Conv1D: as linear on [B, d]
 ]
+
+
+def test_linear_cost_model():
+    """Ghost norms where they beat materializing: against a second weight-gradient pass
+    when materialized gradients are too large to keep, against a few passes over them
+    when kept (ViT's MLP at T = 65 materializes; measured faster, benchmarks/README.md)."""
+    from fxdp.rules.linear import LinearRule
+
+    rule = LinearRule()
+    assert not rule.use_ghost(1, 512, 512)  # rank one
+    assert rule.use_ghost(4, 512, 512) and not rule.keeps(4, 512, 512)  # short and wide
+    assert not rule.use_ghost(65, 128, 512) and rule.keeps(65, 128, 512)  # ViT's MLP
+    assert not rule.use_ghost(128, 128, 128)  # BERT's attention projections
+    assert rule.use_ghost(2, 8, 8) and rule.keeps(2, 8, 8)  # kept, but T² (d + p) small
 
 
 @pytest.mark.parametrize("case", range(len(_KEEP_CASES)))
