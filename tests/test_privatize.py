@@ -325,20 +325,6 @@ def test_functional_batch_norm_without_parameters_is_refused():
         privatize(FBN())
 
 
-def test_functional_batch_norm_is_refused():
-    class FBN(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.g = nn.Parameter(torch.ones(4))
-            self.fc = nn.Linear(4, 2)
-
-        def forward(self, x):
-            return self.fc(F.batch_norm(x, None, None, self.g, None, training=True))
-
-    with pytest.raises(fxdp.UnsupportedOpError, match="batch statistics"):
-        privatize(FBN())
-
-
 def test_parameter_reaching_output_without_data_is_refused():
     class Penalty(nn.Module):
         def __init__(self):
