@@ -91,10 +91,14 @@ class BookKeeping(ClippedSumSource):
         single = [i for i, p in rec.params.items() if id(p) not in self._tied_hint]
         # a layer whose norms keep its per-sample gradients: norms now, and drop a and g
         # (other layers need a and g at the step anyway: their norms wait for the pass's end)
-        if single and not rec.stand_in and rec.op.keeps_per_sample_grads(rec, single):
-            rec.sq = rec.op.norm_sample_sq(rec, single, self.measure)
-            if rec.params and all(i in rec.kept for i in rec.params):
-                rec.release()
+        try:
+            if single and not rec.stand_in and rec.op.keeps_per_sample_grads(rec, single):
+                rec.sq = rec.op.norm_sample_sq(rec, single, self.measure)
+                if rec.params and all(i in rec.kept for i in rec.params):
+                    rec.release()
+        except BaseException:
+            self.records = []  # the pass is abandoned (autograd drops its queued close with it)
+            raise
 
     def _close_pass(self) -> None:
         """The per-sample norms of the pass that just ended (errors surface in backward)."""

@@ -361,3 +361,30 @@ def test_bk_keeps_predicts_what_the_norms_keep(case):
     for needs in (frozenset(rule.param_args), frozenset(rule.param_args[:1])):
         _, kept = rule.norm_sample_sq_keep(args, g, needs)
         assert rule.bk_keeps(args, g, needs) == (set(kept) == set(needs)), (needs, set(kept))
+
+
+def test_an_error_in_a_per_record_norm_abandons_the_pass_cleanly(monkeypatch):
+    """A norm that raises while its record arrives surfaces in backward(), and the next
+    backward pass starts clean (its records are closed and clipped as usual)."""
+    from fxdp.rules.conv import ConvNdRule
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.Flatten(), nn.Linear(3 * 8 * 8, 2)).double()
+    x = torch.randn(4, 2, 8, 8, dtype=torch.float64)
+    dpm = privatize(model)
+    dpb = privatize(copy.deepcopy(model), grad_sample_mode="bk")
+    expected = clipped_sums_materialized(dpm, x, torch.ones(4, 2, dtype=torch.float64), 0.3, False)
+    dpb.bookkeeping.attached = True
+    real = ConvNdRule.norm_sample_sq_keep
+
+    def failing(self, *a, **k):
+        raise RuntimeError("injected")
+
+    monkeypatch.setattr(ConvNdRule, "norm_sample_sq_keep", failing)
+    with pytest.raises(RuntimeError, match="injected"):
+        dpb(x).sum().div(4).backward()
+    assert dpb.bookkeeping.records == [] and dpb.bookkeeping.pending == []
+    monkeypatch.setattr(ConvNdRule, "norm_sample_sq_keep", real)
+    sums = bk_clipped_sums(dpb, lambda: dpb(x).sum().div(4).backward(), 0.3)
+    for p, e in zip([p for p in dpb.parameters() if p.requires_grad], expected):
+        torch.testing.assert_close(sums[id(p)], e, rtol=1e-9, atol=1e-12)
