@@ -19,6 +19,11 @@ __all__ = ["FlatNoise", "gaussian_noise", "noisy_sum", "secure_generator"]
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
+def _check_std(std: float) -> None:
+    if not std >= 0 or std == float("inf"):
+        raise ValueError(f"noise std must be finite and >= 0, got {std}")
+
+
 def gaussian_noise(
     std: float,
     shape: Sequence[int] | torch.Size,
@@ -36,8 +41,7 @@ def gaussian_noise(
     noise is drawn in float32 and rounded once. With a secure generator the noise is
     :func:`fxdp.optim.secure.secure_normal` (CSPRNG bits, float64, rounded once).
     """
-    if not std >= 0 or std == float("inf"):
-        raise ValueError(f"noise std must be finite and >= 0, got {std}")
+    _check_std(std)
     device = torch.device(device) if device is not None else torch.device("cpu")
     if std == 0:
         return torch.zeros(tuple(shape), dtype=dtype, device=device)
@@ -79,7 +83,7 @@ class FlatNoise:
     (``optimizer.zero_grad()`` drops them as ``p.grad``). On CPU a fresh tensor per
     parameter and a fresh sum cost page faults and one sampler call each: for
     ResNet18's 11.2M parameters the per-parameter draw took 61 ms plus 18 ms for the
-    sums, the flat draw 41 ms plus 3 ms (``benchmarks/README.md``, "Noise").
+    sums, the flat draw 41 ms plus 3 ms (``benchmarks/README.md``, "Round 3").
 
     Sums of mixed dtype or device, half-precision sums (noise drawn in float32 and
     rounded once) and secure generators keep :func:`noisy_sum` per sum. The noise has
@@ -91,8 +95,7 @@ class FlatNoise:
         self.buffer: Tensor | None = None
 
     def __call__(self, sums: Sequence[Tensor], std: float, *, generator: torch.Generator | None = None) -> list[Tensor]:
-        if not std >= 0 or std == float("inf"):
-            raise ValueError(f"noise std must be finite and >= 0, got {std}")
+        _check_std(std)
         if not sums:
             return []
         dtype, device = sums[0].dtype, sums[0].device
