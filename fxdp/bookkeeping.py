@@ -26,7 +26,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Dict, List
+from typing import TYPE_CHECKING, Callable, Dict, List
 
 import torch
 from torch import Tensor, nn
@@ -60,6 +60,8 @@ class BookKeeping(ClippedSumSource):
     ``loss_reduction="mean"``: raw per-sample gradients of a mean loss carry ``1/B``;
     norms and sums are of ``B *`` raw, Opacus' convention (each row a sample's own gradient).
     """
+
+    sums_into = True
 
     def __init__(self, loss_reduction: str = "mean") -> None:
         self.loss_reduction = loss_reduction
@@ -130,7 +132,12 @@ class BookKeeping(ClippedSumSource):
     def clear(self, params: Sequence[nn.Parameter]) -> None:
         self.records, self.pending, self._consumed = [], [], 0
 
-    def clip_and_sum(self, params: Sequence[nn.Parameter], clipping: Clipping) -> ClipResult:
+    def clip_and_sum(self, params: Sequence[nn.Parameter], clipping: Clipping,
+                     into: Callable[[], List[Tensor]] | None = None, into_scale: float = 1.0) -> ClipResult:
+        """Clip and sum every pass of the step. With ``into``, ``into_scale`` times each
+        layer's clipped sum is added into ``into()[k]`` as soon as it is formed (so no
+        sum outlives its layer) and ``ClipResult.sums`` is empty; ``into`` is called once,
+        after every factor is known, so a non-finite gradient raises before it."""
         passes, self.pending = self.pending, []
         self._consumed = len(passes)
         reached = {id(p) for ps in passes for r in ps.records for p in r.params.values()}
@@ -142,30 +149,38 @@ class BookKeeping(ClippedSumSource):
                     "unfrozen later, so no capture op serves it. The step was not applied. Fix: unfreeze it "
                     "before make_private, or call make_private again (on the original model) after unfreezing"
                 )
+        params = list(params)
+        position = {id(p): k for k, p in enumerate(params)}
+        clipped = [self._factors(ps, params, position, clipping) for ps in passes]  # may raise
+        out = into() if into is not None else None
         result = None
-        for ps in passes:
-            r = self._clip_pass(ps, list(params), clipping)
+        for ps, (norms, factors, ok, scale) in zip(passes, clipped):
+            if norms is None:  # an empty batch (run on a stand-in sample) or nothing trainable reached
+                sums = [] if out is not None else [torch.zeros_like(p) for p in params]
+                norms = factors = torch.zeros(ps.batch_size, len(params), device=params[0].device if params else None)
+                if clipping.per_parameter is None:
+                    factors = factors[:, 0]
+            else:
+                sums = self._clipped_sums(ps, params, position, factors * (scale * into_scale), ok, out)
+            r = ClipResult(sums, norms.detach(), factors.detach())
             result = r if result is None else result.add(r)
         assert result is not None, "check() runs first"
         return result
 
-    def _clip_pass(self, ps: _Pass, params: List[nn.Parameter], clipping: Clipping) -> ClipResult:
-        """Factors and clipped sums of one backward pass over the optimizer's ``params``."""
-        position = {id(p): k for k, p in enumerate(params)}
+    def _factors(self, ps: _Pass, params: List[nn.Parameter], position: Dict[int, int], clipping: Clipping):
+        """Per-sample norms ``[B, K]``, clip factors, the finite-sample mask and the loss
+        scale of one backward pass (norms ``None`` when the pass reached no parameter)."""
         B, scale = ps.batch_size, (float(ps.batch_size) if self.loss_reduction == "mean" else 1.0)
         sq = {k: v for k, v in ps.sq.items() if k in position}
-        if not sq:  # an empty batch (run on a stand-in sample) or nothing trainable reached
-            zeros = torch.zeros(B, len(params), device=params[0].device if params else None)
-            factors = zeros if clipping.per_parameter is not None else zeros[:, 0]
-            return ClipResult([torch.zeros_like(p) for p in params], zeros, factors)
+        if not sq:
+            return None, None, None, scale
         dtype = functools.reduce(torch.promote_types, [v.dtype for v in sq.values()])
         zero = torch.zeros(B, dtype=dtype, device=next(iter(sq.values())).device)
         norms = torch.stack([sq.get(id(p), zero).to(dtype) for p in params], 1).clamp_min(0).sqrt() * scale
         factors, ok = clipping.factors(norms, [p.shape for p in params])
         if ok is not None:
             norms = torch.where(ok[:, None], norms, 0)
-        sums = self._clipped_sums(ps, params, position, factors * scale, ok)
-        return ClipResult(sums, norms.detach(), factors.detach())
+        return norms, factors, ok, scale
 
     @staticmethod
     def _squared_norms(records: List[LayerRecord], uses: Dict[int, int], measure: bool = False):
@@ -192,15 +207,19 @@ class BookKeeping(ClippedSumSource):
 
     @staticmethod
     def _clipped_sums(ps: _Pass, params: List[nn.Parameter], position: Dict[int, int], scaled: Tensor,
-                      ok: Tensor | None) -> List[Tensor]:
-        """``sum_i c_i * (scale * raw_i)`` per parameter, layer by layer (``scaled = c * scale``)."""
+                      ok: Tensor | None, out: List[Tensor] | None = None) -> List[Tensor]:
+        """``sum_i c_i * (scale * raw_i)`` per parameter, layer by layer (``scaled = c * scale``);
+        with ``out``, each layer's sum is added into ``out[k]`` at once and ``[]`` returned."""
         # one factor tensor per parameter; flat clipping shares one object, so a layer's
         # rule is called once for all its parameters (RuleCapture groups by identity)
         column = {k: factor_of(scaled, k) for k in range(len(params))} if scaled.dim() == 2 else None
         sums: Dict[int, Tensor] = {}
 
         def add(k: int, v: Tensor) -> None:
-            sums[k] = sums[k] + v if k in sums else v
+            if out is not None:  # freed at once: the step never holds every layer's sum
+                out[k].add_(v.reshape(out[k].shape))
+            else:
+                sums[k] = sums[k] + v if k in sums else v
 
         for r in ps.records:
             want = {i: (scaled if column is None else column[position[id(p)]])
@@ -224,7 +243,9 @@ class BookKeeping(ClippedSumSource):
             if ok is not None:
                 g = torch.where(ok.view(-1, *[1] * (g.dim() - 1)), g, 0)
             f = scaled if column is None else column[k]
-            sums[k] = torch.einsum("b,b...->...", f.to(g.dtype), g)
+            add(k, torch.einsum("b,b...->...", f.to(g.dtype), g))
+        if out is not None:
+            return []
         return [sums[k].to(p.dtype).reshape(p.shape) if k in sums else torch.zeros_like(p)
                 for k, p in enumerate(params)]
 

@@ -388,3 +388,71 @@ def test_an_error_in_a_per_record_norm_abandons_the_pass_cleanly(monkeypatch):
     sums = bk_clipped_sums(dpb, lambda: dpb(x).sum().div(4).backward(), 0.3)
     for p, e in zip([p for p in dpb.parameters() if p.requires_grad], expected):
         torch.testing.assert_close(sums[id(p)], e, rtol=1e-9, atol=1e-12)
+
+
+def _tied_bk(**kw):
+    torch.manual_seed(4)
+    dp = privatize(TiedLM().double(), grad_sample_mode="bk")
+    kw = {"max_grad_norm": 0.3, "generator": torch.Generator().manual_seed(9), **kw}
+    opt = DPOptimizer(torch.optim.SGD(dp.parameters(), lr=0.1), noise_multiplier=0.8, expected_batch_size=5, **kw)
+    opt.attach_bookkeeping(dp.bookkeeping)
+    return dp, opt
+
+
+@pytest.mark.parametrize("passes", [1, 2])
+@pytest.mark.parametrize("clipping", ["flat", "per_layer"])
+def test_noise_first_step_equals_add_noise_then_scale(passes, clipping, monkeypatch):
+    """A book-keeping step draws N(0, (sigma C / n)^2) first and adds each layer's sum
+    scaled by 1/n into it: the gradients of add_noise + scale_grad (same generator seed),
+    with tied parameters and accumulated backward passes; p.summed_grad is not set."""
+    grads = {}
+    for first in (True, False):
+        dp, opt = _tied_bk(**({"clipping": "per_layer", "max_grad_norm": [0.2] * 4} if clipping == "per_layer" else {}))
+        if not first:
+            monkeypatch.setattr(opt, "_noise_first", lambda: False)
+        data = torch.Generator().manual_seed(2)
+        for _ in range(passes):
+            F.cross_entropy(dp(torch.randn(5, 11, generator=data, dtype=torch.float64)),
+                            torch.randint(0, 11, (5,), generator=data)).backward()
+        assert opt._noise_first() is first
+        opt.step()
+        grads[first] = [p.grad.clone() for p in dp.parameters()]
+        assert all((p.summed_grad is None) is first for p in dp.parameters())
+    for a, b in zip(grads[True], grads[False]):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+def test_noise_first_only_where_the_plain_step_is_equivalent():
+    dp, opt = _tied_bk()
+    F.cross_entropy(dp(torch.randn(5, 11, dtype=torch.float64)), torch.randint(0, 11, (5,))).backward()
+    assert opt._noise_first()
+    opt.signal_skip_step(True)  # a virtual step accumulates p.summed_grad: noise comes later
+    assert not opt._noise_first()
+    opt.step()
+    assert all(p.summed_grad is not None for p in dp.parameters())
+    F.cross_entropy(dp(torch.randn(5, 11, dtype=torch.float64)), torch.randint(0, 11, (5,))).backward()
+    assert not opt._noise_first()  # something accumulated
+    opt.step()
+    opt.zero_grad()
+    _, secure_opt = _tied_bk(secure_mode=True, generator=None)
+    assert not secure_opt._noise_first()  # CSPRNG noise and snapped sums per parameter
+    ada = fxdp.optim.AdaClipDPOptimizer(torch.optim.SGD(dp.parameters(), lr=0.1), noise_multiplier=0.8,
+                                        max_grad_norm=0.3, expected_batch_size=5, target_unclipped_quantile=0.5,
+                                        clipbound_learning_rate=0.2, max_clipbound=1.0, min_clipbound=0.01,
+                                        unclipped_num_std=1.0)
+    ada.attach_bookkeeping(dp.bookkeeping)
+    F.cross_entropy(dp(torch.randn(5, 11, dtype=torch.float64)), torch.randint(0, 11, (5,))).backward()
+    assert not ada._noise_first()  # its own add_noise (the noisy clip count)
+
+
+def test_noise_first_draws_nothing_before_a_non_finite_gradient_raises():
+    dp, opt = _tied_bk()
+    x = torch.randn(5, 11, dtype=torch.float64)
+    x[3, 0] = float("inf")
+    F.cross_entropy(dp(x), torch.randint(0, 11, (5,))).backward()
+    state = opt.generator.get_state()
+    before = [p.detach().clone() for p in dp.parameters()]
+    with pytest.raises(FloatingPointError, match="sample index 3"):
+        opt.step()
+    assert torch.equal(opt.generator.get_state(), state)
+    assert all(torch.equal(a, p) for a, p in zip(before, dp.parameters()))

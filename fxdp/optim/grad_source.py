@@ -38,6 +38,11 @@ def is_processed(obj: Tensor | list[Tensor]) -> bool:
 class ClippedSumSource:
     """The interface a :class:`~fxdp.optim.DPOptimizer` step reads clipped sums through."""
 
+    #: whether :meth:`clip_and_sum` also takes ``into`` and ``into_scale``: add the scaled
+    #: sums into the tensors ``into()`` returns (called once every factor is known) and
+    #: return no sums, so the optimizer can draw the noise first and add each sum into it
+    sums_into = False
+
     def check(self, params: Sequence[nn.Parameter]) -> int:
         """Raise (changing nothing) unless a backward pass left something to clip; return
         the number of backward passes accumulated since the last step."""

@@ -98,16 +98,29 @@ class FlatNoise:
         _check_std(std)
         if not sums:
             return []
-        dtype, device = sums[0].dtype, sums[0].device
-        flat = (
+        if not self.fits(sums, generator):
+            return [noisy_sum(s, std, generator=generator) for s in sums]
+        return [view.add_(s) for view, s in zip(self.draw(sums, std, generator=generator), sums)]
+
+    @staticmethod
+    def fits(like: Sequence[Tensor], generator: torch.Generator | None = None) -> bool:
+        """Whether one flat draw serves tensors like ``like`` (else :func:`noisy_sum` each)."""
+        if not like:
+            return False
+        dtype, device = like[0].dtype, like[0].device
+        return (
             not is_secure(generator)
             and dtype not in _LOW_PRECISION
-            and all(s.dtype == dtype and s.device == device for s in sums)
+            and all(s.dtype == dtype and s.device == device for s in like)
             and (generator is None or generator.device == device)
         )
-        if not flat:
-            return [noisy_sum(s, std, generator=generator) for s in sums]
-        numel = sum(s.numel() for s in sums)
+
+    def draw(self, like: Sequence[Tensor], std: float, *, generator: torch.Generator | None = None) -> list[Tensor]:
+        """``N(0, std^2)`` noise shaped like each of ``like`` (for which :meth:`fits`), as
+        views of the buffer: the optimizer adds the clipped sums into them in place."""
+        _check_std(std)
+        dtype, device = like[0].dtype, like[0].device
+        numel = sum(s.numel() for s in like)
         buf = self.buffer
         if buf is None or buf.numel() != numel or buf.dtype != dtype or buf.device != device:
             buf = self.buffer = torch.empty(numel, dtype=dtype, device=device)
@@ -116,9 +129,8 @@ class FlatNoise:
         else:
             buf.normal_(0.0, float(std), generator=generator)
         out, offset = [], 0
-        for s in sums:
-            view = buf[offset:offset + s.numel()].view(s.shape)
-            out.append(view.add_(s))
+        for s in like:
+            out.append(buf[offset:offset + s.numel()].view(s.shape))
             offset += s.numel()
         return out
 

@@ -101,7 +101,9 @@ class DPOptimizer(Optimizer):
     2. clip + accumulate (raises ``FloatingPointError`` on a non-finite sample gradient,
        before accumulating);
     3. if ``signal_skip_step(True)`` was queued: stop here (virtual batch continues);
-    4. add noise, scale by the expected batch size;
+    4. add noise, scale by the expected batch size (a book-keeping step of one logical
+       batch draws the noise first and adds each layer's scaled clipped sum into it as
+       the sum is formed, :meth:`_clip_into_noise`; ``p.summed_grad`` is then not set);
     5. ``attach_step_hook`` callback (privacy accounting: ``noise_multiplier`` and
        ``accumulated_iterations`` are valid here);
     6. the wrapped optimizer's ``step()``.
@@ -436,6 +438,44 @@ class DPOptimizer(Optimizer):
             p.grad = g.view_as(p)
             mark_as_processed(p.summed_grad)
 
+    def _noise_first(self) -> bool:
+        """Whether steps 2-4 can run as :meth:`_clip_into_noise`: a grad source that adds
+        its sums into given tensors (book-keeping), one logical batch with nothing
+        accumulated and no skip queued, the plain Gaussian mechanism of this class
+        (subclasses that change clipping's sums, the noise or the scaling keep steps
+        2-4), and one flat noise draw for the parameters."""
+        cls = type(self)
+        if not self.grad_source.sums_into or self._check_skip_next_step(pop_next=False):
+            return False
+        if any(getattr(cls, m) is not getattr(DPOptimizer, m)
+               for m in ("_clip_and_accumulate", "add_noise", "noisy_sums", "scale_grad", "_noise_std")):
+            return False
+        params = self.params
+        return all(getattr(p, "summed_grad", None) is None for p in params) and self._flat_noise.fits(params, self.generator)
+
+    def _clip_into_noise(self) -> None:
+        """Steps 2-4 with the noise drawn first: ``p.grad = (N(0, std^2) + sum_i c_i g_i) / n``
+        as ``N(0, (std/n)^2) + sum_i (c_i/n) g_i``, each layer's clipped sum added into its
+        slice of the flat noise buffer as it is formed. The same distribution as add_noise
+        + scale_grad, without a buffer for every clipped sum, their additions and the
+        division (ResNet18: 11.2M parameters). ``p.summed_grad`` stays ``None``."""
+        params = self.params
+        n = self.expected_batch_size * self.accumulated_iterations if self.loss_reduction == "mean" else 1
+        views: list[Tensor] = []
+
+        def draw() -> list[Tensor]:  # after every factor is known: a non-finite gradient raises first
+            views.extend(self._flat_noise.draw(params, self._noise_std() / n, generator=self.generator))
+            return views
+
+        result: ClipResult = self.grad_source.clip_and_sum(params, self.current_clipping(), into=draw,
+                                                           into_scale=1.0 / n)
+        self._pending_norms.append(torch.linalg.vector_norm(result.norms, dim=1))
+        clipped = result.factors < 1
+        self._pending_clipped.append(clipped.any(dim=1) if clipped.dim() == 2 else clipped)
+        self._finish_clip_stats()
+        for p, g in zip(params, views):
+            p.grad = g
+
     def noisy_sums(self, sums: list[Tensor], std: float) -> list[Tensor]:
         """The Gaussian mechanism on the clipped sums: ``S_k + N(0, std^2)`` per parameter,
         drawn at once into a flat buffer (:class:`~fxdp.optim.noise.FlatNoise`; secure
@@ -458,12 +498,16 @@ class DPOptimizer(Optimizer):
         if not self._check_skip_next_step(pop_next=False):
             for guard in list(self._step_guards.values()):
                 guard(self)
-        self._clip_and_accumulate()
-        if self._check_skip_next_step():
-            self._is_last_step_skipped = True
-            return False
-        self.add_noise()
-        self.scale_grad()
+        if self._noise_first():
+            self._clip_into_noise()
+            self._check_skip_next_step()  # this step's entry (not a skip)
+        else:
+            self._clip_and_accumulate()
+            if self._check_skip_next_step():
+                self._is_last_step_skipped = True
+                return False
+            self.add_noise()
+            self.scale_grad()
         if self.step_hook is not None:
             self.step_hook(self)
         self._is_last_step_skipped = False

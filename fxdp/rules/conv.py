@@ -69,8 +69,8 @@ of about 1000 per output position ``T``; the rule picks ``groups`` below
 The MNIST 16->32 layer at its real 13x13 input (T = 25) is near the crossover
 (the two methods within noise of each other). On the wide, small layers the
 book-keeping ghost norm is far cheaper still (below). Heuristics were tuned on
-CPU only. The ghost norms and the patches + matmul clipped sum only need patch rows
-``[T, d]`` in any order of ``d``: on wide layers with small maps they are copied from
+CPU only. The ghost norms' Gram matrices take patch rows ``[T, d]`` in any order of
+``d``: on wide layers with small maps they are copied from
 a channels-last view of the input, in runs of ``C/G * k`` contiguous entries, 2-4x
 faster than the channel-first copy (``_CHANNELS_LAST_MIN_RUN``; interleaved full
 book-keeping steps, 1 thread: CIFAR-10 CNN at B = 128 1.37x -> 1.30x non-private,
@@ -379,16 +379,15 @@ def _patches(geo: _Geom, out_spatial: Sequence[int]) -> Tensor:
     return view.reshape(B, C * math.prod(geo.k), math.prod(out_spatial))
 
 
-def _patch_rows(geo: _Geom, out_spatial: Sequence[int]) -> Tuple[Tensor, bool]:
-    """Patches ``[B*G, T, d]`` per group, and whether ``d`` is ordered ``(k..., C/G)``
-    (copied from a channels-last input: long contiguous runs on wide layers with small
-    maps) rather than ``F.unfold``'s ``(C/G, k...)``."""
+def _patch_rows(geo: _Geom, out_spatial: Sequence[int]) -> Tensor:
+    """Patches ``[B*G, T, d]`` per group with ``d`` in any order: ``(k..., C/G)``,
+    copied from a channels-last input (long contiguous runs on wide layers with small
+    maps), or ``F.unfold``'s ``(C/G, k...)``."""
     x = geo.x
     B, C, G = x.shape[0], x.shape[1], geo.groups
     T = math.prod(out_spatial)
     if C // G * geo.k[-1] < _CHANNELS_LAST_MIN_RUN * out_spatial[-1]:
-        P = _patches(geo, out_spatial)
-        return P.reshape(B * G, -1, T).transpose(1, 2), False
+        return _patches(geo, out_spatial).reshape(B * G, -1, T).transpose(1, 2)
     if any(geo.pad):
         x = F.pad(x, _f_pad_arg([(p, p) for p in geo.pad]))
     x = x.movedim(1, -1).contiguous()  # [B, *S, C]; free when the input is channels-last
@@ -401,16 +400,21 @@ def _patch_rows(geo: _Geom, out_spatial: Sequence[int]) -> Tuple[Tensor, bool]:
     )
     if G > 1:
         view = view.movedim(-2, 1)  # [B, G, *out, *k, C/G]
-    return view.reshape(B * G, T, -1), True
+    return view.reshape(B * G, T, -1)
 
 
-def _grouped(geo: _Geom, g: Tensor) -> Tuple[Tensor, Tensor, bool]:
-    """Patches ``[B*G, T, d]`` and output gradients ``[B*G, T, p]`` per group, and
-    whether ``d`` is ordered ``(k..., C/G)`` (see :func:`_patch_rows`)."""
+def _grouped(geo: _Geom, g: Tensor, any_order: bool = False) -> Tuple[Tensor, Tensor]:
+    """Patches ``[B*G, T, d]`` and output gradients ``[B*G, T, p]`` per group. With
+    ``any_order`` (Gram matrices) ``d`` may be ordered ``(k..., C/G)`` (see
+    :func:`_patch_rows`); otherwise it is the weight's ``(C/G, k...)``."""
     B, O, G = g.shape[0], g.shape[1], geo.groups
-    P, channels_last = _patch_rows(geo, g.shape[2:])
-    gg = g.reshape(B * G, O // G, P.shape[1]).transpose(1, 2)
-    return P, gg, channels_last
+    T = math.prod(g.shape[2:])
+    if any_order:
+        P = _patch_rows(geo, g.shape[2:])
+    else:
+        P = _patches(geo, g.shape[2:]).reshape(B * G, -1, T).transpose(1, 2)
+    gg = g.reshape(B * G, O // G, T).transpose(1, 2)
+    return P, gg
 
 
 def _ps_correlate(geo: _Geom, g: Tensor) -> Tensor:
@@ -449,14 +453,12 @@ def _sum_unfold(geo: _Geom, g: Tensor) -> Tensor:
     """``sum_i grad W_i``: patches and one batched matmul over the groups, contracting
     samples and positions together (the weight gradient of ``g``)."""
     B, O, C, G = g.shape[0], g.shape[1], geo.x.shape[1], geo.groups
-    P, gg, channels_last = _grouped(geo, g)  # [B*G, T, d], [B*G, T, p]
+    # channel-first patches: T <= 4 keeps them small, and the [O, d] result needs no permuted copy
+    P, gg = _grouped(geo, g)  # [B*G, T, d], [B*G, T, p]
     T = P.shape[1]
     P = P.reshape(B, G, T, -1).transpose(0, 1).reshape(G, B * T, -1)
     gg = gg.reshape(B, G, T, -1).transpose(0, 1).reshape(G, B * T, -1)
-    w = torch.bmm(gg.transpose(1, 2), P)  # [G, p, d]
-    if channels_last:
-        return w.reshape(O, *geo.k, C // G).movedim(-1, 1).contiguous()
-    return w.reshape(O, C // G, *geo.k)
+    return torch.bmm(gg.transpose(1, 2), P).reshape(O, C // G, *geo.k)
 
 
 def _ps_unfold(geo: _Geom, g: Tensor) -> Tensor:
@@ -577,7 +579,7 @@ class _ConvMath:
             geo, gout = self._setup(args, grad_output)
             B = gout.shape[0]
             if method == "ghost" or (method is None and self.use_ghost(geo, gout)):
-                P, gg, _ = _grouped(geo, gout)  # the Gram matrices do not depend on d's order
+                P, gg = _grouped(geo, gout, any_order=True)  # Gram matrices: d's order does not matter
                 gram = torch.bmm(P, P.transpose(1, 2)) * torch.bmm(gg, gg.transpose(1, 2))
                 out["weight"] = gram.reshape(B, -1).sum(1)
             else:

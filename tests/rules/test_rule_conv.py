@@ -374,9 +374,9 @@ def test_book_keeping(case, method, ghost, sum_by, monkeypatch):
 @pytest.mark.parametrize("layout", ["channels_last", "channels_first"])
 @pytest.mark.parametrize("case", range(len(BK_CASES)))
 def test_book_keeping_patch_layouts(case, layout, monkeypatch):
-    """Ghost norms and the patches + matmul clipped sum with patch rows copied from a
-    channels-last input (``d`` ordered ``(k..., C/G)``) or channel-first, against the
-    per-sample gradients of the batch-as-groups method (which forms no patches)."""
+    """Ghost norms with patch rows copied from a channels-last input (``d`` ordered
+    ``(k..., C/G)``) or channel-first, against the per-sample gradients of the
+    batch-as-groups method (which forms no patches)."""
     monkeypatch.setattr(C, "_CHANNELS_LAST_MIN_RUN", 0 if layout == "channels_last" else float("inf"))
     _check_book_keeping(case, "groups", True, "unfold", monkeypatch)
 
