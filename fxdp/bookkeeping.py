@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from .errors import PerSampleGradientError
 from .optim.clip import ClipResult, Clipping, factor_of
 from .optim.grad_source import ClippedSumSource
-from .rules.base import sq_norms
+from .rules.base import sq_norms, weighted_sum
 
 if TYPE_CHECKING:  # fxdp.capture hands records over; the types only are needed here
     from .capture import LayerRecord
@@ -231,10 +231,13 @@ class BookKeeping(ClippedSumSource):
                     add(position[id(r.params[i])], torch.einsum("b,b...->...", f.to(g.dtype), g))
             elif want and r.released:  # sum_i c_i g_i of the kept per-sample gradients
                 for i, f in want.items():
-                    g = r.kept.pop(i)
-                    add(position[id(r.params[i])], torch.einsum("b,b...->...", f.to(g.dtype), g))
-            elif want:
-                for i, v in r.op.clipped_sum(r, want).items():
+                    k = position[id(r.params[i])]
+                    v = weighted_sum(f, r.kept.pop(i), None if out is None else out[k])
+                    if v is not None:
+                        add(k, v)
+            elif want:  # the rule adds what it can straight into ``out``
+                into = None if out is None else {i: out[position[id(r.params[i])]] for i in want}
+                for i, v in r.op.clipped_sum(r, want, into).items():
                     add(position[id(r.params[i])], v)
         for pid, g in ps.tied.items():
             if pid not in position:

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ..errors import BatchDimensionError, PerSampleGradientError, UnsupportedOpError, where
-from ..rules.base import sq_norms
+from ..rules.base import sq_norms, weighted_sum
 from .record import LayerRecord, Recorder
 
 __all__ = ["CaptureOp", "move_to_front"]
@@ -235,12 +235,16 @@ class CaptureOp(nn.Module):
         rec.kept.update({i: gs[i] for i in idx})
         return {i: sq_norms(gs[i]) for i in idx}
 
-    def clipped_sum(self, rec: LayerRecord, factors: Dict[int, Tensor]) -> Dict[int, Tensor]:
-        """``sum_i factors[k][i] * raw_grad_i`` for each input k in ``factors``."""
+    def clipped_sum(self, rec: LayerRecord, factors: Dict[int, Tensor],
+                    into: Optional[Dict[int, Tensor]] = None) -> Dict[int, Tensor]:
+        """``sum_i factors[k][i] * raw_grad_i`` for each input k in ``factors``; those it
+        can are added into ``into[k]`` in place and left out of the result."""
         gs = {i: rec.kept.pop(i) for i in list(factors) if i in rec.kept}
         if len(gs) < len(factors):
             gs.update({i: g for i, g in self.per_sample_grads(rec).items() if i not in gs})
-        return {i: torch.einsum("b,b...->...", f.to(gs[i].dtype), gs[i]) for i, f in factors.items()}
+        into = into or {}
+        sums = {i: weighted_sum(f, gs[i], into.get(i)) for i, f in factors.items()}
+        return {i: s for i, s in sums.items() if s is not None}
 
     def rule_name(self) -> str:
         return self.kind

@@ -192,10 +192,11 @@ class BroadcastRuleCapture(ParamCapture):
         out = self.rule.norm_sample_sq(args, d, frozenset(names[i] for i in idx))
         return {i: out[names[i]] for i in idx}
 
-    def clipped_sum(self, rec: LayerRecord, factors: Dict[int, Tensor]) -> Dict[int, Tensor]:
+    def clipped_sum(self, rec: LayerRecord, factors: Dict[int, Tensor],
+                    into: Optional[Dict[int, Tensor]] = None) -> Dict[int, Tensor]:
         prepared = self._prepared(rec)
         if prepared is None:
-            return super().clipped_sum(rec, factors)
+            return super().clipped_sum(rec, factors, into)
         args, d = prepared
         names = {i: n for n, i in self.param_names.items()}
         out: Dict[int, Tensor] = {}

@@ -7,6 +7,7 @@ from typing import Any, Callable, Dict, FrozenSet, List, Optional, Sequence, Tup
 import torch
 from torch import Tensor
 
+from ..rules.base import weighted_sum
 from .op import CaptureOp, move_to_front
 from .record import LayerRecord
 
@@ -136,12 +137,17 @@ class RuleCapture(CaptureOp):
         sync()
         return (time.perf_counter() - start) * 1e3
 
-    def clipped_sum(self, rec: LayerRecord, factors: Dict[int, Tensor]) -> Dict[int, Tensor]:
+    def clipped_sum(self, rec: LayerRecord, factors: Dict[int, Tensor],
+                    into: Optional[Dict[int, Tensor]] = None) -> Dict[int, Tensor]:
+        into = into or {}
         out: Dict[int, Tensor] = {}
+        done = set()
         for i in [i for i in factors if i in rec.kept]:  # sum_i c_i g_i of kept per-sample gradients
-            gs = rec.kept.pop(i)
-            out[i] = torch.einsum("b,b...->...", factors[i].to(gs.dtype), gs)
-        factors = {i: f for i, f in factors.items() if i not in out}
+            s = weighted_sum(factors[i], rec.kept.pop(i), into.get(i))
+            done.add(i)
+            if s is not None:
+                out[i] = s
+        factors = {i: f for i, f in factors.items() if i not in done}
         if not factors:
             return out
         args, g, _ = self.prepared(rec)
@@ -152,6 +158,11 @@ class RuleCapture(CaptureOp):
         for i, f in factors.items():
             groups.setdefault(id(f), []).append(i)
         for ids in groups.values():
-            res = self.rule.clipped_sum(args, g, factors[ids[0]], frozenset(self.names[i] for i in ids))
-            out.update({i: res[self.names[i]] for i in ids})
+            needs = frozenset(self.names[i] for i in ids)
+            if self.rule.clipped_sum_into and into:
+                dst = {self.names[i]: into[i] for i in ids if i in into}
+                res = self.rule.clipped_sum(args, g, factors[ids[0]], needs, into=dst)
+            else:
+                res = self.rule.clipped_sum(args, g, factors[ids[0]], needs)
+            out.update({i: res[self.names[i]] for i in ids if self.names[i] in res})
         return out

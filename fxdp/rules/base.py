@@ -19,6 +19,7 @@ __all__ = [
     "registered_ops",
     "registered_modules",
     "sq_norms",
+    "weighted_sum",
 ]
 
 
@@ -33,13 +34,18 @@ class PerSampleRule:
     handles layouts itself). ``folds``: the rule accepts extra per-sample
     dimensions after the batch (``[B, T, ...]``), so a batch folded into the
     leading dimension (``x.view(-1, d)`` of a ``[B, T, d]`` tensor, batch-major)
-    is served exactly by viewing it as ``[B, T, ...]``.
+    is served exactly by viewing it as ``[B, T, ...]``. ``clipped_sum_into``: the
+    rule's :meth:`clipped_sum` also takes ``into`` (parameter name -> a contiguous
+    tensor shaped like the parameter) and adds the sums it can into those tensors
+    in place, returning only the others (book-keeping then writes each sum straight
+    into the optimizer's noise buffer).
     """
 
     name: str = "rule"
     param_args: Tuple[str, ...] = ("weight", "bias")
     input_arg: Optional[str] = "input"
     folds: bool = False
+    clipped_sum_into: bool = False
 
     def signature(self, *args: Any, **kwargs: Any) -> None:  # pragma: no cover - overridden
         raise NotImplementedError
@@ -184,6 +190,15 @@ def registered_ops() -> Dict[Callable, PerSampleRule]:
 
 def registered_modules() -> Dict[Type[nn.Module], Callable[[nn.Module], ModuleCall]]:
     return dict(_MODULES)
+
+
+def weighted_sum(f: Tensor, g: Tensor, into: Optional[Tensor] = None) -> Optional[Tensor]:
+    """``sum_i f_i g_i`` over the batch dimension of ``g`` (``[B, ...]``): a fresh tensor,
+    or added into ``into`` (same dtype and element count, contiguous) and ``None``."""
+    if into is not None and into.dtype == g.dtype and into.is_contiguous() and into.numel() * g.shape[0] == g.numel():
+        into.view(1, -1).addmm_(f.to(g.dtype).view(1, -1), g.reshape(g.shape[0], -1))
+        return None
+    return torch.einsum("b,b...->...", f.to(g.dtype), g)
 
 
 def sq_norms(g: Tensor) -> Tensor:

@@ -113,7 +113,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import UnsupportedOpError
-from .base import ModuleCall, PerSampleRule, register_module, register_rule, sq_norms
+from .base import ModuleCall, PerSampleRule, register_module, register_rule, sq_norms, weighted_sum
 
 aten = torch.ops.aten
 
@@ -449,15 +449,19 @@ def _sum_correlate(geo: _Geom, g: Tensor) -> Tensor:
     return w.reshape(O, 1, *geo.k)
 
 
-def _sum_unfold(geo: _Geom, g: Tensor) -> Tensor:
+def _sum_unfold(geo: _Geom, g: Tensor, into: Optional[Tensor] = None) -> Optional[Tensor]:
     """``sum_i grad W_i``: patches and one batched matmul over the groups, contracting
-    samples and positions together (the weight gradient of ``g``)."""
+    samples and positions together (the weight gradient of ``g``); added into ``into``
+    (contiguous, the weight's shape and dtype) when given, returning ``None``."""
     B, O, C, G = g.shape[0], g.shape[1], geo.x.shape[1], geo.groups
     # channel-first patches: T <= 4 keeps them small, and the [O, d] result needs no permuted copy
     P, gg = _grouped(geo, g)  # [B*G, T, d], [B*G, T, p]
     T = P.shape[1]
     P = P.reshape(B, G, T, -1).transpose(0, 1).reshape(G, B * T, -1)
     gg = gg.reshape(B, G, T, -1).transpose(0, 1).reshape(G, B * T, -1)
+    if into is not None:
+        into.view(G, O // G, -1).baddbmm_(gg.transpose(1, 2), P)
+        return None
     return torch.bmm(gg.transpose(1, 2), P).reshape(O, C // G, *geo.k)
 
 
@@ -593,24 +597,36 @@ class _ConvMath:
             kept["bias"] = ps  # [B, O]: smaller than any output gradient
         return out, kept
 
+    clipped_sum_into = True
+
     def clipped_sum(
-        self, args: Mapping[str, Any], grad_output: Tensor, factors: Tensor, needs: FrozenSet[str]
+        self, args: Mapping[str, Any], grad_output: Tensor, factors: Tensor, needs: FrozenSet[str],
+        into: Optional[Dict[str, Tensor]] = None,
     ) -> Dict[str, Tensor]:
         _check_batched(args["input"], args["weight"], self.name)
         B = grad_output.shape[0]
         f = factors.to(grad_output.dtype).reshape((B,) + (1,) * (grad_output.dim() - 1))
+        into = into or {}
         out: Dict[str, Tensor] = {}
         if "weight" in needs:
             geo, gout = self._setup(args, grad_output)
             gout = gout * f  # bilinear in (input, output gradient): scale either
+            dst = into.get("weight")
+            if dst is not None and not (dst.dtype == gout.dtype and dst.is_contiguous()
+                                        and dst.shape == _weight_shape(geo, gout)):
+                dst = None
             if self.method(geo, gout) == "correlate":
                 out["weight"] = _sum_correlate(geo, gout)
             elif math.prod(gout.shape[2:]) <= self.sum_unfold_max_positions:
-                out["weight"] = _sum_unfold(geo, gout)
+                s = _sum_unfold(geo, gout, dst)  # straight into the noise buffer: no fresh sum
+                if s is not None:
+                    out["weight"] = s
             else:
                 out["weight"] = _wgrad(geo, gout.contiguous(), geo.x, geo.groups, _weight_shape(geo, gout))
         if "bias" in needs:
-            out["bias"] = self._bias_ps(args, grad_output * f).sum(0)
+            s = weighted_sum(f.reshape(B), self._bias_ps(args, grad_output), into.get("bias"))
+            if s is not None:
+                out["bias"] = s
         return out
 
 

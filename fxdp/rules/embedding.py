@@ -229,8 +229,11 @@ class EmbeddingRule(PerSampleRule):
     def bk_plan(self, args: Mapping[str, Any], grad_output: Tensor, needs: FrozenSet[str]) -> Dict[str, str]:
         return {n: "norms from repeated tokens only (no [B, V, D]); clipped sum: one scatter of c∘g" for n in needs}
 
+    clipped_sum_into = True
+
     def clipped_sum(
-        self, args: Mapping[str, Any], grad_output: Tensor, factors: Tensor, needs: FrozenSet[str]
+        self, args: Mapping[str, Any], grad_output: Tensor, factors: Tensor, needs: FrozenSet[str],
+        into: Optional[Dict[str, Tensor]] = None,
     ) -> Dict[str, Tensor]:
         if "weight" not in needs:
             return {}
@@ -242,7 +245,11 @@ class EmbeddingRule(PerSampleRule):
         B = idx.shape[0]
         pad = self._padding_idx(args, V)
         f = factors.to(grad_output.dtype).view((B,) + (1,) * (grad_output.dim() - 1))
-        out = grad_output.new_zeros(V, D)
+        dst = (into or {}).get("weight")
+        if dst is not None and dst.dtype == grad_output.dtype and dst.shape == (V, D):
+            out = dst  # scattered straight into the noise buffer (index_put_ accepts any strides)
+        else:
+            out = grad_output.new_zeros(V, D)
         step = max(1, -(-B // _CLIPPED_SUM_CHUNKS))
         for s in range(0, B, step):
             i, rows = idx[s:s + step].reshape(-1), (grad_output[s:s + step] * f[s:s + step]).reshape(-1, D)
@@ -250,7 +257,7 @@ class EmbeddingRule(PerSampleRule):
                 keep = i != pad
                 i, rows = i[keep], rows[keep]
             out.index_put_((i,), rows, accumulate=True)
-        return {"weight": out}
+        return {} if out is dst else {"weight": out}
 
 
 @register_rule(torch.embedding, torch.ops.aten.embedding.default)

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import ModuleCall, PerSampleRule, register_module, register_rule, sq_norms
+from .base import ModuleCall, PerSampleRule, register_module, register_rule, sq_norms, weighted_sum
 
 aten = torch.ops.aten
 
@@ -141,21 +141,31 @@ class LinearRule(PerSampleRule):
                 kept["bias"] = ps
         return out, kept
 
+    clipped_sum_into = True
+
     def clipped_sum(
-        self, args: Mapping[str, Any], grad_output: Tensor, factors: Tensor, needs: FrozenSet[str]
+        self, args: Mapping[str, Any], grad_output: Tensor, factors: Tensor, needs: FrozenSet[str],
+        into: Optional[Dict[str, Tensor]] = None,
     ) -> Dict[str, Tensor]:
         a, g = _flat(args["input"]), _flat(grad_output)
         f = factors.to(g.dtype)
+        into = into or {}
         out: Dict[str, Tensor] = {}
         if "weight" in needs:  # bilinear in (a, g): scale the smaller of the two
             d, p = a.shape[-1], g.shape[-1]
             if d < p:
-                ac = a * f.to(a.dtype).view(-1, 1, 1)
-                out["weight"] = g.reshape(-1, p).t() @ ac.reshape(-1, d)
+                lhs, rhs = g.reshape(-1, p).t(), (a * f.to(a.dtype).view(-1, 1, 1)).reshape(-1, d)
             else:
-                out["weight"] = (g * f.view(-1, 1, 1)).reshape(-1, p).t() @ a.reshape(-1, d)
+                lhs, rhs = (g * f.view(-1, 1, 1)).reshape(-1, p).t(), a.reshape(-1, d)
+            dst = into.get("weight")
+            if dst is not None and dst.dtype == lhs.dtype and dst.is_contiguous() and dst.shape == (p, d):
+                dst.addmm_(lhs, rhs)  # no fresh [p, d] sum
+            else:
+                out["weight"] = lhs @ rhs
         if "bias" in needs:
-            out["bias"] = f @ g.sum(1)
+            s = weighted_sum(f, g.sum(1), into.get("bias"))
+            if s is not None:
+                out["bias"] = s
         return out
 
 

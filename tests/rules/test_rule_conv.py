@@ -408,6 +408,14 @@ def _check_book_keeping(case, method, ghost, sum_by, monkeypatch):
     for n in needs:
         torch.testing.assert_close(norms[n], gs[n].flatten(1).pow(2).sum(1), rtol=1e-9, atol=1e-12)
         torch.testing.assert_close(sums[n], torch.einsum("b,b...->...", factors, gs[n]), rtol=1e-9, atol=1e-12)
+    # into the optimizer's noise buffer: the bias and patches + matmul sums are added in place
+    start = {n: torch.randn_like(gs[n][0]) for n in needs}
+    into = {n: t.clone() for n, t in start.items()}
+    rest = rule.clipped_sum(bound, g, factors, needs, into=into)
+    fresh = sum_by == "wgrad" or rule.method(*rule._setup(bound, g)) == "correlate"  # no out= for those
+    assert "bias" not in rest and ("weight" in rest) == fresh
+    for n in needs:
+        torch.testing.assert_close(into[n] - start[n] + rest.get(n, 0), sums[n], rtol=1e-9, atol=1e-12)
     for needs1 in (frozenset({"weight"}), frozenset({"bias"})):
         assert set(rule.norm_sample_sq(bound, g, needs1)) == needs1
         assert set(rule.clipped_sum(bound, g, factors, needs1)) == needs1

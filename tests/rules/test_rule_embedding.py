@@ -57,6 +57,12 @@ def _check_bookkeeping(rule, bound, g, needs, gs):
     for n in needs:
         _close(norms[n], gs[n].flatten(1).pow(2).sum(1), rtol=1e-9, atol=1e-12)
         _close(sums[n], torch.einsum("b,b...->...", factors, gs[n]), rtol=1e-9, atol=1e-12)
+    if rule.clipped_sum_into:  # into the optimizer's noise buffer: added in place, nothing returned
+        start = {n: torch.randn_like(gs[n][0]) for n in needs}
+        into = {n: t.clone() for n, t in start.items()}
+        assert rule.clipped_sum(bound, g, factors, needs, into=into) == {}
+        for n in needs:
+            _close(into[n] - start[n], sums[n], rtol=1e-9, atol=1e-12)
 
 
 # --------------------------------------------------------------------------- F.embedding

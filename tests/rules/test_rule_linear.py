@@ -81,3 +81,9 @@ def test_book_keeping_norms_and_clipped_sums(shape, method):
         for n in needs:
             torch.testing.assert_close(norms[n], gs[n].flatten(1).pow(2).sum(1), rtol=1e-9, atol=1e-12)
             torch.testing.assert_close(sums[n], torch.einsum("b,b...->...", factors, gs[n]), rtol=1e-9, atol=1e-12)
+        # into the optimizer's noise buffer: added in place, nothing returned
+        start = {n: torch.randn_like(gs[n][0]) for n in needs}
+        into = {n: t.clone() for n, t in start.items()}
+        assert rule.clipped_sum(args, g, factors, needs, into=into) == {}
+        for n in needs:
+            torch.testing.assert_close(into[n] - start[n], sums[n], rtol=1e-9, atol=1e-12)
