@@ -49,8 +49,10 @@ def _force(monkeypatch, rule, method):
         monkeypatch.setattr(rule, "groups_weight_per_position", float("inf"))
     elif method == "unfold":
         monkeypatch.setattr(rule, "groups_weight_per_position", -1.0)
-    # "correlate" serves every depthwise stride-1 layer; the others keep the heuristic
+    # "correlate" serves every depthwise stride-1 layer, "pointwise" every 1x1 one; the others
+    # keep the heuristic
     monkeypatch.setattr(rule, "correlate_min_kernel", 0 if method == "correlate" else float("inf"))
+    monkeypatch.setattr(rule, "pointwise", method == "pointwise")
 
 
 def _loss(out, reduction, r):
@@ -197,6 +199,36 @@ def test_conv_module(case, mode, method, monkeypatch):
     m = _MOD[dim](cin, cout, k, bias=case % 4 != 1, padding_mode=mode, **kw).to(DT)
     x = torch.randn((3, cin) + size, dtype=DT)
     _check_module(m, x, ("mean", "sum", "square")[case % 3], _seed("mod", case, mode))
+
+
+POINTWISE_CASES = [  # 1x1, stride 1, one group: (module, input shape, memory format)
+    (lambda: nn.Conv2d(5, 7, 1), (3, 5, 4, 6), torch.channels_last),
+    (lambda: nn.Conv2d(5, 7, 1, bias=False), (3, 5, 4, 6), torch.contiguous_format),
+    (lambda: nn.Conv1d(4, 3, 1), (3, 4, 9), torch.contiguous_format),
+    (lambda: nn.Conv3d(3, 4, 1), (2, 3, 3, 4, 2), torch.channels_last_3d),
+    (lambda: nn.ConvTranspose2d(4, 6, 1), (3, 4, 5, 5), torch.channels_last),
+]
+
+
+@pytest.mark.parametrize("case", range(len(POINTWISE_CASES)))
+def test_pointwise_convolutions_in_both_layouts(case):
+    """1x1 convolutions: per-sample gradients by one batched matmul on views of the input
+    and output gradient, channel-first or channels-last (ConvNeXt's permuted LayerNorm
+    hands its 1x1 convolutions channels-last tensors), against batch-of-one gradients;
+    book-keeping norms and clipped sums (the latter with ``g`` in the input's layout)."""
+    ctor, shape, fmt = POINTWISE_CASES[case]
+    torch.manual_seed(_seed("pointwise", case))
+    m = ctor().to(DT)
+    x = torch.randn(shape, dtype=DT).contiguous(memory_format=fmt)
+    args, g, needs = _check_module(m, x, "sum", _seed("pointwise", case))
+    rule = rule_for_op(module_call_for(m)(m).op)
+    assert rule.method(*rule._setup(args, g)) == "pointwise"
+    gs = rule.grad_sample(args, g, needs)
+    factors = torch.rand(shape[0], dtype=DT)
+    norms, sums = rule.norm_sample_sq(args, g, needs), rule.clipped_sum(args, g, factors, needs)
+    for n in needs:
+        torch.testing.assert_close(norms[n], gs[n].flatten(1).pow(2).sum(1), rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(sums[n], torch.einsum("b,b...->...", factors, gs[n]), rtol=1e-9, atol=1e-12)
 
 
 @st.composite
