@@ -451,7 +451,8 @@ class DPOptimizer(Optimizer):
                for m in ("_clip_and_accumulate", "add_noise", "noisy_sums", "scale_grad", "_noise_std")):
             return False
         params = self.params
-        return all(getattr(p, "summed_grad", None) is None for p in params) and self._flat_noise.fits(params, self.generator)
+        nothing_accumulated = all(getattr(p, "summed_grad", None) is None for p in params)
+        return nothing_accumulated and self._flat_noise.fits(params, self.generator)
 
     def _clip_into_noise(self) -> None:
         """Steps 2-4 with the noise drawn first: ``p.grad = (N(0, std^2) + sum_i c_i g_i) / n``

@@ -25,81 +25,17 @@ output padding only fixes the output's size), so the per-sample gradient of
 ``conv_transpose`` is the per-sample gradient of a plain convolution whose input
 is the output gradient ``g`` and whose output gradient is ``x``.
 
-Computing the per-sample weight gradients. Two general exact methods, chosen per
-layer from the shapes (and two for special layers, below):
-
-* ``groups``: the per-sample weight gradients *are* the weight gradient of one
-  grouped convolution that puts every sample in its own group: the input viewed
-  as ``[1, B*C, ...]`` (a free view), the output gradient as ``[1, B*O, ...]`` and
-  ``groups = B*G``; ``aten.convolution_backward`` with output mask (weight only)
-  returns ``[B*O, C/G, *k]``, i.e. ``[B, *W.shape]``. No patch tensor is formed.
-* ``unfold``: patches ``[B, C*prod(k), T]`` (``F.unfold``; 3-d by a strided view),
-  then one batched matmul per group.
-
-Timing (float32, torch 2.13, this project's 2-core CPU, 2 threads, ms per layer,
-min of 5 on a lightly loaded machine; ``groups`` = batch-as-groups
-``convolution_backward``, ``strided`` = ``as_strided`` patch view + einsum,
-``rochette`` = forward conv of the channel-transposed input with the output
-gradient as kernel, ``sum`` = the ordinary (non-per-sample) weight gradient, a
-floor; ``pick`` = the rule's choice)::
-
-    layer (batch)                     unfold  strided  groups  rochette   sum   pick
-    MNIST 1->16 k8 s2 p3 @28 (512)      13.2      7.6     8.1       6.1   1.6  groups
-    MNIST 16->32 k4 s2 @14 (512)        10.5     11.2     5.5       7.5   2.6  groups
-    CIFAR 3->32 k3 @32 (128)             7.2      9.3     9.9       5.6   2.8  groups
-    CIFAR 32->32 k3 @32 (128)           89.5    170.2    17.8      78.4  16.9  groups
-    CIFAR 64->64 k3 @16 (128)           70.6     90.8    18.7      60.9  15.0  groups
-    CIFAR 64->128 k3 @8 (128)           29.2     34.1    40.9      54.6   8.4  unfold
-    CIFAR 128->256 k3 @4 (128)          61.8     65.4   142.0     144.8   9.6  unfold
-    CIFAR 256->256 k3 @4 (128)         136.4    143.6   305.0     315.0  17.0  unfold
-    depthwise 64 k3 @16 (128)           52.1     75.7     3.3       3.3   3.3  groups
-    groups=4 64->128 k3 @16 (128)       48.2     62.4    11.7      43.2   9.6  groups
-
-``groups`` is 1.0-1.3x the non-per-sample floor on the large CIFAR maps and
-grouped/depthwise layers (4-16x faster than ``unfold``) and 2-5x the floor on the
-MNIST layers (1.6-1.9x faster than ``unfold``). ``unfold`` + bmm wins on small
-maps with wide layers, where oneDNN's weight-gradient kernel with many large
-groups is slow. ``strided`` (the einsum copies the strided view) and
-``rochette`` are never clearly best (``rochette``'s edge on the two 1-input-channel
-rows did not hold in a single-thread rerun: MNIST 1->16 groups 23 / rochette 20 /
-unfold 49, CIFAR 3->32 20 / 29 / 29). A sweep of 3x3 layers (channels 16-256, maps
-4-16, batch 128) puts the crossover at a per-group weight ``O/G * C/G * prod(k)``
-of about 1000 per output position ``T``; the rule picks ``groups`` below
-``groups_weight_per_position * T`` (a tunable class attribute), else ``unfold``.
-The MNIST 16->32 layer at its real 13x13 input (T = 25) is near the crossover
-(the two methods within noise of each other). On the wide, small layers the
-book-keeping ghost norm is far cheaper still (below). Heuristics were tuned on
-CPU only. The ghost norms' Gram matrices take patch rows ``[T, d]`` in any order of
-``d``: on wide layers with small maps they are copied from
-a channels-last view of the input, in runs of ``C/G * k`` contiguous entries, 2-4x
-faster than the channel-first copy (``_CHANNELS_LAST_MIN_RUN``; interleaved full
-book-keeping steps, 1 thread: CIFAR-10 CNN at B = 128 1.37x -> 1.30x non-private,
-MNIST CNN 1.58x -> 1.53x, torchvision ResNet18 1.70x -> 1.65x).
-
-1x1 convolutions with stride 1, no padding and one group take ``pointwise``: one
-batched matmul ``g_i [O, T] @ x_i^T [T, C]`` on views of the input and output gradient,
-in either layout (channels-last tensors, as ConvNeXt's permuted LayerNorm hands its 1x1
-convolutions, made the batch-as-groups view copy both). ms, 1 thread, batch 16,
-``groups`` / ``pointwise``: 16->16 at 32x32 0.30 / 0.20 (channels-last 2.40 / 0.16),
-40->160 at 16x16 1.37 / 1.07 (2.88 / 0.90), 576->96 at 2x2 7.3 / 0.21; batch 128,
-64->64 at 16x16 9.9 / 8.5 (17.3 / 7.3). timm ConvNeXt-atto's DP step, interleaved:
-1.64x -> 1.52x non-private.
-
-Depthwise layers (one input channel per group) with stride 1 and kernels of 5x5 or
-more (ConvNeXt, MobileNetV3, EfficientNet) take a third method, ``correlate``: the
-forward convolution of the padded input, every (sample, channel) a group, with the
-output gradient as kernel (Rochette et al. 2019), where oneDNN's many-group weight
-gradient is slow. ms, 1 thread, batch 16 (``correlate`` / ``groups``): 7x7 at 16x16
-40 channels 3.2 / 13.5, at 4x4 160 channels 0.37 / 4.3, 5x5 at 32x32 96 channels
-17 / 41, at 8x8 240 channels 0.9 / 10.5; slower on 3x3 kernels (0.42 / 0.36 at
-16x16) and with stride 2 (5x5: 3.4 / 2.9), which keep ``groups``.
+Per-sample weight gradients: four exact methods (``groups``, ``unfold``,
+``pointwise`` for 1x1 layers, ``correlate`` for depthwise ones), chosen per layer
+from the shapes by ``ConvRule.method``; they, their patches and their measurements
+are in :mod:`fxdp.rules.conv_grads`.
 
 Book-keeping (Bu et al. 2023). ``norm_sample_sq`` uses the ghost norm (Li et al.
 2021) ``||grad W_i||^2 = sum_groups <P_i P_i^T, g_i g_i^T>`` (two T x T Gram
 matrices) when its cost ``T^2 (d + p)`` is below ``ghost_ratio * T p d`` of the
 materialized gradient (per group, ``d = C/G prod(k)``, ``p = O/G``; this also
 bounds the Gram matrices' memory by that of the gradients), else it materializes
-with the fast method above. ``clipped_sum`` scales the output gradient by the
+with the method chosen above. ``clipped_sum`` scales the output gradient by the
 clipping factors and takes one ordinary weight gradient
 (``aten.convolution_backward``), never forming per-sample gradients; on maps of
 at most ``sum_unfold_max_positions`` (4) positions it is patches + one matmul
@@ -123,6 +59,10 @@ from torch import Tensor, nn
 
 from ..errors import UnsupportedOpError
 from .base import ModuleCall, PerSampleRule, register_module, register_rule, sq_norms, weighted_sum
+from .conv_grads import (
+    Geom, f_pad_arg, grouped, layout_of, ps_correlate, ps_groups, ps_pointwise, ps_unfold, sum_correlate, sum_unfold,
+    weight_shape, wgrad,
+)
 
 aten = torch.ops.aten
 
@@ -131,17 +71,6 @@ __all__ = ["conv_nd", "conv_transpose_nd", "ConvRule", "ConvNdRule", "ConvTransp
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
 _PAD_MODES = ("zeros", "reflect", "replicate", "circular")
-# 2-d patches: a strided view copied out beats F.unfold's im2col up to this many
-# patch entries C*prod(k) (measured on CPU, batch 32-128: 1.6-1.9x faster at 64-1152,
-# 1.3x slower at 2304)
-_STRIDED_PATCHES_MAX_D = 1200
-# patch rows [T, d] for ghost norms and clipped sums, d in (k..., C/G) order, are copied
-# from a channels-last input when a patch row's contiguous run C/G * k_last is at least
-# this many times the output row (the channel-first copy's inner run). Measured on CPU
-# (ms, 1 thread, batch 128 / 16, channels-last incl. the layout copy / channel-first):
-# MNIST 16->32 k4 s2 at 13x13 0.60 / 1.19, 128 ch k3 at 4x4 2.5 / 8.4, 64 ch at 8x8
-# (B = 16) 0.18 / 0.39, 512 ch at 1x1 0.07 / 0.27; 3 ch at 32x32 0.65 / 0.10 (kept)
-_CHANNELS_LAST_MIN_RUN = 4
 
 
 # ----------------------------------------------------------------------------
@@ -175,14 +104,6 @@ def _pad_pairs(padding: Any, kernel: Sequence[int], dilation: Sequence[int]) -> 
     return [(p, p) for p in _tuple(padding, n, "padding")]
 
 
-def _f_pad_arg(pairs: Sequence[Tuple[int, int]]) -> List[int]:
-    """``F.pad``'s argument (last dim first) from per-dim ``(left, right)`` pairs."""
-    out: List[int] = []
-    for left, right in reversed(pairs):
-        out += [left, right]
-    return out
-
-
 def conv_nd(
     input: Tensor,
     weight: Tensor,
@@ -205,7 +126,7 @@ def conv_nd(
         raise ValueError(f"padding_mode must be one of {_PAD_MODES}, got {padding_mode!r}")
     k = tuple(weight.shape[2:])
     pairs = _pad_pairs(padding, k, _tuple(dilation, n, "dilation"))
-    return conv(F.pad(input, _f_pad_arg(pairs), mode=padding_mode), weight, bias, stride, 0, dilation, groups)
+    return conv(F.pad(input, f_pad_arg(pairs), mode=padding_mode), weight, bias, stride, 0, dilation, groups)
 
 
 def _transpose_output_padding(
@@ -263,20 +184,8 @@ def conv_transpose_nd(
 
 
 # ----------------------------------------------------------------------------
-# core: per-sample weight gradients of a plain convolution
+# the call's geometry
 # ----------------------------------------------------------------------------
-class _Geom:
-    """A convolution normalized for gradient extraction: ``x`` (batch first, padded
-    explicitly when the padding is asymmetric or not zeros), symmetric zero
-    padding ``pad`` still to apply, and the conv's static parameters."""
-
-    __slots__ = ("x", "k", "stride", "pad", "dilation", "groups", "n")
-
-    def __init__(self, x: Tensor, k, stride, pad, dilation, groups: int) -> None:
-        self.x, self.k, self.stride, self.pad, self.dilation, self.groups = x, tuple(k), stride, pad, dilation, groups
-        self.n = len(self.k)
-
-
 def _check_batched(input: Tensor, weight: Tensor, what: str) -> None:
     n = weight.dim() - 2
     if not isinstance(input, Tensor) or input.dim() != n + 2:
@@ -289,7 +198,7 @@ def _check_batched(input: Tensor, weight: Tensor, what: str) -> None:
         )
 
 
-def _conv_geom(args: Mapping[str, Any]) -> _Geom:
+def _conv_geom(args: Mapping[str, Any]) -> Geom:
     x, w = args["input"], args["weight"]
     _check_batched(x, w, f"conv{w.dim() - 2}d")
     n = w.dim() - 2
@@ -302,12 +211,12 @@ def _conv_geom(args: Mapping[str, Any]) -> _Geom:
         pad = tuple(a for a, _ in pairs)
     else:
         if any(a or b for a, b in pairs):
-            x = F.pad(x, _f_pad_arg(pairs), mode="constant" if mode == "zeros" else mode)
+            x = F.pad(x, f_pad_arg(pairs), mode="constant" if mode == "zeros" else mode)
         pad = (0,) * n
-    return _Geom(x, k, stride, pad, dilation, int(args.get("groups", 1)))
+    return Geom(x, k, stride, pad, dilation, int(args.get("groups", 1)))
 
 
-def _transpose_geom(args: Mapping[str, Any], grad_output: Tensor) -> Tuple[_Geom, Tensor]:
+def _transpose_geom(args: Mapping[str, Any], grad_output: Tensor) -> Tuple[Geom, Tensor]:
     """The plain convolution whose per-sample weight gradients are those of the
     transposed convolution: input ``g``, output gradient ``x``."""
     x, w = args["input"], args["weight"]
@@ -323,185 +232,11 @@ def _transpose_geom(args: Mapping[str, Any], grad_output: Tensor) -> Tuple[_Geom
     reach = [(x.shape[2 + i] - 1) * stride[i] + (k[i] - 1) * dilation[i] + 1 for i in range(n)]
     if any(g.shape[2 + i] + 2 * pad[i] - reach[i] >= stride[i] for i in range(n)):
         if any(pad):
-            g = F.pad(g, _f_pad_arg([(p, p) for p in pad]))
+            g = F.pad(g, f_pad_arg([(p, p) for p in pad]))
         for i in range(n):
             g = g.narrow(2 + i, 0, reach[i])
         pad = (0,) * n
-    return _Geom(g, k, stride, pad, dilation, int(args.get("groups", 1))), x
-
-
-def _weight_shape(geo: _Geom, g: Tensor) -> Tuple[int, ...]:
-    return (g.shape[1], geo.x.shape[1] // geo.groups) + geo.k
-
-
-def _wgrad(geo: _Geom, g: Tensor, x: Tensor, groups: int, weight_shape: Sequence[int]) -> Tensor:
-    w = g.new_empty(1).expand(*weight_shape)
-    n = geo.n
-    return torch.ops.aten.convolution_backward(
-        g,
-        x,
-        w,
-        None,
-        list(geo.stride),
-        list(geo.pad),
-        list(geo.dilation),
-        False,
-        [0] * n,
-        groups,
-        (False, True, False),
-    )[1]
-
-
-def _ps_groups(geo: _Geom, g: Tensor) -> Tensor:
-    """Per-sample weight gradients as the weight gradient of a conv with one group per sample."""
-    x = geo.x
-    B, C, O = x.shape[0], x.shape[1], g.shape[1]
-    xs = x.reshape(1, B * C, *x.shape[2:])
-    gs = g.reshape(1, B * O, *g.shape[2:]).contiguous()
-    w = _wgrad(geo, gs, xs, B * geo.groups, (B * O, C // geo.groups) + geo.k)
-    return w.reshape(B, O, C // geo.groups, *geo.k)
-
-
-def _ps_pointwise(geo: _Geom, g: Tensor) -> Tensor:
-    """Per-sample weight gradients of a 1x1 convolution (stride 1, no padding, one
-    group): ``g_i [O, T] @ x_i^T [T, C]``, one batched matmul on views of either layout
-    (channel-first, or channels-last as after ConvNeXt's permuted LayerNorm, where the
-    batch-as-groups view ``[1, B*C, ...]`` would copy both tensors)."""
-    x = geo.x
-    B, C, O = x.shape[0], x.shape[1], g.shape[1]
-    return torch.bmm(g.flatten(2), x.flatten(2).transpose(1, 2)).reshape(B, O, C, *geo.k)
-
-
-def _layout(t: Tensor) -> torch.memory_format:
-    """``t``'s memory format: channels-last (2-d and 3-d) when it is stored so."""
-    if not t.is_contiguous():
-        if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last):
-            return torch.channels_last
-        if t.dim() == 5 and t.is_contiguous(memory_format=torch.channels_last_3d):
-            return torch.channels_last_3d
-    return torch.contiguous_format
-
-
-def _patches(geo: _Geom, out_spatial: Sequence[int]) -> Tensor:
-    """Input patches ``[B, C * prod(k), T]`` (channel-major, like ``F.unfold``)."""
-    x = geo.x
-    B, C = x.shape[:2]
-    if geo.n == 2 and C * math.prod(geo.k) > _STRIDED_PATCHES_MAX_D:
-        return F.unfold(x, geo.k, dilation=geo.dilation, padding=geo.pad, stride=geo.stride)
-    if geo.n == 1:
-        return F.unfold(
-            x.unsqueeze(2),
-            (1, geo.k[0]),
-            dilation=(1, geo.dilation[0]),
-            padding=(0, geo.pad[0]),
-            stride=(1, geo.stride[0]),
-        )
-    if any(geo.pad):
-        x = F.pad(x, _f_pad_arg([(p, p) for p in geo.pad]))
-    x = x.contiguous()
-    st = x.stride()
-    sp = st[2:]
-    view = x.as_strided(
-        (B, C) + geo.k + tuple(out_spatial),
-        st[:2] + tuple(s * d for s, d in zip(sp, geo.dilation)) + tuple(s * t for s, t in zip(sp, geo.stride)),
-    )
-    return view.reshape(B, C * math.prod(geo.k), math.prod(out_spatial))
-
-
-def _patch_rows(geo: _Geom, out_spatial: Sequence[int]) -> Tensor:
-    """Patches ``[B*G, T, d]`` per group with ``d`` in any order: ``(k..., C/G)``,
-    copied from a channels-last input (long contiguous runs on wide layers with small
-    maps), or ``F.unfold``'s ``(C/G, k...)``."""
-    x = geo.x
-    B, C, G = x.shape[0], x.shape[1], geo.groups
-    T = math.prod(out_spatial)
-    if C // G * geo.k[-1] < _CHANNELS_LAST_MIN_RUN * out_spatial[-1]:
-        return _patches(geo, out_spatial).reshape(B * G, -1, T).transpose(1, 2)
-    if any(geo.pad):
-        x = F.pad(x, _f_pad_arg([(p, p) for p in geo.pad]))
-    x = x.movedim(1, -1).contiguous()  # [B, *S, C]; free when the input is channels-last
-    st = x.stride()
-    sp = st[1:-1]
-    view = x.as_strided(
-        (B,) + tuple(out_spatial) + geo.k + (G, C // G),
-        (st[0],) + tuple(s * t for s, t in zip(sp, geo.stride)) + tuple(s * d for s, d in zip(sp, geo.dilation))
-        + (C // G, 1),
-    )
-    if G > 1:
-        view = view.movedim(-2, 1)  # [B, G, *out, *k, C/G]
-    return view.reshape(B * G, T, -1)
-
-
-def _grouped(geo: _Geom, g: Tensor, any_order: bool = False) -> Tuple[Tensor, Tensor]:
-    """Patches ``[B*G, T, d]`` and output gradients ``[B*G, T, p]`` per group. With
-    ``any_order`` (Gram matrices) ``d`` may be ordered ``(k..., C/G)`` (see
-    :func:`_patch_rows`); otherwise it is the weight's ``(C/G, k...)``."""
-    B, O, G = g.shape[0], g.shape[1], geo.groups
-    T = math.prod(g.shape[2:])
-    if any_order:
-        P = _patch_rows(geo, g.shape[2:])
-    else:
-        P = _patches(geo, g.shape[2:]).reshape(B * G, -1, T).transpose(1, 2)
-    gg = g.reshape(B * G, O // G, T).transpose(1, 2)
-    return P, gg
-
-
-def _ps_correlate(geo: _Geom, g: Tensor) -> Tensor:
-    """Per-sample weight gradients of a depthwise convolution (one input channel per
-    group) as one forward convolution (Rochette et al. 2019): the padded input with
-    every (sample, channel) as a group, correlated with the output gradient as the
-    kernel. The conv's stride becomes the kernel's dilation, its dilation the stride."""
-    x = geo.x
-    if any(geo.pad):
-        x = F.pad(x, _f_pad_arg([(p, p) for p in geo.pad]))
-    B, C, O = x.shape[0], x.shape[1], g.shape[1]
-    w = _CONV[geo.n](
-        x.reshape(1, B * C, *x.shape[2:]), g.reshape(B * O, 1, *g.shape[2:]),
-        stride=geo.dilation, dilation=geo.stride, groups=B * C,
-    )
-    w = w[(slice(None), slice(None)) + tuple(slice(0, k) for k in geo.k)]  # the span can exceed k
-    return w.reshape(B, O, 1, *geo.k)
-
-
-def _sum_correlate(geo: _Geom, g: Tensor) -> Tensor:
-    """``sum_i grad W_i`` of a depthwise convolution as :func:`_ps_correlate` with the
-    samples inside each channel's group, so the correlation also sums over them."""
-    x = geo.x
-    if any(geo.pad):
-        x = F.pad(x, _f_pad_arg([(p, p) for p in geo.pad]))
-    B, C, O = x.shape[0], x.shape[1], g.shape[1]
-    w = _CONV[geo.n](
-        x.transpose(0, 1).reshape(1, C * B, *x.shape[2:]), g.transpose(0, 1).reshape(O, B, *g.shape[2:]),
-        stride=geo.dilation, dilation=geo.stride, groups=C,
-    )
-    w = w[(slice(None), slice(None)) + tuple(slice(0, k) for k in geo.k)]
-    return w.reshape(O, 1, *geo.k)
-
-
-def _sum_unfold(geo: _Geom, g: Tensor, into: Optional[Tensor] = None) -> Optional[Tensor]:
-    """``sum_i grad W_i``: patches and one batched matmul over the groups, contracting
-    samples and positions together (the weight gradient of ``g``); added into ``into``
-    (contiguous, the weight's shape and dtype) when given, returning ``None``."""
-    B, O, C, G = g.shape[0], g.shape[1], geo.x.shape[1], geo.groups
-    # channel-first patches: T <= 4 keeps them small, and the [O, d] result needs no permuted copy
-    P, gg = _grouped(geo, g)  # [B*G, T, d], [B*G, T, p]
-    T = P.shape[1]
-    P = P.reshape(B, G, T, -1).transpose(0, 1).reshape(G, B * T, -1)
-    gg = gg.reshape(B, G, T, -1).transpose(0, 1).reshape(G, B * T, -1)
-    if into is not None:
-        into.view(G, O // G, -1).baddbmm_(gg.transpose(1, 2), P)
-        return None
-    return torch.bmm(gg.transpose(1, 2), P).reshape(O, C // G, *geo.k)
-
-
-def _ps_unfold(geo: _Geom, g: Tensor) -> Tensor:
-    """Per-sample weight gradients by patches + one batched matmul (patches in the
-    weight's own ``(C/G, k...)`` order, so the result needs no permuted copy)."""
-    B, O, C, G = g.shape[0], g.shape[1], geo.x.shape[1], geo.groups
-    T = math.prod(g.shape[2:])
-    P = _patches(geo, g.shape[2:]).reshape(B * G, -1, T)
-    gg = g.reshape(B * G, O // G, T)
-    return torch.bmm(gg, P.transpose(1, 2)).reshape(B, O, C // G, *geo.k)
+    return Geom(g, k, stride, pad, dilation, int(args.get("groups", 1))), x
 
 
 class _ConvMath:
@@ -512,23 +247,23 @@ class _ConvMath:
     #: output position (``T``), else by unfold + bmm (measured, see the module doc)
     groups_weight_per_position: float = 1000.0
     #: depthwise layers (one input channel per group) with stride 1 and a kernel of at
-    #: least this many taps: per-sample weight gradients by ``_ps_correlate`` (measured,
+    #: least this many taps: per-sample weight gradients by ``ps_correlate`` (measured,
     #: see the module doc)
     correlate_min_kernel: int = 25
     #: 1x1 convolutions (stride 1, no padding, one group): per-sample weight gradients by
-    #: one batched matmul on views of the input and output gradient (``_ps_pointwise``)
+    #: one batched matmul on views of the input and output gradient (``ps_pointwise``)
     pointwise: bool = True
     #: ghost norms when ``T (d + p) <= ghost_ratio * p d`` (per group)
     ghost_ratio: float = 1.0
-    #: book-keeping's clipped sum by patches + matmul (``_sum_unfold``) when the output
+    #: book-keeping's clipped sum by patches + matmul (``sum_unfold``) when the output
     #: map has at most this many positions, else by the weight-gradient convolution
     #: (measured, see the module doc)
     sum_unfold_max_positions: int = 4
 
-    def _setup(self, args: Mapping[str, Any], grad_output: Tensor) -> Tuple[_Geom, Tensor]:  # pragma: no cover
+    def _setup(self, args: Mapping[str, Any], grad_output: Tensor) -> Tuple[Geom, Tensor]:  # pragma: no cover
         raise NotImplementedError
 
-    def method(self, geo: _Geom, gout: Tensor) -> str:
+    def method(self, geo: Geom, gout: Tensor) -> str:
         """``"pointwise"``, ``"correlate"``, ``"groups"`` or ``"unfold"`` for the per-sample
         weight gradients."""
         if self.pointwise and geo.groups == 1 and all(k == 1 for k in geo.k) and (
@@ -543,7 +278,7 @@ class _ConvMath:
         per_group = (gout.shape[1] // geo.groups) * (geo.x.shape[1] // geo.groups) * math.prod(geo.k)
         return "groups" if per_group <= self.groups_weight_per_position * T else "unfold"
 
-    def use_ghost(self, geo: _Geom, gout: Tensor) -> bool:
+    def use_ghost(self, geo: Geom, gout: Tensor) -> bool:
         T = math.prod(gout.shape[2:])
         d = geo.x.shape[1] // geo.groups * math.prod(geo.k)
         p = gout.shape[1] // geo.groups
@@ -566,15 +301,15 @@ class _ConvMath:
             out["bias"] = "per-sample Σ g over positions"
         return out
 
-    def _weight_ps(self, geo: _Geom, gout: Tensor) -> Tensor:
+    def _weight_ps(self, geo: Geom, gout: Tensor) -> Tensor:
         method = self.method(geo, gout)
         if method == "pointwise":
-            return _ps_pointwise(geo, gout)
+            return ps_pointwise(geo, gout)
         if method == "correlate":
-            return _ps_correlate(geo, gout)
+            return ps_correlate(geo, gout)
         if method == "groups":
-            return _ps_groups(geo, gout)
-        return _ps_unfold(geo, gout)
+            return ps_groups(geo, gout)
+        return ps_unfold(geo, gout)
 
     def grad_sample(self, args: Mapping[str, Any], grad_output: Tensor, needs: FrozenSet[str]) -> Dict[str, Tensor]:
         _check_batched(args["input"], args["weight"], self.name)
@@ -604,7 +339,7 @@ class _ConvMath:
         if "weight" not in needs:
             return True  # the bias's [B, O] is always kept
         geo, gout = self._setup(args, grad_output)
-        ps = gout.shape[0] * math.prod(_weight_shape(geo, gout))
+        ps = gout.shape[0] * math.prod(weight_shape(geo, gout))
         return not self.use_ghost(geo, gout) and ps <= 2 * (gout.numel() + geo.x.numel())
 
     def norm_sample_sq_keep(
@@ -622,7 +357,7 @@ class _ConvMath:
             geo, gout = self._setup(args, grad_output)
             B = gout.shape[0]
             if method == "ghost" or (method is None and self.use_ghost(geo, gout)):
-                P, gg = _grouped(geo, gout, any_order=True)  # Gram matrices: d's order does not matter
+                P, gg = grouped(geo, gout, any_order=True)  # Gram matrices: d's order does not matter
                 gram = torch.bmm(P, P.transpose(1, 2)) * torch.bmm(gg, gg.transpose(1, 2))
                 out["weight"] = gram.reshape(B, -1).sum(1)
             else:
@@ -652,19 +387,19 @@ class _ConvMath:
             gout = gout * f  # bilinear in (input, output gradient): scale either
             dst = into.get("weight")
             if dst is not None and not (dst.dtype == gout.dtype and dst.is_contiguous()
-                                        and dst.shape == _weight_shape(geo, gout)):
+                                        and dst.shape == weight_shape(geo, gout)):
                 dst = None
             if self.method(geo, gout) == "correlate":
-                out["weight"] = _sum_correlate(geo, gout)
+                out["weight"] = sum_correlate(geo, gout)
             elif math.prod(gout.shape[2:]) <= self.sum_unfold_max_positions:
-                s = _sum_unfold(geo, gout, dst)  # straight into the noise buffer: no fresh sum
+                s = sum_unfold(geo, gout, dst)  # straight into the noise buffer: no fresh sum
                 if s is not None:
                     out["weight"] = s
             else:
                 # g in the input's layout: a channel-first copy of a channels-last g (ConvNeXt)
                 # would be a transposing copy, and oneDNN would convert it back
-                g_ = gout.contiguous(memory_format=_layout(geo.x))
-                out["weight"] = _wgrad(geo, g_, geo.x, geo.groups, _weight_shape(geo, gout))
+                g_ = gout.contiguous(memory_format=layout_of(geo.x))
+                out["weight"] = wgrad(geo, g_, geo.x, geo.groups, weight_shape(geo, gout))
         if "bias" in needs:
             s = weighted_sum(f.reshape(B), self._bias_ps(args, grad_output), into.get("bias"))
             if s is not None:

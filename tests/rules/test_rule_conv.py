@@ -15,6 +15,7 @@ import fxdp
 from fxdp.errors import FxdpError, UnsupportedOpError
 from fxdp.rules import module_call_for, rule_for_op
 from fxdp.rules import conv as C
+from fxdp.rules import conv_grads
 
 from oracle import assert_grad_samples_match, batch_of_one_grads, seed_of
 
@@ -409,7 +410,7 @@ def test_book_keeping_patch_layouts(case, layout, monkeypatch):
     """Ghost norms with patch rows copied from a channels-last input (``d`` ordered
     ``(k..., C/G)``) or channel-first, against the per-sample gradients of the
     batch-as-groups method (which forms no patches)."""
-    monkeypatch.setattr(C, "_CHANNELS_LAST_MIN_RUN", 0 if layout == "channels_last" else float("inf"))
+    monkeypatch.setattr(conv_grads, "CHANNELS_LAST_MIN_RUN", 0 if layout == "channels_last" else float("inf"))
     _check_book_keeping(case, "groups", True, "unfold", monkeypatch)
 
 

@@ -1,0 +1,296 @@
+"""Per-sample weight gradients of convolutions, and the kernels of their clipped sums:
+the exact methods the convolution rules (:mod:`fxdp.rules.conv`) choose from per layer.
+
+Computing the per-sample weight gradients. Two general exact methods, chosen per
+layer from the shapes (and two for special layers, below):
+
+* ``groups``: the per-sample weight gradients *are* the weight gradient of one
+  grouped convolution that puts every sample in its own group: the input viewed
+  as ``[1, B*C, ...]`` (a free view), the output gradient as ``[1, B*O, ...]`` and
+  ``groups = B*G``; ``aten.convolution_backward`` with output mask (weight only)
+  returns ``[B*O, C/G, *k]``, i.e. ``[B, *W.shape]``. No patch tensor is formed.
+* ``unfold``: patches ``[B, C*prod(k), T]`` (``F.unfold``; 3-d by a strided view),
+  then one batched matmul per group.
+
+Timing (float32, torch 2.13, this project's 2-core CPU, 2 threads, ms per layer,
+min of 5 on a lightly loaded machine; ``groups`` = batch-as-groups
+``convolution_backward``, ``strided`` = ``as_strided`` patch view + einsum,
+``rochette`` = forward conv of the channel-transposed input with the output
+gradient as kernel, ``sum`` = the ordinary (non-per-sample) weight gradient, a
+floor; ``pick`` = the rule's choice)::
+
+    layer (batch)                     unfold  strided  groups  rochette   sum   pick
+    MNIST 1->16 k8 s2 p3 @28 (512)      13.2      7.6     8.1       6.1   1.6  groups
+    MNIST 16->32 k4 s2 @14 (512)        10.5     11.2     5.5       7.5   2.6  groups
+    CIFAR 3->32 k3 @32 (128)             7.2      9.3     9.9       5.6   2.8  groups
+    CIFAR 32->32 k3 @32 (128)           89.5    170.2    17.8      78.4  16.9  groups
+    CIFAR 64->64 k3 @16 (128)           70.6     90.8    18.7      60.9  15.0  groups
+    CIFAR 64->128 k3 @8 (128)           29.2     34.1    40.9      54.6   8.4  unfold
+    CIFAR 128->256 k3 @4 (128)          61.8     65.4   142.0     144.8   9.6  unfold
+    CIFAR 256->256 k3 @4 (128)         136.4    143.6   305.0     315.0  17.0  unfold
+    depthwise 64 k3 @16 (128)           52.1     75.7     3.3       3.3   3.3  groups
+    groups=4 64->128 k3 @16 (128)       48.2     62.4    11.7      43.2   9.6  groups
+
+``groups`` is 1.0-1.3x the non-per-sample floor on the large CIFAR maps and
+grouped/depthwise layers (4-16x faster than ``unfold``) and 2-5x the floor on the
+MNIST layers (1.6-1.9x faster than ``unfold``). ``unfold`` + bmm wins on small
+maps with wide layers, where oneDNN's weight-gradient kernel with many large
+groups is slow. ``strided`` (the einsum copies the strided view) and
+``rochette`` are never clearly best (``rochette``'s edge on the two 1-input-channel
+rows did not hold in a single-thread rerun: MNIST 1->16 groups 23 / rochette 20 /
+unfold 49, CIFAR 3->32 20 / 29 / 29). A sweep of 3x3 layers (channels 16-256, maps
+4-16, batch 128) puts the crossover at a per-group weight ``O/G * C/G * prod(k)``
+of about 1000 per output position ``T``; the rule picks ``groups`` below
+``groups_weight_per_position * T`` (a tunable class attribute), else ``unfold``.
+The MNIST 16->32 layer at its real 13x13 input (T = 25) is near the crossover
+(the two methods within noise of each other). On the wide, small layers the
+book-keeping ghost norm is far cheaper still (:mod:`fxdp.rules.conv`). Heuristics were tuned on
+CPU only. The ghost norms' Gram matrices take patch rows ``[T, d]`` in any order of
+``d``: on wide layers with small maps they are copied from
+a channels-last view of the input, in runs of ``C/G * k`` contiguous entries, 2-4x
+faster than the channel-first copy (``CHANNELS_LAST_MIN_RUN``; interleaved full
+book-keeping steps, 1 thread: CIFAR-10 CNN at B = 128 1.37x -> 1.30x non-private,
+MNIST CNN 1.58x -> 1.53x, torchvision ResNet18 1.70x -> 1.65x).
+
+1x1 convolutions with stride 1, no padding and one group take ``pointwise``: one
+batched matmul ``g_i [O, T] @ x_i^T [T, C]`` on views of the input and output gradient,
+in either layout (channels-last tensors, as ConvNeXt's permuted LayerNorm hands its 1x1
+convolutions, made the batch-as-groups view copy both). ms, 1 thread, batch 16,
+``groups`` / ``pointwise``: 16->16 at 32x32 0.30 / 0.20 (channels-last 2.40 / 0.16),
+40->160 at 16x16 1.37 / 1.07 (2.88 / 0.90), 576->96 at 2x2 7.3 / 0.21; batch 128,
+64->64 at 16x16 9.9 / 8.5 (17.3 / 7.3). timm ConvNeXt-atto's DP step, interleaved:
+1.64x -> 1.52x non-private.
+
+Depthwise layers (one input channel per group) with stride 1 and kernels of 5x5 or
+more (ConvNeXt, MobileNetV3, EfficientNet) take a third method, ``correlate``: the
+forward convolution of the padded input, every (sample, channel) a group, with the
+output gradient as kernel (Rochette et al. 2019), where oneDNN's many-group weight
+gradient is slow. ms, 1 thread, batch 16 (``correlate`` / ``groups``): 7x7 at 16x16
+40 channels 3.2 / 13.5, at 4x4 160 channels 0.37 / 4.3, 5x5 at 32x32 96 channels
+17 / 41, at 8x8 240 channels 0.9 / 10.5; slower on 3x3 kernels (0.42 / 0.36 at
+16x16) and with stride 2 (5x5: 3.4 / 2.9), which keep ``groups``.
+"""
+from __future__ import annotations
+
+import math
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "Geom", "weight_shape", "wgrad", "ps_groups", "ps_pointwise", "ps_unfold", "ps_correlate", "sum_unfold",
+    "sum_correlate", "patches", "patch_rows", "grouped", "layout_of", "f_pad_arg",
+]
+
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+# 2-d patches: a strided view copied out beats F.unfold's im2col up to this many
+# patch entries C*prod(k) (measured on CPU, batch 32-128: 1.6-1.9x faster at 64-1152,
+# 1.3x slower at 2304)
+STRIDED_PATCHES_MAX_D = 1200
+# patch rows [T, d] for ghost norms and clipped sums, d in (k..., C/G) order, are copied
+# from a channels-last input when a patch row's contiguous run C/G * k_last is at least
+# this many times the output row (the channel-first copy's inner run). Measured on CPU
+# (ms, 1 thread, batch 128 / 16, channels-last incl. the layout copy / channel-first):
+# MNIST 16->32 k4 s2 at 13x13 0.60 / 1.19, 128 ch k3 at 4x4 2.5 / 8.4, 64 ch at 8x8
+# (B = 16) 0.18 / 0.39, 512 ch at 1x1 0.07 / 0.27; 3 ch at 32x32 0.65 / 0.10 (kept)
+CHANNELS_LAST_MIN_RUN = 4
+
+
+def f_pad_arg(pairs: Sequence[Tuple[int, int]]) -> List[int]:
+    """``F.pad``'s argument (last dim first) from per-dim ``(left, right)`` pairs."""
+    out: List[int] = []
+    for left, right in reversed(pairs):
+        out += [left, right]
+    return out
+
+
+class Geom:
+    """A convolution normalized for gradient extraction: ``x`` (batch first, padded
+    explicitly when the padding is asymmetric or not zeros), symmetric zero
+    padding ``pad`` still to apply, and the conv's static parameters."""
+
+    __slots__ = ("x", "k", "stride", "pad", "dilation", "groups", "n")
+
+    def __init__(self, x: Tensor, k, stride, pad, dilation, groups: int) -> None:
+        self.x, self.k, self.stride, self.pad, self.dilation, self.groups = x, tuple(k), stride, pad, dilation, groups
+        self.n = len(self.k)
+
+
+def weight_shape(geo: Geom, g: Tensor) -> Tuple[int, ...]:
+    return (g.shape[1], geo.x.shape[1] // geo.groups) + geo.k
+
+
+def wgrad(geo: Geom, g: Tensor, x: Tensor, groups: int, shape: Sequence[int]) -> Tensor:
+    """The weight gradient (``aten.convolution_backward``, weight only) of a convolution
+    with ``groups`` groups and a weight of ``shape``."""
+    w = g.new_empty(1).expand(*shape)
+    n = geo.n
+    return torch.ops.aten.convolution_backward(
+        g,
+        x,
+        w,
+        None,
+        list(geo.stride),
+        list(geo.pad),
+        list(geo.dilation),
+        False,
+        [0] * n,
+        groups,
+        (False, True, False),
+    )[1]
+
+
+def ps_groups(geo: Geom, g: Tensor) -> Tensor:
+    """Per-sample weight gradients as the weight gradient of a conv with one group per sample."""
+    x = geo.x
+    B, C, O = x.shape[0], x.shape[1], g.shape[1]
+    xs = x.reshape(1, B * C, *x.shape[2:])
+    gs = g.reshape(1, B * O, *g.shape[2:]).contiguous()
+    w = wgrad(geo, gs, xs, B * geo.groups, (B * O, C // geo.groups) + geo.k)
+    return w.reshape(B, O, C // geo.groups, *geo.k)
+
+
+def ps_pointwise(geo: Geom, g: Tensor) -> Tensor:
+    """Per-sample weight gradients of a 1x1 convolution (stride 1, no padding, one
+    group): ``g_i [O, T] @ x_i^T [T, C]``, one batched matmul on views of either layout
+    (channel-first, or channels-last as after ConvNeXt's permuted LayerNorm, where the
+    batch-as-groups view ``[1, B*C, ...]`` would copy both tensors)."""
+    x = geo.x
+    B, C, O = x.shape[0], x.shape[1], g.shape[1]
+    return torch.bmm(g.flatten(2), x.flatten(2).transpose(1, 2)).reshape(B, O, C, *geo.k)
+
+
+def layout_of(t: Tensor) -> torch.memory_format:
+    """``t``'s memory format: channels-last (2-d and 3-d) when it is stored so."""
+    if not t.is_contiguous():
+        if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last):
+            return torch.channels_last
+        if t.dim() == 5 and t.is_contiguous(memory_format=torch.channels_last_3d):
+            return torch.channels_last_3d
+    return torch.contiguous_format
+
+
+def patches(geo: Geom, out_spatial: Sequence[int]) -> Tensor:
+    """Input patches ``[B, C * prod(k), T]`` (channel-major, like ``F.unfold``)."""
+    x = geo.x
+    B, C = x.shape[:2]
+    if geo.n == 2 and C * math.prod(geo.k) > STRIDED_PATCHES_MAX_D:
+        return F.unfold(x, geo.k, dilation=geo.dilation, padding=geo.pad, stride=geo.stride)
+    if geo.n == 1:
+        return F.unfold(
+            x.unsqueeze(2),
+            (1, geo.k[0]),
+            dilation=(1, geo.dilation[0]),
+            padding=(0, geo.pad[0]),
+            stride=(1, geo.stride[0]),
+        )
+    if any(geo.pad):
+        x = F.pad(x, f_pad_arg([(p, p) for p in geo.pad]))
+    x = x.contiguous()
+    st = x.stride()
+    sp = st[2:]
+    view = x.as_strided(
+        (B, C) + geo.k + tuple(out_spatial),
+        st[:2] + tuple(s * d for s, d in zip(sp, geo.dilation)) + tuple(s * t for s, t in zip(sp, geo.stride)),
+    )
+    return view.reshape(B, C * math.prod(geo.k), math.prod(out_spatial))
+
+
+def patch_rows(geo: Geom, out_spatial: Sequence[int]) -> Tensor:
+    """Patches ``[B*G, T, d]`` per group with ``d`` in any order: ``(k..., C/G)``,
+    copied from a channels-last input (long contiguous runs on wide layers with small
+    maps), or ``F.unfold``'s ``(C/G, k...)``."""
+    x = geo.x
+    B, C, G = x.shape[0], x.shape[1], geo.groups
+    T = math.prod(out_spatial)
+    if C // G * geo.k[-1] < CHANNELS_LAST_MIN_RUN * out_spatial[-1]:
+        return patches(geo, out_spatial).reshape(B * G, -1, T).transpose(1, 2)
+    if any(geo.pad):
+        x = F.pad(x, f_pad_arg([(p, p) for p in geo.pad]))
+    x = x.movedim(1, -1).contiguous()  # [B, *S, C]; free when the input is channels-last
+    st = x.stride()
+    sp = st[1:-1]
+    view = x.as_strided(
+        (B,) + tuple(out_spatial) + geo.k + (G, C // G),
+        (st[0],) + tuple(s * t for s, t in zip(sp, geo.stride)) + tuple(s * d for s, d in zip(sp, geo.dilation))
+        + (C // G, 1),
+    )
+    if G > 1:
+        view = view.movedim(-2, 1)  # [B, G, *out, *k, C/G]
+    return view.reshape(B * G, T, -1)
+
+
+def grouped(geo: Geom, g: Tensor, any_order: bool = False) -> Tuple[Tensor, Tensor]:
+    """Patches ``[B*G, T, d]`` and output gradients ``[B*G, T, p]`` per group. With
+    ``any_order`` (Gram matrices) ``d`` may be ordered ``(k..., C/G)`` (see
+    :func:`patch_rows`); otherwise it is the weight's ``(C/G, k...)``."""
+    B, O, G = g.shape[0], g.shape[1], geo.groups
+    T = math.prod(g.shape[2:])
+    if any_order:
+        P = patch_rows(geo, g.shape[2:])
+    else:
+        P = patches(geo, g.shape[2:]).reshape(B * G, -1, T).transpose(1, 2)
+    gg = g.reshape(B * G, O // G, T).transpose(1, 2)
+    return P, gg
+
+
+def ps_correlate(geo: Geom, g: Tensor) -> Tensor:
+    """Per-sample weight gradients of a depthwise convolution (one input channel per
+    group) as one forward convolution (Rochette et al. 2019): the padded input with
+    every (sample, channel) as a group, correlated with the output gradient as the
+    kernel. The conv's stride becomes the kernel's dilation, its dilation the stride."""
+    x = geo.x
+    if any(geo.pad):
+        x = F.pad(x, f_pad_arg([(p, p) for p in geo.pad]))
+    B, C, O = x.shape[0], x.shape[1], g.shape[1]
+    w = _CONV[geo.n](
+        x.reshape(1, B * C, *x.shape[2:]), g.reshape(B * O, 1, *g.shape[2:]),
+        stride=geo.dilation, dilation=geo.stride, groups=B * C,
+    )
+    w = w[(slice(None), slice(None)) + tuple(slice(0, k) for k in geo.k)]  # the span can exceed k
+    return w.reshape(B, O, 1, *geo.k)
+
+
+def sum_correlate(geo: Geom, g: Tensor) -> Tensor:
+    """``sum_i grad W_i`` of a depthwise convolution as :func:`ps_correlate` with the
+    samples inside each channel's group, so the correlation also sums over them."""
+    x = geo.x
+    if any(geo.pad):
+        x = F.pad(x, f_pad_arg([(p, p) for p in geo.pad]))
+    B, C, O = x.shape[0], x.shape[1], g.shape[1]
+    w = _CONV[geo.n](
+        x.transpose(0, 1).reshape(1, C * B, *x.shape[2:]), g.transpose(0, 1).reshape(O, B, *g.shape[2:]),
+        stride=geo.dilation, dilation=geo.stride, groups=C,
+    )
+    w = w[(slice(None), slice(None)) + tuple(slice(0, k) for k in geo.k)]
+    return w.reshape(O, 1, *geo.k)
+
+
+def sum_unfold(geo: Geom, g: Tensor, into: Optional[Tensor] = None) -> Optional[Tensor]:
+    """``sum_i grad W_i``: patches and one batched matmul over the groups, contracting
+    samples and positions together (the weight gradient of ``g``); added into ``into``
+    (contiguous, the weight's shape and dtype) when given, returning ``None``."""
+    B, O, C, G = g.shape[0], g.shape[1], geo.x.shape[1], geo.groups
+    # channel-first patches: T <= 4 keeps them small, and the [O, d] result needs no permuted copy
+    P, gg = grouped(geo, g)  # [B*G, T, d], [B*G, T, p]
+    T = P.shape[1]
+    P = P.reshape(B, G, T, -1).transpose(0, 1).reshape(G, B * T, -1)
+    gg = gg.reshape(B, G, T, -1).transpose(0, 1).reshape(G, B * T, -1)
+    if into is not None:
+        into.view(G, O // G, -1).baddbmm_(gg.transpose(1, 2), P)
+        return None
+    return torch.bmm(gg.transpose(1, 2), P).reshape(O, C // G, *geo.k)
+
+
+def ps_unfold(geo: Geom, g: Tensor) -> Tensor:
+    """Per-sample weight gradients by patches + one batched matmul (patches in the
+    weight's own ``(C/G, k...)`` order, so the result needs no permuted copy)."""
+    B, O, C, G = g.shape[0], g.shape[1], geo.x.shape[1], geo.groups
+    T = math.prod(g.shape[2:])
+    P = patches(geo, g.shape[2:]).reshape(B * G, -1, T)
+    gg = g.reshape(B * G, O // G, T)
+    return torch.bmm(gg, P.transpose(1, 2)).reshape(B, O, C // G, *geo.k)
