@@ -20,6 +20,7 @@ __all__ = [
     "registered_modules",
     "sq_norms",
     "weighted_sum",
+    "into_target",
 ]
 
 
@@ -190,6 +191,16 @@ def registered_ops() -> Dict[Callable, PerSampleRule]:
 
 def registered_modules() -> Dict[Type[nn.Module], Callable[[nn.Module], ModuleCall]]:
     return dict(_MODULES)
+
+
+def into_target(into: Optional[Dict[str, Tensor]], name: str, dtype: torch.dtype,
+                shape: Tuple[int, ...]) -> Optional[Tensor]:
+    """The tensor a rule's :meth:`~PerSampleRule.clipped_sum` may add ``name``'s sum
+    into in place: ``into[name]`` when it is contiguous with this dtype and shape."""
+    dst = (into or {}).get(name)
+    if dst is not None and dst.dtype == dtype and dst.is_contiguous() and tuple(dst.shape) == tuple(shape):
+        return dst
+    return None
 
 
 def weighted_sum(f: Tensor, g: Tensor, into: Optional[Tensor] = None) -> Optional[Tensor]:

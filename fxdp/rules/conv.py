@@ -58,7 +58,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import UnsupportedOpError
-from .base import ModuleCall, PerSampleRule, register_module, register_rule, sq_norms, weighted_sum
+from .base import ModuleCall, PerSampleRule, into_target, register_module, register_rule, sq_norms, weighted_sum
 from .conv_grads import (
     Geom, f_pad_arg, grouped, layout_of, ps_correlate, ps_groups, ps_pointwise, ps_unfold, sum_correlate, sum_unfold,
     weight_shape, wgrad,
@@ -385,10 +385,7 @@ class _ConvMath:
         if "weight" in needs:
             geo, gout = self._setup(args, grad_output)
             gout = gout * f  # bilinear in (input, output gradient): scale either
-            dst = into.get("weight")
-            if dst is not None and not (dst.dtype == gout.dtype and dst.is_contiguous()
-                                        and dst.shape == weight_shape(geo, gout)):
-                dst = None
+            dst = into_target(into, "weight", gout.dtype, weight_shape(geo, gout))
             if self.method(geo, gout) == "correlate":
                 out["weight"] = sum_correlate(geo, gout)
             elif math.prod(gout.shape[2:]) <= self.sum_unfold_max_positions:

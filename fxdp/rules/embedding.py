@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import UnsupportedOpError
-from .base import ModuleCall, PerSampleRule, register_module, register_rule
+from .base import ModuleCall, PerSampleRule, into_target, register_module, register_rule
 
 __all__ = ["EmbeddingRule", "TorchEmbeddingRule", "EmbeddingBagRule", "AtenEmbeddingBagRule"]
 
@@ -245,11 +245,8 @@ class EmbeddingRule(PerSampleRule):
         B = idx.shape[0]
         pad = self._padding_idx(args, V)
         f = factors.to(grad_output.dtype).view((B,) + (1,) * (grad_output.dim() - 1))
-        dst = (into or {}).get("weight")
-        if dst is not None and dst.dtype == grad_output.dtype and dst.shape == (V, D):
-            out = dst  # scattered straight into the noise buffer (index_put_ accepts any strides)
-        else:
-            out = grad_output.new_zeros(V, D)
+        dst = into_target(into, "weight", grad_output.dtype, (V, D))
+        out = dst if dst is not None else grad_output.new_zeros(V, D)  # straight into the noise buffer
         step = max(1, -(-B // _CLIPPED_SUM_CHUNKS))
         for s in range(0, B, step):
             i, rows = idx[s:s + step].reshape(-1), (grad_output[s:s + step] * f[s:s + step]).reshape(-1, D)

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import ModuleCall, PerSampleRule, register_module, register_rule, sq_norms, weighted_sum
+from .base import ModuleCall, PerSampleRule, into_target, register_module, register_rule, sq_norms, weighted_sum
 
 aten = torch.ops.aten
 
@@ -157,8 +157,8 @@ class LinearRule(PerSampleRule):
                 lhs, rhs = g.reshape(-1, p).t(), (a * f.to(a.dtype).view(-1, 1, 1)).reshape(-1, d)
             else:
                 lhs, rhs = (g * f.view(-1, 1, 1)).reshape(-1, p).t(), a.reshape(-1, d)
-            dst = into.get("weight")
-            if dst is not None and dst.dtype == lhs.dtype and dst.is_contiguous() and dst.shape == (p, d):
+            dst = into_target(into, "weight", lhs.dtype, (p, d))
+            if dst is not None:
                 dst.addmm_(lhs, rhs)  # no fresh [p, d] sum
             else:
                 out["weight"] = lhs @ rhs
