@@ -388,6 +388,8 @@ BK_CASES = [
     ("fn", F.conv2d, dict(stride=2, padding=(1, 0)), ((3, 3, 7, 6), (4, 3, 3, 2))),
     # depthwise, stride 1 (ConvNeXt's 7x7, MobileNet's 5x5): correlation when forced
     ("mod", nn.Conv2d, dict(in_channels=3, out_channels=3, kernel_size=5, padding=2, groups=3), (2, 3, 4, 4)),
+    # ... on a map no larger than its padding (the correlation pads the input first)
+    ("mod", nn.Conv2d, dict(in_channels=3, out_channels=3, kernel_size=5, padding=2, groups=3), (2, 3, 2, 3)),
     ("mod", nn.ConvTranspose2d, dict(in_channels=2, out_channels=2, kernel_size=3, padding=1, dilation=2, groups=2),
      (3, 2, 4, 5)),
     # a 1x1 output map (ResNet's last stage at 32x32 inputs): the rank-one ghost norm
