@@ -30,7 +30,9 @@ A step is ``zero_grad``, forward, cross-entropy, backward, ``optimizer.step()``
   built and warmed up, then before one more step the kernel's peak-RSS counter is
   reset (``/proc/self/clear_refs``), and the figure is ``VmHWM`` after the step
   minus ``VmRSS`` before it: the peak resident memory the step adds above the
-  model, optimizer state and data (page-granular, deterministic to ~1 MiB).
+  model, optimizer state and data (page-granular, deterministic to ~1 MiB). fxdp's
+  flat noise buffer, kept between steps, counts as the step's: it holds the
+  gradients that non-private training allocates in each step.
 
 Results are merged into ``results/models.json`` (one entry per model and batch
 size, so models can be run separately) and ``results/models.md`` is regenerated.
@@ -120,13 +122,15 @@ def _proc_status() -> Dict[str, float]:
     return out
 
 
-def peak_step_memory(step: Callable[[], None], before: Callable[[], None]) -> Optional[float]:
-    """Peak resident memory (MiB) one ``step()`` adds above the state before it."""
+def peak_step_memory(step: Callable[[], None], before: Callable[[], None],
+                     held: Callable[[], int] = lambda: 0) -> Optional[float]:
+    """Peak resident memory (MiB) one ``step()`` adds above the state before it; the
+    ``held()`` bytes a variant keeps between steps for its steps only count as the step's."""
     if not os.path.exists("/proc/self/clear_refs"):
         return None
     before()
     gc.collect()
-    base = _proc_status()["VmRSS"]
+    base = _proc_status()["VmRSS"] - held() / 2**20
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # reset the peak-RSS counter (Linux >= 4.0)
@@ -138,8 +142,13 @@ def peak_step_memory(step: Callable[[], None], before: Callable[[], None]) -> Op
 
 # ------------------------------------------------------------------------------ variants
 class Variant:
-    def __init__(self, name: str, step: Callable[[], None], zero: Callable[[], None], info: str = "") -> None:
-        self.name, self.step, self.zero, self.info = name, step, zero, info
+    """``held()``: bytes kept between steps for the steps' own use (fxdp's flat noise
+    buffer, which holds the gradients non-private training allocates in each step),
+    counted in the step's peak."""
+
+    def __init__(self, name: str, step: Callable[[], None], zero: Callable[[], None], info: str = "",
+                 held: Callable[[], int] = lambda: 0) -> None:
+        self.name, self.step, self.zero, self.info, self.held = name, step, zero, info, held
 
 
 def _quiet(fn: Callable[[], Any]) -> Any:
@@ -182,7 +191,11 @@ def build_variant(name: str, base: nn.Module, x: torch.Tensor, y: torch.Tensor) 
             F.cross_entropy(dp(x), y).backward()
             opt.step()
 
-        return Variant(name, step, opt.zero_grad, info=rules)
+        def held() -> int:
+            noise = opt._flat_noise.buffer
+            return 0 if noise is None else noise.numel() * noise.element_size()
+
+        return Variant(name, step, opt.zero_grad, info=rules, held=held)
 
     if name.startswith("opacus_"):
         if not HAVE_OPACUS:
@@ -320,7 +333,7 @@ def _memory_child(model_name: str, B: int, variants: List[str]) -> None:
     out: Dict[str, Optional[float]] = {}
     for v in built:
         v.step()
-        out[v.name] = peak_step_memory(v.step, v.zero)
+        out[v.name] = peak_step_memory(v.step, v.zero, v.held)
     print(json.dumps(out))
 
 

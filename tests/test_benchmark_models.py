@@ -75,3 +75,28 @@ def test_bk_clipped_sums_equal_materialized(name):
             torch.testing.assert_close(sums[id(p)], e, rtol=1e-9, atol=1e-12)
     finally:
         torch.set_default_dtype(prev)
+
+
+def _bench_models():
+    path = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", "bench_models.py")
+    spec = importlib.util.spec_from_file_location("fxdp_bench_models_runner", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault(spec.name, mod)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_memory_counts_the_noise_buffer_fxdp_keeps_between_steps():
+    """The flat noise buffer holds the gradients non-private training allocates in each
+    step, so the benchmark counts it in fxdp's step peak, not in the state before it."""
+    bench = _bench_models()
+    torch.manual_seed(0)
+    x, y = _batch("mnist", 4, torch.Generator().manual_seed(0))
+    v = bench.build_variant("fxdp_bk", M.MODELS["mnist"].build(), x, y)
+    assert v.held() == 0  # nothing drawn yet
+    v.step()
+    assert v.held() == 4 * EXPECTED["mnist"]  # float32 noise for every parameter
+    assert bench.build_variant("nonprivate", M.MODELS["mnist"].build(), x, y).held() == 0
+    if os.path.exists("/proc/self/clear_refs"):  # a step that allocates nothing still adds what is held
+        peak = bench.peak_step_memory(lambda: None, lambda: None, lambda: 64 << 20)
+        assert peak is None or peak >= 64.0
