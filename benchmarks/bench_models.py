@@ -102,6 +102,10 @@ except ImportError:  # pragma: no cover - optional
 
 
 # ------------------------------------------------------------------------------ memory
+#: a peak within this of a memory target counts as met: the measurement repeats to ~0.3 MiB
+#: (a slack of 1 MiB had passed the embedding net's 3.5 MiB against 2.3 non-private, 1.48x)
+MEM_SLACK_MIB = 0.3
+
 def _pin_mmap_threshold() -> None:
     """glibc: serve every allocation >= 64 KiB by mmap and never raise the threshold,
     so a freed tensor leaves the resident set at once (RSS tracks live tensors)."""
@@ -357,7 +361,8 @@ def markdown(data: Dict[str, Any]) -> str:
         "(method in `benchmarks/README.md`).",
         "",
         "Each cell: median ms per step / median of per-round ratios to non-private (`xNP`) and to Opacus' "
-        "fastest mode in that row (`xOp`) / peak MiB the step adds above the model and optimizer state. "
+        "fastest mode in that row (`xOp`) / peak MiB the step adds above the model and optimizer state "
+        "(fxdp's flat noise buffer, kept between steps, counted as the step's). "
         "`fxdp bk` targets (issue 13): ≤ 1.5x NP (CNNs), ≤ 1.2x (embedding), ≤ 3x (LSTM) from B = 128; "
         "≤ 0.67x Opacus' fastest (1.5x faster); peak memory ≤ 1.3x NP, and ≤ Opacus'.",
         "",
@@ -404,11 +409,11 @@ def _verdict(c: Dict[str, Any]) -> str:
         parts.append(("met" if op <= 1 / 1.5 else "MISSED") + " ≤0.67xOp")
     base = c["variants"].get("nonprivate", {}).get("peak_mib")
     if base and e.get("peak_mib") is not None:  # issue 13: peak memory <= 1.3x non-private
-        parts.append(("met" if e["peak_mib"] <= 1.3 * base + 1.0 else "MISSED") + f" mem ≤1.3xNP "
+        parts.append(("met" if e["peak_mib"] <= 1.3 * base + MEM_SLACK_MIB else "MISSED") + f" mem ≤1.3xNP "
                      f"({e['peak_mib'] / base:.2f}x)")
     best = c.get("opacus_fastest")
     if best and e.get("peak_mib") is not None and c["variants"][best].get("peak_mib") is not None:
-        ok = e["peak_mib"] <= c["variants"][best]["peak_mib"] + 1.0  # 1 MiB: page granularity noise
+        ok = e["peak_mib"] <= c["variants"][best]["peak_mib"] + MEM_SLACK_MIB
         parts.append(("met" if ok else "MISSED") + " mem")
     return ", ".join(parts)
 
