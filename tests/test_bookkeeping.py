@@ -456,3 +456,26 @@ def test_noise_first_draws_nothing_before_a_non_finite_gradient_raises():
         opt.step()
     assert torch.equal(opt.generator.get_state(), state)
     assert all(torch.equal(a, p) for a, p in zip(before, dp.parameters()))
+
+
+def test_each_record_is_prepared_once_per_step(monkeypatch):
+    """Book-keeping reads a record's batch-first arguments for its keep test, its norms,
+    and its clipped sum: they are formed once per record, and dropped with the record's
+    activations when it keeps its per-sample gradients."""
+    import fxdp.capture.rule as capture_rule
+
+    calls = []
+    prepare = capture_rule.RuleCapture._prepare
+    monkeypatch.setattr(capture_rule.RuleCapture, "_prepare", lambda self, rec: calls.append(rec) or prepare(self, rec))
+    torch.manual_seed(0)
+    dp = privatize(ConvNet(), grad_sample_mode="bk")
+    opt = DPOptimizer(torch.optim.SGD(dp.parameters(), lr=0.1), noise_multiplier=1.0, max_grad_norm=1.0,
+                      expected_batch_size=4)
+    opt.attach_bookkeeping(dp.bookkeeping)
+    x, y = torch.randn(4, 2, 7, 7), torch.randint(0, 3, (4,))
+    F.cross_entropy(dp(x), y).backward()
+    records = dp.bookkeeping.pending[0].records
+    assert len(calls) == len(records) and {id(r) for r in calls} == {id(r) for r in records}
+    assert all(r.memo == {} for r in records if r.released) and any(r.released for r in records)
+    opt.step()
+    assert len(calls) == len(records)

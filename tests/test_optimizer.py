@@ -689,6 +689,21 @@ def test_flat_noise_is_one_draw_into_a_reused_buffer():
     assert mech.buffer.data_ptr() == ptr and not torch.equal(first[0], second[0])
 
 
+def test_flat_noise_views_are_reused_and_rebuilt_with_the_buffer():
+    """The per-parameter views of the buffer are made once per layout (no slicing per
+    step), and made again from the new buffer when the parameters' layout changes."""
+    mech, g = FlatNoise(), torch.Generator().manual_seed(0)
+    like = [torch.zeros(3, 4), torch.zeros(5)]
+    first, second = mech.draw(like, 1.0, generator=g), mech.draw(like, 1.0, generator=g)
+    assert all(a is b and a._base is mech.buffer for a, b in zip(first, second))
+    assert torch.equal(torch.cat([v.reshape(-1) for v in second]), mech.buffer)
+    for other in ([torch.zeros(4, 3), torch.zeros(5)], [torch.zeros(3, 4), torch.zeros(6)],
+                  [torch.zeros(3, 4, dtype=torch.float64), torch.zeros(5, dtype=torch.float64)]):
+        views = mech.draw(other, 1.0, generator=g)
+        assert [v.shape for v in views] == [o.shape for o in other] and all(v._base is mech.buffer for v in views)
+        assert torch.equal(torch.cat([v.reshape(-1) for v in views]), mech.buffer)
+
+
 def test_flat_noise_falls_back_per_sum_and_zero_std_draws_nothing():
     mixed = [torch.randn(3), torch.randn(4, dtype=torch.float64), torch.randn(2, dtype=torch.bfloat16)]
     out = FlatNoise()(mixed, 0.5, generator=torch.Generator().manual_seed(3))

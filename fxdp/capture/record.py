@@ -40,6 +40,9 @@ class LayerRecord:
     sq: Dict[int, Tensor] = field(default_factory=dict)
     #: inputs and output gradients dropped: every per-sample gradient is in ``kept``
     released: bool = False
+    #: the capture op's values derived from ``inputs`` and ``grads`` (its batch-first
+    #: arguments), formed once per record: book-keeping reads them up to four times a step
+    memo: Dict[str, Any] = field(default_factory=dict)
 
     def release(self) -> None:
         """Drop the activations and output gradients once ``kept`` holds every
@@ -47,6 +50,7 @@ class LayerRecord:
         the per-sample gradients alone, often far smaller than ``a`` and ``g``)."""
         assert all(i in self.kept for i in self.params), "release() needs every per-sample gradient kept"
         self.inputs, self.grads, self.outputs, self.released = [], [], None, True
+        self.memo = {}
 
 
 class Recorder:

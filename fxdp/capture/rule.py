@@ -71,7 +71,15 @@ class RuleCapture(CaptureOp):
         return {self.names.index(self.rule.input_arg): self.rule.input_grad(self.bound(dyn), grads[0])}
 
     def prepared(self, rec: LayerRecord) -> Tuple[Dict[str, Any], Tensor, FrozenSet[str]]:
-        """Bound arguments and output gradient, batch-first, and the needed names."""
+        """Bound arguments (a fresh dict) and output gradient, batch-first, and the
+        needed names; formed once per record."""
+        memo = rec.memo.get("prepared")
+        if memo is None:
+            memo = rec.memo["prepared"] = self._prepare(rec)
+        args, g, needs = memo
+        return dict(args), g, needs
+
+    def _prepare(self, rec: LayerRecord) -> Tuple[Dict[str, Any], Tensor, FrozenSet[str]]:
         dims_in, dims_out = self.resolve_batch_dims(rec)
         args = self.bound(rec.inputs)
         g = rec.grads[0]

@@ -79,8 +79,8 @@ class FlatNoise:
 
     ``S_k + N(0, std^2)`` for every sum ``S_k``: the noise of every parameter is drawn
     by one ``normal_`` into a flat buffer kept across steps, and each sum is added into
-    its slice in place; the results are views of the buffer, valid until the next call
-    (``optimizer.zero_grad()`` drops them as ``p.grad``). On CPU a fresh tensor per
+    its slice in place; the results are views of the buffer (made once per parameter
+    layout), valid until the next call (``optimizer.zero_grad()`` drops them as ``p.grad``). On CPU a fresh tensor per
     parameter and a fresh sum cost page faults and one sampler call each: for
     ResNet18's 11.2M parameters the per-parameter draw took 61 ms plus 18 ms for the
     sums, the flat draw 41 ms plus 3 ms (``benchmarks/README.md``, "Round 3").
@@ -93,6 +93,7 @@ class FlatNoise:
 
     def __init__(self) -> None:
         self.buffer: Tensor | None = None
+        self._views: tuple = ((), [])  # (the shapes, their views of ``buffer``): one slice per parameter per buffer
 
     def __call__(self, sums: Sequence[Tensor], std: float, *, generator: torch.Generator | None = None) -> list[Tensor]:
         _check_std(std)
@@ -128,11 +129,14 @@ class FlatNoise:
             buf.zero_()  # draws nothing: a non-private run leaves the generator untouched
         else:
             buf.normal_(0.0, float(std), generator=generator)
-        out, offset = [], 0
-        for s in like:
-            out.append(buf[offset:offset + s.numel()].view(s.shape))
-            offset += s.numel()
-        return out
+        shapes = tuple(s.shape for s in like)
+        if self._views[0] != shapes or not self._views[1] or self._views[1][0]._base is not buf:
+            out, offset = [], 0
+            for shape, s in zip(shapes, like):
+                out.append(buf[offset:offset + s.numel()].view(shape))
+                offset += s.numel()
+            self._views = (shapes, out)
+        return list(self._views[1])
 
 
 def secure_generator(device: torch.device | str | None = None) -> SecureGenerator:
