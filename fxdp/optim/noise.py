@@ -80,8 +80,9 @@ class FlatNoise:
     ``S_k + N(0, std^2)`` for every sum ``S_k``: the noise of every parameter is drawn
     by one ``normal_`` into a flat buffer kept across steps, and each sum is added into
     its slice in place; the results are views of the buffer (made once per parameter
-    layout), valid until the next call (``optimizer.zero_grad()`` drops them as ``p.grad``). On CPU a fresh tensor per
-    parameter and a fresh sum cost page faults and one sampler call each: for
+    layout), valid until the next call (``optimizer.zero_grad()`` drops them as
+    ``p.grad``). On CPU a fresh tensor per parameter and a fresh sum cost page faults
+    and one sampler call each: for
     ResNet18's 11.2M parameters the per-parameter draw took 61 ms plus 18 ms for the
     sums, the flat draw 41 ms plus 3 ms (``benchmarks/README.md``, "Round 3").
 
@@ -93,7 +94,7 @@ class FlatNoise:
 
     def __init__(self) -> None:
         self.buffer: Tensor | None = None
-        self._views: tuple = ((), [])  # (the shapes, their views of ``buffer``): one slice per parameter per buffer
+        self._views: tuple = ((), [])  # (shapes, their views of ``buffer``): sliced once per layout
 
     def __call__(self, sums: Sequence[Tensor], std: float, *, generator: torch.Generator | None = None) -> list[Tensor]:
         _check_std(std)
