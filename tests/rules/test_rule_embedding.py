@@ -215,6 +215,38 @@ def test_embedding_bookkeeping_is_memory_light(count_table, monkeypatch):
     _close(norms2[5], one.pow(2).sum(), rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("chunk_bytes", [1, 200, 1 << 20], ids=["per-sample", "uneven", "whole-batch"])
+@pytest.mark.parametrize("into", [False, True], ids=["returned", "into-buffer"])
+def test_embedding_clipped_sum_in_slices(chunk_bytes, into, monkeypatch):
+    """The clipped sum is scattered a cache-sized slice of the batch at a time (one
+    sample per slice, uneven slices, one slice): each equals the batch-of-one
+    gradients weighted by the clip factors (float64), padding rows excluded."""
+    import fxdp.rules.embedding as emb
+
+    monkeypatch.setattr(emb, "_CLIPPED_SUM_CHUNK_BYTES", chunk_bytes)
+    torch.manual_seed(3)
+    B, T, V, D = 7, 5, 6, 3  # 120 bytes of output gradient per sample: 200 B slices hold one
+    idx = torch.randint(0, V, (B, T))
+    idx[:, 0] = 2  # padding in every sample
+    idx[1] = 4  # one sample repeats a token
+    g = torch.randn(B, T, D, dtype=DT)
+    w = torch.zeros(V, D, dtype=DT)
+    rule = rule_for_op(F.embedding)
+    bound = rule.bind((idx, w), {"padding_idx": 2})
+    needs = frozenset({"weight"})
+    factors = torch.linspace(0.2, 1.4, B, dtype=DT)
+    ones = [rule.grad_sample(dict(bound, input=idx[i : i + 1]), g[i : i + 1], needs)["weight"][0] for i in range(B)]
+    expected = sum(f * o for f, o in zip(factors, ones))
+    assert expected[2].abs().max() == 0  # the padding row gets no gradient
+    if into:
+        start = torch.randn(V, D, dtype=DT)
+        buf = {"weight": start.clone()}
+        assert rule.clipped_sum(bound, g, factors, needs, into=buf) == {}
+        _close(buf["weight"] - start, expected, rtol=1e-12, atol=1e-12)
+    else:
+        _close(rule.clipped_sum(bound, g, factors, needs)["weight"], expected, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize(
     "option, value",
     [("max_norm", 1.0), ("scale_grad_by_freq", True), ("sparse", True)],
