@@ -23,16 +23,9 @@ A step is ``zero_grad``, forward, cross-entropy, backward, ``optimizer.step()``
   mode (the Opacus variant with the lower median in that cell) is formed, and the
   report gives the *median of per-round ratios* (robust to load drifting over
   minutes) beside the median ms per step;
-* peak memory: in a separate child process per cell and variant (so the timing process
-  keeps glibc's default allocator behaviour) started with glibc's mmap
-  threshold pinned at 64 KiB (``MALLOC_MMAP_THRESHOLD_``: every tensor is its
-  own mapping, so a freed one leaves the resident set at once), each variant is
-  built and warmed up, then before one more step the kernel's peak-RSS counter is
-  reset (``/proc/self/clear_refs``), and the figure is ``VmHWM`` after the step
-  minus ``VmRSS`` before it: the peak resident memory the step adds above the
-  model, optimizer state and data (page-granular, deterministic to ~1 MiB). fxdp's
-  flat noise buffer, kept between steps, counts as the step's: it holds the
-  gradients that non-private training allocates in each step.
+* peak memory: the peak resident memory one step adds above the model, optimizer
+  state and data, each cell and variant measured alone in a child process (method in
+  ``_memory.py``); fxdp's flat noise buffer, kept between steps, counts as the step's.
 
 Results are merged into ``results/models.json`` (one entry per model and batch
 size, so models can be run separately) and ``results/models.md`` is regenerated.
@@ -48,7 +41,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import ctypes
 import gc
 import importlib.util
 import json
@@ -56,7 +48,6 @@ import math
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 import traceback
@@ -102,46 +93,10 @@ except ImportError:  # pragma: no cover - optional
 
 
 # ------------------------------------------------------------------------------ memory
-#: a peak within this of a memory target counts as met: the measurement repeats to ~0.3 MiB
-#: (a slack of 1 MiB had passed the embedding net's 3.5 MiB against 2.3 non-private, 1.48x)
-MEM_SLACK_MIB = 0.3
-
-def _pin_mmap_threshold() -> None:
-    """glibc: serve every allocation >= 64 KiB by mmap and never raise the threshold,
-    so a freed tensor leaves the resident set at once (RSS tracks live tensors)."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD
-    except OSError:  # pragma: no cover - not glibc
-        pass
-
-
-def _proc_status() -> Dict[str, float]:
-    out = {}
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(("VmRSS", "VmHWM")):
-                k, v = line.split(":")
-                out[k] = int(v.split()[0]) / 1024.0  # MiB
-    return out
-
-
-def peak_step_memory(step: Callable[[], None], before: Callable[[], None],
-                     held: Callable[[], int] = lambda: 0) -> Optional[float]:
-    """Peak resident memory (MiB) one ``step()`` adds above the state before it; the
-    ``held()`` bytes a variant keeps between steps for its steps only count as the step's."""
-    if not os.path.exists("/proc/self/clear_refs"):
-        return None
-    before()
-    gc.collect()
-    base = _proc_status()["VmRSS"] - held() / 2**20
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # reset the peak-RSS counter (Linux >= 4.0)
-    except OSError:
-        return None
-    step()
-    return max(0.0, _proc_status()["VmHWM"] - base)
+sys.path.insert(0, HERE)
+from _memory import (  # noqa: E402,F401  (peak_step_memory, _pin_mmap_threshold: also bench_layers')
+    MEM_SLACK_MIB, _pin_mmap_threshold, in_child, noise_buffer_bytes, peak_step_memory,
+)
 
 
 # ------------------------------------------------------------------------------ variants
@@ -195,11 +150,7 @@ def build_variant(name: str, base: nn.Module, x: torch.Tensor, y: torch.Tensor) 
             F.cross_entropy(dp(x), y).backward()
             opt.step()
 
-        def held() -> int:
-            noise = opt._flat_noise.buffer
-            return 0 if noise is None else noise.numel() * noise.element_size()
-
-        return Variant(name, step, opt.zero_grad, info=rules, held=held)
+        return Variant(name, step, opt.zero_grad, info=rules, held=lambda: noise_buffer_bytes(opt))
 
     if name.startswith("opacus_"):
         if not HAVE_OPACUS:
@@ -309,14 +260,9 @@ def memory_cell(model_name: str, B: int, variants: List[str], threads: int) -> D
     (variants sharing a process disturbed each other's figures by up to 2x)."""
     res: Dict[str, Optional[float]] = {}
     for v in variants:
-        cmd = [sys.executable, os.path.abspath(__file__), "--memory-child", model_name, str(B),
-               "--threads", str(threads), "--variants", v]
         try:
-            # the threshold must hold from the first allocation: freed heap chunks of
-            # earlier steps would otherwise be reused without touching the resident set
-            env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(64 * 1024))
-            out = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, env=env)
-            res.update(json.loads(out.stdout.strip().splitlines()[-1]))
+            res.update(in_child(__file__, ["--memory-child", model_name, str(B), "--threads", str(threads),
+                                           "--variants", v]))
         except Exception as e:  # a miss is reported, not hidden
             print(f"memory measurement failed for {model_name} B={B} {v}: {e}", file=sys.stderr)
             res[v] = None

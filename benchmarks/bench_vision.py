@@ -8,20 +8,27 @@ One thread; each round runs one non-private step and one full book-keeping DP st
 (forward, backward, norms, clipped sums, noise, SGD update) back to back, and the table
 reports the median of the per-round ratios; "of which the noise draw" times one
 ``normal_`` of the model's parameter count (the sampler alone, a floor no DP step on
-this CPU avoids) in the same rounds, as a share of the non-private step. Random weights, train mode.
+this CPU avoids) in the same rounds, as a share of the non-private step; then the peak
+memory of one step of each (``_memory.py``). Random weights, train mode.
 Results: ``results/vision_steps.md``.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
+import sys
 import time
+import warnings
 
 import torch
 
 import fxdp
 from fxdp.optim import DPOptimizer
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _memory import MEM_SLACK_MIB, _pin_mmap_threshold, in_child, noise_buffer_bytes, peak_step_memory  # noqa: E402
 
 
 def _models():
@@ -38,8 +45,8 @@ def _models():
     }
 
 
-def ratio(build, size: int, batch: int, rounds: int) -> tuple:
-    """(bk / non-private, noise draw / non-private): medians of per-round ratios."""
+def steps(build, size: int, batch: int) -> tuple:
+    """The non-private and the book-keeping step (each with its ``zero`` and ``held``)."""
     torch.manual_seed(0)
     x, y = torch.randn(batch, 3, size, size), torch.randint(0, 10, (batch,))
     plain = build().train()
@@ -59,6 +66,14 @@ def ratio(build, size: int, batch: int, rounds: int) -> tuple:
         torch.nn.functional.cross_entropy(dp(x), y).backward()
         dp_opt.step()
 
+    plain_step.zero, plain_step.held = opt.zero_grad, lambda: 0
+    bk_step.zero, bk_step.held = dp_opt.zero_grad, lambda: noise_buffer_bytes(dp_opt)
+    return plain_step, bk_step, dp
+
+
+def ratio(build, size: int, batch: int, rounds: int) -> tuple:
+    """(bk / non-private, noise draw / non-private): medians of per-round ratios."""
+    plain_step, bk_step, dp = steps(build, size, batch)
     noise = torch.empty(sum(p.numel() for p in dp.parameters() if p.requires_grad))
 
     def noise_draw():  # the floor of the step's noise: one normal_ into a kept buffer (FlatNoise)
@@ -79,20 +94,61 @@ def ratio(build, size: int, batch: int, rounds: int) -> tuple:
     return statistics.median(ratios), statistics.median(noise_share)
 
 
+def memory_child(name: str, batch: int, which: str) -> None:
+    """Peak memory one step of ``which`` (``plain`` or ``bk``) adds (``_memory.py``)."""
+    _pin_mmap_threshold()
+    build, size = _models()[name]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        plain_step, bk_step, _ = steps(build, size, batch)
+    step = plain_step if which == "plain" else bk_step
+    step()
+    step()
+    print(json.dumps({which: peak_step_memory(step, step.zero, step.held)}))
+
+
+def peaks(name: str, batch: int) -> dict:
+    out = {}
+    for which in ("plain", "bk"):
+        try:
+            out.update(in_child(__file__, ["--memory-child", name, str(batch), which]))
+        except Exception as e:  # a miss is reported, not hidden
+            print(f"memory measurement failed for {name} {which}: {e}", file=sys.stderr)
+    return out
+
+
+def _mem_cells(m: dict) -> str:
+    plain, bk = m.get("plain"), m.get("bk")
+    if plain is None or bk is None:
+        return "- | - | - |"
+    met = "met" if bk <= 1.3 * plain + MEM_SLACK_MIB else "MISSED"
+    return f"{plain:.1f} | {bk:.1f} ({bk / plain:.2f}x) | {met} |"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory children")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "vision_steps.md"))
+    ap.add_argument("--memory-child", nargs=3, metavar=("MODEL", "B", "WHICH"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     torch.set_num_threads(1)
+    if args.memory_child:
+        name, batch, which = args.memory_child
+        memory_child(name, int(batch), which)
+        return
     lines = ["# torchvision / timm: fxdp book-keeping step time / non-private (benchmarks/bench_vision.py)", "",
              f"torch {torch.__version__}, 1 thread, batch {args.batch_size}, median of {args.rounds} interleaved "
-             "rounds; target of issue 13 for CNNs: <= 1.5x.", "",
-             "| model | input | bk / non-private | of which the noise draw |", "|---|---|---|---|"]
+             "rounds; target of issue 13 for CNNs: <= 1.5x. Peak memory one step adds above the model, optimizer "
+             "state and data (MiB, a child process each, `benchmarks/_memory.py`; fxdp's flat noise buffer "
+             f"counted as the step's); target <= 1.3x non-private (within {MEM_SLACK_MIB} MiB).", "",
+             "| model | input | bk / non-private | of which the noise draw | non-private MiB | bk MiB | memory target |",
+             "|---|---|---|---|---|---|---|"]
     for name, (build, size) in _models().items():
         r, n = ratio(build, size, args.batch_size, args.rounds)
-        lines.append(f"| {name} | {size}x{size} | {r:.2f}x | {n:.2f}x |")
+        mem = {} if args.no_memory else peaks(name, args.batch_size)
+        lines.append(f"| {name} | {size}x{size} | {r:.2f}x | {n:.2f}x | {_mem_cells(mem)}")
         print(lines[-1], flush=True)
     with open(args.out, "w") as f:
         f.write("\n".join(lines) + "\n")

@@ -16,7 +16,8 @@ full step (zero_grad, forward, loss, backward, optimizer step with clip + noise)
 * ``opacus_hooks`` / ``opacus_ghost``: Opacus' ``make_private`` (when it accepts the
   model; ghost clipping only for classification heads, where its loss wrapper applies).
 
-Reports the median of per-round ratios to ``nonprivate``; a variant that fails is
+Reports the median of per-round ratios to ``nonprivate``, and the peak memory a step adds
+(non-private, fxdp and Opacus, each in a child process: ``_memory.py``); a variant that fails is
 reported with its error. Results: ``results/zoo.json`` and ``results/zoo.md``.
 
 Usage::
@@ -51,6 +52,9 @@ sys.path.insert(0, os.path.dirname(HERE))
 
 import fxdp  # noqa: E402
 from fxdp.optim import DPOptimizer  # noqa: E402
+
+sys.path.insert(0, HERE)
+from _memory import MEM_SLACK_MIB, _pin_mmap_threshold, in_child, noise_buffer_bytes, peak_step_memory  # noqa: E402
 
 import transformers  # noqa: E402
 
@@ -126,6 +130,7 @@ def variant(name: str, base: nn.Module, kind: str, x: Dict[str, torch.Tensor], y
             loss_of(kind, model(**x).logits, y).backward()
             opt.step()
 
+        step.zero = opt.zero_grad  # type: ignore[attr-defined]  # read by the memory measurement
         return step
     if name.startswith("fxdp_"):
         mode = "bk" if name.startswith("fxdp_bk") else name[5:]
@@ -146,6 +151,8 @@ def variant(name: str, base: nn.Module, kind: str, x: Dict[str, torch.Tensor], y
             opt.step()
 
         step.dp = dp  # type: ignore[attr-defined]  # read back for the measured methods
+        step.zero = opt.zero_grad  # type: ignore[attr-defined]
+        step.held = lambda: noise_buffer_bytes(opt)  # type: ignore[attr-defined]  # the step's, kept between steps
         return step
     if name.startswith("opacus_"):
         from opacus import PrivacyEngine
@@ -176,6 +183,8 @@ def variant(name: str, base: nn.Module, kind: str, x: Dict[str, torch.Tensor], y
                 dpopt.zero_grad()
                 crit(gsm(**x).logits, y).backward()
                 dpopt.step()
+
+            step.zero = dpopt.zero_grad  # type: ignore[attr-defined]
         else:
             gsm, dpopt, _ = out
 
@@ -184,6 +193,7 @@ def variant(name: str, base: nn.Module, kind: str, x: Dict[str, torch.Tensor], y
                 loss_of(kind, gsm(**x).logits, y).backward()
                 dpopt.step()
 
+            step.zero = dpopt.zero_grad  # type: ignore[attr-defined]
         return step
     raise ValueError(name)
 
@@ -204,7 +214,7 @@ def _methods(dp: Any) -> Dict[str, Any]:
 
 
 def run(name: str, B: int, T: int, rounds: int, warmup: int, seconds: float,
-        names: List[str] = VARIANTS) -> Dict[str, Any]:
+        names: List[str] = VARIANTS, memory: bool = True) -> Dict[str, Any]:
     torch.manual_seed(0)
     base, kind = build(name, T)
     x, y = batch(kind, B, T)
@@ -247,7 +257,29 @@ def run(name: str, B: int, T: int, rounds: int, warmup: int, seconds: float,
     cell["opacus_fastest"] = fastest
     if "fxdp_bk_measure" in live:
         cell["bk_methods"] = _methods(live["fxdp_bk_measure"].dp)  # type: ignore[attr-defined]
+    if memory:
+        for v in (k for k in MEMORY_VARIANTS if k in live):
+            try:
+                cell["variants"][v]["peak_mib"] = in_child(__file__, ["--memory-child", name, str(B), str(T), v])[v]
+            except Exception as e:  # a miss is reported, not hidden
+                print(f"memory measurement failed for {name} {v}: {e}", file=sys.stderr)
     return cell
+
+
+#: peak memory is measured for these (the timed-only variants measure or compile on top of fxdp_bk)
+MEMORY_VARIANTS = ["nonprivate", "fxdp_bk", "fxdp_materialize", "opacus_hooks", "opacus_ghost"]
+
+
+def memory_child(name: str, B: int, T: int, v: str) -> None:
+    """One variant's peak step memory (``_memory.py``), alone in this process."""
+    _pin_mmap_threshold()
+    torch.manual_seed(0)
+    base, kind = build(name, T)
+    x, y = batch(kind, B, T)
+    step = variant(v, base, kind, x, y)
+    step()
+    step()
+    print(json.dumps({v: peak_step_memory(step, step.zero, getattr(step, "held", lambda: 0))}))
 
 
 def write_md(cells: List[Dict[str, Any]], path: str) -> None:
@@ -279,6 +311,27 @@ def write_md(cells: List[Dict[str, Any]], path: str) -> None:
             f"{fmt(c, 'opacus_ghost')} | "
             + (f"{bk['vs_opacus_fastest']:.2f}x |" if "vs_opacus_fastest" in bk else "- |")
         )
+    with_mem = [c for c in cells if "peak_mib" in c["variants"].get("fxdp_bk", {})]
+    if with_mem:
+        lines += ["", "Peak memory one step adds above the model, optimizer state and data (MiB; a child process per "
+                  "variant, `benchmarks/_memory.py`; fxdp's flat noise buffer counted as the step's). Target of "
+                  f"issue 13: fxdp bk <= 1.3x non-private (met within {MEM_SLACK_MIB} MiB).", "",
+                  "| model | non-private | fxdp bk | fxdp materialize | Opacus hooks | Opacus ghost | bk target |",
+                  "|---|---|---|---|---|---|---|"]
+        for c in with_mem:
+            v = c["variants"]
+            base = v.get("nonprivate", {}).get("peak_mib")
+
+            def mib(k: str) -> str:
+                p = v.get(k, {}).get("peak_mib")
+                if p is None:
+                    return "-"
+                return f"{p:.1f}" + (f" ({p / base:.2f}x)" if base and k != "nonprivate" else "")
+
+            bk = v["fxdp_bk"]["peak_mib"]
+            met = base is not None and bk <= 1.3 * base + MEM_SLACK_MIB
+            lines.append(f"| {c['model']} | {mib('nonprivate')} | {mib('fxdp_bk')} | {mib('fxdp_materialize')} | "
+                         f"{mib('opacus_hooks')} | {mib('opacus_ghost')} | {'met' if met else 'MISSED'} |")
     measured = [c for c in cells if "bk_methods" in c]
     if measured:
         lines += ["", "Book-keeping cost model checked against measurement (`bk_methods=\"measure\"`: each layer "
@@ -309,12 +362,20 @@ def main() -> None:
     ap.add_argument("--variants", nargs="+", choices=VARIANTS, default=VARIANTS)
     ap.add_argument("--out", default=os.path.join(RESULTS, "zoo"), help="writes OUT.json and OUT.md")
     ap.add_argument("--no-save", action="store_true")
+    ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory children")
+    ap.add_argument("--memory-child", nargs=4, metavar=("MODEL", "B", "T", "VARIANT"), help=argparse.SUPPRESS)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     transformers.logging.set_verbosity_error()
+    if a.memory_child:
+        m, B, T, v = a.memory_child
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            memory_child(m, int(B), int(T), v)
+        return
     cells = []
     for m in a.models:
-        cell = run(m, a.batch_size, a.seq_len, a.rounds, a.warmup, a.seconds, a.variants)
+        cell = run(m, a.batch_size, a.seq_len, a.rounds, a.warmup, a.seconds, a.variants, not a.no_memory)
         print(json.dumps({k: v for k, v in cell.items()}, indent=None, default=str))
         cells.append(cell)
     if not a.no_save:
