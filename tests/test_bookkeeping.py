@@ -333,16 +333,37 @@ _KEEP_CASES = [  # (op, input shape, weight shape, kwargs)
 
 def test_linear_cost_model():
     """Ghost norms where they beat materializing: against a second weight-gradient pass
-    when materialized gradients are too large to keep, against a few passes over them
-    when kept (ViT's MLP at T = 65 materializes; measured faster, benchmarks/README.md)."""
+    when materialized gradients are larger than the record (not kept), against a few
+    passes over them when kept (BERT's MLP at T = 128 materializes)."""
     from fxdp.rules.linear import LinearRule
 
     rule = LinearRule()
     assert not rule.use_ghost(1, 512, 512)  # rank one
     assert rule.use_ghost(4, 512, 512) and not rule.keeps(4, 512, 512)  # short and wide
-    assert not rule.use_ghost(65, 128, 512) and rule.keeps(65, 128, 512)  # ViT's MLP
+    assert rule.use_ghost(65, 128, 512) and not rule.keeps(65, 128, 512)  # ViT's MLP: [p, d] > T (d + p)
+    assert not rule.use_ghost(128, 128, 512) and rule.keeps(128, 128, 512)  # BERT's MLP at T = 128
     assert not rule.use_ghost(128, 128, 128)  # BERT's attention projections
-    assert rule.use_ghost(2, 8, 8) and rule.keeps(2, 8, 8)  # kept, but T² (d + p) small
+    assert rule.use_ghost(4, 8, 8) and rule.keeps(4, 8, 8)  # would be kept, but T² (d + p) is small
+
+
+@pytest.mark.parametrize("T, d, p", [(65, 128, 512), (65, 128, 128), (64, 128, 128), (128, 128, 512), (3, 16, 16),
+                                     (2, 8, 8), (40, 96, 300)])
+def test_linear_keeps_at_most_the_record(T, d, p):
+    """Book-keeping holds at most what the clipped sum needs: a linear layer's kept
+    per-sample gradients are never larger than the record (activations and output
+    gradients) they replace, whichever norm method ran."""
+    from fxdp.rules.linear import LinearRule
+
+    rule = LinearRule()
+    torch.manual_seed(T)
+    a, g = torch.randn(3, T, d), torch.randn(3, T, p)
+    args = {"input": a, "weight": torch.randn(p, d), "bias": None}
+    for method in (None, "materialize", "ghost"):
+        _, kept = rule.norm_sample_sq_keep(args, g, frozenset({"weight"}), method)
+        if "weight" in kept:
+            assert kept["weight"].numel() <= a.numel() + g.numel()
+        assert ("weight" in kept) == (method != "ghost" and (method == "materialize" or not rule.use_ghost(T, d, p))
+                                      and p * d <= T * (d + p))
 
 
 @pytest.mark.parametrize("case", range(len(_KEEP_CASES)))

@@ -38,7 +38,7 @@ class LinearRule(PerSampleRule):
     folds = True
 
     #: ghost norms when their ``B T^2 (d + p)`` beats what materializing adds. Materialized
-    #: gradients too large to keep (over twice the record) cost ``B T p d`` again for the
+    #: gradients larger than the record are not kept and cost ``B T p d`` again for the
     #: clipped sum: ghost when ``T (d + p) <= ghost_ratio * p d``. Kept ones give the
     #: clipped sum for ``kept_passes`` memory passes over ``B p d`` (norm, contraction,
     #: write), which ghost norms' own clipped sum (``B T p d``) rarely beats: ghost only
@@ -68,8 +68,12 @@ class LinearRule(PerSampleRule):
 
     @staticmethod
     def keeps(T: int, d: int, p: int) -> bool:
-        """Materialized ``[B, p, d]`` gradients are kept: at most twice the record ``B T (d + p)``."""
-        return p * d <= 2 * T * (p + d)
+        """Materialized ``[B, p, d]`` gradients are kept when no larger than the record
+        ``B T (d + p)`` they replace: book-keeping then holds at most what the clipped sum
+        needs. (Keeping up to twice the record cost ViT, T = 65, d = 128, p = 512, a step
+        peak of 1.59x non-private's against 1.30x, at no gain in time: interleaved A/B
+        1.61x vs 1.56x.)"""
+        return p * d <= T * (p + d)
 
     def use_ghost(self, T: int, d: int, p: int) -> bool:
         if T <= 1:
@@ -118,7 +122,7 @@ class LinearRule(PerSampleRule):
     ) -> Tuple[Dict[str, Tensor], Dict[str, Tensor]]:
         """Rank one or ghost norms where cheaper (``method`` overrides the cost model:
         ``"ghost"`` or ``"materialize"``); a materialized sequence gradient
-        ``[B, p, d]`` is kept (when at most twice the record) so the clipped sum
+        ``[B, p, d]`` is kept (when no larger than the record) so the clipped sum
         is a contraction over B instead of another ``B T p d`` matmul."""
         a, g = _flat(args["input"]), _flat(grad_output)
         out: Dict[str, Tensor] = {}
@@ -132,7 +136,7 @@ class LinearRule(PerSampleRule):
             else:
                 ps = torch.bmm(g.transpose(1, 2), a)
                 out["weight"] = sq_norms(ps)
-                if ps.numel() <= 2 * (g.numel() + a.numel()):
+                if self.keeps(T, d, p):
                     kept["weight"] = ps
         if "bias" in needs:
             ps = g.sum(1)
