@@ -255,6 +255,10 @@ class _ConvMath:
     pointwise: bool = True
     #: ghost norms when ``T (d + p) <= ghost_ratio * p d`` (per group)
     ghost_ratio: float = 1.0
+    #: materialized per-sample weight gradients are kept for the clipped sum when at most
+    #: this many times the record (input and output gradient): recomputing them costs a
+    #: weight-gradient convolution, and the batch-as-groups one costs 1-5x an ordinary one
+    keep_ratio: float = 2.0
     #: book-keeping's clipped sum by patches + matmul (``sum_unfold``) when the output
     #: map has at most this many positions, else by the weight-gradient convolution
     #: (measured, see the module doc)
@@ -340,16 +344,16 @@ class _ConvMath:
             return True  # the bias's [B, O] is always kept
         geo, gout = self._setup(args, grad_output)
         ps = gout.shape[0] * math.prod(weight_shape(geo, gout))
-        return not self.use_ghost(geo, gout) and ps <= 2 * (gout.numel() + geo.x.numel())
+        return not self.use_ghost(geo, gout) and ps <= self.keep_ratio * (gout.numel() + geo.x.numel())
 
     def norm_sample_sq_keep(
         self, args: Mapping[str, Any], grad_output: Tensor, needs: FrozenSet[str], method: Optional[str] = None
     ) -> Tuple[Dict[str, Tensor], Dict[str, Tensor]]:
         """Ghost norms where cheaper (``method`` overrides the cost model: ``"ghost"`` or
         ``"materialize"``); otherwise the per-sample gradients are
-        materialized and, when at most twice the size of the record (input and
-        output gradient), kept, so the clipped sum is a contraction instead of a
-        second weight-gradient pass."""
+        materialized and, when at most ``keep_ratio`` times the size of the record
+        (input and output gradient), kept, so the clipped sum is a contraction instead
+        of a second weight-gradient pass."""
         _check_batched(args["input"], args["weight"], self.name)
         out: Dict[str, Tensor] = {}
         kept: Dict[str, Tensor] = {}
@@ -363,7 +367,7 @@ class _ConvMath:
             else:
                 ps = self._weight_ps(geo, gout)
                 out["weight"] = sq_norms(ps)
-                if ps.numel() <= 2 * (gout.numel() + geo.x.numel()):
+                if ps.numel() <= self.keep_ratio * (gout.numel() + geo.x.numel()):
                     kept["weight"] = ps
         if "bias" in needs:
             ps = self._bias_ps(args, grad_output)
