@@ -173,6 +173,30 @@ def test_functional_conv(case, method, monkeypatch):
     _check_fn(op, x, w, b, kw, ("sum", "mean", "square")[case % 3], _seed("fn", case))
 
 
+@pytest.mark.parametrize("samples_per_slice", [1, 2])
+@pytest.mark.parametrize("case", range(len(FN_CASES)))
+def test_groups_method_in_batch_slices(case, samples_per_slice, monkeypatch):
+    """The batch-as-groups method runs a slice of the batch at a time (bounding oneDNN's
+    workspace): one sample per slice, and two (2 + 1 of a batch of 3), each equal to
+    the batch-of-one gradients in float64."""
+    op, xs, ws, bias, kw = FN_CASES[case]
+    _force(monkeypatch, rule_for_op(op), "groups")
+    torch.manual_seed(_seed("slices", case))
+    x, w = torch.randn(xs, dtype=DT), torch.randn(ws, dtype=DT)
+    b = torch.randn(ws[0], dtype=DT) if bias else None
+    with torch.no_grad():
+        g_bytes = op(x[:1], w, b, **kw).numel() * DT.itemsize
+    # a slice of exactly this many samples' input and output gradient
+    monkeypatch.setattr(conv_grads, "GROUPS_SLICE_BYTES", samples_per_slice * (x[:1].numel() * DT.itemsize + g_bytes))
+    calls = []
+    inner = conv_grads._ps_groups
+    monkeypatch.setattr(conv_grads, "_ps_groups", lambda geo, x, g: calls.append(x.shape[0]) or inner(geo, x, g))
+    _check_fn(op, x, w, b, kw, ("sum", "mean", "square")[case % 3], _seed("slices", case))
+    if calls:  # depthwise stride-1 layers may take another method
+        # (an explicitly padded input makes a sample's bytes larger: slices can be smaller)
+        assert sum(calls) == xs[0] and max(calls) <= samples_per_slice
+
+
 # ----------------------------------------------------------------------------
 # modules, every padding mode
 # ----------------------------------------------------------------------------
