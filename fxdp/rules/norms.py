@@ -72,12 +72,15 @@ class _AffineNormRule(PerSampleRule):
         g = grad_output
         out: Dict[str, Tensor] = {}
         if "weight" in needs and args.get("weight") is not None:
-            with torch.no_grad():
-                xhat = self._normalized(args)
-            out["weight"] = self._reduce(g * xhat.to(g.dtype), args, "weight")
+            out["weight"] = self._weight_grads(args, g)
         if "bias" in needs and args.get("bias") is not None:
             out["bias"] = self._reduce(g, args, "bias")
         return out
+
+    def _weight_grads(self, args: Mapping[str, Any], g: Tensor) -> Tensor:
+        with torch.no_grad():
+            xhat = self._normalized(args)
+        return self._reduce(g * xhat.to(g.dtype), args, "weight")
 
 
 class _TrailingNormRule(_AffineNormRule):
@@ -89,11 +92,30 @@ class _TrailingNormRule(_AffineNormRule):
         return batch_sum(t, args[name].shape)
 
 
+#: per-channel norms form ``x_hat`` and ``g * x_hat`` for a slice of the batch of about
+#: this many bytes at a time: the two input-sized temporaries of timm ResNet10t's stem
+#: GroupNorm (32x32, B = 16) took 7.9 MiB above the rest of the step; its step peak
+#: 59.3 -> 57.2 MiB (1.30x -> 1.26x non-private)
+_CHANNEL_NORM_SLICE_BYTES = 1 << 20
+
+
 class _ChannelNormRule(_AffineNormRule):
     """Per-channel parameters (dim 1): group norm, instance norm."""
 
     def _reduce(self, t: Tensor, args: Mapping[str, Any], name: str) -> Tensor:
         return _channel_sum(t)
+
+    def _weight_grads(self, args: Mapping[str, Any], g: Tensor) -> Tensor:
+        # the statistics are each sample's own: normalizing a slice of the batch is exact
+        x = args["input"]
+        B = x.shape[0]
+        n = max(1, _CHANNEL_NORM_SLICE_BYTES // max(1, x[:1].numel() * x.element_size()))
+        if n >= B:
+            return super()._weight_grads(args, g)
+        out = g.new_empty(g.shape[:2])
+        for s in range(0, B, n):
+            out[s:s + n] = super()._weight_grads(dict(args, input=x[s:s + n]), g[s:s + n])
+        return out
 
 
 # --------------------------------------------------------------------------- layer norm

@@ -232,6 +232,36 @@ def test_group_norm(case, alias, reduction):
     _check(op, (x, G, w, b, 1e-4), {}, ["weight", "bias"], model, x, reduction)
 
 
+@pytest.mark.parametrize("samples_per_slice", [1, 2])
+@pytest.mark.parametrize("which", ["group", "instance", "instance-fixed-stats"])
+def test_channel_norms_in_batch_slices(which, samples_per_slice, monkeypatch):
+    """Group and instance norm form x_hat a slice of the batch at a time (bounding the
+    temporaries): one sample per slice, and 2 + 2 + 1 of a batch of 5, each equal to
+    the batch-of-one gradients (float64)."""
+    import fxdp.rules.norms as norms
+
+    torch.manual_seed(samples_per_slice + len(which))
+    x = torch.randn(5, 6, 4, 3, dtype=DT) * 1.5 + 0.3
+    monkeypatch.setattr(norms, "_CHANNEL_NORM_SLICE_BYTES", samples_per_slice * x[:1].numel() * DT.itemsize)
+    calls = []
+    inner = norms._AffineNormRule._weight_grads
+    monkeypatch.setattr(norms._AffineNormRule, "_weight_grads",
+                        lambda self, a, g: calls.append(a["input"].shape[0]) or inner(self, a, g))
+    w, b = torch.randn(6, dtype=DT), torch.randn(6, dtype=DT)
+    if which == "group":
+        model = FnModel(lambda m, x: F.group_norm(x, 3, m.weight, m.bias, 1e-4), weight=w, bias=b)
+        _check(F.group_norm, (x, 3, w, b, 1e-4), {}, ["weight", "bias"], model, x, "sum")
+    elif which == "instance":
+        model = FnModel(lambda m, x: F.instance_norm(x, weight=m.weight, bias=m.bias, eps=1e-4), weight=w, bias=b)
+        _check(F.instance_norm, (x,), {"weight": w, "bias": b, "eps": 1e-4}, ["weight", "bias"], model, x, "mean")
+    else:
+        rm, rv = torch.randn(6, dtype=DT), torch.rand(6, dtype=DT) + 0.5
+        model = FnModel(lambda m, x: F.instance_norm(x, rm, rv, m.weight, m.bias, False, 0.1, 1e-5), weight=w, bias=b)
+        kw = {"running_mean": rm, "running_var": rv, "weight": w, "bias": b, "use_input_stats": False}
+        _check(F.instance_norm, (x,), kw, ["weight", "bias"], model, x, "sum")
+    assert calls and all(c <= samples_per_slice for c in calls)
+
+
 def test_group_norm_module():
     torch.manual_seed(6)
     m = nn.GroupNorm(2, 6).to(DT)
