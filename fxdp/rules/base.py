@@ -21,6 +21,7 @@ __all__ = [
     "sq_norms",
     "weighted_sum",
     "into_target",
+    "samples_per_slice",
 ]
 
 
@@ -218,6 +219,15 @@ def sq_norms(g: Tensor) -> Tensor:
     largest tensors of a book-keeping step)."""
     flat = g.reshape(g.shape[0], -1)
     return torch.linalg.vector_norm(flat, dim=1, dtype=torch.promote_types(g.dtype, torch.float32)).square()
+
+
+def samples_per_slice(budget: int, *tensors: Tensor) -> int:
+    """How many samples (dim 0) of ``tensors`` together take at most ``budget`` bytes (at
+    least one): the rules run per-sample work a slice of the batch at a time, so its
+    temporaries add a slice, not the batch, to the step's peak memory. Exact, as every
+    sample's quantity is its own."""
+    per_sample = sum(t[:1].numel() * t.element_size() for t in tensors)
+    return max(1, budget // max(1, per_sample))
 
 
 def batch_sum(t: Tensor, shape: torch.Size) -> Tensor:

@@ -80,6 +80,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .base import samples_per_slice
+
 __all__ = [
     "Geom", "weight_shape", "wgrad", "ps_groups", "ps_pointwise", "ps_unfold", "ps_correlate", "sum_unfold",
     "sum_correlate", "patches", "patch_rows", "grouped", "layout_of", "f_pad_arg",
@@ -168,8 +170,7 @@ def ps_groups(geo: Geom, g: Tensor) -> Tensor:
     sample, a slice of the batch at a time (``GROUPS_SLICE_BYTES``)."""
     x = geo.x
     B = x.shape[0]
-    per_sample = (x[:1].numel() * x.element_size() + g[:1].numel() * g.element_size())
-    n = max(1, GROUPS_SLICE_BYTES // max(1, per_sample))
+    n = samples_per_slice(GROUPS_SLICE_BYTES, x, g)
     if n >= B:
         return _ps_groups(geo, x, g)
     out = g.new_empty((B, g.shape[1], x.shape[1] // geo.groups) + geo.k)

@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import UnsupportedOpError
-from .base import ModuleCall, PerSampleRule, into_target, register_module, register_rule
+from .base import ModuleCall, PerSampleRule, into_target, register_module, register_rule, samples_per_slice
 
 __all__ = ["EmbeddingRule", "TorchEmbeddingRule", "EmbeddingBagRule", "AtenEmbeddingBagRule"]
 
@@ -251,7 +251,7 @@ class EmbeddingRule(PerSampleRule):
         f = factors.to(grad_output.dtype).view((B,) + (1,) * (grad_output.dim() - 1))
         dst = into_target(into, "weight", grad_output.dtype, (V, D))
         out = dst if dst is not None else grad_output.new_zeros(V, D)  # straight into the noise buffer
-        step = max(1, _CLIPPED_SUM_CHUNK_BYTES // max(1, grad_output[:1].numel() * grad_output.element_size()))
+        step = samples_per_slice(_CLIPPED_SUM_CHUNK_BYTES, grad_output)
         for s in range(0, B, step):
             i, rows = idx[s:s + step].reshape(-1), (grad_output[s:s + step] * f[s:s + step]).reshape(-1, D)
             if pad is not None:

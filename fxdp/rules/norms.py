@@ -40,7 +40,7 @@ from torch import Tensor, nn
 
 from ..errors import UnsupportedOpError
 from ..layers.batchnorm import FrozenBatchNorm
-from .base import ModuleCall, PerSampleRule, batch_sum, register_module, register_rule
+from .base import ModuleCall, PerSampleRule, batch_sum, register_module, register_rule, samples_per_slice
 
 __all__ = ["LayerNormRule", "GroupNormRule", "InstanceNormRule", "RMSNormRule"]
 
@@ -109,7 +109,7 @@ class _ChannelNormRule(_AffineNormRule):
         # the statistics are each sample's own: normalizing a slice of the batch is exact
         x = args["input"]
         B = x.shape[0]
-        n = max(1, _CHANNEL_NORM_SLICE_BYTES // max(1, x[:1].numel() * x.element_size()))
+        n = samples_per_slice(_CHANNEL_NORM_SLICE_BYTES, x)
         if n >= B:
             return super()._weight_grads(args, g)
         out = g.new_empty(g.shape[:2])
