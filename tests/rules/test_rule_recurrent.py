@@ -163,6 +163,42 @@ def test_fast_scan_equals_reference_scan():
             torch.testing.assert_close(a, c, rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("steps_per_block", [1, 3])
+def test_lstm_backward_in_time_blocks(steps_per_block, monkeypatch):
+    """The LSTM backward forms its coefficients a block of time steps at a time (one step,
+    and 3 + 3 + 1 of 7): BPTT equals autograd through the reference scan, with masking,
+    a projection and initial states, both directions; per-sample gradients through
+    fxdp.privatize equal batch-of-one gradients (the tape's dG and dHt feed them)."""
+    import fxdp.layers.recurrent.scan as scan
+
+    B, T, H, P = 3, 7, 4, 2
+    monkeypatch.setattr(scan, "_LSTM_BLOCK_BYTES", steps_per_block * B * 4 * H * 8)  # float64
+    blocks = []
+    inner = scan._lstm_coefficients
+    monkeypatch.setattr(scan, "_lstm_coefficients", lambda A, *a: blocks.append(A.shape[1]) or inner(A, *a))
+    torch.manual_seed(4)
+    for reverse in (False, True):
+        gx = torch.randn(B, T, 4 * H, requires_grad=True)
+        w, b = torch.randn(4 * H, P, requires_grad=True), torch.randn(4 * H, requires_grad=True)
+        w_hr = torch.randn(P, H, requires_grad=True)
+        h0, c0 = torch.randn(B, P, requires_grad=True), torch.randn(B, H, requires_grad=True)
+        lengths = torch.tensor([7, 2, 5])
+        mask = torch.arange(T) < lengths[:, None]
+        blocks.clear()
+        S1 = rnn_scan(gx, w, b, h0, c0, w_hr, lengths, None, "LSTM", reverse)
+        S2 = _scan_reference(gx, w, b, h0, c0, w_hr, mask, "LSTM", reverse)
+        torch.testing.assert_close(S1, S2, rtol=0, atol=1e-12)
+        gw = torch.randn(S1.shape)
+        g1 = torch.autograd.grad((S1 * gw).sum(), [gx, w, b, h0, c0, w_hr])
+        g2 = torch.autograd.grad((S2 * gw).sum(), [gx, w, b, h0, c0, w_hr])
+        for a, c in zip(g1, g2):
+            torch.testing.assert_close(a, c, rtol=1e-9, atol=1e-12)
+        assert sum(blocks) == T and max(blocks) == steps_per_block
+    rnn = nn.LSTM(3, H, proj_size=P, bidirectional=True, batch_first=True)
+    model = SeqClassifier(rnn, 2 * P)
+    fast_path(check(model, [torch.randn(B, T, 3)], dims=[0], reduction="sum", batch_first=True))
+
+
 def test_in_place_change_of_the_states_is_refused():
     gx = torch.randn(2, 3, 8, requires_grad=True)
     S = rnn_scan(gx, torch.randn(8, 2), mode="LSTM")
