@@ -163,38 +163,46 @@ def test_fast_scan_equals_reference_scan():
             torch.testing.assert_close(a, c, rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("mode", ["LSTM", "GRU"])
 @pytest.mark.parametrize("steps_per_block", [1, 3])
-def test_lstm_backward_in_time_blocks(steps_per_block, monkeypatch):
-    """The LSTM backward forms its coefficients a block of time steps at a time (one step,
-    and 3 + 3 + 1 of 7): BPTT equals autograd through the reference scan, with masking,
-    a projection and initial states, both directions; per-sample gradients through
-    fxdp.privatize equal batch-of-one gradients (the tape's dG and dHt feed them)."""
+def test_backward_in_time_blocks(steps_per_block, mode, monkeypatch):
+    """The LSTM and GRU backward form their coefficients a block of time steps at a time
+    (one step, and 3 + 3 + 1 of 7): BPTT equals autograd through the reference scan, with
+    masking and initial states (and an LSTM projection), both directions; per-sample
+    gradients through fxdp.privatize equal batch-of-one gradients (the tape feeds them)."""
     import fxdp.layers.recurrent.scan as scan
 
-    B, T, H, P = 3, 7, 4, 2
-    monkeypatch.setattr(scan, "_LSTM_BLOCK_BYTES", steps_per_block * B * 4 * H * 8)  # float64
+    lstm = mode == "LSTM"
+    B, T, H = 3, 7, 4
+    P = 2 if lstm else H
+    G = (4 if lstm else 3) * H
+    monkeypatch.setattr(scan, "_BLOCK_BYTES", steps_per_block * B * G * 8)  # float64
     blocks = []
-    inner = scan._lstm_coefficients
-    monkeypatch.setattr(scan, "_lstm_coefficients", lambda A, *a: blocks.append(A.shape[1]) or inner(A, *a))
+    name = "_lstm_coefficients" if lstm else "_gru_coefficients"
+    inner = getattr(scan, name)
+    monkeypatch.setattr(scan, name, lambda A, *a: blocks.append(A.shape[1]) or inner(A, *a))
     torch.manual_seed(4)
     for reverse in (False, True):
-        gx = torch.randn(B, T, 4 * H, requires_grad=True)
-        w, b = torch.randn(4 * H, P, requires_grad=True), torch.randn(4 * H, requires_grad=True)
-        w_hr = torch.randn(P, H, requires_grad=True)
-        h0, c0 = torch.randn(B, P, requires_grad=True), torch.randn(B, H, requires_grad=True)
+        gx = torch.randn(B, T, G, requires_grad=True)
+        w, b = torch.randn(G, P, requires_grad=True), torch.randn(G, requires_grad=True)
+        w_hr = torch.randn(P, H, requires_grad=True) if lstm else None
+        h0 = torch.randn(B, P, requires_grad=True)
+        c0 = torch.randn(B, H, requires_grad=True) if lstm else None
         lengths = torch.tensor([7, 2, 5])
         mask = torch.arange(T) < lengths[:, None]
         blocks.clear()
-        S1 = rnn_scan(gx, w, b, h0, c0, w_hr, lengths, None, "LSTM", reverse)
-        S2 = _scan_reference(gx, w, b, h0, c0, w_hr, mask, "LSTM", reverse)
+        S1 = rnn_scan(gx, w, b, h0, c0, w_hr, lengths, None, mode, reverse)
+        S2 = _scan_reference(gx, w, b, h0, c0, w_hr, mask, mode, reverse)
         torch.testing.assert_close(S1, S2, rtol=0, atol=1e-12)
         gw = torch.randn(S1.shape)
-        g1 = torch.autograd.grad((S1 * gw).sum(), [gx, w, b, h0, c0, w_hr])
-        g2 = torch.autograd.grad((S2 * gw).sum(), [gx, w, b, h0, c0, w_hr])
+        inputs = [t for t in (gx, w, b, h0, c0, w_hr) if t is not None]
+        g1 = torch.autograd.grad((S1 * gw).sum(), inputs)
+        g2 = torch.autograd.grad((S2 * gw).sum(), inputs)
         for a, c in zip(g1, g2):
             torch.testing.assert_close(a, c, rtol=1e-9, atol=1e-12)
         assert sum(blocks) == T and max(blocks) == steps_per_block
-    rnn = nn.LSTM(3, H, proj_size=P, bidirectional=True, batch_first=True)
+    rnn = nn.LSTM(3, H, proj_size=P, bidirectional=True, batch_first=True) if lstm else \
+        nn.GRU(3, H, bidirectional=True, batch_first=True)
     model = SeqClassifier(rnn, 2 * P)
     fast_path(check(model, [torch.randn(B, T, 3)], dims=[0], reduction="sum", batch_first=True))
 

@@ -117,16 +117,17 @@ def _scan_forward(gx, w_hh, b_hh, h0, c0, w_hr, mask, mode, reverse) -> dict:
                 version=S._version)
 
 
-#: the LSTM backward forms its per-step coefficients for blocks of time steps whose gate
-#: gradients take about this many bytes, not for the whole sequence at once: four
-#: [B, T, H]-sized coefficient tensors and their temporaries were most of the backward's
-#: peak (IMDb LSTM, B = 32, T = 256: the step's peak 76.1 -> 62.2 MiB, B = 128 292 -> 236 MiB)
-_LSTM_BLOCK_BYTES = 1 << 20
+#: the LSTM and GRU backward form their per-step coefficients for blocks of time steps
+#: whose gate gradients take about this many bytes, not for the whole sequence at once:
+#: the [B, T, H]-sized coefficient tensors and their temporaries were most of the
+#: backward's peak (IMDb LSTM, T = 256: the step's peak 76.1 -> 62.2 MiB at B = 32,
+#: 292 -> 236 MiB at B = 128)
+_BLOCK_BYTES = 1 << 20
 
 
 def _time_blocks(T: int, reverse: bool, step_bytes: int) -> List[Tuple[int, int]]:
     """``[lo, hi)`` blocks of ``range(T)`` in backward order (last block first unless ``reverse``)."""
-    n = max(1, _LSTM_BLOCK_BYTES // max(1, step_bytes))
+    n = max(1, _BLOCK_BYTES // max(1, step_bytes))
     blocks = [(lo, min(lo + n, T)) for lo in range(0, T, n)]
     return blocks if reverse else blocks[::-1]
 
@@ -144,6 +145,19 @@ def _lstm_coefficients(A: Tensor, c_new: Tensor, c_prev: Tensor, H: int) -> Tupl
     torch.mul(c_prev * f, 1 - f, out=Kifg[:, :, 1])
     torch.mul(i, 1 - g * g, out=Kifg[:, :, 2])
     return Ko, Kc, Kifg, f
+
+
+def _gru_coefficients(A: Tensor, GH: Tensor, h_prev: Tensor, H: int) -> Tuple[Tensor, Tensor, Tensor]:
+    """For steps of activated gates ``A`` (r, z, n), the hh part of n's pre-activation
+    ``GH`` and the previous states: ``d pre_{r,z,n} / d h`` (``[B, t, 3, H]``), the input
+    side of n's coefficient ``Kn``, and ``z``."""
+    r, z, n = A[..., :H], A[..., H : 2 * H], A[..., 2 * H :]
+    Kn = (1 - z) * (1 - n * n)
+    Kh = A.new_empty(A.shape[0], A.shape[1], 3, H)  # written in place: no stacked copy
+    torch.mul(Kn * GH * r, 1 - r, out=Kh[:, :, 0])
+    torch.mul((h_prev - n) * z, 1 - z, out=Kh[:, :, 1])
+    torch.mul(Kn, r, out=Kh[:, :, 2])
+    return Kh, Kn, z
 
 
 def _scan_backward(sv: dict, dS: Tensor) -> dict:
@@ -197,24 +211,25 @@ def _scan_backward(sv: dict, dS: Tensor) -> dict:
         dgx = dG
         dc0 = carry_c + dS[:, first, P:]
     elif gru:
-        r, z, n = A[..., :H], A[..., H : 2 * H], A[..., 2 * H :]
-        Kn = (1 - z) * (1 - n * n)
-        Kh = torch.stack([Kn * sv["GH"] * r * (1 - r), (Sprev - n) * z * (1 - z), Kn * r], 2)
-        DH = S.new_empty(B, T, H)
-        for t in order:
-            m = None if mask is None else mask[:, t, None]
-            dh = dSnew[:, t] + carry_h
-            dg = dG[:, t]
-            torch.mul(dh.unsqueeze(1), Kh[:, t], out=dg.view(B, 3, H))
-            if m is None:
-                DH[:, t] = dh
-                carry_h = torch.addmm(dh * z[:, t], dg, w_hh)
-            else:
-                DH[:, t] = dh * m
-                dg.masked_fill_(~m, 0)
-                carry_h = torch.where(m, torch.addmm(dh * z[:, t], dg, w_hh), dh)
-        dgx = dG.clone()
-        dgx[..., 2 * H :] = DH * Kn  # the input side of n is not multiplied by r
+        dgx = S.new_empty(B, T, G)
+        for lo, hi in _time_blocks(T, reverse, B * G * S.element_size()):
+            Kh, Kn, z = _gru_coefficients(A[:, lo:hi], sv["GH"][:, lo:hi], Sprev[:, lo:hi], H)
+            DH = S.new_empty(B, hi - lo, H)
+            for t in (range(lo, hi) if reverse else range(hi - 1, lo - 1, -1)):
+                k = t - lo
+                m = None if mask is None else mask[:, t, None]
+                dh = dSnew[:, t] + carry_h
+                dg = dG[:, t]
+                torch.mul(dh.unsqueeze(1), Kh[:, k], out=dg.view(B, 3, H))
+                if m is None:
+                    DH[:, k] = dh
+                    carry_h = torch.addmm(dh * z[:, k], dg, w_hh)
+                else:
+                    DH[:, k] = dh * m
+                    dg.masked_fill_(~m, 0)
+                    carry_h = torch.where(m, torch.addmm(dh * z[:, k], dg, w_hh), dh)
+            dgx[:, lo:hi, : 2 * H] = dG[:, lo:hi, : 2 * H]
+            torch.mul(DH, Kn, out=dgx[:, lo:hi, 2 * H :])  # the input side of n is not multiplied by r
         dc0 = None
     else:
         K = 1 - Snew * Snew if mode == "RNN_TANH" else (Snew > 0).to(S.dtype)
