@@ -323,12 +323,33 @@ _KEEP_CASES = [  # (op, input shape, weight shape, kwargs)
     (F.linear, (4, 6), (5, 6), {}),  # T = 1: rank-one norm, nothing kept
     (F.linear, (4, 7, 6), (5, 6), {}),  # materialized and kept
     (F.linear, (4, 2, 64), (64, 64), {}),  # ghost
-    (F.linear, (4, 40, 3), (300, 3), {}),  # materialized, larger than twice the record: not kept
+    (F.linear, (4, 40, 3), (300, 3), {}),  # materialized, smaller than its record: kept
     (F.conv2d, (3, 2, 5, 5), (3, 2, 3, 3), dict(padding=1)),  # materialized and kept
+    (F.conv2d, (3, 256, 4, 4), (10, 256, 3, 3), dict(padding=1)),  # materialized, over 2x its record: not kept
     (F.conv2d, (3, 8, 1, 1), (8, 8, 3, 3), dict(padding=1)),  # one position: ghost (rank one)
     (F.conv2d, (3, 4, 6, 6), (4, 1, 5, 5), dict(padding=2, groups=4)),  # depthwise by correlation
     (torch.ops.aten.addmm.default, (4, 6), (6, 5), {}),  # GPT-2's Conv1D: as linear on [B, d]
 ]
+
+
+@pytest.mark.parametrize("case", range(len(_KEEP_CASES)))
+def test_bk_plan_reports_what_is_kept(case):
+    """fxdp.check's book-keeping plan says a layer's per-sample gradients are kept for the
+    clipped sum exactly when book-keeping keeps them."""
+    from fxdp.rules import rule_for_op
+
+    op, xs, ws, kw = _KEEP_CASES[case]
+    torch.manual_seed(case)
+    rule = rule_for_op(op)
+    addmm = op is torch.ops.aten.addmm.default
+    x, w, b = torch.randn(xs), torch.randn(ws), torch.randn(ws[1] if addmm else ws[0])
+    args = rule.bind((b, x, w) if addmm else (x, w, b), kw)
+    g = torch.randn_like(rule.forward(op, args))
+    name = "mat2" if addmm else "weight"
+    needs = frozenset({name})
+    plan = rule.bk_plan(args, g, needs)[name]
+    _, kept = rule.norm_sample_sq_keep(args, g, needs)
+    assert ("kept for the clipped sum" in plan) == (name in kept), plan
 
 
 def test_linear_cost_model():

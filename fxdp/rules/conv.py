@@ -299,8 +299,12 @@ class _ConvMath:
                 out["weight"] = (f"ghost norm (T={T}: T(d+p)={T * (d + p)} <= {self.ghost_ratio:g}·pd={p * d}); "
                                  "clipped sum: one weight-gradient convolution of c∘g")
             else:
+                kept = self.bk_keeps(args, grad_output, frozenset({"weight"}))
                 out["weight"] = (f"materialized by {self.method(geo, gout)} (T={T}: T(d+p)={T * (d + p)} > "
-                                 f"{self.ghost_ratio:g}·pd={p * d}), reused for the clipped sum when small")
+                                 f"{self.ghost_ratio:g}·pd={p * d}); " + (
+                                     f"kept for the clipped sum (at most {self.keep_ratio:g}x the layer's record)" if kept
+                                     else "clipped sum: one weight-gradient convolution of c∘g (per-sample gradients "
+                                     f"over {self.keep_ratio:g}x the layer's record)"))
         if "bias" in needs:
             out["bias"] = "per-sample Σ g over positions"
         return out
