@@ -221,12 +221,12 @@ def sq_norms(g: Tensor) -> Tensor:
     return torch.linalg.vector_norm(flat, dim=1, dtype=torch.promote_types(g.dtype, torch.float32)).square()
 
 
-def samples_per_slice(budget: int, *tensors: Tensor) -> int:
-    """How many samples (dim 0) of ``tensors`` together take at most ``budget`` bytes (at
-    least one): the rules run per-sample work a slice of the batch at a time, so its
-    temporaries add a slice, not the batch, to the step's peak memory. Exact, as every
-    sample's quantity is its own."""
-    per_sample = sum(t[:1].numel() * t.element_size() for t in tensors)
+def samples_per_slice(budget: int, *tensors: Tensor, extra_bytes: int = 0) -> int:
+    """How many samples (dim 0) of ``tensors``, plus ``extra_bytes`` of temporaries per
+    sample, together take at most ``budget`` bytes (at least one): the rules run
+    per-sample work a slice of the batch at a time, so its temporaries add a slice, not
+    the batch, to the step's peak memory. Exact, as every sample's quantity is its own."""
+    per_sample = sum(t[:1].numel() * t.element_size() for t in tensors) + extra_bytes
     return max(1, budget // max(1, per_sample))
 
 

@@ -60,7 +60,7 @@ from torch import Tensor, nn
 from ..errors import UnsupportedOpError
 from .base import ModuleCall, PerSampleRule, into_target, register_module, register_rule, sq_norms, weighted_sum
 from .conv_grads import (
-    Geom, f_pad_arg, grouped, layout_of, ps_correlate, ps_groups, ps_pointwise, ps_unfold, sum_correlate, sum_unfold,
+    Geom, f_pad_arg, ghost_norms, layout_of, ps_correlate, ps_groups, ps_pointwise, ps_unfold, sum_correlate, sum_unfold,
     weight_shape, wgrad,
 )
 
@@ -363,11 +363,8 @@ class _ConvMath:
         kept: Dict[str, Tensor] = {}
         if "weight" in needs:
             geo, gout = self._setup(args, grad_output)
-            B = gout.shape[0]
             if method == "ghost" or (method is None and self.use_ghost(geo, gout)):
-                P, gg = grouped(geo, gout, any_order=True)  # Gram matrices: d's order does not matter
-                gram = torch.bmm(P, P.transpose(1, 2)) * torch.bmm(gg, gg.transpose(1, 2))
-                out["weight"] = gram.reshape(B, -1).sum(1)
+                out["weight"] = ghost_norms(geo, gout)
             else:
                 ps = self._weight_ps(geo, gout)
                 out["weight"] = sq_norms(ps)

@@ -83,7 +83,7 @@ from torch import Tensor
 from .base import samples_per_slice
 
 __all__ = [
-    "Geom", "weight_shape", "wgrad", "ps_groups", "ps_pointwise", "ps_unfold", "ps_correlate", "sum_unfold",
+    "Geom", "weight_shape", "wgrad", "ghost_norms", "ps_groups", "ps_pointwise", "ps_unfold", "ps_correlate", "sum_unfold",
     "sum_correlate", "patches", "patch_rows", "grouped", "layout_of", "f_pad_arg",
 ]
 
@@ -177,6 +177,30 @@ def ps_groups(geo: Geom, g: Tensor) -> Tensor:
     for s in range(0, B, n):
         out[s:s + n] = _ps_groups(geo, x[s:s + n], g[s:s + n])
     return out
+
+
+#: ghost norms form patch rows and two [T, T] Gram matrices per group for a slice of the
+#: batch of about this many bytes at a time (CIFAR-10 CNN, B = 128: the whole batch's took
+#: 42 MiB above the rest at the end of the backward pass)
+GHOST_SLICE_BYTES = 1 << 22
+
+
+def ghost_norms(geo: Geom, g: Tensor) -> Tensor:
+    """``[B]``: ``sum_groups <P_i P_i^T, g_i g_i^T>``, the ghost norm (Li et al. 2021) on the
+    patches ``P_i`` of each sample, a slice of the batch at a time."""
+    B, G = g.shape[0], geo.groups
+    T = math.prod(g.shape[2:])
+    patch = T * geo.x.shape[1] * math.prod(geo.k)
+    n = samples_per_slice(GHOST_SLICE_BYTES, extra_bytes=(patch + 3 * G * T * T) * g.element_size())
+
+    def norms(geo: Geom, g: Tensor) -> Tensor:
+        P, gg = grouped(geo, g, any_order=True)  # Gram matrices: d's order does not matter
+        return (torch.bmm(P, P.transpose(1, 2)) * torch.bmm(gg, gg.transpose(1, 2))).reshape(g.shape[0], -1).sum(1)
+
+    if n >= B:
+        return norms(geo, g)
+    return torch.cat([norms(Geom(geo.x[s:s + n], geo.k, geo.stride, geo.pad, geo.dilation, geo.groups), g[s:s + n])
+                      for s in range(0, B, n)])
 
 
 def ps_pointwise(geo: Geom, g: Tensor) -> Tensor:

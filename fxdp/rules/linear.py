@@ -22,7 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import ModuleCall, PerSampleRule, into_target, register_module, register_rule, sq_norms, weighted_sum
+from .base import (
+    ModuleCall, PerSampleRule, into_target, register_module, register_rule, samples_per_slice, sq_norms, weighted_sum,
+)
 
 aten = torch.ops.aten
 
@@ -30,6 +32,25 @@ aten = torch.ops.aten
 def _flat(t: Tensor) -> Tensor:
     """[B, ..., d] -> [B, T, d] (T = product of the middle dims, 1 for rank 2)."""
     return t.reshape(t.shape[0], -1, t.shape[-1])
+
+
+#: ghost norms form their two ``[T, T]`` Gram matrices and product for a slice of the batch
+#: of about this many bytes at a time (at T = 2048 in float32, 48 MiB a sample: the whole
+#: batch's would dwarf the layer's record)
+_GHOST_SLICE_BYTES = 1 << 22
+
+
+def _ghost_norms(a: Tensor, g: Tensor) -> Tensor:
+    """``[B]``: ``<a_i a_i^T, g_i g_i^T>`` (Li et al. 2021), a slice of the batch at a time."""
+    B, T = a.shape[0], a.shape[1]
+    n = samples_per_slice(_GHOST_SLICE_BYTES, extra_bytes=3 * T * T * max(a.element_size(), g.element_size()))
+
+    def norms(a: Tensor, g: Tensor) -> Tensor:
+        return (torch.bmm(a, a.transpose(1, 2)) * torch.bmm(g, g.transpose(1, 2))).sum((1, 2))
+
+    if n >= B:
+        return norms(a, g)
+    return torch.cat([norms(a[s:s + n], g[s:s + n]) for s in range(0, B, n)])
 
 
 @register_rule(F.linear, torch._C._nn.linear, aten.linear.default)
@@ -132,7 +153,7 @@ class LinearRule(PerSampleRule):
             if T == 1:  # rank one: ||g a^T||_F^2 = ||g||^2 ||a||^2, O(B (d + p))
                 out["weight"] = a.pow(2).sum((1, 2)) * g.pow(2).sum((1, 2))
             elif method == "ghost" or (method is None and self.use_ghost(T, d, p)):
-                out["weight"] = (torch.bmm(a, a.transpose(1, 2)) * torch.bmm(g, g.transpose(1, 2))).sum((1, 2))
+                out["weight"] = _ghost_norms(a, g)
             else:
                 ps = torch.bmm(g.transpose(1, 2), a)
                 out["weight"] = sq_norms(ps)

@@ -440,6 +440,18 @@ def test_book_keeping_patch_layouts(case, layout, monkeypatch):
     _check_book_keeping(case, "groups", True, "unfold", monkeypatch)
 
 
+@pytest.mark.parametrize("case", range(len(BK_CASES)))
+def test_ghost_norms_in_batch_slices(case, monkeypatch):
+    """Ghost norms form patches and Gram matrices one sample at a time when the slice
+    budget is that small: still equal to the materialized per-sample norms (float64)."""
+    monkeypatch.setattr(conv_grads, "GHOST_SLICE_BYTES", 1)
+    calls = []
+    inner = conv_grads.grouped
+    monkeypatch.setattr(conv_grads, "grouped", lambda geo, g, **kw: calls.append(g.shape[0]) or inner(geo, g, **kw))
+    _check_book_keeping(case, "groups", True, "wgrad", monkeypatch)
+    assert calls and max(calls) == 1
+
+
 def _check_book_keeping(case, method, ghost, sum_by, monkeypatch):
     kind, ctor, kw, shape = BK_CASES[case]
     torch.manual_seed(_seed("bk", case))

@@ -87,3 +87,29 @@ def test_book_keeping_norms_and_clipped_sums(shape, method):
         assert rule.clipped_sum(args, g, factors, needs, into=into) == {}
         for n in needs:
             torch.testing.assert_close(into[n] - start[n], sums[n], rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("samples_per_slice", [1, 2, 5])
+def test_ghost_norms_in_batch_slices(samples_per_slice, monkeypatch):
+    """Ghost norms form their [T, T] Gram matrices a slice of the batch at a time (one
+    sample, 2 + 2 + 1, the whole batch of 5): each norm equals that of the sample's
+    gradient computed alone (float64)."""
+    import fxdp.rules.linear as lin
+    from fxdp.rules import rule_for_op
+
+    B, T, d, p = 5, 6, 4, 3
+    monkeypatch.setattr(lin, "_GHOST_SLICE_BYTES", samples_per_slice * 3 * T * T * 8)
+    calls = []
+    inner = torch.bmm
+    monkeypatch.setattr(lin.torch, "bmm", lambda x, y: calls.append(x.shape[0]) or inner(x, y))
+    torch.manual_seed(samples_per_slice)
+    rule = rule_for_op(F.linear)
+    x, w = torch.randn(B, T, d), torch.randn(p, d)
+    args = rule.bind((x, w), {})
+    g = torch.randn(B, T, p)
+    norms, kept = rule.norm_sample_sq_keep(args, g, frozenset({"weight"}), "ghost")
+    monkeypatch.setattr(lin.torch, "bmm", inner)
+    assert not kept and max(calls) == samples_per_slice and sum(calls) == 2 * B
+    for i in range(B):
+        alone = rule.grad_sample(dict(args, input=x[i : i + 1]), g[i : i + 1], frozenset({"weight"}))["weight"]
+        torch.testing.assert_close(norms["weight"][i], alone.pow(2).sum(), rtol=1e-9, atol=1e-12)
