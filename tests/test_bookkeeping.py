@@ -332,10 +332,8 @@ _KEEP_CASES = [  # (op, input shape, weight shape, kwargs)
 ]
 
 
-@pytest.mark.parametrize("case", range(len(_KEEP_CASES)))
-def test_bk_plan_reports_what_is_kept(case):
-    """fxdp.check's book-keeping plan says a layer's per-sample gradients are kept for the
-    clipped sum exactly when book-keeping keeps them."""
+def _keep_case(case):
+    """The rule, bound arguments and an output gradient of ``_KEEP_CASES[case]``."""
     from fxdp.rules import rule_for_op
 
     op, xs, ws, kw = _KEEP_CASES[case]
@@ -344,8 +342,15 @@ def test_bk_plan_reports_what_is_kept(case):
     addmm = op is torch.ops.aten.addmm.default
     x, w, b = torch.randn(xs), torch.randn(ws), torch.randn(ws[1] if addmm else ws[0])
     args = rule.bind((b, x, w) if addmm else (x, w, b), kw)
-    g = torch.randn_like(rule.forward(op, args))
-    name = "mat2" if addmm else "weight"
+    return rule, args, torch.randn_like(rule.forward(op, args))
+
+
+@pytest.mark.parametrize("case", range(len(_KEEP_CASES)))
+def test_bk_plan_reports_what_is_kept(case):
+    """fxdp.check's book-keeping plan says a layer's per-sample gradients are kept for the
+    clipped sum exactly when book-keeping keeps them."""
+    rule, args, g = _keep_case(case)
+    name = "mat2" if "mat2" in rule.param_args else "weight"  # the weight (addmm: GPT-2's Conv1D)
     needs = frozenset({name})
     plan = rule.bk_plan(args, g, needs)[name]
     _, kept = rule.norm_sample_sq_keep(args, g, needs)
@@ -391,15 +396,7 @@ def test_linear_keeps_at_most_the_record(T, d, p):
 def test_bk_keeps_predicts_what_the_norms_keep(case):
     """Book-keeping releases a record as it arrives only where the rule says its norms keep
     every per-sample gradient; the prediction must match what the norms then keep."""
-    from fxdp.rules import rule_for_op
-
-    op, xs, ws, kw = _KEEP_CASES[case]
-    torch.manual_seed(case)
-    rule = rule_for_op(op)
-    addmm = op is torch.ops.aten.addmm.default
-    x, w, b = torch.randn(xs), torch.randn(ws), torch.randn(ws[1] if addmm else ws[0])
-    args = rule.bind((b, x, w) if addmm else (x, w, b), kw)
-    g = torch.randn_like(rule.forward(op, args))
+    rule, args, g = _keep_case(case)
     for needs in (frozenset(rule.param_args), frozenset(rule.param_args[:1])):
         _, kept = rule.norm_sample_sq_keep(args, g, needs)
         assert rule.bk_keeps(args, g, needs) == (set(kept) == set(needs)), (needs, set(kept))
