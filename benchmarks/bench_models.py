@@ -17,8 +17,12 @@ in the same process:
 A step is ``zero_grad``, forward, cross-entropy, backward, ``optimizer.step()``
 (clip, noise, update), all DP work included. Method (the machines are noisy):
 
-* variants run interleaved round-robin, one step each per round, the starting
-  variant rotating from round to round, after ``--warmup`` steps each;
+* variants run interleaved round-robin, the starting variant rotating from round
+  to round, after ``--warmup`` steps each; in a round each variant runs ``n``
+  consecutive steps (its time: their mean), ``n`` set per cell so that the
+  non-private steps last about ``--burst-ms`` (25 ms; ``n`` = 1 from there on, at
+  most 20), so that a short step is timed after its own previous step, as in a
+  training loop, and not with caches another variant emptied;
 * per round the ratio of each variant to ``nonprivate`` and to Opacus' fastest
   mode (the Opacus variant with the lower median in that cell) is formed, and the
   report gives the *median of per-round ratios* (robust to load drifting over
@@ -196,8 +200,23 @@ def build_variant(name: str, base: nn.Module, x: torch.Tensor, y: torch.Tensor) 
 
 
 # ------------------------------------------------------------------------------ one cell
+def steps_per_round(live: List[Variant], burst_ms: float) -> int:
+    """Consecutive steps each variant runs in a round: enough for the non-private ones to
+    last ``burst_ms`` (at most 20), so that a short step is timed as in a training loop,
+    after its own previous step, not cold after another variant's (a 1.8 ms embedding
+    step after Opacus' 130 ms one found its caches emptied)."""
+    base = next((v for v in live if v.name == "nonprivate"), live[0] if live else None)
+    if base is None or burst_ms <= 0:
+        return 1
+    t = time.perf_counter()
+    base.step()
+    ms = 1e3 * (time.perf_counter() - t)
+    return max(1, min(20, round(burst_ms / max(ms, 1e-3))))
+
+
 def run_cell(
-    model_name: str, B: int, variants: List[str], rounds: int, warmup: int, cell_seconds: float, memory: bool
+    model_name: str, B: int, variants: List[str], rounds: int, warmup: int, cell_seconds: float, memory: bool,
+    burst_ms: float = 0.0,
 ) -> Dict[str, Any]:
     spec = M.MODELS[model_name]
     torch.manual_seed(0)
@@ -219,6 +238,8 @@ def run_cell(
             entry["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
             traceback.print_exc(limit=2)
     times: Dict[str, List[float]] = {v.name: [] for v in live}
+    n = steps_per_round(live, burst_ms)
+    cell["steps_per_round"] = n
     t0 = time.perf_counter()
     r = 0
     while r < rounds and live:
@@ -226,8 +247,9 @@ def run_cell(
         for v in order:
             gc.collect()
             t = time.perf_counter()
-            v.step()
-            times[v.name].append(time.perf_counter() - t)
+            for _ in range(n):
+                v.step()
+            times[v.name].append((time.perf_counter() - t) / n)
         r += 1
         if r >= 3 and time.perf_counter() - t0 > cell_seconds:
             break
@@ -308,7 +330,8 @@ def markdown(data: Dict[str, Any]) -> str:
         "",
         "Each cell: median ms per step / median of per-round ratios to non-private (`xNP`) and to Opacus' "
         "fastest mode in that row (`xOp`) / peak MiB the step adds above the model and optimizer state "
-        "(fxdp's flat noise buffer, kept between steps, counted as the step's). "
+        "(fxdp's flat noise buffer, kept between steps, counted as the step's). `rounds × n`: n consecutive steps "
+        "of each variant per round (short steps). "
         "`fxdp bk` targets (issue 13): ≤ 1.5x NP (CNNs), ≤ 1.2x (embedding), ≤ 3x (LSTM) from B = 128; "
         "≤ 0.67x Opacus' fastest (1.5x faster); peak memory ≤ 1.3x NP, and ≤ Opacus'.",
         "",
@@ -319,7 +342,9 @@ def markdown(data: Dict[str, Any]) -> str:
     lines += ["| model | B | rounds | " + " | ".join(_TITLES[v] for v in shown) + " | bk target |",
               "|---|---|---|" + "---|" * len(shown) + "---|"]
     for c in cells:
-        row = [M.MODELS[c["model"]].title, str(c["batch_size"]), str(c.get("rounds", "—"))]
+        n = c.get("steps_per_round", 1)
+        rounds = str(c.get("rounds", "—")) + (f" × {n}" if n > 1 else "")
+        row = [M.MODELS[c["model"]].title, str(c["batch_size"]), rounds]
         for name in shown:
             e = c["variants"].get(name)
             if e is None:
@@ -381,6 +406,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     ap.add_argument("--variants", nargs="+", choices=VARIANTS, default=DEFAULT_VARIANTS)
     ap.add_argument("--rounds", type=int, default=15, help="max interleaved rounds per cell")
     ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--burst-ms", type=float, default=25.0,
+                    help="each round, each variant runs consecutive steps lasting about this long in the "
+                    "non-private variant (at most 20 steps; 0: one step)")
     ap.add_argument("--cell-seconds", type=float, default=90.0, help="stop a cell after this long (>= 3 rounds)")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (see README: why 1)")
     ap.add_argument("--no-memory", action="store_true")
@@ -436,7 +464,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     for name in args.model:
         for B in sizes:
             t = time.perf_counter()
-            cell = run_cell(name, B, variants, rounds, warmup, args.cell_seconds, not args.no_memory)
+            cell = run_cell(name, B, variants, rounds, warmup, args.cell_seconds, not args.no_memory,
+                            args.burst_ms)
             cell["load_avg"] = os.getloadavg()[0]
             cell["date"] = time.strftime("%Y-%m-%d %H:%M")
             data["cells"][f"{name}/{B}"] = cell
