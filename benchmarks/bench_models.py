@@ -21,8 +21,9 @@ A step is ``zero_grad``, forward, cross-entropy, backward, ``optimizer.step()``
   to round, after ``--warmup`` steps each; in a round each variant runs ``n``
   consecutive steps (its time: their mean), ``n`` set per cell so that the
   non-private steps last about ``--burst-ms`` (25 ms; ``n`` = 1 from there on, at
-  most 20), so that a short step is timed after its own previous step, as in a
-  training loop, and not with caches another variant emptied;
+  most 20), after one untimed step when ``n`` > 1, so that a short step is timed
+  after its own previous step, as in a training loop, and not with caches another
+  variant emptied;
 * per round the ratio of each variant to ``nonprivate`` and to Opacus' fastest
   mode (the Opacus variant with the lower median in that cell) is formed, and the
   report gives the *median of per-round ratios* (robust to load drifting over
@@ -201,10 +202,11 @@ def build_variant(name: str, base: nn.Module, x: torch.Tensor, y: torch.Tensor) 
 
 # ------------------------------------------------------------------------------ one cell
 def steps_per_round(live: List[Variant], burst_ms: float) -> int:
-    """Consecutive steps each variant runs in a round: enough for the non-private ones to
-    last ``burst_ms`` (at most 20), so that a short step is timed as in a training loop,
-    after its own previous step, not cold after another variant's (a 1.8 ms embedding
-    step after Opacus' 130 ms one found its caches emptied)."""
+    """Consecutive timed steps each variant runs in a round: enough for the non-private
+    ones to last ``burst_ms`` (at most 20), so that a short step is timed as in a training
+    loop, after its own previous step, not cold after another variant's (a 3 ms embedding
+    step after a 100 ms one that swept 160 MB ran 1.3x (non-private) to 1.6x (book-keeping)
+    slower). With ``n > 1`` each turn also starts with one untimed step."""
     base = next((v for v in live if v.name == "nonprivate"), live[0] if live else None)
     if base is None or burst_ms <= 0:
         return 1
@@ -246,6 +248,8 @@ def run_cell(
         order = live[r % len(live):] + live[: r % len(live)]
         for v in order:
             gc.collect()
+            if n > 1:  # short steps: the turn's first step refills what the last variant's turn evicted
+                v.step()
             t = time.perf_counter()
             for _ in range(n):
                 v.step()

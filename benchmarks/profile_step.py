@@ -5,7 +5,8 @@ Sections (all single-process, ``--threads`` intra-op threads, fixed seeds):
 
 1. phase breakdown, median ms over ``--steps`` steps: forward, backward (for
    ``bk`` split into autograd and the end-of-backward book-keeping,
-   ``BookKeeping._close_pass``: the per-sample norms), optimizer step;
+   ``BookKeeping._close_pass``: the per-sample norms), optimizer step; and the
+   noise draw alone as a share of the non-private step (a floor no DP step avoids);
 2. fixed per-step cost: the same breakdown at batch size 1, where kernels are
    negligible and the time is framework overhead;
 3. ``torch.profiler``: the aten ops of one step by self CPU time, and the number
@@ -117,12 +118,32 @@ def phases(model: str, modes: List[str], B: int, steps: int) -> None:
         for m, s in steppers.items():
             rows[m].append(s.timed())
     keys = ["forward", "backward", "bk_finish", "opt_step", "total"]
+    noise = _noise_draw_ms(next(iter(steppers.values())).model, steps)
     print(f"\n## phases, {model} B={B}: ms over {steps} interleaved steps, median (min)")
     print("| mode | " + " | ".join(keys) + " |\n|---|" + "---|" * len(keys))
     for m in modes:
         med = {k: 1e3 * statistics.median(r[k] for r in rows[m]) for k in keys}
         low = {k: 1e3 * min(r[k] for r in rows[m]) for k in keys}
         print(f"| {m} | " + " | ".join(f"{med[k]:.2f} ({low[k]:.2f})" for k in keys) + " |")
+    n, ms = noise
+    line = f"\nnoise draw alone ({n:,} numbers, `normal_` into a flat buffer): {ms:.2f} ms"
+    if "nonprivate" in rows:
+        base = statistics.median(r["total"] for r in rows["nonprivate"]) * 1e3
+        line += f" = {ms / base:.2f}x the non-private step (a floor under any DP step of this model)"
+    print(line)
+
+
+def _noise_draw_ms(model: torch.nn.Module, steps: int):
+    """Median ms of one Gaussian draw as large as the trainable parameters (the DP step's
+    noise, ``fxdp.optim.noise.FlatNoise``: one ``normal_`` into a flat buffer)."""
+    n = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    buf, g = torch.empty(n), torch.Generator().manual_seed(0)
+    times = []
+    for _ in range(max(steps, 5)):
+        t = time.perf_counter()
+        buf.normal_(0.0, 1.0, generator=g)
+        times.append(time.perf_counter() - t)
+    return n, 1e3 * statistics.median(times)
 
 
 def op_profile(model: str, mode: str, B: int, rows: int) -> None:
