@@ -92,12 +92,19 @@ class _CaptureFunction(torch.autograd.Function):
             for i, need in enumerate(needs_grad):
                 if need:
                     inner[i] = inner[i].requires_grad_(True)
-        with torch.enable_grad() if record else torch.no_grad():
+        if record:
+            with torch.enable_grad():
+                out = op.compute_for_capture(inner)
+        else:  # autograd runs a Function's forward with grad disabled already
             out = op.compute_for_capture(inner)
-        flat, spec = tree_flatten(out)
-        for o in flat:
-            if not isinstance(o, Tensor):
-                raise UnsupportedOpError(f"{op.where()} returns a non-tensor {type(o).__name__}; cannot capture it")
+        if isinstance(out, Tensor):  # the common case, without the pytree round trip
+            flat, spec = [out], None
+        else:
+            flat, spec = tree_flatten(out)
+            for o in flat:
+                if not isinstance(o, Tensor):
+                    raise UnsupportedOpError(
+                        f"{op.where()} returns a non-tensor {type(o).__name__}; cannot capture it")
         ctx.op = op
         ctx.spec = spec
         # the outputs only for the inner graph's backward: holding them otherwise would keep
@@ -114,7 +121,7 @@ class _CaptureFunction(torch.autograd.Function):
         if nondiff:
             ctx.mark_non_differentiable(*nondiff)
         outs = tuple(o.detach() for o in flat)
-        op._last_spec = spec
+        op.__dict__["_last_spec"] = spec  # not nn.Module.__setattr__'s checks, once per layer and step
         return outs
 
     @staticmethod
@@ -266,7 +273,8 @@ class CaptureOp(nn.Module):
                 "(e.g. model.to(torch.bfloat16))."
             )
         flat = _CaptureFunction.apply(self, *dyn)
-        return tree_unflatten(list(flat), self._last_spec)
+        spec = self._last_spec
+        return flat[0] if spec is None else tree_unflatten(list(flat), spec)
 
     def extra_repr(self) -> str:
         return f"{self.op_name}, rule={self.rule_name()}, params={sorted(set(self.param_index.values()))}"
