@@ -106,7 +106,6 @@ class _CaptureFunction(torch.autograd.Function):
                     raise UnsupportedOpError(
                         f"{op.where()} returns a non-tensor {type(o).__name__}; cannot capture it")
         ctx.op = op
-        ctx.spec = spec
         # the outputs only for the inner graph's backward: holding them otherwise would keep
         # every captured layer's output alive until its backward (the memory of a second
         # activation per layer; the returned detached outputs are the caller's to keep or free)
