@@ -80,7 +80,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import samples_per_slice
+from .base import gram_inner, gram_strip_rows, samples_per_slice
 
 __all__ = [
     "Geom", "weight_shape", "wgrad", "ghost_norms", "ps_groups", "ps_pointwise", "ps_unfold", "ps_correlate", "sum_unfold",
@@ -191,11 +191,11 @@ def ghost_norms(geo: Geom, g: Tensor) -> Tensor:
     B, G = g.shape[0], geo.groups
     T = math.prod(g.shape[2:])
     patch = T * geo.x.shape[1] * math.prod(geo.k)
-    n = samples_per_slice(GHOST_SLICE_BYTES, extra_bytes=(patch + 3 * G * T * T) * g.element_size())
+    n = samples_per_slice(GHOST_SLICE_BYTES, extra_bytes=(patch + 3 * G * gram_strip_rows(T) * T) * g.element_size())
 
     def norms(geo: Geom, g: Tensor) -> Tensor:
         P, gg = grouped(geo, g, any_order=True)  # Gram matrices: d's order does not matter
-        return (torch.bmm(P, P.transpose(1, 2)) * torch.bmm(gg, gg.transpose(1, 2))).reshape(g.shape[0], -1).sum(1)
+        return gram_inner(P, gg).reshape(g.shape[0], G).sum(1)
 
     if n >= B:
         return norms(geo, g)

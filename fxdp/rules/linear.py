@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .base import (
-    ModuleCall, PerSampleRule, into_target, register_module, register_rule, samples_per_slice, sq_norms, weighted_sum,
+    ModuleCall, PerSampleRule, gram_inner, gram_strip_rows, into_target, register_module, register_rule,
+    samples_per_slice, sq_norms, weighted_sum,
 )
 
 aten = torch.ops.aten
@@ -43,14 +44,11 @@ _GHOST_SLICE_BYTES = 1 << 22
 def _ghost_norms(a: Tensor, g: Tensor) -> Tensor:
     """``[B]``: ``<a_i a_i^T, g_i g_i^T>`` (Li et al. 2021), a slice of the batch at a time."""
     B, T = a.shape[0], a.shape[1]
-    n = samples_per_slice(_GHOST_SLICE_BYTES, extra_bytes=3 * T * T * max(a.element_size(), g.element_size()))
-
-    def norms(a: Tensor, g: Tensor) -> Tensor:
-        return (torch.bmm(a, a.transpose(1, 2)) * torch.bmm(g, g.transpose(1, 2))).sum((1, 2))
-
+    strip = 3 * gram_strip_rows(T) * T * max(a.element_size(), g.element_size())
+    n = samples_per_slice(_GHOST_SLICE_BYTES, extra_bytes=strip)
     if n >= B:
-        return norms(a, g)
-    return torch.cat([norms(a[s:s + n], g[s:s + n]) for s in range(0, B, n)])
+        return gram_inner(a, g)
+    return torch.cat([gram_inner(a[s:s + n], g[s:s + n]) for s in range(0, B, n)])
 
 
 @register_rule(F.linear, torch._C._nn.linear, aten.linear.default)

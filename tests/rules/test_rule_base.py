@@ -61,3 +61,31 @@ def test_custom_rule_is_used_and_exact():
     (dp(x) * w).sum().div(6).backward()
     expected = batch_of_one_grads(model, [x], lambda o, i: (o * w[i : i + 1]).sum())
     assert_grad_samples_match(dp, expected)
+
+
+# -- the ghost norm's Gram inner product (shared by the linear and convolution rules) ------
+
+import pytest  # noqa: E402
+
+
+@pytest.mark.parametrize("T, rows", [(1, 64), (7, 64), (7, 2), (7, 3), (9, 4), (64, 64), (130, 64), (600, 64)])
+def test_gram_inner_in_strips_equals_the_materialized_norm(T, rows, monkeypatch):
+    """``<a aᵀ, g gᵀ>`` formed from the upper triangle in strips (off-diagonal blocks twice)
+    equals ``||aᵀ g||²`` of each sample's own gradient, float64, for strip heights that
+    divide ``T`` and that leave a short last strip."""
+    import fxdp.rules.base as base
+
+    monkeypatch.setattr(base, "GRAM_STRIP_ROWS", rows)
+    torch.manual_seed(T)
+    a, g = torch.randn(3, T, 5, dtype=torch.float64), torch.randn(3, T, 4, dtype=torch.float64)
+    want = torch.stack([(a[i].t() @ g[i]).pow(2).sum() for i in range(3)])
+    torch.testing.assert_close(base.gram_inner(a, g), want, rtol=1e-12, atol=1e-12)
+    h = base.gram_strip_rows(T)
+    assert 1 <= h <= T and -(-T // h) <= base.GRAM_MAX_STRIPS
+
+
+def test_gram_strip_rows():
+    from fxdp.rules.base import gram_strip_rows
+
+    assert gram_strip_rows(65) == 65  # ViT's 65 tokens: one piece (strips measured no faster)
+    assert gram_strip_rows(128) == 64 and gram_strip_rows(512) == 64 and gram_strip_rows(1024) == 128

@@ -441,6 +441,16 @@ def test_book_keeping_patch_layouts(case, layout, monkeypatch):
 
 
 @pytest.mark.parametrize("case", range(len(BK_CASES)))
+def test_ghost_norms_with_gram_strips(case, monkeypatch):
+    """Ghost norms with the Gram matrices formed from their upper triangle in strips of
+    two rows: equal to the materialized per-sample norms (float64)."""
+    import fxdp.rules.base as base
+
+    monkeypatch.setattr(base, "GRAM_STRIP_ROWS", 2)
+    _check_book_keeping(case, "groups", True, "wgrad", monkeypatch)
+
+
+@pytest.mark.parametrize("case", range(len(BK_CASES)))
 def test_ghost_norms_in_batch_slices(case, monkeypatch):
     """Ghost norms form patches and Gram matrices one sample at a time when the slice
     budget is that small: still equal to the materialized per-sample norms (float64)."""

@@ -59,12 +59,16 @@ def test_subclasses_get_the_base_rule_unless_forward_is_overridden():
 
 # -- book-keeping: norms and clipped sums of the rule itself -------------------------------
 
+@pytest.mark.parametrize("strip_rows", [64, 2])  # the ghost norm's Grams in one piece, or in strips
 @pytest.mark.parametrize("method", ["ghost", "materialize"])
 @pytest.mark.parametrize("shape", [(3, 4, 7), (3, 5, 4, 7), (3, 5, 7, 4), (2, 2, 3, 6, 6)])  # [B, ..., d] and p
-def test_book_keeping_norms_and_clipped_sums(shape, method):
+def test_book_keeping_norms_and_clipped_sums(shape, method, strip_rows, monkeypatch):
     """Rank one (T = 1), ghost and materialized norms and the clipped sum (which scales the
     smaller of ``a`` and ``g``) against the rule's per-sample gradients, float64."""
+    import fxdp.rules.base as base
     from fxdp.rules import rule_for_op
+
+    monkeypatch.setattr(base, "GRAM_STRIP_ROWS", strip_rows)
 
     torch.manual_seed(sum(shape))
     rule = rule_for_op(F.linear)
