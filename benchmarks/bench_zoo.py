@@ -26,6 +26,8 @@ Usage::
     python benchmarks/bench_zoo.py --models bert gpt2 --batch-size 16 --seq-len 128
     python benchmarks/bench_zoo.py --seq-len 128 --variants nonprivate fxdp_bk fxdp_bk_measure opacus_hooks \
         --out results/zoo_t128
+    python benchmarks/bench_zoo.py --width base --layers 1 --seq-len 512 --batch-size 2 \
+        --models bert gpt2 llama --out results/zoo_base_t512     # real layer widths, long sequences
 """
 from __future__ import annotations
 
@@ -60,6 +62,16 @@ import transformers  # noqa: E402
 
 V, HID, LAYERS, HEADS, FF = 1000, 128, 2, 4, 512
 LR, SIGMA, CLIP = 1e-3, 1.0, 1.0
+#: ``--width``: hidden size, heads and MLP width ("tiny": the default above; "base": BERT-base /
+#: GPT-2-small layers, whose [768, 3072] MLP takes ghost norms at T = 512)
+WIDTHS = {"tiny": (128, 4, 512), "base": (768, 12, 3072)}
+
+
+def set_size(width: str, layers: int) -> None:
+    """Every model's hidden size, heads, MLP width (``WIDTHS[width]``) and layer count."""
+    global HID, HEADS, FF, LAYERS
+    HID, HEADS, FF = WIDTHS[width]
+    LAYERS = layers
 
 
 def _lora(model: nn.Module) -> nn.Module:
@@ -220,6 +232,7 @@ def run(name: str, B: int, T: int, rounds: int, warmup: int, seconds: float,
     x, y = batch(kind, B, T)
     live: Dict[str, Callable[[], None]] = {}
     cell: Dict[str, Any] = {"model": name, "batch_size": B, "seq_len": T if kind != "image" else None,
+                            "hidden": HID, "layers": LAYERS,
                             "params": sum(p.numel() for p in base.parameters()), "variants": {}}
     for v in names:
         try:
@@ -260,7 +273,8 @@ def run(name: str, B: int, T: int, rounds: int, warmup: int, seconds: float,
     if memory:
         for v in (k for k in MEMORY_VARIANTS if k in live):
             try:
-                cell["variants"][v]["peak_mib"] = in_child(__file__, ["--memory-child", name, str(B), str(T), v])[v]
+                size = ["--width", next(w for w, d in WIDTHS.items() if d[0] == HID), "--layers", str(LAYERS)]
+                cell["variants"][v]["peak_mib"] = in_child(__file__, ["--memory-child", name, str(B), str(T), v] + size)[v]
             except Exception as e:  # a miss is reported, not hidden
                 print(f"memory measurement failed for {name} {v}: {e}", file=sys.stderr)
     return cell
@@ -280,6 +294,12 @@ def memory_child(name: str, B: int, T: int, v: str) -> None:
     step()
     step()
     print(json.dumps({v: peak_step_memory(step, step.zero, getattr(step, "held", lambda: 0))}))
+
+
+def _label(c: Dict[str, Any]) -> str:
+    """The model's name, with its width and depth where not the default (tiny, 2 layers)."""
+    hid, layers = c.get("hidden", 128), c.get("layers", 2)
+    return c["model"] if (hid, layers) == (128, 2) else f"{c['model']} ({hid} wide, {layers} layer{'s' * (layers > 1)})"
 
 
 def write_md(cells: List[Dict[str, Any]], path: str) -> None:
@@ -304,7 +324,7 @@ def write_md(cells: List[Dict[str, Any]], path: str) -> None:
         np_ms = c["variants"].get("nonprivate", {}).get("ms")
         bk = c["variants"].get("fxdp_bk", {})
         lines.append(
-            f"| {c['model']} | {c['params'] / 1e6:.2f}M | {c['batch_size']} | {c['seq_len'] or '-'} | "
+            f"| {_label(c)} | {c['params'] / 1e6:.2f}M | {c['batch_size']} | {c['seq_len'] or '-'} | "
             f"{np_ms:.1f} | {fmt(c, 'fxdp_bk')} | {fmt(c, 'fxdp_bk_measure')} | {fmt(c, 'fxdp_bk_compile')} | "
             f"{fmt(c, 'fxdp_materialize')} | "
             f"{fmt(c, 'opacus_hooks')} | "
@@ -330,7 +350,7 @@ def write_md(cells: List[Dict[str, Any]], path: str) -> None:
 
             bk = v["fxdp_bk"]["peak_mib"]
             met = base is not None and bk <= 1.3 * base + MEM_SLACK_MIB
-            lines.append(f"| {c['model']} | {mib('nonprivate')} | {mib('fxdp_bk')} | {mib('fxdp_materialize')} | "
+            lines.append(f"| {_label(c)} | {mib('nonprivate')} | {mib('fxdp_bk')} | {mib('fxdp_materialize')} | "
                          f"{mib('opacus_hooks')} | {mib('opacus_ghost')} | {'met' if met else 'MISSED'} |")
     measured = [c for c in cells if "bk_methods" in c]
     if measured:
@@ -340,7 +360,7 @@ def write_md(cells: List[Dict[str, Any]], path: str) -> None:
                   "their time, measured picks |", "|---|---|---|---|---|"]
         for c in measured:
             b = c["bk_methods"]
-            lines.append(f"| {c['model']} | {b['layers']} | {b['cost_model_agrees']} | {b['cost_model_ms']:.1f} ms | "
+            lines.append(f"| {_label(c)} | {b['layers']} | {b['cost_model_agrees']} | {b['cost_model_ms']:.1f} ms | "
                          f"{b['measured_ms']:.1f} ms |")
     errors = [(c["model"], k, e["error"]) for c in cells for k, e in c["variants"].items() if "error" in e]
     if errors:
@@ -358,6 +378,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--seconds", type=float, default=60.0, help="time budget per model (after 5 rounds)")
+    ap.add_argument("--width", choices=list(WIDTHS), default="tiny",
+                    help="hidden size / heads / MLP width: tiny 128/4/512, base 768/12/3072 (BERT-base, GPT-2-small)")
+    ap.add_argument("--layers", type=int, default=2, help="transformer layers of every model")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--variants", nargs="+", choices=VARIANTS, default=VARIANTS)
     ap.add_argument("--out", default=os.path.join(RESULTS, "zoo"), help="writes OUT.json and OUT.md")
@@ -367,6 +390,7 @@ def main() -> None:
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     transformers.logging.set_verbosity_error()
+    set_size(a.width, a.layers)
     if a.memory_child:
         m, B, T, v = a.memory_child
         with warnings.catch_warnings():
