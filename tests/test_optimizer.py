@@ -704,6 +704,58 @@ def test_flat_noise_views_are_reused_and_rebuilt_with_the_buffer():
         assert torch.equal(torch.cat([v.reshape(-1) for v in views]), mech.buffer)
 
 
+def test_flat_noise_released_with_its_views_unless_kept():
+    """``keep=False`` (the default off CPU): the buffer lives only as long as a view of it
+    (``p.grad``), so ``zero_grad()`` frees it as non-private training frees its gradients;
+    while a view lives the next draw reuses it. The noise is the same draw either way."""
+    import gc
+
+    like = [torch.zeros(3, 4), torch.zeros(5)]
+    assert FlatNoise().keeps(torch.device("cpu")) and not FlatNoise().keeps(torch.device("cuda"))
+    assert FlatNoise(keep=True).keeps(torch.device("cuda")) and not FlatNoise(keep=False).keeps(torch.device("cpu"))
+    kept, released = FlatNoise(keep=True), FlatNoise(keep=False)
+    a = kept.draw(like, 0.5, generator=torch.Generator().manual_seed(4))
+    b = released.draw(like, 0.5, generator=torch.Generator().manual_seed(4))
+    assert all(torch.equal(x, y) and x.shape == y.shape for x, y in zip(a, b))
+    assert all(v._base is released.buffer for v in b)
+    ptr = released.buffer.data_ptr()
+    c = released.draw(like, 0.5, generator=torch.Generator().manual_seed(5))  # views alive: reused
+    assert released.buffer.data_ptr() == ptr and all(v._base is released.buffer for v in c)
+    del b, c
+    gc.collect()
+    assert released.buffer is None  # the last view gone: nothing of ours holds it
+    d = released.draw(like, 0.5, generator=torch.Generator().manual_seed(4))
+    assert all(torch.equal(x, y) for x, y in zip(a, d))
+    del a, d
+    gc.collect()
+    assert kept.buffer is not None and released.buffer is None
+
+
+@pytest.mark.parametrize("keep", [True, False])
+def test_optimizer_frees_the_noise_buffer_at_zero_grad_unless_kept(keep):
+    """``optimizer.flat_noise.keep = False``: the step's gradients are views of the noise
+    buffer and ``zero_grad()`` frees it with them; kept (CPU's default) it survives, and
+    either way the update is the same."""
+    import gc
+
+    results = []
+    for k in (True, keep):
+        torch.manual_seed(0)
+        model = nn.Linear(4, 3)
+        x, y = torch.randn(8, 4), torch.randn(8, 3)
+        opt = dp(model, noise_multiplier=1.0, generator=torch.Generator().manual_seed(1))
+        assert opt.flat_noise.keep is None and opt.flat_noise.keeps(torch.device("cpu"))
+        opt.flat_noise.keep = k
+        backward(model, x, y)
+        opt.step()
+        assert all(p.grad._base is opt.flat_noise.buffer for p in model.parameters())
+        opt.zero_grad()
+        gc.collect()
+        assert (opt.flat_noise.buffer is not None) == k
+        results.append(flat_params(model))
+    assert torch.equal(results[0], results[1])
+
+
 def test_flat_noise_falls_back_per_sum_and_zero_std_draws_nothing():
     mixed = [torch.randn(3), torch.randn(4, dtype=torch.float64), torch.randn(2, dtype=torch.bfloat16)]
     out = FlatNoise()(mixed, 0.5, generator=torch.Generator().manual_seed(3))

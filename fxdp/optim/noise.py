@@ -7,6 +7,7 @@ generator (or none) uses PyTorch's sampler.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 
 import torch
@@ -78,13 +79,19 @@ class FlatNoise:
     """The Gaussian mechanism on all clipped sums of a step with one draw.
 
     ``S_k + N(0, std^2)`` for every sum ``S_k``: the noise of every parameter is drawn
-    by one ``normal_`` into a flat buffer kept across steps, and each sum is added into
-    its slice in place; the results are views of the buffer (made once per parameter
-    layout), valid until the next call (``optimizer.zero_grad()`` drops them as
-    ``p.grad``). On CPU a fresh tensor per parameter and a fresh sum cost page faults
-    and one sampler call each: for
+    by one ``normal_`` into a flat buffer, and each sum is added into its slice in
+    place; the results are views of the buffer, valid until the next call
+    (``optimizer.zero_grad()`` drops them as ``p.grad``). On CPU a fresh tensor per
+    parameter and a fresh sum cost page faults and one sampler call each: for
     ResNet18's 11.2M parameters the per-parameter draw took 61 ms plus 18 ms for the
     sums, the flat draw 41 ms plus 3 ms (``benchmarks/README.md``, "Round 3").
+
+    ``keep``: hold the buffer (and its per-parameter views, sliced once per layout)
+    between steps. ``None`` (default): on CPU only, where a fresh 45 MB buffer costs
+    17 ms of page faults a step. On CUDA the buffer is released with the last view
+    (``zero_grad()``), as non-private training frees its gradients: the caching
+    allocator hands the memory to the next forward and backward, and back to the next
+    draw at no cost, instead of holding one parameter-sized buffer through them.
 
     Sums of mixed dtype or device, half-precision sums (noise drawn in float32 and
     rounded once) and secure generators keep :func:`noisy_sum` per sum. The noise has
@@ -92,9 +99,22 @@ class FlatNoise:
     bits differ from a per-parameter draw with the same seed.
     """
 
-    def __init__(self) -> None:
-        self.buffer: Tensor | None = None
-        self._views: tuple = ((), [])  # (shapes, their views of ``buffer``): sliced once per layout
+    def __init__(self, keep: bool | None = None) -> None:
+        self.keep = keep
+        self._kept: Tensor | None = None  # the buffer, when held between steps
+        self._weak: weakref.ref | None = None  # the buffer, while a view of it lives (not kept)
+        self._views: tuple = ((), [])  # (shapes, their views of the kept buffer): sliced once per layout
+
+    @property
+    def buffer(self) -> Tensor | None:
+        """The last draw's buffer (``None`` once released, or before the first draw)."""
+        if self._kept is not None:
+            return self._kept
+        return self._weak() if self._weak is not None else None
+
+    def keeps(self, device: torch.device) -> bool:
+        """Whether the buffer for tensors on ``device`` is held between steps."""
+        return self.keep if self.keep is not None else device.type == "cpu"
 
     def __call__(self, sums: Sequence[Tensor], std: float, *, generator: torch.Generator | None = None) -> list[Tensor]:
         _check_std(std)
@@ -125,11 +145,15 @@ class FlatNoise:
         numel = sum(s.numel() for s in like)
         buf = self.buffer
         if buf is None or buf.numel() != numel or buf.dtype != dtype or buf.device != device:
-            buf = self.buffer = torch.empty(numel, dtype=dtype, device=device)
+            buf = torch.empty(numel, dtype=dtype, device=device)
         if std == 0:
             buf.zero_()  # draws nothing: a non-private run leaves the generator untouched
         else:
             buf.normal_(0.0, float(std), generator=generator)
+        if not self.keeps(device):  # no reference of ours keeps it alive past the views
+            self._kept, self._views, self._weak = None, ((), []), weakref.ref(buf)
+            return [v.view(s.shape) for v, s in zip(buf.split([s.numel() for s in like]), like)]
+        self._kept, self._weak = buf, None
         shapes = tuple(s.shape for s in like)
         if self._views[0] != shapes or not self._views[1] or self._views[1][0]._base is not buf:
             out, offset = [], 0

@@ -477,6 +477,13 @@ class DPOptimizer(Optimizer):
         for p, g in zip(params, views):
             p.grad = g
 
+    @property
+    def flat_noise(self) -> FlatNoise:
+        """The one-draw Gaussian mechanism of the step (:class:`~fxdp.optim.noise.FlatNoise`).
+        ``flat_noise.keep``: hold its parameter-sized buffer between steps (``True``) or free
+        it with the gradients at ``zero_grad()`` (``False``); default held on CPU only."""
+        return self._flat_noise
+
     def noisy_sums(self, sums: list[Tensor], std: float) -> list[Tensor]:
         """The Gaussian mechanism on the clipped sums: ``S_k + N(0, std^2)`` per parameter,
         drawn at once into a flat buffer (:class:`~fxdp.optim.noise.FlatNoise`; secure
