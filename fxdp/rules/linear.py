@@ -215,6 +215,16 @@ class AddmmRule(PerSampleRule):
     def forward(self, op, args: Mapping[str, Any]) -> Any:
         return op(args["input"], args["mat1"], args["mat2"], beta=args.get("beta", 1), alpha=args.get("alpha", 1))
 
+    def has_input_grad(self, args: Mapping[str, Any]) -> bool:
+        return isinstance(args["mat1"], Tensor) and isinstance(args["mat2"], Tensor) and args["mat1"].dim() == 2
+
+    def input_grad(self, args: Mapping[str, Any], grad_output: Tensor) -> Tensor:
+        # d(alpha * x @ W)/dx = alpha * g @ W^T: no inner autograd graph, whose saved output
+        # would add a [B*T, p] tensor per layer to the forward's memory (GPT-2's Conv1D)
+        alpha = args.get("alpha", 1)
+        g = grad_output.matmul(args["mat2"].to(grad_output.dtype).t())
+        return (g if alpha == 1 else g * alpha).to(args["mat1"].dtype)
+
     def _linear(self, args: Mapping[str, Any], grad_output: Tensor) -> Tuple[Dict[str, Any], Tensor]:
         alpha = args.get("alpha", 1)
         return {"input": args["mat1"], "weight": args["mat2"].t()}, (grad_output if alpha == 1 else grad_output * alpha)

@@ -30,7 +30,20 @@ class Head(nn.Module):
         return self.layer(torch.tanh(self.first(x))).flatten(1).sum(1, keepdim=True)
 
 
+class Conv1DLike(nn.Module):
+    """Hugging Face GPT-2's ``Conv1D``: ``addmm(b, x.view(-1, d), W)`` on the folded batch."""
+
+    def __init__(self, d: int, p: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(d, p) * 0.3)
+        self.bias = nn.Parameter(torch.randn(p) * 0.1)
+
+    def forward(self, x):
+        return torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight).view(*x.shape[:-1], -1)
+
+
 CASES = {
+    "addmm-conv1d": (lambda: Head(Conv1DLike(5, 6), Conv1DLike(6, 4)), (3, 7, 5)),
     "linear-rank3": (lambda: Head(nn.Linear(5, 6), nn.Linear(6, 4)), (3, 7, 5)),
     "linear-rank2": (lambda: Head(nn.Linear(5, 6), nn.Linear(6, 4, bias=False)), (3, 5)),
     "conv1d-stride-dilation": (lambda: Head(nn.Conv1d(2, 4, 3), nn.Conv1d(4, 3, 3, stride=2, dilation=2, padding=1)), (3, 2, 17)),
@@ -66,6 +79,19 @@ def test_closed_form_input_grads_match_autograd(case, mode, monkeypatch):
     else:
         for (n, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
             torch.testing.assert_close(sums[id(p)], q.grad, rtol=1e-9, atol=1e-12, msg=n)
+
+
+@pytest.mark.parametrize("beta, alpha", [(1, 1), (0.5, 2.0)])
+def test_addmm_input_grad_is_autograds(beta, alpha):
+    """addmm's closed-form gradient w.r.t. ``mat1`` (``alpha * g @ W^T``) against autograd."""
+    rule = rule_for_op(torch.ops.aten.addmm.default)
+    torch.manual_seed(2)
+    b, x, w = torch.randn(4, dtype=DT), torch.randn(6, 5, dtype=DT, requires_grad=True), torch.randn(5, 4, dtype=DT)
+    args = rule.bind((b, x, w), {"beta": beta, "alpha": alpha})
+    assert rule.has_input_grad(args)
+    g = torch.randn(6, 4, dtype=DT)
+    (want,) = torch.autograd.grad(torch.addmm(b, x, w, beta=beta, alpha=alpha), x, g)
+    torch.testing.assert_close(rule.input_grad(args, g), want, rtol=1e-12, atol=1e-12)
 
 
 def test_no_closed_form_for_non_zero_padding_or_string_padding():
