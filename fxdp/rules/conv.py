@@ -26,7 +26,7 @@ output padding only fixes the output's size), so the per-sample gradient of
 is the output gradient ``g`` and whose output gradient is ``x``.
 
 Per-sample weight gradients: four exact methods (``groups``, ``unfold``,
-``pointwise`` for 1x1 layers, ``correlate`` for depthwise ones), chosen per layer
+``pointwise`` for 1x1 layers, ``correlate`` for depthwise and single-channel ones), chosen per layer
 from the shapes by ``ConvRule.method``; they, their patches and their measurements
 are in :mod:`fxdp.rules.conv_grads`.
 
@@ -246,10 +246,13 @@ class _ConvMath:
     #: per-group weight ``O/G x C/G prod(k)`` has at most this many entries per
     #: output position (``T``), else by unfold + bmm (measured, see the module doc)
     groups_weight_per_position: float = 1000.0
-    #: depthwise layers (one input channel per group) with stride 1 and a kernel of at
-    #: least this many taps: per-sample weight gradients by ``ps_correlate`` (measured,
-    #: see the module doc)
-    correlate_min_kernel: int = 25
+    #: layers with one input channel per group and a kernel of at least this many taps:
+    #: per-sample weight gradients by ``ps_correlate`` (depthwise layers at any stride;
+    #: a single-channel input, as MNIST's first layer, up to
+    #: ``correlate_max_positions_one_channel`` output positions; measured, see
+    #: :mod:`fxdp.rules.conv_grads`)
+    correlate_min_kernel: int = 1
+    correlate_max_positions_one_channel: int = 1024
     #: 1x1 convolutions (stride 1, no padding, one group): per-sample weight gradients by
     #: one batched matmul on views of the input and output gradient (``ps_pointwise``)
     pointwise: bool = True
@@ -274,11 +277,11 @@ class _ConvMath:
             all(s == 1 for s in geo.stride) and not any(geo.pad)
         ):
             return "pointwise"
-        if geo.x.shape[1] == geo.groups and all(s == 1 for s in geo.stride) and (
-            math.prod(geo.k) >= self.correlate_min_kernel
+        T = math.prod(gout.shape[2:])
+        if geo.x.shape[1] == geo.groups and math.prod(geo.k) >= self.correlate_min_kernel and (
+            geo.groups > 1 or T <= self.correlate_max_positions_one_channel
         ):
             return "correlate"
-        T = math.prod(gout.shape[2:])
         per_group = (gout.shape[1] // geo.groups) * (geo.x.shape[1] // geo.groups) * math.prod(geo.k)
         return "groups" if per_group <= self.groups_weight_per_position * T else "unfold"
 

@@ -62,14 +62,21 @@ convolutions, made the batch-as-groups view copy both). ms, 1 thread, batch 16,
 64->64 at 16x16 9.9 / 8.5 (17.3 / 7.3). timm ConvNeXt-atto's DP step, interleaved:
 1.64x -> 1.52x non-private.
 
-Depthwise layers (one input channel per group) with stride 1 and kernels of 5x5 or
-more (ConvNeXt, MobileNetV3, EfficientNet) take a third method, ``correlate``: the
-forward convolution of the padded input, every (sample, channel) a group, with the
-output gradient as kernel (Rochette et al. 2019), where oneDNN's many-group weight
-gradient is slow. ms, 1 thread, batch 16 (``correlate`` / ``groups``): 7x7 at 16x16
-40 channels 3.2 / 13.5, at 4x4 160 channels 0.37 / 4.3, 5x5 at 32x32 96 channels
-17 / 41, at 8x8 240 channels 0.9 / 10.5; slower on 3x3 kernels (0.42 / 0.36 at
-16x16) and with stride 2 (5x5: 3.4 / 2.9), which keep ``groups``.
+Layers with one input channel per group take a third method, ``correlate``: the
+forward convolution of the input, every (sample, channel) a group, with the output
+gradient as kernel (Rochette et al. 2019; the conv's stride becomes the kernel's
+dilation), where oneDNN's many-group weight gradient is slow: every depthwise layer
+(ConvNeXt, MobileNetV3, EfficientNet), and a single-channel input (MNIST's first layer)
+on maps of up to 1024 output positions. ms, 1 thread, batch 16 unless noted,
+``correlate`` / ``groups``, medians of interleaved runs: depthwise 7x7 at 16x16 40
+channels 0.52 / 8.9, 5x5 at 4x4 672 channels 0.45 / 6.1, 5x5 stride 2 at 32x32 96
+channels 2.0 / 14.7, 3x3 at 16x16 64 / 128 channels 0.22 / 0.35 and 0.40 / 0.69, 3x3
+stride 2 at 32x32 24 channels 0.22 / 0.33, 3x3 dilation 2 at 16x16 0.43 / 2.96; one
+input channel: MNIST's 1->16 8x8 stride 2 at 28x28, batch 32 / 128, 0.49 / 0.72 and
+1.79 / 2.71, 1->32 3x3 at 28x28 (batch 128) 2.7 / 4.2; but 1->64 7x7 stride 2 at
+128x128 (4096 positions) 8.5 / 7.0, and 1->8 9x9 stride 4 at 100x100 5.1 / 4.9, which
+keep ``groups``. (Before the zero padding stayed in the correlation, ``_correlate_padding``,
+3x3 and strided depthwise layers had measured slower and kept ``groups``.)
 """
 from __future__ import annotations
 

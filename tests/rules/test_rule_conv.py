@@ -50,8 +50,8 @@ def _force(monkeypatch, rule, method):
         monkeypatch.setattr(rule, "groups_weight_per_position", float("inf"))
     elif method == "unfold":
         monkeypatch.setattr(rule, "groups_weight_per_position", -1.0)
-    # "correlate" serves every depthwise stride-1 layer, "pointwise" every 1x1 one; the others
-    # keep the heuristic
+    # "correlate" serves every layer with one input channel per group (on small maps when
+    # that is the only channel), "pointwise" every 1x1 one; the others keep the heuristic
     monkeypatch.setattr(rule, "correlate_min_kernel", 0 if method == "correlate" else float("inf"))
     monkeypatch.setattr(rule, "pointwise", method == "pointwise")
 
@@ -155,6 +155,8 @@ FN_CASES = [
     (F.conv3d, (2, 4, 5, 6, 5), (4, 2, 2, 3, 2), True, dict(stride=(1, 2, 1), padding=(1, 0, 1), groups=2)),
     (torch.conv3d, (2, 2, 5, 4, 5), (3, 2, 2, 2, 3), False, dict(padding="same", dilation=(1, 2, 1))),
     (F.conv3d, (2, 3, 6, 5, 5), (3, 1, 3, 3, 3), True, dict(stride=2, dilation=(1, 1, 2), groups=3)),
+    # one input channel, strided (MNIST's first layer): correlation by the heuristic too
+    (F.conv2d, (3, 1, 12, 11), (4, 1, 4, 3), True, dict(stride=2, padding=(3, 1))),
     # depthwise, stride 1 (per-sample gradients by correlation when forced)
     (F.conv2d, (3, 3, 9, 8), (6, 1, 5, 3), True, dict(padding="same", dilation=(2, 1), groups=3)),
     (F.conv1d, (2, 4, 12), (4, 1, 5), True, dict(padding=1, dilation=2, groups=4)),
@@ -412,6 +414,9 @@ BK_CASES = [
     ("fn", F.conv2d, dict(stride=2, padding=(1, 0)), ((3, 3, 7, 6), (4, 3, 3, 2))),
     # depthwise, stride 1 (ConvNeXt's 7x7, MobileNet's 5x5): correlation when forced
     ("mod", nn.Conv2d, dict(in_channels=3, out_channels=3, kernel_size=5, padding=2, groups=3), (2, 3, 4, 4)),
+    # depthwise stride 2, and one strided input channel (MNIST): correlation by the heuristic
+    ("mod", nn.Conv2d, dict(in_channels=4, out_channels=8, kernel_size=3, stride=2, padding=1, groups=4), (3, 4, 7, 6)),
+    ("mod", nn.Conv2d, dict(in_channels=1, out_channels=4, kernel_size=4, stride=2, padding=3), (3, 1, 9, 9)),
     # ... on a map no larger than its padding (the correlation pads the input first)
     ("mod", nn.Conv2d, dict(in_channels=3, out_channels=3, kernel_size=5, padding=2, groups=3), (2, 3, 2, 3)),
     ("mod", nn.ConvTranspose2d, dict(in_channels=2, out_channels=2, kernel_size=3, padding=1, dilation=2, groups=2),
@@ -512,9 +517,13 @@ def test_method_heuristics():
         g = F.conv2d(x, torch.zeros(cout, cin, k, k), None, s, p)
         return rule._setup(rule.bind((x, torch.zeros(cout, cin, k, k)), dict(stride=s, padding=p)), g)
 
-    assert rule.method(*geo(2, 1, 16, 28, 8, 2, 3)) == "groups"  # MNIST
+    assert rule.method(*geo(2, 1, 16, 28, 8, 2, 3)) == "correlate"  # MNIST: one input channel, 14x14 out
+    assert rule.method(*geo(2, 1, 64, 128, 7, 2, 3)) == "groups"  # one input channel, 64x64 out
     assert rule.method(*geo(2, 32, 32, 32, 3, 1, 1)) == "groups"  # CIFAR, large maps
     assert rule.method(*geo(2, 256, 256, 4, 3, 1, 1)) == "unfold"  # wide, 4x4
+    dw = rule._setup(rule.bind((torch.zeros(2, 24, 32, 32), torch.zeros(24, 1, 3, 3)),
+                               dict(stride=2, padding=1, groups=24)), torch.zeros(2, 24, 16, 16))
+    assert rule.method(*dw) == "correlate"  # depthwise, 3x3, stride 2 (MobileNet, EfficientNet)
     assert not rule.use_ghost(*geo(2, 32, 32, 32, 3, 1, 1))
     assert rule.use_ghost(*geo(2, 256, 256, 4, 3, 1, 1))
     # 1x1 output (T = 1): the norm is |g|^2 |a|^2, O(d + p), never a [B, p, d] gradient
