@@ -199,6 +199,24 @@ def test_groups_method_in_batch_slices(case, samples_per_slice, monkeypatch):
         assert sum(calls) == xs[0] and max(calls) <= samples_per_slice
 
 
+@pytest.mark.parametrize("samples_per_slice", [1, 2])
+@pytest.mark.parametrize("case", [c for c, (_, xs, ws, _, kw) in enumerate(FN_CASES) if ws[1] == 1])
+def test_correlate_method_in_batch_slices(case, samples_per_slice, monkeypatch):
+    """The correlation method (one input channel per group) also runs a slice of the batch
+    at a time: each slice's per-sample gradients equal the batch-of-one ones (float64)."""
+    op, xs, ws, bias, kw = FN_CASES[case]
+    _force(monkeypatch, rule_for_op(op), "correlate")
+    torch.manual_seed(_seed("corr-slices", case))
+    x, w = torch.randn(xs, dtype=DT), torch.randn(ws, dtype=DT)
+    b = torch.randn(ws[0], dtype=DT) if bias else None
+    monkeypatch.setattr(conv_grads, "samples_per_slice", lambda budget, *t, **k: samples_per_slice)
+    calls = []
+    inner = conv_grads._ps_correlate
+    monkeypatch.setattr(conv_grads, "_ps_correlate", lambda geo, x, g, pad: calls.append(x.shape[0]) or inner(geo, x, g, pad))
+    _check_fn(op, x, w, b, kw, ("sum", "mean", "square")[case % 3], _seed("corr-slices", case))
+    assert sum(calls) == xs[0] and max(calls) == samples_per_slice
+
+
 # ----------------------------------------------------------------------------
 # modules, every padding mode
 # ----------------------------------------------------------------------------
