@@ -86,10 +86,20 @@ def _check_options(op_name: str, args: Mapping[str, Any]) -> None:
 _CLIPPED_SUM_CHUNK_BYTES = 1 << 17
 
 
+def _add_rows(out: Tensor, index: Tensor, rows: Tensor) -> Tensor:
+    """``out[index[j]] += rows[j]`` for every ``j`` (repeated indices add up), in place.
+    On CPU ``index_add_``: ms, 1 thread, rows of 16 / 128 / 768 (embedding net, BERT,
+    GPT-2 widths), 1.3x / 3.1x / 3.3x faster than ``index_put_`` with ``accumulate``, and
+    4-12x with 2 threads, where that one runs serially. Elsewhere ``index_put_``, whose CUDA
+    kernel sorts the indices (a deterministic sum) where ``index_add_`` uses atomics."""
+    if out.device.type == "cpu":
+        return out.index_add_(0, index, rows)
+    return out.index_put_((index,), rows, accumulate=True)
+
+
 def _row_sums(n: int, index: Tensor, rows: Tensor) -> Tensor:
-    """``[n, D]``: ``out[k] = Σ_{j: index[j] = k} rows[j]`` (index_put_ with accumulate
-    runs about twice as fast as index_add_ on CPU for many short rows)."""
-    return rows.new_zeros(n, rows.shape[1]).index_put_((index,), rows, accumulate=True)
+    """``[n, D]``: ``out[k] = Σ_{j: index[j] = k} rows[j]``."""
+    return _add_rows(rows.new_zeros(n, rows.shape[1]), index, rows)
 
 
 def _token_rows(idx: Tensor, g: Tensor, V: int, padding_idx: Optional[int]) -> Tuple[Tensor, Tensor, int]:
@@ -257,7 +267,7 @@ class EmbeddingRule(PerSampleRule):
             if pad is not None:
                 keep = i != pad
                 i, rows = i[keep], rows[keep]
-            out.index_put_((i,), rows, accumulate=True)
+            _add_rows(out, i, rows)
         return {} if out is dst else {"weight": out}
 
 
