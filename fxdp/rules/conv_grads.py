@@ -335,8 +335,9 @@ def ps_correlate(geo: Geom, g: Tensor) -> Tensor:
 
 
 def sum_correlate(geo: Geom, g: Tensor) -> Tensor:
-    """``sum_i grad W_i`` of a depthwise convolution as :func:`ps_correlate` with the
-    samples inside each channel's group, so the correlation also sums over them."""
+    """``sum_i grad W_i`` of a convolution with one input channel per group as
+    :func:`ps_correlate` with the samples inside each channel's group, so the correlation
+    also sums over them."""
     x, pad = _correlate_padding(geo, g)
     B, C, O = x.shape[0], x.shape[1], g.shape[1]
     w = _CONV[geo.n](
