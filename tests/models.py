@@ -69,6 +69,24 @@ class RawParams(nn.Module):
         return torch.tanh(x @ self.W) @ self.V.t()
 
 
+class ExpandParams(nn.Module):
+    """Parameters broadcast over the batch by ``expand``: a class token (ViT), one expanded
+    along a second dimension too, and one given a new leading batch dimension."""
+
+    def __init__(self, T=5, D=4):
+        super().__init__()
+        self.cls_token = nn.Parameter(torch.randn(1, 1, D))
+        self.registers = nn.Parameter(torch.randn(1, 1, D))
+        self.queries = nn.Parameter(torch.randn(2, D))
+        self.fc = nn.Linear(D, 3)
+
+    def forward(self, x):
+        B = x.shape[0]
+        x = torch.cat([self.cls_token.expand(B, -1, -1), self.registers.expand(B, 3, -1), x], 1)
+        x = torch.cat([self.queries.expand(B, -1, -1), torch.tanh(x)], 1)
+        return self.fc(x * x.mean(1, keepdim=True))
+
+
 # -- recurrent (tests/rules/test_rule_recurrent.py, tests/passes/test_pass_recurrent.py) ----------
 
 class SeqClassifier(nn.Module):

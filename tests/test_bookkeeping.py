@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import fxdp
 from fxdp.optim import DPOptimizer
-from models import Nested, RawParams, TiedLM
+from models import ExpandParams, Nested, RawParams, TiedLM
 from oracle import bk_clipped_sums, clipped_sums_materialized, quiet_privatize
 
 pytestmark = pytest.mark.usefixtures("f64")
@@ -45,6 +45,7 @@ class SeqNet(nn.Module):
 MODELS = {
     "nested": (Nested, lambda: torch.randn(6, 5)),
     "raw_params": (RawParams, lambda: torch.randn(4, 5, 4)),
+    "expand_params": (ExpandParams, lambda: torch.randn(4, 5, 4)),
     "tied": (TiedLM, lambda: torch.randn(5, 4, 11)),
     "conv": (ConvNet, lambda: torch.randn(5, 2, 7, 7)),
     "seq": (SeqNet, lambda: torch.randint(0, 13, (4, 7))),

@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fxdp
-from models import Nested, RawParams, TiedLM
+from models import ExpandParams, Nested, RawParams, TiedLM
 from oracle import assert_grad_samples_match, check_privatized as check, quiet_privatize
 
 pytestmark = pytest.mark.usefixtures("f64")
@@ -56,6 +56,20 @@ def test_nested_model_with_inplace_activations(reduction):
 def test_raw_parameters(reduction):
     torch.manual_seed(6)
     check(RawParams(), torch.randn(4, 5, 4), reduction=reduction)
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_expanded_parameters_take_the_broadcast_rule(capture):
+    """``p.expand(B, ...)`` (class tokens, registers, queries): the output gradient summed
+    back to the parameter's shape per sample. In the ATen graph the batch size is a value of
+    the input, so the capture sits on the expand and takes this rule, not torch.func; the
+    module-level graph reads it as a shape and captures the ``cat`` (torch.func, exact)."""
+    torch.manual_seed(11)
+    x = torch.randn(3, 5, 4)
+    dp = check(ExpandParams(), x, capture=capture)
+    if capture == "export":
+        rules = {c["params"][0]: c["rule"] for c in dp.capture_table() if c["params"]}
+        assert rules["cls_token"] == rules["registers"] == rules["queries"] == "raw parameter (expand)"
 
 
 # -- batch_first=False --------------------------------------------------------------

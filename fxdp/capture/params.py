@@ -8,12 +8,13 @@ was broadcast along:
     grad p_i = sum_to(p.shape) [ g_i * d out_i / d p ]
 
 with ``d out/d p`` = 1 (add), -1 (subtrahend), x (mul), 1/x (numerator),
--x/p^2 (denominator). For ``out = x @ W`` (``W`` of shape [k, n]), as for
-Linear: ``grad W_i = sum_t x_{i,t}^T g_{i,t}``.
+-x/p^2 (denominator). ``out = p.expand(B, ...)`` (a ViT's class token) is the
+same sum with ``d out/d p`` = 1. For ``out = x @ W`` (``W`` of shape [k, n]), as
+for Linear: ``grad W_i = sum_t x_{i,t}^T g_{i,t}``.
 
-Other raw-parameter uses (``self.W.t()`` before the op, ``self.cls.expand(B,
--1, -1)``, ``torch.cat`` with a parameter...) go through ``torch.func`` on the
-same capture (exact, slower); see ``fxdp/capture/functorch.py``.
+Other raw-parameter uses (``self.W.t()`` before the op, ``torch.cat`` with a
+parameter...) go through ``torch.func`` on the same capture (exact, slower); see
+``fxdp/capture/functorch.py``.
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ from ..rules.base import batch_sum
 from .functorch import FuncCapture
 from .record import LayerRecord
 
-__all__ = ["ParamCapture", "BroadcastRuleCapture", "ELEMENTWISE", "MATMUL"]
+__all__ = ["ParamCapture", "BroadcastRuleCapture", "ELEMENTWISE", "EXPAND", "MATMUL"]
 
 #: op -> kind for elementwise binary ops with a fast rule
 ELEMENTWISE: Dict[Any, str] = {
@@ -41,6 +42,8 @@ ELEMENTWISE: Dict[Any, str] = {
     torch.ops.aten.mul.Tensor: "mul", torch.ops.aten.div.Tensor: "div",
 }
 MATMUL = {operator.matmul, torch.matmul, "matmul", torch.ops.aten.matmul.default, torch.ops.aten.mm.default}
+#: ``p.expand(*sizes)`` with the parameter itself as the first argument
+EXPAND = {"expand", torch.Tensor.expand, torch.ops.aten.expand.default}
 
 
 class ParamCapture(FuncCapture):
@@ -52,11 +55,16 @@ class ParamCapture(FuncCapture):
 
     def __init__(self, *, fast: Optional[str] = None, param_pos: int = 1, **kw: Any) -> None:
         super().__init__(**kw)
-        self.fast = fast  # "add" | "sub" | "mul" | "div" | "matmul" | None
+        self.fast = fast  # "add" | "sub" | "mul" | "div" | "matmul" | "expand" | None
         self.param_pos = param_pos  # position of the parameter in the op's two arguments
 
     def rule_name(self) -> str:
         return f"raw parameter ({self.fast})" if self.fast else "raw parameter (torch.func)"
+
+    def compute_for_capture(self, dyn: Any) -> Any:
+        if self.fast is not None:  # one known op on the parameter itself: nothing random to check
+            return self.fn(*dyn)
+        return super().compute_for_capture(dyn)
 
     def per_sample_grads(self, rec: LayerRecord) -> Dict[int, Tensor]:
         if self.fast is None or rec.grads[0] is None:
@@ -71,6 +79,11 @@ class ParamCapture(FuncCapture):
             raise BatchDimensionError(f"the output of {self.where()} has no batch dimension")
         if g.shape[bo] == 0:  # empty batch
             return {pi: p.new_zeros((0,) + tuple(p.shape))}
+        if self.fast == "expand":  # d out / d p = 1: the output gradient summed back to p's shape
+            per_sample = broadcast_grad(g, bo, tuple(p.shape))
+            if per_sample is None:
+                return super().per_sample_grads(rec)
+            return {pi: per_sample[0].reshape((g.shape[bo],) + tuple(p.shape))}
         if self.fast == "matmul":
             bx = dims_in[xi]
             if bx is None or x.dim() < 2 or p.dim() != 2 or bx != bo:

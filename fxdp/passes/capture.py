@@ -27,7 +27,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from ..capture import CaptureOp, FuncCapture, Recorder, RuleCapture
 from ..errors import SymbolicGraphError, UnsupportedModelError, UnsupportedOpError, where
 from ..rules import module_call_for, rule_for_op
-from ..capture.params import ELEMENTWISE, MATMUL, BroadcastRuleCapture, ParamCapture
+from ..capture.params import ELEMENTWISE, EXPAND, MATMUL, BroadcastRuleCapture, ParamCapture
 from .symbolic_batch import is_shape_value
 
 __all__ = ["insert_captures", "CAPTURES"]
@@ -435,7 +435,9 @@ class _CaptureBuilder:
 
     def _fast_param_rule(self, n: fx.Node, params: Dict[int, str], dyn: List[Any]) -> Tuple[Optional[str], int]:
         """An explicit raw-parameter rule applies to ``op(x, p)`` / ``op(p, x)`` with a
-        parameter used directly (no parameter-only ops before it)."""
+        parameter used directly (no parameter-only ops before it), and to ``p.expand(...)``."""
+        if n.target in EXPAND and len(params) == 1 and not n.kwargs and n.args and n.args[0] is dyn[next(iter(params))]:
+            return "expand", 0
         if n.kwargs or len(n.args) != 2 or len(dyn) != 2 or len(params) != 1:
             return None, 1
         (pi,) = params
