@@ -54,6 +54,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 
 import fxdp  # noqa: E402
 from fxdp.optim import DPOptimizer  # noqa: E402
+from fxdp.utils import keep_freed_memory  # noqa: E402
 
 sys.path.insert(0, HERE)
 from _memory import MEM_SLACK_MIB, _pin_mmap_threshold, in_child, noise_buffer_bytes, peak_step_memory  # noqa: E402
@@ -302,12 +303,14 @@ def _label(c: Dict[str, Any]) -> str:
     return c["model"] if (hid, layers) == (128, 2) else f"{c['model']} ({hid} wide, {layers} layer{'s' * (layers > 1)})"
 
 
-def write_md(cells: List[Dict[str, Any]], path: str) -> None:
+def write_md(cells: List[Dict[str, Any]], path: str, kept_freed: bool = False) -> None:
+    kept = (" glibc keeps freed memory in the process (`--keep-freed-memory`: `fxdp.utils.keep_freed_memory()`,"
+            " for every variant).") if kept_freed else ""
     lines = [
         "# Hugging Face zoo: DP-SGD step time (benchmarks/bench_zoo.py)",
         "",
         f"torch {torch.__version__}, transformers {transformers.__version__}, {platform.processor() or platform.machine()}, "
-        f"{torch.get_num_threads()} thread(s). Median of per-round ratios, variants interleaved in one process.",
+        f"{torch.get_num_threads()} thread(s). Median of per-round ratios, variants interleaved in one process.{kept}",
         "",
         "| model | params | B | T | non-private ms | fxdp bk | fxdp bk, measured methods | fxdp bk, compiled | "
         "fxdp materialize | Opacus hooks | Opacus ghost | fxdp bk / Opacus fastest |",
@@ -386,6 +389,8 @@ def main() -> None:
     ap.add_argument("--out", default=os.path.join(RESULTS, "zoo"), help="writes OUT.json and OUT.md")
     ap.add_argument("--no-save", action="store_true")
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory children")
+    ap.add_argument("--keep-freed-memory", action="store_true",
+                    help="fxdp.utils.keep_freed_memory() in the timing process (all variants; not the memory children)")
     ap.add_argument("--memory-child", nargs=4, metavar=("MODEL", "B", "T", "VARIANT"), help=argparse.SUPPRESS)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
@@ -397,6 +402,8 @@ def main() -> None:
             warnings.simplefilter("ignore")
             memory_child(m, int(B), int(T), v)
         return
+    if a.keep_freed_memory and not keep_freed_memory():
+        raise SystemExit("--keep-freed-memory: the C library is not glibc")
     cells = []
     for m in a.models:
         cell = run(m, a.batch_size, a.seq_len, a.rounds, a.warmup, a.seconds, a.variants, not a.no_memory)
@@ -406,7 +413,7 @@ def main() -> None:
         os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
         with open(a.out + ".json", "w") as f:
             json.dump(cells, f, indent=1)
-        write_md(cells, a.out + ".md")
+        write_md(cells, a.out + ".md", a.keep_freed_memory)
 
 
 if __name__ == "__main__":
