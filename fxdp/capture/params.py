@@ -42,8 +42,8 @@ ELEMENTWISE: Dict[Any, str] = {
     torch.ops.aten.mul.Tensor: "mul", torch.ops.aten.div.Tensor: "div",
 }
 MATMUL = {operator.matmul, torch.matmul, "matmul", torch.ops.aten.matmul.default, torch.ops.aten.mm.default}
-#: ``p.expand(*sizes)`` with the parameter itself as the first argument
-EXPAND = {"expand", torch.Tensor.expand, torch.ops.aten.expand.default}
+#: ``p.expand(*sizes)`` as a function (the method is a ``call_method`` node named "expand")
+EXPAND = {torch.Tensor.expand, torch.ops.aten.expand.default}
 
 
 class ParamCapture(FuncCapture):

@@ -436,7 +436,8 @@ class _CaptureBuilder:
     def _fast_param_rule(self, n: fx.Node, params: Dict[int, str], dyn: List[Any]) -> Tuple[Optional[str], int]:
         """An explicit raw-parameter rule applies to ``op(x, p)`` / ``op(p, x)`` with a
         parameter used directly (no parameter-only ops before it), and to ``p.expand(...)``."""
-        if n.target in EXPAND and len(params) == 1 and not n.kwargs and n.args and n.args[0] is dyn[next(iter(params))]:
+        expand = (n.op == "call_method" and n.target == "expand") or (n.op == "call_function" and n.target in EXPAND)
+        if expand and len(params) == 1 and not n.kwargs and n.args and n.args[0] is dyn[next(iter(params))]:
             return "expand", 0
         if n.kwargs or len(n.args) != 2 or len(dyn) != 2 or len(params) != 1:
             return None, 1

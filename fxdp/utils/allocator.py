@@ -5,11 +5,10 @@ unmapped when freed, and free space above the trim threshold at the top of the h
 trimmed. The next step allocates the same tensors again and takes a page fault (a
 zeroed 4 KiB page) at the first touch of each page. Book-keeping holds every layer's
 input and output gradient until the optimizer step and frees them there, so more of a
-DP step's memory makes this round trip than a non-private step's. Measured (one
-process holding non-private and book-keeping steps, 1 thread; BERT, 2 layers of width
-128, T = 128, B = 16): about 5,000 faults (20 MiB) in each book-keeping backward pass,
-the step 149 ms; after :func:`keep_freed_memory` none, 132-137 ms (non-private 112-124 ms
-either way).
+DP step's memory makes this round trip than a non-private step's: BERT (2 layers of
+width 128, T = 128, B = 16) took 4,500-6,300 faults (17-25 MiB) in each book-keeping
+backward pass, and none after :func:`keep_freed_memory`, its step 1.25-1.30x -> 1.17-1.19x
+non-private (``benchmarks/README.md``, Round 9).
 
 The cost: freed memory stays in the process (its resident set keeps the step's peak, as
 CUDA's caching allocator does) instead of going back to the system between steps.
