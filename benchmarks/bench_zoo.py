@@ -66,13 +66,18 @@ LR, SIGMA, CLIP = 1e-3, 1.0, 1.0
 #: ``--width``: hidden size, heads and MLP width ("tiny": the default above; "base": BERT-base /
 #: GPT-2-small layers, whose [768, 3072] MLP takes ghost norms at T = 512)
 WIDTHS = {"tiny": (128, 4, 512), "base": (768, 12, 3072)}
+#: ViT's input: image side and patch side (``--image-size``, ``--patch-size``; 64 / 8: 65 tokens,
+#: 224 / 16: ViT-B/16's 197)
+IMAGE, PATCH = 64, 8
 
 
-def set_size(width: str, layers: int) -> None:
-    """Every model's hidden size, heads, MLP width (``WIDTHS[width]``) and layer count."""
-    global HID, HEADS, FF, LAYERS
+def set_size(width: str, layers: int, image: int = 64, patch: int = 8) -> None:
+    """Every model's hidden size, heads, MLP width (``WIDTHS[width]``) and layer count, and
+    ViT's image and patch sides."""
+    global HID, HEADS, FF, LAYERS, IMAGE, PATCH
     HID, HEADS, FF = WIDTHS[width]
     LAYERS = layers
+    IMAGE, PATCH = image, patch
 
 
 def _lora(model: nn.Module) -> nn.Module:
@@ -108,7 +113,7 @@ def build(name: str, T: int) -> tuple:
             use_cache=False)), "lm"
     if name == "vit":
         return t.ViTForImageClassification(t.ViTConfig(
-            image_size=64, patch_size=8, num_channels=3, hidden_size=HID, num_hidden_layers=LAYERS,
+            image_size=IMAGE, patch_size=PATCH, num_channels=3, hidden_size=HID, num_hidden_layers=LAYERS,
             num_attention_heads=HEADS, intermediate_size=FF, num_labels=10)), "image"
     raise ValueError(name)
 
@@ -119,7 +124,7 @@ MODELS = ["bert", "roberta", "distilbert", "gpt2", "llama", "vit", "lora-gpt2"]
 def batch(kind: str, B: int, T: int) -> tuple:
     g = torch.Generator().manual_seed(0)
     if kind == "image":
-        return {"pixel_values": torch.randn(B, 3, 64, 64, generator=g)}, torch.randint(0, 10, (B,), generator=g)
+        return {"pixel_values": torch.randn(B, 3, IMAGE, IMAGE, generator=g)}, torch.randint(0, 10, (B,), generator=g)
     ids = torch.randint(0, V, (B, T), generator=g)
     x = {"input_ids": ids, "attention_mask": torch.ones(B, T, dtype=torch.long)}
     return x, (ids if kind == "lm" else torch.randint(0, 2, (B,), generator=g))
@@ -234,6 +239,7 @@ def run(name: str, B: int, T: int, rounds: int, warmup: int, seconds: float,
     live: Dict[str, Callable[[], None]] = {}
     cell: Dict[str, Any] = {"model": name, "batch_size": B, "seq_len": T if kind != "image" else None,
                             "hidden": HID, "layers": LAYERS,
+                            **({"image": IMAGE, "patch": PATCH} if kind == "image" else {}),
                             "params": sum(p.numel() for p in base.parameters()), "variants": {}}
     for v in names:
         try:
@@ -274,7 +280,8 @@ def run(name: str, B: int, T: int, rounds: int, warmup: int, seconds: float,
     if memory:
         for v in (k for k in MEMORY_VARIANTS if k in live):
             try:
-                size = ["--width", next(w for w, d in WIDTHS.items() if d[0] == HID), "--layers", str(LAYERS)]
+                size = ["--width", next(w for w, d in WIDTHS.items() if d[0] == HID), "--layers", str(LAYERS),
+                        "--image-size", str(IMAGE), "--patch-size", str(PATCH)]
                 cell["variants"][v]["peak_mib"] = in_child(__file__, ["--memory-child", name, str(B), str(T), v] + size)[v]
             except Exception as e:  # a miss is reported, not hidden
                 print(f"memory measurement failed for {name} {v}: {e}", file=sys.stderr)
@@ -300,7 +307,10 @@ def memory_child(name: str, B: int, T: int, v: str) -> None:
 def _label(c: Dict[str, Any]) -> str:
     """The model's name, with its width and depth where not the default (tiny, 2 layers)."""
     hid, layers = c.get("hidden", 128), c.get("layers", 2)
-    return c["model"] if (hid, layers) == (128, 2) else f"{c['model']} ({hid} wide, {layers} layer{'s' * (layers > 1)})"
+    notes = [] if (hid, layers) == (128, 2) else [f"{hid} wide, {layers} layer{'s' * (layers > 1)}"]
+    if c.get("image", 64) != 64 or c.get("patch", 8) != 8:
+        notes.append(f"{c['image']}x{c['image']} images, {c['patch']}x{c['patch']} patches")
+    return f"{c['model']} ({'; '.join(notes)})" if notes else c["model"]
 
 
 def write_md(cells: List[Dict[str, Any]], path: str, kept_freed: bool = False) -> None:
@@ -384,6 +394,8 @@ def main() -> None:
     ap.add_argument("--width", choices=list(WIDTHS), default="tiny",
                     help="hidden size / heads / MLP width: tiny 128/4/512, base 768/12/3072 (BERT-base, GPT-2-small)")
     ap.add_argument("--layers", type=int, default=2, help="transformer layers of every model")
+    ap.add_argument("--image-size", type=int, default=64, help="ViT's image side")
+    ap.add_argument("--patch-size", type=int, default=8, help="ViT's patch side (224 / 16: ViT-B/16's 197 tokens)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--variants", nargs="+", choices=VARIANTS, default=VARIANTS)
     ap.add_argument("--out", default=os.path.join(RESULTS, "zoo"), help="writes OUT.json and OUT.md")
@@ -395,7 +407,7 @@ def main() -> None:
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     transformers.logging.set_verbosity_error()
-    set_size(a.width, a.layers)
+    set_size(a.width, a.layers, a.image_size, a.patch_size)
     if a.memory_child:
         m, B, T, v = a.memory_child
         with warnings.catch_warnings():
