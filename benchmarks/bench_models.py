@@ -418,7 +418,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     ap.add_argument("--no-memory", action="store_true")
     ap.add_argument("--quick", action="store_true", help="smoke run: B=8, 3 rounds, not saved")
     ap.add_argument("--out", default=os.path.join(RESULTS, "models.json"))
-    ap.add_argument("--memory-only", action="store_true", help="re-measure the peak memory of the cells in --out")
+    ap.add_argument("--memory-only", action="store_true",
+                    help="re-measure the peak memory of the cells in --out (of --model, --variants)")
     ap.add_argument("--merge", nargs="+", metavar="JSON", help="merge the cells of these result files into --out "
                     "(rewriting models.md) and exit")
     ap.add_argument("--memory-child", nargs=2, metavar=("MODEL", "B"), help=argparse.SUPPRESS)
@@ -435,7 +436,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         for key, cell in data["cells"].items():
             if cell["model"] not in args.model:
                 continue
-            names = [n for n, e in cell["variants"].items() if "ms" in e]
+            names = [n for n, e in cell["variants"].items() if "ms" in e and n in args.variants]
             for name, peak in memory_cell(cell["model"], cell["batch_size"], names, args.threads).items():
                 cell["variants"][name]["peak_mib"] = peak
             print(key, {n: cell["variants"][n].get("peak_mib") for n in names}, flush=True)

@@ -690,9 +690,9 @@ def test_flat_noise_is_one_draw_into_a_reused_buffer():
 
 
 def test_flat_noise_views_are_reused_and_rebuilt_with_the_buffer():
-    """The per-parameter views of the buffer are made once per layout (no slicing per
+    """The per-parameter views of a kept buffer are made once per layout (no slicing per
     step), and made again from the new buffer when the parameters' layout changes."""
-    mech, g = FlatNoise(), torch.Generator().manual_seed(0)
+    mech, g = FlatNoise(keep=True), torch.Generator().manual_seed(0)
     like = [torch.zeros(3, 4), torch.zeros(5)]
     first, second = mech.draw(like, 1.0, generator=g), mech.draw(like, 1.0, generator=g)
     assert all(a is b and a._base is mech.buffer for a, b in zip(first, second))
@@ -729,6 +729,39 @@ def test_flat_noise_released_with_its_views_unless_kept():
     del a, d
     gc.collect()
     assert kept.buffer is not None and released.buffer is None
+
+
+@pytest.mark.parametrize("step_s,kept", [(1.0, False), (0.1, True)])
+def test_flat_noise_on_cpu_is_released_when_its_page_faults_are_cheap(monkeypatch, step_s, kept):
+    """``keep=None`` on CPU: the second draw reuses the kept buffer, the buffer is then
+    released once, and the third draw (into fresh memory) is timed against the second and
+    the time between them. 9 ms more in a 1 s step (0.9% <= 2%): released from then on; in
+    a 100 ms step (9%): kept. The noise is the same draw either way."""
+    import gc
+
+    import fxdp.optim.noise as noise_mod
+
+    clock = iter([0.0, 0.010, 0.5, 0.501, 0.5 + step_s, 0.5 + step_s + 0.010])  # (start, end) of three draws
+    monkeypatch.setattr(noise_mod.time, "perf_counter", lambda: next(clock))
+    like = [torch.zeros(3, 4), torch.zeros(5)]
+    mech, ref = FlatNoise(), FlatNoise(keep=True)
+    g, g_ref = torch.Generator().manual_seed(2), torch.Generator().manual_seed(2)
+    cpu = torch.device("cpu")
+    for k in range(3):
+        views = mech.draw(like, 0.5, generator=g)
+        assert all(torch.equal(v, r) for v, r in zip(views, ref.draw(like, 0.5, generator=g_ref)))
+        assert mech.keeps(cpu) == (k == 0 or (k == 2 and kept))
+        del views  # zero_grad(): the released buffer goes with its views
+        gc.collect()
+    assert mech.decision["keep"] is kept
+    assert mech.decision["released_draw_extra_ms"] == pytest.approx(9.0)
+    assert mech.decision["step_ms"] == pytest.approx(1e3 * step_s)
+    views = mech.draw(like, 0.5, generator=g)  # decided: no more timing
+    assert all(torch.equal(v, r) for v, r in zip(views, ref.draw(like, 0.5, generator=g_ref)))
+    del views
+    gc.collect()
+    assert (mech.buffer is not None) == kept
+    assert FlatNoise(keep=True).decision is None and FlatNoise().keeps(cpu)  # undecided: kept
 
 
 @pytest.mark.parametrize("keep", [True, False])

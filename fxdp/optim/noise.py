@@ -7,6 +7,7 @@ generator (or none) uses PyTorch's sampler.
 
 from __future__ import annotations
 
+import time
 import weakref
 from collections.abc import Sequence
 
@@ -87,11 +88,17 @@ class FlatNoise:
     sums, the flat draw 41 ms plus 3 ms (``benchmarks/README.md``, "Round 3").
 
     ``keep``: hold the buffer (and its per-parameter views, sliced once per layout)
-    between steps. ``None`` (default): on CPU only, where a fresh 45 MB buffer costs
-    17 ms of page faults a step. On CUDA the buffer is released with the last view
-    (``zero_grad()``), as non-private training frees its gradients: the caching
-    allocator hands the memory to the next forward and backward, and back to the next
-    draw at no cost, instead of holding one parameter-sized buffer through them.
+    between steps (``True``), or release it with the last view (``False``:
+    ``zero_grad()`` frees it, as non-private training frees its gradients, so the
+    forward and backward passes do not hold one parameter-sized buffer more).
+    ``None`` (default): released on CUDA, where the caching allocator makes the next
+    allocation free. On CPU a fresh buffer can cost page faults (45 MB: 17 ms), so the
+    first draws measure it: the second draw reuses the kept buffer, the buffer is then
+    released once, and the third draw's extra time over the second's is set against the
+    time between them (about a training step). The buffer stays released when that costs
+    at most ``RELEASE_MAX_SHARE`` of a step (ViT-B/16 width, B = 16: 11 ms of 1.9 s), else
+    it is kept from then on (ResNet18 at 32x32, B = 16: 17 ms of 80 ms). ``decision``
+    reports what was measured.
 
     Sums of mixed dtype or device, half-precision sums (noise drawn in float32 and
     rounded once) and secure generators keep :func:`noisy_sum` per sum. The noise has
@@ -99,8 +106,14 @@ class FlatNoise:
     bits differ from a per-parameter draw with the same seed.
     """
 
+    #: the largest share of a step that releasing the CPU buffer may cost (``keep=None``)
+    RELEASE_MAX_SHARE = 0.02
+
     def __init__(self, keep: bool | None = None) -> None:
         self.keep = keep
+        self._cpu_keep = True  # keep=None on CPU: kept, released once to measure, then decided
+        self._probe: list[tuple[float, float]] = []  # (start, seconds) of the draws measured so far
+        self.decision: dict | None = None  # keep=None on CPU: the measurement and its outcome
         self._kept: Tensor | None = None  # the buffer, when held between steps
         self._weak: weakref.ref | None = None  # the buffer, while a view of it lives (not kept)
         self._views: tuple = ((), [])  # (shapes, their views of the kept buffer): sliced once per layout
@@ -114,7 +127,24 @@ class FlatNoise:
 
     def keeps(self, device: torch.device) -> bool:
         """Whether the buffer for tensors on ``device`` is held between steps."""
-        return self.keep if self.keep is not None else device.type == "cpu"
+        if self.keep is not None:
+            return self.keep
+        return device.type == "cpu" and self._cpu_keep
+
+    def _measure(self, start: float, seconds: float, fresh: bool) -> None:
+        """``keep=None`` on CPU: a draw into the kept buffer, then one after releasing it,
+        decide whether releasing is worth its cost (page faults of fresh memory)."""
+        if len(self._probe) < 2:
+            if len(self._probe) == 1 and fresh:  # the layout changed: start again
+                self._probe = []
+            self._probe.append((start, seconds))
+            if len(self._probe) == 2:
+                self._cpu_keep = False  # released once, at the next zero_grad(), to time a fresh draw
+            return
+        reused_start, reused = self._probe[1]
+        step, extra = start - reused_start, (max(seconds - reused, 0.0) if fresh else 0.0)
+        self._cpu_keep = extra > self.RELEASE_MAX_SHARE * step
+        self.decision = {"released_draw_extra_ms": 1e3 * extra, "step_ms": 1e3 * step, "keep": self._cpu_keep}
 
     def __call__(self, sums: Sequence[Tensor], std: float, *, generator: torch.Generator | None = None) -> list[Tensor]:
         _check_std(std)
@@ -143,13 +173,18 @@ class FlatNoise:
         _check_std(std)
         dtype, device = like[0].dtype, like[0].device
         numel = sum(s.numel() for s in like)
+        measuring = self.keep is None and device.type == "cpu" and self.decision is None
+        start = time.perf_counter() if measuring else 0.0
         buf = self.buffer
-        if buf is None or buf.numel() != numel or buf.dtype != dtype or buf.device != device:
+        fresh = buf is None or buf.numel() != numel or buf.dtype != dtype or buf.device != device
+        if fresh:
             buf = torch.empty(numel, dtype=dtype, device=device)
         if std == 0:
             buf.zero_()  # draws nothing: a non-private run leaves the generator untouched
         else:
             buf.normal_(0.0, float(std), generator=generator)
+        if measuring:
+            self._measure(start, time.perf_counter() - start, fresh)
         if not self.keeps(device):  # no reference of ours keeps it alive past the views
             self._kept, self._views, self._weak = None, ((), []), weakref.ref(buf)
             return [v.view(s.shape) for v, s in zip(buf.split([s.numel() for s in like]), like)]

@@ -481,7 +481,8 @@ class DPOptimizer(Optimizer):
     def flat_noise(self) -> FlatNoise:
         """The one-draw Gaussian mechanism of the step (:class:`~fxdp.optim.noise.FlatNoise`).
         ``flat_noise.keep``: hold its parameter-sized buffer between steps (``True``) or free
-        it with the gradients at ``zero_grad()`` (``False``); default held on CPU only."""
+        it with the gradients at ``zero_grad()`` (``False``); default: freed on CUDA, and on
+        CPU decided by measuring the first steps (``flat_noise.decision``)."""
         return self._flat_noise
 
     def noisy_sums(self, sums: list[Tensor], std: float) -> list[Tensor]:
