@@ -96,9 +96,9 @@ class FlatNoise:
     first draws measure it: the second draw reuses the kept buffer, the buffer is then
     released once, and the third draw's extra time over the second's is set against the
     time between them (about a training step). The buffer stays released when that costs
-    at most ``RELEASE_MAX_SHARE`` of a step (ViT-B/16 width, B = 16: 11 ms of 1.9 s), else
-    it is kept from then on (ResNet18 at 32x32, B = 16: 17 ms of 80 ms). ``decision``
-    reports what was measured.
+    at most ``RELEASE_MAX_SHARE`` of a step (a ViT-B/16 layer at B = 16: 11.6 ms of 2.3 s;
+    small models' buffers come back from the heap at no cost), else it is kept from then on
+    (ResNet18 at 32x32, B = 16: 15 ms of 125 ms). ``decision`` reports what was measured.
 
     Sums of mixed dtype or device, half-precision sums (noise drawn in float32 and
     rounded once) and secure generators keep :func:`noisy_sum` per sum. The noise has
