@@ -47,6 +47,8 @@ def test_thresholds_are_checked():
         keep_freed_memory(mmap_threshold=64 << 20)
     with pytest.raises(ValueError, match="trim_threshold"):
         keep_freed_memory(trim_threshold=0)
+    with pytest.raises(ValueError, match="C int"):
+        keep_freed_memory(trim_threshold=1 << 31)
 
 
 def test_without_glibc_nothing_changes(monkeypatch):

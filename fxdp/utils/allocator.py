@@ -24,6 +24,7 @@ _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 #: glibc's largest mmap threshold on 64-bit systems (``DEFAULT_MMAP_THRESHOLD_MAX``)
 MAX_MMAP_THRESHOLD = 32 << 20
+_INT_MAX = (1 << 31) - 1
 
 
 def _glibc() -> ctypes.CDLL | None:
@@ -47,12 +48,17 @@ def keep_freed_memory(mmap_threshold: int = MAX_MMAP_THRESHOLD, trim_threshold: 
             f"mmap_threshold must be in (0, {MAX_MMAP_THRESHOLD}] bytes (glibc's maximum on 64-bit systems), "
             f"got {mmap_threshold}"
         )
-    if trim_threshold <= 0:
-        raise ValueError(f"trim_threshold must be a positive number of bytes, got {trim_threshold}")
+    if not 0 < trim_threshold <= _INT_MAX:  # mallopt takes a C int: a larger value would wrap
+        raise ValueError(
+            f"trim_threshold must be in (0, {_INT_MAX}] bytes (mallopt takes a C int), got {trim_threshold}"
+        )
     libc = _glibc()
     if libc is None:
         return False
     for param, value in ((_M_MMAP_THRESHOLD, mmap_threshold), (_M_TRIM_THRESHOLD, trim_threshold)):
         if libc.mallopt(ctypes.c_int(param), ctypes.c_int(value)) != 1:
-            raise OSError(f"mallopt({param}, {value}) was refused by the C library")
+            raise OSError(
+                f"mallopt({param}, {value}) was refused by the C library. Fix: start Python with "
+                f"MALLOC_MMAP_THRESHOLD_={mmap_threshold} MALLOC_TRIM_THRESHOLD_={trim_threshold} set instead"
+            )
     return True
