@@ -76,6 +76,7 @@ class BookKeeping(ClippedSumSource):
         #: parameters found tied (used by several capture ops) in the last pass: their norms
         #: are not formed per record (a hint only; each pass counts its uses again)
         self._tied_hint: set = set()
+        self._clipping: List[_Pass] = []  # the passes being clipped (for :meth:`held_bytes`)
 
     # -- capture side ---------------------------------------------------------------
     def record(self, rec: LayerRecord) -> None:
@@ -133,11 +134,14 @@ class BookKeeping(ClippedSumSource):
         self.records, self.pending, self._consumed = [], [], 0
 
     def clip_and_sum(self, params: Sequence[nn.Parameter], clipping: Clipping,
-                     into: Callable[[], List[Tensor]] | None = None, into_scale: float = 1.0) -> ClipResult:
+                     into: Callable[[], Sequence[Tensor]] | None = None, into_scale: float = 1.0) -> ClipResult:
         """Clip and sum every pass of the step. With ``into``, ``into_scale`` times each
         layer's clipped sum is added into ``into()[k]`` as soon as it is formed (so no
         sum outlives its layer) and ``ClipResult.sums`` is empty; ``into`` is called once,
-        after every factor is known, so a non-finite gradient raises before it."""
+        after every factor is known, so a non-finite gradient raises before it. Layers are
+        summed in the order of their parameters' positions (``into()[k]`` is read in
+        increasing ``k``, as :class:`~fxdp.optim.noise.SliceDraw` draws) and each record's
+        tensors are freed once its sums are formed."""
         passes, self.pending = self.pending, []
         self._consumed = len(passes)
         reached = {id(p) for ps in passes for r in ps.records for p in r.params.values()}
@@ -152,6 +156,16 @@ class BookKeeping(ClippedSumSource):
         params = list(params)
         position = {id(p): k for k, p in enumerate(params)}
         clipped = [self._factors(ps, params, position, clipping) for ps in passes]  # may raise
+        self._clipping = passes
+        try:
+            return self._clip_passes(passes, params, position, clipped, into, into_scale, clipping)
+        finally:
+            self._clipping = []
+
+    def _clip_passes(self, passes: List[_Pass], params: List[nn.Parameter], position: Dict[int, int],
+                     clipped: list, into: Callable[[], Sequence[Tensor]] | None, into_scale: float,
+                     clipping: Clipping) -> ClipResult:
+        """:meth:`clip_and_sum` once every pass's factors are known."""
         out = into() if into is not None else None
         result = None
         for ps, (norms, factors, ok, scale) in zip(passes, clipped):
@@ -166,6 +180,21 @@ class BookKeeping(ClippedSumSource):
             result = r if result is None else result.add(r)
         assert result is not None, "check() runs first"
         return result
+
+    def held_bytes(self) -> int:
+        """Bytes the records of the step being clipped hold now (activations, output gradients,
+        kept per-sample gradients; each storage once). Read by ``into()``, before any record
+        is freed: what a noise buffer held through the passes stacks on at the draw (0
+        outside ``clip_and_sum``)."""
+        seen: Dict[int, int] = {}
+        for ps in self._clipping:
+            for r in ps.records:
+                model = set(r.op.param_index) | set(r.op.buffer_index)  # the model's tensors, not the record's
+                own = [x for i, x in enumerate(r.inputs) if i not in model and isinstance(x, Tensor)]
+                for t in own + [g for g in r.grads if g is not None] + list(r.kept.values()):
+                    st = t.untyped_storage()
+                    seen[st.data_ptr()] = st.nbytes()
+        return sum(seen.values())
 
     def _factors(self, ps: _Pass, params: List[nn.Parameter], position: Dict[int, int], clipping: Clipping):
         """Per-sample norms ``[B, K]``, clip factors, the finite-sample mask and the loss
@@ -221,7 +250,9 @@ class BookKeeping(ClippedSumSource):
             else:
                 sums[k] = sums[k] + v if k in sums else v
 
-        for r in ps.records:
+        first = {id(r): min((position[id(p)] for p in r.params.values() if id(p) in position), default=len(params))
+                 for r in ps.records}
+        for r in sorted(ps.records, key=lambda r: first[id(r)]):
             want = {i: (scaled if column is None else column[position[id(p)]])
                     for i, p in r.params.items() if id(p) in position and ps.uses[id(p)] == 1}
             if want and ok is not None:  # a^T (0 * nan) is nan: materialize and zero the dropped rows
@@ -239,6 +270,7 @@ class BookKeeping(ClippedSumSource):
                 into = None if out is None else {i: out[position[id(r.params[i])]] for i in want}
                 for i, v in r.op.clipped_sum(r, want, into).items():
                     add(position[id(r.params[i])], v)
+            r.free()  # its sums are formed: the step's memory falls as the noise buffer fills
         for pid, g in ps.tied.items():
             if pid not in position:
                 continue

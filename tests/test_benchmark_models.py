@@ -95,7 +95,8 @@ def test_memory_counts_the_noise_buffer_fxdp_keeps_between_steps():
     v = bench.build_variant("fxdp_bk", M.MODELS["mnist"].build(), x, y)
     assert v.held() == 0  # nothing drawn yet
     v.step()
-    assert v.held() == 4 * EXPECTED["mnist"]  # float32 noise for every parameter
+    n = len(list(M.MODELS["mnist"].build().parameters()))  # float32 noise for every parameter, each
+    assert 4 * EXPECTED["mnist"] <= v.held() < 4 * (EXPECTED["mnist"] + 16 * n)  # slice aligned to 16
     assert bench.build_variant("nonprivate", M.MODELS["mnist"].build(), x, y).held() == 0
     if os.path.exists("/proc/self/clear_refs"):  # a step that allocates nothing still adds what is held
         peak = bench.peak_step_memory(lambda: None, lambda: None, lambda: 64 << 20)

@@ -462,6 +462,50 @@ def test_noise_first_step_equals_add_noise_then_scale(passes, clipping, monkeypa
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
 
 
+def test_released_noise_is_drawn_layer_by_layer_as_records_are_freed(monkeypatch):
+    """With the noise buffer released (``flat_noise.keep = False``) a book-keeping step
+    draws each layer's slice of the noise as it adds that layer's sums (in the order of
+    the parameters), and frees each record once its sums are formed: the buffer's pages
+    are touched as the records' memory is given back. The step is the same as with the
+    buffer kept (one draw); ``held_bytes`` is what the records held at the draw."""
+    from fxdp.optim.noise import SliceDraw
+
+    import fxdp.bookkeeping as bk
+
+    grads, reads = {}, []
+    for keep in (True, False):
+        dp, opt = _tied_bk()
+        opt.flat_noise.keep = keep
+        seen = []
+        real = bk.BookKeeping._clipped_sums
+
+        def spy(ps, params, position, scaled, ok, out=None):
+            seen.append((ps.records, out, dp.bookkeeping.held_bytes()))
+            return real(ps, params, position, scaled, ok, out)
+
+        monkeypatch.setattr(bk.BookKeeping, "_clipped_sums", staticmethod(spy))
+        data = torch.Generator().manual_seed(2)
+        for _ in range(2):  # two accumulated passes
+            F.cross_entropy(dp(torch.randn(5, 11, generator=data, dtype=torch.float64)),
+                            torch.randint(0, 11, (5,), generator=data)).backward()
+        records = [r for ps in dp.bookkeeping.pending for r in ps.records]
+        expected = sum(t.untyped_storage().nbytes() for t in {
+            t.untyped_storage().data_ptr(): t for r in records
+            for t in [x for i, x in enumerate(r.inputs) if i not in r.params and torch.is_tensor(x)]
+            + [g for g in r.grads if g is not None] + list(r.kept.values())}.values())
+        opt.step()
+        assert seen[0][2] == expected > 0 and dp.bookkeeping.held_bytes() == 0  # while clipping only
+        assert all(r.inputs == [] and r.grads == [] and not r.kept for r in records)  # freed
+        assert all(isinstance(out, SliceDraw) is (not keep) for _, out, _ in seen)
+        if not keep:
+            reads = [out._drawn for _, out, _ in seen]
+        grads[keep] = [p.grad.clone() for p in dp.parameters()]
+        monkeypatch.undo()
+    assert reads and all(n == seen[0][1]._buf.numel() for n in reads)  # drawn whole by the step's end
+    for a, b in zip(grads[True], grads[False]):
+        assert torch.equal(a, b)
+
+
 def test_noise_first_only_where_the_plain_step_is_equivalent():
     dp, opt = _tied_bk()
     F.cross_entropy(dp(torch.randn(5, 11, dtype=torch.float64)), torch.randint(0, 11, (5,))).backward()

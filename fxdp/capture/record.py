@@ -52,6 +52,10 @@ class LayerRecord:
         self.inputs, self.grads, self.outputs, self.released = [], [], None, True
         self.memo = {}
 
+    def free(self) -> None:
+        """Drop every tensor of the record (book-keeping: its clipped sums are formed)."""
+        self.inputs, self.grads, self.outputs, self.kept, self.memo = [], [], None, {}, {}
+
 
 class Recorder:
     """Shared state of one privatized module's capture ops.

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import time
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
 
 from .secure import SecureGenerator, is_secure, secure_gaussian_mechanism, secure_normal
 
-__all__ = ["FlatNoise", "gaussian_noise", "noisy_sum", "secure_generator"]
+__all__ = ["FlatNoise", "SliceDraw", "gaussian_noise", "noisy_sum", "secure_generator"]
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -76,6 +76,51 @@ def noisy_sum(x: Tensor, std: float, *, generator: torch.Generator | None = None
     return x + gaussian_noise(std, x.shape, dtype=x.dtype, device=x.device, generator=generator)
 
 
+#: each parameter's slice of the flat buffer starts at a multiple of this many elements:
+#: CPU's ``normal_`` draws the uniforms of a tensor in order and transforms them in blocks
+#: of 16 from its start, so filling the buffer slice by slice, in order, gives the same
+#: numbers as one ``normal_`` over all of it
+_ALIGN = 16
+
+
+def _padded(n: int) -> int:
+    return -(-n // _ALIGN) * _ALIGN
+
+
+class SliceDraw(Sequence):
+    """The views of one flat noise buffer, filled in order as they are first read:
+    reading view ``k`` draws every slice up to and including ``k`` that is not drawn
+    yet (one ``normal_``). The numbers are those of one draw over the whole buffer
+    (slices aligned to 16); iterating draws the rest. Book-keeping reads a layer's views
+    just before adding its clipped sums into them and frees the layer's record after, so
+    the buffer's pages are touched as the records' memory is given back."""
+
+    def __init__(self, buf: Tensor, views: list[Tensor], ends: list[int], std: float,
+                 generator: torch.Generator | None) -> None:
+        self._buf, self._views, self._ends = buf, views, ends
+        self._std, self._generator = std, generator
+        self._drawn = 0  # elements of the buffer drawn so far
+
+    def _draw_to(self, end: int) -> None:
+        if end > self._drawn:
+            self._buf[self._drawn:end].normal_(0.0, self._std, generator=self._generator)
+            self._drawn = end
+
+    def __len__(self) -> int:
+        return len(self._views)
+
+    def __getitem__(self, k):  # type: ignore[override]
+        if isinstance(k, slice):
+            raise TypeError("SliceDraw is read one view at a time")
+        k = range(len(self._views))[k]
+        self._draw_to(self._ends[k])
+        return self._views[k]
+
+    def __iter__(self):
+        self._draw_to(self._buf.numel())
+        return iter(self._views)
+
+
 class FlatNoise:
     """The Gaussian mechanism on all clipped sums of a step with one draw.
 
@@ -85,7 +130,10 @@ class FlatNoise:
     (``optimizer.zero_grad()`` drops them as ``p.grad``). On CPU a fresh tensor per
     parameter and a fresh sum cost page faults and one sampler call each: for
     ResNet18's 11.2M parameters the per-parameter draw took 61 ms plus 18 ms for the
-    sums, the flat draw 41 ms plus 3 ms (``benchmarks/README.md``, "Round 3").
+    sums, the flat draw 41 ms plus 3 ms (``benchmarks/README.md``, "Round 3"). Each
+    parameter's slice starts at a multiple of 16 elements, so a released CPU buffer can be
+    drawn slice by slice as book-keeping adds each layer's sums (``draw(lazy=True)``,
+    :class:`SliceDraw`) with the same numbers as one draw.
 
     ``keep``: hold the buffer (and its per-parameter views, sliced once per layout)
     between steps (``True``), or release it with the last view (``False``:
@@ -98,7 +146,12 @@ class FlatNoise:
     time between them (about a training step). The buffer stays released when that costs
     at most ``RELEASE_MAX_SHARE`` of a step (a ViT-B/16 layer at B = 16: 11.6 ms of 2.3 s;
     small models' buffers come back from the heap at no cost), else it is kept from then on
-    (ResNet18 at 32x32, B = 16: 15 ms of 125 ms). ``decision`` reports what was measured.
+    (ResNet18 at 32x32, B = 16: 15 ms of 125 ms). ``decision`` reports what was measured,
+    and ``memory_saved_share``: a held buffer stacks on what the step holds at the draw
+    (``held_bytes``: book-keeping's records), so releasing saves about ``min(buffer, held)
+    / (buffer + held)`` of the step's peak. Where that is large, ``keep=False`` trades the
+    measured time for it (timm's ViT-tiny at 64x64, B = 16: 21 MiB of noise on 39 MiB of
+    records, 34%: peak 1.54x -> 1.02x non-private, step 1.45x -> 1.55x).
 
     Sums of mixed dtype or device, half-precision sums (noise drawn in float32 and
     rounded once) and secure generators keep :func:`noisy_sum` per sum. The noise has
@@ -117,6 +170,7 @@ class FlatNoise:
         self._kept: Tensor | None = None  # the buffer, when held between steps
         self._weak: weakref.ref | None = None  # the buffer, while a view of it lives (not kept)
         self._views: tuple = ((), [])  # (shapes, their views of the kept buffer): sliced once per layout
+        self._layout: tuple = ((), [], 0)  # (shapes, slice offsets, buffer size)
 
     @property
     def buffer(self) -> Tensor | None:
@@ -131,7 +185,7 @@ class FlatNoise:
             return self.keep
         return device.type == "cpu" and self._cpu_keep
 
-    def _measure(self, start: float, seconds: float, fresh: bool) -> None:
+    def _measure(self, start: float, seconds: float, fresh: bool, held_bytes: int, buffer_bytes: int) -> None:
         """``keep=None`` on CPU: a draw into the kept buffer, then one after releasing it,
         decide whether releasing is worth its cost (page faults of fresh memory)."""
         if len(self._probe) < 2:
@@ -143,8 +197,10 @@ class FlatNoise:
             return
         reused_start, reused = self._probe[1]
         step, extra = start - reused_start, (max(seconds - reused, 0.0) if fresh else 0.0)
+        memory_share = min(buffer_bytes, held_bytes) / (buffer_bytes + held_bytes) if buffer_bytes else 0.0
         self._cpu_keep = extra > self.RELEASE_MAX_SHARE * step
-        self.decision = {"released_draw_extra_ms": 1e3 * extra, "step_ms": 1e3 * step, "keep": self._cpu_keep}
+        self.decision = {"released_draw_extra_ms": 1e3 * extra, "step_ms": 1e3 * step,
+                         "memory_saved_share": memory_share, "keep": self._cpu_keep}
 
     def __call__(self, sums: Sequence[Tensor], std: float, *, generator: torch.Generator | None = None) -> list[Tensor]:
         _check_std(std)
@@ -167,35 +223,52 @@ class FlatNoise:
             and (generator is None or generator.device == device)
         )
 
-    def draw(self, like: Sequence[Tensor], std: float, *, generator: torch.Generator | None = None) -> list[Tensor]:
+    def _offsets(self, shapes: tuple) -> tuple[list[int], int]:
+        """Each shape's slice offset (aligned to 16) and the buffer's size, once per layout."""
+        if self._layout[0] != shapes:
+            offsets, total = [], 0
+            for shape in shapes:
+                offsets.append(total)
+                total += _padded(shape.numel())
+            self._layout = (shapes, offsets, total)
+        return self._layout[1], self._layout[2]
+
+    def draw(self, like: Sequence[Tensor], std: float, *, generator: torch.Generator | None = None,
+             lazy: bool = False, held_bytes: Callable[[], int] | None = None) -> Sequence[Tensor]:
         """``N(0, std^2)`` noise shaped like each of ``like`` (for which :meth:`fits`), as
-        views of the buffer: the optimizer adds the clipped sums into them in place."""
+        views of the buffer: the optimizer adds the clipped sums into them in place.
+        ``lazy``: a released CPU buffer is drawn slice by slice as the views are read
+        (:class:`SliceDraw`, the same numbers). ``held_bytes()``: what the caller holds at the
+        draw (book-keeping's records), read while the first draws are measured."""
         _check_std(std)
         dtype, device = like[0].dtype, like[0].device
-        numel = sum(s.numel() for s in like)
+        shapes = tuple(s.shape for s in like)
+        offsets, numel = self._offsets(shapes)
         measuring = self.keep is None and device.type == "cpu" and self.decision is None
         start = time.perf_counter() if measuring else 0.0
         buf = self.buffer
         fresh = buf is None or buf.numel() != numel or buf.dtype != dtype or buf.device != device
         if fresh:
             buf = torch.empty(numel, dtype=dtype, device=device)
+        # sliced draws on CPU only (another device's sampler numbers its draws per call) and
+        # not while timing the probe's draws
+        sliced = lazy and std != 0 and not self.keeps(device) and device.type == "cpu" and not measuring
         if std == 0:
             buf.zero_()  # draws nothing: a non-private run leaves the generator untouched
-        else:
+        elif not sliced:
             buf.normal_(0.0, float(std), generator=generator)
         if measuring:
-            self._measure(start, time.perf_counter() - start, fresh)
+            elapsed = time.perf_counter() - start
+            self._measure(start, elapsed, fresh, held_bytes() if held_bytes else 0, numel * buf.element_size())
         if not self.keeps(device):  # no reference of ours keeps it alive past the views
             self._kept, self._views, self._weak = None, ((), []), weakref.ref(buf)
-            return [v.view(s.shape) for v, s in zip(buf.split([s.numel() for s in like]), like)]
+            views = [buf[o:o + s.numel()].view(s.shape) for o, s in zip(offsets, like)]
+            if sliced:
+                return SliceDraw(buf, views, offsets[1:] + [numel], float(std), generator)
+            return views
         self._kept, self._weak = buf, None
-        shapes = tuple(s.shape for s in like)
         if self._views[0] != shapes or not self._views[1] or self._views[1][0]._base is not buf:
-            out, offset = [], 0
-            for shape, s in zip(shapes, like):
-                out.append(buf[offset:offset + s.numel()].view(shape))
-                offset += s.numel()
-            self._views = (shapes, out)
+            self._views = (shapes, [buf[o:o + s.numel()].view(s.shape) for o, s in zip(offsets, like)])
         return list(self._views[1])
 
 

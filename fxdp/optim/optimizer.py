@@ -462,14 +462,17 @@ class DPOptimizer(Optimizer):
         division (ResNet18: 11.2M parameters). ``p.summed_grad`` stays ``None``."""
         params = self.params
         n = self.expected_batch_size * self.accumulated_iterations if self.loss_reduction == "mean" else 1
-        views: list[Tensor] = []
+        drawn: list[Sequence[Tensor]] = []
 
-        def draw() -> list[Tensor]:  # after every factor is known: a non-finite gradient raises first
-            views.extend(self._flat_noise.draw(params, self._noise_std() / n, generator=self.generator))
-            return views
+        def draw() -> Sequence[Tensor]:  # after every factor is known: a non-finite gradient raises first
+            # lazy: a released CPU buffer is drawn layer by layer as the records are freed
+            drawn.append(self._flat_noise.draw(params, self._noise_std() / n, generator=self.generator, lazy=True,
+                                               held_bytes=getattr(self.grad_source, "held_bytes", None)))
+            return drawn[0]
 
         result: ClipResult = self.grad_source.clip_and_sum(params, self.current_clipping(), into=draw,
                                                            into_scale=1.0 / n)
+        views = list(drawn[0]) if drawn else []  # draws what no layer's sum reached
         self._pending_norms.append(torch.linalg.vector_norm(result.norms, dim=1))
         clipped = result.factors < 1
         self._pending_clipped.append(clipped.any(dim=1) if clipped.dim() == 2 else clipped)
