@@ -24,6 +24,10 @@ from typing import Any, Callable, Dict, List, Optional
 #: a peak within this of a memory target counts as met: the measurement repeats to ~0.3 MiB
 #: (a slack of 1 MiB had passed the embedding net's 3.5 MiB against 2.3 non-private, 1.48x)
 MEM_SLACK_MIB = 0.3
+#: steps each variant runs before the measured one: past fxdp's noise-buffer decision
+#: (``FlatNoise``, keep or release, measured on the first three draws), so the figure is
+#: the steady state's and not the probe's
+WARMUP_STEPS = 3
 
 
 def _pin_mmap_threshold() -> None:

@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from bench_models import _pin_mmap_threshold, peak_step_memory  # noqa: E402  (also puts the repo on sys.path)
+from bench_models import WARMUP_STEPS, _pin_mmap_threshold, peak_step_memory  # noqa: E402  (also puts the repo on sys.path)
 
 import fxdp  # noqa: E402
 from fxdp.optim import DPOptimizer  # noqa: E402
@@ -162,8 +162,8 @@ def _memory_child(cells: List[Tuple[str, int]]) -> None:
         for v in VARIANTS:
             try:
                 step, zero, _ = build(layer, v, B)
-                step()
-                step()
+                for _ in range(WARMUP_STEPS):
+                    step()
                 out[f"{layer}/{B}/{v}"] = peak_step_memory(step, zero)
             except Exception:
                 out[f"{layer}/{B}/{v}"] = None

@@ -100,7 +100,7 @@ except ImportError:  # pragma: no cover - optional
 # ------------------------------------------------------------------------------ memory
 sys.path.insert(0, HERE)
 from _memory import (  # noqa: E402,F401  (peak_step_memory, _pin_mmap_threshold: also bench_layers')
-    MEM_SLACK_MIB, _pin_mmap_threshold, in_child, noise_buffer_bytes, peak_step_memory,
+    MEM_SLACK_MIB, WARMUP_STEPS, _pin_mmap_threshold, in_child, noise_buffer_bytes, peak_step_memory,
 )
 
 
@@ -308,7 +308,8 @@ def _memory_child(model_name: str, B: int, variants: List[str]) -> None:
         built.append(v)
     out: Dict[str, Optional[float]] = {}
     for v in built:
-        v.step()
+        for _ in range(WARMUP_STEPS - 1):
+            v.step()
         out[v.name] = peak_step_memory(v.step, v.zero, v.held)
     print(json.dumps(out))
 

@@ -28,7 +28,7 @@ import fxdp
 from fxdp.optim import DPOptimizer
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _memory import MEM_SLACK_MIB, _pin_mmap_threshold, in_child, noise_buffer_bytes, peak_step_memory  # noqa: E402
+from _memory import MEM_SLACK_MIB, WARMUP_STEPS, _pin_mmap_threshold, in_child, noise_buffer_bytes, peak_step_memory  # noqa: E402
 
 
 def _models():
@@ -105,8 +105,8 @@ def memory_child(name: str, batch: int, which: str) -> None:
         warnings.simplefilter("ignore")
         plain_step, bk_step, _ = steps(build, size, batch)
     step = plain_step if which == "plain" else bk_step
-    step()
-    step()
+    for _ in range(WARMUP_STEPS):
+        step()
     print(json.dumps({which: peak_step_memory(step, step.zero, step.held)}))
 
 

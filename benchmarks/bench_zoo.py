@@ -57,7 +57,7 @@ from fxdp.optim import DPOptimizer  # noqa: E402
 from fxdp.utils import keep_freed_memory  # noqa: E402
 
 sys.path.insert(0, HERE)
-from _memory import MEM_SLACK_MIB, _pin_mmap_threshold, in_child, noise_buffer_bytes, peak_step_memory  # noqa: E402
+from _memory import MEM_SLACK_MIB, WARMUP_STEPS, _pin_mmap_threshold, in_child, noise_buffer_bytes, peak_step_memory  # noqa: E402
 
 import transformers  # noqa: E402
 
@@ -299,8 +299,8 @@ def memory_child(name: str, B: int, T: int, v: str) -> None:
     base, kind = build(name, T)
     x, y = batch(kind, B, T)
     step = variant(v, base, kind, x, y)
-    step()
-    step()
+    for _ in range(WARMUP_STEPS):
+        step()
     print(json.dumps({v: peak_step_memory(step, step.zero, getattr(step, "held", lambda: 0))}))
 
 
