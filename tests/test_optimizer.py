@@ -732,21 +732,21 @@ def test_flat_noise_released_with_its_views_unless_kept():
     assert kept.buffer is not None and released.buffer is None
 
 
-def test_flat_noise_drawn_slice_by_slice_is_the_same_draw():
+def test_flat_noise_drawn_slice_by_slice_is_the_same_draw(monkeypatch):
     """``draw(lazy=True)`` of a released CPU buffer draws each view's slice (and every
-    slice before it) when the view is first read: slices aligned to 16 make the numbers
-    those of one ``normal_`` over the buffer, in any order of reading."""
+    slice before it, whole slices of at least ``MIN_ELEMENTS`` a call) when the view is
+    first read: slices aligned to 16 make the numbers those of one ``normal_`` over the
+    buffer, in any order of reading."""
     like = [torch.zeros(3, 4), torch.zeros(5), torch.zeros(40), torch.zeros(2, 8), torch.zeros(1)]
     eager = FlatNoise(keep=False).draw(like, 0.5, generator=torch.Generator().manual_seed(7))
-    for order in ([0, 1, 2, 3, 4], [2, 0, 4], [4], [3, 1, 0, 2, 4]):
+    monkeypatch.setattr(SliceDraw, "MIN_ELEMENTS", 20)  # whole slices, at least 20 elements a draw
+    for order, drawn in (([0, 1, 2, 3, 4], [32, 32, 80, 112, 112]), ([2, 0, 4], [80, 80, 112]), ([4], [112]),
+                         ([3, 1, 0, 2, 4], [96, 96, 96, 96, 112])):
         mech, g = FlatNoise(keep=False), torch.Generator().manual_seed(7)
         lazy = mech.draw(like, 0.5, generator=g, lazy=True)
         assert isinstance(lazy, SliceDraw) and len(lazy) == len(like)
-        ends = [16, 32, 80, 96, 112]
-        for k in order:
-            drawn = lazy._drawn
-            assert torch.equal(lazy[k], eager[k])
-            assert lazy._drawn == max(drawn, ends[k])  # up to this view's slice, no further
+        for k, n in zip(order, drawn):  # slices end at 16, 32, 80, 96, 112
+            assert torch.equal(lazy[k], eager[k]) and lazy._drawn == n
         views = list(lazy)  # the rest
         assert lazy._drawn == mech.buffer.numel() == 112
         assert all(torch.equal(v, e) and v.shape == e.shape for v, e in zip(views, eager))

@@ -7,6 +7,7 @@ generator (or none) uses PyTorch's sampler.
 
 from __future__ import annotations
 
+import bisect
 import time
 import weakref
 from collections.abc import Callable, Sequence
@@ -91,9 +92,13 @@ class SliceDraw(Sequence):
     """The views of one flat noise buffer, filled in order as they are first read:
     reading view ``k`` draws every slice up to and including ``k`` that is not drawn
     yet (one ``normal_``). The numbers are those of one draw over the whole buffer
-    (slices aligned to 16); iterating draws the rest. Book-keeping reads a layer's views
+    (slices aligned to 16); iterating draws the rest. Each draw covers at least
+    ``MIN_ELEMENTS`` (whole slices), so small layers do not cost a sampler call each. Book-keeping reads a layer's views
     just before adding its clipped sums into them and frees the layer's record after, so
     the buffer's pages are touched as the records' memory is given back."""
+
+    #: each draw covers at least this many elements (whole slices; 256 KiB of float32)
+    MIN_ELEMENTS = 1 << 16
 
     def __init__(self, buf: Tensor, views: list[Tensor], ends: list[int], std: float,
                  generator: torch.Generator | None) -> None:
@@ -102,7 +107,9 @@ class SliceDraw(Sequence):
         self._drawn = 0  # elements of the buffer drawn so far
 
     def _draw_to(self, end: int) -> None:
-        if end > self._drawn:
+        if end > self._drawn:  # at least MIN_ELEMENTS a call, to whole slices: few sampler calls
+            k = bisect.bisect_left(self._ends, max(end, self._drawn + self.MIN_ELEMENTS))
+            end = self._ends[k] if k < len(self._ends) else self._buf.numel()
             self._buf[self._drawn:end].normal_(0.0, self._std, generator=self._generator)
             self._drawn = end
 
