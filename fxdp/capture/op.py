@@ -92,10 +92,13 @@ class _CaptureFunction(torch.autograd.Function):
             for i, need in enumerate(needs_grad):
                 if need:
                     inner[i] = inner[i].requires_grad_(True)
+        saved = None
         if record:
             with torch.enable_grad():
                 out = op.compute_for_capture(inner)
-        else:  # autograd runs a Function's forward with grad disabled already
+        elif explicit:  # autograd runs a Function's forward with grad disabled already
+            out, saved = op.compute_saving(inner)
+        else:
             out = op.compute_for_capture(inner)
         if isinstance(out, Tensor):  # the common case, without the pytree round trip
             flat, spec = [out], None
@@ -111,6 +114,7 @@ class _CaptureFunction(torch.autograd.Function):
         # activation per layer; the returned detached outputs are the caller's to keep or free)
         ctx.inner = (inner, flat if record else None, needs_grad)
         ctx.explicit = explicit
+        ctx.saved = saved  # what the forward computed for the closed-form gradients (a norm's statistics)
         ctx.params = {i: dyn[i] for i in op.param_index if dyn[i].requires_grad}
         ctx.batch_size = rec.batch_size
         ctx.generation = rec.generation
@@ -135,8 +139,9 @@ class _CaptureFunction(torch.autograd.Function):
         ctx.inner = None  # free activations as soon as they are used
         in_grads: List[Optional[Tensor]] = [None] * len(inner)
         want = [i for i, n in enumerate(needs_grad) if n]
+        saved, ctx.saved = ctx.saved, None
         if want and ctx.explicit:
-            for i, g in op.input_grads(inner, grads).items():
+            for i, g in op.input_grads(inner, grads, saved).items():
                 in_grads[i] = g
         elif want:
             outs = [(o, g) for o, g in zip(flat, grads) if g is not None and o.requires_grad]
@@ -156,6 +161,7 @@ class _CaptureFunction(torch.autograd.Function):
                 generation=ctx.generation,
                 batch_dims=ctx.batch_dims,
                 outputs=ctx.outputs,
+                saved=saved,
             )
             ctx.outputs = None
             for i, g in op.recorder.on_backward(rec).items():
@@ -212,6 +218,12 @@ class CaptureOp(nn.Module):
         """``compute`` inside a capturing forward (where fallbacks add checks)."""
         return self.compute(dyn)
 
+    def compute_saving(self, dyn: Sequence[Any]) -> Tuple[Any, Any]:
+        """``(compute_for_capture(dyn), saved)`` on the closed-form input-gradient path:
+        ``saved`` is what the op's forward computes anyway for :meth:`input_grads` and
+        the per-sample gradients (``None``: nothing)."""
+        return self.compute_for_capture(dyn), None
+
     def per_sample_grads(self, rec: LayerRecord) -> Dict[int, Tensor]:  # pragma: no cover - abstract
         raise NotImplementedError
 
@@ -225,7 +237,8 @@ class CaptureOp(nn.Module):
         return {n: f"materialized per sample ({self.rule_name()}, this layer only)"
                 for n in sorted(set(self.param_index.values()))}
 
-    def input_grads(self, dyn: Sequence[Any], grads: Sequence[Optional[Tensor]]) -> Dict[int, Tensor]:
+    def input_grads(self, dyn: Sequence[Any], grads: Sequence[Optional[Tensor]],
+                    saved: Any = None) -> Dict[int, Tensor]:
         raise NotImplementedError  # pragma: no cover - only called when explicit_input_grad
 
     def keeps_per_sample_grads(self, rec: LayerRecord, idx: Sequence[int]) -> bool:

@@ -40,6 +40,8 @@ class LayerRecord:
     sq: Dict[int, Tensor] = field(default_factory=dict)
     #: inputs and output gradients dropped: every per-sample gradient is in ``kept``
     released: bool = False
+    #: what the forward computed for the closed-form gradients (``PerSampleRule.forward_saving``)
+    saved: Any = None
     #: the capture op's values derived from ``inputs`` and ``grads`` (its batch-first
     #: arguments), formed once per record: book-keeping reads them up to four times a step
     memo: Dict[str, Any] = field(default_factory=dict)
@@ -50,11 +52,11 @@ class LayerRecord:
         the per-sample gradients alone, often far smaller than ``a`` and ``g``)."""
         assert all(i in self.kept for i in self.params), "release() needs every per-sample gradient kept"
         self.inputs, self.grads, self.outputs, self.released = [], [], None, True
-        self.memo = {}
+        self.memo, self.saved = {}, None
 
     def free(self) -> None:
         """Drop every tensor of the record (book-keeping: its clipped sums are formed)."""
-        self.inputs, self.grads, self.outputs, self.kept, self.memo = [], [], None, {}, {}
+        self.inputs, self.grads, self.outputs, self.kept, self.memo, self.saved = [], [], None, {}, {}, None
 
 
 class Recorder:

@@ -7,11 +7,25 @@ from typing import Any, Callable, Dict, FrozenSet, List, Optional, Sequence, Tup
 import torch
 from torch import Tensor
 
-from ..rules.base import weighted_sum
+from ..rules.base import SAVED, weighted_sum
 from .op import CaptureOp, move_to_front
 from .record import LayerRecord
 
 __all__ = ["RuleCapture"]
+
+
+def _move_saved(saved: Any, x: Any, dim: Any, op: CaptureOp, B: Optional[int]) -> Any:
+    """A rule's saved forward values, batch first as the input ``x`` becomes: tensors of
+    ``x``'s rank take its move; with the batch already first, the rest stay; otherwise
+    ``None`` (the rule recomputes them)."""
+    items = saved if isinstance(saved, tuple) else (saved,)
+    if all(isinstance(t, Tensor) and isinstance(x, Tensor) and t.dim() == x.dim() for t in items):
+        out = tuple(move_to_front(t, dim, "a saved value", op, B) for t in items)
+    elif dim == 0:
+        out = items
+    else:
+        return None
+    return out if isinstance(saved, tuple) else out[0]
 
 
 class RuleCapture(CaptureOp):
@@ -44,6 +58,9 @@ class RuleCapture(CaptureOp):
     def compute(self, dyn: Sequence[Any]) -> Any:
         return self.rule.forward(self.op, self.bound(dyn))
 
+    def compute_saving(self, dyn: Sequence[Any]) -> Tuple[Any, Any]:
+        return self.rule.forward_saving(self.op, self.bound(dyn))
+
     def bk_plan(self, dyn: Sequence[Any], out: Tensor, dims_in: Sequence[Optional[int]],
                 dim_out: Optional[int]) -> Dict[str, str]:
         args = self.bound(dyn)
@@ -65,10 +82,14 @@ class RuleCapture(CaptureOp):
             return False
         return self.rule.has_input_grad(self.bound(dyn))
 
-    def input_grads(self, dyn: Sequence[Any], grads: Sequence[Optional[Tensor]]) -> Dict[int, Tensor]:
+    def input_grads(self, dyn: Sequence[Any], grads: Sequence[Optional[Tensor]],
+                    saved: Any = None) -> Dict[int, Tensor]:
         if len(grads) != 1 or grads[0] is None:
             return {}
-        return {self.names.index(self.rule.input_arg): self.rule.input_grad(self.bound(dyn), grads[0])}
+        args = self.bound(dyn)
+        if saved is not None:
+            args[SAVED] = saved
+        return {self.names.index(self.rule.input_arg): self.rule.input_grad(args, grads[0])}
 
     def prepared(self, rec: LayerRecord) -> Tuple[Dict[str, Any], Tensor, FrozenSet[str]]:
         """Bound arguments (a fresh dict) and output gradient, batch-first, and the
@@ -89,8 +110,12 @@ class RuleCapture(CaptureOp):
         g = move_to_front(g, dims_out[0], "the output", self, rec.batch_size)
         if self.rule.input_arg is not None and self.rule.input_arg in self.names:
             i = self.names.index(self.rule.input_arg)
-            args[self.rule.input_arg] = move_to_front(args[self.rule.input_arg], dims_in[i], "the input", self,
-                                                       rec.batch_size)
+            x = args[self.rule.input_arg]
+            args[self.rule.input_arg] = move_to_front(x, dims_in[i], "the input", self, rec.batch_size)
+            if rec.saved is not None:  # batch first like the input: moved with it, or left out
+                saved = _move_saved(rec.saved, x, dims_in[i], self, rec.batch_size)
+                if saved is not None:
+                    args[SAVED] = saved
         needs = frozenset(self.names[i] for i in rec.params)
         return args, g, needs
 

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 __all__ = [
     "PerSampleRule",
+    "SAVED",
     "ModuleCall",
     "register_rule",
     "register_module",
@@ -25,6 +26,10 @@ __all__ = [
     "gram_inner",
     "gram_strip_rows",
 ]
+
+
+#: the argument under which a rule's :meth:`PerSampleRule.forward_saving` values come back
+SAVED = "saved"
 
 
 class PerSampleRule:
@@ -63,6 +68,14 @@ class PerSampleRule:
     def forward(self, op: Callable, args: Mapping[str, Any]) -> Any:
         """Run the op on bound arguments (override when it takes no keywords)."""
         return op(**args)
+
+    def forward_saving(self, op: Callable, args: Mapping[str, Any]) -> Tuple[Any, Any]:
+        """``(output, saved)``: run the op and return, beside its output, what its forward
+        computes anyway and :meth:`input_grad` and the per-sample gradients can reuse
+        (a layer norm's mean and inverse std). The capture op hands ``saved`` back in
+        ``args[SAVED]``, batch first like the input (tensors of the input's rank are moved
+        with it). Called on the closed-form input-gradient path only."""
+        return self.forward(op, args), None
 
     def has_input_grad(self, args: Mapping[str, Any]) -> bool:
         """Whether :meth:`input_grad` has a closed form for this call. When it does,

@@ -40,15 +40,24 @@ from torch import Tensor, nn
 
 from ..errors import UnsupportedOpError
 from ..layers.batchnorm import FrozenBatchNorm
-from .base import ModuleCall, PerSampleRule, batch_sum, register_module, register_rule, samples_per_slice
+from .base import SAVED, ModuleCall, PerSampleRule, batch_sum, register_module, register_rule, samples_per_slice
 
 __all__ = ["LayerNormRule", "GroupNormRule", "InstanceNormRule", "RMSNormRule"]
+
+aten = torch.ops.aten
 
 
 def _shape(normalized_shape: Any) -> Tuple[int, ...]:
     if isinstance(normalized_shape, int):
         return (normalized_shape,)
     return tuple(int(s) for s in normalized_shape)
+
+
+def _native_layout(x: Tensor) -> Tensor:
+    """``x`` as ``native_group_norm`` takes it: contiguous, or channels-last (4-d)."""
+    if x.is_contiguous() or (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)):
+        return x
+    return x.contiguous()
 
 
 def _channel_sum(t: Tensor) -> Tensor:
@@ -113,8 +122,12 @@ class _ChannelNormRule(_AffineNormRule):
         if n >= B:
             return super()._weight_grads(args, g)
         out = g.new_empty(g.shape[:2])
+        saved = args.get(SAVED)
         for s in range(0, B, n):
-            out[s:s + n] = super()._weight_grads(dict(args, input=x[s:s + n]), g[s:s + n])
+            part = dict(args, input=x[s:s + n])
+            if saved is not None:  # per-sample statistics: sliced with the batch
+                part[SAVED] = tuple(t[s:s + n] for t in saved)
+            out[s:s + n] = super()._weight_grads(part, g[s:s + n])
         return out
 
 
@@ -130,7 +143,26 @@ class LayerNormRule(_TrailingNormRule):
     def signature(self, input, normalized_shape, weight=None, bias=None, eps=1e-5):  # noqa: D401
         pass
 
+    def forward_saving(self, op, args: Mapping[str, Any]) -> Tuple[Any, Any]:
+        # the op's own kernel (F.layer_norm runs native_layer_norm), with its statistics kept
+        out, mean, rstd = aten.native_layer_norm(args["input"], list(_shape(args["normalized_shape"])),
+                                                 args.get("weight"), args.get("bias"), args.get("eps", 1e-5))
+        return out, (mean, rstd)
+
+    def has_input_grad(self, args: Mapping[str, Any]) -> bool:
+        return isinstance(args["input"], Tensor)
+
+    def input_grad(self, args: Mapping[str, Any], grad_output: Tensor) -> Tensor:
+        x, shape = args["input"], list(_shape(args["normalized_shape"]))
+        mean, rstd = args.get(SAVED) or aten.native_layer_norm(x, shape, None, None, args.get("eps", 1e-5))[1:]
+        return aten.native_layer_norm_backward(grad_output, x, shape, mean, rstd, args.get("weight"),
+                                               args.get("bias"), [True, False, False])[0]
+
     def _normalized(self, args: Mapping[str, Any]) -> Tensor:
+        saved = args.get(SAVED)
+        if saved is not None:  # the forward's mean and 1/std: no second normalization
+            mean, rstd = saved
+            return (args["input"] - mean) * rstd
         return F.layer_norm(args["input"], _shape(args["normalized_shape"]), None, None, args.get("eps", 1e-5))
 
 
@@ -188,7 +220,33 @@ class GroupNormRule(_ChannelNormRule):
     def signature(self, input, num_groups, weight=None, bias=None, eps=1e-5):  # noqa: D401
         pass
 
+    def forward_saving(self, op, args: Mapping[str, Any]) -> Tuple[Any, Any]:
+        # the op's own kernel (F.group_norm runs native_group_norm), with its statistics kept
+        x = _native_layout(args["input"])
+        N, C, G = x.shape[0], x.shape[1], int(args["num_groups"])
+        out, mean, rstd = aten.native_group_norm(x, args.get("weight"), args.get("bias"), N, C, x[0, 0].numel(), G,
+                                                 args.get("eps", 1e-5))
+        return out, (mean, rstd)
+
+    def has_input_grad(self, args: Mapping[str, Any]) -> bool:
+        x = args["input"]
+        return isinstance(x, Tensor) and x.dim() >= 2 and x.shape[0] > 0
+
+    def input_grad(self, args: Mapping[str, Any], grad_output: Tensor) -> Tensor:
+        x = args["input"].contiguous()
+        N, C, G = x.shape[0], x.shape[1], int(args["num_groups"])
+        mean, rstd = args.get(SAVED) or aten.native_group_norm(x, None, None, N, C, x[0, 0].numel(), G,
+                                                               args.get("eps", 1e-5))[1:]
+        return aten.native_group_norm_backward(grad_output.contiguous(), x, mean, rstd, args.get("weight"), N, C,
+                                               x[0, 0].numel(), G, [True, False, False])[0]
+
     def _normalized(self, args: Mapping[str, Any]) -> Tensor:
+        saved = args.get(SAVED)
+        if saved is not None:  # the forward's per-(sample, group) mean and 1/std
+            x = args["input"]
+            mean, rstd = saved
+            groups = x.reshape(x.shape[0], mean.shape[1], -1)
+            return ((groups - mean.unsqueeze(-1)) * rstd.unsqueeze(-1)).reshape(x.shape)
         return F.group_norm(args["input"], int(args["num_groups"]), None, None, args.get("eps", 1e-5))
 
 

@@ -42,7 +42,19 @@ class Conv1DLike(nn.Module):
         return torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight).view(*x.shape[:-1], -1)
 
 
+class ChannelsLast(nn.Module):
+    def forward(self, x):
+        return x.contiguous(memory_format=torch.channels_last)
+
+
 CASES = {
+    # the norms keep their forward's statistics (forward_saving) for the input and per-sample gradients
+    "layer-norm": (lambda: Head(nn.Linear(5, 6), nn.LayerNorm(6)), (3, 7, 5)),
+    "layer-norm-2d-shape": (lambda: Head(nn.Linear(5, 6), nn.LayerNorm((4, 6), bias=False)), (3, 4, 5)),
+    "group-norm": (lambda: Head(nn.Conv2d(2, 4, 3, padding=1), nn.GroupNorm(2, 4)), (3, 2, 6, 5)),
+    "group-norm-channels-last": (lambda: Head(nn.Sequential(nn.Conv2d(2, 6, 3), ChannelsLast()), nn.GroupNorm(3, 6)),
+                                 (3, 2, 7, 6)),
+    "group-norm-rank3": (lambda: Head(nn.Conv1d(2, 4, 3), nn.GroupNorm(4, 4, affine=True)), (3, 2, 9)),
     "addmm-conv1d": (lambda: Head(Conv1DLike(5, 6), Conv1DLike(6, 4)), (3, 7, 5)),
     "linear-rank3": (lambda: Head(nn.Linear(5, 6), nn.Linear(6, 4)), (3, 7, 5)),
     "linear-rank2": (lambda: Head(nn.Linear(5, 6), nn.Linear(6, 4, bias=False)), (3, 5)),
@@ -64,7 +76,7 @@ def test_closed_form_input_grads_match_autograd(case, mode, monkeypatch):
 
     calls = []
     orig = capture.RuleCapture.input_grads
-    monkeypatch.setattr(capture.RuleCapture, "input_grads", lambda self, d, g: calls.append(1) or orig(self, d, g))
+    monkeypatch.setattr(capture.RuleCapture, "input_grads", lambda self, *a: calls.append(1) or orig(self, *a))
     dp = quiet_privatize(model, grad_sample_mode=mode, loss_reduction="sum")
     if mode == "bk":  # no clipping (bound 1e9): the sums are plain gradients
         sums = bk_clipped_sums(dp, lambda: dp(x).sum().backward(), 1e9)
@@ -92,6 +104,34 @@ def test_addmm_input_grad_is_autograds(beta, alpha):
     g = torch.randn(6, 4, dtype=DT)
     (want,) = torch.autograd.grad(torch.addmm(b, x, w, beta=beta, alpha=alpha), x, g)
     torch.testing.assert_close(rule.input_grad(args, g), want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("norm", ["layer", "group"])
+def test_norms_reuse_their_forward_statistics(norm):
+    """Layer and group norm run their native kernel in the capture's forward and keep its
+    mean and 1/std: the output is the op's, bit for bit; the input gradient from them is
+    autograd's; the per-sample gradients' ``x_hat`` from them is the normalization's."""
+    from fxdp.rules.base import SAVED
+
+    torch.manual_seed(3)
+    if norm == "layer":
+        op, x, w, b = F.layer_norm, torch.randn(4, 5, 6, dtype=DT), torch.randn(6, dtype=DT), torch.randn(6, dtype=DT)
+        call = ((x, (6,), w, b), {"eps": 1e-4})
+    else:
+        op, x, w, b = F.group_norm, torch.randn(4, 6, 3, 5, dtype=DT), torch.randn(6, dtype=DT), torch.randn(6, dtype=DT)
+        call = ((x, 3, w, b), {"eps": 1e-4})
+    rule = rule_for_op(op)
+    args = rule.bind(*call)
+    assert rule.has_input_grad(args)
+    out, saved = rule.forward_saving(op, args)
+    assert torch.equal(out, op(*call[0], **call[1]))
+    xr = x.clone().requires_grad_(True)
+    g = torch.randn_like(out)
+    (want,) = torch.autograd.grad(op(xr, *call[0][1:], **call[1]), xr, g)
+    torch.testing.assert_close(rule.input_grad(dict(args, **{SAVED: saved}), g), want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(rule.input_grad(args, g), want, rtol=1e-12, atol=1e-12)  # none kept: recomputed
+    torch.testing.assert_close(rule._normalized(dict(args, **{SAVED: saved})), rule._normalized(args),
+                               rtol=1e-12, atol=1e-12)
 
 
 def test_no_closed_form_for_non_zero_padding_or_string_padding():
