@@ -91,11 +91,12 @@ def _padded(n: int) -> int:
 class SliceDraw(Sequence):
     """The views of one flat noise buffer, filled in order as they are first read:
     reading view ``k`` draws every slice up to and including ``k`` that is not drawn
-    yet (one ``normal_``). The numbers are those of one draw over the whole buffer
-    (slices aligned to 16); iterating draws the rest. Each draw covers at least
-    ``MIN_ELEMENTS`` (whole slices), so small layers do not cost a sampler call each. Book-keeping reads a layer's views
-    just before adding its clipped sums into them and frees the layer's record after, so
-    the buffer's pages are touched as the records' memory is given back."""
+    yet (one ``normal_``, of at least ``MIN_ELEMENTS`` in whole slices, so small layers
+    do not cost a sampler call each). The numbers are those of one draw over the whole
+    buffer (slices aligned to 16); iterating draws the rest. No view is handed out
+    before its slice is drawn. Book-keeping reads a layer's views just before adding its
+    clipped sums into them and frees the layer's record after, so the buffer's pages
+    are touched as the records' memory is given back."""
 
     #: each draw covers at least this many elements (whole slices; 256 KiB of float32)
     MIN_ELEMENTS = 1 << 16
