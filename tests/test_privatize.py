@@ -63,13 +63,44 @@ def test_expanded_parameters_take_the_broadcast_rule(capture):
     """``p.expand(B, ...)`` (class tokens, registers, queries): the output gradient summed
     back to the parameter's shape per sample. In the ATen graph the batch size is a value of
     the input, so the capture sits on the expand and takes this rule, not torch.func; the
-    module-level graph reads it as a shape and captures the ``cat`` (torch.func, exact)."""
+    module-level graph reads it as a shape and captures the ``cat``, whose rule takes each
+    parameter's slice of the output gradient."""
     torch.manual_seed(11)
     x = torch.randn(3, 5, 4)
     dp = check(ExpandParams(), x, capture=capture)
-    if capture == "export":
-        rules = {c["params"][0]: c["rule"] for c in dp.capture_table() if c["params"]}
-        assert rules["cls_token"] == rules["registers"] == rules["queries"] == "raw parameter (expand)"
+    rules = {p: c["rule"] for c in dp.capture_table() for p in c["params"]}
+    rule = "raw parameter (expand)" if capture == "export" else "raw parameter (expand+cat)"
+    assert rules["cls_token"] == rules["registers"] == rules["queries"] == rule
+
+
+class CatParams(nn.Module):
+    """Parameters expanded and concatenated in other layouts: along the last dim, with the
+    batch second, one parameter twice, the sizes as a tuple, and a cat the rule leaves to
+    torch.func (a parameter scaled before its expand)."""
+
+    def __init__(self, D=4):
+        super().__init__()
+        self.tok = nn.Parameter(torch.randn(1, 1, 2))
+        self.seq_tok = nn.Parameter(torch.randn(1, 1, D))
+        self.scaled = nn.Parameter(torch.randn(1, 1, D))
+        self.fc = nn.Linear(D + 2, 3)
+
+    def forward(self, x):  # x: [B, T, D]
+        B, T = x.shape[0], x.shape[1]
+        h = torch.cat([x, self.tok.expand(B, T, -1)], dim=-1)  # features, from a shape pair
+        s = h.transpose(0, 1)  # [T, B, D + 2]: the batch second
+        e = self.seq_tok.expand((1, B, -1))
+        s = torch.cat((e, s[:, :, :4], e), 0)  # the same parameter twice
+        s = torch.cat([self.scaled.mul(2).expand(1, B, -1), s], 0)  # not a plain expand: torch.func
+        return self.fc(torch.cat([torch.tanh(s), s[:, :, :2]], -1)).sum(0)
+
+
+def test_concatenated_parameters_take_their_slice_of_the_gradient():
+    torch.manual_seed(12)
+    dp = check(CatParams(), torch.randn(3, 5, 4), capture="fx")
+    rules = {p: c["rule"] for c in dp.capture_table() for p in c["params"]}
+    assert rules["tok"] == rules["seq_tok"] == "raw parameter (expand+cat)"
+    assert rules["scaled"] == "raw parameter (torch.func)"
 
 
 # -- batch_first=False --------------------------------------------------------------

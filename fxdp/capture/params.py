@@ -9,12 +9,14 @@ was broadcast along:
 
 with ``d out/d p`` = 1 (add), -1 (subtrahend), x (mul), 1/x (numerator),
 -x/p^2 (denominator). ``out = p.expand(B, ...)`` (a ViT's class token) is the
-same sum with ``d out/d p`` = 1. For ``out = x @ W`` (``W`` of shape [k, n]), as
-for Linear: ``grad W_i = sum_t x_{i,t}^T g_{i,t}``.
+same sum with ``d out/d p`` = 1, and so is ``torch.cat([p.expand(B, ...), x], d)``
+on the slice of the output gradient that ``p`` fills along ``d`` (the module-level
+graph captures the ``cat``: there the batch size is a shape, not a value). For
+``out = x @ W`` (``W`` of shape [k, n]), as for Linear: ``grad W_i = sum_t
+x_{i,t}^T g_{i,t}``.
 
-Other raw-parameter uses (``self.W.t()`` before the op, ``torch.cat`` with a
-parameter...) go through ``torch.func`` on the same capture (exact, slower); see
-``fxdp/capture/functorch.py``.
+Other raw-parameter uses (``self.W.t()`` before the op, ...) go through
+``torch.func`` on the same capture (exact, slower); see ``fxdp/capture/functorch.py``.
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ from ..rules.base import batch_sum
 from .functorch import FuncCapture
 from .record import LayerRecord
 
-__all__ = ["ParamCapture", "BroadcastRuleCapture", "ELEMENTWISE", "EXPAND", "MATMUL"]
+__all__ = ["ParamCapture", "BroadcastRuleCapture", "ELEMENTWISE", "EXPAND", "MATMUL", "CAT"]
 
 #: op -> kind for elementwise binary ops with a fast rule
 ELEMENTWISE: Dict[Any, str] = {
@@ -44,6 +46,8 @@ ELEMENTWISE: Dict[Any, str] = {
 MATMUL = {operator.matmul, torch.matmul, "matmul", torch.ops.aten.matmul.default, torch.ops.aten.mm.default}
 #: ``p.expand(*sizes)`` as a function (the method is a ``call_method`` node named "expand")
 EXPAND = {torch.Tensor.expand, torch.ops.aten.expand.default}
+#: ``torch.cat(tensors, dim)`` and its aliases
+CAT = {torch.cat, torch.concat, torch.concatenate}
 
 
 class ParamCapture(FuncCapture):
@@ -53,10 +57,14 @@ class ParamCapture(FuncCapture):
     kind = "param"
     checks_outputs = False  # a traced region of the graph: analysed like the rest
 
-    def __init__(self, *, fast: Optional[str] = None, param_pos: int = 1, **kw: Any) -> None:
+    def __init__(self, *, fast: Optional[str] = None, param_pos: int = 1, cat: Optional[Dict[str, Any]] = None,
+                 **kw: Any) -> None:
         super().__init__(**kw)
-        self.fast = fast  # "add" | "sub" | "mul" | "div" | "matmul" | "expand" | None
+        self.fast = fast  # "add" | "sub" | "mul" | "div" | "matmul" | "expand" | "expand+cat" | None
         self.param_pos = param_pos  # position of the parameter in the op's two arguments
+        #: ``expand+cat``: the ``cat`` dim and, per concatenated tensor, ``("input", slot, None)``
+        #: or ``("param", slot, sizes)`` with the expand's sizes as ``("const", v)`` / ``("dyn", slot)``
+        self.cat = cat
 
     def rule_name(self) -> str:
         return f"raw parameter ({self.fast})" if self.fast else "raw parameter (torch.func)"
@@ -70,6 +78,9 @@ class ParamCapture(FuncCapture):
         if self.fast is None or rec.grads[0] is None:
             return super().per_sample_grads(rec)
         dims_in, dims_out = self.resolve_batch_dims(rec)
+        if self.fast == "expand+cat":
+            got = self._cat_grads(rec, dims_out[0])
+            return got if got is not None else super().per_sample_grads(rec)
         (pi,) = rec.params
         p = rec.inputs[pi]
         xi = 1 - pi  # dynamic inputs are [activation, parameter] or [parameter, activation]
@@ -107,6 +118,39 @@ class ParamCapture(FuncCapture):
         if per_sample is None:
             return super().per_sample_grads(rec)
         return {pi: per_sample[0].reshape((g.shape[bo],) + tuple(p.shape))}
+
+
+    def _cat_grads(self, rec: LayerRecord, bo: Optional[int]) -> Optional[Dict[int, Tensor]]:
+        """``cat([p.expand(...), x, ...], d)``: each parameter's per-sample gradient from the
+        slice of the output gradient it fills along ``d`` (``None``: not this layout)."""
+        g = rec.grads[0]
+        if bo is None:
+            raise BatchDimensionError(f"the output of {self.where()} has no batch dimension")
+        d = self.cat["dim"] % g.dim()
+        if d == bo:
+            return None  # concatenated along the batch: samples are the entries, not served here
+        if g.shape[bo] == 0:  # empty batch
+            return {i: rec.inputs[i].new_zeros((0,) + tuple(rec.inputs[i].shape)) for i in rec.params}
+        sizes = []
+        for kind, slot, template in self.cat["entries"]:
+            if kind == "input":
+                sizes.append(rec.inputs[slot].shape[d])
+            else:  # the expanded parameter's shape: expand is a view, nothing is copied
+                args = [rec.inputs[v] if k == "dyn" else v for k, v in template]
+                sizes.append(rec.inputs[slot].expand(*args).shape[d])
+        if sum(sizes) != g.shape[d]:
+            return None
+        out: Dict[int, Tensor] = {}
+        for (kind, slot, _), chunk in zip(self.cat["entries"], g.split(sizes, dim=d)):
+            if kind != "param" or slot not in rec.params:
+                continue
+            p = rec.inputs[slot]
+            got = broadcast_grad(chunk, bo, tuple(p.shape))
+            if got is None:
+                return None
+            ps = got[0].reshape((g.shape[bo],) + tuple(p.shape))
+            out[slot] = out[slot] + ps if slot in out else ps
+        return out if set(out) == set(rec.params) else None
 
 
 def broadcast_grad(g: Tensor, bo: int, shape: Tuple[int, ...]) -> Optional[Tuple[Tensor, Optional[int]]]:

@@ -7,8 +7,9 @@ A *use* is the first node that combines batched data with a parameter:
 * a functional op with a registered rule whose parameter arguments are
   parameters (``F.linear(x, self.weight)``, ``F.conv2d``, ...);
 * anything else (raw parameters: ``x + self.pos``, ``x @ self.W.t()``,
-  ``self.cls.expand(B, -1, -1)``): the op and the parameter-only subgraph before
-  it, through the fallback.
+  ``torch.cat([self.cls.expand(B, -1, -1), x], 1)``): the op and the parameter-only
+  subgraph before it, by an explicit raw-parameter rule where one applies
+  (``fxdp.capture.params``), else through the fallback.
 
 A parameter used by several capture ops (tied weights) gets the sum of their
 per-sample contributions. Frozen parameters are left alone. Nodes get
@@ -27,7 +28,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from ..capture import CaptureOp, FuncCapture, Recorder, RuleCapture
 from ..errors import SymbolicGraphError, UnsupportedModelError, UnsupportedOpError, where
 from ..rules import module_call_for, rule_for_op
-from ..capture.params import ELEMENTWISE, EXPAND, MATMUL, BroadcastRuleCapture, ParamCapture
+from ..capture.params import CAT, ELEMENTWISE, EXPAND, MATMUL, BroadcastRuleCapture, ParamCapture
 from .symbolic_batch import is_shape_value
 
 __all__ = ["insert_captures", "CAPTURES"]
@@ -397,9 +398,55 @@ class _CaptureBuilder:
                                                   buffer_index=buffers, **broadcast, **self._common(n))
             return self._install(n, cap, dyn)
         fast, pos = self._fast_param_rule(n, params, dyn)
-        cap = ParamCapture(fn=fn, description=_op_name(n), fast=fast, param_pos=pos, param_index=params,
-                           buffer_index=buffers, **self._common(n))
+        cat = None if fast else self._cat_plan(n, region, params, dyn)
+        cap = ParamCapture(fn=fn, description=_op_name(n), fast="expand+cat" if cat else fast, param_pos=pos,
+                           cat=cat, param_index=params, buffer_index=buffers, **self._common(n))
         return self._install(n, cap, dyn)
+
+    def _cat_plan(self, n: fx.Node, region: List[fx.Node], params: Dict[int, str],
+                  dyn: List[Any]) -> Optional[Dict[str, Any]]:
+        """``torch.cat([p.expand(B, ...), x], d)`` (a ViT's class token as symbolic tracing
+        reads it: ``B`` is a shape, so the ``cat`` is the parameter's first use): the
+        ``cat`` dim and each concatenated tensor, when the region before the ``cat`` is
+        parameters expanded directly and nothing else."""
+        if n.op != "call_function" or n.target not in CAT or len(n.args) > 2:
+            return None
+        tensors = n.args[0] if n.args else n.kwargs.get("tensors")
+        dim = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim", 0)
+        if not isinstance(tensors, (list, tuple)) or not isinstance(dim, int) or set(n.kwargs) - {"tensors", "dim"}:
+            return None
+        slot = {x: i for i, x in enumerate(dyn)}
+        entries, used = [], set()
+        for t in tensors:
+            if not isinstance(t, fx.Node):
+                return None
+            if slot.get(t) is not None and slot[t] not in params:  # an activation
+                entries.append(("input", slot[t], None))
+                continue
+            sizes = self._expand_sizes(t, slot, params)
+            if sizes is None:
+                return None
+            entries.append(("param", slot[t.args[0]], sizes))
+            used |= {t, t.args[0]}
+        return {"dim": dim, "entries": entries} if used and used == set(region) else None
+
+    @staticmethod
+    def _expand_sizes(t: fx.Node, slot: Dict[fx.Node, int], params: Dict[int, str]) -> Optional[List[tuple]]:
+        """``p.expand(*sizes)`` of a parameter ``p`` itself: the sizes as ``("const", int)`` or
+        ``("dyn", slot)`` (a shape value the capture op receives), else ``None``."""
+        expand = (t.op == "call_method" and t.target == "expand") or (t.op == "call_function" and t.target in EXPAND)
+        if not expand or t.kwargs or len(t.args) < 2 or slot.get(t.args[0]) not in params:
+            return None
+        sizes = t.args[1] if len(t.args) == 2 and isinstance(t.args[1], (list, tuple)) else t.args[1:]
+        out: List[tuple] = []
+        for v in sizes:
+            if isinstance(v, int):
+                out.append(("const", v))
+            elif isinstance(v, fx.Node) and v in slot:
+                out.append(("dyn", slot[v]))
+            else:
+                return None
+        return out
 
     def _broadcast_rule(self, n: fx.Node, region: List[fx.Node], params: Dict[int, str], dyn: List[Any],
                         env: Dict[fx.Node, fx.Node]) -> Optional[Dict[str, Any]]:
