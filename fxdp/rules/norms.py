@@ -54,8 +54,9 @@ def _shape(normalized_shape: Any) -> Tuple[int, ...]:
 
 
 def _native_layout(x: Tensor) -> Tensor:
-    """``x`` as ``native_group_norm`` takes it: contiguous, or channels-last (4-d)."""
-    if x.is_contiguous() or (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)):
+    """``x`` as ``native_group_norm`` takes it: contiguous, or on CPU also channels-last (4-d)."""
+    if x.is_contiguous() or (x.device.type == "cpu" and x.dim() == 4
+                             and x.is_contiguous(memory_format=torch.channels_last)):
         return x
     return x.contiguous()
 
