@@ -50,6 +50,13 @@ EXPAND = {torch.Tensor.expand, torch.ops.aten.expand.default}
 CAT = {torch.cat, torch.concat, torch.concatenate}
 
 
+_NO_BATCH = (
+    "the output of {where} has no batch dimension, so its parameters' per-sample gradients are undefined. "
+    "Fix: combine the parameter with batched data in this op (e.g. expand it to the batch size taken from the "
+    "input), or pass example_inputs to fxdp.privatize so the batch dimension is traced."
+)
+
+
 class ParamCapture(FuncCapture):
     """Capture of a raw parameter use; explicit rules for elementwise ops and
     ``x @ W``, ``torch.func`` otherwise."""
@@ -87,7 +94,7 @@ class ParamCapture(FuncCapture):
         x = rec.inputs[xi]
         g, bo = rec.grads[0], dims_out[0]
         if bo is None:
-            raise BatchDimensionError(f"the output of {self.where()} has no batch dimension")
+            raise BatchDimensionError(_NO_BATCH.format(where=self.where()))
         if g.shape[bo] == 0:  # empty batch
             return {pi: p.new_zeros((0,) + tuple(p.shape))}
         if self.fast == "expand":  # d out / d p = 1: the output gradient summed back to p's shape
@@ -125,7 +132,7 @@ class ParamCapture(FuncCapture):
         slice of the output gradient it fills along ``d`` (``None``: not this layout)."""
         g = rec.grads[0]
         if bo is None:
-            raise BatchDimensionError(f"the output of {self.where()} has no batch dimension")
+            raise BatchDimensionError(_NO_BATCH.format(where=self.where()))
         d = self.cat["dim"] % g.dim()
         if d == bo:
             return None  # concatenated along the batch: samples are the entries, not served here
@@ -210,7 +217,7 @@ class BroadcastRuleCapture(ParamCapture):
         dims_in, dims_out = self.resolve_batch_dims(rec)
         g, bo = rec.grads[0], dims_out[0]
         if bo is None:
-            raise BatchDimensionError(f"the output of {self.where()} has no batch dimension")
+            raise BatchDimensionError(_NO_BATCH.format(where=self.where()))
         got = broadcast_grad(g, bo, tuple(v.shape))
         if got is None:
             raise BatchDimensionError(f"{self.where()}: the broadcast value does not broadcast over the batch")
