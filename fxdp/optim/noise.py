@@ -150,16 +150,17 @@ class FlatNoise:
     ``None`` (default): released on CUDA, where the caching allocator makes the next
     allocation free. On CPU a fresh buffer can cost page faults (45 MB: 17 ms), so the
     first draws measure it: the second draw reuses the kept buffer, the buffer is then
-    released once, and the third draw's extra time over the second's is set against the
-    time between them (about a training step). The buffer stays released when that costs
-    at most ``RELEASE_MAX_SHARE`` of a step (a ViT-B/16 layer at B = 16: 11.6 ms of 2.3 s;
-    small models' buffers come back from the heap at no cost), else it is kept from then on
-    (ResNet18 at 32x32, B = 16: 15 ms of 125 ms). ``decision`` reports what was measured,
-    and ``memory_saved_share``: a held buffer stacks on what the step holds at the draw
-    (``held_bytes``: book-keeping's records), so releasing saves about ``min(buffer, held)
-    / (buffer + held)`` of the step's peak. Where that is large, ``keep=False`` trades the
-    measured time for it (timm's ViT-tiny at 64x64, B = 16: 21 MiB of noise on 39 MiB of
-    records, 34%: peak 1.54x -> 1.02x non-private, step 1.45x -> 1.55x).
+    released, and the fourth draw's extra time over the second's (the third's can carry
+    one-off costs: glibc grows its heap once) is set against the time between the third
+    and the fourth (a training step). The buffer stays released when that costs at most
+    ``RELEASE_MAX_SHARE`` of a step, else it is kept from then on. glibc serves a freed
+    block below its mmap ceiling (32 MiB) from the heap after the first round trip: timm's
+    ViT-tiny at 64x64, B = 16 (21 MiB) takes 7 ms more on the first released draw and
+    none on the second (released); ResNet18 at 32x32 (45 MB) 16 ms on each (kept).
+    ``decision`` reports what was measured, and ``memory_saved_share``: a held buffer
+    stacks on what the step holds at the draw (``held_bytes``: book-keeping's records), so
+    releasing saves about ``min(buffer, held) / (buffer + held)`` of the step's peak (ViT-tiny:
+    21 MiB of noise on 39 MiB of records, 34%).
 
     Sums of mixed dtype or device, half-precision sums (noise drawn in float32 and
     rounded once) and secure generators keep :func:`noisy_sum` per sum. The noise has
@@ -194,20 +195,24 @@ class FlatNoise:
         return device.type == "cpu" and self._cpu_keep
 
     def _measure(self, start: float, seconds: float, fresh: bool, held_bytes: int, buffer_bytes: int) -> None:
-        """``keep=None`` on CPU: a draw into the kept buffer, then one after releasing it,
-        decide whether releasing is worth its cost (page faults of fresh memory)."""
-        if len(self._probe) < 2:
+        """``keep=None`` on CPU: two draws into the kept buffer, then two after releasing it.
+        The second released draw's extra time over the reused one, against the time between
+        the two released draws (a step), decides; the first released draw can carry one-off
+        costs (glibc grows its heap once, then serves a freed block below its mmap ceiling
+        from it without faults) and is only reported."""
+        if len(self._probe) < 3:
             if len(self._probe) == 1 and fresh:  # the layout changed: start again
                 self._probe = []
             self._probe.append((start, seconds))
             if len(self._probe) == 2:
-                self._cpu_keep = False  # released once, at the next zero_grad(), to time a fresh draw
+                self._cpu_keep = False  # released from the next zero_grad(), to time fresh draws
             return
-        reused_start, reused = self._probe[1]
-        step, extra = start - reused_start, (max(seconds - reused, 0.0) if fresh else 0.0)
+        (_, reused), (first_start, first) = self._probe[1], self._probe[2]
+        step, extra = start - first_start, (max(seconds - reused, 0.0) if fresh else 0.0)
         memory_share = min(buffer_bytes, held_bytes) / (buffer_bytes + held_bytes) if buffer_bytes else 0.0
         self._cpu_keep = extra > self.RELEASE_MAX_SHARE * step
-        self.decision = {"released_draw_extra_ms": 1e3 * extra, "step_ms": 1e3 * step,
+        self.decision = {"released_draw_extra_ms": 1e3 * extra, "first_released_draw_extra_ms":
+                         1e3 * max(first - reused, 0.0), "step_ms": 1e3 * step,
                          "memory_saved_share": memory_share, "keep": self._cpu_keep}
 
     def __call__(self, sums: Sequence[Tensor], std: float, *, generator: torch.Generator | None = None) -> list[Tensor]:
