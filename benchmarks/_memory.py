@@ -4,7 +4,12 @@
 Each figure comes from a child process started with glibc's mmap threshold pinned
 at 64 KiB (``MALLOC_MMAP_THRESHOLD_``: every tensor is its own mapping, so a freed
 one leaves the resident set at once), so the timing process keeps glibc's default
-allocator. The child builds and warms up one variant, resets the kernel's peak-RSS
+allocator. fxdp's noise buffer is kept or released as the variant's first steps decide
+under the allocator they run with (``FlatNoise``), and the pinned allocator faults in every
+released buffer: so a child measuring a variant with a ``DPOptimizer`` (``noise_held``) is
+preceded by one under the default allocator, as a user's process runs, that warms up to
+the decision and reports it, and the measuring child keeps or releases its buffer so.
+The child builds and warms up one variant, resets the kernel's peak-RSS
 counter (``/proc/self/clear_refs``) and runs one more step: the figure is ``VmHWM``
 after the step minus ``VmRSS`` before it, the peak resident memory the step adds
 above the model, optimizer state and data. fxdp's flat noise buffer, kept between
@@ -25,9 +30,13 @@ from typing import Any, Callable, Dict, List, Optional
 #: (a slack of 1 MiB had passed the embedding net's 3.5 MiB against 2.3 non-private, 1.48x)
 MEM_SLACK_MIB = 0.3
 #: steps each variant runs before the measured one: past fxdp's noise-buffer decision
-#: (``FlatNoise``, keep or release, measured on the first three draws), so the figure is
+#: (``FlatNoise``, keep or release, measured on the first four draws), so the figure is
 #: the steady state's and not the probe's
-WARMUP_STEPS = 3
+WARMUP_STEPS = 4
+#: set in a child that reports its noise-buffer decision instead of measuring; the decision
+#: handed to the measuring child ("1" keep, "0" release)
+_PROBE_ENV, _KEEP_ENV = "FXDP_BENCH_NOISE_PROBE", "FXDP_BENCH_NOISE_KEEP"
+_optimizers: List[Any] = []  # this child's DPOptimizers (noise_held)
 
 
 def _pin_mmap_threshold() -> None:
@@ -54,6 +63,10 @@ def peak_step_memory(step: Callable[[], None], before: Callable[[], None],
                      held: Callable[[], int] = lambda: 0) -> Optional[float]:
     """Peak resident memory (MiB) one ``step()`` adds above the state before it; the
     ``held()`` bytes a variant keeps between steps for its steps only count as the step's."""
+    if os.environ.get(_PROBE_ENV):  # the decision child: warmed up under the default allocator
+        import torch
+
+        return float(_optimizers[-1].flat_noise.keeps(torch.device("cpu"))) if _optimizers else None
     if not os.path.exists("/proc/self/clear_refs"):
         return None
     before()
@@ -68,20 +81,39 @@ def peak_step_memory(step: Callable[[], None], before: Callable[[], None],
     return max(0.0, _proc_status()["VmHWM"] - base)
 
 
+def noise_held(opt: Any) -> Callable[[], int]:
+    """``held`` for a ``DPOptimizer``'s step: its noise buffer's bytes. In a measuring child
+    the buffer is kept or released as the decision child found (``in_child``)."""
+    keep = os.environ.get(_KEEP_ENV)
+    if keep is not None:
+        opt.flat_noise.keep = keep == "1"
+    if os.environ.get(_PROBE_ENV):
+        _optimizers.append(opt)
+    return lambda: noise_buffer_bytes(opt)
+
+
 def noise_buffer_bytes(opt: Any) -> int:
     """Bytes of a ``DPOptimizer``'s flat noise buffer (0 before its first step)."""
     noise = opt._flat_noise.buffer
     return 0 if noise is None else noise.numel() * noise.element_size()
 
 
-def in_child(script: str, args: List[str], timeout: float = 1800) -> Dict[str, Any]:
-    """Run ``python script args`` with the mmap threshold pinned from the first
-    allocation (freed heap chunks of earlier steps would otherwise be reused without
-    touching the resident set); return the JSON object its last stdout line prints."""
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(64 * 1024))
+def _run(script: str, args: List[str], timeout: float, env: Dict[str, str]) -> Dict[str, Any]:
     out = subprocess.run([sys.executable, os.path.abspath(script)] + args, capture_output=True, text=True,
-                         timeout=timeout, env=env)
+                         timeout=timeout, env=dict(os.environ, **env))
     lines = out.stdout.strip().splitlines()
     if out.returncode != 0 or not lines:
         raise RuntimeError(f"memory child failed ({out.returncode}): {out.stderr.strip()[-300:]}")
     return json.loads(lines[-1])
+
+
+def in_child(script: str, args: List[str], timeout: float = 1800) -> Dict[str, Any]:
+    """Run ``python script args`` with the mmap threshold pinned from the first
+    allocation (freed heap chunks of earlier steps would otherwise be reused without
+    touching the resident set); return the JSON object its last stdout line prints.
+    A child with one ``DPOptimizer`` first runs unpinned to its noise-buffer decision."""
+    decided = [v for v in _run(script, args, timeout, {_PROBE_ENV: "1"}).values() if v is not None]
+    env = {"MALLOC_MMAP_THRESHOLD_": str(64 * 1024)}
+    if len(decided) == 1:
+        env[_KEEP_ENV] = str(int(decided[0]))
+    return _run(script, args, timeout, env)

@@ -37,7 +37,8 @@ from torch import Tensor, nn
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from bench_models import WARMUP_STEPS, _pin_mmap_threshold, peak_step_memory  # noqa: E402  (also puts the repo on sys.path)
+import bench_models  # noqa: E402,F401  (puts the repo on sys.path)
+from _memory import WARMUP_STEPS, _pin_mmap_threshold, peak_step_memory  # noqa: E402
 
 import fxdp  # noqa: E402
 from fxdp.optim import DPOptimizer  # noqa: E402

@@ -99,8 +99,8 @@ except ImportError:  # pragma: no cover - optional
 
 # ------------------------------------------------------------------------------ memory
 sys.path.insert(0, HERE)
-from _memory import (  # noqa: E402,F401  (peak_step_memory, _pin_mmap_threshold: also bench_layers')
-    MEM_SLACK_MIB, WARMUP_STEPS, _pin_mmap_threshold, in_child, noise_buffer_bytes, peak_step_memory,
+from _memory import (  # noqa: E402
+    MEM_SLACK_MIB, WARMUP_STEPS, in_child, noise_held, peak_step_memory,
 )
 
 
@@ -155,7 +155,7 @@ def build_variant(name: str, base: nn.Module, x: torch.Tensor, y: torch.Tensor) 
             F.cross_entropy(dp(x), y).backward()
             opt.step()
 
-        return Variant(name, step, opt.zero_grad, info=rules, held=lambda: noise_buffer_bytes(opt))
+        return Variant(name, step, opt.zero_grad, info=rules, held=noise_held(opt))
 
     if name.startswith("opacus_"):
         if not HAVE_OPACUS:
@@ -296,7 +296,6 @@ def memory_cell(model_name: str, B: int, variants: List[str], threads: int) -> D
 
 
 def _memory_child(model_name: str, B: int, variants: List[str]) -> None:
-    _pin_mmap_threshold()
     spec = M.MODELS[model_name]
     torch.manual_seed(0)
     base = spec.build()

@@ -28,7 +28,7 @@ import fxdp
 from fxdp.optim import DPOptimizer
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _memory import MEM_SLACK_MIB, WARMUP_STEPS, _pin_mmap_threshold, in_child, noise_buffer_bytes, peak_step_memory  # noqa: E402
+from _memory import MEM_SLACK_MIB, WARMUP_STEPS, in_child, noise_held, peak_step_memory  # noqa: E402
 
 
 def _models():
@@ -70,7 +70,7 @@ def steps(build, size: int, batch: int) -> tuple:
         dp_opt.step()
 
     plain_step.zero, plain_step.held = opt.zero_grad, lambda: 0
-    bk_step.zero, bk_step.held = dp_opt.zero_grad, lambda: noise_buffer_bytes(dp_opt)
+    bk_step.zero, bk_step.held = dp_opt.zero_grad, noise_held(dp_opt)
     return plain_step, bk_step, dp
 
 
@@ -99,7 +99,6 @@ def ratio(build, size: int, batch: int, rounds: int) -> tuple:
 
 def memory_child(name: str, batch: int, which: str) -> None:
     """Peak memory one step of ``which`` (``plain`` or ``bk``) adds (``_memory.py``)."""
-    _pin_mmap_threshold()
     build, size = _models()[name]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -57,7 +57,7 @@ from fxdp.optim import DPOptimizer  # noqa: E402
 from fxdp.utils import keep_freed_memory  # noqa: E402
 
 sys.path.insert(0, HERE)
-from _memory import MEM_SLACK_MIB, WARMUP_STEPS, _pin_mmap_threshold, in_child, noise_buffer_bytes, peak_step_memory  # noqa: E402
+from _memory import MEM_SLACK_MIB, WARMUP_STEPS, in_child, noise_held, peak_step_memory  # noqa: E402
 
 import transformers  # noqa: E402
 
@@ -170,7 +170,7 @@ def variant(name: str, base: nn.Module, kind: str, x: Dict[str, torch.Tensor], y
 
         step.dp = dp  # type: ignore[attr-defined]  # read back for the measured methods
         step.zero = opt.zero_grad  # type: ignore[attr-defined]
-        step.held = lambda: noise_buffer_bytes(opt)  # type: ignore[attr-defined]  # the step's, kept between steps
+        step.held = noise_held(opt)  # type: ignore[attr-defined]  # the step's, kept between steps
         return step
     if name.startswith("opacus_"):
         from opacus import PrivacyEngine
@@ -294,7 +294,6 @@ MEMORY_VARIANTS = ["nonprivate", "fxdp_bk", "fxdp_materialize", "opacus_hooks", 
 
 def memory_child(name: str, B: int, T: int, v: str) -> None:
     """One variant's peak step memory (``_memory.py``), alone in this process."""
-    _pin_mmap_threshold()
     torch.manual_seed(0)
     base, kind = build(name, T)
     x, y = batch(kind, B, T)
