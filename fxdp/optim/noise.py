@@ -150,10 +150,11 @@ class FlatNoise:
     ``None`` (default): released on CUDA, where the caching allocator makes the next
     allocation free. On CPU a fresh buffer can cost page faults (45 MB: 17 ms), so the
     first draws measure it: the second draw reuses the kept buffer, the buffer is then
-    released, and the fourth draw's extra time over the second's (the third's can carry
-    one-off costs: glibc grows its heap once) is set against the time between the third
-    and the fourth (a training step). The buffer stays released when that costs at most
-    ``RELEASE_MAX_SHARE`` of a step, else it is kept from then on. glibc serves a freed
+    released for ``RELEASED_DRAWS`` draws, and the least extra time over the second's of
+    those after the first (the first can carry one-off costs: glibc grows its heap once;
+    glibc trimming its heap costs page faults now and then, kept or not) is set against
+    the time between them (a training step). The buffer stays released when that costs at
+    most ``RELEASE_MAX_SHARE`` of a step, else it is kept from then on. glibc serves a freed
     block below its mmap ceiling (32 MiB) from the heap after the first round trip: timm's
     ViT-tiny at 64x64, B = 16 (21 MiB) takes 7 ms more on the first released draw and
     none on the second (released); ResNet18 at 32x32 (45 MB) 16 ms on each (kept).
@@ -170,6 +171,8 @@ class FlatNoise:
 
     #: the largest share of a step that releasing the CPU buffer may cost (``keep=None``)
     RELEASE_MAX_SHARE = 0.02
+    #: draws into a released buffer the decision times (``keep=None`` on CPU; the first only reported)
+    RELEASED_DRAWS = 3
 
     def __init__(self, keep: bool | None = None) -> None:
         self.keep = keep
@@ -195,25 +198,28 @@ class FlatNoise:
         return device.type == "cpu" and self._cpu_keep
 
     def _measure(self, start: float, seconds: float, fresh: bool, held_bytes: int, buffer_bytes: int) -> None:
-        """``keep=None`` on CPU: two draws into the kept buffer, then two after releasing it.
-        The second released draw's extra time over the reused one, against the time between
-        the two released draws (a step), decides; the first released draw can carry one-off
-        costs (glibc grows its heap once, then serves a freed block below its mmap ceiling
-        from it without faults) and is only reported."""
-        if len(self._probe) < 3:
+        """``keep=None`` on CPU: two draws into the kept buffer, then ``RELEASED_DRAWS`` after
+        releasing it. The least extra time of the released draws after the first, over the
+        reused draw's, against the mean time between released draws (a step), decides: the
+        first can carry one-off costs (glibc grows its heap once, then serves a freed block
+        below its mmap ceiling from it) and is only reported, and glibc trimming its heap
+        faults pages in now and then whether the buffer is kept or not."""
+        if len(self._probe) < 1 + self.RELEASED_DRAWS:
             if len(self._probe) == 1 and fresh:  # the layout changed: start again
                 self._probe = []
-            self._probe.append((start, seconds))
+            self._probe.append((start, seconds, fresh))
             if len(self._probe) == 2:
                 self._cpu_keep = False  # released from the next zero_grad(), to time fresh draws
             return
-        (_, reused), (first_start, first) = self._probe[1], self._probe[2]
-        step, extra = start - first_start, (max(seconds - reused, 0.0) if fresh else 0.0)
+        reused = self._probe[1][1]
+        released = self._probe[2:] + [(start, seconds, fresh)]
+        extras = [max(t - reused, 0.0) if f else 0.0 for _, t, f in released]
+        step = (start - released[0][0]) / (len(released) - 1)
+        extra = min(extras[1:])
         memory_share = min(buffer_bytes, held_bytes) / (buffer_bytes + held_bytes) if buffer_bytes else 0.0
         self._cpu_keep = extra > self.RELEASE_MAX_SHARE * step
-        self.decision = {"released_draw_extra_ms": 1e3 * extra, "first_released_draw_extra_ms":
-                         1e3 * max(first - reused, 0.0), "step_ms": 1e3 * step,
-                         "memory_saved_share": memory_share, "keep": self._cpu_keep}
+        self.decision = {"released_draw_extra_ms": 1e3 * extra, "first_released_draw_extra_ms": 1e3 * extras[0],
+                         "step_ms": 1e3 * step, "memory_saved_share": memory_share, "keep": self._cpu_keep}
 
     def __call__(self, sums: Sequence[Tensor], std: float, *, generator: torch.Generator | None = None) -> list[Tensor]:
         _check_std(std)
