@@ -30,9 +30,9 @@ from typing import Any, Callable, Dict, List, Optional
 #: (a slack of 1 MiB had passed the embedding net's 3.5 MiB against 2.3 non-private, 1.48x)
 MEM_SLACK_MIB = 0.3
 #: steps each variant runs before the measured one: past fxdp's noise-buffer decision
-#: (``FlatNoise``, keep or release, measured on the first five draws), so the figure is
+#: (``FlatNoise``, keep or release, measured on the first six draws), so the figure is
 #: the steady state's and not the probe's
-WARMUP_STEPS = 5
+WARMUP_STEPS = 6
 #: set in a child that reports its noise-buffer decision instead of measuring; the decision
 #: handed to the measuring child ("1" keep, "0" release)
 _PROBE_ENV, _KEEP_ENV = "FXDP_BENCH_NOISE_PROBE", "FXDP_BENCH_NOISE_KEEP"
@@ -107,13 +107,17 @@ def _run(script: str, args: List[str], timeout: float, env: Dict[str, str]) -> D
     return json.loads(lines[-1])
 
 
-def in_child(script: str, args: List[str], timeout: float = 1800) -> Dict[str, Any]:
+def in_child(script: str, args: List[str], timeout: float = 1800,
+             decisions: Optional[List[bool]] = None) -> Dict[str, Any]:
     """Run ``python script args`` with the mmap threshold pinned from the first
     allocation (freed heap chunks of earlier steps would otherwise be reused without
     touching the resident set); return the JSON object its last stdout line prints.
-    A child with one ``DPOptimizer`` first runs unpinned to its noise-buffer decision."""
+    A child with one ``DPOptimizer`` first runs unpinned to its noise-buffer decision
+    (appended to ``decisions``: kept or not)."""
     decided = [v for v in _run(script, args, timeout, {_PROBE_ENV: "1"}).values() if v is not None]
     env = {"MALLOC_MMAP_THRESHOLD_": str(64 * 1024)}
     if len(decided) == 1:
         env[_KEEP_ENV] = str(int(decided[0]))
+        if decisions is not None:
+            decisions.append(bool(decided[0]))
     return _run(script, args, timeout, env)

@@ -75,15 +75,17 @@ def steps(build, size: int, batch: int) -> tuple:
 
 
 def ratio(build, size: int, batch: int, rounds: int) -> tuple:
-    """(bk / non-private, noise draw / non-private): medians of per-round ratios."""
+    """(bk / non-private, noise draw / non-private): medians of per-round ratios, and
+    whether the step's noise buffer is kept between steps (``FlatNoise``'s decision)."""
     plain_step, bk_step, dp = steps(build, size, batch)
     noise = torch.empty(sum(p.numel() for p in dp.parameters() if p.requires_grad))
 
     def noise_draw():  # the floor of the step's noise: one normal_ into a kept buffer (FlatNoise)
         noise.normal_(0.0, 1.0)
 
-    for f in (plain_step, bk_step, noise_draw, plain_step, bk_step, noise_draw):  # warm-up
-        f()
+    for _ in range(WARMUP_STEPS):  # warm-up, past the noise buffer's keep decision
+        for f in (plain_step, bk_step, noise_draw):
+            f()
     ratios, noise_share = [], []
     for _ in range(rounds):
         t0 = time.perf_counter()
@@ -94,7 +96,8 @@ def ratio(build, size: int, batch: int, rounds: int) -> tuple:
         noise_draw()
         ratios.append((t2 - t1) / (t1 - t0))
         noise_share.append((time.perf_counter() - t2) / (t1 - t0))
-    return statistics.median(ratios), statistics.median(noise_share)
+    kept = bk_step.zero.__self__.flat_noise.keeps(torch.device("cpu"))
+    return statistics.median(ratios), statistics.median(noise_share), kept
 
 
 def memory_child(name: str, batch: int, which: str) -> None:
@@ -110,21 +113,27 @@ def memory_child(name: str, batch: int, which: str) -> None:
 
 
 def peaks(name: str, batch: int) -> dict:
-    out = {}
+    out, kept = {}, []
     for which in ("plain", "bk"):
         try:
-            out.update(in_child(__file__, ["--memory-child", name, str(batch), which]))
+            out.update(in_child(__file__, ["--memory-child", name, str(batch), which], decisions=kept if which == "bk" else None))
         except Exception as e:  # a miss is reported, not hidden
             print(f"memory measurement failed for {name} {which}: {e}", file=sys.stderr)
+    if kept:
+        out["noise_kept"] = kept[0]
     return out
+
+
+def _kept(flag) -> str:
+    return "-" if flag is None else ("kept" if flag else "released")
 
 
 def _mem_cells(m: dict) -> str:
     plain, bk = m.get("plain"), m.get("bk")
     if plain is None or bk is None:
-        return "- | - | - |"
+        return "- | - | - | - |"
     met = "met" if bk <= 1.3 * plain + MEM_SLACK_MIB else "MISSED"
-    return f"{plain:.1f} | {bk:.1f} ({bk / plain:.2f}x) | {met} |"
+    return f"{plain:.1f} | {bk:.1f} ({bk / plain:.2f}x) | {_kept(m.get('noise_kept'))} | {met} |"
 
 
 def main() -> None:
@@ -144,13 +153,16 @@ def main() -> None:
              f"torch {torch.__version__}, 1 thread, batch {args.batch_size}, median of {args.rounds} interleaved "
              "rounds; targets of issue 13: CNNs <= 1.5x, transformers (the ViT) <= 1.3x. Peak memory one step "
              "adds above the model, optimizer state and data (MiB, a child process each, `benchmarks/_memory.py`; fxdp's flat noise buffer "
-             f"counted as the step's); target <= 1.3x non-private (within {MEM_SLACK_MIB} MiB).", "",
-             "| model | input | bk / non-private | of which the noise draw | non-private MiB | bk MiB | memory target |",
-             "|---|---|---|---|---|---|---|"]
+             f"counted as the step's); target <= 1.3x non-private (within {MEM_SLACK_MIB} MiB). Noise buffer: kept "
+             "between steps or released, as fxdp decided (`FlatNoise`) in the timing process and in the memory "
+             "child's unpinned run.", "",
+             "| model | input | bk / non-private | of which the noise draw | noise buffer | non-private MiB | bk MiB | "
+             "noise buffer | memory target |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for name, (build, size) in _models().items():
-        r, n = ratio(build, size, args.batch_size, args.rounds)
+        r, n, kept = ratio(build, size, args.batch_size, args.rounds)
         mem = {} if args.no_memory else peaks(name, args.batch_size)
-        lines.append(f"| {name} | {size}x{size} | {r:.2f}x | {n:.2f}x | {_mem_cells(mem)}")
+        lines.append(f"| {name} | {size}x{size} | {r:.2f}x | {n:.2f}x | {_kept(kept)} | {_mem_cells(mem)}")
         print(lines[-1], flush=True)
     with open(args.out, "w") as f:
         f.write("\n".join(lines) + "\n")

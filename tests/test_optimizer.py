@@ -755,43 +755,81 @@ def test_flat_noise_drawn_slice_by_slice_is_the_same_draw(monkeypatch):
     assert not isinstance(FlatNoise().draw(like, 0.5, lazy=True), SliceDraw)  # measuring: the whole draw
 
 
-@pytest.mark.parametrize("step_s,kept", [(1.0, False), (0.1, True)])
-def test_flat_noise_on_cpu_is_released_when_its_page_faults_are_cheap(monkeypatch, step_s, kept):
-    """``keep=None`` on CPU: the second draw reuses the kept buffer, the buffer is then
-    released for three draws, timed against the second and the mean time between them.
-    The first into fresh memory takes 29 ms more (glibc growing its heap once) and is only
-    reported: it alone would keep the buffer at 1 s a step (2.9% > 2%); of the next two (21
-    and 9 ms more: glibc trims its heap now and then, kept or not) the least decides. 9 ms
-    in a 1 s step (0.9% <= 2%): released from then on; in a 100 ms step (9%): kept. The
-    noise is the same draw either way."""
-    import gc
-
+def _probe_clock(monkeypatch, draws):
+    """Fake the clock and the page-fault counter of ``FlatNoise``'s probe: ``draws`` lists
+    (start, end, faults at start, faults at end) of each draw."""
     import fxdp.optim.noise as noise_mod
 
-    # (start, end) of five draws: fresh, reused, three released
-    clock = iter([0.0, 0.010, 0.5, 0.501, 1.0, 1.030, 1.0 + step_s, 1.0 + step_s + 0.022,
-                  1.0 + 2 * step_s, 1.0 + 2 * step_s + 0.010])
+    clock = iter([t for d in draws for t in d[:2]])
+    faults = iter([f for d in draws for f in d[2:]])
     monkeypatch.setattr(noise_mod.time, "perf_counter", lambda: next(clock))
+    monkeypatch.setattr(noise_mod, "_minor_faults", lambda: next(faults))
+
+
+def _probe_draws(step_s, released_faults=(1000, 950), released_draw_s=0.001):
+    """Three kept draws (the first fresh; kept steps fault 100 and 50 times), then three
+    released: the first 20 ms slower with 2000 faults (10 us a fault, one-off heap growth),
+    then steps ``step_s`` apart faulting ``released_faults`` times."""
+    d = [(0.0, 0.010, 0, 5000), (0.5, 0.501, 5100, 5100), (1.0, 1.001, 5150, 5150), (1.5, 1.521, 5200, 7200)]
+    f = 7200
+    for k, n in enumerate(released_faults, 1):
+        f += n
+        start = 1.52 + k * step_s
+        d.append((start, start + released_draw_s, f, f))
+    return d
+
+
+@pytest.mark.parametrize("step_s,kept", [(1.0, False), (0.1, True)])
+def test_flat_noise_on_cpu_is_released_when_its_page_faults_are_cheap(monkeypatch, step_s, kept):
+    """``keep=None`` on CPU: three draws with the buffer kept, three with it released. A
+    released step faults 950 times (the fewer of two: glibc trims its heap now and then)
+    against 50 kept, at 10 us a fault (the first released draw: 20 ms for 2000 faults, one-off
+    and only reported): 9 ms. In a 1 s step (0.9% <= 2%) released from then on; in a 100 ms
+    step (9%) kept. The noise is the same draw either way."""
+    import gc
+
+    _probe_clock(monkeypatch, _probe_draws(step_s))
     like = [torch.zeros(3, 4), torch.zeros(5)]
     mech, ref = FlatNoise(), FlatNoise(keep=True)
     g, g_ref = torch.Generator().manual_seed(2), torch.Generator().manual_seed(2)
     cpu = torch.device("cpu")
-    for k in range(5):
+    for k in range(6):
         views = mech.draw(like, 0.5, generator=g)
         assert all(torch.equal(v, r) for v, r in zip(views, ref.draw(like, 0.5, generator=g_ref)))
-        assert mech.keeps(cpu) == (k == 0 or (k == 4 and kept))
+        assert mech.keeps(cpu) == (k < 2 or (k == 5 and kept))
         del views  # zero_grad(): the released buffer goes with its views
         gc.collect()
-    assert mech.decision["keep"] is kept
-    assert mech.decision["released_draw_extra_ms"] == pytest.approx(9.0)
-    assert mech.decision["first_released_draw_extra_ms"] == pytest.approx(29.0)
-    assert mech.decision["step_ms"] == pytest.approx(1e3 * step_s)
+    d = mech.decision
+    assert d["keep"] is kept and d["extra_faults_per_step"] == 900
+    assert d["fault_us"] == pytest.approx(10.0)
+    assert d["released_extra_ms"] == pytest.approx(9.0)
+    assert d["first_released_draw_extra_ms"] == pytest.approx(20.0)
+    assert d["step_ms"] == pytest.approx(1e3 * step_s)
     views = mech.draw(like, 0.5, generator=g)  # decided: no more timing
     assert all(torch.equal(v, r) for v, r in zip(views, ref.draw(like, 0.5, generator=g_ref)))
     del views
     gc.collect()
     assert (mech.buffer is not None) == kept
     assert FlatNoise(keep=True).decision is None and FlatNoise().keeps(cpu)  # undecided: kept
+
+
+def test_flat_noise_probe_without_fault_counts_times_the_draws(monkeypatch):
+    """Where no page faults are counted (no ``resource`` module), the released draws' extra
+    time over the kept ones decides: 9 ms more each in a 100 ms step keeps the buffer, and a
+    fault count of zero costs nothing."""
+    import gc
+
+    draws = [(s, e, 0, 0) for s, e, _, _ in _probe_draws(0.1, released_draw_s=0.010)]
+    _probe_clock(monkeypatch, draws)
+    like = [torch.zeros(3, 4), torch.zeros(5)]
+    mech = FlatNoise()
+    for _ in range(6):
+        views = mech.draw(like, 0.5)
+        del views
+        gc.collect()
+    assert mech.decision["keep"] is True and mech.decision["extra_faults_per_step"] == 0
+    assert mech.decision["fault_us"] == pytest.approx(1e6 * FlatNoise.FAULT_SECONDS)
+    assert mech.decision["released_extra_ms"] == pytest.approx(9.0)
 
 
 @pytest.mark.parametrize("held", [0, 16, 128, 1024])
@@ -803,19 +841,16 @@ def test_flat_noise_decision_reports_the_memory_releasing_saves(monkeypatch, hel
     (3.6%) keeps the buffer whatever it saves."""
     import gc
 
-    import fxdp.optim.noise as noise_mod
-
-    clock = iter([0.0, 0.010, 0.5, 0.501, 0.75, 0.76, 1.0, 1.01, 1.25, 1.26])  # (start, end) of five draws
-    monkeypatch.setattr(noise_mod.time, "perf_counter", lambda: next(clock))
+    _probe_clock(monkeypatch, _probe_draws(0.25))
     like = [torch.zeros(3, 4), torch.zeros(5)]
     mech, g = FlatNoise(), torch.Generator().manual_seed(2)
-    for _ in range(5):
+    for _ in range(6):
         views = mech.draw(like, 0.5, generator=g, lazy=True, held_bytes=lambda: held)
         del views
         gc.collect()
     assert mech.decision["keep"] is True and mech.keeps(torch.device("cpu"))
     assert mech.decision["memory_saved_share"] == pytest.approx(min(128, held) / (128 + held))
-    assert mech.decision["released_draw_extra_ms"] == pytest.approx(9.0)
+    assert mech.decision["released_extra_ms"] == pytest.approx(9.0)
 
 
 @pytest.mark.parametrize("keep", [True, False])

@@ -10,6 +10,11 @@ from __future__ import annotations
 import bisect
 import time
 import weakref
+
+try:
+    import resource
+except ImportError:  # pragma: no cover - Windows: the probe times the draws only
+    resource = None  # type: ignore[assignment]
 from collections.abc import Callable, Sequence
 
 import torch
@@ -75,6 +80,11 @@ def noisy_sum(x: Tensor, std: float, *, generator: torch.Generator | None = None
     if is_secure(generator):
         return secure_gaussian_mechanism(x, std)
     return x + gaussian_noise(std, x.shape, dtype=x.dtype, device=x.device, generator=generator)
+
+
+def _minor_faults() -> int:
+    """Page faults this process has taken so far (0 without ``resource``)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt if resource is not None else 0
 
 
 #: each parameter's slice of the flat buffer starts at a multiple of this many elements:
@@ -148,16 +158,16 @@ class FlatNoise:
     ``zero_grad()`` frees it, as non-private training frees its gradients, so the
     forward and backward passes do not hold one parameter-sized buffer more).
     ``None`` (default): released on CUDA, where the caching allocator makes the next
-    allocation free. On CPU a fresh buffer can cost page faults (45 MB: 17 ms), so the
-    first draws measure it: the second draw reuses the kept buffer, the buffer is then
-    released for ``RELEASED_DRAWS`` draws, and the least extra time over the second's of
-    those after the first (the first can carry one-off costs: glibc grows its heap once;
-    glibc trimming its heap costs page faults now and then, kept or not) is set against
-    the time between them (a training step). The buffer stays released when that costs at
-    most ``RELEASE_MAX_SHARE`` of a step, else it is kept from then on. glibc serves a freed
-    block below its mmap ceiling (32 MiB) from the heap after the first round trip: timm's
-    ViT-tiny at 64x64, B = 16 (21 MiB) takes 7 ms more on the first released draw and
-    none on the second (released); ResNet18 at 32x32 (45 MB) 16 ms on each (kept).
+    allocation free. On CPU a released buffer can cost page faults, in its draw (a fresh
+    45 MB buffer: 17 ms) or anywhere in the step (glibc trims its heap, and the next step
+    faults it in again), so the first six draws measure it: three with the buffer kept, three
+    with it released, and the extra page faults of a released step over a kept one, at the
+    measured cost of a fault, are set against a step (:meth:`_measure`). The buffer stays
+    released when that costs at most ``RELEASE_MAX_SHARE`` of a step, else it is kept from
+    then on. timm's ViT-tiny at 64x64, B = 16 (21 MiB): the first released draw takes 7 ms
+    more (glibc grows its heap once), the next ones none, and steps fault no more
+    (released); ResNet18 at 32x32 (45 MB, above glibc's 32 MiB mmap ceiling): 16 ms on every
+    released draw (kept).
     ``decision`` reports what was measured, and ``memory_saved_share``: a held buffer
     stacks on what the step holds at the draw (``held_bytes``: book-keeping's records), so
     releasing saves about ``min(buffer, held) / (buffer + held)`` of the step's peak (ViT-tiny:
@@ -171,13 +181,14 @@ class FlatNoise:
 
     #: the largest share of a step that releasing the CPU buffer may cost (``keep=None``)
     RELEASE_MAX_SHARE = 0.02
-    #: draws into a released buffer the decision times (``keep=None`` on CPU; the first only reported)
-    RELEASED_DRAWS = 3
+    #: the cost of a page fault where the probe's first released draw takes too few to time
+    #: one (about 1.4 us here: zeroing a 4 KiB page and the kernel's entry and exit)
+    FAULT_SECONDS = 1.5e-6
 
     def __init__(self, keep: bool | None = None) -> None:
         self.keep = keep
         self._cpu_keep = True  # keep=None on CPU: kept, released once to measure, then decided
-        self._probe: list[tuple[float, float]] = []  # (start, seconds) of the draws measured so far
+        self._probe: list[tuple] = []  # (start, end, (faults at start, at end), fresh) of the draws measured
         self.decision: dict | None = None  # keep=None on CPU: the measurement and its outcome
         self._kept: Tensor | None = None  # the buffer, when held between steps
         self._weak: weakref.ref | None = None  # the buffer, while a view of it lives (not kept)
@@ -197,28 +208,38 @@ class FlatNoise:
             return self.keep
         return device.type == "cpu" and self._cpu_keep
 
-    def _measure(self, start: float, seconds: float, fresh: bool, held_bytes: int, buffer_bytes: int) -> None:
-        """``keep=None`` on CPU: two draws into the kept buffer, then ``RELEASED_DRAWS`` after
-        releasing it. The least extra time of the released draws after the first, over the
-        reused draw's, against the mean time between released draws (a step), decides: the
-        first can carry one-off costs (glibc grows its heap once, then serves a freed block
-        below its mmap ceiling from it) and is only reported, and glibc trimming its heap
-        faults pages in now and then whether the buffer is kept or not."""
-        if len(self._probe) < 1 + self.RELEASED_DRAWS:
-            if len(self._probe) == 1 and fresh:  # the layout changed: start again
-                self._probe = []
-            self._probe.append((start, seconds, fresh))
-            if len(self._probe) == 2:
-                self._cpu_keep = False  # released from the next zero_grad(), to time fresh draws
+    def _measure(self, start: float, end: float, faults: tuple, fresh: bool, held_bytes: int,
+                 buffer_bytes: int) -> None:
+        """``keep=None`` on CPU: three draws with the buffer kept, then three with it released
+        (``faults``: the process's page faults at the draw's start and end). What releasing
+        costs a step: the page faults of a released step beyond those of a kept one (each the
+        fewer of two steps, end of draw to end of draw: glibc trims its heap now and then, and
+        the next step faults it in again whether the buffer is kept or not), at the cost per
+        fault of the first released draw (whose fresh buffer faults; ``FAULT_SECONDS`` where it
+        does not), or the released draws' extra time where that is more. The first released
+        draw's own extra is one-off (glibc grows its heap once) and only reported."""
+        self._probe.append((start, end, faults, fresh))
+        n = len(self._probe)
+        if n in (2, 3) and fresh:  # the layout changed while kept: start again
+            self._probe = [self._probe[-1]]
+        elif n == 3:
+            self._cpu_keep = False  # released from the next zero_grad(), to measure fresh draws
+        if len(self._probe) < 6:
             return
-        reused = self._probe[1][1]
-        released = self._probe[2:] + [(start, seconds, fresh)]
-        extras = [max(t - reused, 0.0) if f else 0.0 for _, t, f in released]
-        step = (start - released[0][0]) / (len(released) - 1)
-        extra = min(extras[1:])
+        seconds = [e - s for s, e, _, _ in self._probe]
+        ends = [e for _, e, _, _ in self._probe]
+        at_end = [f[1] for _, _, f, _ in self._probe]
+        steps = [(ends[k + 1] - ends[k], at_end[k + 1] - at_end[k]) for k in range(5)]
+        kept_faults, released_faults = min(f for _, f in steps[0:2]), min(f for _, f in steps[3:5])
+        reused = min(seconds[1:3])
+        first_extra, first_faults = max(seconds[3] - reused, 0.0), self._probe[3][2][1] - self._probe[3][2][0]
+        per_fault = first_extra / first_faults if first_faults >= 256 else self.FAULT_SECONDS
+        extra = max(max(released_faults - kept_faults, 0) * per_fault, min(seconds[4:6]) - reused, 0.0)
+        step = min(t for t, _ in steps[3:5])
         memory_share = min(buffer_bytes, held_bytes) / (buffer_bytes + held_bytes) if buffer_bytes else 0.0
         self._cpu_keep = extra > self.RELEASE_MAX_SHARE * step
-        self.decision = {"released_draw_extra_ms": 1e3 * extra, "first_released_draw_extra_ms": 1e3 * extras[0],
+        self.decision = {"released_extra_ms": 1e3 * extra, "extra_faults_per_step": max(released_faults - kept_faults, 0),
+                         "fault_us": 1e6 * per_fault, "first_released_draw_extra_ms": 1e3 * first_extra,
                          "step_ms": 1e3 * step, "memory_saved_share": memory_share, "keep": self._cpu_keep}
 
     def __call__(self, sums: Sequence[Tensor], std: float, *, generator: torch.Generator | None = None) -> list[Tensor]:
@@ -264,7 +285,7 @@ class FlatNoise:
         shapes = tuple(s.shape for s in like)
         offsets, numel = self._offsets(shapes)
         measuring = self.keep is None and device.type == "cpu" and self.decision is None
-        start = time.perf_counter() if measuring else 0.0
+        start, faults = (time.perf_counter(), _minor_faults()) if measuring else (0.0, 0)
         buf = self.buffer
         fresh = buf is None or buf.numel() != numel or buf.dtype != dtype or buf.device != device
         if fresh:
@@ -277,8 +298,8 @@ class FlatNoise:
         elif not sliced:
             buf.normal_(0.0, float(std), generator=generator)
         if measuring:
-            elapsed = time.perf_counter() - start
-            self._measure(start, elapsed, fresh, held_bytes() if held_bytes else 0, numel * buf.element_size())
+            end, faults = time.perf_counter(), (faults, _minor_faults())
+            self._measure(start, end, faults, fresh, held_bytes() if held_bytes else 0, numel * buf.element_size())
         if not self.keeps(device):  # no reference of ours keeps it alive past the views
             self._kept, self._views, self._weak = None, ((), []), weakref.ref(buf)
             views = [buf[o:o + s.numel()].view(s.shape) for o, s in zip(offsets, like)]
