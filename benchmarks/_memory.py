@@ -30,9 +30,9 @@ from typing import Any, Callable, Dict, List, Optional
 #: (a slack of 1 MiB had passed the embedding net's 3.5 MiB against 2.3 non-private, 1.48x)
 MEM_SLACK_MIB = 0.3
 #: steps each variant runs before the measured one: past fxdp's noise-buffer decision
-#: (``FlatNoise``, keep or release, measured on the first six draws), so the figure is
+#: (``FlatNoise``, keep or release, measured on the first nine draws), so the figure is
 #: the steady state's and not the probe's
-WARMUP_STEPS = 6
+WARMUP_STEPS = 9
 #: set in a child that reports its noise-buffer decision instead of measuring; the decision
 #: handed to the measuring child ("1" keep, "0" release)
 _PROBE_ENV, _KEEP_ENV = "FXDP_BENCH_NOISE_PROBE", "FXDP_BENCH_NOISE_KEEP"

@@ -160,9 +160,10 @@ class FlatNoise:
     ``None`` (default): released on CUDA, where the caching allocator makes the next
     allocation free. On CPU a released buffer can cost page faults, in its draw (a fresh
     45 MB buffer: 17 ms) or anywhere in the step (glibc trims its heap, and the next step
-    faults it in again), so the first six draws measure it: three with the buffer kept, three
-    with it released, and the extra page faults of a released step over a kept one, at the
-    measured cost of a fault, are set against a step (:meth:`_measure`). The buffer stays
+    faults it in again), so the first nine draws measure it: three with the buffer kept, three
+    with it released, three kept again, and the extra page faults of a released step over the
+    kept ones on either side, at the measured cost of a fault, are set against a step
+    (:meth:`_measure`). The buffer stays
     released when that costs at most ``RELEASE_MAX_SHARE`` of a step, else it is kept from
     then on. timm's ViT-tiny at 64x64, B = 16 (21 MiB): the first released draw takes 7 ms
     more (glibc grows its heap once), the next ones none, and steps fault no more
@@ -210,35 +211,41 @@ class FlatNoise:
 
     def _measure(self, start: float, end: float, faults: tuple, fresh: bool, held_bytes: int,
                  buffer_bytes: int) -> None:
-        """``keep=None`` on CPU: three draws with the buffer kept, then three with it released
-        (``faults``: the process's page faults at the draw's start and end). What releasing
-        costs a step: the page faults of a released step beyond those of a kept one (each the
-        fewer of two steps, end of draw to end of draw: glibc trims its heap now and then, and
-        the next step faults it in again whether the buffer is kept or not), at the cost per
-        fault of the first released draw (whose fresh buffer faults; ``FAULT_SECONDS`` where it
-        does not), or the released draws' extra time where that is more. The first released
-        draw's own extra is one-off (glibc grows its heap once) and only reported."""
+        """``keep=None`` on CPU: three draws with the buffer kept, three with it released, three
+        kept again (``faults``: the process's page faults at the draw's start and end). Each
+        phase's steps (end of draw to end of draw, after its first draw) fault the fewer of
+        their two counts; what releasing costs a step is the released steps' faults beyond
+        the kept ones' on either side (glibc trims its heap now and then, more as a process
+        runs, kept or not), at the cost per fault of the released draw that faulted most, or the
+        released draws' extra time where that is more. The first released draw's own extra
+        is one-off (glibc grows its heap once) and only reported."""
         self._probe.append((start, end, faults, fresh))
         n = len(self._probe)
         if n in (2, 3) and fresh:  # the layout changed while kept: start again
             self._probe = [self._probe[-1]]
-        elif n == 3:
-            self._cpu_keep = False  # released from the next zero_grad(), to measure fresh draws
-        if len(self._probe) < 6:
+        elif n in (3, 6):
+            self._cpu_keep = n == 6  # released from the next zero_grad() to measure fresh draws, then kept again
+        if len(self._probe) < 9:
             return
         seconds = [e - s for s, e, _, _ in self._probe]
         ends = [e for _, e, _, _ in self._probe]
         at_end = [f[1] for _, _, f, _ in self._probe]
-        steps = [(ends[k + 1] - ends[k], at_end[k + 1] - at_end[k]) for k in range(5)]
-        kept_faults, released_faults = min(f for _, f in steps[0:2]), min(f for _, f in steps[3:5])
-        reused = min(seconds[1:3])
-        first_extra, first_faults = max(seconds[3] - reused, 0.0), self._probe[3][2][1] - self._probe[3][2][0]
-        per_fault = first_extra / first_faults if first_faults >= 256 else self.FAULT_SECONDS
-        extra = max(max(released_faults - kept_faults, 0) * per_fault, min(seconds[4:6]) - reused, 0.0)
-        step = min(t for t, _ in steps[3:5])
+
+        def fewest(k: int) -> tuple:  # (seconds, faults) of phase k's steps: the fewer faults
+            return min(((ends[j + 1] - ends[j], at_end[j + 1] - at_end[j]) for j in (3 * k, 3 * k + 1)),
+                       key=lambda sf: sf[1])
+
+        (_, before), (step, released), (_, after) = fewest(0), fewest(1), fewest(2)
+        extra_faults = max(released - max(before, after), 0)
+        reused = min(seconds[k] for k in (1, 2, 6, 7, 8))  # the draws into a kept buffer
+        first_extra = max(seconds[3] - reused, 0.0)
+        calib = max((3, 4, 5), key=lambda k: self._probe[k][2][1] - self._probe[k][2][0])  # the released ones
+        n_faults = self._probe[calib][2][1] - self._probe[calib][2][0]
+        per_fault = max(seconds[calib] - reused, 0.0) / n_faults if n_faults >= 256 else self.FAULT_SECONDS
+        extra = max(extra_faults * per_fault, min(seconds[4:6]) - reused, 0.0)
         memory_share = min(buffer_bytes, held_bytes) / (buffer_bytes + held_bytes) if buffer_bytes else 0.0
         self._cpu_keep = extra > self.RELEASE_MAX_SHARE * step
-        self.decision = {"released_extra_ms": 1e3 * extra, "extra_faults_per_step": max(released_faults - kept_faults, 0),
+        self.decision = {"released_extra_ms": 1e3 * extra, "extra_faults_per_step": extra_faults,
                          "fault_us": 1e6 * per_fault, "first_released_draw_extra_ms": 1e3 * first_extra,
                          "step_ms": 1e3 * step, "memory_saved_share": memory_share, "keep": self._cpu_keep}
 
