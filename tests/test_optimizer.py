@@ -780,6 +780,19 @@ def _probe_draws(step_s, released_faults=(1000, 950), released_draw_s=0.001):
     return d
 
 
+def _probed(monkeypatch, draws, **draw_kw) -> FlatNoise:
+    """A ``FlatNoise()`` after the nine draws of its probe, on the faked ``draws``."""
+    import gc
+
+    _probe_clock(monkeypatch, draws)
+    like, mech = [torch.zeros(3, 4), torch.zeros(5)], FlatNoise()
+    for _ in range(9):
+        views = mech.draw(like, 0.5, **draw_kw)
+        del views  # zero_grad(): a released buffer goes with its views
+        gc.collect()
+    return mech
+
+
 @pytest.mark.parametrize("step_s,kept", [(1.0, False), (0.1, True)])
 def test_flat_noise_on_cpu_is_released_when_its_page_faults_are_cheap(monkeypatch, step_s, kept):
     """``keep=None`` on CPU: three draws with the buffer kept, three with it released, three
@@ -820,20 +833,12 @@ def test_flat_noise_probe_counts_only_what_releasing_adds(monkeypatch):
     often), do not count against releasing: released steps faulting 1000 and 950 times
     between kept ones faulting 50 before and 900 after cost 50 faults (0.5 ms in a 100 ms
     step): released."""
-    import gc
-
     draws = _probe_draws(0.1)
     f, late = draws[5][3], []
     for (s, e, _, _), n in zip(draws[6:], (900, 900, 1000)):
         f += n
         late.append((s, e, f, f))
-    _probe_clock(monkeypatch, draws[:6] + late)
-    like = [torch.zeros(3, 4), torch.zeros(5)]
-    mech = FlatNoise()
-    for _ in range(9):
-        views = mech.draw(like, 0.5)
-        del views
-        gc.collect()
+    mech = _probed(monkeypatch, draws[:6] + late)
     assert mech.decision["extra_faults_per_step"] == 50 and mech.decision["keep"] is False
     assert mech.decision["released_extra_ms"] == pytest.approx(0.5)
 
@@ -842,16 +847,7 @@ def test_flat_noise_probe_without_fault_counts_times_the_draws(monkeypatch):
     """Where no page faults are counted (no ``resource`` module), the released draws' extra
     time over the kept ones decides: 9 ms more each in a 100 ms step keeps the buffer, and a
     fault count of zero costs nothing."""
-    import gc
-
-    draws = [(s, e, 0, 0) for s, e, _, _ in _probe_draws(0.1, released_draw_s=0.010)]
-    _probe_clock(monkeypatch, draws)
-    like = [torch.zeros(3, 4), torch.zeros(5)]
-    mech = FlatNoise()
-    for _ in range(9):
-        views = mech.draw(like, 0.5)
-        del views
-        gc.collect()
+    mech = _probed(monkeypatch, [(s, e, 0, 0) for s, e, _, _ in _probe_draws(0.1, released_draw_s=0.010)])
     assert mech.decision["keep"] is True and mech.decision["extra_faults_per_step"] == 0
     assert mech.decision["fault_us"] == pytest.approx(1e6 * FlatNoise.FAULT_SECONDS)
     assert mech.decision["released_extra_ms"] == pytest.approx(9.0)
@@ -864,15 +860,8 @@ def test_flat_noise_decision_reports_the_memory_releasing_saves(monkeypatch, hel
     (buffer + held)``, for a 128-byte buffer (two slices of 16 float32) on 0 / 16 / 128 /
     1024 bytes 0% / 11% / 50% / 11%. It informs, it does not decide: 9 ms of a 250 ms step
     (3.6%) keeps the buffer whatever it saves."""
-    import gc
-
-    _probe_clock(monkeypatch, _probe_draws(0.25))
-    like = [torch.zeros(3, 4), torch.zeros(5)]
-    mech, g = FlatNoise(), torch.Generator().manual_seed(2)
-    for _ in range(9):
-        views = mech.draw(like, 0.5, generator=g, lazy=True, held_bytes=lambda: held)
-        del views
-        gc.collect()
+    mech = _probed(monkeypatch, _probe_draws(0.25), generator=torch.Generator().manual_seed(2), lazy=True,
+                   held_bytes=lambda: held)
     assert mech.decision["keep"] is True and mech.keeps(torch.device("cpu"))
     assert mech.decision["memory_saved_share"] == pytest.approx(min(128, held) / (128 + held))
     assert mech.decision["released_extra_ms"] == pytest.approx(9.0)
