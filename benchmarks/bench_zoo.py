@@ -388,7 +388,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=15)
-    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--warmup", type=int, default=WARMUP_STEPS,
+                    help="steps of each variant before the timed rounds (past fxdp's noise-buffer decision)")
     ap.add_argument("--seconds", type=float, default=60.0, help="time budget per model (after 5 rounds)")
     ap.add_argument("--width", choices=list(WIDTHS), default="tiny",
                     help="hidden size / heads / MLP width: tiny 128/4/512, base 768/12/3072 (BERT-base, GPT-2-small)")
