@@ -10,17 +10,17 @@ from __future__ import annotations
 import bisect
 import time
 import weakref
-
-try:
-    import resource
-except ImportError:  # pragma: no cover - Windows: the probe times the draws only
-    resource = None  # type: ignore[assignment]
 from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
 
 from .secure import SecureGenerator, is_secure, secure_gaussian_mechanism, secure_normal
+
+try:
+    import resource
+except ImportError:  # pragma: no cover - Windows: the probe times the draws only
+    resource = None  # type: ignore[assignment]
 
 __all__ = ["FlatNoise", "SliceDraw", "gaussian_noise", "noisy_sum", "secure_generator"]
 
@@ -163,9 +163,8 @@ class FlatNoise:
     faults it in again), so the first nine draws measure it: three with the buffer kept, three
     with it released, three kept again, and the extra page faults of a released step over the
     kept ones on either side, at the measured cost of a fault, are set against a step
-    (:meth:`_measure`). The buffer stays
-    released when that costs at most ``RELEASE_MAX_SHARE`` of a step, else it is kept from
-    then on. timm's ViT-tiny at 64x64, B = 16 (21 MiB): the first released draw takes 7 ms
+    (:meth:`_measure`). The buffer stays released when that costs at most
+    ``RELEASE_MAX_SHARE`` of a step, else it is kept from then on. timm's ViT-tiny at 64x64, B = 16 (21 MiB): the first released draw takes 7 ms
     more (glibc grows its heap once), the next ones none, and steps fault no more
     (released); ResNet18 at 32x32 (45 MB, above glibc's 32 MiB mmap ceiling): 16 ms on every
     released draw (kept).
@@ -188,7 +187,7 @@ class FlatNoise:
 
     def __init__(self, keep: bool | None = None) -> None:
         self.keep = keep
-        self._cpu_keep = True  # keep=None on CPU: kept, released once to measure, then decided
+        self._cpu_keep = True  # keep=None on CPU: kept, released three draws and kept again to measure, then decided
         self._probe: list[tuple] = []  # (start, end, (faults at start, at end), fresh) of the draws measured
         self.decision: dict | None = None  # keep=None on CPU: the measurement and its outcome
         self._kept: Tensor | None = None  # the buffer, when held between steps
