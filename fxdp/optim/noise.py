@@ -164,11 +164,10 @@ class FlatNoise:
     with it released, three kept again, and the extra page faults of a released step over the
     kept ones on either side, at the measured cost of a fault, are set against a step
     (:meth:`_measure`). The buffer stays released when that costs at most
-    ``RELEASE_MAX_SHARE`` of a step, else it is kept from then on. timm's ViT-tiny at 64x64, B = 16 (21 MiB): the first released draw takes 7 ms
-    more (glibc grows its heap once), the next ones none, and steps fault no more
-    (released); ResNet18 at 32x32 (45 MB, above glibc's 32 MiB mmap ceiling): 16 ms on every
-    released draw (kept).
-    ``decision`` reports what was measured, and ``memory_saved_share``: a held buffer
+    ``RELEASE_MAX_SHARE`` of a step, else it is kept from then on. timm's ViT-tiny at
+    64x64, B = 16 (21 MiB): the first released draw takes 7 ms more (glibc grows its heap
+    once), the next ones none, and steps fault no more (released); ResNet18 at 32x32 (45 MB,
+    above glibc's 32 MiB mmap ceiling): 16 ms on every released draw (kept). ``decision`` reports what was measured, and ``memory_saved_share``: a held buffer
     stacks on what the step holds at the draw (``held_bytes``: book-keeping's records), so
     releasing saves about ``min(buffer, held) / (buffer + held)`` of the step's peak (ViT-tiny:
     21 MiB of noise on 39 MiB of records, 34%).
