@@ -164,13 +164,17 @@ class FlatNoise:
     with it released, three kept again, and the extra page faults of a released step over the
     kept ones on either side, at the measured cost of a fault, are set against a step
     (:meth:`_measure`). The buffer stays released when that costs at most
-    ``RELEASE_MAX_SHARE`` of a step, else it is kept from then on. timm's ViT-tiny at
-    64x64, B = 16 (21 MiB): the first released draw takes 7 ms more (glibc grows its heap
-    once), the next ones none, and steps fault no more (released); ResNet18 at 32x32 (45 MB,
-    above glibc's 32 MiB mmap ceiling): 16 ms on every released draw (kept). ``decision`` reports what was measured, and ``memory_saved_share``: a held buffer
-    stacks on what the step holds at the draw (``held_bytes``: book-keeping's records), so
-    releasing saves about ``min(buffer, held) / (buffer + held)`` of the step's peak (ViT-tiny:
-    21 MiB of noise on 39 MiB of records, 34%).
+    ``RELEASE_MAX_SHARE`` (2%) of a step, or up to ``RELEASE_FOR_MEMORY_MAX_SHARE`` (5%) where
+    releasing saves at least that share of the step's peak memory (``memory_saved_share``,
+    below), else it is kept from then on. timm's ViT-tiny at 64x64, B = 16 (21 MiB): the
+    first released draw takes 7 ms more (glibc grows its heap once), the next ones none, and
+    steps fault no more (released); ResNet18 at 32x32 (45 MB, above glibc's 32 MiB mmap
+    ceiling): 16 ms on every released draw, 11% of a step, for 11% of its peak (kept); Llama
+    768 wide at T = 512 (44 MB): 16-54 ms of a 0.9-1.2 s step for 38% (released).
+    ``decision`` reports what was measured, and ``memory_saved_share``: a held buffer stacks
+    on what the step holds at the draw (``held_bytes``: book-keeping's records), so releasing
+    saves about ``min(buffer, held) / (buffer + held)`` of the step's peak (ViT-tiny: 21 MiB
+    of noise on 39 MiB of records, 34%).
 
     Sums of mixed dtype or device, half-precision sums (noise drawn in float32 and
     rounded once) and secure generators keep :func:`noisy_sum` per sum. The noise has
@@ -178,8 +182,11 @@ class FlatNoise:
     bits differ from a per-parameter draw with the same seed.
     """
 
-    #: the largest share of a step that releasing the CPU buffer may cost (``keep=None``)
+    #: the largest share of a step that releasing the CPU buffer may cost (``keep=None``) ...
     RELEASE_MAX_SHARE = 0.02
+    #: ... or, where releasing saves at least as large a share of the step's peak memory
+    #: (``memory_saved_share``), up to this share
+    RELEASE_FOR_MEMORY_MAX_SHARE = 0.05
     #: the cost of a page fault where the probe's first released draw takes too few to time
     #: one (about 1.4 us here: zeroing a 4 KiB page and the kernel's entry and exit)
     FAULT_SECONDS = 1.5e-6
@@ -242,10 +249,12 @@ class FlatNoise:
         per_fault = max(seconds[calib] - reused, 0.0) / n_faults if n_faults >= 256 else self.FAULT_SECONDS
         extra = max(extra_faults * per_fault, min(seconds[4:6]) - reused, 0.0)
         memory_share = min(buffer_bytes, held_bytes) / (buffer_bytes + held_bytes) if buffer_bytes else 0.0
-        self._cpu_keep = extra > self.RELEASE_MAX_SHARE * step
+        allowed = max(self.RELEASE_MAX_SHARE, min(memory_share, self.RELEASE_FOR_MEMORY_MAX_SHARE))
+        self._cpu_keep = extra > allowed * step
         self.decision = {"released_extra_ms": 1e3 * extra, "extra_faults_per_step": extra_faults,
                          "fault_us": 1e6 * per_fault, "first_released_draw_extra_ms": 1e3 * first_extra,
-                         "step_ms": 1e3 * step, "memory_saved_share": memory_share, "keep": self._cpu_keep}
+                         "step_ms": 1e3 * step, "memory_saved_share": memory_share, "allowed_share": allowed,
+                         "keep": self._cpu_keep}
 
     def __call__(self, sums: Sequence[Tensor], std: float, *, generator: torch.Generator | None = None) -> list[Tensor]:
         _check_std(std)
