@@ -222,8 +222,10 @@ class FlatNoise:
         their two counts; what releasing costs a step is the released steps' faults beyond
         the kept ones' on either side (glibc trims its heap now and then, more as a process
         runs, kept or not), at the cost per fault of the released draw that faulted most, or the
-        released draws' extra time where that is more. The first released draw's own extra
-        is one-off (glibc grows its heap once) and only reported."""
+        released draws' extra time where that is more, is set against the share of a step
+        allowed (``RELEASE_MAX_SHARE``, or up to ``RELEASE_FOR_MEMORY_MAX_SHARE`` for as large a
+        share of the peak saved). The first released draw's own extra is one-off (glibc grows
+        its heap once) and only reported."""
         self._probe.append((start, end, faults, fresh))
         n = len(self._probe)
         if n in (2, 3) and fresh:  # the layout changed while kept: start again
