@@ -18,8 +18,10 @@ A step is ``zero_grad``, forward, cross-entropy, backward, ``optimizer.step()``
 (clip, noise, update), all DP work included. Method (the machines are noisy):
 
 * variants run interleaved round-robin, the starting variant rotating from round
-  to round, after ``--warmup`` steps each; in a round each variant runs ``n``
-  consecutive steps (its time: their mean), ``n`` set per cell so that the
+  to round, after ``--warmup`` steps each (fxdp's: at least ``WARMUP_STEPS``, past
+  the noise buffer's keep decision, so no probe step is timed); in a round each
+  variant runs ``n`` consecutive steps (its time: their mean), ``n`` set per cell
+  so that the
   non-private steps last about ``--burst-ms`` (25 ms; ``n`` = 1 from there on, at
   most 20), after one untimed step when ``n`` > 1, so that a short step is timed
   after its own previous step, as in a training loop, and not with caches another
@@ -111,8 +113,9 @@ class Variant:
     counted in the step's peak."""
 
     def __init__(self, name: str, step: Callable[[], None], zero: Callable[[], None], info: str = "",
-                 held: Callable[[], int] = lambda: 0) -> None:
+                 held: Callable[[], int] = lambda: 0, min_warmup: int = 0) -> None:
         self.name, self.step, self.zero, self.info, self.held = name, step, zero, info, held
+        self.min_warmup = min_warmup  # fxdp: past the noise buffer's keep decision (its first steps)
 
 
 def _quiet(fn: Callable[[], Any]) -> Any:
@@ -155,7 +158,7 @@ def build_variant(name: str, base: nn.Module, x: torch.Tensor, y: torch.Tensor) 
             F.cross_entropy(dp(x), y).backward()
             opt.step()
 
-        return Variant(name, step, opt.zero_grad, info=rules, held=noise_held(opt))
+        return Variant(name, step, opt.zero_grad, info=rules, held=noise_held(opt), min_warmup=WARMUP_STEPS)
 
     if name.startswith("opacus_"):
         if not HAVE_OPACUS:
@@ -231,7 +234,7 @@ def run_cell(
         cell["variants"][name] = entry
         try:
             v = build_variant(name, base, x, y)
-            for _ in range(warmup):
+            for _ in range(max(warmup, v.min_warmup)):  # timed steps are the steady state's
                 v.step()
             live.append(v)
             if v.info:
