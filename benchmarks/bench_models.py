@@ -21,9 +21,8 @@ A step is ``zero_grad``, forward, cross-entropy, backward, ``optimizer.step()``
   to round, after ``--warmup`` steps each (fxdp's: at least ``WARMUP_STEPS``, past
   the noise buffer's keep decision, so no probe step is timed); in a round each
   variant runs ``n`` consecutive steps (its time: their mean), ``n`` set per cell
-  so that the
-  non-private steps last about ``--burst-ms`` (25 ms; ``n`` = 1 from there on, at
-  most 20), after one untimed step when ``n`` > 1, so that a short step is timed
+  so that the non-private steps last about ``--burst-ms`` (25 ms; ``n`` = 1 from
+  there on, at most 20), after one untimed step when ``n`` > 1, so that a short step is timed
   after its own previous step, as in a training loop, and not with caches another
   variant emptied;
 * per round the ratio of each variant to ``nonprivate`` and to Opacus' fastest
