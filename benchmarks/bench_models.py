@@ -29,6 +29,10 @@ A step is ``zero_grad``, forward, cross-entropy, backward, ``optimizer.step()``
   mode (the Opacus variant with the lower median in that cell) is formed, and the
   report gives the *median of per-round ratios* (robust to load drifting over
   minutes) beside the median ms per step;
+* each cell is timed in a fresh process, and a cell of short steps (``n`` > 1) in
+  ``--processes`` (3) fresh processes: its ratios differ from process to process by
+  more than from round to round; the figures are the medians over the processes, and
+  the table gives the processes' range of ``xNP``;
 * peak memory: the peak resident memory one step adds above the model, optimizer
   state and data, each cell and variant measured alone in a child process (method in
   ``_memory.py``); fxdp's flat noise buffer, kept between steps, counts as the step's.
@@ -54,6 +58,7 @@ import math
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 import traceback
@@ -218,32 +223,29 @@ def steps_per_round(live: List[Variant], burst_ms: float) -> int:
     return max(1, min(20, round(burst_ms / max(ms, 1e-3))))
 
 
-def run_cell(
-    model_name: str, B: int, variants: List[str], rounds: int, warmup: int, cell_seconds: float, memory: bool,
-    burst_ms: float = 0.0,
-) -> Dict[str, Any]:
+def time_cell(model_name: str, B: int, variants: List[str], rounds: int, warmup: int, cell_seconds: float,
+              burst_ms: float = 0.0) -> Dict[str, Any]:
+    """One process's timing of a cell: every variant built, warmed up and run interleaved;
+    per variant its step times (s), or the error that kept it from running."""
     spec = M.MODELS[model_name]
     torch.manual_seed(0)
     base = spec.build()
     x, y = spec.batch(B, torch.Generator().manual_seed(0))
-    cell: Dict[str, Any] = {"model": model_name, "batch_size": B, "variants": {}}
+    out: Dict[str, Any] = {"times": {}, "errors": {}, "rules": {}}
     live: List[Variant] = []
     for name in variants:
-        entry: Dict[str, Any] = {}
-        cell["variants"][name] = entry
         try:
             v = build_variant(name, base, x, y)
             for _ in range(max(warmup, v.min_warmup)):  # timed steps are the steady state's
                 v.step()
             live.append(v)
             if v.info:
-                entry["rules"] = v.info
+                out["rules"][name] = v.info
         except Exception as e:  # a miss is a result: report it
-            entry["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+            out["errors"][name] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
             traceback.print_exc(limit=2)
     times: Dict[str, List[float]] = {v.name: [] for v in live}
     n = steps_per_round(live, burst_ms)
-    cell["steps_per_round"] = n
     t0 = time.perf_counter()
     r = 0
     while r < rounds and live:
@@ -259,28 +261,73 @@ def run_cell(
         r += 1
         if r >= 3 and time.perf_counter() - t0 > cell_seconds:
             break
-    cell["rounds"] = r
-    for v in live:
-        ts = times[v.name]
-        e = cell["variants"][v.name]
-        e["ms"] = 1e3 * statistics.median(ts)
-        e["ms_min"] = 1e3 * min(ts)
-        e["times_ms"] = [round(1e3 * t, 3) for t in ts]
-    # ratios: medians of per-round ratios
-    opacus = [n for n in ("opacus_hooks", "opacus_ghost") if n in times and times[n]]
-    best = min(opacus, key=lambda n: statistics.median(times[n])) if opacus else None
+    out.update(times=times, rounds=r, steps_per_round=n)
+    return out
+
+
+def _ratios(times: Dict[str, List[float]], of: str) -> Dict[str, float]:
+    """Each variant's median of per-round ratios to variant ``of``."""
+    return {k: statistics.median(a / b for a, b in zip(ts, times[of])) for k, ts in times.items()}
+
+
+def run_cell(
+    model_name: str, B: int, variants: List[str], rounds: int, warmup: int, cell_seconds: float, memory: bool,
+    burst_ms: float = 0.0, processes: int = 1,
+) -> Dict[str, Any]:
+    """A cell timed in fresh processes: one, and ``processes`` in all when the steps are
+    short (bursts of several steps), whose ratios differ from process to process by more
+    than a round's spread (the embedding net at B = 128: 1.23-1.41x over six processes;
+    glibc's heap, and the page faults it costs, differ); the figures are the medians over
+    the processes, each process's ratios reported too."""
+    args = ["--timing-child", model_name, str(B), "--variants", *variants, "--rounds", str(rounds),
+            "--warmup", str(warmup), "--cell-seconds", str(cell_seconds), "--burst-ms", str(burst_ms),
+            "--threads", str(torch.get_num_threads())]
+    runs = [_child_json(args)]
+    if runs[0]["steps_per_round"] > 1:
+        runs += [_child_json(args) for _ in range(processes - 1)]
+    first = runs[0]
+    cell: Dict[str, Any] = {"model": model_name, "batch_size": B, "variants": {}, "processes": len(runs),
+                            "rounds": first["rounds"], "steps_per_round": first["steps_per_round"]}
+    for name in variants:
+        e: Dict[str, Any] = {}
+        cell["variants"][name] = e
+        if name in first["errors"]:
+            e["error"] = first["errors"][name]
+        if name in first["rules"]:
+            e["rules"] = first["rules"][name]
+    live = [n for n in variants if all(n in r["times"] and r["times"][n] for r in runs)]
+    modes = [n for n in ("opacus_hooks", "opacus_ghost") if n in live]
+    best = min(modes, key=lambda n: statistics.median(
+        statistics.median(r["times"][n]) for r in runs)) if modes else None
     cell["opacus_fastest"] = best
-    for v in live:
-        e = cell["variants"][v.name]
-        if "nonprivate" in times:
-            e["x_nonprivate"] = statistics.median(a / b for a, b in zip(times[v.name], times["nonprivate"]))
+    per_run = [(_ratios(r["times"], "nonprivate") if "nonprivate" in live else {},
+                _ratios(r["times"], best) if best else {}) for r in runs]
+    for name in live:
+        e = cell["variants"][name]
+        ms = [1e3 * statistics.median(r["times"][name]) for r in runs]
+        e["ms"] = statistics.median(ms)
+        e["ms_min"] = 1e3 * min(min(r["times"][name]) for r in runs)
+        e["times_ms"] = [[round(1e3 * t, 3) for t in r["times"][name]] for r in runs]  # per process
+        if per_run[0][0]:
+            e["x_nonprivate_runs"] = [x[name] for x, _ in per_run]
+            e["x_nonprivate"] = statistics.median(e["x_nonprivate_runs"])
         if best is not None:
-            e["x_opacus_fastest"] = statistics.median(a / b for a, b in zip(times[v.name], times[best]))
+            e["x_opacus_fastest_runs"] = [x[name] for _, x in per_run]
+            e["x_opacus_fastest"] = statistics.median(e["x_opacus_fastest_runs"])
     if memory:
-        peaks = memory_cell(model_name, B, [v.name for v in live], threads=torch.get_num_threads())
+        peaks = memory_cell(model_name, B, live, threads=torch.get_num_threads())
         for name, peak in peaks.items():
             cell["variants"][name]["peak_mib"] = peak
     return cell
+
+
+def _child_json(args: List[str]) -> Dict[str, Any]:
+    """Run this script with ``args`` in a fresh process; the JSON its last stdout line prints."""
+    out = subprocess.run([sys.executable, os.path.abspath(__file__)] + args, capture_output=True, text=True)
+    lines = out.stdout.strip().splitlines()
+    if out.returncode != 0 or not lines:
+        raise RuntimeError(f"timing child failed ({out.returncode}): {out.stderr.strip()[-500:]}")
+    return json.loads(lines[-1])
 
 
 def memory_cell(model_name: str, B: int, variants: List[str], threads: int) -> Dict[str, Optional[float]]:
@@ -337,7 +384,8 @@ def markdown(data: Dict[str, Any]) -> str:
         "Each cell: median ms per step / median of per-round ratios to non-private (`xNP`) and to Opacus' "
         "fastest mode in that row (`xOp`) / peak MiB the step adds above the model and optimizer state "
         "(fxdp's flat noise buffer, kept between steps, counted as the step's). `rounds × n`: n consecutive steps "
-        "of each variant per round (short steps). "
+        "of each variant per round (short steps); `p × rounds × n`: short steps timed in p fresh processes, "
+        "the figures their medians, `(lo-hi)` the processes' range of xNP. "
         "`fxdp bk` targets (issue 13): ≤ 1.5x NP (CNNs), ≤ 1.2x (embedding), ≤ 3x (LSTM) from B = 128; "
         "≤ 0.67x Opacus' fastest (1.5x faster); peak memory ≤ 1.3x NP, and ≤ Opacus'.",
         "",
@@ -348,8 +396,8 @@ def markdown(data: Dict[str, Any]) -> str:
     lines += ["| model | B | rounds | " + " | ".join(_TITLES[v] for v in shown) + " | bk target |",
               "|---|---|---|" + "---|" * len(shown) + "---|"]
     for c in cells:
-        n = c.get("steps_per_round", 1)
-        rounds = str(c.get("rounds", "—")) + (f" × {n}" if n > 1 else "")
+        n, procs = c.get("steps_per_round", 1), c.get("processes", 1)
+        rounds = (f"{procs} × " if procs > 1 else "") + str(c.get("rounds", "—")) + (f" × {n}" if n > 1 else "")
         row = [M.MODELS[c["model"]].title, str(c["batch_size"]), rounds]
         for name in shown:
             e = c["variants"].get(name)
@@ -361,6 +409,9 @@ def markdown(data: Dict[str, Any]) -> str:
                 s = f"{_fmt(e.get('ms'), '.1f')} ms"
                 if name != "nonprivate":
                     s += f" / {_fmt(e.get('x_nonprivate'), '.2f')}xNP"
+                    runs = e.get("x_nonprivate_runs") or []
+                    if len(runs) > 1:  # the spread over the processes
+                        s += f" ({min(runs):.2f}-{max(runs):.2f})"
                 if e.get("x_opacus_fastest") is not None and not name.startswith("opacus"):
                     s += f" / {_fmt(e.get('x_opacus_fastest'), '.2f')}xOp"
                 s += f" / {_fmt(e.get('peak_mib'), '.1f')} MiB"
@@ -415,7 +466,10 @@ def main(argv: Optional[List[str]] = None) -> None:
     ap.add_argument("--burst-ms", type=float, default=25.0,
                     help="each round, each variant runs consecutive steps lasting about this long in the "
                     "non-private variant (at most 20 steps; 0: one step)")
-    ap.add_argument("--cell-seconds", type=float, default=90.0, help="stop a cell after this long (>= 3 rounds)")
+    ap.add_argument("--cell-seconds", type=float, default=90.0,
+                    help="stop a process's timing of a cell after this long (>= 3 rounds)")
+    ap.add_argument("--processes", type=int, default=3,
+                    help="fresh processes timing each cell of short steps (bursts; see run_cell); 1 otherwise")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (see README: why 1)")
     ap.add_argument("--no-memory", action="store_true")
     ap.add_argument("--quick", action="store_true", help="smoke run: B=8, 3 rounds, not saved")
@@ -425,12 +479,17 @@ def main(argv: Optional[List[str]] = None) -> None:
     ap.add_argument("--merge", nargs="+", metavar="JSON", help="merge the cells of these result files into --out "
                     "(rewriting models.md) and exit")
     ap.add_argument("--memory-child", nargs=2, metavar=("MODEL", "B"), help=argparse.SUPPRESS)
+    ap.add_argument("--timing-child", nargs=2, metavar=("MODEL", "B"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", message="Full backward hook is firing")  # Opacus ghost, harmless
     if args.memory_child:
         _memory_child(args.memory_child[0], int(args.memory_child[1]), args.variants)
+        return
+    if args.timing_child:
+        print(json.dumps(time_cell(args.timing_child[0], int(args.timing_child[1]), args.variants, args.rounds,
+                                   args.warmup, args.cell_seconds, args.burst_ms)))
         return
     if args.memory_only:  # re-measure peak memory of the cells already in --out
         with open(args.out) as f:
@@ -456,7 +515,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     if args.large:
         sizes = sorted(set(sizes) | {1024, 2048})
     variants = [v for v in args.variants if HAVE_OPACUS or not v.startswith("opacus")]
-    rounds, warmup = (3, 1) if args.quick else (args.rounds, args.warmup)
+    rounds, warmup, processes = (3, 1, 1) if args.quick else (args.rounds, args.warmup, args.processes)
 
     data: Dict[str, Any] = {"cells": {}}
     if not args.quick and os.path.exists(args.out):
@@ -472,7 +531,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         for B in sizes:
             t = time.perf_counter()
             cell = run_cell(name, B, variants, rounds, warmup, args.cell_seconds, not args.no_memory,
-                            args.burst_ms)
+                            args.burst_ms, processes)
             cell["load_avg"] = os.getloadavg()[0]
             cell["date"] = time.strftime("%Y-%m-%d %H:%M")
             data["cells"][f"{name}/{B}"] = cell
@@ -480,7 +539,8 @@ def main(argv: Optional[List[str]] = None) -> None:
                 f"{k}={v['ms']:.1f}ms x{v.get('x_nonprivate', float('nan')):.2f}" if "ms" in v else f"{k}=miss"
                 for k, v in cell["variants"].items()
             )
-            print(f"{name} B={B} ({cell['rounds']} rounds, {time.perf_counter() - t:.0f}s): {brief}", flush=True)
+            print(f"{name} B={B} ({cell['processes']} x {cell['rounds']} rounds, {time.perf_counter() - t:.0f}s): "
+                  f"{brief}", flush=True)
             if not args.quick:
                 _write(data, args.out)
     if args.quick:

@@ -101,3 +101,36 @@ def test_memory_counts_the_noise_buffer_fxdp_keeps_between_steps():
     if os.path.exists("/proc/self/clear_refs"):  # a step that allocates nothing still adds what is held
         peak = bench.peak_step_memory(lambda: None, lambda: None, lambda: 64 << 20)
         assert peak is None or peak >= 64.0
+
+
+def test_short_step_cells_are_timed_in_several_processes_and_their_medians_reported(monkeypatch):
+    """Short steps differ from process to process by more than a round's spread, so such a
+    cell is timed in several fresh processes and reports the medians over them, and each
+    process's ratio; a cell of long steps (one step a round) is timed once."""
+    bench = _bench_models()
+    runs = iter([
+        {"times": {"nonprivate": [1.0, 1.0, 1.0], "fxdp_bk": [1.2, 1.4, 1.3], "opacus_hooks": [2.0, 2.0, 2.0]},
+         "errors": {"opacus_ghost": "RuntimeError: x"}, "rules": {"fxdp_bk": "conv"}, "rounds": 3,
+         "steps_per_round": 7},
+        {"times": {"nonprivate": [2.0, 2.0, 2.0], "fxdp_bk": [3.2, 3.0, 3.2], "opacus_hooks": [4.4, 4.4, 4.4]},
+         "errors": {"opacus_ghost": "RuntimeError: x"}, "rules": {}, "rounds": 3, "steps_per_round": 7},
+        {"times": {"nonprivate": [1.0, 1.0, 1.0], "fxdp_bk": [1.1, 1.1, 1.1], "opacus_hooks": [3.0, 3.0, 3.0]},
+         "errors": {"opacus_ghost": "RuntimeError: x"}, "rules": {}, "rounds": 3, "steps_per_round": 7},
+    ])
+    monkeypatch.setattr(bench, "_child_json", lambda args: next(runs))
+    variants = ["nonprivate", "fxdp_bk", "opacus_hooks", "opacus_ghost"]
+    cell = bench.run_cell("mnist", 8, variants, 3, 1, 1.0, memory=False, burst_ms=25.0, processes=3)
+    bk = cell["variants"]["fxdp_bk"]
+    assert cell["processes"] == 3 and cell["opacus_fastest"] == "opacus_hooks"
+    assert bk["x_nonprivate_runs"] == pytest.approx([1.3, 1.6, 1.1])
+    assert bk["x_nonprivate"] == pytest.approx(1.3) and bk["ms"] == pytest.approx(1300.0)
+    assert bk["x_opacus_fastest"] == pytest.approx(1.3 / 2.0) and bk["rules"] == "conv"  # runs: .65, .73, .37
+    assert cell["variants"]["opacus_ghost"] == {"error": "RuntimeError: x"}
+    assert "1.30xNP (1.10-1.60)" in bench.markdown({"cells": {"mnist/8": cell}})
+
+    long_steps = {"times": {"nonprivate": [1.0] * 3, "fxdp_bk": [1.2] * 3}, "errors": {}, "rules": {},
+                  "rounds": 3, "steps_per_round": 1}
+    calls = []
+    monkeypatch.setattr(bench, "_child_json", lambda args: calls.append(args) or long_steps)
+    cell = bench.run_cell("mnist", 8, ["nonprivate", "fxdp_bk"], 3, 1, 1.0, memory=False, processes=3)
+    assert len(calls) == 1 and cell["processes"] == 1 and cell["variants"]["fxdp_bk"]["x_nonprivate"] == 1.2
