@@ -11,7 +11,8 @@ Sections (all single-process, ``--threads`` intra-op threads, fixed seeds):
    negligible and the time is framework overhead;
 3. ``torch.profiler``: the aten ops of one step by self CPU time, and the number
    of ops per step (each op costs ~5-20 us of dispatch on CPU);
-4. ``cProfile``: the Python functions with the most own time per step.
+4. ``cProfile``: the Python functions with the most own time per step;
+5. ATen calls per phase, counted at the dispatcher, against the non-private step's.
 
 (The A/B ratios in benchmarks/README.md, "Profile", come from one-off scripts that
 switched a change on and off between interleaved steps of one process.)
@@ -32,6 +33,7 @@ import statistics
 import sys
 import time
 import warnings
+from collections import Counter
 from typing import Dict, List
 
 import torch
@@ -185,6 +187,41 @@ def py_profile(model: str, mode: str, B: int, rows: int) -> None:
     print("(ncalls and times are totals over", n, "steps)")
 
 
+def aten_calls(model: str, modes: List[str], B: int, rows: int) -> None:
+    """ATen calls per phase of one step, counted at the dispatcher (``TorchDispatchMode``:
+    each call once, as the kernels see them), against the non-private step's; the fixed
+    per-step cost grows with them."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.ops: Counter = Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops[str(func)] += 1
+            return func(*args, **(kwargs or {}))
+
+    print(f"\n## ATen calls per step, {model} B={B}: forward / backward / optimizer step (zero_grad in forward)")
+    print("| mode | forward | backward | opt_step | total | most called in the step |\n|---|---|---|---|---|---|")
+    for mode in ["nonprivate"] + [m for m in modes if m != "nonprivate"]:
+        s = Stepper(model, mode, B)
+        for _ in range(12):  # past the noise buffer's keep decision
+            s.step()
+        counts = [Count(), Count(), Count()]
+        with counts[0]:
+            s.opt.zero_grad()
+            loss = F.cross_entropy(s.model(s.x), s.y)
+        with counts[1]:
+            loss.backward()
+        with counts[2]:
+            s.opt.step()
+        total = sum((c.ops for c in counts), Counter())
+        top = ", ".join(f"{k.split('.')[1]} {n}" for k, n in total.most_common(rows // 3))
+        n = [sum(c.ops.values()) for c in counts]
+        print(f"| {mode} | {n[0]} | {n[1]} | {n[2]} | {sum(n)} | {top} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", choices=list(M.MODELS), default="embedding")
@@ -193,7 +230,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=15)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--rows", type=int, default=15)
-    ap.add_argument("--sections", nargs="+", type=int, default=[1, 2, 3, 4])
+    ap.add_argument("--sections", nargs="+", type=int, default=[1, 2, 3, 4, 5])
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if 1 in args.sections:
@@ -205,6 +242,8 @@ def main() -> None:
             op_profile(args.model, mode, args.batch_size, args.rows)
         if 4 in args.sections:
             py_profile(args.model, mode, args.batch_size, args.rows)
+    if 5 in args.sections:
+        aten_calls(args.model, args.modes, args.batch_size, args.rows)
 
 
 if __name__ == "__main__":
