@@ -98,12 +98,16 @@ def noise_buffer_bytes(opt: Any) -> int:
     return 0 if noise is None else noise.numel() * noise.element_size()
 
 
-def _run(script: str, args: List[str], timeout: float, env: Dict[str, str]) -> Dict[str, Any]:
+def run_child(script: str, args: List[str], timeout: Optional[float] = None,
+              env: Optional[Dict[str, str]] = None) -> Dict[str, Any]:
+    """Run ``python script args`` in a fresh process (``env`` added to this one's); the
+    JSON object its last stdout line prints."""
     out = subprocess.run([sys.executable, os.path.abspath(script)] + args, capture_output=True, text=True,
-                         timeout=timeout, env=dict(os.environ, **env))
+                         timeout=timeout, env=dict(os.environ, **(env or {})))
     lines = out.stdout.strip().splitlines()
     if out.returncode != 0 or not lines:
-        raise RuntimeError(f"memory child failed ({out.returncode}): {out.stderr.strip()[-300:]}")
+        raise RuntimeError(f"benchmark child {' '.join(args[:3])} failed ({out.returncode}): "
+                           f"{out.stderr.strip()[-500:]}")
     return json.loads(lines[-1])
 
 
@@ -114,10 +118,10 @@ def in_child(script: str, args: List[str], timeout: float = 1800,
     touching the resident set); return the JSON object its last stdout line prints.
     A child with one ``DPOptimizer`` first runs unpinned to its noise-buffer decision
     (appended to ``decisions``: kept or not)."""
-    decided = [v for v in _run(script, args, timeout, {_PROBE_ENV: "1"}).values() if v is not None]
+    decided = [v for v in run_child(script, args, timeout, {_PROBE_ENV: "1"}).values() if v is not None]
     env = {"MALLOC_MMAP_THRESHOLD_": str(64 * 1024)}
     if len(decided) == 1:
         env[_KEEP_ENV] = str(int(decided[0]))
         if decisions is not None:
             decisions.append(bool(decided[0]))
-    return _run(script, args, timeout, env)
+    return run_child(script, args, timeout, env)

@@ -58,7 +58,6 @@ import math
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 import traceback
@@ -106,7 +105,7 @@ except ImportError:  # pragma: no cover - optional
 # ------------------------------------------------------------------------------ memory
 sys.path.insert(0, HERE)
 from _memory import (  # noqa: E402
-    MEM_SLACK_MIB, WARMUP_STEPS, in_child, noise_held, peak_step_memory,
+    MEM_SLACK_MIB, WARMUP_STEPS, in_child, noise_held, peak_step_memory, run_child,
 )
 
 
@@ -282,9 +281,9 @@ def run_cell(
     args = ["--timing-child", model_name, str(B), "--variants", *variants, "--rounds", str(rounds),
             "--warmup", str(warmup), "--cell-seconds", str(cell_seconds), "--burst-ms", str(burst_ms),
             "--threads", str(torch.get_num_threads())]
-    runs = [_child_json(args)]
+    runs = [run_child(__file__, args)]
     if runs[0]["steps_per_round"] > 1:
-        runs += [_child_json(args) for _ in range(processes - 1)]
+        runs += [run_child(__file__, args) for _ in range(processes - 1)]
     first = runs[0]
     cell: Dict[str, Any] = {"model": model_name, "batch_size": B, "variants": {}, "processes": len(runs),
                             "rounds": first["rounds"], "steps_per_round": first["steps_per_round"]}
@@ -319,15 +318,6 @@ def run_cell(
         for name, peak in peaks.items():
             cell["variants"][name]["peak_mib"] = peak
     return cell
-
-
-def _child_json(args: List[str]) -> Dict[str, Any]:
-    """Run this script with ``args`` in a fresh process; the JSON its last stdout line prints."""
-    out = subprocess.run([sys.executable, os.path.abspath(__file__)] + args, capture_output=True, text=True)
-    lines = out.stdout.strip().splitlines()
-    if out.returncode != 0 or not lines:
-        raise RuntimeError(f"timing child failed ({out.returncode}): {out.stderr.strip()[-500:]}")
-    return json.loads(lines[-1])
 
 
 def memory_cell(model_name: str, B: int, variants: List[str], threads: int) -> Dict[str, Optional[float]]:

@@ -117,7 +117,7 @@ def test_short_step_cells_are_timed_in_several_processes_and_their_medians_repor
         {"times": {"nonprivate": [1.0, 1.0, 1.0], "fxdp_bk": [1.1, 1.1, 1.1], "opacus_hooks": [3.0, 3.0, 3.0]},
          "errors": {"opacus_ghost": "RuntimeError: x"}, "rules": {}, "rounds": 3, "steps_per_round": 7},
     ])
-    monkeypatch.setattr(bench, "_child_json", lambda args: next(runs))
+    monkeypatch.setattr(bench, "run_child", lambda script, args: next(runs))
     variants = ["nonprivate", "fxdp_bk", "opacus_hooks", "opacus_ghost"]
     cell = bench.run_cell("mnist", 8, variants, 3, 1, 1.0, memory=False, burst_ms=25.0, processes=3)
     bk = cell["variants"]["fxdp_bk"]
@@ -131,6 +131,6 @@ def test_short_step_cells_are_timed_in_several_processes_and_their_medians_repor
     long_steps = {"times": {"nonprivate": [1.0] * 3, "fxdp_bk": [1.2] * 3}, "errors": {}, "rules": {},
                   "rounds": 3, "steps_per_round": 1}
     calls = []
-    monkeypatch.setattr(bench, "_child_json", lambda args: calls.append(args) or long_steps)
+    monkeypatch.setattr(bench, "run_child", lambda script, args: calls.append(args) or long_steps)
     cell = bench.run_cell("mnist", 8, ["nonprivate", "fxdp_bk"], 3, 1, 1.0, memory=False, processes=3)
     assert len(calls) == 1 and cell["processes"] == 1 and cell["variants"]["fxdp_bk"]["x_nonprivate"] == 1.2
