@@ -25,7 +25,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 import warnings
@@ -38,7 +37,7 @@ from torch import Tensor, nn
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import bench_models  # noqa: E402,F401  (puts the repo on sys.path)
-from _memory import WARMUP_STEPS, _pin_mmap_threshold, peak_step_memory  # noqa: E402
+from _memory import WARMUP_STEPS, _pin_mmap_threshold, peak_step_memory, run_child  # noqa: E402
 
 import fxdp  # noqa: E402
 from fxdp.optim import DPOptimizer  # noqa: E402
@@ -233,11 +232,9 @@ def main() -> None:
         print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in c.items()}), flush=True)
         cells.append(c)
     if not args.no_memory:
-        cmd = [sys.executable, os.path.abspath(__file__), "--threads", str(args.threads), "--memory-child", json.dumps(todo)]
         try:
-            env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(64 * 1024))  # pinned from the first allocation
-            res = subprocess.run(cmd, capture_output=True, text=True, env=env)
-            mem = json.loads(res.stdout.strip().splitlines()[-1])
+            mem = run_child(__file__, ["--threads", str(args.threads), "--memory-child", json.dumps(todo)],
+                            env={"MALLOC_MMAP_THRESHOLD_": str(64 * 1024)})  # pinned from the first allocation
         except Exception as e:
             print(f"memory measurement failed: {e}", file=sys.stderr)
             mem = {}
