@@ -290,8 +290,9 @@ def run_cell(
     for name in variants:
         e: Dict[str, Any] = {}
         cell["variants"][name] = e
-        if name in first["errors"]:
-            e["error"] = first["errors"][name]
+        errors = [r["errors"][name] for r in runs if name in r["errors"]]
+        if errors:  # failed in any process: reported, not timed
+            e["error"] = errors[0]
         if name in first["rules"]:
             e["rules"] = first["rules"][name]
     live = [n for n in variants if all(n in r["times"] and r["times"][n] for r in runs)]

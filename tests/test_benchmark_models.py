@@ -115,10 +115,11 @@ def test_short_step_cells_are_timed_in_several_processes_and_their_medians_repor
         {"times": {"nonprivate": [2.0, 2.0, 2.0], "fxdp_bk": [3.2, 3.0, 3.2], "opacus_hooks": [4.4, 4.4, 4.4]},
          "errors": {"opacus_ghost": "RuntimeError: x"}, "rules": {}, "rounds": 3, "steps_per_round": 7},
         {"times": {"nonprivate": [1.0, 1.0, 1.0], "fxdp_bk": [1.1, 1.1, 1.1], "opacus_hooks": [3.0, 3.0, 3.0]},
-         "errors": {"opacus_ghost": "RuntimeError: x"}, "rules": {}, "rounds": 3, "steps_per_round": 7},
+         "errors": {"opacus_ghost": "RuntimeError: x", "fxdp_materialize": "MemoryError: y"}, "rules": {},
+         "rounds": 3, "steps_per_round": 7},
     ])
     monkeypatch.setattr(bench, "run_child", lambda script, args: next(runs))
-    variants = ["nonprivate", "fxdp_bk", "opacus_hooks", "opacus_ghost"]
+    variants = ["nonprivate", "fxdp_bk", "opacus_hooks", "opacus_ghost", "fxdp_materialize"]
     cell = bench.run_cell("mnist", 8, variants, 3, 1, 1.0, memory=False, burst_ms=25.0, processes=3)
     bk = cell["variants"]["fxdp_bk"]
     assert cell["processes"] == 3 and cell["opacus_fastest"] == "opacus_hooks"
@@ -126,6 +127,7 @@ def test_short_step_cells_are_timed_in_several_processes_and_their_medians_repor
     assert bk["x_nonprivate"] == pytest.approx(1.3) and bk["ms"] == pytest.approx(1300.0)
     assert bk["x_opacus_fastest"] == pytest.approx(1.3 / 2.0) and bk["rules"] == "conv"  # runs: .65, .73, .37
     assert cell["variants"]["opacus_ghost"] == {"error": "RuntimeError: x"}
+    assert cell["variants"]["fxdp_materialize"] == {"error": "MemoryError: y"}  # failed in one process only
     assert "1.30xNP (1.10-1.60)" in bench.markdown({"cells": {"mnist/8": cell}})
 
     long_steps = {"times": {"nonprivate": [1.0] * 3, "fxdp_bk": [1.2] * 3}, "errors": {}, "rules": {},
