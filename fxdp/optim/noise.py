@@ -15,6 +15,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
+from . import chunked_normal
+from .chunked_normal import ChunkStreams, chunked
 from .secure import SecureGenerator, is_secure, secure_gaussian_mechanism, secure_normal
 
 try:
@@ -22,7 +24,7 @@ try:
 except ImportError:  # pragma: no cover - Windows: the probe times the draws only
     resource = None  # type: ignore[assignment]
 
-__all__ = ["FlatNoise", "SliceDraw", "gaussian_noise", "noisy_sum", "secure_generator"]
+__all__ = ["FlatNoise", "SliceDraw", "fill_normal", "gaussian_noise", "noisy_sum", "secure_generator"]
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -82,6 +84,16 @@ def noisy_sum(x: Tensor, std: float, *, generator: torch.Generator | None = None
     return x + gaussian_noise(std, x.shape, dtype=x.dtype, device=x.device, generator=generator)
 
 
+def fill_normal(buf: Tensor, std: float, generator: torch.Generator | None) -> None:
+    """``buf.normal_(0, std)``; a large CPU buffer in chunks with their own streams, on
+    PyTorch's intra-op threads (:mod:`fxdp.optim.chunked_normal`: CPU's ``normal_`` runs
+    on one thread)."""
+    if chunked(buf):
+        ChunkStreams(buf.numel(), generator).fill_(buf, std)
+    else:
+        buf.normal_(0.0, std, generator=generator)
+
+
 def _minor_faults() -> int:
     """Page faults this process has taken so far (0 without ``resource``)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt if resource is not None else 0
@@ -102,8 +114,8 @@ class SliceDraw(Sequence):
     """The views of one flat noise buffer, filled in order as they are first read:
     reading view ``k`` draws every slice up to and including ``k`` that is not drawn
     yet (one ``normal_``, of at least ``MIN_ELEMENTS`` in whole slices, so small layers
-    do not cost a sampler call each). The numbers are those of one draw over the whole
-    buffer (slices aligned to 16); iterating draws the rest. No view is handed out
+    do not cost a sampler call each). The numbers are those of the whole buffer's draw
+    (:func:`fill_normal`; slices aligned to 16); iterating draws the rest. No view is handed out
     before its slice is drawn. Book-keeping reads a layer's views just before adding its
     clipped sums into them and frees the layer's record after, so the buffer's pages
     are touched as the records' memory is given back."""
@@ -115,13 +127,21 @@ class SliceDraw(Sequence):
                  generator: torch.Generator | None) -> None:
         self._buf, self._views, self._ends = buf, views, ends
         self._std, self._generator = std, generator
+        # a large buffer's chunk streams, keyed now: the generator moves on at the draw, as eagerly
+        self._streams = ChunkStreams(buf.numel(), generator) if chunked(buf) else None
         self._drawn = 0  # elements of the buffer drawn so far
 
     def _draw_to(self, end: int) -> None:
         if end > self._drawn:  # at least MIN_ELEMENTS a call, to whole slices: few sampler calls
-            k = bisect.bisect_left(self._ends, max(end, self._drawn + self.MIN_ELEMENTS))
+            least, threads = self.MIN_ELEMENTS, torch.get_num_threads()
+            if self._streams is not None and threads > 1:  # a chunk per thread a call, or it runs on one
+                least = max(least, threads * chunked_normal.CHUNK)
+            k = bisect.bisect_left(self._ends, max(end, self._drawn + least))
             end = self._ends[k] if k < len(self._ends) else self._buf.numel()
-            self._buf[self._drawn:end].normal_(0.0, self._std, generator=self._generator)
+            if self._streams is not None:
+                self._streams.fill_(self._buf, self._std, self._drawn, end)
+            else:
+                self._buf[self._drawn:end].normal_(0.0, self._std, generator=self._generator)
             self._drawn = end
 
     def __len__(self) -> int:
@@ -143,7 +163,8 @@ class FlatNoise:
     """The Gaussian mechanism on all clipped sums of a step with one draw.
 
     ``S_k + N(0, std^2)`` for every sum ``S_k``: the noise of every parameter is drawn
-    by one ``normal_`` into a flat buffer, and each sum is added into its slice in
+    at once into a flat buffer (:func:`fill_normal`: one ``normal_``, or a large CPU
+    buffer in chunks on every intra-op thread), and each sum is added into its slice in
     place; the results are views of the buffer, valid until the next call
     (``optimizer.zero_grad()`` drops them as ``p.grad``). On CPU a fresh tensor per
     parameter and a fresh sum cost page faults and one sampler call each: for
@@ -312,7 +333,7 @@ class FlatNoise:
         if std == 0:
             buf.zero_()  # draws nothing: a non-private run leaves the generator untouched
         elif not sliced:
-            buf.normal_(0.0, float(std), generator=generator)
+            fill_normal(buf, float(std), generator)
         if measuring:
             end, faults = time.perf_counter(), (faults, _minor_faults())
             self._measure(start, end, faults, fresh, held_bytes() if held_bytes else 0, numel * buf.element_size())

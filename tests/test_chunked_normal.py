@@ -1,0 +1,116 @@
+"""Chunk streams of the flat noise draw (fxdp/optim/chunked_normal.py): each chunk is a
+Mersenne Twister with a state of our choosing, its numbers independent of the thread
+count, of how the buffer is cut into draws, and distributed as N(0, std^2)."""
+
+import numpy as np
+import pytest
+import torch
+
+from fxdp.optim import chunked_normal as cn
+from fxdp.optim.noise import FlatNoise, SliceDraw, fill_normal
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    monkeypatch.setattr(cn, "CHUNK", 4096)
+    return 4096
+
+
+def test_generator_state_layout_is_the_known_one():
+    assert cn._state_template() is not None  # else every draw is one normal_ (slower, as correct)
+
+
+def test_each_chunk_runs_mt19937_from_the_state_written():
+    """The chunk generator's raw words are numpy's MT19937 from the same 624-word key: the
+    whole state is ours, not a 32-bit seed."""
+    states = cn._mt_states(3, (12345, 67890))
+    for state in states:
+        g = torch.Generator()
+        g.set_state(torch.from_numpy(state.copy()))
+        key = state[cn._STATE_AT:cn._STATE_AT + 8 * 624].view(np.uint64).astype(np.uint32)
+        mt = np.random.MT19937()
+        mt.state = {"bit_generator": "MT19937", "state": {"key": key, "pos": 624}}
+        raw = mt.random_raw(16)
+        got = torch.empty(8, dtype=torch.int64).random_(0, 2**31, generator=g)  # one int64 per two words
+        assert got.tolist() == (raw[1::2] & 0x7FFFFFFF).tolist()
+    words = states[:, cn._STATE_AT:cn._STATE_AT + 8 * 624].view(np.uint64)
+    assert len({w.tobytes() for w in words}) == 3
+
+
+def test_numbers_do_not_depend_on_threads_or_on_how_the_draw_is_cut(small_chunks):
+    n = 5 * small_chunks + 48  # five whole chunks and a short one
+    whole = {}
+    for threads in (1, 2, 3):
+        buf = torch.empty(n, dtype=torch.float64)
+        cn.ChunkStreams(n, torch.Generator().manual_seed(5)).fill_(buf, 0.5, threads=threads)
+        whole[threads] = buf
+    assert torch.equal(whole[1], whole[2]) and torch.equal(whole[1], whole[3])
+    cut = torch.empty(n, dtype=torch.float64)
+    streams = cn.ChunkStreams(n, torch.Generator().manual_seed(5))
+    for a, b in [(0, 1024), (1024, 9216), (9216, 9232), (9232, n)]:  # in order, aligned to 16, across chunks
+        streams.fill_(cut, 0.5, a, b, threads=2)
+    assert torch.equal(cut, whole[1])
+
+
+def test_chunks_are_gaussian_and_uncorrelated_across_chunks_and_draws(small_chunks):
+    """Chunk means and standard deviations within 6 standard errors of N(0, 0.7^2), and every
+    pair of chunks (of one draw and of the next) uncorrelated within 6 / sqrt(n)."""
+    n, std, g = 8 * small_chunks, 0.7, torch.Generator().manual_seed(0)
+    draws = []
+    for _ in range(2):
+        buf = torch.empty(n, dtype=torch.float64)
+        fill_normal(buf, std, g)
+        draws.append(buf.view(8, small_chunks))
+    chunks = torch.cat(draws)
+    m = small_chunks
+    assert (chunks.mean(1).abs() < 6 * std / m**0.5).all()
+    assert ((chunks.std(1) - std).abs() < 6 * std / (2 * m) ** 0.5).all()
+    corr = torch.corrcoef(chunks)
+    off = corr[~torch.eye(16, dtype=torch.bool)]
+    assert off.abs().max() < 6 / m**0.5
+
+
+def test_the_callers_generator_moves_on_by_its_key_only_and_resumes(small_chunks):
+    """Two 63-bit numbers a draw: restoring the generator's state restores the noise."""
+    n, g = 3 * small_chunks, torch.Generator().manual_seed(11)
+    saved = g.get_state()
+    a = torch.empty(n)
+    fill_normal(a, 1.0, g)
+    key_only = torch.Generator().manual_seed(11)
+    torch.empty(2, dtype=torch.int64).random_(generator=key_only)
+    assert torch.equal(g.get_state(), key_only.get_state())
+    g.set_state(saved)
+    b = torch.empty(n)
+    fill_normal(b, 1.0, g)
+    assert torch.equal(a, b)
+    c = torch.empty(n)
+    fill_normal(c, 1.0, g)
+    assert not torch.equal(b, c)
+
+
+def test_small_buffers_other_devices_and_unknown_layouts_draw_one_normal(monkeypatch, small_chunks):
+    n = small_chunks  # not more than one chunk
+    buf, ref = torch.empty(n), torch.empty(n)
+    fill_normal(buf, 0.3, torch.Generator().manual_seed(2))
+    ref.normal_(0.0, 0.3, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(buf, ref)
+    assert not cn.chunked(torch.empty(4 * n, dtype=torch.int64))
+    monkeypatch.setattr(cn, "_state_template", lambda: None)
+    big, ref = torch.empty(4 * n), torch.empty(4 * n)
+    fill_normal(big, 0.3, torch.Generator().manual_seed(2))
+    ref.normal_(0.0, 0.3, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(big, ref)
+
+
+def test_flat_noise_in_chunks_lazy_or_eager_is_the_same_draw(monkeypatch, small_chunks):
+    """The optimizer's flat buffer, drawn at once or layer by layer as book-keeping reads the
+    views (a released CPU buffer), gives the same numbers with chunk streams too."""
+    like = [torch.zeros(3000), torch.zeros(70, 100), torch.zeros(5), torch.zeros(9000)]
+    eager = FlatNoise(keep=False).draw(like, 0.5, generator=torch.Generator().manual_seed(7))
+    assert sum(v.numel() for v in eager) > small_chunks
+    monkeypatch.setattr(SliceDraw, "MIN_ELEMENTS", 20)
+    mech, g = FlatNoise(keep=False), torch.Generator().manual_seed(7)
+    lazy = mech.draw(like, 0.5, generator=g, lazy=True)
+    assert isinstance(lazy, SliceDraw)
+    for k in (1, 0, 3, 2):
+        assert torch.equal(lazy[k], eager[k])
