@@ -4,12 +4,13 @@ Needs torch 2.14.1 + torchvision + timm in their own venv (see ``zoo_vision.py``
 
     venv-vision/bin/python benchmarks/bench_vision.py [--rounds 7] [--batch-size 16]
 
-One thread; each round runs one non-private step and one full book-keeping DP step
-(forward, backward, norms, clipped sums, noise, SGD update) back to back, and the table
-reports the median of the per-round ratios; "of which the noise draw" times one
-``normal_`` of the model's parameter count (the sampler alone, a floor no DP step on
-this CPU avoids) in the same rounds, as a share of the non-private step; then the peak
-memory of one step of each (``_memory.py``). Random weights, train mode.
+One thread (``--threads``); each round runs one non-private step and one full
+book-keeping DP step (forward, backward, norms, clipped sums, noise, SGD update) back to
+back, and the table reports the median of the per-round ratios; "of which the noise draw"
+times fxdp's draw of the model's parameter count alone (``fill_normal``: the sampler, a
+floor no DP step on this CPU avoids) in the same rounds, as a share of the non-private
+step; then the peak memory of one step of each (``_memory.py``, 1 thread). Random
+weights, train mode.
 Results: ``results/vision_steps.md``.
 """
 from __future__ import annotations
@@ -26,6 +27,7 @@ import torch
 
 import fxdp
 from fxdp.optim import DPOptimizer
+from fxdp.optim.noise import fill_normal
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _memory import MEM_SLACK_MIB, WARMUP_STEPS, in_child, noise_held, peak_step_memory  # noqa: E402
@@ -80,8 +82,8 @@ def ratio(build, size: int, batch: int, rounds: int) -> tuple:
     plain_step, bk_step, dp = steps(build, size, batch)
     noise = torch.empty(sum(p.numel() for p in dp.parameters() if p.requires_grad))
 
-    def noise_draw():  # the floor of the step's noise: one normal_ into a kept buffer (FlatNoise)
-        noise.normal_(0.0, 1.0)
+    def noise_draw():  # the floor of the step's noise: fxdp's draw into a kept buffer (FlatNoise)
+        fill_normal(noise, 1.0, None)
 
     for _ in range(WARMUP_STEPS):  # warm-up, past the noise buffer's keep decision
         for f in (plain_step, bk_step, noise_draw):
@@ -140,17 +142,19 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--threads", type=int, default=1, help="intra-op threads of the timed steps")
+    ap.add_argument("--models", nargs="*", help="only the models whose name contains one of these")
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory children")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "vision_steps.md"))
     ap.add_argument("--memory-child", nargs=3, metavar=("MODEL", "B", "WHICH"), help=argparse.SUPPRESS)
     args = ap.parse_args()
-    torch.set_num_threads(1)
+    torch.set_num_threads(1 if args.memory_child else args.threads)
     if args.memory_child:
         name, batch, which = args.memory_child
         memory_child(name, int(batch), which)
         return
     lines = ["# torchvision / timm: fxdp book-keeping step time / non-private (benchmarks/bench_vision.py)", "",
-             f"torch {torch.__version__}, 1 thread, batch {args.batch_size}, median of {args.rounds} interleaved "
+             f"torch {torch.__version__}, {args.threads} thread(s), batch {args.batch_size}, median of {args.rounds} interleaved "
              "rounds; targets of issue 13: CNNs <= 1.5x, transformers (the ViT) <= 1.3x. Peak memory one step "
              "adds above the model, optimizer state and data (MiB, a child process each, `benchmarks/_memory.py`; fxdp's flat noise buffer "
              f"counted as the step's); target <= 1.3x non-private (within {MEM_SLACK_MIB} MiB). Noise buffer: kept "
@@ -160,6 +164,8 @@ def main() -> None:
              "noise buffer | memory target |",
              "|---|---|---|---|---|---|---|---|---|"]
     for name, (build, size) in _models().items():
+        if args.models and not any(m in name for m in args.models):
+            continue
         r, n, kept = ratio(build, size, args.batch_size, args.rounds)
         mem = {} if args.no_memory else peaks(name, args.batch_size)
         lines.append(f"| {name} | {size}x{size} | {r:.2f}x | {n:.2f}x | {_kept(kept)} | {_mem_cells(mem)}")
