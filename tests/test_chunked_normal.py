@@ -114,3 +114,22 @@ def test_flat_noise_in_chunks_lazy_or_eager_is_the_same_draw(monkeypatch, small_
     assert isinstance(lazy, SliceDraw)
     for k in (1, 0, 3, 2):
         assert torch.equal(lazy[k], eager[k])
+
+
+def test_the_keep_probe_times_its_draws_on_one_thread(monkeypatch, small_chunks):
+    """``FlatNoise``'s probe sets the page faults of a released buffer against a step: drawn
+    in parallel they would look cheaper than they are in the step. Once decided, all threads."""
+    calls = []
+    real = cn.ChunkStreams.fill_
+
+    def spy(self, buf, std, start=0, end=None, threads=None):
+        calls.append(threads)
+        return real(self, buf, std, start, end, threads)
+
+    monkeypatch.setattr(cn.ChunkStreams, "fill_", spy)
+    mech, g = FlatNoise(), torch.Generator().manual_seed(0)
+    like = [torch.zeros(3 * small_chunks)]
+    for _ in range(10):
+        mech.draw(like, 1.0, generator=g)
+    assert mech.decision is not None
+    assert calls == [1] * 9 + [None]

@@ -84,12 +84,12 @@ def noisy_sum(x: Tensor, std: float, *, generator: torch.Generator | None = None
     return x + gaussian_noise(std, x.shape, dtype=x.dtype, device=x.device, generator=generator)
 
 
-def fill_normal(buf: Tensor, std: float, generator: torch.Generator | None) -> None:
+def fill_normal(buf: Tensor, std: float, generator: torch.Generator | None, threads: int | None = None) -> None:
     """``buf.normal_(0, std)``; a large CPU buffer in chunks with their own streams, on
-    PyTorch's intra-op threads (:mod:`fxdp.optim.chunked_normal`: CPU's ``normal_`` runs
-    on one thread)."""
+    ``threads`` (default: PyTorch's intra-op threads; :mod:`fxdp.optim.chunked_normal`:
+    CPU's ``normal_`` runs on one thread). The numbers do not depend on ``threads``."""
     if chunked(buf):
-        ChunkStreams(buf.numel(), generator).fill_(buf, std)
+        ChunkStreams(buf.numel(), generator).fill_(buf, std, threads=threads)
     else:
         buf.normal_(0.0, std, generator=generator)
 
@@ -332,8 +332,8 @@ class FlatNoise:
         sliced = lazy and std != 0 and not self.keeps(device) and device.type == "cpu" and not measuring
         if std == 0:
             buf.zero_()  # draws nothing: a non-private run leaves the generator untouched
-        elif not sliced:
-            fill_normal(buf, float(std), generator)
+        elif not sliced:  # the probe's draws on one thread: faults taken in parallel would look cheap
+            fill_normal(buf, float(std), generator, threads=1 if measuring else None)
         if measuring:
             end, faults = time.perf_counter(), (faults, _minor_faults())
             self._measure(start, end, faults, fresh, held_bytes() if held_bytes else 0, numel * buf.element_size())
