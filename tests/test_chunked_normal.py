@@ -133,3 +133,29 @@ def test_the_keep_probe_times_its_draws_on_one_thread(monkeypatch, small_chunks)
         mech.draw(like, 1.0, generator=g)
     assert mech.decision is not None
     assert calls == [1] * 9 + [None]
+
+
+def test_state_worker_threads_would_not_share_keeps_the_draw_on_the_callers_thread(small_chunks):
+    """Inference mode (its tensors refuse in-place writes on other threads) and Python
+    dispatch modes (a profiler counting ops) draw on the caller's thread: the same numbers."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    n, ref = 4 * small_chunks, torch.empty(4 * small_chunks)
+    cn.ChunkStreams(n, torch.Generator().manual_seed(1)).fill_(ref, 1.0, threads=1)
+
+    class Count(TorchDispatchMode):
+        calls = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten.normal_.default:
+                Count.calls += 1
+            return func(*args, **(kwargs or {}))
+
+    with torch.inference_mode():
+        buf = torch.empty(n)
+        cn.ChunkStreams(n, torch.Generator().manual_seed(1)).fill_(buf, 1.0, threads=3)
+    assert torch.equal(buf, ref)
+    out = torch.empty(n)
+    with Count():
+        cn.ChunkStreams(n, torch.Generator().manual_seed(1)).fill_(out, 1.0, threads=3)
+    assert Count.calls == 4 and torch.equal(out, ref)

@@ -27,6 +27,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 __all__ = ["CHUNK", "ChunkStreams", "chunked"]
 
@@ -89,6 +90,15 @@ def _mt_states(n_chunks: int, key: tuple[int, int]) -> np.ndarray:
     return states
 
 
+def _thread_local_state() -> bool:
+    """Whether the caller runs under state a worker thread does not inherit: inference
+    mode (its tensors refuse in-place writes outside it), or a Python dispatch or
+    function mode (a profiler, a tracer: it should see every draw). Then one thread."""
+    if torch.is_inference_mode_enabled() or torch._C._is_torch_function_mode_enabled():
+        return True
+    return _get_current_dispatch_mode() is not None
+
+
 class _Pool:
     """The worker threads (one fewer than the draw's threads: the caller draws a share too),
     made again after a fork or a change of thread count."""
@@ -135,6 +145,8 @@ class ChunkStreams:
             pieces.append((start, stop, k))
             start = stop
         threads = min(torch.get_num_threads() if threads is None else threads, len(pieces))
+        if threads > 1 and _thread_local_state():
+            threads = 1
 
         queue = iter(pieces)  # each thread takes the next piece: a worker slowed (by OpenMP's
         # threads spinning after the backward's parallel regions, a few ms) takes fewer
