@@ -159,3 +159,30 @@ def test_state_worker_threads_would_not_share_keeps_the_draw_on_the_callers_thre
     with Count():
         cn.ChunkStreams(n, torch.Generator().manual_seed(1)).fill_(out, 1.0, threads=3)
     assert Count.calls == 4 and torch.equal(out, ref)
+
+
+def test_a_book_keeping_step_is_the_same_at_any_thread_count(small_chunks):
+    """End to end: a DP step of a model with more than one chunk of parameters updates them
+    to the same bits at 1 and at 2 threads (noise drawn in order on one, in parallel on two)."""
+    import fxdp
+    from fxdp.optim import DPOptimizer
+
+    x, y = torch.randn(8, 60, generator=torch.Generator().manual_seed(0)), torch.arange(8) % 3
+    before, after = torch.get_num_threads(), []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            torch.manual_seed(0)
+            model = fxdp.privatize(torch.nn.Sequential(torch.nn.Linear(60, 160), torch.nn.Tanh(), torch.nn.Linear(160, 3)),
+                                   grad_sample_mode="bk")
+            assert sum(p.numel() for p in model.parameters()) > 2 * small_chunks
+            opt = DPOptimizer(torch.optim.SGD(model.parameters(), lr=1.0), noise_multiplier=1.0, max_grad_norm=1.0,
+                              expected_batch_size=8, generator=torch.Generator().manual_seed(3))
+            opt.attach_bookkeeping(model.bookkeeping)
+            opt.flat_noise.keep = False  # drawn layer by layer as the sums are added (SliceDraw)
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+            after.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(after[0], after[1])
