@@ -186,3 +186,17 @@ def test_a_book_keeping_step_is_the_same_at_any_thread_count(small_chunks):
     finally:
         torch.set_num_threads(before)
     assert torch.equal(after[0], after[1])
+
+
+def test_per_parameter_noise_of_a_large_tensor_is_drawn_in_chunks_too(small_chunks):
+    """``gaussian_noise`` (the per-sum path: half precision, mixed dtypes) draws through
+    ``fill_normal``: in chunks above ``CHUNK``, rounded once to half precision."""
+    from fxdp.optim.noise import gaussian_noise
+
+    shape = (3, small_chunks)
+    ref = torch.empty(shape)
+    fill_normal(ref, 0.5, torch.Generator().manual_seed(4))
+    got = gaussian_noise(0.5, shape, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(got, ref)
+    half = gaussian_noise(0.5, shape, dtype=torch.bfloat16, generator=torch.Generator().manual_seed(4))
+    assert half.dtype == torch.bfloat16 and torch.equal(half, ref.to(torch.bfloat16))

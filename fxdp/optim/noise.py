@@ -48,7 +48,8 @@ def gaussian_noise(
     generator untouched. Without a ``generator`` the global RNG of ``device`` is used.
     If the generator lives on another device, sampling happens there and the result
     is moved (a CPU generator can drive noise for CUDA parameters). Half-precision
-    noise is drawn in float32 and rounded once. With a secure generator the noise is
+    noise is drawn in float32 and rounded once; a large CPU draw runs on every intra-op
+    thread (:func:`fill_normal`). With a secure generator the noise is
     :func:`fxdp.optim.secure.secure_normal` (CSPRNG bits, float64, rounded once).
     """
     _check_std(std)
@@ -59,14 +60,8 @@ def gaussian_noise(
         return secure_normal(std, shape, dtype=dtype, device=device)
     sample_device = generator.device if generator is not None else device
     sample_dtype = torch.float32 if dtype in _LOW_PRECISION else dtype
-    noise = torch.normal(
-        mean=0.0,
-        std=float(std),
-        size=tuple(shape),
-        generator=generator,
-        dtype=sample_dtype,
-        device=sample_device,
-    )
+    noise = torch.empty(tuple(shape), dtype=sample_dtype, device=sample_device)
+    fill_normal(noise, float(std), generator)
     return noise.to(device=device, dtype=dtype)
 
 
