@@ -125,7 +125,7 @@ class ChunkStreams:
 
     def __init__(self, numel: int, generator: torch.Generator | None) -> None:
         key = torch.empty(2, dtype=torch.int64).random_(generator=generator).tolist()
-        self.numel = numel
+        self.numel, self.chunk = numel, CHUNK
         n_chunks = -(-numel // CHUNK)
         self._gens = []
         for state in _mt_states(n_chunks, (key[0], key[1])):
@@ -140,8 +140,8 @@ class ChunkStreams:
         end = self.numel if end is None else end
         pieces = []  # (start, end, chunk) cut at chunk boundaries
         while start < end:
-            k = start // CHUNK
-            stop = min(end, (k + 1) * CHUNK)
+            k = start // self.chunk
+            stop = min(end, (k + 1) * self.chunk)
             pieces.append((start, stop, k))
             start = stop
         threads = min(torch.get_num_threads() if threads is None else threads, len(pieces))

@@ -15,7 +15,6 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from . import chunked_normal
 from .chunked_normal import ChunkStreams, chunked
 from .secure import SecureGenerator, is_secure, secure_gaussian_mechanism, secure_normal
 
@@ -130,7 +129,7 @@ class SliceDraw(Sequence):
         if end > self._drawn:  # at least MIN_ELEMENTS a call, to whole slices: few sampler calls
             least, threads = self.MIN_ELEMENTS, torch.get_num_threads()
             if self._streams is not None and threads > 1:  # a chunk per thread a call, or it runs on one
-                least = max(least, threads * chunked_normal.CHUNK)
+                least = max(least, threads * self._streams.chunk)
             k = bisect.bisect_left(self._ends, max(end, self._drawn + least))
             end = self._ends[k] if k < len(self._ends) else self._buf.numel()
             if self._streams is not None:
