@@ -10,8 +10,9 @@ chunk is drawn from its own MT19937 whose whole 624-word state is filled, each d
 with SplitMix64 (Steele, Lea & Flood 2014) of a counter under a 126-bit key taken from
 the caller's generator. Chunk ``k``'s numbers depend only on that generator's state
 and on ``k``, never on the thread count; a checkpoint of the caller's generator
-resumes them; no two chunks of any two steps share a stream (``manual_seed`` keeps 32
-bits of a seed: over 10^5 chunk-draws two would likely get the same noise). The chunks
+resumes them; each draw's key is fresh, so streams do not repeat across steps
+(``manual_seed`` keeps 32 bits of a seed: over 10^5 chunk-draws two would likely get the
+same noise). The chunks
 are drawn on up to ``torch.get_num_threads()`` threads (``normal_`` releases the GIL):
 ResNet18's draw 22 against 38 ms at 2 threads. Each chunk is ``N(0, std^2)`` with
 its own stream, as one ``normal_`` over the buffer would be; the bits differ.
