@@ -136,8 +136,9 @@ class ChunkStreams:
 
     def fill_(self, buf: Tensor, std: float, start: int = 0, end: int | None = None,
               threads: int | None = None) -> None:
-        """Draw ``buf[start:end]`` (``start``, ``end`` multiples of 16; ranges drawn in
-        increasing order) as ``N(0, std^2)`` from the chunks' streams."""
+        """Draw ``buf[start:end]`` as ``N(0, std^2)`` from the chunks' streams. Ranges cut at
+        multiples of 16 and drawn in increasing order give the numbers of one whole draw
+        (``SliceDraw``); the end of a buffer may be anywhere."""
         end = self.numel if end is None else end
         pieces = []  # (start, end, chunk) cut at chunk boundaries
         while start < end:
