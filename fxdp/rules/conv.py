@@ -34,7 +34,10 @@ Book-keeping (Bu et al. 2023). ``norm_sample_sq`` uses the ghost norm (Li et al.
 2021) ``||grad W_i||^2 = sum_groups <P_i P_i^T, g_i g_i^T>`` (two T x T Gram
 matrices) when its cost ``T^2 (d + p)`` is below ``ghost_ratio * T p d`` of the
 materialized gradient (per group, ``d = C/G prod(k)``, ``p = O/G``; this also
-bounds the Gram matrices' memory by that of the gradients), else it materializes
+bounds the Gram matrices' memory by that of the gradients), or below
+``unkept_ghost_ratio`` (1.3) times that where the materialized gradients would not
+be kept (measured: the Gram matrices' matmuls beat the per-sample methods per
+multiply-add, ResNet18 at 32x32 inputs 1.64x -> 1.51x non-private at B = 64), else it materializes
 with the method chosen above. ``clipped_sum`` scales the output gradient by the
 clipping factors and takes one ordinary weight gradient
 (``aten.convolution_backward``), never forming per-sample gradients; on maps of
@@ -256,8 +259,18 @@ class _ConvMath:
     #: 1x1 convolutions (stride 1, no padding, one group): per-sample weight gradients by
     #: one batched matmul on views of the input and output gradient (``ps_pointwise``)
     pointwise: bool = True
-    #: ghost norms when ``T (d + p) <= ghost_ratio * p d`` (per group)
+    #: ghost norms when ``T (d + p) <= ghost_ratio * p d`` (per group) ...
     ghost_ratio: float = 1.0
+    #: ... and up to ``ghost_ratio * unkept_ghost_ratio`` where materialized gradients would
+    #: not be kept (``keep_ratio``): both methods then pay a weight-gradient convolution for
+    #: the clipped sum, and the Gram matrices' batched matmuls do more multiply-adds a
+    #: millisecond than the per-sample methods. ms, 1 thread, B = 16 / 64, ghost norms + sum
+    #: against materialized + sum (``T (d + p) / p d``): ResNet18's 64->64 at 8x8 (1.11) 2.0 /
+    #: 8.7 against 5.7 / 21.0, 128->64 at 8x8 (1.06) 3.7 / 15.2 against 4.6 / 38.4, 128->128
+    #: at 12x12 (1.25) 15.2 / 62.2 against 17.5 / 103.2; 48->48 at 8x8 (1.48) 1.42 / 5.39
+    #: against 1.21 / 5.37. Kept ones win at 1.2 (ConvNeXt's 40->80 2x2 stride 2: 0.59 / 3.0
+    #: against 0.99 / 4.3)
+    unkept_ghost_ratio: float = 1.3
     #: materialized per-sample weight gradients are kept for the clipped sum when at most
     #: this many times the record (input and output gradient): recomputing them costs a
     #: weight-gradient convolution, and the batch-as-groups one costs 1-5x an ordinary one
@@ -285,11 +298,21 @@ class _ConvMath:
         per_group = (gout.shape[1] // geo.groups) * (geo.x.shape[1] // geo.groups) * math.prod(geo.k)
         return "groups" if per_group <= self.groups_weight_per_position * T else "unfold"
 
+    def _ghost_bound(self, geo: Geom, gout: Tensor) -> float:
+        """The largest ``T (d + p) / p d`` served by ghost norms at these shapes."""
+        return self.ghost_ratio * (1.0 if self._would_keep(geo, gout) else self.unkept_ghost_ratio)
+
+    def _would_keep(self, geo: Geom, gout: Tensor) -> bool:
+        """Whether materialized per-sample gradients would be kept: at most ``keep_ratio``
+        times the record (input and output gradient)."""
+        ps = gout.shape[0] * math.prod(weight_shape(geo, gout))
+        return ps <= self.keep_ratio * (gout.numel() + geo.x.numel())
+
     def use_ghost(self, geo: Geom, gout: Tensor) -> bool:
         T = math.prod(gout.shape[2:])
         d = geo.x.shape[1] // geo.groups * math.prod(geo.k)
         p = gout.shape[1] // geo.groups
-        return T * (d + p) <= self.ghost_ratio * p * d  # T = 1: the rank-one norm |g|^2 |a|^2
+        return T * (d + p) <= self._ghost_bound(geo, gout) * p * d  # T = 1: the rank-one norm |g|^2 |a|^2
 
     def bk_plan(self, args: Mapping[str, Any], grad_output: Tensor, needs: FrozenSet[str]) -> Dict[str, str]:
         geo, gout = self._setup(args, grad_output)
@@ -298,13 +321,14 @@ class _ConvMath:
         p = gout.shape[1] // geo.groups
         out: Dict[str, str] = {}
         if "weight" in needs:
+            bound = self._ghost_bound(geo, gout)
             if self.use_ghost(geo, gout):
-                out["weight"] = (f"ghost norm (T={T}: T(d+p)={T * (d + p)} <= {self.ghost_ratio:g}·pd={p * d}); "
+                out["weight"] = (f"ghost norm (T={T}: T(d+p)={T * (d + p)} <= {bound:g}·pd={p * d}); "
                                  "clipped sum: one weight-gradient convolution of c∘g")
             else:
                 kept = self.bk_keeps(args, grad_output, frozenset({"weight"}))
                 out["weight"] = (f"materialized by {self.method(geo, gout)} (T={T}: T(d+p)={T * (d + p)} > "
-                                 f"{self.ghost_ratio:g}·pd={p * d}); " + (
+                                 f"{bound:g}·pd={p * d}); " + (
                                      f"kept for the clipped sum (at most {self.keep_ratio:g}x the layer's record)" if kept
                                      else "clipped sum: one weight-gradient convolution of c∘g (per-sample gradients "
                                      f"over {self.keep_ratio:g}x the layer's record)"))
@@ -350,8 +374,7 @@ class _ConvMath:
         if "weight" not in needs:
             return True  # the bias's [B, O] is always kept
         geo, gout = self._setup(args, grad_output)
-        ps = gout.shape[0] * math.prod(weight_shape(geo, gout))
-        return not self.use_ghost(geo, gout) and ps <= self.keep_ratio * (gout.numel() + geo.x.numel())
+        return not self.use_ghost(geo, gout) and self._would_keep(geo, gout)
 
     def norm_sample_sq_keep(
         self, args: Mapping[str, Any], grad_output: Tensor, needs: FrozenSet[str], method: Optional[str] = None
@@ -371,7 +394,7 @@ class _ConvMath:
             else:
                 ps = self._weight_ps(geo, gout)
                 out["weight"] = sq_norms(ps)
-                if ps.numel() <= self.keep_ratio * (gout.numel() + geo.x.numel()):
+                if self._would_keep(geo, gout):
                     kept["weight"] = ps
         if "bias" in needs:
             ps = self._bias_ps(args, grad_output)

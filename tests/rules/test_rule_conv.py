@@ -544,6 +544,14 @@ def test_method_heuristics():
     assert rule.method(*dw) == "correlate"  # depthwise, 3x3, stride 2 (MobileNet, EfficientNet)
     assert not rule.use_ghost(*geo(2, 32, 32, 32, 3, 1, 1))
     assert rule.use_ghost(*geo(2, 256, 256, 4, 3, 1, 1))
+    # ResNet18's 64->64 at 8x8 (T (d + p) = 1.11 p d): its per-sample gradients would not be
+    # kept, so both methods pay the sum's weight gradient and the Gram matrices are faster
+    r18 = geo(2, 64, 64, 8, 3, 1, 1)
+    assert not rule._would_keep(*r18) and rule.use_ghost(*r18)
+    assert not rule.use_ghost(*geo(2, 48, 48, 8, 3, 1, 1))  # 1.48 p d: materialized
+    # ConvNeXt's 40->80 2x2 stride 2 at 16x16 (1.2 p d): kept gradients make the sum a contraction
+    down = geo(2, 40, 80, 16, 2, 2, 0)
+    assert rule._would_keep(*down) and not rule.use_ghost(*down)
     # 1x1 output (T = 1): the norm is |g|^2 |a|^2, O(d + p), never a [B, p, d] gradient
     assert rule.use_ghost(*geo(2, 512, 512, 2, 3, 2, 1))
 
