@@ -271,6 +271,17 @@ class _ConvMath:
     #: against 1.21 / 5.37. Kept ones win at 1.2 (ConvNeXt's 40->80 2x2 stride 2: 0.59 / 3.0
     #: against 0.99 / 4.3)
     unkept_ghost_ratio: float = 1.3
+    #: a pointwise layer (``method == "pointwise"``) whose materialized gradients would be kept is
+    #: a linear layer over positions and takes the linear rule's bound: ghost norms only when
+    #: ``T^2 (d + p) <= ghost_ratio * kept_passes * p d`` (the kept gradients' clipped sum is a
+    #: contraction, not a weight-gradient pass). ms, 1 thread, B = 16 / 64, ghost norms + sum
+    #: against kept + contraction: ConvNeXt-atto's 80->320 at 8x8 2.4 / 11.5 against 0.66 / 3.4,
+    #: 320->80 1.47 / 7.1 against 0.67 / 4.3; MobileNetV3's 40->120 at 4x4 0.22 / 0.39 against
+    #: 0.08 / 0.22; in the whole step (interleaved A/B, B = 16 / 64) ConvNeXt-atto 1.40x / 1.22x
+    #: -> 1.40x / 1.17x non-private, MobileNetV3 1.40x / 1.03x -> 1.38x / 1.03x. (Not for the
+    #: other methods: ResNet18's 1x1 stride-2 64->128 at 4x4 by ``groups``, kept, 0.30 / 2.6
+    #: against ghost 0.26 / 0.62.)
+    kept_passes: float = 4.0
     #: materialized per-sample weight gradients are kept for the clipped sum when at most
     #: this many times the record (input and output gradient): recomputing them costs a
     #: weight-gradient convolution, and the batch-as-groups one costs 1-5x an ordinary one
@@ -309,26 +320,30 @@ class _ConvMath:
         return ps <= self.keep_ratio * (gout.numel() + geo.x.numel())
 
     def use_ghost(self, geo: Geom, gout: Tensor) -> bool:
+        return self._ghost_test(geo, gout)[0]
+
+    def _ghost_test(self, geo: Geom, gout: Tensor, explain: bool = False) -> Tuple[bool, str]:
+        """Whether ghost norms serve these shapes, and (``explain``) the comparison that decided."""
         T = math.prod(gout.shape[2:])
         d = geo.x.shape[1] // geo.groups * math.prod(geo.k)
         p = gout.shape[1] // geo.groups
-        return T * (d + p) <= self._ghost_bound(geo, gout) * p * d  # T = 1: the rank-one norm |g|^2 |a|^2
+        if T > 1 and self.method(geo, gout) == "pointwise" and self._would_keep(geo, gout):
+            cost, factor, what = T * T * (d + p), self.ghost_ratio * self.kept_passes, "pointwise, kept: T²(d+p)"
+        else:  # T = 1: the rank-one norm |g|^2 |a|^2
+            cost, factor, what = T * (d + p), self._ghost_bound(geo, gout), "T(d+p)"
+        ghost = cost <= factor * p * d
+        return ghost, (f"T={T}: {what}={cost} {'<=' if ghost else '>'} {factor:g}·pd={p * d}" if explain else "")
 
     def bk_plan(self, args: Mapping[str, Any], grad_output: Tensor, needs: FrozenSet[str]) -> Dict[str, str]:
         geo, gout = self._setup(args, grad_output)
-        T = math.prod(gout.shape[2:])
-        d = geo.x.shape[1] // geo.groups * math.prod(geo.k)
-        p = gout.shape[1] // geo.groups
         out: Dict[str, str] = {}
         if "weight" in needs:
-            bound = self._ghost_bound(geo, gout)
-            if self.use_ghost(geo, gout):
-                out["weight"] = (f"ghost norm (T={T}: T(d+p)={T * (d + p)} <= {bound:g}·pd={p * d}); "
-                                 "clipped sum: one weight-gradient convolution of c∘g")
+            ghost, why = self._ghost_test(geo, gout, explain=True)
+            if ghost:
+                out["weight"] = f"ghost norm ({why}); clipped sum: one weight-gradient convolution of c∘g"
             else:
                 kept = self.bk_keeps(args, grad_output, frozenset({"weight"}))
-                out["weight"] = (f"materialized by {self.method(geo, gout)} (T={T}: T(d+p)={T * (d + p)} > "
-                                 f"{bound:g}·pd={p * d}); " + (
+                out["weight"] = (f"materialized by {self.method(geo, gout)} ({why}); " + (
                                      f"kept for the clipped sum (at most {self.keep_ratio:g}x the layer's record)" if kept
                                      else "clipped sum: one weight-gradient convolution of c∘g (per-sample gradients "
                                      f"over {self.keep_ratio:g}x the layer's record)"))

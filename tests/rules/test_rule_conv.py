@@ -552,6 +552,13 @@ def test_method_heuristics():
     # ConvNeXt's 40->80 2x2 stride 2 at 16x16 (1.2 p d): kept gradients make the sum a contraction
     down = geo(2, 40, 80, 16, 2, 2, 0)
     assert rule._would_keep(*down) and not rule.use_ghost(*down)
+    # a kept pointwise layer is a linear layer over positions: the linear rule's bound
+    # (ConvNeXt-atto's 80->320 at 8x8: T (d + p) = p d, materialized and kept)
+    pw = geo(2, 80, 320, 8, 1, 1, 0)
+    assert rule.method(*pw) == "pointwise" and rule._would_keep(*pw) and not rule.use_ghost(*pw)
+    assert rule.use_ghost(*geo(2, 8, 8, 2, 1, 1, 0))  # T^2 (d + p) small: ghost still
+    # ResNet18's 1x1 stride-2 64->128 at 4x4 is not pointwise (groups): its ghost norms stay
+    assert rule.use_ghost(*geo(2, 64, 128, 8, 1, 2, 0))
     # 1x1 output (T = 1): the norm is |g|^2 |a|^2, O(d + p), never a [B, p, d] gradient
     assert rule.use_ghost(*geo(2, 512, 512, 2, 3, 2, 1))
 
