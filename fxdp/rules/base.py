@@ -228,6 +228,13 @@ def weighted_sum(f: Tensor, g: Tensor, into: Optional[Tensor] = None) -> Optiona
     return torch.einsum("b,b...->...", f.to(g.dtype), g)
 
 
+#: book-keeping's kept per-sample gradients ``[B, p, d]`` give the clipped sum for about this
+#: many memory passes over them (norm, contraction, write), against another ``B T p d`` matmul
+#: after ghost norms: the linear rule and kept pointwise convolutions take ghost norms only
+#: when ``T^2 (d + p) <= ghost_ratio * KEPT_PASSES * p d``
+KEPT_PASSES = 4.0
+
+
 def sq_norms(g: Tensor) -> Tensor:
     """Per-sample squared L2 norms ``[B]`` of ``g`` (``[B, ...]``), in at least float32,
     by one reduction (no squared copy of ``g``: the per-sample gradients are often the

@@ -61,7 +61,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import UnsupportedOpError
-from .base import ModuleCall, PerSampleRule, into_target, register_module, register_rule, sq_norms, weighted_sum
+from .base import (
+    KEPT_PASSES, ModuleCall, PerSampleRule, into_target, register_module, register_rule, sq_norms, weighted_sum,
+)
 from .conv_grads import (
     Geom, f_pad_arg, ghost_norms, layout_of, ps_correlate, ps_groups, ps_pointwise, ps_unfold, sum_correlate, sum_unfold,
     weight_shape, wgrad,
@@ -281,7 +283,7 @@ class _ConvMath:
     #: -> 1.40x / 1.17x non-private, MobileNetV3 1.40x / 1.03x -> 1.38x / 1.03x. (Not for the
     #: other methods: ResNet18's 1x1 stride-2 64->128 at 4x4 by ``groups``, kept, 0.30 / 2.6
     #: against ghost 0.26 / 0.62.)
-    kept_passes: float = 4.0
+    kept_passes: float = KEPT_PASSES
     #: materialized per-sample weight gradients are kept for the clipped sum when at most
     #: this many times the record (input and output gradient): recomputing them costs a
     #: weight-gradient convolution, and the batch-as-groups one costs 1-5x an ordinary one

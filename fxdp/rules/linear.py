@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .base import (
-    ModuleCall, PerSampleRule, gram_inner, gram_strip_rows, into_target, register_module, register_rule,
-    samples_per_slice, sq_norms, weighted_sum,
+    KEPT_PASSES, ModuleCall, PerSampleRule, gram_inner, gram_strip_rows, into_target, register_module,
+    register_rule, samples_per_slice, sq_norms, weighted_sum,
 )
 
 aten = torch.ops.aten
@@ -64,7 +64,7 @@ class LinearRule(PerSampleRule):
     #: when ``T^2 (d + p) <= ghost_ratio * kept_passes * p d`` (measured: ViT's MLP at
     #: T = 65, d = 128, p = 512 materializes faster, which the first rule missed)
     ghost_ratio: float = 1.0
-    kept_passes: float = 4.0
+    kept_passes: float = KEPT_PASSES
 
     def signature(self, input, weight, bias=None):  # noqa: D401 - binding only
         pass

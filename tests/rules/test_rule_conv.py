@@ -525,6 +525,34 @@ def _check_book_keeping(case, method, ghost, sum_by, monkeypatch):
         assert set(rule.clipped_sum(bound, g, factors, needs1)) == needs1
 
 
+@pytest.mark.parametrize("cin,cout,H,k,pad,ghost,kept", [
+    (64, 64, 8, 3, 1, True, False),  # ResNet18's 8x8 layers: not kept, so ghost norms up to 1.3 p d
+    (80, 320, 8, 1, 0, False, True),  # ConvNeXt's kept pointwise layers: the linear rule's bound
+])
+def test_book_keeping_at_the_cost_models_own_choice(cin, cout, H, k, pad, ghost, kept):
+    """The default decisions at the shapes the unkept and pointwise bounds moved: norms and
+    clipped sum equal those of each sample's own gradient (float64, batch of one)."""
+    torch.manual_seed(seed_of("bk-default", cin, cout))
+    m = nn.Conv2d(cin, cout, k, padding=pad).to(DT)
+    call = module_call_for(m)(m)
+    rule = rule_for_op(call.op)
+    x = torch.randn(3, cin, H, H, dtype=DT)
+    bound = {"input": x, "weight": m.weight, "bias": m.bias, **call.kwargs}
+    g = torch.randn_like(rule.forward(call.op, bound))
+    assert rule.use_ghost(*rule._setup(bound, g)) == ghost
+    needs = frozenset({"weight", "bias"})
+    norms, kept_now = rule.norm_sample_sq_keep(bound, g, needs)
+    assert ("weight" in kept_now) == kept
+    factors = torch.rand(3, dtype=DT)
+    sums = rule.clipped_sum(bound, g, factors, needs)
+    alone = batch_of_one_grads(m, [x], lambda out, i: (out * g[i:i + 1]).sum())
+    for n in needs:
+        torch.testing.assert_close(norms[n], alone[n].flatten(1).pow(2).sum(1), rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(sums[n], torch.einsum("b,b...->...", factors, alone[n]), rtol=1e-9, atol=1e-12)
+        if n in kept_now:
+            torch.testing.assert_close(kept_now[n], alone[n], rtol=1e-9, atol=1e-12)
+
+
 def test_method_heuristics():
     """Per-sample conv backward for large maps / small weights, unfold + bmm for
     wide layers on small maps; ghost norms only where cheaper (see the module doc)."""
