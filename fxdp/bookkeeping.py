@@ -203,9 +203,12 @@ class BookKeeping(ClippedSumSource):
         sq = {k: v for k, v in ps.sq.items() if k in position}
         if not sq:
             return None, None, None, scale
-        dtype = functools.reduce(torch.promote_types, [v.dtype for v in sq.values()])
-        zero = torch.zeros(B, dtype=dtype, device=next(iter(sq.values())).device)
-        norms = torch.stack([sq.get(id(p), zero).to(dtype) for p in params], 1).clamp_min(0).sqrt() * scale
+        dtype = functools.reduce(torch.promote_types, {v.dtype for v in sq.values()})  # one dtype: no call
+        cols = [sq.get(id(p)) for p in params]
+        if any(c is None for c in cols):  # parameters no record of this pass reached
+            zero = torch.zeros(B, dtype=dtype, device=next(iter(sq.values())).device)
+            cols = [zero if c is None else c for c in cols]
+        norms = torch.stack([c if c.dtype == dtype else c.to(dtype) for c in cols], 1).clamp_min(0).sqrt() * scale
         factors, ok = clipping.factors(norms, [p.shape for p in params])
         if ok is not None:
             norms = torch.where(ok[:, None], norms, 0)

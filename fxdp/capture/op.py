@@ -123,7 +123,9 @@ class _CaptureFunction(torch.autograd.Function):
         nondiff = [o for o in flat if not o.is_floating_point() and not o.is_complex()]
         if nondiff:
             ctx.mark_non_differentiable(*nondiff)
-        outs = tuple(o.detach() for o in flat)
+        # an output of the inner graph or a view is detached (autograd links a fresh tensor to
+        # this node, which in-place ops after it may modify); a fresh one is returned as is
+        outs = tuple(o.detach() if o.requires_grad or o._is_view() else o for o in flat)
         op.__dict__["_last_spec"] = spec  # not nn.Module.__setattr__'s checks, once per layer and step
         return outs
 
@@ -154,7 +156,8 @@ class _CaptureFunction(torch.autograd.Function):
         if ctx.params:
             rec = LayerRecord(
                 op=op,
-                inputs=[x.detach() if isinstance(x, Tensor) else x for x in inner],
+                # detached in the forward; those the inner graph differentiated, again
+                inputs=[x.detach() if isinstance(x, Tensor) and x.requires_grad else x for x in inner],
                 grads=list(grads),
                 params=ctx.params,
                 batch_size=ctx.batch_size,

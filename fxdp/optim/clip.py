@@ -96,11 +96,15 @@ def first_non_finite(norms: Tensor) -> tuple[int, int] | None:
     """``(sample, parameter)`` of the first non-finite entry of a ``[B, K]`` norm matrix.
 
     A NaN or inf anywhere in a sample's gradient makes its norm non-finite, so checking
-    the ``B x K`` norms is enough and costs one device sync.
+    the ``B x K`` norms is enough and costs one device sync. Norms are non-negative, so
+    their sum is finite exactly when every entry is, unless it overflows (then the
+    entries are searched, as for a non-finite one): two calls on the common path.
     """
+    if math.isfinite(norms.sum()):
+        return None
     bad = ~torch.isfinite(norms)
     if not bool(bad.any()):
-        return None
+        return None  # the sum overflowed
     i, k = (int(v) for v in bad.nonzero()[0])
     return i, k
 

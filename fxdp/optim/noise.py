@@ -28,6 +28,21 @@ __all__ = ["FlatNoise", "SliceDraw", "fill_normal", "gaussian_noise", "noisy_sum
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
+def _views(buf: Tensor, offsets: Sequence[int], shapes: Sequence[torch.Size]) -> list[Tensor]:
+    """Contiguous views of the flat ``buf`` shaped ``shapes[k]`` at ``offsets[k]`` (one
+    ``as_strided`` each: a slice and a view would be two calls per parameter and step)."""
+    base = buf.storage_offset()
+    return [buf.as_strided(shape, _strides(shape), base + o) for o, shape in zip(offsets, shapes)]
+
+
+def _strides(shape: torch.Size) -> tuple[int, ...]:
+    strides, step = [], 1
+    for n in reversed(shape):
+        strides.append(step)
+        step *= max(n, 1)
+    return tuple(reversed(strides))
+
+
 def _check_std(std: float) -> None:
     if not std >= 0 or std == float("inf"):
         raise ValueError(f"noise std must be finite and >= 0, got {std}")
@@ -333,13 +348,13 @@ class FlatNoise:
             self._measure(start, end, faults, fresh, held_bytes() if held_bytes else 0, numel * buf.element_size())
         if not self.keeps(device):  # no reference of ours keeps it alive past the views
             self._kept, self._views, self._weak = None, ((), []), weakref.ref(buf)
-            views = [buf[o:o + s.numel()].view(s.shape) for o, s in zip(offsets, like)]
+            views = _views(buf, offsets, shapes)
             if sliced:
                 return SliceDraw(buf, views, offsets[1:] + [numel], float(std), generator)
             return views
         self._kept, self._weak = buf, None
         if self._views[0] != shapes or not self._views[1] or self._views[1][0]._base is not buf:
-            self._views = (shapes, [buf[o:o + s.numel()].view(s.shape) for o, s in zip(offsets, like)])
+            self._views = (shapes, _views(buf, offsets, shapes))
         return list(self._views[1])
 
 

@@ -2,6 +2,7 @@
 per file in this package) subclasses and registers into. See the package docstring."""
 from __future__ import annotations
 
+import functools
 import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, FrozenSet, Mapping, Optional, Tuple, Type
@@ -20,6 +21,7 @@ __all__ = [
     "registered_ops",
     "registered_modules",
     "sq_norms",
+    "norm_dtype",
     "weighted_sum",
     "into_target",
     "samples_per_slice",
@@ -222,10 +224,12 @@ def into_target(into: Optional[Dict[str, Tensor]], name: str, dtype: torch.dtype
 def weighted_sum(f: Tensor, g: Tensor, into: Optional[Tensor] = None) -> Optional[Tensor]:
     """``sum_i f_i g_i`` over the batch dimension of ``g`` (``[B, ...]``): a fresh tensor,
     or added into ``into`` (same dtype and element count, contiguous) and ``None``."""
+    f = f if f.dtype == g.dtype else f.to(g.dtype)
     if into is not None and into.dtype == g.dtype and into.is_contiguous() and into.numel() * g.shape[0] == g.numel():
-        into.view(1, -1).addmm_(f.to(g.dtype).view(1, -1), g.reshape(g.shape[0], -1))
+        rows = g if g.dim() == 2 else g.reshape(g.shape[0], -1)
+        (into if into.dim() == 1 else into.view(-1)).addmv_(rows.t(), f)  # fewer ops than a [1, B] addmm
         return None
-    return torch.einsum("b,b...->...", f.to(g.dtype), g)
+    return torch.einsum("b,b...->...", f, g)
 
 
 #: book-keeping's kept per-sample gradients ``[B, p, d]`` give the clipped sum for about this
@@ -235,12 +239,19 @@ def weighted_sum(f: Tensor, g: Tensor, into: Optional[Tensor] = None) -> Optiona
 KEPT_PASSES = 4.0
 
 
+@functools.lru_cache(maxsize=None)
+def norm_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype per-sample norms are formed in: ``dtype``, at least float32 (a Python
+    lookup: ``torch.promote_types`` is a dispatched call, once per layer and step)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def sq_norms(g: Tensor) -> Tensor:
     """Per-sample squared L2 norms ``[B]`` of ``g`` (``[B, ...]``), in at least float32,
     by one reduction (no squared copy of ``g``: the per-sample gradients are often the
     largest tensors of a book-keeping step)."""
-    flat = g.reshape(g.shape[0], -1)
-    return torch.linalg.vector_norm(flat, dim=1, dtype=torch.promote_types(g.dtype, torch.float32)).square()
+    flat = g if g.dim() == 2 else g.reshape(g.shape[0], -1)
+    return torch.linalg.vector_norm(flat, dim=1, dtype=norm_dtype(g.dtype)).square()
 
 
 #: the ghost norm forms its Gram matrices in strips of about this many rows (at most

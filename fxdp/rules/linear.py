@@ -16,6 +16,7 @@ the cheaper one from the shapes.
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Dict, FrozenSet, Mapping, Optional, Tuple
 
 import torch
@@ -32,7 +33,18 @@ aten = torch.ops.aten
 
 def _flat(t: Tensor) -> Tensor:
     """[B, ..., d] -> [B, T, d] (T = product of the middle dims, 1 for rank 2)."""
-    return t.reshape(t.shape[0], -1, t.shape[-1])
+    return t if t.dim() == 3 else t.reshape(t.shape[0], -1, t.shape[-1])
+
+
+def _rows(t: Tensor) -> Tensor:
+    """[B, ..., d] -> [B T, d]: every position a row (a view where the layout allows)."""
+    return t if t.dim() == 2 else t.reshape(-1, t.shape[-1])
+
+
+def _dims(a: Tensor, g: Tensor) -> Tuple[int, int, int]:
+    """``(T, d, p)`` of activations ``[B, ..., d]`` and output gradients ``[B, ..., p]``,
+    from the shapes alone (the cost model runs once per layer and step)."""
+    return math.prod(a.shape[1:-1]), a.shape[-1], g.shape[-1]
 
 
 #: ghost norms form their two ``[T, T]`` Gram matrices and product for a slice of the batch
@@ -74,7 +86,9 @@ class LinearRule(PerSampleRule):
 
     def input_grad(self, args: Mapping[str, Any], grad_output: Tensor) -> Tensor:
         # autocast may run the op in a lower precision: differentiate in grad_output's dtype
-        return grad_output.matmul(args["weight"].to(grad_output.dtype)).to(args["input"].dtype)
+        w, dtype = args["weight"], args["input"].dtype
+        gi = grad_output.matmul(w if w.dtype == grad_output.dtype else w.to(grad_output.dtype))
+        return gi if gi.dtype == dtype else gi.to(dtype)
 
     def grad_sample(self, args: Mapping[str, Any], grad_output: Tensor, needs: FrozenSet[str]) -> Dict[str, Tensor]:
         a, g = _flat(args["input"]), _flat(grad_output)
@@ -102,8 +116,7 @@ class LinearRule(PerSampleRule):
         return T * (d + p) <= self.ghost_ratio * p * d
 
     def bk_plan(self, args: Mapping[str, Any], grad_output: Tensor, needs: FrozenSet[str]) -> Dict[str, str]:
-        a, g = _flat(args["input"]), _flat(grad_output)
-        T, d, p = a.shape[1], a.shape[2], g.shape[2]
+        T, d, p = _dims(args["input"], grad_output)
         out: Dict[str, str] = {}
         if "weight" in needs:
             if T == 1:
@@ -123,15 +136,13 @@ class LinearRule(PerSampleRule):
         return self.norm_sample_sq_keep(args, grad_output, needs)[0]
 
     def bk_candidates(self, args: Mapping[str, Any], grad_output: Tensor, needs: FrozenSet[str]) -> Tuple[str, ...]:
-        a, g = _flat(args["input"]), _flat(grad_output)
-        T, d, p = a.shape[1], a.shape[2], g.shape[2]
+        T, d, p = _dims(args["input"], grad_output)
         if "weight" not in needs or T == 1:  # rank one is cheapest at T = 1 by a factor p d / (d + p)
             return ()
         return ("ghost", "materialize") if self.use_ghost(T, d, p) else ("materialize", "ghost")
 
     def bk_keeps(self, args: Mapping[str, Any], grad_output: Tensor, needs: FrozenSet[str]) -> bool:
-        a, g = _flat(args["input"]), _flat(grad_output)
-        T, d, p = a.shape[1], a.shape[2], g.shape[2]
+        T, d, p = _dims(args["input"], grad_output)
         if T == 1:
             return False
         return "weight" not in needs or (not self.use_ghost(T, d, p) and self.keeps(T, d, p))
@@ -143,14 +154,20 @@ class LinearRule(PerSampleRule):
         ``"ghost"`` or ``"materialize"``); a materialized sequence gradient
         ``[B, p, d]`` is kept (when no larger than the record) so the clipped sum
         is a contraction over B instead of another ``B T p d`` matmul."""
-        a, g = _flat(args["input"]), _flat(grad_output)
+        a, g = args["input"], grad_output
+        T, d, p = _dims(a, g)
         out: Dict[str, Tensor] = {}
         kept: Dict[str, Tensor] = {}
+        if T == 1:  # rank one: ||g a^T||_F^2 = ||g||^2 ||a||^2 and ||grad b||^2 = ||g||^2, O(B (d + p))
+            g_sq = sq_norms(g)
+            if "weight" in needs:
+                out["weight"] = sq_norms(a) * g_sq
+            if "bias" in needs:
+                out["bias"] = g_sq
+            return out, kept
+        a, g = _flat(a), _flat(g)
         if "weight" in needs:
-            T, d, p = a.shape[1], a.shape[2], g.shape[2]
-            if T == 1:  # rank one: ||g a^T||_F^2 = ||g||^2 ||a||^2, O(B (d + p))
-                out["weight"] = a.pow(2).sum((1, 2)) * g.pow(2).sum((1, 2))
-            elif method == "ghost" or (method is None and self.use_ghost(T, d, p)):
+            if method == "ghost" or (method is None and self.use_ghost(T, d, p)):
                 out["weight"] = _ghost_norms(a, g)
             else:
                 ps = torch.bmm(g.transpose(1, 2), a)
@@ -160,8 +177,7 @@ class LinearRule(PerSampleRule):
         if "bias" in needs:
             ps = g.sum(1)
             out["bias"] = sq_norms(ps)
-            if g.shape[1] > 1:
-                kept["bias"] = ps
+            kept["bias"] = ps
         return out, kept
 
     clipped_sum_into = True
@@ -170,26 +186,31 @@ class LinearRule(PerSampleRule):
         self, args: Mapping[str, Any], grad_output: Tensor, factors: Tensor, needs: FrozenSet[str],
         into: Optional[Dict[str, Tensor]] = None,
     ) -> Dict[str, Tensor]:
-        a, g = _flat(args["input"]), _flat(grad_output)
-        f = factors.to(g.dtype)
+        a, g = args["input"], grad_output
+        T, d, p = _dims(a, g)
+        f = factors if factors.dtype == g.dtype else factors.to(g.dtype)
         into = into or {}
         out: Dict[str, Tensor] = {}
         if "weight" in needs:  # bilinear in (a, g): scale the smaller of the two
-            d, p = a.shape[-1], g.shape[-1]
             if d < p:
-                lhs, rhs = g.reshape(-1, p).t(), (a * f.to(a.dtype).view(-1, 1, 1)).reshape(-1, d)
+                lhs, rhs = _rows(g).t(), _rows(_scale_rows(a, f if a.dtype == f.dtype else f.to(a.dtype), T))
             else:
-                lhs, rhs = (g * f.view(-1, 1, 1)).reshape(-1, p).t(), a.reshape(-1, d)
+                lhs, rhs = _rows(_scale_rows(g, f, T)).t(), _rows(a)
             dst = into_target(into, "weight", lhs.dtype, (p, d))
             if dst is not None:
                 dst.addmm_(lhs, rhs)  # no fresh [p, d] sum
             else:
                 out["weight"] = lhs @ rhs
-        if "bias" in needs:
-            s = weighted_sum(f, g.sum(1), into.get("bias"))
+        if "bias" in needs:  # per-sample Σ_t g (at T = 1, g itself)
+            s = weighted_sum(f, _rows(g) if T == 1 else _flat(g).sum(1), into.get("bias"))
             if s is not None:
                 out["bias"] = s
         return out
+
+
+def _scale_rows(t: Tensor, f: Tensor, T: int) -> Tensor:
+    """``f_i * t_i`` for ``t: [B, ..., k]``, as ``[B, k]`` at ``T = 1`` or ``[B, T, k]``."""
+    return _rows(t) * f.view(-1, 1) if T == 1 else _flat(t) * f.view(-1, 1, 1)
 
 
 @register_module(nn.Linear)
