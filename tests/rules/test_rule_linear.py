@@ -61,7 +61,8 @@ def test_subclasses_get_the_base_rule_unless_forward_is_overridden():
 
 @pytest.mark.parametrize("strip_rows", [64, 2])  # the ghost norm's Grams in one piece, or in strips
 @pytest.mark.parametrize("method", ["ghost", "materialize"])
-@pytest.mark.parametrize("shape", [(3, 4, 7), (3, 5, 4, 7), (3, 5, 7, 4), (2, 2, 3, 6, 6)])  # [B, ..., d] and p
+@pytest.mark.parametrize(  # [B, ..., d] and p: rank one (T = 1) with d < p and d > p, at ranks 2 and 4
+    "shape", [(3, 4, 7), (4, 6, 3), (3, 1, 1, 6, 4), (3, 5, 4, 7), (3, 5, 7, 4), (2, 2, 3, 6, 6)])
 def test_book_keeping_norms_and_clipped_sums(shape, method, strip_rows, monkeypatch):
     """Rank one (T = 1), ghost and materialized norms and the clipped sum (which scales the
     smaller of ``a`` and ``g``) against the rule's per-sample gradients, float64."""
