@@ -12,7 +12,11 @@ Sections (all single-process, ``--threads`` intra-op threads, fixed seeds):
 3. ``torch.profiler``: the aten ops of one step by self CPU time, and the number
    of ops per step (each op costs ~5-20 us of dispatch on CPU);
 4. ``cProfile``: the Python functions with the most own time per step;
-5. ATen calls per phase, counted at the dispatcher, against the non-private step's.
+5. ATen calls per phase, counted at the dispatcher, against the non-private step's;
+6. the fixed cost of one captured layer: stacks of 8 and 48 small ``Linear(32, 32)`` +
+   GELU blocks, non-private and book-keeping steps interleaved; the slope between the two
+   depths is the time and the ATen calls one more captured layer adds to a step
+   (independent of ``--model``).
 
 (The A/B ratios in benchmarks/README.md, "Profile", come from one-off scripts that
 switched a change on and off between interleaved steps of one process.)
@@ -21,6 +25,7 @@ Usage::
 
     python benchmarks/profile_step.py --model embedding --batch-size 128
     python benchmarks/profile_step.py --model mnist --modes bk --sections 3 4
+    python benchmarks/profile_step.py --sections 6 --batch-size 16     # per captured layer
 """
 from __future__ import annotations
 
@@ -222,6 +227,78 @@ def aten_calls(model: str, modes: List[str], B: int, rows: int) -> None:
         print(f"| {mode} | {n[0]} | {n[1]} | {n[2]} | {sum(n)} | {top} |")
 
 
+class _Stack:
+    """``depth`` blocks of ``Linear(32, 32)`` + GELU and a 4-way head: every layer a capture
+    op whose kernels cost next to nothing, so a step's time is mostly per-layer overhead."""
+
+    def __init__(self, depth: int, mode: str, B: int) -> None:
+        torch.manual_seed(0)
+        blocks = [torch.nn.Sequential(torch.nn.Linear(32, 32), torch.nn.GELU()) for _ in range(depth)]
+        model = torch.nn.Sequential(*blocks, torch.nn.Linear(32, 4))
+        g = torch.Generator().manual_seed(0)
+        self.x, self.y = torch.randn(B, 32, generator=g), torch.randint(0, 4, (B,), generator=g)
+        self.layers = depth + 1
+        if mode == "nonprivate":
+            self.model, self.opt = model, torch.optim.SGD(model.parameters(), lr=1e-3)
+            return
+        self.model = fxdp.privatize(model, grad_sample_mode="bk")
+        self.opt = DPOptimizer(torch.optim.SGD(self.model.parameters(), lr=1e-3), noise_multiplier=1.0,
+                               max_grad_norm=1.0, expected_batch_size=B, generator=torch.Generator().manual_seed(1))
+        self.opt.attach_bookkeeping(self.model.bookkeeping)
+
+    def step(self) -> None:
+        self.opt.zero_grad()
+        F.cross_entropy(self.model(self.x), self.y).backward()
+        self.opt.step()
+
+
+def capture_cost(B: int, steps: int) -> None:
+    """Section 6: what one more captured layer adds to a book-keeping step (time and ATen
+    calls), from the slope between stacks of 8 and 48 blocks, interleaved with the
+    non-private stacks (median of per-round ms over ``steps`` rounds of 20 steps)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.n += 1
+            return func(*args, **(kwargs or {}))
+
+    depths = (8, 48)
+    stacks = {(d, m): _Stack(d, m, B) for d in depths for m in ("nonprivate", "bk")}
+    for s in stacks.values():
+        for _ in range(12):  # past the noise buffer's keep decision
+            s.step()
+    times: Dict[tuple, List[float]] = {k: [] for k in stacks}
+    for _ in range(steps):
+        for k, s in stacks.items():
+            t0 = time.perf_counter()
+            for _ in range(20):
+                s.step()
+            times[k].append((time.perf_counter() - t0) / 20 * 1e3)
+    ms = {k: statistics.median(v) for k, v in times.items()}
+    calls = {}
+    for k, s in stacks.items():
+        Count.n = 0
+        with Count():
+            s.step()
+        calls[k] = Count.n
+    print(f"\n## per captured layer, Linear(32, 32) + GELU stacks, B={B}: ms per step (median of {steps} rounds)")
+    print("| layers | non-private ms | book-keeping ms | ATen calls non-private / bk |\n|---|---|---|---|")
+    for d in depths:
+        n = stacks[(d, "bk")].layers
+        print(f"| {n} | {ms[(d, 'nonprivate')]:.2f} | {ms[(d, 'bk')]:.2f} | "
+              f"{calls[(d, 'nonprivate')]} / {calls[(d, 'bk')]} |")
+    span = depths[1] - depths[0]
+    extra = [(ms[(d, "bk")] - ms[(d, "nonprivate")]) for d in depths]
+    per_call = [(calls[(d, "bk")] - calls[(d, "nonprivate")]) for d in depths]
+    print(f"\none more captured layer adds {(extra[1] - extra[0]) / span * 1e3:.0f} µs and "
+          f"{(per_call[1] - per_call[0]) / span:.1f} ATen calls to a step beyond its non-private cost; "
+          f"the per-step rest (clip factors, noise, optimizer) "
+          f"{extra[0] - stacks[(depths[0], 'bk')].layers * (extra[1] - extra[0]) / span:.2f} ms")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", choices=list(M.MODELS), default="embedding")
@@ -230,7 +307,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=15)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--rows", type=int, default=15)
-    ap.add_argument("--sections", nargs="+", type=int, default=[1, 2, 3, 4, 5])
+    ap.add_argument("--sections", nargs="+", type=int, default=[1, 2, 3, 4, 5, 6])
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if 1 in args.sections:
@@ -244,6 +321,8 @@ def main() -> None:
             py_profile(args.model, mode, args.batch_size, args.rows)
     if 5 in args.sections:
         aten_calls(args.model, args.modes, args.batch_size, args.rows)
+    if 6 in args.sections:
+        capture_cost(args.batch_size, args.steps)
 
 
 if __name__ == "__main__":

@@ -305,7 +305,10 @@ class CaptureOp(nn.Module):
                 dims_in.append(None)
                 continue
             hint = hints_in[i] if i < len(hints_in) else "unknown"
-            dims_in.append(_batch_of(x, B, hint, f"input {i}", self, strict))
+            if type(hint) is int and (B is None or x.dim() <= hint or x.shape[hint] == B):
+                dims_in.append(hint)  # the common case, as _batch_of finds it, without its call
+            else:
+                dims_in.append(_batch_of(x, B, hint, f"input {i}", self, strict))
         dims_out: List[Optional[int]] = []
         first_only = getattr(getattr(self, "rule", None), "first_output_only", False)
         for j, g in enumerate(rec.grads):
@@ -313,7 +316,12 @@ class CaptureOp(nn.Module):
                 dims_out.append(None)
                 continue
             hint = hints_out[j] if j < len(hints_out) else "unknown"
-            dims_out.append(None if g is None else _batch_of(g, B, hint, f"output {j}", self, strict))
+            if g is None:
+                dims_out.append(None)
+            elif type(hint) is int and (B is None or g.dim() <= hint or g.shape[hint] == B):
+                dims_out.append(hint)
+            else:
+                dims_out.append(_batch_of(g, B, hint, f"output {j}", self, strict))
         return dims_in, dims_out
 
 

@@ -92,13 +92,12 @@ class RuleCapture(CaptureOp):
         return {self.names.index(self.rule.input_arg): self.rule.input_grad(args, grads[0])}
 
     def prepared(self, rec: LayerRecord) -> Tuple[Dict[str, Any], Tensor, FrozenSet[str]]:
-        """Bound arguments (a fresh dict) and output gradient, batch-first, and the
-        needed names; formed once per record."""
+        """Bound arguments and output gradient, batch-first, and the needed names; formed
+        once per record (read-only: the rules read their arguments, never assign them)."""
         memo = rec.memo.get("prepared")
         if memo is None:
             memo = rec.memo["prepared"] = self._prepare(rec)
-        args, g, needs = memo
-        return dict(args), g, needs
+        return memo
 
     def _prepare(self, rec: LayerRecord) -> Tuple[Dict[str, Any], Tensor, FrozenSet[str]]:
         dims_in, dims_out = self.resolve_batch_dims(rec)
@@ -174,15 +173,15 @@ class RuleCapture(CaptureOp):
                     into: Optional[Dict[int, Tensor]] = None) -> Dict[int, Tensor]:
         into = into or {}
         out: Dict[int, Tensor] = {}
-        done = set()
-        for i in [i for i in factors if i in rec.kept]:  # sum_i c_i g_i of kept per-sample gradients
-            s = weighted_sum(factors[i], rec.kept.pop(i), into.get(i))
-            done.add(i)
-            if s is not None:
-                out[i] = s
-        factors = {i: f for i, f in factors.items() if i not in done}
-        if not factors:
-            return out
+        if rec.kept:
+            done = [i for i in factors if i in rec.kept]
+            for i in done:  # sum_i c_i g_i of kept per-sample gradients
+                s = weighted_sum(factors[i], rec.kept.pop(i), into.get(i))
+                if s is not None:
+                    out[i] = s
+            factors = {i: f for i, f in factors.items() if i not in done}
+            if not factors:
+                return out
         args, g, _ = self.prepared(rec)
         if g.shape[0] == 0:
             return {**out, **{i: torch.zeros_like(rec.inputs[i]) for i in factors}}

@@ -44,6 +44,8 @@ def _rows(t: Tensor) -> Tensor:
 def _dims(a: Tensor, g: Tensor) -> Tuple[int, int, int]:
     """``(T, d, p)`` of activations ``[B, ..., d]`` and output gradients ``[B, ..., p]``,
     from the shapes alone (the cost model runs once per layer and step)."""
+    if a.dim() == 2:
+        return 1, a.shape[1], g.shape[-1]
     return math.prod(a.shape[1:-1]), a.shape[-1], g.shape[-1]
 
 
