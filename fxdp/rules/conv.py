@@ -53,6 +53,7 @@ those layers and 2.2 vs 7.8 on MNIST 1->16.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Dict, FrozenSet, List, Mapping, Optional, Sequence, Tuple
 
@@ -206,19 +207,36 @@ def _check_batched(input: Tensor, weight: Tensor, what: str) -> None:
 def _conv_geom(args: Mapping[str, Any]) -> Geom:
     x, w = args["input"], args["weight"]
     _check_batched(x, w, f"conv{w.dim() - 2}d")
-    n = w.dim() - 2
     k = tuple(w.shape[2:])
-    stride = _tuple(args.get("stride", 1), n, "stride")
-    dilation = _tuple(args.get("dilation", 1), n, "dilation")
     mode = args.get("padding_mode", "zeros") or "zeros"
-    pairs = _pad_pairs(args.get("padding", 0), k, dilation)
-    if mode == "zeros" and all(a == b for a, b in pairs):
-        pad = tuple(a for a, _ in pairs)
+    static = (k, _hashable(args.get("stride", 1)), _hashable(args.get("padding", 0)),
+              _hashable(args.get("dilation", 1)), mode)
+    try:
+        hash(static)
+    except TypeError:  # an argument type the cache cannot key: formed afresh
+        stride, pad, dilation, pairs = _static_geom.__wrapped__(*static)
     else:
-        if any(a or b for a, b in pairs):
-            x = F.pad(x, f_pad_arg(pairs), mode="constant" if mode == "zeros" else mode)
-        pad = (0,) * n
+        stride, pad, dilation, pairs = _static_geom(*static)
+    if pairs is not None:
+        x = F.pad(x, f_pad_arg(pairs), mode="constant" if mode == "zeros" else mode)
     return Geom(x, k, stride, pad, dilation, int(args.get("groups", 1)))
+
+
+def _hashable(v: Any) -> Any:
+    return tuple(v) if isinstance(v, list) else v  # ATen overloads take lists
+
+
+@functools.lru_cache(maxsize=1024)
+def _static_geom(k: Tuple[int, ...], stride: Any, padding: Any, dilation: Any, mode: str):
+    """``(stride, pad, dilation, pairs)`` of a convolution's static arguments: symmetric zero
+    padding ``pad``, or ``pairs`` to pad the input with first (``None``: nothing to pad).
+    Formed once per layer configuration: the rule asks for it up to four times a step."""
+    n = len(k)
+    stride, dilation = _tuple(stride, n, "stride"), _tuple(dilation, n, "dilation")
+    pairs = _pad_pairs(padding, k, dilation)
+    if mode == "zeros" and all(a == b for a, b in pairs):
+        return stride, tuple(a for a, _ in pairs), dilation, None
+    return stride, (0,) * n, dilation, (pairs if any(a or b for a, b in pairs) else None)
 
 
 def _transpose_geom(args: Mapping[str, Any], grad_output: Tensor) -> Tuple[Geom, Tensor]:
