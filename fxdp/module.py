@@ -128,7 +128,9 @@ class DPModule(fx.GraphModule):
     def batch_dims_for(self, args: Tuple[Any, ...]) -> Dict[str, Any]:
         """Batch dimensions of every capture op's inputs and outputs for inputs like
         ``args`` (cached per input signature)."""
-        B, key = _signature(args, self.batch_dim)
+        return self._batch_dims(args, _signature(args, self.batch_dim)[1])
+
+    def _batch_dims(self, args: Tuple[Any, ...], key: tuple) -> Dict[str, Any]:
         dims = self._batch_dims_cache.get(key)
         if dims is None:
             hints = propagate_batch_dims(self, args, self.batch_dim)
@@ -153,8 +155,8 @@ class DPModule(fx.GraphModule):
             if kwargs:
                 args = self._positional(args, kwargs)
                 kwargs = {}
-            B, _ = _signature(args, self.batch_dim)
-            self.recorder.begin_forward(B, self.batch_dims_for(args))
+            B, key = _signature(args, self.batch_dim)  # once a step: the batch size and the cache key
+            self.recorder.begin_forward(B, self._batch_dims(args, key))
             return self._watch_loss(super().__call__(*args, **kwargs), B)
         return super().__call__(*args, **kwargs)
 
