@@ -116,6 +116,29 @@ def test_flat_noise_in_chunks_lazy_or_eager_is_the_same_draw(monkeypatch, small_
         assert torch.equal(lazy[k], eager[k])
 
 
+@pytest.mark.parametrize("keep", [True, False])
+def test_flat_noise_views_are_disjoint_contiguous_slices_of_one_buffer(keep):
+    """Each parameter's noise is a contiguous view of the flat buffer shaped like it, at its own
+    offset (no two overlap), holding the buffer's numbers in order; the optimizer adds the
+    clipped sums into these views in place."""
+    like = [torch.zeros(3, 5), torch.zeros(7), torch.zeros(()), torch.zeros(2, 0, 4), torch.zeros(4, 1, 2)]
+    views = FlatNoise(keep=keep).draw(like, 1.0, generator=torch.Generator().manual_seed(3))
+    base = views[0]._base
+    assert base is not None and base.dim() == 1
+    spans = []
+    for v, t in zip(views, like):
+        assert v.shape == t.shape and v.is_contiguous() and v._base is base
+        start = v.storage_offset() - base.storage_offset()
+        assert start % 16 == 0
+        spans.append((start, start + v.numel()))
+        assert torch.equal(v.reshape(-1), base[start:start + v.numel()])
+    spans.sort()
+    assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))
+    views[1].add_(1.0)  # in place, into the buffer
+    start = views[1].storage_offset() - base.storage_offset()
+    assert torch.equal(base[start:start + 7], views[1])
+
+
 def test_the_keep_probe_times_its_draws_on_one_thread(monkeypatch, small_chunks):
     """``FlatNoise``'s probe sets the page faults of a released buffer against a step: drawn
     in parallel they would look cheaper than they are in the step. Once decided, all threads."""

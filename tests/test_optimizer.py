@@ -629,6 +629,25 @@ def test_non_finite_per_sample_gradient_names_the_sample():
     assert all(p.summed_grad is None for p in model.parameters())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_first_non_finite_finds_the_entry_and_trusts_no_overflowing_sum(dtype):
+    """The check sums the non-negative norms (finite exactly when every entry is): a NaN or
+    inf anywhere is found at its (sample, parameter); finite norms whose sum overflows are
+    searched entry by entry and pass."""
+    from fxdp.optim.clip import first_non_finite
+
+    big = torch.finfo(dtype).max / 2
+    assert first_non_finite(torch.ones(4, 3, dtype=dtype)) is None
+    assert first_non_finite(torch.full((4, 3), big, dtype=dtype)) is None  # the sum is inf
+    for bad in (float("nan"), float("inf")):
+        norms = torch.full((4, 3), big, dtype=dtype)
+        norms[2, 1] = bad
+        assert first_non_finite(norms) == (2, 1)
+        norms = torch.zeros(4, 3, dtype=dtype)
+        norms[3, 0] = bad
+        assert first_non_finite(norms) == (3, 0)
+
+
 def test_reusing_gradients_without_zero_grad_raises():
     model = make_model()
     opt = dp(model)
