@@ -236,7 +236,7 @@ def _static_geom(k: Tuple[int, ...], stride: Any, padding: Any, dilation: Any, m
     pairs = _pad_pairs(padding, k, dilation)
     if mode == "zeros" and all(a == b for a, b in pairs):
         return stride, tuple(a for a, _ in pairs), dilation, None
-    return stride, (0,) * n, dilation, (pairs if any(a or b for a, b in pairs) else None)
+    return stride, (0,) * n, dilation, (tuple(pairs) if any(a or b for a, b in pairs) else None)
 
 
 def _transpose_geom(args: Mapping[str, Any], grad_output: Tensor) -> Tuple[Geom, Tensor]:
