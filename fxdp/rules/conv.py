@@ -25,8 +25,9 @@ output padding only fixes the output's size), so the per-sample gradient of
 ``conv_transpose`` is the per-sample gradient of a plain convolution whose input
 is the output gradient ``g`` and whose output gradient is ``x``.
 
-Per-sample weight gradients: four exact methods (``groups``, ``unfold``,
-``pointwise`` for 1x1 layers, ``correlate`` for depthwise and single-channel ones), chosen per layer
+Per-sample weight gradients: four exact methods (``groups``, ``unfold`` (also for layers
+whose windows do not overlap), ``pointwise`` for 1x1 layers, ``correlate`` for depthwise and
+single-channel ones), chosen per layer
 from the shapes by ``ConvRule.method``; they, their patches and their measurements
 are in :mod:`fxdp.rules.conv_grads`.
 
@@ -262,6 +263,15 @@ def _transpose_geom(args: Mapping[str, Any], grad_output: Tensor) -> Tuple[Geom,
     return Geom(g, k, stride, pad, dilation, int(args.get("groups", 1))), x
 
 
+def _disjoint(geo: Geom) -> bool:
+    """Whether the windows do not overlap (each stride at least the dilated kernel, no
+    padding: 1x1 layers, ViT's and ConvNeXt's patchify stems and downsampling, ResNet's
+    strided 1x1 shortcuts). The patches are then a copy of at most the input and the layer
+    is a linear layer over positions, with the linear rule's costs: per-sample gradients by
+    ``unfold`` + one batched matmul, and when kept, ghost norms only under its bound."""
+    return not any(geo.pad) and all(s >= d * (k - 1) + 1 for k, s, d in zip(geo.k, geo.stride, geo.dilation))
+
+
 class _ConvMath:
     """Shared per-sample machinery; rules provide ``_setup(args, g) -> (geo, gout)``."""
 
@@ -291,16 +301,20 @@ class _ConvMath:
     #: against 1.21 / 5.37. Kept ones win at 1.2 (ConvNeXt's 40->80 2x2 stride 2: 0.59 / 3.0
     #: against 0.99 / 4.3)
     unkept_ghost_ratio: float = 1.3
-    #: a pointwise layer (``method == "pointwise"``) whose materialized gradients would be kept is
-    #: a linear layer over positions and takes the linear rule's bound: ghost norms only when
-    #: ``T^2 (d + p) <= ghost_ratio * kept_passes * p d`` (the kept gradients' clipped sum is a
-    #: contraction, not a weight-gradient pass). ms, 1 thread, B = 16 / 64, ghost norms + sum
-    #: against kept + contraction: ConvNeXt-atto's 80->320 at 8x8 2.4 / 11.5 against 0.66 / 3.4,
-    #: 320->80 1.47 / 7.1 against 0.67 / 4.3; MobileNetV3's 40->120 at 4x4 0.22 / 0.39 against
-    #: 0.08 / 0.22; in the whole step (interleaved A/B, B = 16 / 64) ConvNeXt-atto 1.40x / 1.22x
-    #: -> 1.40x / 1.17x non-private, MobileNetV3 1.40x / 1.03x -> 1.38x / 1.03x. (Not for the
-    #: other methods: ResNet18's 1x1 stride-2 64->128 at 4x4 by ``groups``, kept, 0.30 / 2.6
-    #: against ghost 0.26 / 0.62.)
+    #: a layer of disjoint windows (:func:`_disjoint`: 1x1, patchify, strided 1x1) whose
+    #: materialized gradients would be kept is a linear layer over positions and takes the
+    #: linear rule's bound: ghost norms only when ``T^2 (d + p) <= ghost_ratio * kept_passes *
+    #: p d`` (the kept gradients' clipped sum is a contraction, not a weight-gradient pass).
+    #: ms, 1 thread, B = 16 / 64, ghost norms + sum against kept + contraction: ConvNeXt-atto's
+    #: 80->320 at 8x8 2.4 / 11.5 against 0.66 / 3.4, 320->80 1.47 / 7.1 against 0.67 / 4.3;
+    #: MobileNetV3's 40->120 at 4x4 0.22 / 0.39 against 0.08 / 0.22; in the whole step
+    #: (interleaved A/B, B = 16 / 64) ConvNeXt-atto 1.40x / 1.22x -> 1.40x / 1.17x
+    #: non-private, MobileNetV3 1.40x / 1.03x -> 1.38x / 1.03x. Their per-sample gradients by
+    #: ``unfold`` (µs, B = 16 / 64, ghost + sum against ``groups`` and ``unfold``, kept + contraction):
+    #: HF ViT's 3->128 8x8 patchify at 64x64 1406 / 5970 against 1112 / 4687 and 819 / 4412;
+    #: ConvNeXt-atto's 40->80 2x2 stride 2 at 16x16 1050 / 4023 against 1411 / 2817 and
+    #: 492 / 1909; ResNet18's 1x1 stride-2 64->128 at 8x8 288 / 671 against 958 / 2401 and
+    #: 121 / 396; a one-channel 8x8 patchify at 64x64 by ``correlate`` 437, ``unfold`` 260
     kept_passes: float = KEPT_PASSES
     #: materialized per-sample weight gradients are kept for the clipped sum when at most
     #: this many times the record (input and output gradient): recomputing them costs a
@@ -321,6 +335,8 @@ class _ConvMath:
             all(s == 1 for s in geo.stride) and not any(geo.pad)
         ):
             return "pointwise"
+        if geo.groups == 1 and _disjoint(geo):
+            return "unfold"
         T = math.prod(gout.shape[2:])
         if geo.x.shape[1] == geo.groups and math.prod(geo.k) >= self.correlate_min_kernel and (
             geo.groups > 1 or T <= self.correlate_max_positions_one_channel
@@ -347,8 +363,8 @@ class _ConvMath:
         T = math.prod(gout.shape[2:])
         d = geo.x.shape[1] // geo.groups * math.prod(geo.k)
         p = gout.shape[1] // geo.groups
-        if T > 1 and self.method(geo, gout) == "pointwise" and self._would_keep(geo, gout):
-            cost, factor, what = T * T * (d + p), self.ghost_ratio * self.kept_passes, "pointwise, kept: T²(d+p)"
+        if T > 1 and geo.groups == 1 and _disjoint(geo) and self._would_keep(geo, gout):
+            cost, factor, what = T * T * (d + p), self.ghost_ratio * self.kept_passes, "disjoint windows, kept: T²(d+p)"
         else:  # T = 1: the rank-one norm |g|^2 |a|^2
             cost, factor, what = T * (d + p), self._ghost_bound(geo, gout), "T(d+p)"
         ghost = cost <= factor * p * d

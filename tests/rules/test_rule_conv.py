@@ -525,15 +525,20 @@ def _check_book_keeping(case, method, ghost, sum_by, monkeypatch):
         assert set(rule.clipped_sum(bound, g, factors, needs1)) == needs1
 
 
-@pytest.mark.parametrize("cin,cout,H,k,pad,ghost,kept", [
-    (64, 64, 8, 3, 1, True, False),  # ResNet18's 8x8 layers: not kept, so ghost norms up to 1.3 p d
-    (80, 320, 8, 1, 0, False, True),  # ConvNeXt's kept pointwise layers: the linear rule's bound
+@pytest.mark.parametrize("cin,cout,H,k,stride,pad,ghost,kept", [
+    (64, 64, 8, 3, 1, 1, True, False),  # ResNet18's 8x8 layers: not kept, so ghost norms up to 1.3 p d
+    (80, 320, 8, 1, 1, 0, False, True),  # ConvNeXt's kept pointwise layers: the linear rule's bound
+    (3, 128, 64, 8, 8, 0, False, True),  # HF ViT's patchify stem: disjoint windows, unfold, kept
+    (40, 80, 16, 2, 2, 0, False, True),  # ConvNeXt's 2x2 stride-2 downsampling
+    (64, 128, 8, 1, 2, 0, False, True),  # ResNet18's strided 1x1 shortcut
+    (1, 32, 28, 4, 4, 0, False, True),  # one input channel, disjoint: unfold, not correlate
 ])
-def test_book_keeping_at_the_cost_models_own_choice(cin, cout, H, k, pad, ghost, kept):
-    """The default decisions at the shapes the unkept and pointwise bounds moved: norms and
-    clipped sum equal those of each sample's own gradient (float64, batch of one)."""
+def test_book_keeping_at_the_cost_models_own_choice(cin, cout, H, k, stride, pad, ghost, kept):
+    """The default decisions at the shapes the unkept, pointwise and disjoint-window bounds
+    moved: norms and clipped sum equal those of each sample's own gradient (float64, batch
+    of one)."""
     torch.manual_seed(seed_of("bk-default", cin, cout))
-    m = nn.Conv2d(cin, cout, k, padding=pad).to(DT)
+    m = nn.Conv2d(cin, cout, k, stride=stride, padding=pad).to(DT)
     call = module_call_for(m)(m)
     rule = rule_for_op(call.op)
     x = torch.randn(3, cin, H, H, dtype=DT)
@@ -585,8 +590,15 @@ def test_method_heuristics():
     pw = geo(2, 80, 320, 8, 1, 1, 0)
     assert rule.method(*pw) == "pointwise" and rule._would_keep(*pw) and not rule.use_ghost(*pw)
     assert rule.use_ghost(*geo(2, 8, 8, 2, 1, 1, 0))  # T^2 (d + p) small: ghost still
-    # ResNet18's 1x1 stride-2 64->128 at 4x4 is not pointwise (groups): its ghost norms stay
-    assert rule.use_ghost(*geo(2, 64, 128, 8, 1, 2, 0))
+    # disjoint windows (stride >= kernel, no padding) are a linear layer over patches: unfold,
+    # and the linear rule's bound where kept. ResNet18's 1x1 stride-2 64->128 at 8x8 (T = 16),
+    # HF ViT's 8x8 patchify 3->128 at 64x64 (T = 64): materialized and kept
+    for shortcut in (geo(2, 64, 128, 8, 1, 2, 0), geo(2, 3, 128, 64, 8, 8, 0), geo(2, 1, 32, 28, 4, 4, 0)):
+        assert rule.method(*shortcut) == "unfold" and rule._would_keep(*shortcut) and not rule.use_ghost(*shortcut)
+    # ... not kept (timm ViT-tiny's 16x16 patchify 3->192 at 64x64, T = 16): ghost norms
+    tiny = geo(2, 3, 192, 64, 16, 16, 0)
+    assert rule.method(*tiny) == "unfold" and not rule._would_keep(*tiny) and rule.use_ghost(*tiny)
+    assert rule.method(*geo(2, 8, 8, 8, 2, 1, 0)) == "groups"  # overlapping 2x2 windows (stride 1): as before
     # 1x1 output (T = 1): the norm is |g|^2 |a|^2, O(d + p), never a [B, p, d] gradient
     assert rule.use_ghost(*geo(2, 512, 512, 2, 3, 2, 1))
 
