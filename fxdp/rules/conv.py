@@ -387,8 +387,25 @@ class _ConvMath:
             out["bias"] = "per-sample Σ g over positions"
         return out
 
-    def _weight_ps(self, geo: Geom, gout: Tensor) -> Tensor:
-        method = self.method(geo, gout)
+    def _methods(self, geo: Geom, gout: Tensor) -> Tuple[str, ...]:
+        """The exact per-sample methods at these shapes, the cost model's (:meth:`method`)
+        first: ``groups`` always; ``unfold`` where its patches, which it does not slice, are
+        at most ``keep_ratio`` times the layer's record (what keeping may hold anyway);
+        ``correlate`` with one input channel per group; ``pointwise`` for 1x1 layers."""
+        best = self.method(geo, gout)
+        T = math.prod(gout.shape[2:])
+        patches = geo.x.shape[0] * geo.x.shape[1] * math.prod(geo.k) * T
+        valid = ["groups"]
+        if patches <= self.keep_ratio * (gout.numel() + geo.x.numel()):
+            valid.append("unfold")
+        if geo.x.shape[1] == geo.groups:
+            valid.append("correlate")
+        if geo.groups == 1 and all(k == 1 for k in geo.k) and all(s == 1 for s in geo.stride) and not any(geo.pad):
+            valid.append("pointwise")
+        return (best,) + tuple(m for m in valid if m != best)
+
+    def _weight_ps(self, geo: Geom, gout: Tensor, method: Optional[str] = None) -> Tensor:
+        method = method or self.method(geo, gout)
         if method == "pointwise":
             return ps_pointwise(geo, gout)
         if method == "correlate":
@@ -419,7 +436,11 @@ class _ConvMath:
         geo, gout = self._setup(args, grad_output)
         if math.prod(gout.shape[2:]) == 1:  # rank one: the ghost norm is O(B (d + p))
             return ()
-        return ("ghost", "materialize") if self.use_ghost(geo, gout) else ("materialize", "ghost")
+        # ghost norms, or the per-sample gradients by each exact method (the choice among
+        # them is the cost model's too: measured, HF ViT's patchify stem by groups took 1.4x
+        # the time of unfold, ConvNeXt's 2x2 downsampling 2.9x)
+        materialized = self._methods(geo, gout)
+        return ("ghost",) + materialized if self.use_ghost(geo, gout) else materialized + ("ghost",)
 
     def bk_keeps(self, args: Mapping[str, Any], grad_output: Tensor, needs: FrozenSet[str]) -> bool:
         if "weight" not in needs:
@@ -430,8 +451,9 @@ class _ConvMath:
     def norm_sample_sq_keep(
         self, args: Mapping[str, Any], grad_output: Tensor, needs: FrozenSet[str], method: Optional[str] = None
     ) -> Tuple[Dict[str, Tensor], Dict[str, Tensor]]:
-        """Ghost norms where cheaper (``method`` overrides the cost model: ``"ghost"`` or
-        ``"materialize"``); otherwise the per-sample gradients are
+        """Ghost norms where cheaper (``method`` overrides the cost model: ``"ghost"``,
+        ``"materialize"`` by the cost model's method, or one of :meth:`_methods`: ``"groups"``,
+        ``"unfold"``, ``"correlate"``, ``"pointwise"``); otherwise the per-sample gradients are
         materialized and, when at most ``keep_ratio`` times the size of the record
         (input and output gradient), kept, so the clipped sum is a contraction instead
         of a second weight-gradient pass."""
@@ -443,7 +465,7 @@ class _ConvMath:
             if method == "ghost" or (method is None and self.use_ghost(geo, gout)):
                 out["weight"] = ghost_norms(geo, gout)
             else:
-                ps = self._weight_ps(geo, gout)
+                ps = self._weight_ps(geo, gout, None if method == "materialize" else method)
                 out["weight"] = sq_norms(ps)
                 if self._would_keep(geo, gout):
                     kept["weight"] = ps

@@ -558,6 +558,37 @@ def test_book_keeping_at_the_cost_models_own_choice(cin, cout, H, k, stride, pad
             torch.testing.assert_close(kept_now[n], alone[n], rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("cin,cout,H,k,stride,pad,groups", [
+    (3, 8, 16, 4, 4, 0, 1),  # patchify: unfold, groups
+    (6, 4, 5, 1, 1, 0, 1),  # 1x1: pointwise, unfold, groups
+    (4, 4, 7, 3, 2, 1, 4),  # depthwise, stride 2: correlate, groups
+    (1, 5, 9, 3, 1, 1, 1),  # one input channel: correlate, groups
+    (24, 24, 2, 3, 1, 1, 1),  # wide on a small map: unfold, groups
+])
+def test_every_measured_candidate_is_exact(cin, cout, H, k, stride, pad, groups):
+    """``bk_methods="measure"`` times every exact method of a layer (ghost norms, per-sample
+    gradients by each applicable method): each gives the norms (and kept gradients) of each
+    sample's own gradient (float64, batch of one)."""
+    torch.manual_seed(seed_of("bk-candidates", cin, cout, k))
+    m = nn.Conv2d(cin, cout, k, stride=stride, padding=pad, groups=groups).to(DT)
+    call = module_call_for(m)(m)
+    rule = rule_for_op(call.op)
+    x = torch.randn(3, cin, H, H, dtype=DT)
+    bound = {"input": x, "weight": m.weight, "bias": m.bias, **call.kwargs}
+    g = torch.randn_like(rule.forward(call.op, bound))
+    needs = frozenset({"weight", "bias"})
+    candidates = rule.bk_candidates(bound, g, needs)
+    assert "ghost" in candidates and candidates[0] in ("ghost", rule.method(*rule._setup(bound, g)))
+    assert len(set(candidates)) == len(candidates) >= 3  # ghost and at least two per-sample methods
+    alone = batch_of_one_grads(m, [x], lambda out, i: (out * g[i:i + 1]).sum())
+    for method in candidates:
+        norms, kept = rule.norm_sample_sq_keep(bound, g, needs, method)
+        for n in needs:
+            torch.testing.assert_close(norms[n], alone[n].flatten(1).pow(2).sum(1), rtol=1e-9, atol=1e-12)
+        for n, t in kept.items():
+            torch.testing.assert_close(t, alone[n], rtol=1e-9, atol=1e-12)
+
+
 def test_method_heuristics():
     """Per-sample conv backward for large maps / small weights, unfold + bmm for
     wide layers on small maps; ghost norms only where cheaper (see the module doc)."""
