@@ -367,7 +367,8 @@ def write_md(cells: List[Dict[str, Any]], path: str, kept_freed: bool = False) -
     measured = [c for c in cells if "bk_methods" in c]
     if measured:
         lines += ["", "Book-keeping cost model checked against measurement (`bk_methods=\"measure\"`: each layer "
-                  "with two exact methods, ghost and materialized norms, timed on the first batch):", "",
+                  "with several exact methods timed on the first batch: ghost or materialized norms, and a "
+                  "convolution's per-sample methods):", "",
                   "| model | layers timed | cost model picks the faster | their time, cost model's picks | "
                   "their time, measured picks |", "|---|---|---|---|---|"]
         for c in measured:

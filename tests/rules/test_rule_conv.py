@@ -525,26 +525,34 @@ def _check_book_keeping(case, method, ghost, sum_by, monkeypatch):
         assert set(rule.clipped_sum(bound, g, factors, needs1)) == needs1
 
 
-@pytest.mark.parametrize("cin,cout,H,k,stride,pad,ghost,kept", [
-    (64, 64, 8, 3, 1, 1, True, False),  # ResNet18's 8x8 layers: not kept, so ghost norms up to 1.3 p d
-    (80, 320, 8, 1, 1, 0, False, True),  # ConvNeXt's kept pointwise layers: the linear rule's bound
-    (3, 128, 64, 8, 8, 0, False, True),  # HF ViT's patchify stem: disjoint windows, unfold, kept
-    (40, 80, 16, 2, 2, 0, False, True),  # ConvNeXt's 2x2 stride-2 downsampling
-    (64, 128, 8, 1, 2, 0, False, True),  # ResNet18's strided 1x1 shortcut
-    (1, 32, 28, 4, 4, 0, False, True),  # one input channel, disjoint: unfold, not correlate
+@pytest.mark.parametrize("cin,cout,H,k,stride,pad,ghost,kept,method", [
+    (64, 64, 8, 3, 1, 1, True, False, "groups"),  # ResNet18's 8x8 layers: not kept, so ghost norms up to 1.3 p d
+    (80, 320, 8, 1, 1, 0, False, True, "pointwise"),  # ConvNeXt's kept pointwise layers: the linear rule's bound
+    (3, 128, 64, 8, 8, 0, False, True, "unfold"),  # HF ViT's patchify stem: disjoint windows, unfold, kept
+    (40, 80, 16, 2, 2, 0, False, True, "unfold"),  # ConvNeXt's 2x2 stride-2 downsampling
+    (64, 128, 8, 1, 2, 0, False, True, "unfold"),  # ResNet18's strided 1x1 shortcut
+    (1, 32, 28, 4, 4, 0, False, True, "unfold"),  # one input channel, disjoint: unfold, not correlate
+    (-16, 8, 6, 2, 2, 0, False, True, "unfold"),  # UNet's 2x2 stride-2 upsampling (ConvTranspose2d, cin 16)
 ])
-def test_book_keeping_at_the_cost_models_own_choice(cin, cout, H, k, stride, pad, ghost, kept):
+def test_book_keeping_at_the_cost_models_own_choice(cin, cout, H, k, stride, pad, ghost, kept, method):
     """The default decisions at the shapes the unkept, pointwise and disjoint-window bounds
     moved: norms and clipped sum equal those of each sample's own gradient (float64, batch
-    of one)."""
+    of one). A negative ``cin`` is a transposed convolution, the adjoint of a plain one
+    (its per-sample gradients are a plain convolution's with input and output gradient
+    swapped: UNet's upsampling is a layer of disjoint windows too)."""
     torch.manual_seed(seed_of("bk-default", cin, cout))
-    m = nn.Conv2d(cin, cout, k, stride=stride, padding=pad).to(DT)
+    if cin < 0:
+        cin = -cin
+        m = nn.ConvTranspose2d(cin, cout, k, stride=stride, padding=pad).to(DT)
+    else:
+        m = nn.Conv2d(cin, cout, k, stride=stride, padding=pad).to(DT)
     call = module_call_for(m)(m)
     rule = rule_for_op(call.op)
     x = torch.randn(3, cin, H, H, dtype=DT)
     bound = {"input": x, "weight": m.weight, "bias": m.bias, **call.kwargs}
     g = torch.randn_like(rule.forward(call.op, bound))
-    assert rule.use_ghost(*rule._setup(bound, g)) == ghost
+    geo = rule._setup(bound, g)
+    assert rule.use_ghost(*geo) == ghost and rule.method(*geo) == method
     needs = frozenset({"weight", "bias"})
     norms, kept_now = rule.norm_sample_sq_keep(bound, g, needs)
     assert ("weight" in kept_now) == kept
