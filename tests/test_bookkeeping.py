@@ -299,15 +299,14 @@ def test_measured_methods_are_timed_once_per_shape_reported_and_exact():
     assert runs["model"][1] == {} and runs["model"][2] == 0  # the cost model times nothing
     assert set(report) == {"seq", "conv"}  # the T = 1 head has one method (rank one)
     # the linear layer: ghost or materialized norms; the conv: ghost, or per-sample gradients by
-    # each exact method whose temporaries stay bounded (here groups: unfold's unsliced patches
-    # would be 3.6x this layer's record)
-    candidates = {"seq": {"ghost", "materialize"}, "conv": {"ghost", "groups"}}
+    # each exact method (two input channels: not correlate, not pointwise)
+    candidates = {"seq": {"ghost", "materialize"}, "conv": {"ghost", "groups", "unfold"}}
     for name, rows in report.items():
         assert len(rows) == 1  # one input shape each (the batch size is not part of the key)
         row = rows[0]
         assert set(row["ms"]) == candidates[name] and row["method"] == min(row["ms"], key=row["ms"].get)
         assert row["model"] in row["ms"]
-    assert timed == 2 * 2 * 2  # 2 layers x 2 candidates x best of 2, on the first batch only
+    assert timed == (2 + 3) * 2  # the layers' 2 and 3 candidates x best of 2, on the first batch only
 
 
 def test_make_private_bk_methods_option():

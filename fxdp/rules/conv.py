@@ -279,6 +279,17 @@ class _ConvMath:
     #: per-group weight ``O/G x C/G prod(k)`` has at most this many entries per
     #: output position (``T``), else by unfold + bmm (measured, see the module doc)
     groups_weight_per_position: float = 1000.0
+    #: ... but by unfold + bmm (sliced) on maps of at most ``unfold_max_positions`` output
+    #: positions for layers of disjoint windows (:func:`_disjoint`) and for inputs of fewer than
+    #: ``unfold_few_channels`` channels (RGB stems), whose batch-as-groups weight gradient
+    #: takes oneDNN's slow path (it blocks channels by 8). ms, 1 thread, B = 16, groups against
+    #: unfold: RGB 3->32 3x3 at 32x32 1.73 / 0.82, 3->16 3x3 stride 2 at 64x64 1.56 / 0.76,
+    #: ResNet's 7x7 stride-2 stem at 32x32 2.07 / 1.45 (T = 256), 5x5 stride 2 at 64x64 5.18 /
+    #: 2.40, 4x4 patchify at 128x128 3.54 / 2.67 (T = 1024); from T = 2304 even (3x3 stride 2
+    #: at 96x96 2.71 / 2.81), at 224x224 groups wins (3x3 stride 2 6.85 / 15.9, 4x4 patchify
+    #: 8.12 / 9.84). 8+ channels: groups (8->32 3x3 at 32x32 1.68 / 1.71, 16->32 2.33 / 2.96)
+    unfold_max_positions: int = 1024
+    unfold_few_channels: int = 8
     #: layers with one input channel per group and a kernel of at least this many taps:
     #: per-sample weight gradients by ``ps_correlate`` (depthwise layers at any stride;
     #: a single-channel input, as MNIST's first layer, up to
@@ -335,13 +346,16 @@ class _ConvMath:
             all(s == 1 for s in geo.stride) and not any(geo.pad)
         ):
             return "pointwise"
-        if geo.groups == 1 and _disjoint(geo):
-            return "unfold"
         T = math.prod(gout.shape[2:])
+        small = T <= self.unfold_max_positions
+        if small and geo.groups == 1 and _disjoint(geo):
+            return "unfold"
         if geo.x.shape[1] == geo.groups and math.prod(geo.k) >= self.correlate_min_kernel and (
             geo.groups > 1 or T <= self.correlate_max_positions_one_channel
         ):
             return "correlate"
+        if small and geo.groups == 1 and geo.x.shape[1] < self.unfold_few_channels:
+            return "unfold"
         per_group = (gout.shape[1] // geo.groups) * (geo.x.shape[1] // geo.groups) * math.prod(geo.k)
         return "groups" if per_group <= self.groups_weight_per_position * T else "unfold"
 
@@ -389,15 +403,10 @@ class _ConvMath:
 
     def _methods(self, geo: Geom, gout: Tensor) -> Tuple[str, ...]:
         """The exact per-sample methods at these shapes, the cost model's (:meth:`method`)
-        first: ``groups`` always; ``unfold`` where its patches, which it does not slice, are
-        at most ``keep_ratio`` times the layer's record (what keeping may hold anyway);
-        ``correlate`` with one input channel per group; ``pointwise`` for 1x1 layers."""
+        first: ``groups`` and ``unfold`` always (both slice the batch); ``correlate`` with one
+        input channel per group; ``pointwise`` for 1x1 layers."""
         best = self.method(geo, gout)
-        T = math.prod(gout.shape[2:])
-        patches = geo.x.shape[0] * geo.x.shape[1] * math.prod(geo.k) * T
-        valid = ["groups"]
-        if patches <= self.keep_ratio * (gout.numel() + geo.x.numel()):
-            valid.append("unfold")
+        valid = ["groups", "unfold"]
         if geo.x.shape[1] == geo.groups:
             valid.append("correlate")
         if geo.groups == 1 and all(k == 1 for k in geo.k) and all(s == 1 for s in geo.stride) and not any(geo.pad):
