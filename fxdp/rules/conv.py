@@ -25,9 +25,9 @@ output padding only fixes the output's size), so the per-sample gradient of
 ``conv_transpose`` is the per-sample gradient of a plain convolution whose input
 is the output gradient ``g`` and whose output gradient is ``x``.
 
-Per-sample weight gradients: four exact methods (``groups``, ``unfold`` (also for layers
-whose windows do not overlap), ``pointwise`` for 1x1 layers, ``correlate`` for depthwise and
-single-channel ones), chosen per layer
+Per-sample weight gradients: four exact methods (``groups``, ``unfold`` (also, on small maps,
+for layers whose windows do not overlap and for RGB stems), ``pointwise`` for 1x1 layers,
+``correlate`` for depthwise and single-channel ones), chosen per layer
 from the shapes by ``ConvRule.method``; they, their patches and their measurements
 are in :mod:`fxdp.rules.conv_grads`.
 
