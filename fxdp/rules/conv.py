@@ -26,7 +26,8 @@ output padding only fixes the output's size), so the per-sample gradient of
 is the output gradient ``g`` and whose output gradient is ``x``.
 
 Per-sample weight gradients: four exact methods (``groups``, ``unfold`` (also, on small maps,
-for layers whose windows do not overlap and for RGB stems), ``pointwise`` for 1x1 layers,
+for layers whose windows do not overlap and inputs of channel counts off oneDNN's block of 8,
+as RGB stems), ``pointwise`` for 1x1 layers,
 ``correlate`` for depthwise and single-channel ones), chosen per layer
 from the shapes by ``ConvRule.method``; they, their patches and their measurements
 are in :mod:`fxdp.rules.conv_grads`.
@@ -280,16 +281,18 @@ class _ConvMath:
     #: output position (``T``), else by unfold + bmm (measured, see the module doc)
     groups_weight_per_position: float = 1000.0
     #: ... but by unfold + bmm (sliced) on maps of at most ``unfold_max_positions`` output
-    #: positions for layers of disjoint windows (:func:`_disjoint`) and for inputs of fewer than
-    #: ``unfold_few_channels`` channels (RGB stems), whose batch-as-groups weight gradient
-    #: takes oneDNN's slow path (it blocks channels by 8). ms, 1 thread, B = 16, groups against
-    #: unfold: RGB 3->32 3x3 at 32x32 1.73 / 0.82, 3->16 3x3 stride 2 at 64x64 1.56 / 0.76,
-    #: ResNet's 7x7 stride-2 stem at 32x32 2.07 / 1.45 (T = 256), 5x5 stride 2 at 64x64 5.18 /
-    #: 2.40, 4x4 patchify at 128x128 3.54 / 2.67 (T = 1024); from T = 2304 even (3x3 stride 2
-    #: at 96x96 2.71 / 2.81), at 224x224 groups wins (3x3 stride 2 6.85 / 15.9, 4x4 patchify
-    #: 8.12 / 9.84). 8+ channels: groups (8->32 3x3 at 32x32 1.68 / 1.71, 16->32 2.33 / 2.96)
+    #: positions for layers of disjoint windows (:func:`_disjoint`) and for inputs whose channel
+    #: count is not a multiple of ``channel_block`` (RGB stems; DenseNet-like widths), where
+    #: the batch-as-groups weight gradient takes oneDNN's slow path (it blocks channels by 8
+    #: on AVX2; measured there). ms, 1 thread, B = 16, groups against unfold: RGB 3->32 3x3 at
+    #: 32x32 1.73 / 0.82, 3->16 3x3 stride 2 at 64x64 1.56 / 0.76, ResNet's 7x7 stride-2 stem at
+    #: 32x32 2.07 / 1.45 (T = 256), 5x5 stride 2 at 64x64 5.18 / 2.40, 4x4 patchify at 128x128
+    #: 3.54 / 2.67 (T = 1024), 12->32 3x3 at 32x32 3.93 / 2.20, 36->48 at 16x16 3.12 / 1.95;
+    #: from T = 2304 even (3x3 stride 2 at 96x96 2.71 / 2.81), at 224x224 groups wins (3x3
+    #: stride 2 6.85 / 15.9, 4x4 patchify 8.12 / 9.84). Multiples of 8: groups (8->32 3x3 at
+    #: 32x32 1.68 / 1.71, 24->32 3.02 / 4.04, 40->48 at 16x16 1.84 / 2.20, 48->64 at 8x8 0.75 / 1.04)
     unfold_max_positions: int = 1024
-    unfold_few_channels: int = 8
+    channel_block: int = 8
     #: layers with one input channel per group and a kernel of at least this many taps:
     #: per-sample weight gradients by ``ps_correlate`` (depthwise layers at any stride;
     #: a single-channel input, as MNIST's first layer, up to
@@ -354,7 +357,7 @@ class _ConvMath:
             geo.groups > 1 or T <= self.correlate_max_positions_one_channel
         ):
             return "correlate"
-        if small and geo.groups == 1 and geo.x.shape[1] < self.unfold_few_channels:
+        if small and geo.groups == 1 and geo.x.shape[1] % self.channel_block:
             return "unfold"
         per_group = (gout.shape[1] // geo.groups) * (geo.x.shape[1] // geo.groups) * math.prod(geo.k)
         return "groups" if per_group <= self.groups_weight_per_position * T else "unfold"

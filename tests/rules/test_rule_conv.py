@@ -641,12 +641,14 @@ def test_method_heuristics():
     assert rule.method(*geo(2, 8, 8, 8, 2, 1, 0)) == "groups"  # overlapping 2x2 windows (stride 1): as before
     # on large maps the batch-as-groups weight gradient wins: ConvNeXt's 4x4 patchify at 224x224
     assert rule.method(*geo(1, 3, 96, 224, 4, 4, 0)) == "groups"
-    # fewer than 8 input channels (RGB stems) on small maps: unfold (oneDNN's grouped weight
-    # gradient blocks channels by 8); at 224x224, groups
+    # input channels off oneDNN's block of 8 (RGB stems, DenseNet-like widths) on small maps:
+    # unfold (the grouped weight gradient takes its slow path); at 224x224, groups
     assert rule.method(*geo(2, 3, 32, 32, 3, 1, 1)) == "unfold"  # CIFAR's first layer
     assert rule.method(*geo(2, 3, 64, 32, 7, 2, 3)) == "unfold"  # ResNet's stem at 32x32
+    assert rule.method(*geo(2, 12, 32, 32, 3, 1, 1)) == "unfold"  # 12 channels
     assert rule.method(*geo(1, 3, 64, 224, 7, 2, 3)) == "groups"  # ResNet's stem at 224x224
-    assert rule.method(*geo(2, 8, 32, 32, 3, 1, 1)) == "groups"  # 8 channels: groups
+    assert rule.method(*geo(2, 8, 32, 32, 3, 1, 1)) == "groups"  # multiples of 8: groups
+    assert rule.method(*geo(2, 24, 32, 32, 3, 1, 1)) == "groups"
     # 1x1 output (T = 1): the norm is |g|^2 |a|^2, O(d + p), never a [B, p, d] gradient
     assert rule.use_ghost(*geo(2, 512, 512, 2, 3, 2, 1))
 
