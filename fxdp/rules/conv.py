@@ -290,7 +290,10 @@ class _ConvMath:
     #: 3.54 / 2.67 (T = 1024), 12->32 3x3 at 32x32 3.93 / 2.20, 36->48 at 16x16 3.12 / 1.95;
     #: from T = 2304 even (3x3 stride 2 at 96x96 2.71 / 2.81), at 224x224 groups wins (3x3
     #: stride 2 6.85 / 15.9, 4x4 patchify 8.12 / 9.84). Multiples of 8: groups (8->32 3x3 at
-    #: 32x32 1.68 / 1.71, 24->32 3.02 / 4.04, 40->48 at 16x16 1.84 / 2.20, 48->64 at 8x8 0.75 / 1.04)
+    #: 32x32 1.68 / 1.71, 24->32 3.02 / 4.04, 40->48 at 16x16 1.84 / 2.20, 48->64 at 8x8 0.75 / 1.04).
+    #: The channel rule is for 2-d layers only: 1-d even (µs, 3->32 k5 at 256 212 / 272, 12->32 k3
+    #: at 128 229 / 204), 3-d mixed (12->16 3x3x3 at 8^3 2910 / 3449); disjoint windows win at any
+    #: rank (3-d 3->32 2x2x2 stride 2 at 16^3 683 / 389, 1-d 3->64 k4 stride 4 174 / 148)
     unfold_max_positions: int = 1024
     channel_block: int = 8
     #: layers with one input channel per group and a kernel of at least this many taps:
@@ -357,7 +360,7 @@ class _ConvMath:
             geo.groups > 1 or T <= self.correlate_max_positions_one_channel
         ):
             return "correlate"
-        if small and geo.groups == 1 and geo.x.shape[1] % self.channel_block:
+        if small and geo.n == 2 and geo.groups == 1 and geo.x.shape[1] % self.channel_block:
             return "unfold"
         per_group = (gout.shape[1] // geo.groups) * (geo.x.shape[1] // geo.groups) * math.prod(geo.k)
         return "groups" if per_group <= self.groups_weight_per_position * T else "unfold"

@@ -649,6 +649,9 @@ def test_method_heuristics():
     assert rule.method(*geo(1, 3, 64, 224, 7, 2, 3)) == "groups"  # ResNet's stem at 224x224
     assert rule.method(*geo(2, 8, 32, 32, 3, 1, 1)) == "groups"  # multiples of 8: groups
     assert rule.method(*geo(2, 24, 32, 32, 3, 1, 1)) == "groups"
+    c3 = rule._setup(rule.bind((torch.zeros(2, 12, 8, 8, 8), torch.zeros(16, 12, 3, 3, 3)), dict(padding=1)),
+                     torch.zeros(2, 16, 8, 8, 8))
+    assert rule.method(*c3) == "groups"  # the channel rule is 2-d only (3-d measured mixed)
     # 1x1 output (T = 1): the norm is |g|^2 |a|^2, O(d + p), never a [B, p, d] gradient
     assert rule.use_ghost(*geo(2, 512, 512, 2, 3, 2, 1))
 
