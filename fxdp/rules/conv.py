@@ -264,6 +264,11 @@ def _transpose_geom(args: Mapping[str, Any], grad_output: Tensor) -> Tuple[Geom,
     return Geom(g, k, stride, pad, dilation, int(args.get("groups", 1))), x
 
 
+def _pointwise(geo: Geom) -> bool:
+    """A 1x1 convolution at stride 1, unpadded, one group: a matmul per position."""
+    return geo.groups == 1 and all(k == 1 for k in geo.k) and all(s == 1 for s in geo.stride) and not any(geo.pad)
+
+
 def _disjoint(geo: Geom) -> bool:
     """Whether the windows do not overlap (each stride at least the dilated kernel, no
     padding: 1x1 layers, ViT's and ConvNeXt's patchify stems and downsampling, ResNet's
@@ -348,9 +353,7 @@ class _ConvMath:
     def method(self, geo: Geom, gout: Tensor) -> str:
         """``"pointwise"``, ``"correlate"``, ``"groups"`` or ``"unfold"`` for the per-sample
         weight gradients."""
-        if self.pointwise and geo.groups == 1 and all(k == 1 for k in geo.k) and (
-            all(s == 1 for s in geo.stride) and not any(geo.pad)
-        ):
+        if self.pointwise and _pointwise(geo):
             return "pointwise"
         T = math.prod(gout.shape[2:])
         small = T <= self.unfold_max_positions
@@ -415,7 +418,7 @@ class _ConvMath:
         valid = ["groups", "unfold"]
         if geo.x.shape[1] == geo.groups:
             valid.append("correlate")
-        if geo.groups == 1 and all(k == 1 for k in geo.k) and all(s == 1 for s in geo.stride) and not any(geo.pad):
+        if _pointwise(geo):
             valid.append("pointwise")
         return (best,) + tuple(m for m in valid if m != best)
 

@@ -129,6 +129,11 @@ class Geom:
         self.x, self.k, self.stride, self.pad, self.dilation, self.groups = x, tuple(k), stride, pad, dilation, groups
         self.n = len(self.k)
 
+    def rows(self, start: int, stop: int) -> "Geom":
+        """The same convolution on samples ``start:stop`` (every per-sample quantity is exact
+        on a slice of the batch)."""
+        return Geom(self.x[start:stop], self.k, self.stride, self.pad, self.dilation, self.groups)
+
 
 def weight_shape(geo: Geom, g: Tensor) -> Tuple[int, ...]:
     return (g.shape[1], geo.x.shape[1] // geo.groups) + geo.k
@@ -206,7 +211,7 @@ def ghost_norms(geo: Geom, g: Tensor) -> Tensor:
 
     if n >= B:
         return norms(geo, g)
-    return torch.cat([norms(Geom(geo.x[s:s + n], geo.k, geo.stride, geo.pad, geo.dilation, geo.groups), g[s:s + n])
+    return torch.cat([norms(geo.rows(s, s + n), g[s:s + n])
                       for s in range(0, B, n)])
 
 
@@ -386,6 +391,5 @@ def ps_unfold(geo: Geom, g: Tensor) -> Tensor:
         return _ps_unfold(geo, g)
     out = g.new_empty((B, g.shape[1], geo.x.shape[1] // geo.groups) + geo.k)
     for s in range(0, B, n):
-        out[s:s + n] = _ps_unfold(Geom(geo.x[s:s + n], geo.k, geo.stride, geo.pad, geo.dilation, geo.groups),
-                                  g[s:s + n])
+        out[s:s + n] = _ps_unfold(geo.rows(s, s + n), g[s:s + n])
     return out
