@@ -218,6 +218,27 @@ def test_correlate_method_in_batch_slices(case, samples_per_slice, monkeypatch):
     assert sum(calls) == xs[0] and max(calls) == samples_per_slice
 
 
+@pytest.mark.parametrize("samples_per_slice", [1, 2, 100])
+def test_correlate_clipped_sum_in_batch_slices(samples_per_slice, monkeypatch):
+    """Book-keeping's clipped sum of a depthwise layer (ConvNeXt's 7x7 at a 2x2 map) is the
+    per-sample correlations summed a slice of the batch at a time: equal to the factors'
+    combination of each sample's own gradient (float64, batch of one), whatever the slices."""
+    torch.manual_seed(_seed("corr-sum-slices", samples_per_slice))
+    m = nn.Conv2d(6, 6, 7, padding=3, groups=6).to(DT)
+    call = module_call_for(m)(m)
+    rule = rule_for_op(call.op)
+    x = torch.randn(5, 6, 2, 2, dtype=DT)
+    bound = {"input": x, "weight": m.weight, "bias": m.bias, **call.kwargs}
+    g = torch.randn_like(rule.forward(call.op, bound))
+    assert rule.method(*rule._setup(bound, g)) == "correlate" and not rule.bk_keeps(bound, g, frozenset({"weight"}))
+    monkeypatch.setattr(conv_grads, "samples_per_slice", lambda budget, *t, **k: samples_per_slice)
+    factors = torch.rand(5, dtype=DT)
+    sums = rule.clipped_sum(bound, g, factors, frozenset({"weight", "bias"}))
+    alone = batch_of_one_grads(m, [x], lambda out, i: (out * g[i:i + 1]).sum())
+    for n in ("weight", "bias"):
+        torch.testing.assert_close(sums[n], torch.einsum("b,b...->...", factors, alone[n]), rtol=1e-9, atol=1e-12)
+
+
 # ----------------------------------------------------------------------------
 # modules, every padding mode
 # ----------------------------------------------------------------------------
