@@ -44,8 +44,9 @@ with the method chosen above. ``clipped_sum`` scales the output gradient by the
 clipping factors and takes one ordinary weight gradient
 (``aten.convolution_backward``), never forming per-sample gradients; on maps of
 at most ``sum_unfold_max_positions`` (4) positions it is patches + one matmul
-instead, and on ``correlate`` layers the correlation with the samples summed inside
-each group (ms, batch 16, weight gradient / matmul: 512->512 3x3 at 1x1 18.0 / 2.4,
+instead, and on ``correlate`` layers the per-sample correlations of the scaled output
+gradient summed over the batch, a slice at a time (:func:`~fxdp.rules.conv_grads.sum_correlate`;
+ms, batch 16, weight gradient / matmul: 512->512 3x3 at 1x1 18.0 / 2.4,
 256->512 stride 2 at 2x2 4.7 / 0.8, 256->256 at 2x2 4.1 / 1.7; at 4x4, T = 16,
 the weight gradient wins: 0.87 / 1.38). Measured
 (same machine, but busy, so only the ratios mean much; ms, batch 128): norms of
