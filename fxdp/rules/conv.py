@@ -34,9 +34,11 @@ are in :mod:`fxdp.rules.conv_grads`.
 
 Book-keeping (Bu et al. 2023). ``norm_sample_sq`` uses the ghost norm (Li et al.
 2021) ``||grad W_i||^2 = sum_groups <P_i P_i^T, g_i g_i^T>`` (two T x T Gram
-matrices) when its cost ``T^2 (d + p)`` is below ``ghost_ratio * T p d`` of the
-materialized gradient (per group, ``d = C/G prod(k)``, ``p = O/G``; this also
-bounds the Gram matrices' memory by that of the gradients), or below
+matrices, the patches' formed from the pixels' where cheaper:
+:func:`~fxdp.rules.conv_grads.patch_gram_costs`) when its cost ``T^2 (d + p)`` is
+below ``ghost_ratio * T p d`` of the materialized gradient (per group, ``d = C/G
+prod(k)``, ``p = O/G``; this also bounds the Gram matrices' memory by that of the
+gradients), or below
 ``unkept_ghost_ratio`` (1.3) times that where the materialized gradients would not
 be kept (measured: the Gram matrices' matmuls beat the per-sample methods per
 multiply-add, ResNet18 at 32x32 inputs 1.64x -> 1.51x non-private at B = 64), else it materializes

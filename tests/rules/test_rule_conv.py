@@ -4,6 +4,8 @@ every padding mode, transposed convolutions) against batch-of-one gradients
 materialized path."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -505,6 +507,51 @@ def test_ghost_norms_in_batch_slices(case, monkeypatch):
     monkeypatch.setattr(conv_grads, "grouped", lambda geo, g, **kw: calls.append(g.shape[0]) or inner(geo, g, **kw))
     _check_book_keeping(case, "groups", True, "wgrad", monkeypatch)
     assert calls and max(calls) == 1
+
+
+@pytest.mark.parametrize("sliced", [False, True])
+@pytest.mark.parametrize("case", range(len(BK_CASES)))
+def test_ghost_norms_by_pixel_gram(case, sliced, monkeypatch):
+    """Ghost norms with the patches' Gram matrix formed from the pixels' (forced on every
+    case: strided, dilated, grouped, 1-d to 3-d, transposed), the whole batch or one sample
+    at a time: equal to the materialized per-sample norms (float64)."""
+    monkeypatch.setattr(conv_grads, "patch_gram_costs", lambda geo, out: (1, 0))
+    if sliced:
+        monkeypatch.setattr(conv_grads, "GHOST_SLICE_BYTES", 1)
+    calls = []
+    inner = conv_grads._patch_gram_from_pixels
+    monkeypatch.setattr(conv_grads, "_patch_gram_from_pixels",
+                        lambda geo, out: calls.append(geo.x.shape[0]) or inner(geo, out))
+    _check_book_keeping(case, "groups", True, "wgrad", monkeypatch)
+    if math.prod(BK_CASES[case][3][2:]) > 4:  # not the rank-one 2x2 map case
+        assert calls and (max(calls) == 1) == sliced
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "channels_first"])
+@pytest.mark.parametrize("cin,cout,H,stride,groups,pixels", [
+    (32, 16, 6, 1, 1, True),  # 3x3 stride 1 on a small map (ResNet's): from the pixels
+    (64, 16, 6, 1, 2, True),
+    (8, 16, 8, 2, 1, False),  # stride 2: the pixels' Gram matrix would be larger
+])
+def test_ghost_norms_pick_the_cheaper_gram(cin, cout, H, stride, groups, pixels, layout, monkeypatch):
+    """Ghost norms take the patches' Gram matrix from the pixels where that costs fewer
+    multiply-adds (:func:`conv_grads.patch_gram_costs`), in either input layout, exactly."""
+    torch.manual_seed(seed_of("pixel-gram", cin, H, stride))
+    m = nn.Conv2d(cin, cout, 3, stride=stride, padding=1, groups=groups).to(DT)
+    x = torch.randn(3, cin, H, H, dtype=DT)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    g = torch.randn_like(m(x))
+    geo = conv_grads.Geom(x, (3, 3), (stride,) * 2, (1, 1), (1, 1), groups)
+    by_patches, by_pixels = conv_grads.patch_gram_costs(geo, g.shape[2:])
+    assert (by_pixels < by_patches) == pixels
+    calls = []
+    inner = conv_grads._patch_gram_from_pixels
+    monkeypatch.setattr(conv_grads, "_patch_gram_from_pixels", lambda geo, out: calls.append(1) or inner(geo, out))
+    alone = batch_of_one_grads(m, [x], lambda out, i: (out * g[i:i + 1]).sum())
+    torch.testing.assert_close(conv_grads.ghost_norms(geo, g), alone["weight"].flatten(1).pow(2).sum(1),
+                               rtol=1e-9, atol=1e-12)
+    assert bool(calls) == pixels
 
 
 def _check_book_keeping(case, method, ghost, sum_by, monkeypatch):
