@@ -71,8 +71,8 @@ from .base import (
     KEPT_PASSES, ModuleCall, PerSampleRule, into_target, register_module, register_rule, sq_norms, weighted_sum,
 )
 from .conv_grads import (
-    Geom, f_pad_arg, ghost_norms, layout_of, ps_correlate, ps_groups, ps_pointwise, ps_unfold, sum_correlate, sum_unfold,
-    weight_shape, wgrad,
+    Geom, f_pad_arg, ghost_norms, gram_from_pixels, layout_of, ps_correlate, ps_groups, ps_pointwise, ps_unfold,
+    sum_correlate, sum_unfold, weight_shape, wgrad,
 )
 
 aten = torch.ops.aten
@@ -402,7 +402,10 @@ class _ConvMath:
         if "weight" in needs:
             ghost, why = self._ghost_test(geo, gout, explain=True)
             if ghost:
-                out["weight"] = f"ghost norm ({why}); clipped sum: one weight-gradient convolution of c∘g"
+                pixels = gram_from_pixels(geo, gout.shape[2:], gout.element_size())
+                gram = "; the patches' Gram matrix from the pixels'" if pixels else ""
+                out["weight"] = (f"ghost norm ({why}{gram}); "
+                                 "clipped sum: one weight-gradient convolution of c∘g")
             else:
                 kept = self.bk_keeps(args, grad_output, frozenset({"weight"}))
                 out["weight"] = (f"materialized by {self.method(geo, gout)} ({why}); " + (

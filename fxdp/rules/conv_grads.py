@@ -90,9 +90,9 @@ from torch import Tensor
 from .base import gram_inner, gram_strip_rows, samples_per_slice
 
 __all__ = [
-    "Geom", "weight_shape", "wgrad", "ghost_norms", "patch_gram_costs", "ps_groups", "ps_pointwise", "ps_unfold",
-    "ps_correlate", "sum_unfold",
-    "sum_correlate", "patches", "patch_rows", "grouped", "layout_of", "f_pad_arg",
+    "Geom", "weight_shape", "wgrad", "ghost_norms", "gram_from_pixels", "patch_gram_costs", "ps_groups",
+    "ps_pointwise", "ps_unfold", "ps_correlate", "sum_unfold", "sum_correlate", "patches", "patch_rows", "grouped",
+    "layout_of", "f_pad_arg",
 ]
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -262,18 +262,30 @@ def _patch_gram_from_pixels(geo: Geom, out_spatial: Sequence[int]) -> Tensor:
     return R.reshape(B * G, T, T)
 
 
+def _pixel_gram_bytes(geo: Geom, out_spatial: Sequence[int], element_size: int) -> int:
+    """One sample's temporaries in :func:`ghost_norms` by the pixels: their Gram matrices,
+    the largest partial sum and the output gradient's Gram matrices."""
+    N, T = math.prod(_padded_sizes(geo)), math.prod(out_spatial)
+    return geo.groups * (N * N + max(size for _, size in _pixel_stages(geo, out_spatial)) + T * T) * element_size
+
+
+def gram_from_pixels(geo: Geom, out_spatial: Sequence[int], element_size: int) -> bool:
+    """Whether :func:`ghost_norms` forms the patches' Gram matrix from the pixels': fewer
+    multiply-adds (:func:`patch_gram_costs`) and a sample's temporaries within
+    ``PIXEL_GRAM_MAX_BYTES``."""
+    by_patches, by_pixels = patch_gram_costs(geo, out_spatial)
+    return by_pixels < by_patches and _pixel_gram_bytes(geo, out_spatial, element_size) <= PIXEL_GRAM_MAX_BYTES
+
+
 def ghost_norms(geo: Geom, g: Tensor) -> Tensor:
     """``[B]``: ``sum_groups <P_i P_i^T, g_i g_i^T>``, the ghost norm (Li et al. 2021) on the
     patches ``P_i`` of each sample, a slice of the batch at a time. The patches' Gram matrix
-    is formed from the pixels' where that is cheaper (:func:`patch_gram_costs`)."""
+    is formed from the pixels' where that is cheaper (:func:`gram_from_pixels`)."""
     B, G = g.shape[0], geo.groups
     out_spatial = tuple(g.shape[2:])
     T = math.prod(out_spatial)
-    by_patches, by_pixels = patch_gram_costs(geo, out_spatial)
-    N = math.prod(_padded_sizes(geo))
-    temp = G * (N * N + max(size for _, size in _pixel_stages(geo, out_spatial)) + T * T) * g.element_size()
-    if by_pixels < by_patches and temp <= PIXEL_GRAM_MAX_BYTES:
-        n = samples_per_slice(GHOST_SLICE_BYTES, extra_bytes=temp)
+    if gram_from_pixels(geo, out_spatial, g.element_size()):
+        n = samples_per_slice(GHOST_SLICE_BYTES, extra_bytes=_pixel_gram_bytes(geo, out_spatial, g.element_size()))
 
         def norms(geo: Geom, g: Tensor) -> Tensor:
             gg = g.reshape(g.shape[0] * G, g.shape[1] // G, T)

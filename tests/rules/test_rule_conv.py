@@ -554,6 +554,21 @@ def test_ghost_norms_pick_the_cheaper_gram(cin, cout, H, stride, groups, pixels,
     assert bool(calls) == pixels
 
 
+def test_report_names_the_gram_from_pixels():
+    """The compatibility report says where a ghost norm forms the patches' Gram matrix from
+    the pixels' (ResNet18's 64->64 at 8x8) and where from the patches (stride 2)."""
+    rule = rule_for_op(F.conv2d)
+    needs = frozenset({"weight"})
+
+    def plan(cin, cout, H, s):
+        x, w = torch.zeros(2, cin, H, H, device="meta"), torch.zeros(cout, cin, 3, 3, device="meta")
+        bound = rule.bind((x, w), dict(stride=s, padding=1))
+        return rule.bk_plan(bound, rule.forward(F.conv2d, bound), needs)["weight"]
+
+    assert plan(64, 64, 8, 1).startswith("ghost norm") and "Gram matrix from the pixels" in plan(64, 64, 8, 1)
+    assert plan(64, 128, 8, 2).startswith("ghost norm") and "pixels" not in plan(64, 128, 8, 2)
+
+
 def _check_book_keeping(case, method, ghost, sum_by, monkeypatch):
     kind, ctor, kw, shape = BK_CASES[case]
     torch.manual_seed(_seed("bk", case))
