@@ -87,7 +87,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import gram_inner, gram_strip_rows, samples_per_slice
+from .base import gram_inner, gram_strip_rows, norm_dtype, samples_per_slice
 
 __all__ = [
     "Geom", "weight_shape", "wgrad", "ghost_norms", "gram_from_pixels", "patch_gram_costs", "ps_groups",
@@ -238,7 +238,7 @@ def _patch_gram_from_pixels(geo: Geom, out_spatial: Sequence[int]) -> Tensor:
     them. ms, 1 thread, ghost norms by patches / pixels: ResNet18's 64->64 at 8x8, B = 16
     / 64, 1.14 / 0.62 and 4.82 / 2.43; 128->128 at 4x4 (B = 64) 1.42 / 0.81; at 224x224
     inputs, B = 16, 256->256 at 14x14 30.2 / 11.2, 512->512 at 7x7 7.7 / 2.5."""
-    x = geo.x
+    x = geo.x.to(norm_dtype(geo.x.dtype))  # half precision: the taps' sums in float32
     if any(geo.pad):
         x = F.pad(x, f_pad_arg([(p, p) for p in geo.pad]))
     B, C, G, n = x.shape[0], x.shape[1], geo.groups, geo.n
@@ -264,9 +264,10 @@ def _patch_gram_from_pixels(geo: Geom, out_spatial: Sequence[int]) -> Tensor:
 
 def _pixel_gram_bytes(geo: Geom, out_spatial: Sequence[int], element_size: int) -> int:
     """One sample's temporaries in :func:`ghost_norms` by the pixels: their Gram matrices,
-    the largest partial sum and the output gradient's Gram matrices."""
+    the largest partial sum, and three ``[T, T]`` (the patches', the output gradient's, their
+    product)."""
     N, T = math.prod(_padded_sizes(geo)), math.prod(out_spatial)
-    return geo.groups * (N * N + max(size for _, size in _pixel_stages(geo, out_spatial)) + T * T) * element_size
+    return geo.groups * (N * N + max(size for _, size in _pixel_stages(geo, out_spatial)) + 3 * T * T) * element_size
 
 
 def gram_from_pixels(geo: Geom, out_spatial: Sequence[int], element_size: int) -> bool:
@@ -288,7 +289,7 @@ def ghost_norms(geo: Geom, g: Tensor) -> Tensor:
         n = samples_per_slice(GHOST_SLICE_BYTES, extra_bytes=_pixel_gram_bytes(geo, out_spatial, g.element_size()))
 
         def norms(geo: Geom, g: Tensor) -> Tensor:
-            gg = g.reshape(g.shape[0] * G, g.shape[1] // G, T)
+            gg = g.reshape(g.shape[0] * G, g.shape[1] // G, T).to(norm_dtype(g.dtype))
             gram_g = torch.bmm(gg.transpose(1, 2), gg)
             gram_p = _patch_gram_from_pixels(geo, out_spatial)
             return (gram_p * gram_g).sum((1, 2)).reshape(g.shape[0], G).sum(1)

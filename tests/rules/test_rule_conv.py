@@ -554,6 +554,19 @@ def test_ghost_norms_pick_the_cheaper_gram(cin, cout, H, stride, groups, pixels,
     assert bool(calls) == pixels
 
 
+def test_pixel_gram_in_half_precision_sums_in_float32():
+    """bfloat16 records (autocast): the pixels' Gram matrices and the taps' sums run in
+    float32, so the norms are those of the bfloat16 inputs to float32 rounding."""
+    torch.manual_seed(seed_of("pixel-gram-bf16"))
+    x, g = torch.randn(3, 32, 6, 6).bfloat16(), torch.randn(3, 16, 6, 6).bfloat16()
+    geo = conv_grads.Geom(x, (3, 3), (1, 1), (1, 1), (1, 1), 1)
+    assert conv_grads.gram_from_pixels(geo, g.shape[2:], g.element_size())
+    got = conv_grads.ghost_norms(geo, g)
+    ref = conv_grads.ghost_norms(conv_grads.Geom(x.double(), (3, 3), (1, 1), (1, 1), (1, 1), 1), g.double())
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=0)
+
+
 def test_report_names_the_gram_from_pixels():
     """The compatibility report says where a ghost norm forms the patches' Gram matrix from
     the pixels' (ResNet18's 64->64 at 8x8) and where from the patches (stride 2)."""
