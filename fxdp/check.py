@@ -213,9 +213,8 @@ def _check(model: nn.Module, args: Tuple[Any, ...], batch_dim: int, B0: int, bat
         tracer = _CheckTracer(leaf_modules=leaf_modules)
         try:
             gm = trace(root, tracer) if not kwargs else None
-        except Exception as e:
+        except Exception:  # symbolic tracing cannot read it: the exported graph is analysed below
             gm = None
-            whole_error = e
         if gm is None or (gm.meta.get("fxdp_untraceable") and not frozen_bn) or symbolic_tracing_drops(root):
             # privatize captures this model with torch.export: analyse that graph
             state.restore()

@@ -39,7 +39,7 @@ from torch.utils._pytree import tree_flatten
 
 from ._version import __version__
 from .card import CARD_FILE, sha256
-from .errors import ExportError, FxdpError
+from .errors import ExportError
 from .layers.batchnorm import norm_groups
 
 __all__ = ["export", "load", "generate_source", "ExportError"]

@@ -9,7 +9,6 @@ model; every use of a trainable parameter runs through a capture op (see
 from __future__ import annotations
 
 import copy
-import warnings
 from collections import OrderedDict
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 

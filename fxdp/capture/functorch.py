@@ -18,7 +18,7 @@ sample would not reproduce the forward pass's randomness.
 from __future__ import annotations
 
 import warnings
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Sequence
 
 import torch
 from torch import Tensor

@@ -17,7 +17,7 @@ size), ``("fold", dim, k, "major" | "unknown")`` or ``"ambiguous"``.
 """
 from __future__ import annotations
 
-from typing import Any, List, Optional
+from typing import Any, List
 
 import torch
 import torch.fx as fx
