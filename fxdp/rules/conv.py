@@ -394,7 +394,8 @@ class _ConvMath:
         else:  # T = 1: the rank-one norm |g|^2 |a|^2
             cost, factor, what = T * (d + p), self._ghost_bound(geo, gout), "T(d+p)"
         ghost = cost <= factor * p * d
-        return ghost, (f"T={T}: {what}={cost} {'<=' if ghost else '>'} {factor:g}·pd={p * d}" if explain else "")
+        bound = f"pd={p * d}" if factor == 1 else f"{factor:g}·pd={factor * p * d:.0f}"
+        return ghost, (f"T={T}: {what}={cost} {'<=' if ghost else '>'} {bound}" if explain else "")
 
     def bk_plan(self, args: Mapping[str, Any], grad_output: Tensor, needs: FrozenSet[str]) -> Dict[str, str]:
         geo, gout = self._setup(args, grad_output)
