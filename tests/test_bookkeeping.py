@@ -286,17 +286,17 @@ def test_measured_methods_are_timed_once_per_shape_reported_and_exact():
         for cap in dp.captures:  # count the timing runs
             if hasattr(cap, "_time_method"):
                 real = cap._time_method
-                cap._time_method = lambda *a, real=real: calls.append(1) or real(*a)
+                cap._time_method = lambda *a, real=real, name=cap.capture_name: calls.append((name, a[-1])) or real(*a)
         for s, x, y in batches:
             opt.zero_grad()
             F.cross_entropy(dp(s, x), y).backward()
             opt.step()
-        runs[mode] = ([p.detach().clone() for p in dp.parameters()], dp.bookkeeping_methods(), len(calls))
+        runs[mode] = ([p.detach().clone() for p in dp.parameters()], dp.bookkeeping_methods(), calls)
     # the same weights whichever exact method each layer used
     for a, b in zip(runs["model"][0], runs["measure"][0]):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
     report, timed = runs["measure"][1], runs["measure"][2]
-    assert runs["model"][1] == {} and runs["model"][2] == 0  # the cost model times nothing
+    assert runs["model"][1] == {} and runs["model"][2] == []  # the cost model times nothing
     assert set(report) == {"seq", "conv"}  # the T = 1 head has one method (rank one)
     # the linear layer: ghost or materialized norms; the conv: ghost, or per-sample gradients by
     # each exact method (two input channels: not correlate, not pointwise)
@@ -306,7 +306,10 @@ def test_measured_methods_are_timed_once_per_shape_reported_and_exact():
         row = rows[0]
         assert set(row["ms"]) == candidates[name] and row["method"] == min(row["ms"], key=row["ms"].get)
         assert row["model"] in row["ms"]
-    assert timed == (2 + 3) * 2  # the layers' 2 and 3 candidates x best of 2, on the first batch only
+    assert len(timed) == (2 + 3) * 3  # the layers' 2 and 3 candidates x best of 3, on the first batch only
+    for name in report:  # the candidates in turn, three rounds (none timed cold three times over)
+        order = [m for n, m in timed if n == name]
+        assert order == order[:len(candidates[name])] * 3 and set(order) == candidates[name]
 
 
 def test_make_private_bk_methods_option():
