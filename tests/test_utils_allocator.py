@@ -11,14 +11,19 @@ from fxdp.utils import allocator, keep_freed_memory
 
 _CYCLES = textwrap.dedent(
     """
-    import resource, sys, torch
+    import ctypes, resource, sys, torch
     from fxdp.utils import keep_freed_memory
+    # start from glibc's behaviour at its most eager, fixed (no dynamic thresholds): blocks
+    # above 256 KiB mapped afresh and unmapped when freed, so every cycle below faults its
+    # pages in again unless keep_freed_memory() takes effect
+    libc = ctypes.CDLL(None)
+    libc.mallopt(ctypes.c_int(-3), ctypes.c_int(256 << 10))  # M_MMAP_THRESHOLD
+    libc.mallopt(ctypes.c_int(-1), ctypes.c_int(128 << 10))  # M_TRIM_THRESHOLD
     print(keep_freed_memory() if sys.argv[1] == "keep" else "default")
-    torch.empty(1 << 20).fill_(1.0)  # a 4 MiB block: glibc's dynamic thresholds settle
     def cycle():  # a step's temporaries: 8 x 2 MiB, touched, all freed at its end
         ts = [torch.empty(1 << 19).fill_(1.0) for _ in range(8)]
         del ts
-    for _ in range(2):
+    for _ in range(4):
         cycle()
     f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     for _ in range(4):
@@ -26,6 +31,8 @@ _CYCLES = textwrap.dedent(
     print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
     """
 )
+#: 4 cycles x 16 MiB of 4 KiB pages
+_PAGES = 4 * 16 * 256
 
 
 def _faults(mode: str) -> tuple[str, int]:
@@ -36,10 +43,15 @@ def _faults(mode: str) -> tuple[str, int]:
 
 @pytest.mark.skipif(allocator._glibc() is None, reason="mallopt is glibc's")
 def test_freed_blocks_are_reused_without_page_faults():
-    # in a child process: the setting is process-wide, and the heap starts fresh
+    # in child processes: the setting is process-wide, and the heap starts fresh. Without
+    # keep_freed_memory() the cycles fault every page they touch; with it, none (measured: 0
+    # in 48 of 48 children after four warm-up cycles, while after two, 3 of 24 had one block's
+    # 512 pages fault once, the heap still growing). Allowed: at most that one block of 32.
+    flag, faults = _faults("default")
+    assert flag == "default" and faults >= _PAGES, f"the control faulted only {faults} of {_PAGES} pages"
     flag, faults = _faults("keep")
     assert flag == "True"
-    assert faults == 0, f"{faults} page faults in 4 cycles of reused blocks"
+    assert faults <= _PAGES // 32, f"{faults} page faults in 4 cycles of reused blocks ({_PAGES} pages)"
 
 
 def test_thresholds_are_checked():
