@@ -29,6 +29,21 @@ class ConvNet(nn.Module):
         return self.fc(F.relu(self.c2(F.relu(self.n1(self.c1(x))))).flatten(1))
 
 
+class ResBlockNet(nn.Module):
+    """A ResNet basic block on a 6x6 map, wide enough that its 3x3 layers take ghost norms
+    with the patches' Gram matrix from the pixels' (``conv_grads.gram_from_pixels``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(32, 32, 3, padding=1)
+        self.n1 = nn.GroupNorm(4, 32)
+        self.c2 = nn.Conv2d(32, 32, 3, padding=1, bias=False)
+        self.fc = nn.Linear(32, 3)
+
+    def forward(self, x):
+        return self.fc(F.relu(x + self.c2(F.relu(self.n1(self.c1(x))))).mean((2, 3)))
+
+
 class SeqNet(nn.Module):
     def __init__(self):
         super().__init__()
@@ -48,13 +63,19 @@ MODELS = {
     "expand_params": (ExpandParams, lambda: torch.randn(4, 5, 4)),
     "tied": (TiedLM, lambda: torch.randn(5, 4, 11)),
     "conv": (ConvNet, lambda: torch.randn(5, 2, 7, 7)),
+    "resblock": (ResBlockNet, lambda: torch.randn(3, 32, 6, 6)),
     "seq": (SeqNet, lambda: torch.randint(0, 13, (4, 7))),
 }
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
 @pytest.mark.parametrize("per_layer", [False, True])
-def test_bk_clipped_sums_equal_materialized(name, per_layer):
+def test_bk_clipped_sums_equal_materialized(name, per_layer, monkeypatch):
+    from fxdp.rules import conv_grads
+
+    pixels = []
+    inner = conv_grads._patch_gram_from_pixels
+    monkeypatch.setattr(conv_grads, "_patch_gram_from_pixels", lambda geo, out: pixels.append(1) or inner(geo, out))
     torch.manual_seed(0)
     cls, make_x = MODELS[name]
     model = cls()
@@ -73,6 +94,7 @@ def test_bk_clipped_sums_equal_materialized(name, per_layer):
         for j, (p, e) in enumerate(zip(pb, expected)):
             assert p.grad is None, "bk must not compute the non-private gradient"
             torch.testing.assert_close(sums[id(p)], e, rtol=1e-9, atol=1e-12)
+    assert bool(pixels) == (name == "resblock")  # its two 3x3 layers' ghost norms, from the pixels
 
 
 def test_bk_records_keep_only_per_sample_gradients_once_materialized():
