@@ -44,14 +44,15 @@ def _faults(mode: str) -> tuple[str, int]:
 @pytest.mark.skipif(allocator._glibc() is None, reason="mallopt is glibc's")
 def test_freed_blocks_are_reused_without_page_faults():
     # in child processes: the setting is process-wide, and the heap starts fresh. Without
-    # keep_freed_memory() the cycles fault every page they touch; with it, none (measured: 0
-    # in 48 of 48 children after four warm-up cycles, while after two, 3 of 24 had one block's
-    # 512 pages fault once, the heap still growing). Allowed: at most that one block of 32.
+    # keep_freed_memory() the cycles fault every page they touch; with it, none of them
+    # (measured: 0 in 108 of 108 children after four warm-up cycles; after two, 3 of 24 had
+    # one block's 512 pages fault, the heap still growing). Allowed: a few pages of the
+    # interpreter's own (CI once saw 1), never a block's.
     flag, faults = _faults("default")
     assert flag == "default" and faults >= _PAGES, f"the control faulted only {faults} of {_PAGES} pages"
     flag, faults = _faults("keep")
     assert flag == "True"
-    assert faults <= _PAGES // 32, f"{faults} page faults in 4 cycles of reused blocks ({_PAGES} pages)"
+    assert faults <= 8, f"{faults} page faults in 4 cycles of reused blocks ({_PAGES} pages)"
 
 
 def test_thresholds_are_checked():
