@@ -89,8 +89,9 @@ class _AffineNormRule(PerSampleRule):
 
     def _weight_grads(self, args: Mapping[str, Any], g: Tensor) -> Tensor:
         with torch.no_grad():
-            xhat = self._normalized(args)
-        return self._reduce(g * xhat.to(g.dtype), args, "weight")
+            xhat = self._normalized(args)  # a fresh tensor: g * x_hat is formed in it, not in a second one
+            prod = xhat.mul_(g) if xhat.dtype == g.dtype and xhat.shape == g.shape else g * xhat.to(g.dtype)
+        return self._reduce(prod, args, "weight")
 
 
 class _TrailingNormRule(_AffineNormRule):
@@ -163,7 +164,7 @@ class LayerNormRule(_TrailingNormRule):
         saved = args.get(SAVED)
         if saved is not None:  # the forward's mean and 1/std: no second normalization
             mean, rstd = saved
-            return (args["input"] - mean) * rstd
+            return torch.sub(args["input"], mean).mul_(rstd)
         return F.layer_norm(args["input"], _shape(args["normalized_shape"]), None, None, args.get("eps", 1e-5))
 
 
@@ -247,7 +248,7 @@ class GroupNormRule(_ChannelNormRule):
             x = args["input"]
             mean, rstd = saved
             groups = x.reshape(x.shape[0], mean.shape[1], -1)
-            return ((groups - mean.unsqueeze(-1)) * rstd.unsqueeze(-1)).reshape(x.shape)
+            return torch.sub(groups, mean.unsqueeze(-1)).mul_(rstd.unsqueeze(-1)).reshape(x.shape)
         return F.group_norm(args["input"], int(args["num_groups"]), None, None, args.get("eps", 1e-5))
 
 
