@@ -183,7 +183,7 @@ class BookKeeping(ClippedSumSource):
 
     def held_bytes(self) -> int:
         """Bytes the records of the step being clipped hold now (activations, output gradients,
-        kept per-sample gradients; each storage once). Read by ``into()``, before any record
+        kept per-sample gradients and what their norms left for their sums; each storage once). Read by ``into()``, before any record
         is freed: what a noise buffer held through the passes stacks on at the draw (0
         outside ``clip_and_sum``)."""
         seen: Dict[int, int] = {}
@@ -191,7 +191,7 @@ class BookKeeping(ClippedSumSource):
             for r in ps.records:
                 model = set(r.op.param_index) | set(r.op.buffer_index)  # the model's tensors, not the record's
                 own = [x for i, x in enumerate(r.inputs) if i not in model and isinstance(x, Tensor)]
-                for t in own + [g for g in r.grads if g is not None] + list(r.kept.values()):
+                for t in own + [g for g in r.grads if g is not None] + list(r.kept.values()) + _scratch(r):
                     st = t.untyped_storage()
                     seen[st.data_ptr()] = st.nbytes()
         return sum(seen.values())
@@ -286,6 +286,12 @@ class BookKeeping(ClippedSumSource):
             return []
         return [sums[k].to(p.dtype).reshape(p.shape) if k in sums else torch.zeros_like(p)
                 for k, p in enumerate(params)]
+
+
+def _scratch(rec: LayerRecord) -> List[Tensor]:
+    """The tensors a record's norms left for its clipped sum (``memo["scratch"]``, the rules'
+    ``args[SCRATCH]``: a convolution's patch rows)."""
+    return [t for t in rec.memo.get("scratch", {}).values() if isinstance(t, Tensor)]
 
 
 def _per_sample_grads(rec: LayerRecord) -> Dict[int, Tensor]:

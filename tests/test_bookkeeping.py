@@ -44,6 +44,22 @@ class ResBlockNet(nn.Module):
         return self.fc(F.relu(x + self.c2(F.relu(self.n1(self.c1(x))))).mean((2, 3)))
 
 
+class StridedNet(nn.Module):
+    """MNIST's CNN in small: a one-channel 8x8 stride-2 layer, then a 4x4 stride-2 layer that
+    takes ghost norms by the patches and keeps their rows for its clipped sum
+    (``_ConvMath.keeps_patch_rows``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(1, 4, 8, stride=2, padding=3)
+        self.c2 = nn.Conv2d(4, 8, 4, stride=2)
+        self.fc = nn.Linear(8 * 2 * 2, 3)
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.c1(x)), 2, 1)
+        return self.fc(F.relu(self.c2(x)).flatten(1))
+
+
 class SeqNet(nn.Module):
     def __init__(self):
         super().__init__()
@@ -64,6 +80,7 @@ MODELS = {
     "tied": (TiedLM, lambda: torch.randn(5, 4, 11)),
     "conv": (ConvNet, lambda: torch.randn(5, 2, 7, 7)),
     "resblock": (ResBlockNet, lambda: torch.randn(3, 32, 6, 6)),
+    "strided": (StridedNet, lambda: torch.randn(4, 1, 16, 16)),
     "seq": (SeqNet, lambda: torch.randint(0, 13, (4, 7))),
 }
 
@@ -71,11 +88,13 @@ MODELS = {
 @pytest.mark.parametrize("name", sorted(MODELS))
 @pytest.mark.parametrize("per_layer", [False, True])
 def test_bk_clipped_sums_equal_materialized(name, per_layer, monkeypatch):
-    from fxdp.rules import conv_grads
+    from fxdp.rules import conv, conv_grads
 
-    pixels = []
+    pixels, rows = [], []
     inner = conv_grads._patch_gram_from_pixels
     monkeypatch.setattr(conv_grads, "_patch_gram_from_pixels", lambda geo, out: pixels.append(1) or inner(geo, out))
+    by_rows = conv.sum_patch_rows
+    monkeypatch.setattr(conv, "sum_patch_rows", lambda *a, **k: rows.append(1) or by_rows(*a, **k))
     torch.manual_seed(0)
     cls, make_x = MODELS[name]
     model = cls()
@@ -95,6 +114,7 @@ def test_bk_clipped_sums_equal_materialized(name, per_layer, monkeypatch):
             assert p.grad is None, "bk must not compute the non-private gradient"
             torch.testing.assert_close(sums[id(p)], e, rtol=1e-9, atol=1e-12)
     assert bool(pixels) == (name == "resblock")  # its two 3x3 layers' ghost norms, from the pixels
+    assert len(rows) == (2 if name == "strided" else 0)  # its 4x4 layer's sum from the kept rows, each pass
 
 
 def test_bk_records_keep_only_per_sample_gradients_once_materialized():

@@ -43,7 +43,8 @@ class LayerRecord:
     #: what the forward computed for the closed-form gradients (``PerSampleRule.forward_saving``)
     saved: Any = None
     #: the capture op's values derived from ``inputs`` and ``grads`` (its batch-first
-    #: arguments), formed once per record: book-keeping reads them up to four times a step
+    #: arguments), formed once per record: book-keeping reads them up to four times a step;
+    #: ``memo["scratch"]``: what the rule's norms left for its clipped sum (``rules.base.SCRATCH``)
     memo: Dict[str, Any] = field(default_factory=dict)
 
     def release(self) -> None:

@@ -7,7 +7,7 @@ from typing import Any, Callable, Dict, FrozenSet, List, Optional, Sequence, Tup
 import torch
 from torch import Tensor
 
-from ..rules.base import SAVED, weighted_sum
+from ..rules.base import SAVED, SCRATCH, weighted_sum
 from .op import CaptureOp, move_to_front
 from .record import LayerRecord
 
@@ -93,7 +93,8 @@ class RuleCapture(CaptureOp):
 
     def prepared(self, rec: LayerRecord) -> Tuple[Dict[str, Any], Tensor, FrozenSet[str]]:
         """Bound arguments and output gradient, batch-first, and the needed names; formed
-        once per record (read-only: the rules read their arguments, never assign them)."""
+        once per record (read-only: the rules read their arguments, never assign them, but
+        for ``args[SCRATCH]``, the record's dict from its norms to its clipped sum)."""
         memo = rec.memo.get("prepared")
         if memo is None:
             memo = rec.memo["prepared"] = self._prepare(rec)
@@ -116,6 +117,7 @@ class RuleCapture(CaptureOp):
                 if saved is not None:
                     args[SAVED] = saved
         needs = frozenset(self.names[i] for i in rec.params)
+        args[SCRATCH] = rec.memo.setdefault("scratch", {})
         return args, g, needs
 
     def per_sample_grads(self, rec: LayerRecord) -> Dict[int, Tensor]:

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 __all__ = [
     "PerSampleRule",
     "SAVED",
+    "SCRATCH",
     "ModuleCall",
     "register_rule",
     "register_module",
@@ -32,6 +33,10 @@ __all__ = [
 
 #: the argument under which a rule's :meth:`PerSampleRule.forward_saving` values come back
 SAVED = "saved"
+#: book-keeping: the argument under which a rule gets one dict per record, where its norms may
+#: leave what they formed for its clipped sum to reuse (a convolution's patch rows); freed with
+#: the record
+SCRATCH = "scratch"
 
 
 class PerSampleRule:

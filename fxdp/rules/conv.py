@@ -68,11 +68,12 @@ from torch import Tensor, nn
 
 from ..errors import UnsupportedOpError
 from .base import (
-    KEPT_PASSES, ModuleCall, PerSampleRule, into_target, register_module, register_rule, sq_norms, weighted_sum,
+    KEPT_PASSES, SCRATCH, ModuleCall, PerSampleRule, into_target, register_module, register_rule, sq_norms,
+    weighted_sum,
 )
 from .conv_grads import (
-    Geom, f_pad_arg, ghost_norms, gram_from_pixels, layout_of, ps_correlate, ps_groups, ps_pointwise, ps_unfold,
-    sum_correlate, sum_unfold, weight_shape, wgrad,
+    KEPT_PATCH_ROWS_MAX_BYTES, Geom, f_pad_arg, ghost_norms, ghost_norms_keeping_rows, gram_from_pixels, layout_of,
+    ps_correlate, ps_groups, ps_pointwise, ps_unfold, sum_correlate, sum_patch_rows, sum_unfold, weight_shape, wgrad,
 )
 
 aten = torch.ops.aten
@@ -381,6 +382,17 @@ class _ConvMath:
         ps = gout.shape[0] * math.prod(weight_shape(geo, gout))
         return ps <= self.keep_ratio * (gout.numel() + geo.x.numel())
 
+    def keeps_patch_rows(self, geo: Geom, gout: Tensor) -> bool:
+        """Whether ghost norms keep the patch rows they form for the clipped sum
+        (:func:`~fxdp.rules.conv_grads.sum_patch_rows`): formed from the patches (not the
+        pixels'), the whole batch's within ``KEPT_PATCH_ROWS_MAX_BYTES`` and ``keep_ratio``
+        times the record (input and output gradient), of one dtype with the output gradient."""
+        if geo.x.dtype != gout.dtype or gram_from_pixels(geo, gout.shape[2:], gout.element_size()):
+            return False
+        rows = gout.shape[0] * math.prod(gout.shape[2:]) * geo.x.shape[1] * math.prod(geo.k)
+        return (rows * geo.x.element_size() <= KEPT_PATCH_ROWS_MAX_BYTES
+                and rows <= self.keep_ratio * (gout.numel() + geo.x.numel()))
+
     def use_ghost(self, geo: Geom, gout: Tensor) -> bool:
         return self._ghost_test(geo, gout)[0]
 
@@ -405,8 +417,9 @@ class _ConvMath:
             if ghost:
                 pixels = gram_from_pixels(geo, gout.shape[2:], gout.element_size())
                 gram = "; the patches' Gram matrix from the pixels'" if pixels else ""
-                out["weight"] = (f"ghost norm ({why}{gram}); "
-                                 "clipped sum: one weight-gradient convolution of c∘g")
+                summed = ("one matmul of c∘g on the ghost norm's patch rows (kept)" if self.keeps_patch_rows(geo, gout)
+                          else "one weight-gradient convolution of c∘g")
+                out["weight"] = f"ghost norm ({why}{gram}); clipped sum: {summed}"
             else:
                 kept = self.bk_keeps(args, grad_output, frozenset({"weight"}))
                 out["weight"] = (f"materialized by {self.method(geo, gout)} ({why}); " + (
@@ -488,7 +501,11 @@ class _ConvMath:
         if "weight" in needs:
             geo, gout = self._setup(args, grad_output)
             if method == "ghost" or (method is None and self.use_ghost(geo, gout)):
-                out["weight"] = ghost_norms(geo, gout)
+                scratch = args.get(SCRATCH)
+                if scratch is not None and self.keeps_patch_rows(geo, gout):
+                    out["weight"], scratch["patch_rows"] = ghost_norms_keeping_rows(geo, gout)
+                else:
+                    out["weight"] = ghost_norms(geo, gout)
             else:
                 ps = self._weight_ps(geo, gout, None if method == "materialize" else method)
                 out["weight"] = sq_norms(ps)
@@ -515,7 +532,12 @@ class _ConvMath:
             geo, gout = self._setup(args, grad_output)
             gout = gout * f  # bilinear in (input, output gradient): scale either
             dst = into_target(into, "weight", gout.dtype, weight_shape(geo, gout))
-            if self.method(geo, gout) == "correlate":
+            rows = (args.get(SCRATCH) or {}).pop("patch_rows", None)  # the ghost norm's, freed once summed
+            if rows is not None:
+                s = sum_patch_rows(geo, rows, gout, dst)
+                if s is not None:
+                    out["weight"] = s
+            elif self.method(geo, gout) == "correlate":
                 out["weight"] = sum_correlate(geo, gout)
             elif math.prod(gout.shape[2:]) <= self.sum_unfold_max_positions:
                 s = sum_unfold(geo, gout, dst)  # straight into the noise buffer: no fresh sum

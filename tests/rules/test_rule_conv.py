@@ -582,6 +582,74 @@ def test_report_names_the_gram_from_pixels():
     assert plan(64, 128, 8, 2).startswith("ghost norm") and "pixels" not in plan(64, 128, 8, 2)
 
 
+@pytest.mark.parametrize("layout", ["channels_last", "channels_first"])
+@pytest.mark.parametrize("case", range(len(BK_CASES)))
+def test_ghost_norms_keep_patch_rows_for_the_clipped_sum(case, layout, monkeypatch):
+    """Ghost norms that keep their patch rows (``args[SCRATCH]``, forced on every case:
+    strided, dilated, grouped, 1-d to 3-d, transposed; both orders of the rows): the
+    clipped sum from the rows equals the sum of each sample's gradient (float64), fresh or
+    added into the noise buffer, and frees the rows."""
+    from fxdp.rules.base import SCRATCH
+
+    monkeypatch.setattr(conv_grads, "CHANNELS_LAST_MIN_RUN", 0 if layout == "channels_last" else float("inf"))
+    monkeypatch.setattr(conv_grads, "patch_gram_costs", lambda geo, out: (0, 1))  # the patches, not the pixels
+    monkeypatch.setattr(C, "KEPT_PATCH_ROWS_MAX_BYTES", 1 << 40)
+    kind, ctor, kw, shape = BK_CASES[case]
+    torch.manual_seed(_seed("bk-rows", case))
+    if kind == "mod":
+        m = ctor(**kw).to(DT)
+        call = module_call_for(m)(m)
+        rule, op = rule_for_op(call.op), call.op
+        x = torch.randn(shape, dtype=DT)
+        bound = {"input": x, "weight": m.weight, "bias": m.bias, **call.kwargs}
+    else:
+        rule, op = rule_for_op(ctor), ctor
+        x = torch.randn(shape[0], dtype=DT)
+        bound = rule.bind((x, torch.randn(shape[1], dtype=DT), torch.randn(shape[1][0], dtype=DT)), kw)
+    monkeypatch.setattr(rule, "ghost_ratio", float("inf"))
+    monkeypatch.setattr(rule, "keep_ratio", float("inf"))
+    g = torch.randn_like(rule.forward(op, bound))
+    needs = frozenset({"weight", "bias"})
+    gs = rule.grad_sample(bound, g, needs)
+    factors = torch.rand(x.shape[0], dtype=DT)
+    for fresh in (True, False):
+        scratch = {}
+        args = dict(bound, **{SCRATCH: scratch})
+        norms = rule.norm_sample_sq(args, g, needs)
+        assert "patch_rows" in scratch
+        start = {n: torch.randn_like(gs[n][0]) for n in needs}
+        into = None if fresh else {n: t.clone() for n, t in start.items()}
+        sums = rule.clipped_sum(args, g, factors, needs, into=into)
+        assert "patch_rows" not in scratch
+        if not fresh:
+            assert not sums  # both added into the buffer in place
+            sums = {n: into[n] - start[n] + sums.get(n, 0) for n in needs}
+        for n in needs:
+            torch.testing.assert_close(norms[n], gs[n].flatten(1).pow(2).sum(1), rtol=1e-9, atol=1e-12)
+            torch.testing.assert_close(sums[n], torch.einsum("b,b...->...", factors, gs[n]), rtol=1e-9, atol=1e-12)
+
+
+def test_patch_rows_kept_within_bounds(monkeypatch):
+    """Patch rows are kept for MNIST's 16->32 4x4 stride-2 layer (1.8x its record) up to
+    ``KEPT_PATCH_ROWS_MAX_BYTES`` for the batch and ``keep_ratio`` times the record, not
+    where the Gram matrix comes from the pixels; the report says which."""
+    rule = rule_for_op(F.conv2d)
+
+    def setup(B, cin, cout, H, k, s, p=0):
+        x, w = torch.zeros(B, cin, H, H, device="meta"), torch.zeros(cout, cin, k, k, device="meta")
+        bound = rule.bind((x, w), dict(stride=s, padding=p))
+        return bound, rule.forward(F.conv2d, bound)
+
+    mnist = setup(32, 16, 32, 13, 4, 2)
+    assert rule.keeps_patch_rows(*rule._setup(*mnist))
+    assert "patch rows (kept)" in rule.bk_plan(*mnist, frozenset({"weight"}))["weight"]
+    assert not rule.keeps_patch_rows(*rule._setup(*setup(1024, 16, 32, 13, 4, 2)))  # 26 MB of rows
+    assert not rule.keeps_patch_rows(*rule._setup(*setup(16, 64, 64, 8, 3, 1, 1)))  # from the pixels
+    monkeypatch.setattr(rule, "keep_ratio", 1.5)
+    assert not rule.keeps_patch_rows(*rule._setup(*mnist))
+    assert "weight-gradient convolution" in rule.bk_plan(*mnist, frozenset({"weight"}))["weight"]
+
+
 def _check_book_keeping(case, method, ghost, sum_by, monkeypatch):
     kind, ctor, kw, shape = BK_CASES[case]
     torch.manual_seed(_seed("bk", case))
