@@ -594,18 +594,7 @@ def test_ghost_norms_keep_patch_rows_for_the_clipped_sum(case, layout, monkeypat
     monkeypatch.setattr(conv_grads, "CHANNELS_LAST_MIN_RUN", 0 if layout == "channels_last" else float("inf"))
     monkeypatch.setattr(conv_grads, "patch_gram_costs", lambda geo, out: (0, 1))  # the patches, not the pixels
     monkeypatch.setattr(C, "KEPT_PATCH_ROWS_MAX_BYTES", 1 << 40)
-    kind, ctor, kw, shape = BK_CASES[case]
-    torch.manual_seed(_seed("bk-rows", case))
-    if kind == "mod":
-        m = ctor(**kw).to(DT)
-        call = module_call_for(m)(m)
-        rule, op = rule_for_op(call.op), call.op
-        x = torch.randn(shape, dtype=DT)
-        bound = {"input": x, "weight": m.weight, "bias": m.bias, **call.kwargs}
-    else:
-        rule, op = rule_for_op(ctor), ctor
-        x = torch.randn(shape[0], dtype=DT)
-        bound = rule.bind((x, torch.randn(shape[1], dtype=DT), torch.randn(shape[1][0], dtype=DT)), kw)
+    rule, op, x, bound = _bk_case(case, "bk-rows")
     monkeypatch.setattr(rule, "ghost_ratio", float("inf"))
     monkeypatch.setattr(rule, "keep_ratio", float("inf"))
     g = torch.randn_like(rule.forward(op, bound))
@@ -650,19 +639,22 @@ def test_patch_rows_kept_within_bounds(monkeypatch):
     assert "weight-gradient convolution" in rule.bk_plan(*mnist, frozenset({"weight"}))["weight"]
 
 
-def _check_book_keeping(case, method, ghost, sum_by, monkeypatch):
+def _bk_case(case, seed):
+    """``(rule, op, input, bound arguments)`` of ``BK_CASES[case]`` in float64."""
     kind, ctor, kw, shape = BK_CASES[case]
-    torch.manual_seed(_seed("bk", case))
+    torch.manual_seed(_seed(seed, case))
     if kind == "mod":
         m = ctor(**kw).to(DT)
         call = module_call_for(m)(m)
-        rule, op = rule_for_op(call.op), call.op
         x = torch.randn(shape, dtype=DT)
-        bound = {"input": x, "weight": m.weight, "bias": m.bias, **call.kwargs}
-    else:
-        rule, op = rule_for_op(ctor), ctor
-        x = torch.randn(shape[0], dtype=DT)
-        bound = rule.bind((x, torch.randn(shape[1], dtype=DT), torch.randn(shape[1][0], dtype=DT)), kw)
+        return rule_for_op(call.op), call.op, x, {"input": x, "weight": m.weight, "bias": m.bias, **call.kwargs}
+    rule = rule_for_op(ctor)
+    x = torch.randn(shape[0], dtype=DT)
+    return rule, ctor, x, rule.bind((x, torch.randn(shape[1], dtype=DT), torch.randn(shape[1][0], dtype=DT)), kw)
+
+
+def _check_book_keeping(case, method, ghost, sum_by, monkeypatch):
+    rule, op, x, bound = _bk_case(case, "bk")
     _force(monkeypatch, rule, method)
     monkeypatch.setattr(rule, "ghost_ratio", float("inf") if ghost else 0.0)
     # the clipped sum by the weight-gradient convolution, or by patches + matmul
