@@ -183,9 +183,9 @@ class BookKeeping(ClippedSumSource):
 
     def held_bytes(self) -> int:
         """Bytes the records of the step being clipped hold now (activations, output gradients,
-        kept per-sample gradients and what their norms left for their sums; each storage once). Read by ``into()``, before any record
-        is freed: what a noise buffer held through the passes stacks on at the draw (0
-        outside ``clip_and_sum``)."""
+        kept per-sample gradients and what their norms left for their sums; each storage once).
+        Read by ``into()``, before any record is freed: what a noise buffer held through the
+        passes stacks on at the draw (0 outside ``clip_and_sum``)."""
         seen: Dict[int, int] = {}
         for ps in self._clipping:
             for r in ps.records:

@@ -503,7 +503,9 @@ class _ConvMath:
             if method == "ghost" or (method is None and self.use_ghost(geo, gout)):
                 scratch = args.get(SCRATCH)
                 if scratch is not None and self.keeps_patch_rows(geo, gout):
-                    out["weight"], scratch["patch_rows"] = ghost_norms_keeping_rows(geo, gout)
+                    # for the clipped sum: one matmul on them (sum_patch_rows); their d's order
+                    out["weight"], scratch["patch_rows"], scratch["rows_channels_last"] = (
+                        ghost_norms_keeping_rows(geo, gout))
                 else:
                     out["weight"] = ghost_norms(geo, gout)
             else:
@@ -532,9 +534,10 @@ class _ConvMath:
             geo, gout = self._setup(args, grad_output)
             gout = gout * f  # bilinear in (input, output gradient): scale either
             dst = into_target(into, "weight", gout.dtype, weight_shape(geo, gout))
-            rows = (args.get(SCRATCH) or {}).pop("patch_rows", None)  # the ghost norm's, freed once summed
+            scratch = args.get(SCRATCH) or {}
+            rows = scratch.pop("patch_rows", None)  # the ghost norm's, freed once summed
             if rows is not None:
-                s = sum_patch_rows(geo, rows, gout, dst)
+                s = sum_patch_rows(geo, rows, scratch["rows_channels_last"], gout, dst)
                 if s is not None:
                     out["weight"] = s
             elif self.method(geo, gout) == "correlate":

@@ -314,29 +314,29 @@ def ghost_norms(geo: Geom, g: Tensor) -> Tensor:
 KEPT_PATCH_ROWS_MAX_BYTES = GHOST_SLICE_BYTES
 
 
-def ghost_norms_keeping_rows(geo: Geom, g: Tensor) -> Tuple[Tensor, Tensor]:
-    """:func:`ghost_norms` by the patches, the whole batch at once, and the patch rows
-    ``[B*G, T, d]`` it formed (:func:`patch_rows`' order), for :func:`sum_patch_rows`."""
+def ghost_norms_keeping_rows(geo: Geom, g: Tensor) -> Tuple[Tensor, Tensor, bool]:
+    """:func:`ghost_norms` by the patches, the whole batch at once, the patch rows ``[B*G, T,
+    d]`` it formed, and whether their ``d`` is ordered ``(k..., C/G)`` (:func:`patch_rows`),
+    for :func:`sum_patch_rows`."""
     P, gg = grouped(geo, g, any_order=True)
-    return gram_inner(P, gg).reshape(g.shape[0], geo.groups).sum(1), P
+    return gram_inner(P, gg).reshape(g.shape[0], geo.groups).sum(1), P, _rows_channels_last(geo, g.shape[2:])
 
 
-def sum_patch_rows(geo: Geom, rows: Tensor, g: Tensor, into: Optional[Tensor] = None) -> Optional[Tensor]:
+def sum_patch_rows(geo: Geom, rows: Tensor, channels_last: bool, g: Tensor,
+                   into: Optional[Tensor] = None) -> Optional[Tensor]:
     """``sum_i grad W_i = sum_i g_i^T P_i`` from the patch rows a ghost norm kept
-    (:func:`ghost_norms_keeping_rows`): one matmul per group over samples and positions
-    together, instead of a weight-gradient convolution that forms the patches again. ms, 1
-    thread, in the DP step: MNIST's 16->32 4x4 stride 2 at 13x13 (``T = 25``), B = 32
-    0.44-0.51 by the convolution; the step, interleaved A/B, 1.672 -> 1.620x (B = 32) and
-    1.316 -> 1.247x (B = 128) non-private. Added into ``into`` (contiguous, the weight's
-    shape) when given, returning ``None``."""
+    (:func:`ghost_norms_keeping_rows`; ``channels_last``: ``d`` ordered ``(k..., C/G)``): one
+    matmul per group over samples and positions together, instead of a weight-gradient
+    convolution that forms the patches again (MNIST's 16->32 4x4 stride-2 layer at 13x13,
+    B = 32: 0.44-0.51 ms in the step). Added into ``into`` (contiguous, the weight's shape)
+    when given, returning ``None``."""
     B, O, G = g.shape[0], g.shape[1], geo.groups
-    out_spatial = tuple(g.shape[2:])
-    T = math.prod(out_spatial)
+    T = math.prod(g.shape[2:])
     P = rows.reshape(B, G, T, -1).transpose(0, 1).reshape(G, B * T, -1)
     gg = g.reshape(B, G, O // G, T).permute(1, 2, 0, 3).reshape(G, O // G, B * T)
     w = torch.bmm(gg, P)  # [G, O/G, d]
     cg = geo.x.shape[1] // G
-    if _rows_channels_last(geo, out_spatial):  # d ordered (k..., C/G): to the weight's (C/G, k...)
+    if channels_last:  # d ordered (k..., C/G): to the weight's (C/G, k...)
         w = w.reshape((O,) + geo.k + (cg,)).movedim(-1, 1)
     else:
         w = w.reshape((O, cg) + geo.k)
