@@ -311,6 +311,31 @@ def test_every_bk_candidate_gives_the_materialized_clipped_sums(method, monkeypa
         torch.testing.assert_close(sums[id(p)], e, rtol=1e-9, atol=1e-12)
 
 
+def test_measured_methods_keep_patch_rows_exactly(monkeypatch):
+    """``bk_methods="measure"`` on a layer whose ghost norm keeps its patch rows: timing the
+    candidates (each one's norms and clipped sum) leaves no rows behind, and the steps
+    after sum from the rows of their own batch (float64, bk = materialized clipped sums)."""
+    from fxdp.rules import conv
+
+    rows = []
+    by_rows = conv.sum_patch_rows
+    monkeypatch.setattr(conv, "sum_patch_rows", lambda *a, **k: rows.append(1) or by_rows(*a, **k))
+    torch.manual_seed(7)
+    model = StridedNet()
+    x = torch.randn(6, 1, 16, 16)
+    dpm = privatize(model)
+    dpb = privatize(copy.deepcopy(model), grad_sample_mode="bk")
+    dpb.bookkeeping.measure = True
+    w = torch.randn_like(dpm(x))
+    expected = clipped_sums_materialized(dpm, x, w, 0.3, False)
+    for _ in range(2):
+        sums = bk_clipped_sums(dpb, lambda: dpb(x).mul(w).sum().div(6).backward(), 0.3)
+        for p, e in zip([p for p in dpb.parameters() if p.requires_grad], expected):
+            torch.testing.assert_close(sums[id(p)], e, rtol=1e-9, atol=1e-12)
+    (c2,) = dpb.bookkeeping_methods()["c2"]
+    assert "ghost" in c2["ms"] and rows
+
+
 def test_measured_methods_are_timed_once_per_shape_reported_and_exact():
     torch.manual_seed(5)
     model = Mixed()
