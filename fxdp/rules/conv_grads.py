@@ -334,6 +334,9 @@ def sum_patch_rows(geo: Geom, rows: Tensor, channels_last: bool, g: Tensor,
     T = math.prod(g.shape[2:])
     P = rows.reshape(B, G, T, -1).transpose(0, 1).reshape(G, B * T, -1)
     gg = g.reshape(B, G, O // G, T).permute(1, 2, 0, 3).reshape(G, O // G, B * T)
+    if into is not None and not channels_last:  # the weight's own order: no fresh [O, d]
+        into.view(G, O // G, -1).baddbmm_(gg, P)
+        return None
     w = torch.bmm(gg, P)  # [G, O/G, d]
     cg = geo.x.shape[1] // G
     if channels_last:  # d ordered (k..., C/G): to the weight's (C/G, k...)
@@ -494,18 +497,11 @@ def sum_correlate(geo: Geom, g: Tensor) -> Tensor:
 
 def sum_unfold(geo: Geom, g: Tensor, into: Optional[Tensor] = None) -> Optional[Tensor]:
     """``sum_i grad W_i``: patches and one batched matmul over the groups, contracting
-    samples and positions together (the weight gradient of ``g``); added into ``into``
-    (contiguous, the weight's shape and dtype) when given, returning ``None``."""
-    B, O, C, G = g.shape[0], g.shape[1], geo.x.shape[1], geo.groups
+    samples and positions together (the weight gradient of ``g``, :func:`sum_patch_rows`);
+    added into ``into`` (contiguous, the weight's shape and dtype) when given, returning
+    ``None``."""
     # channel-first patches: T <= 4 keeps them small, and the [O, d] result needs no permuted copy
-    P, gg = grouped(geo, g)  # [B*G, T, d], [B*G, T, p]
-    T = P.shape[1]
-    P = P.reshape(B, G, T, -1).transpose(0, 1).reshape(G, B * T, -1)
-    gg = gg.reshape(B, G, T, -1).transpose(0, 1).reshape(G, B * T, -1)
-    if into is not None:
-        into.view(G, O // G, -1).baddbmm_(gg.transpose(1, 2), P)
-        return None
-    return torch.bmm(gg.transpose(1, 2), P).reshape(O, C // G, *geo.k)
+    return sum_patch_rows(geo, grouped(geo, g)[0], False, g, into)
 
 
 def _ps_unfold(geo: Geom, g: Tensor) -> Tensor:
