@@ -344,7 +344,8 @@ class _ConvMath:
     kept_passes: float = KEPT_PASSES
     #: materialized per-sample weight gradients are kept for the clipped sum when at most
     #: this many times the record (input and output gradient): recomputing them costs a
-    #: weight-gradient convolution, and the batch-as-groups one costs 1-5x an ordinary one
+    #: weight-gradient convolution, and the batch-as-groups one costs 1-5x an ordinary one;
+    #: so are a ghost norm's patch rows (:meth:`keeps_patch_rows`)
     keep_ratio: float = 2.0
     #: book-keeping's clipped sum by patches + matmul (``sum_unfold``) when the output
     #: map has at most this many positions, else by the weight-gradient convolution
