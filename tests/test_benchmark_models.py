@@ -136,3 +136,35 @@ def test_short_step_cells_are_timed_in_several_processes_and_their_medians_repor
     monkeypatch.setattr(bench, "run_child", lambda script, args: calls.append(args) or long_steps)
     cell = bench.run_cell("mnist", 8, ["nonprivate", "fxdp_bk"], 3, 1, 1.0, memory=False, processes=3)
     assert len(calls) == 1 and cell["processes"] == 1 and cell["variants"]["fxdp_bk"]["x_nonprivate"] == 1.2
+
+
+def _load_script(name):
+    path = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", name)
+    spec = importlib.util.spec_from_file_location(f"fxdp_bench_{name[:-3]}", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_ab_step_applies_each_variants_overrides_to_its_own_steps_only():
+    """``benchmarks/ab_step.py``: a variant's overrides hold while its copy is privatized and
+    while its steps run (an override that raises fails the run), never for the other
+    variants, and are undone after, also after an error; a misspelt attribute is refused."""
+    from fxdp.rules import conv
+
+    ab = _load_script("ab_step.py")
+    base = ["--model", "mnist", "--batch-size", "4", "--rounds", "2", "--warmup", "1"]
+    out = ab.main(base + ["--variant", "a", "--variant", "b", "fxdp.rules.conv:_ConvMath.keep_ratio=3.0"])
+    assert set(out["variants"]) == {"non-private", "a", "b"} and out["variants"]["a"]["vs_first"] == 1.0
+    assert vars(conv._ConvMath)["keep_ratio"] == 2.0
+    model, loss_of = ab.build("mnist", 4, 0, 0)
+    plain = ab.stepper(model, loss_of, 4, [])
+    raising = ab.stepper(model, loss_of, 4, [ab.parse_override(
+        "fxdp.rules.conv:_ConvMath.keeps_patch_rows=lambda self, geo, gout: 1 / 0")])
+    plain()
+    with pytest.raises(ZeroDivisionError):  # MNIST's second layer asks it at every step
+        raising()
+    plain()  # undone after the error
+    assert conv._ConvMath.keeps_patch_rows.__name__ == "keeps_patch_rows"
+    with pytest.raises(AttributeError, match="no attribute 'keep_ratoi'"):
+        ab.parse_override("fxdp.rules.conv:_ConvMath.keep_ratoi=3.0")
