@@ -723,6 +723,47 @@ def test_book_keeping_at_the_cost_models_own_choice(cin, cout, H, k, stride, pad
             torch.testing.assert_close(kept_now[n], alone[n], rtol=1e-9, atol=1e-12)
 
 
+def _conv2d_case(cin, cout, H, k, stride, pad, groups):
+    """A float64 ``Conv2d``, its rule, an input of 3 samples, its bound arguments and an
+    output gradient (the seed set by the caller)."""
+    m = nn.Conv2d(cin, cout, k, stride=stride, padding=pad, groups=groups).to(DT)
+    call = module_call_for(m)(m)
+    x = torch.randn(3, cin, H, H, dtype=DT)
+    bound = {"input": x, "weight": m.weight, "bias": m.bias, **call.kwargs}
+    rule = rule_for_op(call.op)
+    return m, rule, x, bound, torch.randn_like(rule.forward(call.op, bound))
+
+
+@pytest.mark.parametrize("cin,cout,H,k,stride,pad,groups", [
+    (16, 32, 13, 4, 2, 0, 1),  # MNIST's second layer
+    (16, 32, 8, 3, 2, 1, 1),  # ResNet's strided 3x3
+    (32, 64, 8, 3, 2, 1, 2),  # grouped, strided
+])
+def test_kept_patch_rows_at_the_cost_models_own_choice(cin, cout, H, k, stride, pad, groups):
+    """Layers whose ghost norm keeps its patch rows by the rule's own bounds: norms and
+    clipped sum (fresh, and added into the noise buffer) equal those of each sample's own
+    gradient (float64, batch of one)."""
+    from fxdp.rules.base import SCRATCH
+
+    torch.manual_seed(seed_of("bk-rows-default", cin, H, groups))
+    m, rule, x, bound, g = _conv2d_case(cin, cout, H, k, stride, pad, groups)
+    assert rule.use_ghost(*rule._setup(bound, g)) and rule.keeps_patch_rows(*rule._setup(bound, g))
+    alone = batch_of_one_grads(m, [x], lambda out, i: (out * g[i:i + 1]).sum())
+    needs = frozenset({"weight", "bias"})
+    factors = torch.rand(3, dtype=DT)
+    for into in (None, {n: torch.zeros_like(alone[n][0]) for n in needs}):
+        args = dict(bound, **{SCRATCH: {}})
+        norms = rule.norm_sample_sq(args, g, needs)
+        assert "patch_rows" in args[SCRATCH]
+        sums = rule.clipped_sum(args, g, factors, needs, into=into)
+        if into is not None:
+            assert not sums
+            sums = into
+        for n in needs:
+            torch.testing.assert_close(norms[n], alone[n].flatten(1).pow(2).sum(1), rtol=1e-9, atol=1e-12)
+            torch.testing.assert_close(sums[n], torch.einsum("b,b...->...", factors, alone[n]), rtol=1e-9, atol=1e-12)
+
+
 @pytest.mark.parametrize("cin,cout,H,k,stride,pad,groups", [
     (3, 8, 16, 4, 4, 0, 1),  # patchify: unfold, groups
     (6, 4, 5, 1, 1, 0, 1),  # 1x1: pointwise, unfold, groups
@@ -735,12 +776,7 @@ def test_every_measured_candidate_is_exact(cin, cout, H, k, stride, pad, groups)
     gradients by each applicable method): each gives the norms (and kept gradients) of each
     sample's own gradient (float64, batch of one)."""
     torch.manual_seed(seed_of("bk-candidates", cin, cout, k))
-    m = nn.Conv2d(cin, cout, k, stride=stride, padding=pad, groups=groups).to(DT)
-    call = module_call_for(m)(m)
-    rule = rule_for_op(call.op)
-    x = torch.randn(3, cin, H, H, dtype=DT)
-    bound = {"input": x, "weight": m.weight, "bias": m.bias, **call.kwargs}
-    g = torch.randn_like(rule.forward(call.op, bound))
+    m, rule, x, bound, g = _conv2d_case(cin, cout, H, k, stride, pad, groups)
     needs = frozenset({"weight", "bias"})
     candidates = rule.bk_candidates(bound, g, needs)
     assert "ghost" in candidates and candidates[0] in ("ghost", rule.method(*rule._setup(bound, g)))
