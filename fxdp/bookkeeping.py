@@ -223,9 +223,11 @@ class BookKeeping(ClippedSumSource):
         for r in records:
             single = [i for i, p in r.params.items() if uses[id(p)] == 1]
             multi = [i for i, p in r.params.items() if uses[id(p)] > 1]
-            late = [i for i in single if i not in r.sq]  # formed when the record arrived, except
-            if late:  # parameters the hint wrongly took for tied
+            late = [i for i in single if i not in r.sq]  # not formed as the record arrived
+            if late:
                 r.sq.update(r.op.norm_sample_sq(r, late, measure))
+                if not multi and r.params and all(i in r.kept for i in r.params):
+                    r.release()  # kept per-sample gradients larger than the record replace it now
             for i in single:
                 sq[id(r.params[i])] = r.sq[i]
             if multi:

@@ -141,6 +141,43 @@ def test_bk_records_keep_only_per_sample_gradients_once_materialized():
         torch.testing.assert_close(sums[id(p)], e, rtol=1e-9, atol=1e-12)
 
 
+def test_bk_kept_gradients_larger_than_the_record_wait_for_the_end_of_the_pass(monkeypatch):
+    """A convolution whose kept per-sample gradients are larger than its record (1.44x: 8->8
+    3x3 on 5x5 maps) forms them at the end of the backward pass, not as the record arrives
+    (where they would add to the activations the backward pass still holds), and then drops
+    its activations and output gradient; its clipped sum stays exact."""
+    from fxdp.bookkeeping import BookKeeping
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 5 * 5, 2)).double()
+    x = torch.randn(4, 8, 5, 5, dtype=torch.float64)
+    w = torch.randn(4, 2, dtype=torch.float64)
+    dpm = privatize(model)
+    dpb = privatize(copy.deepcopy(model), grad_sample_mode="bk")
+    expected = clipped_sums_materialized(dpm, x, w, 0.3, False)
+    at_close = []
+    close = BookKeeping._close_pass
+
+    def spy(self):
+        conv = next(r for r in self.records if any(p.dim() == 4 for p in r.params.values()))
+        at_close.append((dict(conv.sq), conv.released, len(conv.inputs)))
+        close(self)
+
+    monkeypatch.setattr(BookKeeping, "_close_pass", spy)
+    dpb.bookkeeping.attached = True
+    dpb(x).mul(w).sum().div(4).backward()
+    assert at_close == [({}, False, 3)]  # nothing formed, the record whole, as the pass ended
+    (records,) = [ps.records for ps in dpb.bookkeeping.pending]
+    conv = next(r for r in records if any(p.dim() == 4 for p in r.params.values()))
+    assert conv.released and conv.inputs == [] and conv.grads == [] and set(conv.kept) == set(conv.params)
+    kept = conv.kept[min(i for i, p in conv.params.items() if p.dim() == 4)]
+    assert kept.numel() > 4 * 8 * 5 * 5 * 2  # larger than its record (input and output gradient)
+    dpb.bookkeeping.pending = []
+    sums = bk_clipped_sums(dpb, lambda: dpb(x).mul(w).sum().div(4).backward(), 0.3)
+    for p, e in zip([p for p in dpb.parameters() if p.requires_grad], expected):
+        torch.testing.assert_close(sums[id(p)], e, rtol=1e-9, atol=1e-12)
+
+
 @pytest.mark.parametrize("clipping", ["flat", "per_layer"])
 def test_bk_training_equals_materialize(clipping):
     """Same seeds, same batches: bk and materialize give the same weights."""

@@ -110,9 +110,11 @@ class PerSampleRule:
         return ()
 
     def bk_keeps(self, args: Mapping[str, Any], grad_output: Tensor, needs: FrozenSet[str]) -> bool:
-        """Whether :meth:`norm_sample_sq_keep` (with the cost model's method) keeps every
-        per-sample gradient of ``needs`` at these shapes. Book-keeping then forms the
-        norms as the record arrives and drops its activations and output gradient."""
+        """Whether book-keeping forms the norms as the record arrives and drops its
+        activations and output gradient: :meth:`norm_sample_sq_keep` (with the cost model's
+        method) keeps every per-sample gradient of ``needs`` at these shapes, in no more
+        memory than the record (larger kept gradients are formed at the end of the backward
+        pass, when the activations are gone, and then replace the record)."""
         return type(self).norm_sample_sq is PerSampleRule.norm_sample_sq
 
     def norm_sample_sq_keep(
