@@ -117,62 +117,45 @@ def test_bk_clipped_sums_equal_materialized(name, per_layer, monkeypatch):
     assert len(rows) == (2 if name == "strided" else 0)  # its 4x4 layer's sum from the kept rows, each pass
 
 
-def test_bk_records_keep_only_per_sample_gradients_once_materialized():
+@pytest.mark.parametrize("cin,cout,H,on_arrival", [
+    (2, 3, 8, True),  # per-sample gradients 0.11x the record: formed and kept as it arrives
+    (8, 8, 5, False),  # 1.44x the record: formed at the end of the backward pass
+])
+def test_bk_records_keep_only_per_sample_gradients_once_materialized(cin, cout, H, on_arrival, monkeypatch):
     """A layer whose norms materialized its per-sample gradients keeps those and drops its
-    activations and output gradients as its record arrives, so the backward pass does not
-    hold every layer's output gradient until the step; its clipped sum stays exact."""
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 8 * 8, 2)).double()
-    x = torch.randn(4, 2, 8, 8, dtype=torch.float64)
-    w = torch.randn(4, 2, dtype=torch.float64)
-    dpm = privatize(model)
-    dpb = privatize(copy.deepcopy(model), grad_sample_mode="bk")
-    expected = clipped_sums_materialized(dpm, x, w, 0.3, False)
-    dpb.bookkeeping.attached = True
-    dpb(x).mul(w).sum().div(4).backward()
-    (records,) = [ps.records for ps in dpb.bookkeeping.pending]
-    conv = next(r for r in records if any(p.dim() == 4 for p in r.params.values()))
-    fc = next(r for r in records if r is not conv)
-    assert conv.released and conv.inputs == [] and conv.grads == [] and set(conv.kept) == set(conv.params)
-    assert not fc.released and fc.grads  # T = 1: rank-one norm, the clipped sum needs a and g
-    dpb.bookkeeping.pending = []  # clip the same batch again through the oracle
-    sums = bk_clipped_sums(dpb, lambda: dpb(x).mul(w).sum().div(4).backward(), 0.3)
-    for p, e in zip([p for p in dpb.parameters() if p.requires_grad], expected):
-        torch.testing.assert_close(sums[id(p)], e, rtol=1e-9, atol=1e-12)
-
-
-def test_bk_kept_gradients_larger_than_the_record_wait_for_the_end_of_the_pass(monkeypatch):
-    """A convolution whose kept per-sample gradients are larger than its record (1.44x: 8->8
-    3x3 on 5x5 maps) forms them at the end of the backward pass, not as the record arrives
-    (where they would add to the activations the backward pass still holds), and then drops
-    its activations and output gradient; its clipped sum stays exact."""
+    activations and output gradients: as its record arrives, so the backward pass does not
+    hold every layer's output gradient until the step, or, where the kept gradients are
+    larger than the record, at the end of the pass (formed as it arrives they would add to
+    the activations the pass still holds); its clipped sum stays exact."""
     from fxdp.bookkeeping import BookKeeping
 
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 5 * 5, 2)).double()
-    x = torch.randn(4, 8, 5, 5, dtype=torch.float64)
+    model = nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(cout * H * H, 2)).double()
+    x = torch.randn(4, cin, H, H, dtype=torch.float64)
     w = torch.randn(4, 2, dtype=torch.float64)
     dpm = privatize(model)
     dpb = privatize(copy.deepcopy(model), grad_sample_mode="bk")
     expected = clipped_sums_materialized(dpm, x, w, 0.3, False)
-    at_close = []
-    close = BookKeeping._close_pass
 
-    def spy(self):
-        conv = next(r for r in self.records if any(p.dim() == 4 for p in r.params.values()))
-        at_close.append((dict(conv.sq), conv.released, len(conv.inputs)))
-        close(self)
+    def conv_of(records):
+        return next(r for r in records if any(p.dim() == 4 for p in r.params.values()))
 
-    monkeypatch.setattr(BookKeeping, "_close_pass", spy)
+    at_close, close = [], BookKeeping._close_pass
+    monkeypatch.setattr(BookKeeping, "_close_pass",
+                        lambda self: at_close.append((bool(conv_of(self.records).sq), conv_of(self.records).released))
+                        or close(self))
     dpb.bookkeeping.attached = True
     dpb(x).mul(w).sum().div(4).backward()
-    assert at_close == [({}, False, 3)]  # nothing formed, the record whole, as the pass ended
+    assert at_close == [(on_arrival, on_arrival)]  # norms formed and the record dropped as the pass ended
     (records,) = [ps.records for ps in dpb.bookkeeping.pending]
-    conv = next(r for r in records if any(p.dim() == 4 for p in r.params.values()))
+    conv = conv_of(records)
+    fc = next(r for r in records if r is not conv)
     assert conv.released and conv.inputs == [] and conv.grads == [] and set(conv.kept) == set(conv.params)
     kept = conv.kept[min(i for i, p in conv.params.items() if p.dim() == 4)]
-    assert kept.numel() > 4 * 8 * 5 * 5 * 2  # larger than its record (input and output gradient)
-    dpb.bookkeeping.pending = []
+    assert (kept.numel() > x.numel() + 4 * cout * H * H) != on_arrival  # larger than its record
+    assert not fc.released and fc.grads  # T = 1: rank-one norm, the clipped sum needs a and g
+    dpb.bookkeeping.pending = []  # clip the same batch again through the oracle
     sums = bk_clipped_sums(dpb, lambda: dpb(x).mul(w).sum().div(4).backward(), 0.3)
     for p, e in zip([p for p in dpb.parameters() if p.requires_grad], expected):
         torch.testing.assert_close(sums[id(p)], e, rtol=1e-9, atol=1e-12)
