@@ -422,11 +422,15 @@ class _ConvMath:
                           else "one weight-gradient convolution of c∘g")
                 out["weight"] = f"ghost norm ({why}{gram}); clipped sum: {summed}"
             else:
-                kept = self.bk_keeps(args, grad_output, frozenset({"weight"}))
-                out["weight"] = (f"materialized by {self.method(geo, gout)} ({why}); " + (
-                                     f"kept for the clipped sum (at most {self.keep_ratio:g}x the layer's record)" if kept
-                                     else "clipped sum: one weight-gradient convolution of c∘g (per-sample gradients "
-                                     f"over {self.keep_ratio:g}x the layer's record)"))
+                if not self._would_keep(geo, gout):
+                    summed = ("clipped sum: one weight-gradient convolution of c∘g (per-sample gradients "
+                              f"over {self.keep_ratio:g}x the layer's record)")
+                elif self.bk_keeps(args, grad_output, frozenset({"weight"})):
+                    summed = "kept for the clipped sum (no larger than the layer's record: formed as it arrives)"
+                else:
+                    summed = (f"kept for the clipped sum (up to {self.keep_ratio:g}x the layer's record: formed at the "
+                              "end of the backward pass)")
+                out["weight"] = f"materialized by {self.method(geo, gout)} ({why}); {summed}"
         if "bias" in needs:
             out["bias"] = "per-sample Σ g over positions"
         return out
