@@ -246,7 +246,8 @@ class CaptureOp(nn.Module):
 
     def keeps_per_sample_grads(self, rec: LayerRecord, idx: Sequence[int]) -> bool:
         """Whether :meth:`norm_sample_sq` of ``idx`` keeps every per-sample gradient on the
-        record (book-keeping then forms the norms as the record arrives and releases it)."""
+        record in no more memory than the record (book-keeping then forms the norms as the
+        record arrives and releases it; larger kept gradients wait for the pass's end)."""
         return True  # the default below materializes and keeps
 
     def norm_sample_sq(self, rec: LayerRecord, idx: Sequence[int], measure: bool = False) -> Dict[int, Tensor]:
