@@ -47,7 +47,7 @@ from .check_findings import (
     _user_line,
 )
 from .check_graph import _graph
-from .check_layers import _bk_plans, _layers
+from .check_layers import _bk_plans, _bk_plans_exported, _layers
 from .errors import FxdpError, SymbolicGraphError, UnsupportedModelError
 from .model_state import ModelState
 from .passes.batch_dims import input_batch_dim
@@ -239,7 +239,7 @@ def _check(model: nn.Module, args: Tuple[Any, ...], batch_dim: int, B0: int, bat
             if cap_error is not None:
                 raw.append((_privatize_error(originals, cap_error, raw), None))
             layers = _layers(root, captures, rewrites, batch_size or B0, gm=gm if captures is None else None,
-                             plans=_bk_plans(gm, cap_nodes, result) if captures is not None else None)
+                             plans=_bk_plans(gm, cap_nodes, result, B0, batch_size or B0) if captures is not None else None)
             findings = [_finding(f, loc, outer) for f, loc in raw] + [_refusal(m) for m in refusals]
             findings += [_autograd_function(*a, outer) for a in tracer.autograd_functions]
             if cap_error is not None and (not isinstance(cap_error, FxdpError)
@@ -391,4 +391,5 @@ def _check_exported(root: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, An
             captures = instrument(gm, Recorder())
         except FxdpError as e:
             findings.append(finding(None, "capture", str(e), "see the message"))
-    return findings, _layers(root, captures, rewrites, batch_size)
+    return findings, _layers(root, captures, rewrites, batch_size,
+                             plans=_bk_plans_exported(gm, batch_size) if captures is not None else None)

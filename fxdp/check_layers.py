@@ -3,7 +3,7 @@ privatize's capture pass picks (or would pick), its book-keeping plan, the rewri
 replaced its module and the memory of its per-sample gradients."""
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.fx as fx
@@ -13,19 +13,67 @@ from .errors import FxdpError
 from .report import LayerInfo
 
 
-def _bk_plans(gm: fx.GraphModule, cap_nodes: Dict[str, Any], result: Any) -> Dict[str, str]:
-    """``{parameter name: book-keeping method}`` from each capture op's traced shapes
-    (ghost vs materialized norms are chosen from these shapes at run time, too)."""
-    out: Dict[str, str] = {}
+Meta = Optional[Tuple[Any, Optional[int]]]  # a value's stand-in (a meta tensor) and its batch dimension
 
-    def meta(name: str, k: int = 0) -> Optional[Tuple[torch.Tensor, Optional[int]]]:
+
+def _bk_plans(gm: fx.GraphModule, cap_nodes: Dict[str, Any], result: Any, example: int,
+              batch_size: int) -> Dict[str, str]:
+    """``{parameter name: book-keeping method}`` from each capture op's traced shapes at the
+    ``example`` batch size (ghost vs materialized norms are chosen from these shapes at run
+    time, too), the batch at ``batch_size``."""
+
+    def meta(node: Any) -> Meta:  # the symbolic tracer's shapes, by the original node's name
+        name = node if isinstance(node, str) else node.name
         shapes, hints = result.shapes.get(name) or [], result.hints.get(name) or []
-        if k >= len(shapes) or not isinstance(shapes[k], tuple):
-            return None
-        h = hints[k] if k < len(hints) and isinstance(hints[k], int) else None
-        return torch.empty(shapes[k], device="meta"), h
+        if not shapes or not isinstance(shapes[0], tuple):
+            return None  # a non-tensor value (a scan's tape, an absent h0)
+        return _at_batch(list(shapes[0]), hints[0] if hints else None, example, batch_size, torch.float32)
 
-    for orig, cn in cap_nodes.items():
+    return _plans(gm, list(cap_nodes.items()), meta, batch_size)
+
+
+def _at_batch(shape: List[int], hint: Any, example: Optional[int], batch_size: int, dtype: torch.dtype) -> Meta:
+    """A meta tensor of ``shape`` (traced at the ``example`` batch size) at ``batch_size``, and
+    its batch dimension: an int, or a batch-major fold ``[B*k, ...]`` of k rows a sample (served
+    ``[B, k, ...]`` by the capture ops, ``capture.op._batch_of``)."""
+    if isinstance(hint, int) and hint < len(shape):
+        shape[hint] = batch_size
+    elif isinstance(hint, tuple) and hint[:2] == ("fold", 0) and hint[3:4] == ("major",) and example:
+        shape[0] = batch_size * (shape[0] // example)
+    else:
+        hint = None
+    return torch.empty(shape, dtype=dtype, device="meta"), hint
+
+
+def _bk_plans_exported(gm: fx.GraphModule, batch_size: int) -> Dict[str, str]:
+    """:func:`_bk_plans` on an instrumented ``torch.export`` graph: each value's shape from its
+    fake tensor, the batch dimension at ``batch_size`` (a batch-major fold's rows at
+    ``batch_size`` times its rows a sample) and other symbolic sizes at the example's."""
+
+    def size(s: Any) -> int:
+        return s if isinstance(s, int) else int(s.node.hint)
+
+    example = next((size(n.meta["val"].shape[h]) for n in gm.graph.nodes if n.op == "placeholder"
+                    and isinstance(n.meta.get("val"), torch.Tensor)
+                    and isinstance(h := (n.meta.get("fxdp_batch") or [None])[0], int)), None)
+
+    def meta(node: Any) -> Meta:
+        v, hint = node.meta.get("val"), (node.meta.get("fxdp_batch") or [None])[0]
+        if isinstance(v, torch.SymInt):  # a size taken in the graph ("B": the batch size, as expand takes it)
+            return (batch_size if hint == "B" else size(v)), None
+        if not isinstance(v, torch.Tensor):
+            return None
+        return _at_batch([size(s) for s in v.shape], hint, example, batch_size, v.dtype)
+
+    return _plans(gm, [(n, n) for n in gm.graph.nodes if n.meta.get("fxdp_capture")], meta, batch_size)
+
+
+def _plans(gm: fx.GraphModule, captures: List[Tuple[Any, fx.Node]], meta: Callable[[Any], Meta],
+           batch_size: Optional[int]) -> Dict[str, str]:
+    """Each capture op's ``bk_plan`` at the shapes ``meta`` gives its arguments and output
+    (``captures``: pairs of the output's key for ``meta`` and the capture node)."""
+    out: Dict[str, str] = {}
+    for key, cn in captures:
         try:
             op = gm.get_submodule(str(cn.target))
             dyn, dims = [], []
@@ -37,16 +85,16 @@ def _bk_plans(gm: fx.GraphModule, cap_nodes: Dict[str, Any], result: Any) -> Dic
                     dyn.append(torch.empty_like(obj, device="meta") if isinstance(obj, torch.Tensor) else obj)
                     dims.append(None)
                 elif isinstance(a, fx.Node):
-                    m = meta(a.name)  # None for non-tensor values (a scan's tape, an absent h0)
+                    m = meta(a)
                     dyn.append(m[0] if m is not None else None)
                     dims.append(m[1] if m is not None else None)
                 else:
                     dyn.append(a)
                     dims.append(None)
-            o = meta(orig)
+            o = meta(key)
             if o is None:
                 continue
-            for name, how in op.bk_plan(dyn, o[0], dims, o[1]).items():
+            for name, how in op.bk_plan(dyn, o[0], dims, o[1], batch_size).items():
                 out.setdefault(name, how)
         except Exception:  # the plan is informative only: never fail the report on it
             continue

@@ -212,9 +212,11 @@ def test_loss_normalized_by_the_batch_token_count_is_refused_with_the_fix():
 
 @pytest.mark.parametrize("name", sorted(ZOO))
 def test_check_analyses_the_exported_graph(name):
-    """fxdp.check reads the graph privatize runs: ok with every parameter on a rule; the
-    labels= loss is a mean of per-sample losses (ok); divided by the batch's token count
-    (num_items_in_batch=) it is an error."""
+    """fxdp.check reads the graph privatize runs: ok with every parameter on a rule and its
+    book-keeping plan, a sequence's layers planned at its length (GPT-2's Conv1D folds the
+    batch into [B*T, d]: served, and planned, as [B, T, d]); the labels= loss is a mean of
+    per-sample losses (ok); divided by the batch's token count (num_items_in_batch=) it is
+    an error."""
     torch.manual_seed(0)
     model, kind = ZOO[name]()
     model.train()
@@ -224,6 +226,10 @@ def test_check_analyses_the_exported_graph(name):
     trainable = [lay for lay in report.layers if lay.trainable]
     assert trainable and not [lay for lay in trainable if "fallback" in lay.rule or "unused" in lay.rule], \
         [(lay.name, lay.rule) for lay in trainable]
+    assert all(lay.bookkeeping for lay in trainable), [lay.name for lay in trainable if not lay.bookkeeping]
+    folded = [lay for lay in trainable if lay.rule == "addmm" and lay.name.endswith(".weight")]  # GPT-2's Conv1D
+    assert bool(folded) == (name == "gpt2")
+    assert all(f"T={T}" in lay.bookkeeping for lay in folded), [(lay.name, lay.bookkeeping) for lay in folded]
     if kind == "lm":
         assert fxdp.check(model, (), example_kwargs={**x, "labels": x["input_ids"]}).ok  # per-sample mean
         bad = fxdp.check(model, (), example_kwargs={**x, "labels": x["input_ids"],

@@ -234,9 +234,11 @@ class CaptureOp(nn.Module):
         """Whether :meth:`input_grads` gives the activations' gradients by formula."""
         return False
 
-    def bk_plan(self, dyn: Sequence[Any], out: Tensor, dims_in: Sequence[Optional[int]],
-                dim_out: Optional[int]) -> Dict[str, str]:
-        """``{parameter name: how book-keeping handles it}`` at these shapes (for the report)."""
+    def bk_plan(self, dyn: Sequence[Any], out: Tensor, dims_in: Sequence[Any], dim_out: Any,
+                batch_size: Optional[int] = None) -> Dict[str, str]:
+        """``{parameter name: how book-keeping handles it}`` at these shapes (for the report;
+        batch dimensions as the symbolic-batch pass gives them, a batch-major fold served
+        ``[B, k, ...]`` with ``batch_size``)."""
         return {n: f"materialized per sample ({self.rule_name()}, this layer only)"
                 for n in sorted(set(self.param_index.values()))}
 

@@ -61,15 +61,19 @@ class RuleCapture(CaptureOp):
     def compute_saving(self, dyn: Sequence[Any]) -> Tuple[Any, Any]:
         return self.rule.forward_saving(self.op, self.bound(dyn))
 
-    def bk_plan(self, dyn: Sequence[Any], out: Tensor, dims_in: Sequence[Optional[int]],
-                dim_out: Optional[int]) -> Dict[str, str]:
+    def bk_plan(self, dyn: Sequence[Any], out: Tensor, dims_in: Sequence[Any], dim_out: Any,
+                batch_size: Optional[int] = None) -> Dict[str, str]:
         args = self.bound(dyn)
-        g = out if dim_out in (None, 0) else out.movedim(dim_out, 0)
+
+        def front(t: Tensor, d: Any, what: str) -> Tensor:  # batch first, as the records are (_prepare)
+            if isinstance(d, tuple) and not batch_size:
+                return t  # a fold without the batch size: read as it stands
+            return t if d in (None, 0) else move_to_front(t, d, what, self, batch_size)
+
+        g = front(out, dim_out, "the output")
         arg = self.rule.input_arg
         if arg in self.names:
-            d = dims_in[self.names.index(arg)]
-            if d not in (None, 0):
-                args[arg] = args[arg].movedim(d, 0)
+            args[arg] = front(args[arg], dims_in[self.names.index(arg)], "the input")
         plan = self.rule.bk_plan(args, g, frozenset(self.names[i] for i in self.param_index))
         return {p: plan[self.names[i]] for i, p in self.param_index.items() if self.names[i] in plan}
 
