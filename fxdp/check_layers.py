@@ -22,8 +22,10 @@ def _bk_plans(gm: fx.GraphModule, cap_nodes: Dict[str, Any], result: Any, exampl
     ``example`` batch size (ghost vs materialized norms are chosen from these shapes at run
     time, too), the batch at ``batch_size``."""
 
+    original = {cn.name: orig for orig, cn in cap_nodes.items()}  # a capture's output: its op's node
+
     def meta(node: Any) -> Meta:  # the symbolic tracer's shapes, by the original node's name
-        name = node if isinstance(node, str) else node.name
+        name = node if isinstance(node, str) else original.get(node.name, node.name)
         shapes, hints = result.shapes.get(name) or [], result.hints.get(name) or []
         if not shapes or not isinstance(shapes[0], tuple):
             return None  # a non-tensor value (a scan's tape, an absent h0)
@@ -71,8 +73,9 @@ def _bk_plans_exported(gm: fx.GraphModule, batch_size: int) -> Dict[str, str]:
 def _plans(gm: fx.GraphModule, captures: List[Tuple[Any, fx.Node]], meta: Callable[[Any], Meta],
            batch_size: Optional[int]) -> Dict[str, str]:
     """Each capture op's ``bk_plan`` at the shapes ``meta`` gives its arguments and output
-    (``captures``: pairs of the output's key for ``meta`` and the capture node)."""
-    out: Dict[str, str] = {}
+    (``captures``: pairs of the output's key for ``meta`` and the capture node); a parameter
+    several ops use (tied) is materialized at each use, as book-keeping does."""
+    out: Dict[str, List[str]] = {}
     for key, cn in captures:
         try:
             op = gm.get_submodule(str(cn.target))
@@ -95,10 +98,15 @@ def _plans(gm: fx.GraphModule, captures: List[Tuple[Any, fx.Node]], meta: Callab
             if o is None:
                 continue
             for name, how in op.bk_plan(dyn, o[0], dims, o[1], batch_size).items():
-                out.setdefault(name, how)
+                out.setdefault(name, []).append(how)
         except Exception:  # the plan is informative only: never fail the report on it
             continue
-    return out
+    return {name: hows[0] if len(hows) == 1 else TIED.format(n=len(hows)) for name, hows in out.items()}
+
+
+#: the plan of a parameter several ops use (``BookKeeping._squared_norms``: its norm is not a sum of norms)
+TIED = ("tied (used by {n} ops): per-sample gradients materialized at each use and summed, then normed; "
+        "clipped sum: their weighted sum")
 
 
 def _layers(root: nn.Module, captures: Optional[list], rewrites: List[Any], batch_size: int,

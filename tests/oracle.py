@@ -201,3 +201,35 @@ def check_attention(model, inputs, batch_first, dims=None, seed=0):
     exp = batch_of_one_grads(model, inputs, lambda o, i: (o * w.narrow(d, i, 1)).sum(), dims)
     assert_grad_samples_match(dp, exp)
     return dp
+
+
+def assert_check_plans_as_run(plans: Dict[str, str], dp, run: Callable[[], None]) -> None:
+    """``fxdp.check``'s book-keeping ``plans`` (parameter name -> plan) equal, for every
+    parameter a capture reached, its plan at the shapes its record arrived with in ``run()`` (a backward pass of ``dp``, privatized in book-keeping mode); a
+    parameter several captures reached is planned as tied."""
+    from fxdp.bookkeeping import BookKeeping
+    from fxdp.check_layers import TIED
+
+    ran: Dict[str, list] = {}
+    record = BookKeeping.record
+
+    def spy(self, rec):
+        if hasattr(rec.op, "prepared"):  # a rule's capture: its plan at the shapes it ran with
+            planned = rec.op.rule.bk_plan(*rec.op.prepared(rec))
+            planned = {p: planned[rec.op.names[i]] for i, p in rec.op.param_index.items() if rec.op.names[i] in planned}
+        else:  # a raw parameter's or the torch.func fallback's: materialized whatever the shapes
+            planned = rec.op.bk_plan(rec.inputs, rec.grads[0], [], None)
+        for param, how in planned.items():
+            ran.setdefault(param, []).append(how)
+        record(self, rec)
+
+    dp.bookkeeping.attached = True
+    BookKeeping.record = spy
+    try:
+        run()
+    finally:
+        BookKeeping.record = record
+    assert ran
+    for param, hows in ran.items():
+        expected = hows[0] if len(hows) == 1 else TIED.format(n=len(hows))
+        assert plans[param] == expected, (param, plans[param], hows)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ import torch.nn.functional as F
 import fxdp
 from fxdp.optim import DPOptimizer
 from models import ExpandParams, Nested, RawParams, TiedLM
-from oracle import bk_clipped_sums, clipped_sums_materialized, quiet_privatize
+from oracle import assert_check_plans_as_run, bk_clipped_sums, clipped_sums_materialized, quiet_privatize
 
 pytestmark = pytest.mark.usefixtures("f64")
 privatize = quiet_privatize
@@ -250,6 +251,25 @@ def test_compatibility_report_records_the_bk_method_per_layer(monkeypatch):
     assert {lay.name: lay.bookkeeping for lay in report.layers}["seq.weight"].startswith("ghost norm (T=10")
     assert "Book-keeping (grad_sample_mode='bk'" in report.to_text()
     assert report.to_dict()["layers"][0]["bookkeeping"]
+    with warnings.catch_warnings():  # a tied parameter (SeqNet's embedding and head) is materialized at each use
+        warnings.simplefilter("ignore")
+        tied = {lay.name: lay.bookkeeping for lay in fxdp.check(SeqNet(), (torch.randint(0, 13, (3, 7)),)).layers}
+    assert tied["emb.weight"].startswith("tied (used by 2 ops)") and "(T=7" in tied["fc.weight"]
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_check_plans_what_book_keeping_runs(name):
+    """On symbolically traced models (raw parameters, tied weights, grouped, strided and
+    circular convolutions, a ResNet block, a layer fed by another captured layer): every
+    layer's fxdp.check plan equals the rule's plan at the shapes its record arrives with."""
+    torch.manual_seed(0)
+    cls, make_x = MODELS[name]
+    x = make_x()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        layers = fxdp.check(cls(), (x,)).layers
+        dp = privatize(cls(), grad_sample_mode="bk")
+    assert_check_plans_as_run({lay.name: lay.bookkeeping for lay in layers}, dp, lambda: dp(x).sum().backward())
 
 
 def test_fallback_layer_per_sample_gradients_are_computed_once_per_step(monkeypatch):

@@ -17,6 +17,7 @@ from torch import nn
 
 import fxdp
 from fxdp.exported_module import ExportedDPModule
+from oracle import assert_check_plans_as_run
 
 transformers = pytest.importorskip("transformers")
 
@@ -235,6 +236,25 @@ def test_check_analyses_the_exported_graph(name):
         bad = fxdp.check(model, (), example_kwargs={**x, "labels": x["input_ids"],
                                                      "num_items_in_batch": torch.tensor(B * T)})
         assert not bad.ok and {e.code for e in bad.errors} == {"batch-reduction"}
+
+
+@pytest.mark.parametrize("name", sorted(ZOO))
+def test_check_plans_what_book_keeping_runs(name):
+    """fxdp.check's book-keeping plan of every layer equals the rule's plan at the shapes the
+    layer's record arrives with (the report's shapes rebuilt from the export's, the batch at
+    the report's batch size); a tied parameter (GPT-2's and T5's embeddings and heads) is
+    planned as tied."""
+    torch.manual_seed(0)
+    model, kind = ZOO[name](0.0)
+    model.train()
+    g = torch.Generator().manual_seed(4)
+    x = _inputs(kind, B, g)
+    layers = fxdp.check(model, (), example_kwargs=x).layers
+    dp = fxdp.privatize(model, grad_sample_mode="bk", loss_reduction="sum")
+    assert_check_plans_as_run({lay.name: lay.bookkeeping for lay in layers}, dp,
+                              lambda: _loss(kind, dp(**x), x, _targets(kind, x, g)).backward())
+    tied = [lay.name for lay in layers if (lay.bookkeeping or "").startswith("tied")]
+    assert bool(tied) == (name in ("gpt2", "t5"))  # LoRA freezes the embedding its head shares
 
 
 @pytest.mark.parametrize("name", ["bert", "gpt2"])
