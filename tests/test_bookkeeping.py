@@ -376,6 +376,27 @@ def test_measured_methods_keep_patch_rows_exactly(monkeypatch):
     assert "ghost" in c2["ms"] and rows
 
 
+def test_measured_methods_on_a_layer_kept_at_the_end_of_the_pass():
+    """``bk_methods="measure"`` on a convolution whose kept per-sample gradients are larger
+    than its record (formed at the end of the backward pass): each candidate timed there,
+    the record released once its gradients are kept, bk = materialized clipped sums over two
+    passes (float64)."""
+    torch.manual_seed(8)
+    model = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 5 * 5, 2)).double()
+    x = torch.randn(4, 8, 5, 5, dtype=torch.float64)
+    dpm = privatize(model)
+    dpb = privatize(copy.deepcopy(model), grad_sample_mode="bk")
+    dpb.bookkeeping.measure = True
+    w = torch.randn_like(dpm(x))
+    expected = clipped_sums_materialized(dpm, x, w, 0.3, False)
+    for _ in range(2):
+        sums = bk_clipped_sums(dpb, lambda: dpb(x).mul(w).sum().div(4).backward(), 0.3)
+        for p, e in zip([p for p in dpb.parameters() if p.requires_grad], expected):
+            torch.testing.assert_close(sums[id(p)], e, rtol=1e-9, atol=1e-12)
+    (conv,) = dpb.bookkeeping_methods()["_0"]
+    assert {"ghost", "groups", "unfold"} <= set(conv["ms"])
+
+
 def test_measured_methods_are_timed_once_per_shape_reported_and_exact():
     torch.manual_seed(5)
     model = Mixed()
