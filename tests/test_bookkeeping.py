@@ -361,19 +361,23 @@ def test_measured_methods_keep_patch_rows_exactly(monkeypatch):
     by_rows = conv.sum_patch_rows
     monkeypatch.setattr(conv, "sum_patch_rows", lambda *a, **k: rows.append(1) or by_rows(*a, **k))
     torch.manual_seed(7)
-    model = StridedNet()
-    x = torch.randn(6, 1, 16, 16)
+    (c2,) = _measured_sums_exact(StridedNet(), torch.randn(6, 1, 16, 16))["c2"]
+    assert "ghost" in c2["ms"] and rows
+
+
+def _measured_sums_exact(model: nn.Module, x: torch.Tensor) -> dict:
+    """``bk_methods="measure"``: bk = materialized clipped sums over two passes (the first
+    times the candidates); the measured methods."""
     dpm = privatize(model)
     dpb = privatize(copy.deepcopy(model), grad_sample_mode="bk")
     dpb.bookkeeping.measure = True
     w = torch.randn_like(dpm(x))
     expected = clipped_sums_materialized(dpm, x, w, 0.3, False)
     for _ in range(2):
-        sums = bk_clipped_sums(dpb, lambda: dpb(x).mul(w).sum().div(6).backward(), 0.3)
+        sums = bk_clipped_sums(dpb, lambda: dpb(x).mul(w).sum().div(x.shape[0]).backward(), 0.3)
         for p, e in zip([p for p in dpb.parameters() if p.requires_grad], expected):
             torch.testing.assert_close(sums[id(p)], e, rtol=1e-9, atol=1e-12)
-    (c2,) = dpb.bookkeeping_methods()["c2"]
-    assert "ghost" in c2["ms"] and rows
+    return dpb.bookkeeping_methods()
 
 
 def test_measured_methods_on_a_layer_kept_at_the_end_of_the_pass():
@@ -383,17 +387,7 @@ def test_measured_methods_on_a_layer_kept_at_the_end_of_the_pass():
     passes (float64)."""
     torch.manual_seed(8)
     model = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 5 * 5, 2)).double()
-    x = torch.randn(4, 8, 5, 5, dtype=torch.float64)
-    dpm = privatize(model)
-    dpb = privatize(copy.deepcopy(model), grad_sample_mode="bk")
-    dpb.bookkeeping.measure = True
-    w = torch.randn_like(dpm(x))
-    expected = clipped_sums_materialized(dpm, x, w, 0.3, False)
-    for _ in range(2):
-        sums = bk_clipped_sums(dpb, lambda: dpb(x).mul(w).sum().div(4).backward(), 0.3)
-        for p, e in zip([p for p in dpb.parameters() if p.requires_grad], expected):
-            torch.testing.assert_close(sums[id(p)], e, rtol=1e-9, atol=1e-12)
-    (conv,) = dpb.bookkeeping_methods()["_0"]
+    (conv,) = _measured_sums_exact(model, torch.randn(4, 8, 5, 5, dtype=torch.float64))["_0"]
     assert {"ghost", "groups", "unfold"} <= set(conv["ms"])
 
 
