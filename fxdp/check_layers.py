@@ -23,13 +23,14 @@ def _bk_plans(gm: fx.GraphModule, cap_nodes: Dict[str, Any], result: Any, exampl
     time, too), the batch at ``batch_size``."""
 
     original = {cn.name: orig for orig, cn in cap_nodes.items()}  # a capture's output: its op's node
+    dtype = next((p.dtype for p in gm.parameters() if p.is_floating_point()), torch.get_default_dtype())
 
     def meta(node: Any) -> Meta:  # the symbolic tracer's shapes, by the original node's name
         name = node if isinstance(node, str) else original.get(node.name, node.name)
         shapes, hints = result.shapes.get(name) or [], result.hints.get(name) or []
         if not shapes or not isinstance(shapes[0], tuple):
             return None  # a non-tensor value (a scan's tape, an absent h0)
-        return _at_batch(list(shapes[0]), hints[0] if hints else None, example, batch_size, torch.float32)
+        return _at_batch(list(shapes[0]), hints[0] if hints else None, example, batch_size, dtype)
 
     return _plans(gm, list(cap_nodes.items()), meta, batch_size)
 

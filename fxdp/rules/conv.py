@@ -380,8 +380,12 @@ class _ConvMath:
     def _would_keep(self, geo: Geom, gout: Tensor) -> bool:
         """Whether materialized per-sample gradients would be kept: at most ``keep_ratio``
         times the record (input and output gradient)."""
-        ps = gout.shape[0] * math.prod(weight_shape(geo, gout))
-        return ps <= self.keep_ratio * (gout.numel() + geo.x.numel())
+        return self._over_record(geo, gout) <= self.keep_ratio
+
+    @staticmethod
+    def _over_record(geo: Geom, gout: Tensor) -> float:
+        """The per-sample weight gradients' size over the record's (input and output gradient)."""
+        return gout.shape[0] * math.prod(weight_shape(geo, gout)) / max(1, gout.numel() + geo.x.numel())
 
     def keeps_patch_rows(self, geo: Geom, gout: Tensor) -> bool:
         """Whether ghost norms keep the patch rows they form for the clipped sum
@@ -493,8 +497,7 @@ class _ConvMath:
         # as it arrives they add to the activations it still holds (CIFAR-10's 64->64 layer at
         # 16x16, 1.12x its record: the step's peak, B = 128 / 512, 109.9 / 440.2 -> 108.0 /
         # 432.2 MiB, time unchanged)
-        return (not self.use_ghost(geo, gout) and self._would_keep(geo, gout)
-                and gout.shape[0] * math.prod(weight_shape(geo, gout)) <= gout.numel() + geo.x.numel())
+        return not self.use_ghost(geo, gout) and self._over_record(geo, gout) <= min(1.0, self.keep_ratio)
 
     def norm_sample_sq_keep(
         self, args: Mapping[str, Any], grad_output: Tensor, needs: FrozenSet[str], method: Optional[str] = None
