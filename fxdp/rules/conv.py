@@ -495,8 +495,8 @@ class _ConvMath:
         geo, gout = self._setup(args, grad_output)
         # kept gradients larger than the record wait for the end of the backward pass: formed
         # as it arrives they add to the activations it still holds (CIFAR-10's 64->64 layer at
-        # 16x16, 1.12x its record: the step's peak, B = 128 / 512, 109.9 / 440.2 -> 108.0 /
-        # 432.2 MiB, time unchanged)
+        # 16x16, 1.12x its record: the step's peak, B = 128 / 512, 109.8 / 440.2 -> 107.8 /
+        # 431.8 MiB, bench_models.py --memory-only; time unchanged)
         return not self.use_ghost(geo, gout) and self._over_record(geo, gout) <= min(1.0, self.keep_ratio)
 
     def norm_sample_sq_keep(
