@@ -108,7 +108,8 @@ def privacy_statement(engine: Any, delta: Optional[float] = None) -> str:
 
 
 def build_card(engine: Any, binding: Any, dp: Any, plain: Any, *, delta: float, report: Optional[Dict[str, Any]],
-               files: Dict[str, str], torch_export: Dict[str, Any], example_inputs: Sequence[Any]) -> Dict[str, Any]:
+               files: Dict[str, str], torch_export: Dict[str, Any], example_inputs: Sequence[Any],
+               example_kwargs: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """The privacy card (a JSON-ready dict) of an export, ``card_sha256`` included."""
     acc = engine.accountant
     history = [[float(s), float(q), int(n)] for s, q, n in acc.history]
@@ -128,8 +129,13 @@ def build_card(engine: Any, binding: Any, dp: Any, plain: Any, *, delta: float, 
         d = r.to_dict()
         d["in_export"] = d["original"] if r.reversible else d["replacement"]
         rewrites.append(d)
-    inputs = [{"shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", "")} if isinstance(t, torch.Tensor)
-              else {"type": type(t).__name__} for t in example_inputs]
+    def described(t: Any) -> Dict[str, Any]:
+        if isinstance(t, torch.Tensor):
+            return {"shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", "")}
+        return {"type": type(t).__name__}
+
+    inputs = [described(t) for t in example_inputs]
+    inputs += [{"name": k, **described(t)} for k, t in (example_kwargs or {}).items()]
     card: Dict[str, Any] = {
         "format": CARD_FORMAT,
         "guarantee": {

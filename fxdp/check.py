@@ -20,7 +20,7 @@ from __future__ import annotations
 import sys
 import time
 import types
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Set, Tuple, Union
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Set, Tuple, Union
 
 import torch
 import torch.fx as fx
@@ -49,6 +49,7 @@ from .check_findings import (
 from .check_graph import _graph
 from .check_layers import _bk_plans, _bk_plans_exported, _layers
 from .errors import FxdpError, SymbolicGraphError, UnsupportedModelError
+from .example_inputs import call_inputs
 from .model_state import ModelState
 from .passes.batch_dims import input_batch_dim
 from .passes.batch_mixing import MixingFinding, analyze_batch_mixing, small_model_threads
@@ -128,7 +129,7 @@ def _batch_size(args: Sequence[Any], batch_dim: int) -> int:
 
 def check(
     model: nn.Module,
-    example_inputs: Union[Tensor, Sequence[Any]],
+    example_inputs: Union[Tensor, Sequence[Any], Mapping[str, Any]],
     *,
     batch_first: bool = True,
     batch_size: Optional[int] = None,
@@ -143,8 +144,9 @@ def check(
     Args:
         model: the ``nn.Module`` to analyze, in the mode it will be trained in
             (``model.train()``). It is not modified.
-        example_inputs: the positional inputs of ``forward`` (a tensor or a tuple);
-            every tensor is batched along the batch dimension.
+        example_inputs: the positional inputs of ``forward`` (a tensor or a tuple), or
+            a dict of its keyword inputs (a Hugging Face batch); every tensor is
+            batched along the batch dimension.
         batch_first: ``False`` when inputs are ``[T, B, ...]`` (batch dimension 1).
         batch_size: batch size for the per-sample gradient memory of
             ``report.layers`` (default: the example batch size).
@@ -177,8 +179,7 @@ def check(
         raise UnsupportedModelError("fxdp.check analyzes the original model; this one is already privatized")
     if not isinstance(batch_first, bool):
         raise TypeError(f"batch_first must be True or False, got {batch_first!r}")
-    args = (example_inputs,) if isinstance(example_inputs, Tensor) else tuple(example_inputs)
-    kwargs = dict(example_kwargs or {})
+    args, kwargs = call_inputs(example_inputs, example_kwargs)
     batch_dim = 0 if batch_first else 1
     B0 = _batch_size(list(args) + list(kwargs.values()), batch_dim)
     if B0 < 1:
@@ -279,7 +280,7 @@ def _check(model: nn.Module, args: Tuple[Any, ...], batch_dim: int, B0: int, bat
     )
 
 
-def assert_compatible(model: nn.Module, example_inputs: Union[Tensor, Sequence[Any]],
+def assert_compatible(model: nn.Module, example_inputs: Union[Tensor, Sequence[Any], Mapping[str, Any]],
                       **kwargs: Any) -> CompatibilityReport:
     """``check(model, example_inputs, **kwargs).raise_if_errors()``: raises
     ``fxdp.UnsupportedModelError`` naming every op that breaks DP (for

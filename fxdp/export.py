@@ -30,7 +30,7 @@ import tempfile
 import types
 import warnings
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.fx as fx
@@ -40,6 +40,7 @@ from torch.utils._pytree import tree_flatten
 from ._version import __version__
 from .card import CARD_FILE, sha256
 from .errors import ExportError
+from .example_inputs import call_inputs
 from .layers.batchnorm import norm_groups
 
 __all__ = ["export", "load", "generate_source", "ExportError"]
@@ -395,7 +396,7 @@ def export(
     path: PathLike,
     *,
     engine: Any = None,
-    example_inputs: Union[Tensor, Sequence[Any]],
+    example_inputs: Union[Tensor, Sequence[Any], Mapping[str, Any]],
     delta: Optional[float] = None,
     overwrite: bool = False,
     torch_export: bool = True,
@@ -407,8 +408,9 @@ def export(
         model: the ``DPModule`` returned by ``engine.make_private`` (or the model it was made from).
         path: output directory (created; must be empty or absent unless ``overwrite``).
         engine: the :class:`fxdp.PrivacyEngine` that trained it (at least one step).
-        example_inputs: forward inputs (a tensor or a tuple) used to check that the
-            exported source reproduces the model's outputs, and for ``torch.export``.
+        example_inputs: forward inputs (a tensor, a tuple, or a dict of keyword inputs)
+            used to check that the exported source reproduces the model's outputs, and
+            for ``torch.export``.
         delta: delta of the stated guarantee (default: the engine's budget delta, else
             ``min(1e-5, 0.1 / N)`` for N training examples, rounded down to a power of ten).
         torch_export: also try ``torch.export`` into ``model.pt2`` (skipped with a note on failure).
@@ -421,7 +423,7 @@ def export(
     from . import card as card_mod
 
     dp, binding = _resolve_model(model, engine)
-    args = (example_inputs,) if isinstance(example_inputs, Tensor) else tuple(example_inputs)
+    args, kwargs = call_inputs(example_inputs)
     out = Path(path)
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not overwrite)):
         raise ExportError(f"{out} exists and is not an empty directory. Fix: pass overwrite=True or a new path")
@@ -431,7 +433,7 @@ def export(
     header = f"{type(plain).__name__} exported by fxdp {_fxdp_version()}.\n\n"
     source = generate_source(plain, header=header)
     with _modes(plain, False), torch.no_grad():
-        expected = plain(*args)
+        expected = plain(*args, **kwargs)
         report_dict: Optional[Dict[str, Any]] = None
         if check_report:
             from .check import check
@@ -439,7 +441,7 @@ def export(
             with _modes(plain, True), warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 try:
-                    report_dict = check(plain, args, batch_first=dp.batch_first).to_dict()
+                    report_dict = check(plain, args, batch_first=dp.batch_first, example_kwargs=kwargs).to_dict()
                 except Exception as e:  # the report is documentation: its failure must not block the export
                     report_dict = {"ok": None, "error": f"fxdp.check failed: {type(e).__name__}: {e}"}
 
@@ -449,7 +451,7 @@ def export(
             torch.save(plain.state_dict(), t / WEIGHTS_FILE)
             mod = _import_file(t / MODEL_FILE, f"_fxdp_export_check_{os.getpid()}")
             rebuilt = mod.load(str(t / WEIGHTS_FILE))
-            problem = _same_outputs(expected, rebuilt(*args))
+            problem = _same_outputs(expected, rebuilt(*args, **kwargs))
         if problem:
             raise ExportError(f"the generated model.py does not reproduce the model ({problem}); nothing was written")
 
@@ -461,11 +463,12 @@ def export(
             (tmp_out / REPORT_FILE).write_text(json.dumps(report_dict, indent=2, default=str) + "\n")
             pt2_note: Dict[str, Any] = {"file": None, "note": "not requested"}
             if torch_export:
-                pt2_note = _torch_export(plain, args, tmp_out / PT2_FILE)
+                pt2_note = _torch_export(plain, args, kwargs, tmp_out / PT2_FILE)
             card = card_mod.build_card(engine, binding, dp, plain, delta=delta, report=report_dict,
                                        files={f: sha256(tmp_out / f) for f in (MODEL_FILE, WEIGHTS_FILE, REPORT_FILE)
                                               + ((PT2_FILE,) if pt2_note["file"] else ())},
-                                       torch_export=pt2_note, example_inputs=args)
+                                       torch_export=pt2_note, example_inputs=args,
+                                       example_kwargs=kwargs)
             (tmp_out / CARD_FILE).write_text(card_mod.dumps(card))
             out.mkdir(parents=True, exist_ok=True)
             for stale in (MODEL_FILE, WEIGHTS_FILE, CARD_FILE, REPORT_FILE, PT2_FILE):  # overwrite: no leftovers
@@ -477,11 +480,11 @@ def export(
     return out
 
 
-def _torch_export(plain: nn.Module, args: Tuple[Any, ...], dest: Path) -> Dict[str, Any]:
+def _torch_export(plain: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any], dest: Path) -> Dict[str, Any]:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            program = torch.export.export(plain, args)
+            program = torch.export.export(plain, args, kwargs=kwargs or None)
             torch.export.save(program, str(dest))
         return {"file": PT2_FILE, "note": "torch.export of the eval-mode inference graph"}
     except Exception as e:  # exportability is optional: the card says why it is missing

@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader
 from .accountants.validation import check_delta, is_real
 from .data import DPDataLoader
 from .data.loader import find_poisson_sampler
+from .example_inputs import call_inputs
 
 __all__ = ["MADE_PRIVATE", "check_budget", "check_ghost_criterion", "check_optimizer_params", "static_check", "warn_replaced_sampler"]
 
@@ -110,11 +111,8 @@ def static_check(module: nn.Module, data_loader: DataLoader, example_inputs: Uni
     """Run ``fxdp.check`` on the model; refuse it when an op breaks DP, unless overridden."""
     from .check import check
 
-    if isinstance(example_inputs, Mapping):  # keyword inputs (a Hugging Face batch)
-        example: Any = ((), dict(example_inputs))
-    else:
-        example = ((tuple(example_inputs), {}) if example_inputs is not None
-                   else example_from_loader(data_loader, module))
+    example: Any = (call_inputs(example_inputs) if example_inputs is not None
+                    else example_from_loader(data_loader, module))
     if example is None:
         warnings.warn(
             "PrivacyEngine: could not build example inputs from the data loader, so the static "

@@ -5,14 +5,15 @@ import copy
 import inspect
 import warnings
 import weakref
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.fx as fx
-from torch import nn
+from torch import Tensor, nn
 
 from .capture import Recorder
 from .errors import FxdpError, SymbolicGraphError, UnsupportedModelError
+from .example_inputs import call_inputs
 from .module import DPModule
 from .passes.capture import CAPTURES, insert_captures
 from .passes.export_graph import symbolic_tracing_drops
@@ -85,15 +86,15 @@ CAPTURE_MODES = ("auto", "fx", "export")
 
 
 def _exported(model: nn.Module, root: nn.Module, rewrites: List[Rewrite], loss_reduction: str, batch_first: bool,
-              input_batch_dims: Optional[Sequence[Optional[int]]], example_inputs: Optional[Sequence[Any]],
-              grad_sample_mode: str) -> DPModule:
+              input_batch_dims: Optional[Sequence[Optional[int]]],
+              example: Optional[Tuple[Tuple[Any, ...], Dict[str, Any]]], grad_sample_mode: str) -> DPModule:
     from .exported_module import ExportedDPModule
 
     dp = ExportedDPModule(root, recorder=Recorder(loss_reduction=loss_reduction, mode=grad_sample_mode),
                           batch_first=batch_first, input_batch_dims=input_batch_dims,
                           class_name=type(model).__name__, rewrites=rewrites)
-    if example_inputs is not None:
-        dp.capture_example(*tuple(example_inputs))
+    if example is not None:
+        dp.capture_example(*example[0], **example[1])
     return dp
 
 def apply_rewrites(model: nn.Module, options: Dict[str, Any]) -> Tuple[nn.Module, List[Rewrite]]:
@@ -192,7 +193,7 @@ def privatize(
     loss_reduction: str = "mean",
     batch_first: bool = True,
     input_batch_dims: Optional[Sequence[Optional[int]]] = None,
-    example_inputs: Optional[Sequence[Any]] = None,
+    example_inputs: Union[Tensor, Sequence[Any], Mapping[str, Any], None] = None,
     leaf_modules: Iterable[type] = (),
     grad_sample_mode: str = "materialize",
     rewrite_options: Optional[Dict[str, Any]] = None,
@@ -210,7 +211,8 @@ def privatize(
             for an input without one (e.g. ``nn.EmbeddingBag``'s flat indices next
             to ``offsets``); overrides ``batch_first``.
         example_inputs: optional inputs to analyze batch dimensions up front
-            (otherwise done on the first forward pass of each input signature).
+            (otherwise done on the first forward pass of each input signature): a
+            tensor, a tuple of positional inputs, or a dict of keyword inputs.
         leaf_modules: module classes to keep whole (served by a rule or the fallback).
         grad_sample_mode: ``"materialize"``: ``p.grad_sample`` per parameter;
             ``"bk"`` (book-keeping): per-sample norms and clipped sums without
@@ -240,11 +242,13 @@ def privatize(
     if capture not in CAPTURE_MODES:
         raise ValueError(f"capture must be one of {CAPTURE_MODES}, got {capture!r}")
 
+    example = None if example_inputs is None else call_inputs(example_inputs)
+
     root, rewrites = apply_rewrites(model, dict(rewrite_options or {}))
     if capture == "auto" and symbolic_tracing_drops(root):
         capture = "export"
     if capture == "export":
-        return _exported(model, root, rewrites, loss_reduction, batch_first, input_batch_dims, example_inputs,
+        return _exported(model, root, rewrites, loss_reduction, batch_first, input_batch_dims, example,
                          grad_sample_mode)
     tracer = DPTracer(leaf_modules=leaf_modules)
     whole = False
@@ -253,13 +257,13 @@ def privatize(
     except Exception as e:
         if capture == "auto":  # the model's own forward is not traceable: torch.export reads it
             return _exported(model, root, rewrites, loss_reduction, batch_first, input_batch_dims,
-                             example_inputs, grad_sample_mode)
+                             example, grad_sample_mode)
         # keep it whole (one fallback capture)
         gm = whole_model_graph(root, e)
         whole = True
     if capture == "auto" and (whole or gm.meta.get("fxdp_untraceable")):
         # symbolic tracing cannot read all of it: capture with torch.export instead
-        return _exported(model, root, rewrites, loss_reduction, batch_first, input_batch_dims, example_inputs,
+        return _exported(model, root, rewrites, loss_reduction, batch_first, input_batch_dims, example,
                          grad_sample_mode)
     plain_graph = copy.deepcopy(gm.graph)
     recorder = Recorder(loss_reduction=loss_reduction, mode=grad_sample_mode)
@@ -273,7 +277,7 @@ def privatize(
                 raise  # a refusal stays a refusal
             # an op the module-level graph cannot serve (a slice of a parameter, ...): the ATen graph can
             return _exported(model, root, rewrites, loss_reduction, batch_first, input_batch_dims,
-                             example_inputs, grad_sample_mode)
+                             example, grad_sample_mode)
     dp = DPModule(
         gm,
         gm.graph,
@@ -307,6 +311,7 @@ def privatize(
             "if not):\n" + "\n".join(lines),
             stacklevel=2,
         )
-    if example_inputs is not None:
-        dp.batch_dims_for(tuple(example_inputs))
+    if example is not None:
+        args, kwargs = example
+        dp.batch_dims_for(dp._positional(args, dict(kwargs)) if kwargs else args)
     return dp

@@ -19,13 +19,14 @@ from __future__ import annotations
 import sys
 import types
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_map
 
 from .errors import PerSampleGradientError
+from .example_inputs import call_inputs
 from .model_state import ModelState
 from .passes.batch_dims import input_batch_dim
 from .passes.batch_mixing import fork_rng, small_model_threads
@@ -129,13 +130,14 @@ def _out_dim(o: Tensor, B: int, batch_dim: int, single: Optional[Tensor] = None)
     return cands[0] if cands else None
 
 
-def _output_dims(model: nn.Module, args: Sequence[Any], batch_dim: int, B: int, outs: List[Tensor],
-                 seed: int) -> List[Optional[int]]:
-    """Batch dimension of each (floating) output, from a run on the first sample alone."""
+def _output_dims(run: Callable[[Tuple[Any, ...]], Any], args: Sequence[Any], batch_dim: int, B: int,
+                 outs: List[Tensor], seed: int) -> List[Optional[int]]:
+    """Batch dimension of each (floating) output, from a run (``run(inputs)``) on the first
+    sample alone."""
     try:
         with torch.no_grad(), fork_rng(args):
             torch.manual_seed(seed)
-            single = _flat_out(model(*_narrow(args, batch_dim, 0)))
+            single = _flat_out(run(_narrow(args, batch_dim, 0)))
     except Exception:
         single = []
     if len(single) != len(outs):
@@ -223,7 +225,7 @@ def _default_tol(dtype: torch.dtype) -> Tuple[float, float]:
 
 def verify(
     model: nn.Module,
-    example_inputs: Union[Tensor, Sequence[Any]],
+    example_inputs: Union[Tensor, Sequence[Any], Mapping[str, Any]],
     *,
     batch_first: bool = True,
     perturb: Optional[Sequence[int]] = None,
@@ -239,7 +241,8 @@ def verify(
     Args:
         model: a module (or a DPModule) in the mode it is trained in; it is not
             modified (buffers, gradients and RNG are restored).
-        example_inputs: forward's positional inputs, with at least 2 samples.
+        example_inputs: forward's inputs, with at least 2 samples: a tensor, a tuple of
+            positional inputs, or a dict of keyword inputs (a Hugging Face batch).
         batch_first: ``False`` for ``[T, B, ...]`` inputs.
         perturb: indices of the samples to perturb (default: the first and last).
         gradients: also compare the other samples' per-sample gradients
@@ -252,7 +255,13 @@ def verify(
         seed: seeds the perturbation, the loss weights and the model's random ops
             (the same dropout masks in every run).
     """
-    args = (example_inputs,) if isinstance(example_inputs, Tensor) else tuple(example_inputs)
+    positional, kwargs = call_inputs(example_inputs)
+    names, n_pos = list(kwargs), len(positional)
+    args = positional + tuple(kwargs.values())  # perturbed as one tuple; keyword inputs passed by name
+
+    def run(xs: Tuple[Any, ...]) -> Any:
+        return model(*xs[:n_pos], **dict(zip(names, xs[n_pos:])))
+
     batch_dim = 0 if batch_first else 1
     B = _batch(args, batch_dim)
     if B < 2:
@@ -268,12 +277,12 @@ def verify(
         with fork_rng(xs):
             torch.manual_seed(seed)
             with torch.set_grad_enabled(bool(params)):
-                return model(*xs)
+                return run(xs)
 
     with _Quiet(model), small_model_threads(model):
         base = forward(args)
         outs = _flat_out(base)
-        dims = _output_dims(model, args, batch_dim, B, outs, seed)
+        dims = _output_dims(run, args, batch_dim, B, outs, seed)
         if not any(d is not None for d in dims):
             notes.append("no output has a batch dimension; only gradients are compared")
         dtype = outs[0].dtype if outs else torch.float32
@@ -396,7 +405,7 @@ def cross_check(
                 return CrossCheckResult(True, [], {}, skipped="the model draws random numbers outside nn.Dropout "
                                                               "modules, so batch and single-sample runs differ")
             outs = _flat_out(out)
-            dims = _output_dims(dp_model, args, bd, B, outs, seed)
+            dims = _output_dims(lambda xs: dp_model(*xs), args, bd, B, outs, seed)
             weights = [torch.randn(o.shape, generator=gen, dtype=torch.float64).to(o) for o in outs]
             with torch.enable_grad():
                 loss = loss_fn(out, *targets) if loss_fn is not None else _linear_loss(out, weights, dims, B, reduction)

@@ -225,6 +225,20 @@ def test_torch_export_file_or_note(exports):
     assert read_card(exports["lstm"][0])["model"]["torch_export"] == {"file": None, "note": "not requested"}
 
 
+def test_keyword_example_inputs(tmp_path):
+    """A dict of keyword inputs (a Hugging Face batch) checks the round trip, the report and
+    ``torch.export`` as a tuple does; the card names each input."""
+    torch.manual_seed(0)
+    dp, engine, x = _train(RawNet())
+    d = fxdp.export(dp, tmp_path / "kw", engine=engine, example_inputs={"x": x}, delta=DELTA)
+    card = read_card(d)
+    assert card["model"]["example_inputs"] == [{"name": "x", "shape": [8, 3, 6], "dtype": "float64"}]
+    assert card["model"]["compatibility"]["ok"] is True
+    assert card["model"]["torch_export"]["file"] == "model.pt2"
+    with torch.no_grad():
+        torch.testing.assert_close(fxdp.load(d)(x=x), _eval_out(dp.strip(), x), rtol=0, atol=1e-10)
+
+
 def test_privacy_statement(exports):
     _, _, engine, _, _ = exports["lstm"]
     s = engine.privacy_statement(DELTA)
