@@ -105,9 +105,9 @@ class LinearRule(PerSampleRule):
     def keeps(T: int, d: int, p: int) -> bool:
         """Materialized ``[B, p, d]`` gradients are kept when no larger than the record
         ``B T (d + p)`` they replace: book-keeping then holds at most what the clipped sum
-        needs. (Keeping up to twice the record cost ViT, T = 65, d = 128, p = 512, a step
-        peak of 1.59x non-private's against 1.30x, at no gain in time: interleaved A/B
-        1.61x vs 1.56x.)"""
+        needs. (Keeping up to twice the record, ViT's MLP at T = 65, d = 128, p = 512: a
+        step peak of 1.51x non-private's against 1.21x, for 2-3% of the step formed as the
+        record arrives and none formed at the pass's end; ``benchmarks/README.md``, Round 20.)"""
         return p * d <= T * (p + d)
 
     def use_ghost(self, T: int, d: int, p: int) -> bool:
