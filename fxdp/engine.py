@@ -164,7 +164,7 @@ class PrivacyEngine:
         verify_first_step: bool = True,
         distributed: bool = False,
         nonfinite: str = "raise",
-        example_inputs: Union[Sequence[Any], Mapping[str, Any], None] = None,
+        example_inputs: Union[torch.Tensor, Sequence[Any], Mapping[str, Any], None] = None,
         allow_unsafe_model: bool = False,
         bk_methods: str = "model",
         **kwargs: Any,
@@ -213,7 +213,7 @@ class PrivacyEngine:
                 naming the sample (default), or ``"drop"``: its clip factor is 0, it
                 stays counted in the accounting (``docs/failure_handling.md``).
             example_inputs: inputs for the static compatibility check (``fxdp.check``):
-                a tuple of positional inputs or a dict of keyword inputs; by default
+                a tensor, a tuple of positional inputs or a dict of keyword inputs; by default
                 built from two dataset samples.
             bk_methods: book-keeping's method per layer where a rule has several exact ones
                 (ghost or materialized norms): ``"model"`` (default) picks by the rule's cost

@@ -36,6 +36,20 @@ def test_make_private_refuses_a_mixing_model_with_the_source_line():
                                           noise_multiplier=1.0, max_grad_norm=1.0)
 
 
+@pytest.mark.parametrize("form", ["tensor", "tuple", "dict"])
+def test_make_private_checks_the_example_inputs_as_given(form):
+    """``example_inputs`` as a tensor (one input, not its rows), a tuple or a dict of keyword
+    inputs: the check runs on them and refuses the mixing model, without a "could not run"."""
+    model, opt, loader = _setup(Centered())
+    x = torch.randn(8, 4)
+    example = {"tensor": x, "tuple": (x,), "dict": {"x": x}}[form]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # a check that could not run warns
+        with pytest.raises(fxdp.UnsupportedModelError, match="mean"):
+            fxdp.PrivacyEngine().make_private(module=model, optimizer=opt, data_loader=loader,
+                                              noise_multiplier=1.0, max_grad_norm=1.0, example_inputs=example)
+
+
 def test_make_private_override_warns_and_proceeds():
     model, opt, loader = _setup(Centered())
     with pytest.warns(UserWarning, match="allow_unsafe_model"):
