@@ -388,6 +388,16 @@ def _resolve_model(model: nn.Module, engine: Any) -> Tuple[Any, Any]:
             "optimizer.step() before exporting"
         )
     dp = model if isinstance(model, DPModule) else binding.module
+    from .exported_module import ExportedDPModule
+
+    if isinstance(dp, ExportedDPModule):
+        raise ExportError(
+            f"model.py is written from the torch.fx graph of a model's modules, and this "
+            f"{dp._class_name} was captured with torch.export (an ATen graph, as Hugging Face models and "
+            "forwards taking **kwargs are), which has no module-level source to write. Fix: save the trained "
+            "weights in the model's own format (model.save_pretrained(path) for a transformers model) and "
+            "state the guarantee with engine.privacy_statement(delta)"
+        )
     return dp, binding
 
 

@@ -130,3 +130,21 @@ def test_a_hugging_face_batch_is_keyword_inputs():
     batch = transformers.BatchEncoding({"input_ids": x, "attention_mask": x})  # what a tokenizer returns
     args, kwargs = call_inputs(batch)
     assert args == () and list(kwargs) == ["input_ids", "attention_mask"] and kwargs["input_ids"] is x
+
+
+def test_a_forward_taking_kwargs_is_captured_with_torch_export():
+    """``forward(**batch)`` traced symbolically gives one placeholder for every keyword, so
+    ``model(x=...)`` had no argument ``x`` to bind: ``capture="auto"`` takes torch.export."""
+    from fxdp.exported_module import ExportedDPModule
+    from fxdp.passes.export_graph import symbolic_tracing_drops
+
+    assert symbolic_tracing_drops(KwargsNet()) == "forward(**batch)"
+    assert symbolic_tracing_drops(KeywordNet()) is None  # named keywords: symbolic tracing serves them
+    torch.manual_seed(0)
+    batch = _batch()
+    dp = quiet_privatize(KwargsNet(), loss_reduction="sum")
+    assert isinstance(dp, ExportedDPModule)
+    dp(**batch).sum().backward()
+    g = batch["mask"][:, :, None] * batch["x"][:, None, :]  # d/dW of sum(W x * mask), per sample
+    torch.testing.assert_close(dp.fc.weight.grad_sample, g)
+    assert fxdp.check(KwargsNet(), batch).ok

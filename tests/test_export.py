@@ -239,6 +239,36 @@ def test_keyword_example_inputs(tmp_path):
         torch.testing.assert_close(fxdp.load(d)(x=x), _eval_out(dp.strip(), x), rtol=0, atol=1e-10)
 
 
+def test_refuses_a_model_captured_with_torch_export(tmp_path):
+    """A forward taking ``**kwargs`` (as Hugging Face models) is captured with torch.export:
+    there is no module-level graph to write as model.py, and the error says what to do."""
+
+    class KwargsNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3, 3)
+
+        def forward(self, **batch):
+            return self.fc(batch["x"])
+
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(8, 3, generator=gen), torch.randint(0, 3, (8,), generator=gen)
+    model = KwargsNet()
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=4)
+    engine = fxdp.PrivacyEngine()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dp, opt, _ = engine.make_private(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.5),
+                                         data_loader=loader, noise_multiplier=1.0, max_grad_norm=1.0,
+                                         example_inputs={"x": x[:4]})
+        opt.zero_grad()
+        nn.functional.cross_entropy(dp(x=x[:4]), y[:4]).backward()
+        opt.step()
+    with pytest.raises(ExportError, match=r"captured with torch\.export.*save_pretrained.*privacy_statement"):
+        fxdp.export(dp, tmp_path / "out", engine=engine, example_inputs={"x": x[:4]})
+    assert not (tmp_path / "out").exists()
+
+
 def test_privacy_statement(exports):
     _, _, engine, _, _ = exports["lstm"]
     s = engine.privacy_statement(DELTA)

@@ -187,11 +187,23 @@ def export_graph(
 def symbolic_tracing_drops(root: nn.Module) -> Optional[str]:
     """What symbolic tracing would silently drop: forward hooks and pre-hooks (the
     traced graph calls submodules' ``forward``, not ``__call__``) and parametrizations
-    (``weight_norm``, ``orthogonal``: the parameter becomes a computation). The
-    ``torch.export`` graph keeps both as ordinary nodes."""
+    (``weight_norm``, ``orthogonal``: the parameter becomes a computation); or the calls
+    its graph could not take: a ``forward(..., **kwargs)`` traces to one placeholder for all
+    keyword arguments, so ``model(x=...)`` finds no argument ``x`` (the calls Hugging Face
+    models get). The ``torch.export`` graph keeps hooks and parametrizations as ordinary
+    nodes and takes the call's own arguments."""
+    import inspect
+
     from torch.nn.modules import module as module_mod
     from torch.nn.utils import parametrize
 
+    try:
+        params = inspect.signature(root.forward).parameters.values()
+    except (TypeError, ValueError):  # no Python signature: nothing to tell
+        params = []
+    keywords = [p.name for p in params if p.kind is p.VAR_KEYWORD]
+    if keywords:
+        return f"forward(**{keywords[0]})"
     if module_mod._global_forward_hooks or module_mod._global_forward_pre_hooks:
         return "global forward hooks"
     for name, m in root.named_modules():
