@@ -16,6 +16,7 @@ and ``meta["fxdp_source"]`` (the user's ``file:line: code``, from
 """
 from __future__ import annotations
 
+import inspect
 import os
 import re
 import sys
@@ -192,8 +193,6 @@ def symbolic_tracing_drops(root: nn.Module) -> Optional[str]:
     keyword arguments, so ``model(x=...)`` finds no argument ``x`` (the calls Hugging Face
     models get). The ``torch.export`` graph keeps hooks and parametrizations as ordinary
     nodes and takes the call's own arguments."""
-    import inspect
-
     from torch.nn.modules import module as module_mod
     from torch.nn.utils import parametrize
 
