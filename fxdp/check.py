@@ -384,7 +384,9 @@ def _check_exported(root: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, An
                                 "dimensions only",
              "batch-op": "apply the op along a per-sample dimension (e.g. dim=-1), never across the batch",
              "batch-index": "keep every sample in its own row (index or slice per-sample dimensions only)",
-             "batch-norm": "use GroupNorm/LayerNorm, or nn.BatchNorm modules (privatize replaces those)"}
+             "batch-norm": "use GroupNorm/LayerNorm, or nn.BatchNorm modules (privatize replaces those)",
+             "batch-fold": "move the batch dimension with .transpose/.permute, and fold or unfold it only next to "
+                           "its own dimensions ([B, T, d] <-> [B*T, d])"}
     findings = [finding(n, code, problem, fixes[code]) for n, code, problem in mixing_findings(gm)]
     captures = None
     if not findings:

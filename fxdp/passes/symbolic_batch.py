@@ -17,7 +17,7 @@ size), ``("fold", dim, k, "major" | "unknown")`` or ``"ambiguous"``.
 """
 from __future__ import annotations
 
-from typing import Any, List
+from typing import Any, List, Tuple
 
 import torch
 import torch.fx as fx
@@ -105,59 +105,195 @@ def hint_of(v: Any, s: Any) -> Any:
     return None
 
 
-def _reshape_fold_major(src: Any, x: torch.Tensor, out: torch.Tensor, d_out: int) -> bool:
-    """Whether reshaping ``x`` (batch hint ``src``) into ``out`` puts the batch
-    outermost in ``out``'s dimension ``d_out``."""
+def _integral(e: Any, at: dict) -> bool:
+    """Whether a size ratio is a whole number at the sizes the graph was captured with
+    (``at``: each size symbol's example value, the batch's cancels): ``T*d / d`` is,
+    ``d / (T*d)`` is not. Symbolic algebra alone cannot tell: sizes carry the capture's
+    guards (``(H // 4) * 4 == H`` for a window partition of a padded image)."""
     import sympy
 
-    if isinstance(src, tuple) and src[0] == "fold" and src[3] == "major":
-        d_in = src[1]
-    elif isinstance(src, int):
-        d_in = src
-    else:
+    try:
+        v = sympy.simplify(e.subs(at))
+        return bool(v.is_integer) and int(v) >= 1
+    except (TypeError, ValueError):
         return False
+
+
+def _reshape_layout(src: Any, layout: Any, x: torch.Tensor, out: torch.Tensor, d_out: int, at: dict) -> Any:
+    """Where a reshape puts the batch: ``(outer, inner)`` of output dimension ``d_out``
+    (the product of the merged sizes before and after the batch in it; ``(1, 1)``: the
+    dimension is the batch), ``"mixed"`` when the batch's rows do not land in one
+    dimension as whole blocks (a ``[T, B, d]`` tensor viewed as ``[B, T, d]``), ``None``
+    when the input's layout is unknown. Row-major order: the elements before the
+    batch's block are ``prod(sizes before its dim) * outer``, those after it
+    ``inner * prod(sizes after its dim)``, in the input and in the output."""
+    import sympy
+
+    if isinstance(src, int):
+        d_in, (outer, inner) = src, (sympy.Integer(1), sympy.Integer(1))
+    elif isinstance(src, tuple) and src[0] == "fold" and layout is not None:
+        d_in, (outer, inner) = src[1], layout
+    else:
+        return None
     ins = [_expr(e) for e in x.shape]
     outs = [_expr(e) for e in out.shape]
-    before = sympy.Mul(*outs[:d_out])
-    # the merged group may start at any input dim whose prefix product equals `before`
-    prefix = sympy.Integer(1)
-    for start in range(len(ins)):
-        if start == d_in:
-            return sympy.simplify(prefix - before) == 0
-        prefix = prefix * ins[start]
-    return False
+    before = sympy.Mul(*ins[:d_in]) * outer / sympy.Mul(*outs[:d_out])
+    after = inner * sympy.Mul(*ins[d_in + 1:]) / sympy.Mul(*outs[d_out + 1:])
+    if not (_integral(before, at) and _integral(after, at)):
+        return "mixed"
+    return sympy.Integer(int(before.subs(at))), sympy.Integer(int(after.subs(at)))
 
 
 def annotate_batch(gm: fx.GraphModule, s: Any) -> None:
-    """Write ``meta["fxdp_batch"]`` on every node (see the module docstring)."""
+    """Write ``meta["fxdp_batch"]`` on every node (see the module docstring), and
+    ``meta["fxdp_layout"]``: per value, where the batch sits in its batch or folded
+    dimension (``(outer, inner)``, see :func:`_reshape_layout`; ``None``: unknown or no
+    batch). A reshape that scatters samples' rows, or an op that combines values whose
+    batches are laid out differently, sets ``meta["fxdp_batch_mixed"]`` (a finding of
+    :func:`mixing_findings`)."""
+    import sympy
+
+    one = (sympy.Integer(1), sympy.Integer(1))
+    at = _example_sizes(gm)
     for n in gm.graph.nodes:
+        n.meta.pop("fxdp_batch_mixed", None)
         flat, _ = tree_flatten(n.meta.get("val"))
         hints = [hint_of(v, s) for v in flat]
-        for k, (h, v) in enumerate(zip(hints, flat)):
-            if not (isinstance(h, tuple) and h[0] == "fold" and isinstance(v, torch.Tensor)):
-                continue
-            if _fold_major(n, v, h):
-                hints[k] = (h[0], h[1], h[2], "major")
+        layouts: List[Any] = []
+        for h, v in zip(hints, flat):
+            lay = one if isinstance(h, int) else None
+            if isinstance(h, tuple) and h[0] == "fold" and isinstance(v, torch.Tensor):
+                lay = _fold_layout(n, v, h, at)
+                if lay == "mixed":
+                    lay = None
+            layouts.append(lay)
+        hints = [(h[0], h[1], h[2], "major") if isinstance(h, tuple) and h[0] == "fold" and lay is not None
+                 and sympy.simplify(lay[0] - 1) == 0 else h for h, lay in zip(hints, layouts)]
         n.meta["fxdp_batch"] = hints
+        n.meta["fxdp_layout"] = layouts
+        _check_layouts(n, hints, flat, at)
 
 
-def _fold_major(n: fx.Node, v: torch.Tensor, h: tuple) -> bool:
+def _example_sizes(gm: fx.GraphModule) -> dict:
+    """Each size symbol's value in the example the graph was captured with."""
+    for n in gm.graph.nodes:
+        for v in tree_flatten(n.meta.get("val"))[0]:
+            if isinstance(v, torch.Tensor):
+                for size in v.shape:
+                    if isinstance(size, torch.SymInt):
+                        env = size.node.shape_env
+                        return {k: int(val) for k, val in getattr(env, "backed_var_to_val", env.var_to_val).items()}
+    return {}
+
+
+def _first(a: fx.Node) -> Tuple[Any, Any]:
+    return (a.meta.get("fxdp_batch") or [None])[0], (a.meta.get("fxdp_layout") or [None])[0]
+
+
+def _fold_layout(n: fx.Node, v: torch.Tensor, h: tuple, at: dict) -> Any:
+    """The layout of a folded output value (``None``: unknown; ``"mixed"``)."""
     args = [a for a in n.all_input_nodes if isinstance(a.meta.get("val"), torch.Tensor)]
     if n.op != "call_function" or not args:
-        return False
+        return None
     if n.target in _RESHAPES:
         x = n.args[0]
-        src = (x.meta.get("fxdp_batch") or [None])[0]
-        return _reshape_fold_major(src, x.meta["val"], v, h[1])
-    if not _row_preserving(n):
-        return False
-    # rows of the output are rows of the input with the same batch-major fold
-    for a in args:
-        ah = (a.meta.get("fxdp_batch") or [None])[0]
-        if isinstance(ah, tuple) and ah[0] == "fold" and ah[3] == "major" and ah[1] == h[1] and ah[2] == h[2]:
-            return True
-    return False
+        src, layout = _first(x)
+        lay = _reshape_layout(src, layout, x.meta["val"], v, h[1], at)
+        if lay == "mixed":
+            n.meta["fxdp_batch_mixed"] = "reshape"
+        return lay
+    if n.target in _TRANSPOSES:
+        src, layout = _first(n.args[0])
+        # a permutation moves whole dimensions: the batch's dimension keeps its layout
+        return layout if isinstance(src, tuple) and src[0] == "fold" and src[2] == h[2] else None
+    if not _keeps_fold(n, h[1]):
+        return None
+    # rows of the output are the rows of inputs folded the same way
+    found = [_first(a) for a in args if _first(a)[0] is not None]
+    lays = [lay for ah, lay in found if isinstance(ah, tuple) and ah[0] == "fold" and ah[2] == h[2]]
+    if not lays or len(lays) != len(found) or any(lay is None for lay in lays):
+        return None
+    return lays[0] if all(_same(lay, lays[0]) for lay in lays) else None
 
+
+#: ops that work along a dimension given by argument ``pos`` (rows of other dimensions
+#: stay whole); ``None``: along no dimension (they add, drop or broadcast size-1 ones)
+_ALONG = {
+    aten.slice.Tensor: 1, aten.select.int: 1, aten.narrow.default: 1, aten.index_select.default: 1,
+    aten.split.Tensor: 2, aten.split_with_sizes.default: 2, aten.chunk.default: 2, aten.unbind.int: 1,
+    aten.cat.default: 1, aten.stack.default: 1, aten.unsqueeze.default: None, aten.squeeze.dim: None,
+    aten.squeeze.dims: None, aten.expand.default: None,
+}
+#: losses -> position of their reduction argument (0: none, one loss per row)
+_ROW_LOSSES = {aten.cross_entropy_loss.default: 3, aten.mse_loss.default: 2,
+               aten.binary_cross_entropy_with_logits.default: 4}
+#: ops batched over their leading dimensions (attention, batched matmuls)
+_BATCHED = {aten.bmm.default, aten.baddbmm.default, aten.scaled_dot_product_attention.default,
+            aten._scaled_dot_product_flash_attention_for_cpu.default}
+
+
+def _keeps_fold(n: fx.Node, d_out: int) -> bool:
+    """Whether ``n`` keeps its input's folded dimension whole, in order (it works along
+    other dimensions, or element by element)."""
+    import operator
+
+    t = n.target
+    if t is operator.getitem:  # one output of a multi-output op: as that op decided
+        return True
+    if t in _ALONG:
+        pos = _ALONG[t]
+        if pos is None:
+            return True
+        x = n.args[0][0] if t in (aten.cat.default, aten.stack.default) else n.args[0]
+        fold = _first(x)[0] if isinstance(x, fx.Node) else None
+        dim = n.args[pos] if len(n.args) > pos else n.kwargs.get("dim", 0)
+        rank = x.meta["val"].dim() if isinstance(x, fx.Node) else None
+        if not (isinstance(fold, tuple) and isinstance(dim, int) and rank):
+            return False
+        return dim % rank != fold[1] and (t is not aten.stack.default or dim % (rank + 1) != d_out)
+    if t in _BATCHED:
+        return d_out == 0
+    if t in _ROW_LOSSES:  # unreduced: loss row r from input and target rows r
+        pos = _ROW_LOSSES[t]
+        reduction = n.args[pos] if len(n.args) > pos else n.kwargs.get("reduction", 1)
+        return reduction == 0 and d_out == 0
+    return _row_preserving(n)
+
+
+def _same(a: Any, b: Any) -> bool:
+    import sympy
+
+    return sympy.simplify(a[0] - b[0]) == 0 and sympy.simplify(a[1] - b[1]) == 0
+
+
+def _check_layouts(n: fx.Node, hints: List[Any], flat: List[Any], at: dict) -> None:
+    """Mark ``n`` when its batch cannot be its inputs' batch laid out consistently: a
+    reshape that scatters rows, an exact batch dimension unfolded from a fold of
+    unknown layout, or an op whose inputs hold their folded batches in different
+    orders (row r of one is another sample than row r of the other)."""
+    if n.op != "call_function" or "fxdp_batch_mixed" in n.meta:
+        return
+    h = hints[0] if hints else None
+    if n.target in _RESHAPES and isinstance(h, int) and isinstance(flat[0], torch.Tensor):
+        x = n.args[0]
+        src, layout = _first(x)
+        lay = _reshape_layout(src, layout, x.meta["val"], flat[0], h, at)
+        if lay == "mixed" or (lay is not None and not _same(lay, (1, 1))):
+            n.meta["fxdp_batch_mixed"] = "reshape"
+        elif lay is None and isinstance(src, tuple):
+            n.meta["fxdp_batch_mixed"] = "unfold"
+        return
+    if n.target in _RESHAPES or n.target in _TRANSPOSES or not _row_preserving(n):
+        return
+    found = [_first(a) for a in n.all_input_nodes if isinstance(a.meta.get("val"), torch.Tensor)]
+    folds = [(ah, lay) for ah, lay in found if isinstance(ah, tuple) and ah[0] == "fold" and ah[1] == 0]
+    if len(folds) > 1 and all(lay is not None for _, lay in folds) \
+            and not all(ah[2] == folds[0][0][2] and _same(lay, folds[0][1]) for ah, lay in folds):
+        n.meta["fxdp_batch_mixed"] = "layouts"
+
+
+#: ops that permute dimensions (each output dimension is one input dimension)
+_TRANSPOSES = {aten.transpose.int, aten.permute.default, aten.t.default}
 
 #: non-pointwise ops whose output row r is computed from input row r alone
 _ROW_OPS = {
@@ -165,7 +301,8 @@ _ROW_OPS = {
     aten.layer_norm.default, aten.rms_norm.default, aten.dropout.default, aten.clone.default,
     aten.contiguous.default, aten._to_copy.default, aten.to.dtype, aten.to.dtype_layout, aten.softmax.int,
     aten._softmax.default, aten.log_softmax.int, aten._log_softmax.default, aten.gelu.default, aten.silu.default,
-    aten.relu.default, aten.tanh.default, aten.sigmoid.default, aten.alias.default,
+    aten.relu.default, aten.tanh.default, aten.sigmoid.default, aten.alias.default, aten.bmm.default,
+    aten.baddbmm.default,
 }
 
 
@@ -186,6 +323,16 @@ _ALONG_DIM = {
     aten.log_softmax.int: 1, aten._log_softmax.default: 1, aten.sort.default: 1, aten.argsort.default: 1,
     aten.index_select.default: 1, aten.gather.default: 1, aten.cat.default: 1, aten.roll.default: 2,
     aten.flip.default: 1,
+}
+
+
+_MIXED = {
+    "reshape": "this reshape moves elements of one sample into rows of others (e.g. a [T, B, d] tensor viewed "
+               "as [B, T, d]; use .transpose(0, 1) to move the batch dimension)",
+    "unfold": "this reshape unfolds a folded batch whose order is not known (e.g. [T*B, d] viewed as [B, T, d]), "
+              "so it cannot be shown that each sample gets its own rows",
+    "layouts": "this op combines two tensors that hold their folded batches in different orders (row r of one "
+               "is another sample than row r of the other)",
 }
 
 
@@ -216,6 +363,10 @@ def mixing_findings(gm: fx.GraphModule) -> list:
     found = []
     for n in gm.graph.nodes:
         if n.op != "call_function":
+            continue
+        mixed = n.meta.get("fxdp_batch_mixed")
+        if mixed is not None:
+            found.append((n, "batch-fold", _MIXED[mixed]))
             continue
         ins = [a for a in n.all_input_nodes if isinstance(a.meta.get("val"), torch.Tensor)]
         lost = [a for a in ins if dep[a] and not any(h is not None for h in a.meta.get("fxdp_batch", [None]))

@@ -97,19 +97,69 @@ class ShiftBatch(nn.Module):
         return self.l(torch.roll(x, 1, 0))
 
 
-@pytest.mark.parametrize("model, match", [
-    (BranchOnData, "branches on tensor values"),
-    (BranchOnBatchSize, "depends on the batch size"),
-    (CenterOverBatch, "batch-reduction"),
-    (ShiftBatch, "along the batch dimension"),
+class SeqFirstView(nn.Module):
+    """The classic layout bug: a [T, B, d] tensor read as [B, T, d] (no transpose back)."""
+
+    def __init__(self):
+        super().__init__()
+        self.l = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x, **kw):
+        h = self.l(x.transpose(0, 1))  # [T, B, d]
+        return self.head(h.reshape(x.shape))
+
+
+class FoldOrders(nn.Module):
+    """Adds a batch-major fold [B*k, d] to a batch-minor one [k*B, d]: row r holds two samples."""
+
+    def __init__(self):
+        super().__init__()
+        self.l = nn.Linear(4, 3)
+
+    def forward(self, x, **kw):
+        B, k, d = x.shape
+        return self.l((x.reshape(B * k, d) + x.transpose(0, 1).reshape(k * B, d)).reshape(B, k, d))
+
+
+class UnfoldWrongOrder(nn.Module):
+    """Folds [k, B, d] into [k*B, d] and unfolds it as [B, k, d]."""
+
+    def __init__(self):
+        super().__init__()
+        self.l = nn.Linear(4, 3)
+
+    def forward(self, x, **kw):
+        B, k, d = x.shape
+        return self.l(x.transpose(0, 1).reshape(k * B, d).reshape(B, k, d))
+
+
+@pytest.mark.parametrize("model, match, shape", [
+    (BranchOnData, "branches on tensor values", (6, 4)),
+    (BranchOnBatchSize, "depends on the batch size", (6, 4)),
+    (CenterOverBatch, "batch-reduction", (6, 4)),
+    (ShiftBatch, "along the batch dimension", (6, 4)),
+    (SeqFirstView, "aten.reshape.default, at .*batch-fold: this reshape moves elements of one sample", (6, 5, 4)),
+    (FoldOrders, "aten.add.Tensor, at .*batch-fold: this op combines two tensors", (6, 5, 4)),
+    (UnfoldWrongOrder, "batch-fold: this reshape unfolds a folded batch whose order is not known|batch-fold: "
+                       "this reshape moves", (6, 5, 4)),
 ])
-def test_samples_mixing_is_refused_with_its_location(model, match):
+def test_samples_mixing_is_refused_with_its_location(model, match, shape):
     """On the export path, where samples can influence each other, the DP model
-    refuses at capture (the first call), naming the op."""
+    refuses at capture (the first call), naming the op. The last three were served
+    with wrong per-sample gradients before reshapes were followed element by element."""
     torch.manual_seed(2)
     dp = fxdp.privatize(model(), capture="export")
     with pytest.raises(fxdp.FxdpError, match=match):
-        dp(torch.randn(6, 4))
+        dp(torch.randn(*shape))
+
+
+def test_check_reports_a_scattering_reshape_with_its_fix():
+    """fxdp.check reads the same graph: the reshape is an error (code batch-fold) with a fix."""
+    report = fxdp.check(SeqFirstView(), {"x": torch.randn(6, 5, 4)})
+    assert not report.ok
+    (f,) = [f for f in report.errors if f.code == "batch-fold"]
+    assert "transpose" in f.fix and f.line is not None
 
 
 def test_folded_batch_linear_is_exact(f64):
@@ -128,6 +178,43 @@ def test_folded_batch_linear_is_exact(f64):
     torch.manual_seed(3)
     dp = _per_sample_ok(Conv1D().double(), torch.randn(5, 7, 4))
     assert [c.rule_name() for c in dp.captures] == ["addmm"]
+
+
+def test_windows_and_transposed_folds_are_exact(f64):
+    """Folds the batch-major way through views and transposes, and unfolds them back:
+    Swin's window partition / reverse ([B, H, W, C] -> [B*nW, ws, ws, C] and back) and
+    MobileViT's patches (a fold transposed, unfolded, transposed and folded again, then
+    the way back). Every unfold is checked against the fold's layout (it was assumed);
+    served exactly."""
+
+    class Windows(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l = nn.Linear(3, 3)
+
+        def forward(self, x, **kw):
+            B, H, W, C = x.shape
+            w = x.view(B, H // 4, 4, W // 4, 4, C).permute(0, 1, 3, 2, 4, 5).contiguous().view(-1, 4, 4, C)
+            w = self.l(w)
+            return w.view(B, H // 4, W // 4, 4, 4, C).permute(0, 1, 3, 2, 4, 5).contiguous().view(B, H, W, C)
+
+    class Patches(nn.Module):  # MobileViT's unfolding / folding, a linear layer on the patches
+        def __init__(self):
+            super().__init__()
+            self.l = nn.Linear(3, 3)
+
+        def forward(self, x, **kw):  # [B, C, H, W], 2x2 patches
+            B, C, H, W = x.shape
+            p = x.reshape(B * C * (H // 2), 2, W // 2, 2).transpose(1, 2)  # a fold, then a transpose of it
+            p = p.reshape(B, C, (H // 2) * (W // 2), 4).transpose(1, 3).reshape(B * 4, (H // 2) * (W // 2), C)
+            p = self.l(p)
+            f = p.contiguous().view(B, 4, (H // 2) * (W // 2), C).transpose(1, 3)
+            f = f.reshape(B * C * (H // 2), W // 2, 2, 2).transpose(1, 2)
+            return f.reshape(B, C, H, W)
+
+    torch.manual_seed(5)
+    _per_sample_ok(Windows().double(), torch.randn(3, 8, 8, 3))
+    _per_sample_ok(Patches().double(), torch.randn(3, 3, 4, 6))
 
 
 def test_batch_minor_fold_is_refused():
