@@ -3,7 +3,6 @@
 de-duplication and the ``ignore=`` / ``# fxdp: ignore`` filtering of the report."""
 from __future__ import annotations
 
-import re
 import sys
 from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple, Union
 
@@ -13,12 +12,13 @@ from torch import nn
 
 from .model_state import ModelState
 from .passes.batch_mixing import MixingFinding, fork_rng, op_name
+from .passes.batch_mixing.guard import SOURCE_LINE, SUPPRESS
 from .report import Finding
 from .tracer import _FXDP_DIR, _TORCH_DIR
 
 Ignore = Union[str, Callable[[Finding], bool]]
-_SRC = re.compile(r"^(?P<file>.+?):(?P<line>\d+)(?:: (?P<code>.*))?$")
-_SUPPRESS = "fxdp: ignore"
+_SRC = SOURCE_LINE
+_SUPPRESS = SUPPRESS
 
 
 def _user_line(exc: BaseException) -> Optional[Tuple[str, int, str]]:

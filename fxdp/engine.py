@@ -264,7 +264,8 @@ class PrivacyEngine:
                 rewrite_options=rewrite_options, allow_unsafe_model=allow_unsafe_model,
             )
         dp_module = self._prepare_model(module, batch_first=batch_first, loss_reduction=loss_reduction,
-                                        rewrite_options=rewrite_options, bk=bk)
+                                        rewrite_options=rewrite_options, bk=bk,
+                                        allow_unsafe_model=allow_unsafe_model)
         if not isinstance(module, DPModule):
             MADE_PRIVATE.add(module)
         # 2. the data: Poisson batches at rate q (what the accountant analyses)
@@ -488,7 +489,8 @@ class PrivacyEngine:
             )
 
     def _prepare_model(self, module: nn.Module, *, batch_first: bool, loss_reduction: str,
-                       rewrite_options: Optional[Dict[str, Any]] = None, bk: bool = False) -> DPModule:
+                       rewrite_options: Optional[Dict[str, Any]] = None, bk: bool = False,
+                       allow_unsafe_model: bool = False) -> DPModule:
         if isinstance(module, DPModule):
             module.recorder.set_mode("bk" if bk else "materialize")  # the same graph serves both
             if module.recorder.loss_reduction != loss_reduction or module.batch_first != batch_first:
@@ -500,7 +502,8 @@ class PrivacyEngine:
                 )
             return module
         return privatize(module, loss_reduction=loss_reduction, batch_first=batch_first,
-                         rewrite_options=rewrite_options, grad_sample_mode="bk" if bk else "materialize")
+                         rewrite_options=rewrite_options, grad_sample_mode="bk" if bk else "materialize",
+                         allow_unsafe_model=allow_unsafe_model)
 
     def _prepare_data_loader(self, data_loader: DataLoader, *, poisson_sampling: bool, batch_first: bool,
                              keep: bool = False) -> DataLoader:

@@ -14,6 +14,7 @@ user expects). ``state_dict`` keys and ``Parameter`` objects are the model's.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -24,9 +25,10 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from .capture import CaptureOp, Recorder
 from .module import DPModule, adopt
 from .passes.batch_dims import input_batch_dim, per_arg
+from .passes.batch_mixing.guard import mixing_refusal
 from .passes.capture import CAPTURES, insert_captures
 from .passes.export_graph import example_for_export, export_graph
-from .errors import BatchDimensionError, UnsupportedOpError, where
+from .errors import BatchDimensionError, where
 from .passes.symbolic_batch import annotate_batch, batch_symbol, mixing_findings
 from .passes.per_sample_loss import rewrite_in_forward_losses
 
@@ -81,7 +83,7 @@ class ExportedDPModule(DPModule):
     # -- capture ----------------------------------------------------------------------
     def _capture(self, args: Tuple[Any, ...], kwargs: Dict[str, Any], dims: List[Optional[int]]) -> tuple:
         gm = exported_graph(self._source_root, args, kwargs, dims, self.recorder.loss_reduction)
-        _refuse_mixing(gm)
+        _refuse_mixing(gm, self.allow_unsafe_model)
         captures = instrument(gm, self.recorder)
         container = getattr(self, CAPTURES)
         prefix = f"g{len(self._graphs)}_" if self._graphs else ""
@@ -212,20 +214,17 @@ def instrument(gm: fx.GraphModule, recorder: Recorder) -> List[CaptureOp]:
     return captures
 
 
-def _refuse_mixing(gm: fx.GraphModule) -> None:
-    """Fail closed: an op through which samples can influence each other is an error."""
+def _refuse_mixing(gm: fx.GraphModule, allow_unsafe_model: bool = False) -> None:
+    """Fail closed: an op through which samples can influence each other is an error
+    (a warning with ``allow_unsafe_model``)."""
     found = mixing_findings(gm)
     if not found:
         return
-    lines = []
-    for n, code, problem in found[:5]:
-        lines.append(f"  {where(n.meta.get('fxdp_module'), str(n.target), n.meta.get('fxdp_source'))}: "
-                     f"{code}: {problem}")
-    more = f"\n  ... and {len(found) - 5} more" if len(found) > 5 else ""
-    raise UnsupportedOpError(
-        "samples can influence each other in this model, so per-sample gradients (and the DP guarantee) break:\n"
-        + "\n".join(lines) + more + "\nFix: compute the loss outside the model, per sample (e.g. "
-        "cross_entropy(..., reduction='sum' or 'mean' over the batch) and do not divide by a count over the "
-        "batch, such as num_items_in_batch=), and keep "
-        "every op within one sample (no batch statistics, no ops along the batch dimension)."
-    )
+    lines = [f"  {where(n.meta.get('fxdp_module'), str(n.target), n.meta.get('fxdp_source'))}: {code}: {problem}"
+             for n, code, problem in found]
+    if allow_unsafe_model:
+        warnings.warn("fxdp.privatize: allow_unsafe_model=True: serving a model in which samples can influence "
+                      "each other; per-sample gradients and the DP guarantee do not hold:\n" + "\n".join(lines),
+                      stacklevel=4)
+        return
+    raise mixing_refusal(lines)

@@ -21,6 +21,7 @@ from .bookkeeping import BookKeeping
 from .loss_check import watch_loss_reduction
 from .capture import CaptureOp, Recorder
 from .passes.batch_dims import input_batch_dim, per_arg, propagate_batch_dims
+from .passes.batch_mixing.guard import refuse_mixing
 from .passes.capture import CAPTURES
 
 __all__ = ["DPModule", "adopt"]
@@ -71,6 +72,10 @@ def _signature(args: Tuple[Any, ...], batch_dim: Any) -> Tuple[Optional[int], tu
 class DPModule(fx.GraphModule):
     """A privatized model (a ``torch.fx.GraphModule``)."""
 
+    #: ``privatize(allow_unsafe_model=True)``: a model in which samples influence each other
+    #: is served with a warning instead of refused (no DP guarantee)
+    allow_unsafe_model: bool = False
+
     def __init__(
         self,
         root: nn.Module,
@@ -95,6 +100,7 @@ class DPModule(fx.GraphModule):
         self.untraceable: Dict[str, str] = dict(untraceable or {})
         self.rewrites: List[Any] = list(rewrites or [])  # fxdp.passes.rewrite.Rewrite records
         self._batch_dims_cache: Dict[tuple, Dict[str, Any]] = {}
+        self._proven: set = set()  # input signatures the mixing guard has passed
 
     @property
     def _module(self) -> nn.Module:
@@ -130,6 +136,8 @@ class DPModule(fx.GraphModule):
         return self._batch_dims(args, _signature(args, self.batch_dim)[1])
 
     def _batch_dims(self, args: Tuple[Any, ...], key: tuple) -> Dict[str, Any]:
+        if key not in self.__dict__.setdefault("_proven", set()):
+            self._refuse_mixing(args, key)
         dims = self._batch_dims_cache.get(key)
         if dims is None:
             hints = propagate_batch_dims(self, args, self.batch_dim)
@@ -145,6 +153,22 @@ class DPModule(fx.GraphModule):
                 dims[name] = (ins, tuple(hints.get(n.name, [])))
             self._batch_dims_cache[key] = dims
         return dims
+
+    def _refuse_mixing(self, args: Tuple[Any, ...], key: tuple) -> None:
+        """Fail closed, once per input signature (``passes/batch_mixing/guard.py``): the
+        batch-mixing analysis on the graph before capture ops (the rewritten model's own
+        ops) with these inputs. Not on an empty batch (nothing to analyse: the next batch
+        is), nor on a model kept whole or inputs without a batch dimension (flat indices
+        next to offsets): those are served by the fallback, which checks every step, or
+        tested by ``fxdp.verify``."""
+        if not _signature(args, self.batch_dim)[0]:
+            return
+        whole = self.__dict__.get("_original_model") is not None
+        if not whole and all(d is not None for d in per_arg(args, self.batch_dim)):
+            plain = fx.GraphModule(self, copy.deepcopy(self._plain_graph), self._class_name)
+            refuse_mixing(plain, args, batch_dim=self.batch_dim, untraceable=self.untraceable,
+                          root=self.__dict__.get("_source_root", self), allow_unsafe_model=self.allow_unsafe_model)
+        self._proven.add(key)  # refused signatures are analysed (and refused) again
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         variant = self._variant(args, kwargs)

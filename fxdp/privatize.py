@@ -87,12 +87,14 @@ CAPTURE_MODES = ("auto", "fx", "export")
 
 def _exported(model: nn.Module, root: nn.Module, rewrites: List[Rewrite], loss_reduction: str, batch_first: bool,
               input_batch_dims: Optional[Sequence[Optional[int]]],
-              example: Optional[Tuple[Tuple[Any, ...], Dict[str, Any]]], grad_sample_mode: str) -> DPModule:
+              example: Optional[Tuple[Tuple[Any, ...], Dict[str, Any]]], grad_sample_mode: str,
+              allow_unsafe_model: bool) -> DPModule:
     from .exported_module import ExportedDPModule
 
     dp = ExportedDPModule(root, recorder=Recorder(loss_reduction=loss_reduction, mode=grad_sample_mode),
                           batch_first=batch_first, input_batch_dims=input_batch_dims,
                           class_name=type(model).__name__, rewrites=rewrites)
+    dp.allow_unsafe_model = allow_unsafe_model
     if example is not None:
         dp.capture_example(*example[0], **example[1])
     return dp
@@ -161,7 +163,8 @@ _LEFT_BEHIND_WATCHED: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
 
 def _variant_builder(model: nn.Module, root: nn.Module, rewrites: List[Rewrite], recorder: Recorder,
                      leaf_modules: Iterable[type], batch_first: bool,
-                     input_batch_dims: Optional[Sequence[Optional[int]]]) -> Callable[[set], DPModule]:
+                     input_batch_dims: Optional[Sequence[Optional[int]]],
+                     allow_unsafe_model: bool) -> Callable[[set], DPModule]:
     """Builds the DP graph of ``root`` for a call passing some arguments that default to
     ``None`` (see :meth:`DPModule._variant`): the same rewritten modules and recorder."""
     leaf_modules = tuple(leaf_modules)
@@ -182,6 +185,7 @@ def _variant_builder(model: nn.Module, root: nn.Module, rewrites: List[Rewrite],
         adopt(v, root, {CAPTURES: getattr(gm, CAPTURES)})
         object.__setattr__(v, "_source_root", root)
         v.meta["fxdp_none_args"] = gm.meta["fxdp_none_args"]
+        v.allow_unsafe_model = allow_unsafe_model
         return v
 
     return build
@@ -198,6 +202,7 @@ def privatize(
     grad_sample_mode: str = "materialize",
     rewrite_options: Optional[Dict[str, Any]] = None,
     capture: str = "auto",
+    allow_unsafe_model: bool = False,
 ) -> DPModule:
     """Rewrite ``model``'s graph so one backward pass gives per-sample gradients.
 
@@ -225,6 +230,11 @@ def privatize(
             training call of each input structure, see ``fxdp.exported_module``);
             ``"auto"`` (default): symbolic tracing when it reads the whole model,
             ``torch.export`` otherwise (Hugging Face models, ``**kwargs``, hooks).
+        allow_unsafe_model: serve a model in which samples influence each other
+            (``x - x.mean(0)``, ops along the batch) with a warning instead of
+            refusing it; its per-sample gradients are then not each sample's own and
+            there is no DP guarantee. Default: refused (``UnsupportedOpError`` at the
+            first training call of each input signature, or here with ``example_inputs``).
 
     Returns:
         A ``DPModule`` (a ``torch.fx.GraphModule``) sharing ``model``'s parameters.
@@ -249,7 +259,7 @@ def privatize(
         capture = "export"
     if capture == "export":
         return _exported(model, root, rewrites, loss_reduction, batch_first, input_batch_dims, example,
-                         grad_sample_mode)
+                         grad_sample_mode, allow_unsafe_model)
     tracer = DPTracer(leaf_modules=leaf_modules)
     whole = False
     try:
@@ -257,14 +267,14 @@ def privatize(
     except Exception as e:
         if capture == "auto":  # the model's own forward is not traceable: torch.export reads it
             return _exported(model, root, rewrites, loss_reduction, batch_first, input_batch_dims,
-                             example, grad_sample_mode)
+                             example, grad_sample_mode, allow_unsafe_model)
         # keep it whole (one fallback capture)
         gm = whole_model_graph(root, e)
         whole = True
     if capture == "auto" and (whole or gm.meta.get("fxdp_untraceable")):
         # symbolic tracing cannot read all of it: capture with torch.export instead
         return _exported(model, root, rewrites, loss_reduction, batch_first, input_batch_dims, example,
-                         grad_sample_mode)
+                         grad_sample_mode, allow_unsafe_model)
     plain_graph = copy.deepcopy(gm.graph)
     recorder = Recorder(loss_reduction=loss_reduction, mode=grad_sample_mode)
     if whole:
@@ -277,7 +287,7 @@ def privatize(
                 raise  # a refusal stays a refusal
             # an op the module-level graph cannot serve (a slice of a parameter, ...): the ATen graph can
             return _exported(model, root, rewrites, loss_reduction, batch_first, input_batch_dims,
-                             example, grad_sample_mode)
+                             example, grad_sample_mode, allow_unsafe_model)
     dp = DPModule(
         gm,
         gm.graph,
@@ -289,6 +299,7 @@ def privatize(
         untraceable=gm.meta.get("fxdp_untraceable"),
         rewrites=rewrites,
     )
+    dp.allow_unsafe_model = allow_unsafe_model
     # adopt the user's module tree (GraphModule copies only referenced attributes)
     from .module import adopt
 
@@ -300,7 +311,7 @@ def privatize(
     dp.meta["fxdp_none_args"] = gm.meta.get("fxdp_none_args", frozenset())
     if not whole:
         object.__setattr__(dp, "_build_variant", _variant_builder(model, root, rewrites, recorder, leaf_modules,
-                                                                   batch_first, input_batch_dims))
+                                                                   batch_first, input_batch_dims, allow_unsafe_model))
     fallbacks = [c for c in captures if c.kind == "functorch"]
     if fallbacks or dp.untraceable:
         lines = [f"  {c.module_path or c.capture_name}: {c.rule_name()}" for c in fallbacks]

@@ -14,6 +14,7 @@ import torch
 from scipy import stats
 from torch import nn
 
+import fxdp
 from fxdp.audit import (
     audit_dp_step,
     audit_training_step,
@@ -221,9 +222,15 @@ def test_batch_mixing_model_is_caught():
     # gradient of about +C e0 after clipping: the canary shifts the update by ~15 C
     # against noise 4 C (claimed 0.93 at sigma = 4; audited 3.28). Without mixing the
     # same experiment gives 0.
+    # privatize refuses the mixing model (fxdp/passes/batch_mixing/guard.py); the audit measures
+    # what serving it anyway (allow_unsafe_model=True) would leak
     data = (torch.zeros(16, 4, dtype=DT), torch.ones(16, dtype=DT))
     canary = (e0(4, 100.0), torch.tensor(1.0, dtype=DT))
-    mixed = audit_training_step(MeanCentred(True), linear_loss, data, canary, noise_multiplier=4.0, trials=300)
+    with pytest.raises(fxdp.UnsupportedOpError, match=r"x\.mean\(0\)"):
+        audit_training_step(MeanCentred(True), linear_loss, data, canary, noise_multiplier=4.0, trials=8)
+    unsafe = fxdp.privatize(MeanCentred(True), loss_reduction="mean", allow_unsafe_model=True)
+    with pytest.warns(UserWarning, match="allow_unsafe_model"):
+        mixed = audit_training_step(unsafe, linear_loss, data, canary, noise_multiplier=4.0, trials=300)
     assert mixed.violation and mixed.epsilon_lb > mixed.epsilon_claimed + 1.5
     clean = audit_training_step(MeanCentred(False), linear_loss, data, canary, noise_multiplier=4.0, trials=300)
     assert not clean.violation

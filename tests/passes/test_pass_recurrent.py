@@ -25,7 +25,7 @@ def test_same_parameters_and_state_dict_both_ways():
     torch.manual_seed(11)
     model = SeqClassifier(nn.LSTM(3, 4, num_layers=2, proj_size=2, bidirectional=True), 4)
     ref = copy.deepcopy(model)
-    dp = privatize(model)
+    dp = privatize(model, batch_first=False)  # nn.LSTM's default layout: [T, B, ...]
     assert type(dp.rnn) is DPLSTM and type(model.rnn) is nn.LSTM  # the user's model is untouched
     for name, p in model.rnn.named_parameters():
         assert getattr(dp.rnn, name) is p

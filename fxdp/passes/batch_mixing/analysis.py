@@ -10,7 +10,7 @@ import torch.fx as fx
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
-from ..batch_dims import SIZES, classify
+from ..batch_dims import SIZES, BatchDims, classify, per_arg
 from .dispatch import resolve
 from .execution import _Run, fork_rng, resize_batch, small_model_threads
 from .fast import fast_tag
@@ -32,7 +32,7 @@ class BatchMixingAnalysis:
         gm: fx.GraphModule,
         args: Sequence[Any],
         *,
-        batch_dim: int = 0,
+        batch_dim: BatchDims = 0,
         sizes: Tuple[int, int] = SIZES,
         untraceable: Optional[Dict[str, str]] = None,
         root: Optional[nn.Module] = None,
@@ -42,6 +42,8 @@ class BatchMixingAnalysis:
         self.root_modules = dict((root or gm).named_modules())
         self.args = list(args)
         self.batch_dim = batch_dim
+        #: the batch dimension of each positional input (None: it has none)
+        self.input_dims: List[Optional[int]] = per_arg(self.args, batch_dim)
         self.b1, self.b2 = sizes
         self.untraceable = dict(untraceable or {})
         self.tags: Dict[fx.Node, Any] = {}
@@ -279,7 +281,7 @@ def analyze_batch_mixing(
     gm: fx.GraphModule,
     example_inputs: Sequence[Any],
     *,
-    batch_dim: int = 0,
+    batch_dim: BatchDims = 0,
     sizes: Tuple[int, int] = SIZES,
     untraceable: Optional[Dict[str, str]] = None,
     root: Optional[nn.Module] = None,

@@ -11,24 +11,28 @@ import torch.fx as fx
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_map
 
-from ..batch_dims import input_batch_dim
+from ..batch_dims import BatchDims, input_batch_dim, per_arg
 
 
-def resize_batch(args: Sequence[Any], batch_dim: int, b: int) -> List[Any]:
-    """Real inputs with batch size ``b``: the example rows, repeated cyclically."""
+def resize_batch(args: Sequence[Any], batch_dim: BatchDims, b: int) -> List[Any]:
+    """Real inputs with batch size ``b``: the example rows, repeated cyclically
+    (``batch_dim``: one for every input, or one per positional input, ``None``: none)."""
 
-    def make(t: Any) -> Any:
-        if not isinstance(t, Tensor):
-            return t
-        d = input_batch_dim(t, batch_dim)
-        if d is None:
-            return t
-        n = t.shape[d]
-        if n == 0:
-            raise ValueError("example inputs need at least one sample")
-        return t.index_select(d, torch.arange(b, device=t.device) % n)
+    def maker(bd: Optional[int]) -> Callable[[Any], Any]:
+        def make(t: Any) -> Any:
+            if not isinstance(t, Tensor):
+                return t
+            d = input_batch_dim(t, bd)
+            if d is None:
+                return t
+            n = t.shape[d]
+            if n == 0:
+                raise ValueError("example inputs need at least one sample")
+            return t.index_select(d, torch.arange(b, device=t.device) % n)
 
-    return [tree_map(make, a) for a in args]
+        return make
+
+    return [tree_map(maker(bd), a) for a, bd in zip(args, per_arg(args, batch_dim))]
 
 
 @contextlib.contextmanager

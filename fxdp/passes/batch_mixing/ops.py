@@ -134,6 +134,8 @@ _POINTWISE_CACHE: Dict[str, bool] = {}
 _SEMANTICS: Dict[Any, str] = {}
 SEMANTIC_KINDS = ("pointwise", "dim0", "per_sample")
 _LOADED: List[bool] = []
+#: fxdp's graph ops -> positions of arguments they read only the shape of (no sample data flows)
+SHAPE_ARGS: Dict[Any, Tuple[int, ...]] = {}
 
 
 def register_semantics(fn: Callable, kind: str) -> Callable:
@@ -173,6 +175,12 @@ def semantics_for(fn: Any) -> Optional[str]:
             _SEMANTICS.setdefault(rnn_scan, "dim0")
         except Exception:  # pragma: no cover - layers not available
             pass
+        try:  # MultiheadAttention's mask: the queries and keys give it B, L and S only
+            from ...layers.attention import attention_mask
+
+            SHAPE_ARGS.setdefault(attention_mask, (2, 3))
+        except Exception:  # pragma: no cover - layers not available
+            pass
     kind = _SEMANTICS.get(fn)
     if kind is not None:
         return kind
@@ -187,6 +195,14 @@ def semantics_for(fn: Any) -> Optional[str]:
     if (getattr(fn, "__module__", None) or "").startswith("fxdp.") and callable(fn):
         return "per_sample"
     return None
+
+
+def shape_args(fn: Any) -> Tuple[int, ...]:
+    """Positions of the arguments ``fn`` reads only the shape of (``SHAPE_ARGS``)."""
+    if not _hashable(fn):
+        return ()
+    semantics_for(fn)  # loads fxdp's own ops' declarations
+    return SHAPE_ARGS.get(fn, ())
 
 
 def _aten_pointwise(name: str) -> bool:

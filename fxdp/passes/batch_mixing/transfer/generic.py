@@ -11,7 +11,7 @@ from torch import Tensor
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from ...batch_dims import input_batch_dim
-from ..ops import op_name
+from ..ops import op_name, shape_args
 from ..tags import NO, NT, _is_fold, _is_int, _NoTag, along, combine, const, fit, ideal, reduce_all, uniform
 
 if TYPE_CHECKING:
@@ -25,11 +25,14 @@ def arg(n: fx.Node, i: int, kw: Optional[str] = None) -> Any:
 
 def input_tags(an: "BatchMixingAnalysis", n: fx.Node, out: Any, name: Optional[str]) -> Any:
     """A placeholder: sample i at index i of its batch dimension."""
+    phs = [p for p in n.graph.nodes if p.op == "placeholder"]
+    k = phs.index(n)
+    bd = an.input_dims[k] if k < len(an.input_dims) else (an.batch_dim if isinstance(an.batch_dim, int) else 0)
 
     def one(v: Any) -> Any:
         if not isinstance(v, Tensor):
             return NT
-        d = input_batch_dim(v, an.batch_dim)
+        d = input_batch_dim(v, bd)
         if d is None or v.shape[d] != an.b1:
             return const(v.shape)
         return ideal(v.shape, d, an.b1)
@@ -71,11 +74,20 @@ def attribute(an: "BatchMixingAnalysis", n: fx.Node, out: Any, name: Optional[st
     return tree_map(lambda v: const(v.shape) if isinstance(v, Tensor) else NT, out)
 
 
+def _fxdp_own(an: "BatchMixingAnalysis", n: fx.Node) -> bool:
+    """A graph op or layer of fxdp itself (the DP layers' internals)."""
+    if n.op == "call_module":
+        return (type(an.submodule(n)).__module__ or "").startswith("fxdp.")
+    return n.op == "call_function" and (getattr(n.target, "__module__", None) or "").startswith("fxdp.")
+
+
 def assume(an: "BatchMixingAnalysis", n: fx.Node, out: Any, name: Optional[str] = None,
            unknown: Optional[str] = None) -> Any:
     """Tags of an op assumed per-sample (consistent with its output's batch dims);
-    with ``unknown`` (the reason), reported when it carries samples."""
-    ins = an.flat_tags(n.args, n.kwargs)
+    with ``unknown`` (the reason), reported when it carries samples. Arguments the op
+    reads only the shape of (``ops.SHAPE_ARGS``) carry no samples into it."""
+    shape_only = shape_args(n.target) if n.op == "call_function" else ()
+    ins = an.flat_tags([a for i, a in enumerate(n.args) if i not in shape_only], n.kwargs)
     carries = any(uniform(t) != NO for t in ins)
     hs = an.hints.get(n.name, [])
     flat_v, spec = tree_flatten(out)
@@ -94,6 +106,10 @@ def assume(an: "BatchMixingAnalysis", n: fx.Node, out: Any, name: Optional[str] 
             else:
                 rows = torch.arange(1, an.b1 + 1).repeat_interleave(h[2])
                 res.append(along(rows, h[1], v.shape))
+        elif (h is None or h == "ambiguous") and _fxdp_own(an, n):
+            # fxdp's own graph ops (a PackedSequence's data, time-major across samples, and its
+            # batch sizes): trusted, what the user's code reads of them again has a batch dimension
+            res.append(const(v.shape))
         else:
             g = combine(*[reduce_all(t) for t in ins]) if ins else const(())
             res.append(g.expand(v.shape))

@@ -204,5 +204,10 @@ def module(an: "BatchMixingAnalysis", n: fx.Node, out: Any, name: Any = None) ->
     shape = out.shape if isinstance(out, Tensor) else None
     for applies, handler in _HANDLERS:
         if applies(m):
-            return handler(an, n, m, out, first, bound, shape)
+            if str(n.target) not in an.untraceable:
+                return handler(an, n, m, out, first, bound, shape)
+            try:  # kept whole: a subclass with its own forward may not return what its base does
+                return handler(an, n, m, out, first, bound, shape)
+            except Exception:  # the fallback serving it checks every step
+                return _other(an, n, m, out, first)
     return _other(an, n, m, out, first)
