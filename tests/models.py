@@ -87,6 +87,19 @@ class ExpandParams(nn.Module):
         return self.fc(x * x.mean(1, keepdim=True))
 
 
+# -- mixing (tests/test_engine_check.py, tests/test_mixing_guard.py) -------------------------------
+
+class Centered(nn.Module):
+    """x - x.mean(0): one sample's output depends on the others (Opacus accepts it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.fc(x - x.mean(0))
+
+
 # -- recurrent (tests/rules/test_rule_recurrent.py, tests/passes/test_pass_recurrent.py) ----------
 
 class SeqClassifier(nn.Module):

@@ -9,17 +9,7 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import fxdp
-
-
-class Centered(nn.Module):
-    """x - x.mean(0): one sample's output depends on the others (Opacus accepts it)."""
-
-    def __init__(self):
-        super().__init__()
-        self.fc = nn.Linear(4, 2)
-
-    def forward(self, x):
-        return self.fc(x - x.mean(0))
+from models import Centered
 
 
 def _setup(model):
