@@ -135,3 +135,32 @@ def test_check_reads_multihead_attention_masks_as_per_sample():
     assert report.ok, report
     dp = fxdp.privatize(M(), batch_first=False, capture="fx")
     dp(q, k, v).sum().backward()
+
+
+def test_a_view_of_a_permuted_copy_is_analysed(f64):
+    """``x.view(...).permute(...).contiguous().view(...)`` (timm's window partition and reverse): the
+    analysis' tags are views of the permuted tags, so it read .view() as an op it could not
+    process and refused the model (timm's Swin)."""
+
+    class Tokens(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l = nn.Linear(3, 2)
+
+        def forward(self, x):  # [B, H, W, C]: timm's window partition, then its reverse
+            B, H, W, C = x.shape
+            w = x.view(B, H // 2, 2, W // 2, 2, C).permute(0, 1, 3, 2, 4, 5).contiguous().view(-1, 2, 2, C)
+            w = torch.tanh(w)
+            x = w.view(B, H // 2, W // 2, 2, 2, C).permute(0, 1, 3, 2, 4, 5).contiguous().view(B, H, W, C)
+            return self.l(x)
+
+    torch.manual_seed(1)
+    model = Tokens().double()
+    dp = fxdp.privatize(model, capture="fx", loss_reduction="sum")
+    x = torch.randn(4, 4, 6, 3)
+    dp(x).pow(2).sum().backward()
+    got = model.l.weight.grad_sample.clone()
+    for i in range(4):
+        model.zero_grad()
+        model(x[i:i + 1]).pow(2).sum().backward()
+        torch.testing.assert_close(got[i], model.l.weight.grad, rtol=1e-10, atol=1e-12)

@@ -36,6 +36,9 @@ def movement(an: "BatchMixingAnalysis", n: fx.Node, out: Any, name: str) -> Any:
     targs = [sub(a, i) for i, a in enumerate(args)]
     tkw = {k: sub(v, k) for k, v in kwargs.items()}
     if method:
+        # view == reshape wherever the real view ran (same logical order); tags may not be laid out
+        # as the data is (a contiguous() of a permuted tag keeps the tag's strides)
+        name = {"view": "reshape", "view_as": "reshape_as"}.get(name, name)
         tag = getattr(targs[0], name)(*targs[1:], **tkw) if name not in ("T", "mT", "H", "mH") \
             else getattr(targs[0], name)
     else:
