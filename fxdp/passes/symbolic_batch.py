@@ -105,6 +105,11 @@ def hint_of(v: Any, s: Any) -> Any:
     return None
 
 
+#: layout of a fold whose rows hold no sample's data (a batch-free value repeated over the
+#: batch, as DeBERTa's position keys): it lines up with any layout
+FREE = "free"
+
+
 def _integral(e: Any, at: dict) -> bool:
     """Whether a size ratio is a whole number at the sizes the graph was captured with
     (``at``: each size symbol's example value, the batch's cancels): ``T*d / d`` is,
@@ -129,6 +134,8 @@ def _reshape_layout(src: Any, layout: Any, x: torch.Tensor, out: torch.Tensor, d
     ``inner * prod(sizes after its dim)``, in the input and in the output."""
     import sympy
 
+    if isinstance(src, tuple) and src[0] == "fold" and layout == FREE:
+        return FREE
     if isinstance(src, int):
         d_in, (outer, inner) = src, (sympy.Integer(1), sympy.Integer(1))
     elif isinstance(src, tuple) and src[0] == "fold" and layout is not None:
@@ -168,7 +175,7 @@ def annotate_batch(gm: fx.GraphModule, s: Any) -> None:
                     lay = None
             layouts.append(lay)
         hints = [(h[0], h[1], h[2], "major") if isinstance(h, tuple) and h[0] == "fold" and lay is not None
-                 and sympy.simplify(lay[0] - 1) == 0 else h for h, lay in zip(hints, layouts)]
+                 and lay != FREE and sympy.simplify(lay[0] - 1) == 0 else h for h, lay in zip(hints, layouts)]
         n.meta["fxdp_batch"] = hints
         n.meta["fxdp_layout"] = layouts
         _check_layouts(n, hints, flat, at)
@@ -193,8 +200,10 @@ def _first(a: fx.Node) -> Tuple[Any, Any]:
 def _fold_layout(n: fx.Node, v: torch.Tensor, h: tuple, at: dict) -> Any:
     """The layout of a folded output value (``None``: unknown; ``"mixed"``)."""
     args = [a for a in n.all_input_nodes if isinstance(a.meta.get("val"), torch.Tensor)]
-    if n.op != "call_function" or not args:
+    if n.op != "call_function":
         return None
+    if all(_first(a)[0] is None for a in args):  # no input holds the batch: made or repeated over it
+        return FREE
     if n.target in _RESHAPES:
         x = n.args[0]
         src, layout = _first(x)
@@ -213,7 +222,10 @@ def _fold_layout(n: fx.Node, v: torch.Tensor, h: tuple, at: dict) -> Any:
     lays = [lay for ah, lay in found if isinstance(ah, tuple) and ah[0] == "fold" and ah[2] == h[2]]
     if not lays or len(lays) != len(found) or any(lay is None for lay in lays):
         return None
-    return lays[0] if all(_same(lay, lays[0]) for lay in lays) else None
+    known = [lay for lay in lays if lay != FREE]
+    if not known:
+        return FREE
+    return known[0] if all(_same(lay, known[0]) for lay in known) else None
 
 
 #: ops that work along a dimension given by argument ``pos`` (rows of other dimensions
@@ -222,7 +234,7 @@ _ALONG = {
     aten.slice.Tensor: 1, aten.select.int: 1, aten.narrow.default: 1, aten.index_select.default: 1,
     aten.split.Tensor: 2, aten.split_with_sizes.default: 2, aten.chunk.default: 2, aten.unbind.int: 1,
     aten.cat.default: 1, aten.stack.default: 1, aten.unsqueeze.default: None, aten.squeeze.dim: None,
-    aten.squeeze.dims: None, aten.expand.default: None,
+    aten.squeeze.dims: None, aten.expand.default: None, aten.gather.default: 1,
 }
 #: losses -> position of their reduction argument (0: none, one loss per row)
 _ROW_LOSSES = {aten.cross_entropy_loss.default: 3, aten.mse_loss.default: 2,
@@ -278,7 +290,7 @@ def _check_layouts(n: fx.Node, hints: List[Any], flat: List[Any], at: dict) -> N
         x = n.args[0]
         src, layout = _first(x)
         lay = _reshape_layout(src, layout, x.meta["val"], flat[0], h, at)
-        if lay == "mixed" or (lay is not None and not _same(lay, (1, 1))):
+        if lay == "mixed" or (lay is not None and lay != FREE and not _same(lay, (1, 1))):
             n.meta["fxdp_batch_mixed"] = "reshape"
         elif lay is None and isinstance(src, tuple):
             n.meta["fxdp_batch_mixed"] = "unfold"
@@ -286,7 +298,8 @@ def _check_layouts(n: fx.Node, hints: List[Any], flat: List[Any], at: dict) -> N
     if n.target in _RESHAPES or n.target in _TRANSPOSES or not _row_preserving(n):
         return
     found = [_first(a) for a in n.all_input_nodes if isinstance(a.meta.get("val"), torch.Tensor)]
-    folds = [(ah, lay) for ah, lay in found if isinstance(ah, tuple) and ah[0] == "fold" and ah[1] == 0]
+    folds = [(ah, lay) for ah, lay in found if isinstance(ah, tuple) and ah[0] == "fold" and ah[1] == 0
+             and lay != FREE]
     if len(folds) > 1 and all(lay is not None for _, lay in folds) \
             and not all(ah[2] == folds[0][0][2] and _same(lay, folds[0][1]) for ah, lay in folds):
         n.meta["fxdp_batch_mixed"] = "layouts"

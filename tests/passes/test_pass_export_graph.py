@@ -217,6 +217,30 @@ def test_windows_and_transposed_folds_are_exact(f64):
     _per_sample_ok(Patches().double(), torch.randn(3, 3, 4, 6))
 
 
+def test_a_table_repeated_over_the_batch_lines_up_with_any_fold(f64):
+    """DeBERTa's relative positions: a batch-free table ``repeat``ed to ``[B*H, ...]`` and added
+    to (or gathered with) a batch-major fold. It holds no sample's data, so it takes the other
+    operand's layout (it was an unfold of unknown order: refused as mixing)."""
+
+    class RepeatedTable(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l = nn.Linear(4, 4)
+            self.register_buffer("table", torch.randn(2, 5, 5))
+            self.register_buffer("idx", torch.randint(0, 5, (2, 5, 5)))
+
+        def forward(self, x, **kw):  # [B, 5, 4], two heads of width 2
+            B = x.shape[0]
+            q = self.l(x).view(B, 5, 2, 2).transpose(1, 2).reshape(B * 2, 5, 2)
+            scores = torch.bmm(q, q.transpose(1, 2))
+            scores = scores + self.table.repeat(B, 1, 1)
+            scores = scores + torch.gather(scores, -1, self.idx.repeat(B, 1, 1))
+            return scores.view(B, 2, 5, 5)
+
+    torch.manual_seed(6)
+    _per_sample_ok(RepeatedTable().double(), torch.randn(3, 5, 4))
+
+
 def test_batch_minor_fold_is_refused():
     class SeqFirstFold(nn.Module):
         def __init__(self):
