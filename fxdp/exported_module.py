@@ -14,7 +14,6 @@ user expects). ``state_dict`` keys and ``Parameter`` objects are the model's.
 """
 from __future__ import annotations
 
-import warnings
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -25,7 +24,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from .capture import CaptureOp, Recorder
 from .module import DPModule, adopt
 from .passes.batch_dims import input_batch_dim, per_arg
-from .passes.batch_mixing.guard import mixing_refusal
+from .passes.batch_mixing.guard import mixing_refusal, serve_unsafe
 from .passes.capture import CAPTURES, insert_captures
 from .passes.export_graph import example_for_export, export_graph
 from .errors import BatchDimensionError, where
@@ -223,8 +222,6 @@ def _refuse_mixing(gm: fx.GraphModule, allow_unsafe_model: bool = False) -> None
     lines = [f"  {where(n.meta.get('fxdp_module'), str(n.target), n.meta.get('fxdp_source'))}: {code}: {problem}"
              for n, code, problem in found]
     if allow_unsafe_model:
-        warnings.warn("fxdp.privatize: allow_unsafe_model=True: serving a model in which samples can influence "
-                      "each other; per-sample gradients and the DP guarantee do not hold:\n" + "\n".join(lines),
-                      stacklevel=4)
+        serve_unsafe(lines)
         return
     raise mixing_refusal(lines)

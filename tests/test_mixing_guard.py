@@ -93,9 +93,10 @@ def test_accepted_lines_and_the_explicit_override_are_served():
     dp = fxdp.privatize(CenteredAccepted(), capture="fx")
     dp(torch.randn(6, 4)).sum().backward()  # "# fxdp: ignore" on the line, as in fxdp.check
     assert dp.fc.weight.grad_sample.shape == (6, 2, 4)
-    dp = fxdp.privatize(Centered(), capture="fx", allow_unsafe_model=True)
-    with pytest.warns(UserWarning, match=r"(?s)allow_unsafe_model=True.*x - x\.mean\(0\)"):
-        dp(torch.randn(6, 4)).sum().backward()
+    for capture in ("fx", "export"):  # the same override on both capture paths
+        dp = fxdp.privatize(Centered(), capture=capture, allow_unsafe_model=True)
+        with pytest.warns(UserWarning, match=r"(?s)allow_unsafe_model=True.*x - x\.mean\(0\)"):
+            dp(torch.randn(6, 4)).sum().backward()
 
 
 def test_the_analysis_leaves_buffers_and_clean_models_alone(f64):

@@ -17,10 +17,11 @@ import torch.fx as fx
 from torch import nn
 
 from ...errors import UnsupportedOpError, where
+from ..batch_dims import BatchDims
 from .analysis import analyze_batch_mixing
 from .report import MixingFinding
 
-__all__ = ["refuse_mixing", "mixing_refusal", "suppressed", "SUPPRESS", "SOURCE_LINE"]
+__all__ = ["refuse_mixing", "mixing_refusal", "serve_unsafe", "suppressed", "SUPPRESS", "SOURCE_LINE"]
 
 #: a source line carrying this comment accepts its findings (as in ``fxdp.check``)
 SUPPRESS = "fxdp: ignore"
@@ -50,12 +51,19 @@ def mixing_refusal(lines: List[str], fix: str = FIX) -> UnsupportedOpError:
         + "\n".join(lines[:5]) + more + "\n" + fix)
 
 
+def serve_unsafe(lines: List[str]) -> None:
+    """``allow_unsafe_model=True``: the warning that replaces :func:`mixing_refusal`."""
+    warnings.warn("fxdp.privatize: allow_unsafe_model=True: serving a model in which samples can influence "
+                  "each other; per-sample gradients and the DP guarantee do not hold:\n" + "\n".join(lines),
+                  stacklevel=5)
+
+
 def _line(f: MixingFinding) -> str:
     loc = where(f.node.meta.get("fxdp_module"), str(f.node.target), f.node.meta.get("fxdp_source"))
     return f"  {loc}: {f.code}: {f.problem} (fix: {f.fix})"
 
 
-def refuse_mixing(gm: fx.GraphModule, args: Sequence[Any], *, batch_dim: int, untraceable: Dict[str, str],
+def refuse_mixing(gm: fx.GraphModule, args: Sequence[Any], *, batch_dim: BatchDims, untraceable: Dict[str, str],
                   root: nn.Module, allow_unsafe_model: bool = False) -> List[MixingFinding]:
     """Run the analysis on ``gm`` with the real inputs ``args``; raise
     ``UnsupportedOpError`` on every error it finds (an op that mixes samples, one it
@@ -76,8 +84,6 @@ def refuse_mixing(gm: fx.GraphModule, args: Sequence[Any], *, batch_dim: int, un
     if not lines:
         return errors
     if allow_unsafe_model:
-        warnings.warn("fxdp.privatize: allow_unsafe_model=True: serving a model in which samples can influence "
-                      "each other; per-sample gradients and the DP guarantee do not hold:\n" + "\n".join(lines),
-                      stacklevel=4)
+        serve_unsafe(lines)
         return errors
     raise mixing_refusal(lines)
