@@ -28,6 +28,8 @@ Usage::
         --out results/zoo_t128
     python benchmarks/bench_zoo.py --width base --layers 1 --seq-len 512 --batch-size 2 \
         --models bert gpt2 llama --out results/zoo_base_t512     # real layer widths, long sequences
+    python benchmarks/bench_zoo.py --models gpt2 --vocab 50257 --seq-len 128 --out results/zoo_gpt2_vocab
+                                                               # GPT-2's vocabulary: its tied embedding and head
 """
 from __future__ import annotations
 
@@ -71,13 +73,14 @@ WIDTHS = {"tiny": (128, 4, 512), "base": (768, 12, 3072)}
 IMAGE, PATCH = 64, 8
 
 
-def set_size(width: str, layers: int, image: int = 64, patch: int = 8) -> None:
-    """Every model's hidden size, heads, MLP width (``WIDTHS[width]``) and layer count, and
-    ViT's image and patch sides."""
-    global HID, HEADS, FF, LAYERS, IMAGE, PATCH
+def set_size(width: str, layers: int, image: int = 64, patch: int = 8, vocab: int = 1000) -> None:
+    """Every model's hidden size, heads, MLP width (``WIDTHS[width]``), layer count and
+    vocabulary, and ViT's image and patch sides."""
+    global HID, HEADS, FF, LAYERS, IMAGE, PATCH, V
     HID, HEADS, FF = WIDTHS[width]
     LAYERS = layers
     IMAGE, PATCH = image, patch
+    V = vocab
 
 
 def _lora(model: nn.Module) -> nn.Module:
@@ -238,7 +241,7 @@ def run(name: str, B: int, T: int, rounds: int, warmup: int, seconds: float,
     x, y = batch(kind, B, T)
     live: Dict[str, Callable[[], None]] = {}
     cell: Dict[str, Any] = {"model": name, "batch_size": B, "seq_len": T if kind != "image" else None,
-                            "hidden": HID, "layers": LAYERS,
+                            "hidden": HID, "layers": LAYERS, "vocab": V,
                             **({"image": IMAGE, "patch": PATCH} if kind == "image" else {}),
                             "params": sum(p.numel() for p in base.parameters()), "variants": {}}
     for v in names:
@@ -281,7 +284,7 @@ def run(name: str, B: int, T: int, rounds: int, warmup: int, seconds: float,
         for v in (k for k in MEMORY_VARIANTS if k in live):
             try:
                 size = ["--width", next(w for w, d in WIDTHS.items() if d[0] == HID), "--layers", str(LAYERS),
-                        "--image-size", str(IMAGE), "--patch-size", str(PATCH)]
+                        "--image-size", str(IMAGE), "--patch-size", str(PATCH), "--vocab", str(V)]
                 cell["variants"][v]["peak_mib"] = in_child(__file__, ["--memory-child", name, str(B), str(T), v] + size)[v]
             except Exception as e:  # a miss is reported, not hidden
                 print(f"memory measurement failed for {name} {v}: {e}", file=sys.stderr)
@@ -307,6 +310,8 @@ def _label(c: Dict[str, Any]) -> str:
     """The model's name, with its width and depth where not the default (tiny, 2 layers)."""
     hid, layers = c.get("hidden", 128), c.get("layers", 2)
     notes = [] if (hid, layers) == (128, 2) else [f"{hid} wide, {layers} layer{'s' * (layers > 1)}"]
+    if c.get("vocab", 1000) != 1000 and c.get("seq_len"):
+        notes.append(f"vocabulary {c['vocab']:,}")
     if c.get("image", 64) != 64 or c.get("patch", 8) != 8:
         notes.append(f"{c['image']}x{c['image']} images, {c['patch']}x{c['patch']} patches")
     return f"{c['model']} ({'; '.join(notes)})" if notes else c["model"]
@@ -397,6 +402,8 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=2, help="transformer layers of every model")
     ap.add_argument("--image-size", type=int, default=64, help="ViT's image side")
     ap.add_argument("--patch-size", type=int, default=8, help="ViT's patch side (224 / 16: ViT-B/16's 197 tokens)")
+    ap.add_argument("--vocab", type=int, default=1000,
+                    help="vocabulary of the text models (50257: GPT-2's, whose head is tied to its embedding)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--variants", nargs="+", choices=VARIANTS, default=VARIANTS)
     ap.add_argument("--out", default=os.path.join(RESULTS, "zoo"), help="writes OUT.json and OUT.md")
@@ -408,7 +415,7 @@ def main() -> None:
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     transformers.logging.set_verbosity_error()
-    set_size(a.width, a.layers, a.image_size, a.patch_size)
+    set_size(a.width, a.layers, a.image_size, a.patch_size, a.vocab)
     if a.memory_child:
         m, B, T, v = a.memory_child
         with warnings.catch_warnings():

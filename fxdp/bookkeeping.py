@@ -17,16 +17,19 @@ layer's clipped sum ``a^T (c * g)`` directly; the records are freed as soon as t
 sums are formed.
 
 Exactness notes: a parameter used by several capture ops (tied weights) has
-per-sample gradient g_i = g1_i + g2_i, whose norm is not a sum of norms: such
-parameters are materialized per sample (only they). Layers served by the
-``torch.func`` fallback materialize only their own per-sample gradients, once per step.
+per-sample gradient g_i = g1_i + g2_i, whose norm is not a sum of norms: it is the
+uses' norms plus their cross terms, formed from each use's factored gradient
+(``fxdp.rules.tied``; a language model's tied embedding and head), or, where a use
+has no factored form or materializing is cheaper, from the per-sample gradients
+materialized at each use (only those parameters). Layers served by the ``torch.func``
+fallback materialize only their own per-sample gradients, once per step.
 """
 from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Dict, List
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Set, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -35,6 +38,7 @@ from .errors import PerSampleGradientError
 from .optim.clip import ClipResult, Clipping, factor_of
 from .optim.grad_source import ClippedSumSource
 from .rules.base import sq_norms, weighted_sum
+from .rules.tied import cross_inner, factored_cheaper
 
 if TYPE_CHECKING:  # fxdp.capture hands records over; the types only are needed here
     from .capture import LayerRecord
@@ -45,13 +49,15 @@ __all__ = ["BookKeeping"]
 @dataclass
 class _Pass:
     """One finished backward pass: its records (stand-ins dropped) and raw per-sample
-    squared norms ``{id(p): [B]}``; tied parameters keep their per-sample gradients."""
+    squared norms ``{id(p): [B]}``; tied parameters either keep their per-sample
+    gradients (``tied``) or are summed use by use as single ones are (``factored``)."""
 
     records: List[LayerRecord]
     batch_size: int
     sq: Dict[int, Tensor]
     tied: Dict[int, Tensor]
     uses: Dict[int, int]
+    factored: Set[int]
 
 
 class BookKeeping(ClippedSumSource):
@@ -91,7 +97,8 @@ class BookKeeping(ClippedSumSource):
         if not self.records:
             torch.autograd.Variable._execution_engine.queue_callback(self._close_pass)
         self.records.append(rec)
-        single = [i for i, p in rec.params.items() if id(p) not in self._tied_hint]
+        single = [i for i, p in rec.params.items()
+                  if id(p) not in self._tied_hint and rec.op.param_index.get(i) not in rec.op.shared]
         # a layer whose norms keep its per-sample gradients: norms now, and drop a and g
         # (other layers need a and g at the step anyway: their norms wait for the pass's end)
         try:
@@ -115,8 +122,8 @@ class BookKeeping(ClippedSumSource):
             for p in r.params.values():
                 uses[id(p)] = uses.get(id(p), 0) + 1
         self._tied_hint = {k for k, n in uses.items() if n > 1}
-        sq, tied = self._squared_norms(records, uses, self.measure)
-        self.pending.append(_Pass(records, B, sq, tied, uses))
+        sq, tied, factored = self._squared_norms(records, uses, self.measure)
+        self.pending.append(_Pass(records, B, sq, tied, uses, factored))
 
     # -- optimizer side (ClippedSumSource) --------------------------------------------
     def check(self, params: Sequence[nn.Parameter]) -> int:
@@ -216,10 +223,10 @@ class BookKeeping(ClippedSumSource):
 
     @staticmethod
     def _squared_norms(records: List[LayerRecord], uses: Dict[int, int], measure: bool = False):
-        """Raw per-sample squared norms ``{id(p): [B]}``, and the per-sample gradients
-        of tied parameters (materialized: their norm is not a sum of norms)."""
+        """Raw per-sample squared norms ``{id(p): [B]}``; the per-sample gradients of the tied
+        parameters materialized for them; the tied parameters normed from their uses' factors."""
         sq: Dict[int, Tensor] = {}
-        tied: Dict[int, Tensor] = {}
+        shared: Dict[int, List[Tuple[LayerRecord, int]]] = {}
         for r in records:
             single = [i for i, p in r.params.items() if uses[id(p)] == 1]
             multi = [i for i, p in r.params.items() if uses[id(p)] > 1]
@@ -230,14 +237,24 @@ class BookKeeping(ClippedSumSource):
                     r.release()  # kept per-sample gradients larger than the record replace it now
             for i in single:
                 sq[id(r.params[i])] = r.sq[i]
-            if multi:
-                gs = _per_sample_grads(r)
-                for i in multi:
-                    k = id(r.params[i])
-                    tied[k] = tied[k] + gs[i] if k in tied else gs[i]
-        for k, g in tied.items():
-            sq[k] = sq_norms(g)
-        return sq, tied
+            for i in multi:
+                shared.setdefault(id(r.params[i]), []).append((r, i))
+        tied: Dict[int, Tensor] = {}
+        factored: Set[int] = set()
+        formed: Dict[int, Dict[int, Tensor]] = {}  # a record's per-sample gradients, formed once
+        for k, at in shared.items():
+            norms = _tied_norms(at, measure)
+            if norms is not None:
+                sq[k] = norms
+                factored.add(k)
+                continue
+            for r, i in at:
+                gs = formed.get(id(r))
+                if gs is None:
+                    gs = formed[id(r)] = _per_sample_grads(r)
+                tied[k] = tied[k] + gs[i] if k in tied else gs[i]
+            sq[k] = sq_norms(tied[k])
+        return sq, tied, factored
 
     @staticmethod
     def _clipped_sums(ps: _Pass, params: List[nn.Parameter], position: Dict[int, int], scaled: Tensor,
@@ -258,8 +275,8 @@ class BookKeeping(ClippedSumSource):
         first = {id(r): min((position[id(p)] for p in r.params.values() if id(p) in position), default=len(params))
                  for r in ps.records}
         for r in sorted(ps.records, key=lambda r: first[id(r)]):
-            want = {i: (scaled if column is None else column[position[id(p)]])
-                    for i, p in r.params.items() if id(p) in position and ps.uses[id(p)] == 1}
+            want = {i: (scaled if column is None else column[position[id(p)]]) for i, p in r.params.items()
+                    if id(p) in position and (ps.uses[id(p)] == 1 or id(p) in ps.factored)}
             if want and ok is not None:  # a^T (0 * nan) is nan: materialize and zero the dropped rows
                 gs = _per_sample_grads(r)
                 for i, f in want.items():
@@ -288,6 +305,23 @@ class BookKeeping(ClippedSumSource):
             return []
         return [sums[k].to(p.dtype).reshape(p.shape) if k in sums else torch.zeros_like(p)
                 for k, p in enumerate(params)]
+
+
+def _tied_norms(uses: List[Tuple[LayerRecord, int]], measure: bool) -> Optional[Tensor]:
+    """``[B]``: a tied parameter's per-sample squared norms, its uses' own norms plus twice
+    their cross terms from their factored gradients (``fxdp.rules.tied``); ``None`` where a
+    use has no factored form or materializing costs less."""
+    factors = [r.op.grad_factors(r, i) for r, i in uses]
+    if any(f is None for f in factors) or len({f.shape for f in factors}) > 1 or not factored_cheaper(factors):
+        return None
+    total = None
+    for r, i in uses:
+        own = r.sq[i] if i in r.sq else r.op.norm_sample_sq(r, [i], measure)[i]
+        total = own if total is None else total + own
+    for k, f in enumerate(factors):
+        for h in factors[k + 1:]:
+            total = total + 2 * cross_inner(f, h)
+    return total
 
 
 def _scratch(rec: LayerRecord) -> List[Tensor]:

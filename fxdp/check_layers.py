@@ -11,6 +11,7 @@ from torch import nn
 
 from .errors import FxdpError
 from .report import LayerInfo
+from .rules.tied import factored_cheaper
 
 
 Meta = Optional[Tuple[Any, Optional[int]]]  # a value's stand-in (a meta tensor) and its batch dimension
@@ -75,8 +76,9 @@ def _plans(gm: fx.GraphModule, captures: List[Tuple[Any, fx.Node]], meta: Callab
            batch_size: Optional[int]) -> Dict[str, str]:
     """Each capture op's ``bk_plan`` at the shapes ``meta`` gives its arguments and output
     (``captures``: pairs of the output's key for ``meta`` and the capture node); a parameter
-    several ops use (tied) is materialized at each use, as book-keeping does."""
+    several ops use (tied) is planned as book-keeping serves it (``tied_plan``)."""
     out: Dict[str, List[str]] = {}
+    factors: Dict[str, List[Any]] = {}
     for key, cn in captures:
         try:
             op = gm.get_submodule(str(cn.target))
@@ -98,16 +100,29 @@ def _plans(gm: fx.GraphModule, captures: List[Tuple[Any, fx.Node]], meta: Callab
             o = meta(key)
             if o is None:
                 continue
-            for name, how in op.bk_plan(dyn, o[0], dims, o[1], batch_size).items():
+            plan = op.bk_plan(dyn, o[0], dims, o[1], batch_size)
+            found = op.bk_factors(dyn, o[0], dims, o[1], batch_size)
+            for name, how in plan.items():
                 out.setdefault(name, []).append(how)
+                factors.setdefault(name, []).append(found.get(name))
         except Exception:  # the plan is informative only: never fail the report on it
             continue
-    return {name: hows[0] if len(hows) == 1 else TIED.format(n=len(hows)) for name, hows in out.items()}
+    return {name: hows[0] if len(hows) == 1 else tied_plan(hows, factors[name]) for name, hows in out.items()}
 
 
-#: the plan of a parameter several ops use (``BookKeeping._squared_norms``: its norm is not a sum of norms)
+#: the plans of a parameter several ops use (``BookKeeping._squared_norms``: its norm is not a sum of norms)
 TIED = ("tied (used by {n} ops): per-sample gradients materialized at each use and summed, then normed; "
         "clipped sum: their weighted sum")
+TIED_FACTORED = ("tied (used by {n} ops): each use's norm ({uses}) plus their cross terms ⟨L_k L_lᵀ, R_k R_lᵀ⟩ "
+                 "(no per-sample gradients); clipped sum: each use's")
+
+
+def tied_plan(hows: List[str], factors: List[Any]) -> str:
+    """A tied parameter's plan from its uses' plans and factored gradients (``None`` where a
+    use has none), as ``bookkeeping._tied_norms`` decides."""
+    if any(f is None for f in factors) or len({f.shape for f in factors}) > 1 or not factored_cheaper(factors):
+        return TIED.format(n=len(hows))
+    return TIED_FACTORED.format(n=len(hows), uses="; ".join(sorted(h.split(";")[0] for h in hows)))
 
 
 def _layers(root: nn.Module, captures: Optional[list], rewrites: List[Any], batch_size: int,

@@ -206,14 +206,16 @@ def check_attention(model, inputs, batch_first, dims=None, seed=0):
 def assert_check_plans_as_run(plans: Dict[str, str], dp, run: Callable[[], None]) -> None:
     """``fxdp.check``'s book-keeping ``plans`` (parameter name -> plan) equal, for every
     parameter a capture reached, its plan at the shapes its record arrived with in ``run()`` (a backward pass of ``dp``, privatized in book-keeping mode); a
-    parameter several captures reached is planned as tied."""
+    parameter several captures reached is planned as tied, from the factors its uses gave."""
     from fxdp.bookkeeping import BookKeeping
-    from fxdp.check_layers import TIED
+    from fxdp.check_layers import tied_plan
 
     ran: Dict[str, list] = {}
+    factors: Dict[str, list] = {}
     record = BookKeeping.record
 
     def spy(self, rec):
+        index = {p: i for i, p in rec.op.param_index.items()}
         if hasattr(rec.op, "prepared"):  # a rule's capture: its plan at the shapes it ran with
             planned = rec.op.rule.bk_plan(*rec.op.prepared(rec))
             planned = {p: planned[rec.op.names[i]] for i, p in rec.op.param_index.items() if rec.op.names[i] in planned}
@@ -221,6 +223,7 @@ def assert_check_plans_as_run(plans: Dict[str, str], dp, run: Callable[[], None]
             planned = rec.op.bk_plan(rec.inputs, rec.grads[0], [], None)
         for param, how in planned.items():
             ran.setdefault(param, []).append(how)
+            factors.setdefault(param, []).append(rec.op.grad_factors(rec, index[param]))
         record(self, rec)
 
     dp.bookkeeping.attached = True
@@ -231,5 +234,5 @@ def assert_check_plans_as_run(plans: Dict[str, str], dp, run: Callable[[], None]
         BookKeeping.record = record
     assert ran
     for param, hows in ran.items():
-        expected = hows[0] if len(hows) == 1 else TIED.format(n=len(hows))
+        expected = hows[0] if len(hows) == 1 else tied_plan(hows, factors[param])
         assert plans[param] == expected, (param, plans[param], hows)

@@ -14,7 +14,7 @@ removes capture ops and gives back the plain graph.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, FrozenSet, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -22,6 +22,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ..errors import BatchDimensionError, PerSampleGradientError, UnsupportedOpError, where
 from ..rules.base import sq_norms, weighted_sum
+from ..rules.tied import GradFactors
 from .record import LayerRecord, Recorder
 
 __all__ = ["CaptureOp", "move_to_front"]
@@ -208,6 +209,9 @@ class CaptureOp(nn.Module):
         self.module_path = module_path
         self.source = source
         self.op_name = op_name
+        #: names of this op's parameters that other capture ops use too (tied; set by the capture
+        #: pass): book-keeping norms them over all their uses, not as this op's record arrives
+        self.shared: FrozenSet[str] = frozenset()
         self.default_batch_dims: Tuple[Tuple[Any, ...], Tuple[Any, ...]] = ((), ())
         self._last_spec = None
 
@@ -245,6 +249,17 @@ class CaptureOp(nn.Module):
     def input_grads(self, dyn: Sequence[Any], grads: Sequence[Optional[Tensor]],
                     saved: Any = None) -> Dict[int, Tensor]:
         raise NotImplementedError  # pragma: no cover - only called when explicit_input_grad
+
+    def grad_factors(self, rec: LayerRecord, i: int) -> Optional[GradFactors]:
+        """Book-keeping of a tied parameter: input ``i``'s raw per-sample gradient in factored
+        form (``fxdp.rules.tied``), or ``None`` (it is materialized)."""
+        return None
+
+    def bk_factors(self, dyn: Sequence[Any], out: Tensor, dims_in: Sequence[Any], dim_out: Any,
+                   batch_size: Optional[int] = None) -> Dict[str, GradFactors]:
+        """``{parameter name: its factors}`` at these shapes (``meta`` tensors; for the report's
+        plan of tied parameters, as :meth:`bk_plan`)."""
+        return {}
 
     def keeps_per_sample_grads(self, rec: LayerRecord, idx: Sequence[int]) -> bool:
         """Whether :meth:`norm_sample_sq` of ``idx`` keeps every per-sample gradient on the

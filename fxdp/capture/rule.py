@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from ..rules.base import SAVED, SCRATCH, weighted_sum
+from ..rules.tied import GradFactors
 from .op import CaptureOp, move_to_front
 from .record import LayerRecord
 
@@ -61,21 +62,35 @@ class RuleCapture(CaptureOp):
     def compute_saving(self, dyn: Sequence[Any]) -> Tuple[Any, Any]:
         return self.rule.forward_saving(self.op, self.bound(dyn))
 
-    def bk_plan(self, dyn: Sequence[Any], out: Tensor, dims_in: Sequence[Any], dim_out: Any,
-                batch_size: Optional[int] = None) -> Dict[str, str]:
+    def _planned(self, dyn: Sequence[Any], out: Tensor, dims_in: Sequence[Any], dim_out: Any,
+                 batch_size: Optional[int]) -> Tuple[Dict[str, Any], Tensor]:
+        """Bound arguments and output, batch first as the records are (:meth:`_prepare`), at
+        the report's shapes."""
         args = self.bound(dyn)
 
-        def front(t: Tensor, d: Any, what: str) -> Tensor:  # batch first, as the records are (_prepare)
+        def front(t: Tensor, d: Any, what: str) -> Tensor:
             if isinstance(d, tuple) and not batch_size:
                 return t  # a fold without the batch size: read as it stands
             return t if d in (None, 0) else move_to_front(t, d, what, self, batch_size)
 
-        g = front(out, dim_out, "the output")
         arg = self.rule.input_arg
         if arg in self.names:
             args[arg] = front(args[arg], dims_in[self.names.index(arg)], "the input")
+        return args, front(out, dim_out, "the output")
+
+    def bk_plan(self, dyn: Sequence[Any], out: Tensor, dims_in: Sequence[Any], dim_out: Any,
+                batch_size: Optional[int] = None) -> Dict[str, str]:
+        args, g = self._planned(dyn, out, dims_in, dim_out, batch_size)
         plan = self.rule.bk_plan(args, g, frozenset(self.names[i] for i in self.param_index))
         return {p: plan[self.names[i]] for i, p in self.param_index.items() if self.names[i] in plan}
+
+    def bk_factors(self, dyn: Sequence[Any], out: Tensor, dims_in: Sequence[Any], dim_out: Any,
+                   batch_size: Optional[int] = None) -> Dict[str, GradFactors]:
+        if not any(self.names[i] in self.rule.factored for i in self.param_index):
+            return {}
+        args, g = self._planned(dyn, out, dims_in, dim_out, batch_size)
+        found = {p: self.rule.grad_factors(args, g, self.names[i]) for i, p in self.param_index.items()}
+        return {p: f for p, f in found.items() if f is not None}
 
     def explicit_input_grad(self, dyn: Sequence[Any], needs_grad: Sequence[bool]) -> bool:
         arg = self.rule.input_arg
@@ -132,6 +147,12 @@ class RuleCapture(CaptureOp):
             return {i: rec.inputs[i].new_zeros((0,) + tuple(rec.inputs[i].shape)) for i in rec.params}
         raw = self.rule.grad_sample(args, g, needs)
         return {i: raw[self.names[i]] for i in rec.params}
+
+    def grad_factors(self, rec: LayerRecord, i: int) -> Optional[GradFactors]:
+        if rec.released or self.names[i] not in self.rule.factored:
+            return None
+        args, g, _ = self.prepared(rec)
+        return self.rule.grad_factors(args, g, self.names[i]) if g.shape[0] > 0 else None
 
     def keeps_per_sample_grads(self, rec: LayerRecord, idx: Sequence[int]) -> bool:
         args, g, _ = self.prepared(rec)

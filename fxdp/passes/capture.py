@@ -18,6 +18,7 @@ per-sample contributions. Frozen parameters are left alone. Nodes get
 from __future__ import annotations
 
 import operator
+from collections import Counter
 from typing import Any, Dict, List, Optional, Set, Tuple
 
 import torch
@@ -194,6 +195,9 @@ class _CaptureBuilder:
                     self._module_adapter(n, self._module(n))  # options refused even when frozen
                 continue
             made.append(self.capture(n, derived))
+        uses = Counter(p for c in made for p in c.param_index.values())
+        for c in made:  # tied parameters, known before the first backward pass
+            c.shared = frozenset(p for p in c.param_index.values() if uses[p] > 1)
         # drop parameter-only nodes the capture ops absorbed; a general dead-code
         # elimination would also drop in-place ops whose results are unused (x.mul_(2))
         for n in reversed(list(self.graph.nodes)):

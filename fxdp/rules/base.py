@@ -5,10 +5,13 @@ from __future__ import annotations
 import functools
 import inspect
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, FrozenSet, Mapping, Optional, Tuple, Type
+from typing import TYPE_CHECKING, Any, Callable, Dict, FrozenSet, Mapping, Optional, Tuple, Type
 
 import torch
 from torch import Tensor, nn
+
+if TYPE_CHECKING:  # rules.tied imports this module; the type only is needed here
+    from .tied import GradFactors
 
 __all__ = [
     "PerSampleRule",
@@ -62,6 +65,8 @@ class PerSampleRule:
     input_arg: Optional[str] = "input"
     folds: bool = False
     clipped_sum_into: bool = False
+    #: parameters whose per-sample gradient :meth:`grad_factors` gives in factored form
+    factored: FrozenSet[str] = frozenset()
 
     def signature(self, *args: Any, **kwargs: Any) -> None:  # pragma: no cover - overridden
         raise NotImplementedError
@@ -138,6 +143,14 @@ class PerSampleRule:
         """``sum_i factors[i] * grad_i`` for each name in ``needs`` (book-keeping hook)."""
         gs = self.grad_sample(args, grad_output, needs)
         return {k: torch.einsum("b,b...->...", factors.to(v.dtype), v) for k, v in gs.items()}
+
+    def grad_factors(self, args: Mapping[str, Any], grad_output: Tensor, name: str) -> Optional["GradFactors"]:
+        """Book-keeping of a tied parameter (one used by several ops): the per-sample gradient
+        of ``name`` as a sum of outer products over the sample's positions
+        (:class:`~fxdp.rules.tied.GradFactors`), from which its cross terms with the other
+        uses are formed without per-sample gradients; ``None``: materialized instead.
+        Rules that override it list the names in ``factored``."""
+        return None
 
     def bk_plan(self, args: Mapping[str, Any], grad_output: Tensor, needs: FrozenSet[str]) -> Dict[str, str]:
         """How book-keeping computes each parameter's norm and clipped sum at these

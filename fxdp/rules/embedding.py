@@ -49,6 +49,7 @@ from torch import Tensor, nn
 
 from ..errors import UnsupportedOpError
 from .base import ModuleCall, PerSampleRule, into_target, register_module, register_rule, samples_per_slice
+from .tied import GradFactors
 
 __all__ = ["EmbeddingRule", "TorchEmbeddingRule", "EmbeddingBagRule", "AtenEmbeddingBagRule"]
 
@@ -233,6 +234,23 @@ class EmbeddingRule(PerSampleRule):
             return {}
         keys, rows, B, V = self._rows(args, grad_output)
         return {"weight": _row_sums(B * V, keys, rows).view(B, V, rows.shape[1])}
+
+    factored = frozenset({"weight"})
+
+    def grad_factors(self, args: Mapping[str, Any], grad_output: Tensor, name: str) -> Optional[GradFactors]:
+        """``grad W_i = E_iᵀ g_i``, ``E_i`` the one-hot rows of sample i's tokens (as indices);
+        padding positions add nothing: their output-gradient rows are zeroed."""
+        if name != "weight":
+            return None
+        V = args["weight"].shape[0]
+        idx = self._indices(args)
+        B = idx.shape[0]
+        idx = idx.reshape(B, -1).long()
+        g = grad_output.reshape(B, idx.shape[1], grad_output.shape[-1])
+        pad = self._padding_idx(args, V)
+        if pad is not None:
+            g = g.masked_fill((idx == pad).unsqueeze(-1), 0)
+        return GradFactors(right=g, index=idx, m=V)
 
     def norm_sample_sq(self, args: Mapping[str, Any], grad_output: Tensor, needs: FrozenSet[str]) -> Dict[str, Tensor]:
         if "weight" not in needs:

@@ -27,6 +27,7 @@ from .base import (
     KEPT_PASSES, ModuleCall, PerSampleRule, gram_inner, gram_strip_rows, into_target, register_module,
     register_rule, samples_per_slice, sq_norms, weighted_sum,
 )
+from .tied import GradFactors
 
 aten = torch.ops.aten
 
@@ -100,6 +101,12 @@ class LinearRule(PerSampleRule):
         if "bias" in needs:
             out["bias"] = g.sum(1)
         return out
+
+    factored = frozenset({"weight"})
+
+    def grad_factors(self, args: Mapping[str, Any], grad_output: Tensor, name: str) -> Optional[GradFactors]:
+        """``grad W_i = g_iᵀ a_i``: rows of the output gradient against the activations'."""
+        return GradFactors(right=_flat(args["input"]), left=_flat(grad_output)) if name == "weight" else None
 
     @staticmethod
     def keeps(T: int, d: int, p: int) -> bool:
@@ -269,6 +276,15 @@ class AddmmRule(PerSampleRule):
     def grad_sample(self, args: Mapping[str, Any], grad_output: Tensor, needs: FrozenSet[str]) -> Dict[str, Tensor]:
         la, g = self._linear(args, grad_output)
         return self._back(_LINEAR.grad_sample(la, g, self._names(needs)), args)
+
+    factored = frozenset({"mat2"})
+
+    def grad_factors(self, args: Mapping[str, Any], grad_output: Tensor, name: str) -> Optional[GradFactors]:
+        """``grad W_i = a_iᵀ (alpha g_i)`` for the ``[d, p]`` weight: the linear rule's factors swapped."""
+        if name != "mat2":
+            return None
+        la, g = self._linear(args, grad_output)
+        return GradFactors(right=_flat(g), left=_flat(la["input"]))
 
     def bk_candidates(self, args: Mapping[str, Any], grad_output: Tensor, needs: FrozenSet[str]) -> Tuple[str, ...]:
         la, g = self._linear(args, grad_output)
