@@ -38,7 +38,7 @@ from .errors import PerSampleGradientError
 from .optim.clip import ClipResult, Clipping, factor_of
 from .optim.grad_source import ClippedSumSource
 from .rules.base import sq_norms, weighted_sum
-from .rules.tied import cross_inner, factored_cheaper
+from .rules.tied import cross_inner, use_factors
 
 if TYPE_CHECKING:  # fxdp.capture hands records over; the types only are needed here
     from .capture import LayerRecord
@@ -312,7 +312,7 @@ def _tied_norms(uses: List[Tuple[LayerRecord, int]], measure: bool) -> Optional[
     their cross terms from their factored gradients (``fxdp.rules.tied``); ``None`` where a
     use has no factored form or materializing costs less."""
     factors = [r.op.grad_factors(r, i) for r, i in uses]
-    if any(f is None for f in factors) or len({f.shape for f in factors}) > 1 or not factored_cheaper(factors):
+    if not use_factors(factors):
         return None
     total = None
     for r, i in uses:

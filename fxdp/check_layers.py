@@ -11,7 +11,7 @@ from torch import nn
 
 from .errors import FxdpError
 from .report import LayerInfo
-from .rules.tied import factored_cheaper
+from .rules.tied import use_factors
 
 
 Meta = Optional[Tuple[Any, Optional[int]]]  # a value's stand-in (a meta tensor) and its batch dimension
@@ -119,8 +119,8 @@ TIED_FACTORED = ("tied (used by {n} ops): each use's norm ({uses}) plus their cr
 
 def tied_plan(hows: List[str], factors: List[Any]) -> str:
     """A tied parameter's plan from its uses' plans and factored gradients (``None`` where a
-    use has none), as ``bookkeeping._tied_norms`` decides."""
-    if any(f is None for f in factors) or len({f.shape for f in factors}) > 1 or not factored_cheaper(factors):
+    use has none), as book-keeping decides (``rules.tied.use_factors``)."""
+    if not use_factors(factors):
         return TIED.format(n=len(hows))
     return TIED_FACTORED.format(n=len(hows), uses="; ".join(sorted(h.split(";")[0] for h in hows)))
 

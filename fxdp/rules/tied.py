@@ -32,7 +32,7 @@ from torch import Tensor
 
 from .base import norm_dtype, samples_per_slice
 
-__all__ = ["GradFactors", "cross_inner", "factored_cheaper"]
+__all__ = ["GradFactors", "cross_inner", "factored_cheaper", "use_factors"]
 
 
 @dataclass
@@ -67,6 +67,13 @@ def factored_cheaper(factors: Sequence[GradFactors]) -> bool:
     cross = sum(f.positions() * h.positions() * ((0 if f.left is None or h.left is None else m) + n)
                 for k, f in enumerate(factors) for h in factors[k + 1:])
     return cross <= sum(f.positions() for f in factors) * m * n
+
+
+def use_factors(factors: Sequence[Optional[GradFactors]]) -> bool:
+    """Whether a tied parameter is normed from its uses' factors (``None``: a use without):
+    every use has them, laid out alike, and their cross terms cost no more than materializing."""
+    return (all(f is not None for f in factors) and len({f.shape for f in factors}) == 1
+            and factored_cheaper(factors))
 
 
 def cross_inner(f: GradFactors, h: GradFactors) -> Tensor:

@@ -15,7 +15,7 @@ from torch import nn
 import fxdp
 from fxdp import bookkeeping
 from fxdp.rules import rule_for_op, tied
-from fxdp.rules.tied import GradFactors, cross_inner, factored_cheaper
+from fxdp.rules.tied import GradFactors, cross_inner, factored_cheaper, use_factors
 
 from oracle import batch_of_one_grads, bk_clipped_sums
 
@@ -130,7 +130,7 @@ def test_tied_norms_and_clipped_sums_equal_each_sample_alone(factored, D, monkey
     real = bookkeeping._per_sample_grads
     monkeypatch.setattr(bookkeeping, "_per_sample_grads", lambda r: formed.append(r) or real(r))
     if not factored:
-        monkeypatch.setattr(bookkeeping, "factored_cheaper", lambda fs: False)
+        monkeypatch.setattr(bookkeeping, "use_factors", lambda fs: False)
     torch.manual_seed(0)
     model = SharedEmbeddingLM(D=D).to(DT)
     src, tgt = _inputs()
@@ -149,7 +149,7 @@ def test_tied_norms_and_clipped_sums_equal_each_sample_alone(factored, D, monkey
     assert bool(formed) != factored
 
 
-def test_cost_model_materializes_where_cross_terms_cost_more():
+def test_factors_are_used_where_every_use_has_them_alike_and_they_cost_less():
     """Three uses of a ``[4, 4]`` weight at T = 64: cross terms (``T² (m + n)`` a pair) cost
     more than materializing (``T m n`` a use); at T = 1 (rank one) they cost less."""
     g = torch.Generator().manual_seed(4)
@@ -158,6 +158,9 @@ def test_cost_model_materializes_where_cross_terms_cost_more():
     assert not factored_cheaper(long) and factored_cheaper(short)
     emb = _factors("index", 2, 64, 50, 4, g)
     assert factored_cheaper([emb, _factors("dense", 2, 64, 50, 4, g)])  # gathers: T² n against T m n
+    assert use_factors(short) and not use_factors(long)
+    assert not use_factors([short[0], None])  # a use without factors (a fallback layer): materialized
+    assert not use_factors([short[0], _factors("dense", 2, 1, 2, 8, g)])  # laid out differently
 
 
 def test_check_reports_the_factored_plan():
