@@ -277,7 +277,11 @@ class BookKeeping(ClippedSumSource):
         for r in sorted(ps.records, key=lambda r: first[id(r)]):
             want = {i: (scaled if column is None else column[position[id(p)]]) for i, p in r.params.items()
                     if id(p) in position and (ps.uses[id(p)] == 1 or id(p) in ps.factored)}
-            if want and ok is not None:  # a^T (0 * nan) is nan: materialize and zero the dropped rows
+            dropping = r.op.clipped_sum_dropping(r, want, ok) if want and ok is not None else None
+            if dropping is not None:  # the dropped samples' rows zeroed: a^T (0 * nan) would be nan
+                for i, v in dropping.items():
+                    add(position[id(r.params[i])], v)
+            elif want and ok is not None:  # materialize and zero the dropped rows
                 gs = _per_sample_grads(r)
                 for i, f in want.items():
                     g = torch.where(ok.view(-1, *[1] * (gs[i].dim() - 1)), gs[i], 0)

@@ -699,3 +699,69 @@ def test_each_record_is_prepared_once_per_step(monkeypatch):
     assert all(r.memo == {} for r in records if r.released) and any(r.released for r in records)
     opt.step()
     assert len(calls) == len(records)
+
+
+class _DropNet(nn.Module):
+    """An embedding tied to its head, a LayerNorm (its forward's saved statistics) and a
+    convolution over the sequence; ``s`` scales each sample (a NaN scale: a non-finite sample)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(13, 32, padding_idx=0)  # 32 wide: the head takes ghost norms (sums from a, g)
+        self.ln = nn.LayerNorm(32)
+        self.conv = nn.Conv1d(32, 32, 3, padding=1)
+        self.head = nn.Linear(32, 13, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, ids, s):
+        h = self.ln(self.emb(ids) * s[:, None, None])
+        return self.head(torch.tanh(self.conv(h.transpose(1, 2)).transpose(1, 2)))
+
+
+@pytest.mark.parametrize("masked_sum_finite", [True, False])
+def test_dropped_samples_are_left_out_without_per_sample_gradients(masked_sum_finite, monkeypatch):
+    """nonfinite="drop": each record's clipped sum is formed on copies with the dropped
+    sample's rows zeroed (saved statistics and scratch recomputed), equal to clipping the
+    other samples alone, and no per-sample gradient is formed; where such a sum is still not
+    finite, that record's per-sample gradients are materialized and their rows zeroed."""
+    from fxdp import bookkeeping
+    from fxdp.capture.rule import RuleCapture
+    from fxdp.optim.clip import Clipping
+    from fxdp.rules.linear import LinearRule
+
+    formed = []
+    real = bookkeeping._per_sample_grads
+    monkeypatch.setattr(bookkeeping, "_per_sample_grads", lambda r: formed.append(r) or real(r))
+    if not masked_sum_finite:  # the linear rule's sums on the zeroed copies come out NaN
+        dropping = RuleCapture.clipped_sum_dropping
+
+        def nan_linear(self, rec, factors, ok):
+            with pytest.MonkeyPatch.context() as mp:
+                if isinstance(self.rule, LinearRule):
+                    mp.setattr(LinearRule, "clipped_sum", lambda *a, **k: {"weight": torch.tensor(float("nan"))})
+                return dropping(self, rec, factors, ok)
+
+        monkeypatch.setattr(RuleCapture, "clipped_sum_dropping", nan_linear)
+    torch.manual_seed(0)
+    model = _DropNet().double()
+    g = torch.Generator().manual_seed(7)
+    ids, s = torch.randint(0, 13, (5, 6), generator=g), torch.rand(5, generator=g, dtype=torch.float64) + 0.5
+    ids[1, :2] = 0
+    s[2] = float("nan")
+    keep = torch.tensor([0, 1, 3, 4])
+    w = torch.randn(5, 6, 13, generator=g, dtype=torch.float64)
+    ref = privatize(copy.deepcopy(model), loss_reduction="sum")
+    (ref(ids[keep], s[keep]) * w[keep]).sum().backward()
+    gs = [p.grad_sample for p in ref.parameters() if p.requires_grad]
+    norms = torch.stack([q.flatten(1).norm(dim=1) for q in gs], 1).norm(dim=1)
+    C = float(norms.median())
+    factors = (C / (norms + 1e-6)).clamp(max=1)
+    dp = privatize(copy.deepcopy(model), grad_sample_mode="bk", loss_reduction="sum")
+    dp.bookkeeping.attached = True
+    (dp(ids, s) * w).sum().backward()
+    params = [p for p in dp.parameters() if p.requires_grad]
+    with pytest.warns(RuntimeWarning, match=r"sample indices \[2\]"):
+        sums = dp.bookkeeping.clip_and_sum(params, Clipping(bound=C, nonfinite="drop")).sums
+    for got, q in zip(sums, gs):
+        torch.testing.assert_close(got, torch.einsum("b,b...->...", factors, q), rtol=1e-9, atol=1e-12)
+    assert [r.op.rule_name() for r in formed] == ([] if masked_sum_finite else ["linear"])

@@ -128,7 +128,15 @@ def test_nonfinite_raise_names_the_sample_and_changes_nothing(mode, bad):
 
 @pytest.mark.parametrize("mode", ["auto", "materialize"])
 @pytest.mark.parametrize("clipping", ["flat", "per_layer"])
-def test_nonfinite_drop_removes_the_sample_and_counts_it(mode, clipping):
+def test_nonfinite_drop_removes_the_sample_and_counts_it(mode, clipping, monkeypatch):
+    """The step equals one on the other samples alone; book-keeping (``auto``) leaves the
+    dropped sample's rows out without per-sample gradients (``[B, V, d]`` for a language
+    model's embedding)."""
+    from fxdp import bookkeeping
+
+    formed = []
+    real = bookkeeping._per_sample_grads
+    monkeypatch.setattr(bookkeeping, "_per_sample_grads", lambda r: formed.append(r) or real(r))
     C = 0.3 if clipping == "flat" else [0.3] * 4
     x, y = batch(float("nan"))
     keep = torch.tensor([0, 1, 3, 4])
@@ -146,6 +154,7 @@ def test_nonfinite_drop_removes_the_sample_and_counts_it(mode, clipping):
     for p, p_ref in zip(dp.parameters(), ref_dp.parameters()):
         assert torch.isfinite(p.grad).all()
         torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-10, atol=1e-12)
+    assert not formed
 
 
 # --- (c) bad input: clear error, no state change ---------------------------------------

@@ -286,6 +286,13 @@ class CaptureOp(nn.Module):
         sums = {i: weighted_sum(f, gs[i], into.get(i)) for i, f in factors.items()}
         return {i: s for i, s in sums.items() if s is not None}
 
+    def clipped_sum_dropping(self, rec: LayerRecord, factors: Dict[int, Tensor],
+                             ok: Tensor) -> Optional[Dict[int, Tensor]]:
+        """:meth:`clipped_sum` with the samples ``~ok`` (a non-finite gradient, factor 0) left
+        out without per-sample gradients, or ``None``: the caller materializes them and zeroes
+        those rows (``0 * nan`` is ``nan``)."""
+        return None
+
     def rule_name(self) -> str:
         return self.kind
 

@@ -204,6 +204,37 @@ class RuleCapture(CaptureOp):
         sync()
         return (time.perf_counter() - start) * 1e3
 
+    def clipped_sum_dropping(self, rec: LayerRecord, factors: Dict[int, Tensor],
+                             ok: Tensor) -> Optional[Dict[int, Tensor]]:
+        """The dropped samples' rows of the batch-first input and output gradient (and of kept
+        per-sample gradients) are zeroed in copies, and the forward's saved values and the
+        norms' scratch left out (recomputed from the zeroed rows): a sample's term depends on
+        its own rows only, so the others' are unchanged. Where a sum is still not finite (a
+        rule reading another batched argument), ``None``."""
+        def zeroed(t: Any) -> Any:
+            if not isinstance(t, Tensor) or not t.is_floating_point():
+                return t
+            return torch.where(ok.view((-1,) + (1,) * (t.dim() - 1)), t, 0)
+
+        if rec.released:  # every per-sample gradient kept
+            return {i: weighted_sum(f, zeroed(rec.kept[i])) for i, f in factors.items()}
+        arg = self.rule.input_arg
+        if arg is None or arg not in self.names:
+            return None
+        args, g, _ = self.prepared(rec)
+        if g.shape[0] != ok.shape[0]:
+            return None
+        clean = {k: v for k, v in args.items() if k != SAVED}
+        clean[arg], clean[SCRATCH] = zeroed(args[arg]), {}
+        g = zeroed(g)
+        out: Dict[int, Tensor] = {}
+        for i, f in factors.items():
+            if i in rec.kept:
+                out[i] = weighted_sum(f, zeroed(rec.kept[i]))
+            else:
+                out[i] = self.rule.clipped_sum(clean, g, f, frozenset({self.names[i]}))[self.names[i]]
+        return out if all(bool(torch.isfinite(v).all()) for v in out.values()) else None
+
     def clipped_sum(self, rec: LayerRecord, factors: Dict[int, Tensor],
                     into: Optional[Dict[int, Tensor]] = None) -> Dict[int, Tensor]:
         into = into or {}
