@@ -107,14 +107,19 @@ def _targets(kind: str, x, g):
     return torch.randint(0, 3, (next(iter(x.values())).shape[0],), generator=g)
 
 
+def _float64_case(name: str, seed: int):
+    """``(model, kind, inputs, targets)``: the zoo model without dropout (a batch and each
+    sample alone would draw different masks), in float64, train mode."""
+    torch.manual_seed(0)
+    model, kind = ZOO[name](0.0)
+    g = torch.Generator().manual_seed(seed)
+    x = _inputs(kind, B, g)
+    return model.double().train(), kind, x, _targets(kind, x, g)
+
+
 @pytest.mark.parametrize("name", sorted(ZOO))
 def test_per_sample_gradients_equal_batch_of_one(name, f64):
-    torch.manual_seed(0)
-    model, kind = ZOO[name](0.0)  # no dropout: the batch and each sample alone draw different masks
-    model = model.double().train()
-    g = torch.Generator().manual_seed(1)
-    x = _inputs(kind, B, g)
-    y = _targets(kind, x, g)
+    model, kind, x, y = _float64_case(name, 1)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         dp = fxdp.privatize(model, loss_reduction="sum")
@@ -180,12 +185,7 @@ def test_labels_loss_inside_forward_becomes_a_mean_of_per_sample_losses(name, f6
     other samples' labels); the capture rewrites it as a mean of per-sample losses, so
     row i of grad_sample is the gradient of the model's own loss on sample i alone.
     LM heads compute their loss on float32 logits (HF upcasts), hence the f32 tolerance."""
-    torch.manual_seed(0)
-    model, kind = ZOO[name](0.0)
-    model = model.double().train()
-    g = torch.Generator().manual_seed(5)
-    x = _inputs(kind, B, g)
-    y = _targets(kind, x, g)
+    model, kind, x, y = _float64_case(name, 5)
     dp = fxdp.privatize(model)  # loss_reduction="mean", as the model's loss
     dp(**x, labels=y).loss.backward()
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
@@ -271,12 +271,7 @@ def test_tied_embeddings_are_clipped_exactly_without_per_sample_gradients(name, 
     formed = []
     real = bookkeeping._per_sample_grads
     monkeypatch.setattr(bookkeeping, "_per_sample_grads", lambda r: formed.append(r) or real(r))
-    torch.manual_seed(0)
-    model, kind = ZOO[name](0.0)
-    model = model.double().train()
-    g = torch.Generator().manual_seed(6)
-    x = _inputs(kind, B, g)
-    y = _targets(kind, x, g)
+    model, kind, x, y = _float64_case(name, 6)
     dpm = fxdp.privatize(copy.deepcopy(model), loss_reduction="sum")
     _loss(kind, dpm(**x), x, y).backward()
     gs = [p.grad_sample for p in dpm.parameters() if p.requires_grad]
