@@ -23,6 +23,7 @@ from typing import Any, Dict, List, Optional, Set, Tuple
 
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
@@ -247,7 +248,35 @@ class _CaptureBuilder:
             rule = rule_for_op(n.target)
             if rule is not None and all(a.op == "get_attr" for a in derived):
                 return self._op_rule(n, rule)
+        linear = self._transposed_weight(n)
+        if linear is not None:
+            return self._linear_rule(n, *linear)
         return self._subgraph(n)
+
+    def _transposed_weight(self, n: fx.Node) -> Optional[Tuple[fx.Node, fx.Node]]:
+        """``(x, W)`` where ``n`` is ``x @ W.t()`` (``W.T``, ``W.transpose(0, 1)``,
+        ``W.permute(1, 0)``; in an exported graph ``mm(x, permute(W, [1, 0]))``) of a 2-D
+        parameter used directly: ``F.linear(x, W)``, which the linear rule serves (a language
+        model's head computed on its embedding's weight), not the ``torch.func`` fallback."""
+        if n.op not in ("call_function", "call_method") or n.target not in MATMUL or n.kwargs or len(n.args) != 2:
+            return None
+        x, t = n.args
+        if not (isinstance(x, fx.Node) and isinstance(t, fx.Node)) or not self.input_dep[x] or self.input_dep[t]:
+            return None
+        w = t.args[0] if t.args and t.op in ("call_method", "call_function") else None
+        if not isinstance(w, fx.Node) or w.op != "get_attr" or not _swaps_two_dims(t):
+            return None
+        v = self._attr(w)
+        if not (isinstance(v, Tensor) and v.dim() == 2 and id(v) in self.trainable):
+            return None
+        return x, w
+
+    def _linear_rule(self, n: fx.Node, x: fx.Node, w: fx.Node) -> CaptureOp:
+        dyn = [x, w]
+        params, buffers = self._indices(dyn)
+        cap = RuleCapture(rule=rule_for_op(F.linear), op=F.linear, names=["input", "weight"], static={},
+                          param_index=params, buffer_index=buffers, **self._common(n))
+        return self._install(n, cap, dyn)
 
     def _module_adapter(self, n: fx.Node, m: nn.Module) -> Any:
         """The module's ModuleCall (validating its options), or None without a rule."""
@@ -502,6 +531,28 @@ class _CaptureBuilder:
         if key in MATMUL and pos == 1:
             return "matmul", pos
         return None, 1
+
+
+_TRANSPOSE = {"t", "transpose", "permute", torch.t, torch.transpose, torch.permute, torch.ops.aten.t.default,
+              torch.ops.aten.transpose.int, torch.ops.aten.permute.default, torch.ops.aten.numpy_T.default,
+              torch.ops.aten.mT.default}
+
+
+def _swaps_two_dims(t: fx.Node) -> bool:
+    """``t`` is the transpose of a 2-D tensor, its first argument: ``.t()``, ``.T``, ``.mT``,
+    ``transpose(0, 1)`` (any two distinct dims of two), ``permute(1, 0)``, and their ATen ops."""
+    if t.op == "call_function" and t.target is getattr:
+        return len(t.args) == 2 and t.args[1] in ("T", "mT")
+    if t.target not in _TRANSPOSE or t.kwargs:
+        return False
+    rest = t.args[1:]
+    name = t.target if isinstance(t.target, str) else t.target.__name__.split(".")[0]
+    if name in ("t", "numpy_T", "mT"):
+        return not rest
+    if name == "transpose":
+        return len(rest) == 2 and all(isinstance(d, int) for d in rest) and rest[0] % 2 != rest[1] % 2
+    dims = rest[0] if len(rest) == 1 and isinstance(rest[0], (list, tuple)) else rest
+    return len(dims) == 2 and all(isinstance(d, int) for d in dims) and [d % 2 for d in dims] == [1, 0]
 
 
 def insert_captures(gm: fx.GraphModule, recorder: Recorder) -> List[CaptureOp]:

@@ -167,3 +167,49 @@ def test_check_reports_the_factored_plan():
     report = fxdp.check(SharedEmbeddingLM(), _inputs())
     plan = {lay.name: lay.bookkeeping for lay in report.layers}["emb.weight"]
     assert plan.startswith("tied (used by 3 ops): each use's norm (") and "cross terms" in plan, plan
+
+
+_TRANSPOSED = {
+    "t": lambda h, w: h @ w.t(),
+    "T": lambda h, w: h @ w.T,
+    "mT": lambda h, w: h @ w.mT,
+    "transpose": lambda h, w: torch.matmul(h, w.transpose(0, 1)),
+    "transpose_neg": lambda h, w: h.matmul(w.transpose(-1, -2)),
+    "permute": lambda h, w: h @ w.permute(1, 0),
+    "torch_t": lambda h, w: torch.matmul(h, torch.t(w)),
+}
+
+
+class TransposedHead(nn.Module):
+    """A head computed on the embedding's weight, ``h @ W.t()`` (tied), and a raw ``[5, d]``
+    parameter used as ``pooled @ P.t()`` on a 2-D input (untied)."""
+
+    def __init__(self, how: str):
+        super().__init__()
+        self.emb = nn.Embedding(11, 6, padding_idx=0)
+        self.fc = nn.Linear(6, 6)
+        self.proj = nn.Parameter(torch.randn(5, 6))
+        self.how = _TRANSPOSED[how]
+
+    def forward(self, ids):
+        h = torch.tanh(self.fc(self.emb(ids)))
+        return torch.cat([self.how(h, self.emb.weight).flatten(1), self.how(h.mean(1), self.proj)], 1)
+
+
+@pytest.mark.parametrize("capture", ["auto", "export"])
+@pytest.mark.parametrize("how", sorted(_TRANSPOSED))
+def test_matmul_with_a_transposed_weight_is_served_by_the_linear_rule(how, capture, f64):
+    """``x @ W.t()`` and its spellings on a 2-D parameter are ``F.linear(x, W)``: served by the
+    linear rule (per-sample gradients equal each sample alone), not the ``torch.func``
+    fallback, so a head tied to its embedding takes factored norms in book-keeping."""
+    from oracle import check_privatized
+
+    torch.manual_seed(0)
+    ids = torch.randint(0, 11, (4, 5), generator=torch.Generator().manual_seed(8))
+    ids[0, :2] = 0
+    dp = check_privatized(TransposedHead(how), ids, capture=capture)
+    rules = {p: r["rule"] for r in dp.capture_table() for p in r["params"] if r["rule"] in ("linear",)}
+    assert not [r for r in dp.capture_table() if "torch.func" in r["rule"]], dp.capture_table()
+    assert rules.get("emb.weight") == "linear" and rules.get("proj") == "linear", dp.capture_table()
+    plan = {lay.name: lay.bookkeeping for lay in fxdp.check(TransposedHead(how), (ids,)).layers}["emb.weight"]
+    assert "cross terms" in plan, plan
