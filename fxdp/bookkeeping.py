@@ -79,9 +79,6 @@ class BookKeeping(ClippedSumSource):
         #: ``bk_methods="measure"``: where a rule has several exact methods (ghost or materialized
         #: norms), time them on the first batch of each shape and keep the faster, per layer
         self.measure = False
-        #: parameters found tied (used by several capture ops) in the last pass: their norms
-        #: are not formed per record (a hint only; each pass counts its uses again)
-        self._tied_hint: set = set()
         self._clipping: List[_Pass] = []  # the passes being clipped (for :meth:`held_bytes`)
 
     # -- capture side ---------------------------------------------------------------
@@ -97,8 +94,9 @@ class BookKeeping(ClippedSumSource):
         if not self.records:
             torch.autograd.Variable._execution_engine.queue_callback(self._close_pass)
         self.records.append(rec)
-        single = [i for i, p in rec.params.items()
-                  if id(p) not in self._tied_hint and rec.op.param_index.get(i) not in rec.op.shared]
+        # tied parameters (marked by the capture pass) wait for every use: their norm is not a
+        # sum of the uses' (a mark only; each pass counts its uses again)
+        single = [i for i in rec.params if rec.op.param_index.get(i) not in rec.op.shared]
         # a layer whose norms keep its per-sample gradients: norms now, and drop a and g
         # (other layers need a and g at the step anyway: their norms wait for the pass's end)
         try:
@@ -121,7 +119,6 @@ class BookKeeping(ClippedSumSource):
         for r in records:
             for p in r.params.values():
                 uses[id(p)] = uses.get(id(p), 0) + 1
-        self._tied_hint = {k for k, n in uses.items() if n > 1}
         sq, tied, factored = self._squared_norms(records, uses, self.measure)
         self.pending.append(_Pass(records, B, sq, tied, uses, factored))
 

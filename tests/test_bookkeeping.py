@@ -107,8 +107,8 @@ def test_bk_clipped_sums_equal_materialized(name, per_layer, monkeypatch):
     bounds = [0.05 * (j + 1) for j in range(nparams)] if per_layer else 0.3
     expected = clipped_sums_materialized(dpm, x, w, bounds, per_layer)
     pb = [p for p in dpb.parameters() if p.requires_grad]
-    # (bk_clipped_sums asserts the activations are freed once the sums are formed); the
-    # second pass runs with the tied parameters of the first known (norms skipped per record)
+    # (bk_clipped_sums asserts the activations are freed once the sums are formed); a second
+    # pass on the same model gives the same sums (its records, methods and marks reused)
     for _ in range(2):
         sums = bk_clipped_sums(dpb, lambda: dpb(x).mul(w).sum().div(x.shape[0]).backward(), bounds, per_layer)
         for j, (p, e) in enumerate(zip(pb, expected)):
