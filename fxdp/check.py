@@ -34,7 +34,6 @@ from .check_findings import (
     _capture_findings,
     _dedupe,
     _eager_updates,
-    _failed_run,
     _finding,
     _frozen_bn_notes,
     _ignored,
@@ -51,8 +50,9 @@ from .check_layers import _bk_plans, _bk_plans_exported, _layers
 from .errors import FxdpError, SymbolicGraphError, UnsupportedModelError
 from .example_inputs import call_inputs
 from .model_state import ModelState
-from .passes.batch_dims import input_batch_dim
+from .passes.batch_dims import batch_size as first_batch_size
 from .passes.batch_mixing import MixingFinding, analyze_batch_mixing, small_model_threads
+from .passes.batch_mixing.report import failed_run
 from .report import CompatibilityReport, Finding, LayerInfo
 from .tracer import DPTracer, trace
 
@@ -118,13 +118,11 @@ class _CheckTracer(DPTracer):
         super()._rollback(last)
 
 
-def _batch_size(args: Sequence[Any], batch_dim: int) -> int:
-    for t in tree_flatten(list(args))[0]:
-        if isinstance(t, Tensor):
-            d = input_batch_dim(t, batch_dim)
-            if d is not None:
-                return int(t.shape[d])
-    raise ValueError("example_inputs must contain at least one batched tensor")
+def _batch_size(args: Sequence[Any], kwargs: Dict[str, Any], batch_dim: Any, default: int) -> int:
+    B = first_batch_size(list(args), batch_dim) or first_batch_size([kwargs], default)
+    if B is None:
+        raise ValueError("example_inputs must contain at least one batched tensor")
+    return B
 
 
 def check(
@@ -132,6 +130,7 @@ def check(
     example_inputs: Union[Tensor, Sequence[Any], Mapping[str, Any]],
     *,
     batch_first: bool = True,
+    input_batch_dims: Optional[Sequence[Optional[int]]] = None,
     batch_size: Optional[int] = None,
     ignore: Iterable[Ignore] = (),
     rewrite_options: Optional[Dict[str, Any]] = None,
@@ -148,6 +147,9 @@ def check(
             a dict of its keyword inputs (a Hugging Face batch); every tensor is
             batched along the batch dimension.
         batch_first: ``False`` when inputs are ``[T, B, ...]`` (batch dimension 1).
+        input_batch_dims: the batch dimension of each positional input, ``None`` for
+            one without (``nn.EmbeddingBag``'s flat indices next to ``offsets``:
+            ``[None, 0]``), as in ``privatize``; overrides ``batch_first``.
         batch_size: batch size for the per-sample gradient memory of
             ``report.layers`` (default: the example batch size).
         ignore: findings to accept anyway: a node name, a finding code
@@ -180,8 +182,13 @@ def check(
     if not isinstance(batch_first, bool):
         raise TypeError(f"batch_first must be True or False, got {batch_first!r}")
     args, kwargs = call_inputs(example_inputs, example_kwargs)
-    batch_dim = 0 if batch_first else 1
-    B0 = _batch_size(list(args) + list(kwargs.values()), batch_dim)
+    batch_dim: Any = 0 if batch_first else 1
+    if input_batch_dims is not None:
+        batch_dim = list(input_batch_dims)
+        if dynamic:
+            raise ValueError("fxdp.check(dynamic=True) perturbs samples along one batch dimension; it does not "
+                             "take input_batch_dims: drop dynamic=True, or pass inputs batched along batch_first")
+    B0 = _batch_size(args, kwargs, batch_dim, 0 if batch_first else 1)
     if B0 < 1:
         raise ValueError("example_inputs need at least one sample")
     if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
@@ -193,7 +200,7 @@ def check(
                       dynamic, batch_first, t0, kwargs)
 
 
-def _check(model: nn.Module, args: Tuple[Any, ...], batch_dim: int, B0: int, batch_size: Optional[int],
+def _check(model: nn.Module, args: Tuple[Any, ...], batch_dim: Any, B0: int, batch_size: Optional[int],
            outer: Set[Tuple[str, int]], ignores: List[Ignore], rewrite_options: Optional[Dict[str, Any]],
            leaf_modules: Iterable[type], dynamic: bool, batch_first: bool, t0: float,
            kwargs: Optional[Dict[str, Any]] = None) -> CompatibilityReport:
@@ -229,7 +236,7 @@ def _check(model: nn.Module, args: Tuple[Any, ...], batch_dim: int, B0: int, bat
             untraceable = dict(gm.meta.get("fxdp_untraceable", {}))
             result = analyze_batch_mixing(gm, args, batch_dim=batch_dim, untraceable=untraceable, root=root)
             if result.failed:
-                raw.append((_failed_run(gm, args, result.failed, B0), None))
+                raw.append((failed_run(gm, args, result.failed, B0, result.failed_at), None))
             raw += _untraceable_parts(gm, root, untraceable, tracer.trace_errors)
             raw += [(f, None) for f in result.findings]
             raw += _frozen_bn_notes(gm, frozen_bn)
@@ -355,7 +362,7 @@ class _CallableModule(types.ModuleType):
 sys.modules[__name__].__class__ = _CallableModule
 
 
-def _check_exported(root: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any], batch_dim: int,
+def _check_exported(root: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any], batch_dim: Any,
                     rewrites: List[Any], batch_size: int,
                     outer: Set[Tuple[str, int]]) -> Tuple[List[Finding], List[LayerInfo]]:
     """Findings and layer table from the ``torch.export`` graph privatize runs."""
@@ -369,7 +376,7 @@ def _check_exported(root: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, An
                        node.name if node is not None else "", str(node.meta.get("fxdp_module") or "")
                        if node is not None else "", file, line, text, problem, fix)
 
-    dims = leaf_batch_dims(args, kwargs, batch_dim, batch_dim)
+    dims = leaf_batch_dims(args, kwargs, batch_dim, batch_dim if isinstance(batch_dim, int) else 0)
     try:
         gm = exported_graph(root, args, kwargs, dims)
     except FxdpError as e:  # cannot be captured: an error, never a pass, at the line that stops export

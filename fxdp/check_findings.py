@@ -4,14 +4,13 @@ de-duplication and the ``ignore=`` / ``# fxdp: ignore`` filtering of the report.
 from __future__ import annotations
 
 import sys
-from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple, Union
 
-import torch
 import torch.fx as fx
 from torch import nn
 
 from .model_state import ModelState
-from .passes.batch_mixing import MixingFinding, fork_rng, op_name
+from .passes.batch_mixing import MixingFinding, op_name
 from .passes.batch_mixing.guard import SOURCE_LINE, SUPPRESS
 from .report import Finding
 from .tracer import _FXDP_DIR, _TORCH_DIR
@@ -187,32 +186,15 @@ def _known_torch_module(m: nn.Module) -> bool:
         nn.EmbeddingBag, nn.Linear, nn.Bilinear, nn.modules.conv._ConvNd))
 
 
-def _failed_run(gm: fx.GraphModule, args: Sequence[Any], why: str, B0: int) -> MixingFinding:
-    node = next(n for n in gm.graph.nodes if n.op == "placeholder") if any(
-        n.op == "placeholder" for n in gm.graph.nodes) else next(iter(gm.graph.nodes))
-    try:
-        with torch.no_grad(), fork_rng(args):
-            fx.Interpreter(gm).run(*args)  # not gm(*args): GraphModule prints failures to stderr
-        runs = True
-    except Exception:
-        runs = False
-    if runs:
-        return MixingFinding(
-            node, "batch-size", "error",
-            f"the model runs on the example batch (size {B0}) but fails at other batch sizes ({why}): it "
-            "hard-codes the batch size, and DP-SGD's Poisson sampling gives every step a different one",
-            "use the runtime batch size (`x.shape[0]`, `x.view(x.shape[0], -1)`) instead of a constant")
-    return MixingFinding(
-        node, "run-failed", "error", f"the model fails on the example inputs ({why})",
-        "check the example input shapes and dtypes (--input-shape/--dtype on the command line)")
-
-
 def _capture_findings(originals: Dict[str, fx.Node], result: Any,
                       cap_nodes: Dict[str, Any]) -> List[Tuple[MixingFinding, None]]:
     """Layers with trainable parameters applied to a folded batch: privatize needs
     each sample's rows apart (it raises BatchDimensionError at the first backward)."""
     out = []
     for name, cn in cap_nodes.items():
+        op = cn.graph.owning_module.get_submodule(cn.target) if cn.op == "call_module" else None
+        if getattr(getattr(op, "rule", None), "segments", False):  # its bags are the samples
+            continue
         for a in cn.args:
             if not isinstance(a, fx.Node):
                 continue

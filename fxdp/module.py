@@ -49,7 +49,7 @@ def adopt(gm: fx.GraphModule, model: nn.Module, extra: Optional[Dict[str, nn.Mod
 
 
 def _signature(args: Tuple[Any, ...], batch_dim: Any) -> Tuple[Optional[int], tuple]:
-    """(batch size, a key of everything but the batch size)."""
+    """(batch size, a key of everything but the batch size and flat inputs' lengths)."""
     B: Optional[int] = None
     key: List[Any] = []
     for arg, bd in zip(args, per_arg(args, batch_dim)):
@@ -63,6 +63,8 @@ def _signature(args: Tuple[Any, ...], batch_dim: Any) -> Tuple[Optional[int], tu
                     if B is None:
                         B = shape[d]
                     shape[d] = -1
+                elif shape:  # a flat input (no batch dimension): its length varies with its bags
+                    shape[0] = -1
                 key.append((tuple(shape), t.dtype, t.device.type))
             else:
                 key.append(type(t).__name__)
@@ -157,17 +159,18 @@ class DPModule(fx.GraphModule):
     def _refuse_mixing(self, args: Tuple[Any, ...], key: tuple) -> None:
         """Fail closed, once per input signature (``passes/batch_mixing/guard.py``): the
         batch-mixing analysis on the graph before capture ops (the rewritten model's own
-        ops) with these inputs. Not on an empty batch (nothing to analyse: the next batch
-        is), nor on a model kept whole or inputs without a batch dimension (flat indices
-        next to offsets): those are served by the fallback, which checks every step, or
-        tested by ``fxdp.verify``."""
+        ops) with these inputs; flat inputs without a batch dimension are cut into
+        samples by their offsets (``passes/batch_mixing/ragged.py``). Not on an empty
+        batch (nothing to analyse: the next batch is), nor on a model kept whole: that
+        is served by the fallback, which checks every step."""
         if not _signature(args, self.batch_dim)[0]:
             return
-        whole = self.__dict__.get("_original_model") is not None
-        if not whole and all(d is not None for d in per_arg(args, self.batch_dim)):
+        if self.__dict__.get("_original_model") is None:
             plain = fx.GraphModule(self, copy.deepcopy(self._plain_graph), self._class_name)
-            refuse_mixing(plain, args, batch_dim=self.batch_dim, untraceable=self.untraceable,
-                          root=self.__dict__.get("_source_root", self), allow_unsafe_model=self.allow_unsafe_model)
+            if refuse_mixing(plain, args, batch_dim=self.batch_dim, untraceable=self.untraceable,
+                             root=self.__dict__.get("_source_root", self),
+                             allow_unsafe_model=self.allow_unsafe_model) is None:
+                return  # these inputs do not run the model: nothing proven, the next call is analysed
         self._proven.add(key)  # refused signatures are analysed (and refused) again
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:

@@ -214,7 +214,9 @@ def privatize(
         batch_first: ``False`` when sequence inputs are ``[T, B, ...]``.
         input_batch_dims: the batch dimension of each positional input, ``None``
             for an input without one (e.g. ``nn.EmbeddingBag``'s flat indices next
-            to ``offsets``); overrides ``batch_first``.
+            to ``offsets``: ``[None, 0]``; such an input is cut into samples by the
+            offsets, and one that no offsets input cuts is refused); overrides
+            ``batch_first``.
         example_inputs: optional inputs to analyze batch dimensions up front
             (otherwise done on the first forward pass of each input signature): a
             tensor, a tuple of positional inputs, or a dict of keyword inputs.

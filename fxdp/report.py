@@ -89,7 +89,7 @@ class CompatibilityReport:
     layers: List[LayerInfo]
     rewrites: List[Dict[str, Any]] = field(default_factory=list)
     ignored: List[Finding] = field(default_factory=list)
-    batch_dim: int = 0
+    batch_dim: Any = 0  # an int, or one per positional input (None: no batch dimension)
     batch_size: int = 0
     example_batch_size: int = 0
     graph: Dict[str, Any] = field(default_factory=dict, repr=False)
@@ -162,7 +162,7 @@ class CompatibilityReport:
             f"fxdp.check: {self.model}: {status} ({_count(len(self.errors), 'error')}, "
             f"{_count(len(self.warnings), 'warning')}, {_count(len(self.infos), 'note')}"
             + (f", {len(self.ignored)} ignored" if self.ignored else "") + ")",
-            f"  batch dimension {self.batch_dim}; per-sample gradient memory at batch size {self.batch_size}: "
+            f"  {_batch_dims_text(self.batch_dim)}; per-sample gradient memory at batch size {self.batch_size}: "
             f"{_bytes(self.grad_sample_bytes)}",
         ]
         if self.findings or self.ignored:
@@ -202,6 +202,12 @@ class CompatibilityReport:
             with open(p, "w", encoding="utf-8") as fh:
                 fh.write(svg)
         return svg
+
+
+def _batch_dims_text(batch_dim: Any) -> str:
+    if isinstance(batch_dim, int):
+        return f"batch dimension {batch_dim}"
+    return "batch dimension of each input " + ", ".join("none" if d is None else str(d) for d in batch_dim)
 
 
 def _count(n: int, word: str) -> str:
@@ -313,7 +319,7 @@ def render_svg(report: CompatibilityReport) -> str:
         f'<text x="{margin}" y="28" font-size="18" font-weight="bold">{e(report.model)}: '
         f'{"OK" if report.ok else "NOT COMPATIBLE"}</text>',
         f'<text x="{margin}" y="48" font-size="12" fill="#444">{_count(len(report.errors), "error")}, '
-        f'{_count(len(report.warnings), "warning")}; batch dimension {report.batch_dim}; B = batch size; hover a '
+        f'{_count(len(report.warnings), "warning")}; {e(_batch_dims_text(report.batch_dim))}; B = batch size; hover a '
         'node for details</text>',
     ]
     lx = float(margin)

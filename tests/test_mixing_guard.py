@@ -165,3 +165,121 @@ def test_a_view_of_a_permuted_copy_is_analysed(f64):
         model.zero_grad()
         model(x[i:i + 1]).pow(2).sum().backward()
         torch.testing.assert_close(got[i], model.l.weight.grad, rtol=1e-10, atol=1e-12)
+
+
+class Bags(nn.Module):
+    """A text classifier on flat token ids and their offsets (nn.EmbeddingBag, as in
+    PyTorch's text-classification tutorial), with an optional op after the bags."""
+
+    def __init__(self, after=None):
+        super().__init__()
+        self.bag = nn.EmbeddingBag(50, 6, mode="sum" if after == "weights" else "mean")
+        self.fc = nn.Linear(6, 2)
+        self.after = after
+
+    def forward(self, text, offsets, weights=None):
+        if self.after == "weights":
+            h = self.bag(text, offsets, per_sample_weights=weights)
+        else:
+            h = self.bag(text, offsets)
+        if self.after == "centered":
+            h = h - h.mean(0)
+        elif self.after == "token-mean":  # every bag scaled by a statistic of the whole batch's tokens
+            h = h * text.float().mean()
+        elif self.after == "tanh":
+            h = torch.tanh(h)
+        return self.fc(h)
+
+
+_TEXT, _OFFSETS = torch.tensor([3, 7, 1, 9, 9, 4, 0, 2, 8, 5, 11]), torch.tensor([0, 3, 3, 7])
+
+
+@pytest.mark.parametrize("after, match", [
+    ("centered", r"h - h\.mean\(0\)"),
+    ("token-mean", r"text\.float\(\)\.mean\(\)"),
+])
+def test_flat_inputs_are_analysed_with_their_offsets(after, match):
+    """Inputs without a batch dimension (flat token ids beside offsets) skipped the guard:
+    ``h - h.mean(0)`` after the bags, or a statistic of the whole batch's tokens, was
+    served with wrong grad_sample (the export path refused both)."""
+    dp = fxdp.privatize(Bags(after), capture="fx", input_batch_dims=(None, 0))
+    with pytest.raises(fxdp.UnsupportedOpError, match=match):
+        dp(_TEXT, _OFFSETS)
+
+
+@pytest.mark.parametrize("after", [None, "weights", "tanh"])
+def test_flat_inputs_that_keep_samples_apart_are_served_exactly(after, f64):
+    """Each bag's rows are its sample's (an empty bag included): served, and every
+    per-sample gradient is that bag's alone (float64), on a second batch of another
+    length too (flat lengths are not part of the input signature)."""
+    torch.manual_seed(3)
+    model = Bags(after).double()
+    dp = fxdp.privatize(model, capture="fx", input_batch_dims=(None, 0, None), loss_reduction="sum")
+    for text, offsets in [(_TEXT, _OFFSETS), (_TEXT[:6], torch.tensor([0, 1, 4]))]:
+        weights = torch.rand(len(text), dtype=torch.float64)
+        for p in model.parameters():
+            p.grad_sample = None
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            dp(text, offsets, weights).pow(2).sum().backward()
+        got = {n: p.grad_sample.clone() for n, p in model.named_parameters()}
+        bounds = offsets.tolist() + [len(text)]
+        for i in range(len(offsets)):
+            s, e = bounds[i], bounds[i + 1]
+            model.zero_grad()
+            model(text[s:e], torch.tensor([0]), weights[s:e]).pow(2).sum().backward()
+            for n, p in model.named_parameters():
+                torch.testing.assert_close(got[n][i], p.grad, rtol=1e-10, atol=1e-12, msg=f"{n}, bag {i}")
+
+
+def test_flat_inputs_without_offsets_are_refused():
+    """A flat input that no offsets input cuts into samples cannot be attributed to them."""
+
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, x, table):
+            return self.fc(x * table.mean())
+
+    dp = fxdp.privatize(Shared(), capture="fx", input_batch_dims=(0, None))
+    with pytest.raises(fxdp.UnsupportedOpError, match=r"(?s)cannot prove.*input `table` has no batch dimension.*"
+                                                      r"register_buffer"):
+        dp(torch.randn(5, 4), torch.randn(3))
+
+
+def test_a_hard_coded_batch_size_is_refused():
+    """A model the analysis cannot run at other batch sizes is not proven: before, it was
+    served (``h - h.mean(0)`` included) whenever the batch had the hard-coded size;
+    ``fxdp.check`` reported it and ``privatize`` did not."""
+
+    class Fixed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(12, 2)
+
+        def forward(self, x):
+            h = x.view(8, -1)
+            return self.fc(h - h.mean(0))
+
+    dp = fxdp.privatize(Fixed(), capture="fx")
+    with pytest.raises(fxdp.UnsupportedOpError, match=r"(?s)cannot prove.*hard-codes the batch size.*x\.shape\[0\]"):
+        dp(torch.randn(8, 3, 4))
+    dp = fxdp.privatize(Fixed(), capture="fx", allow_unsafe_model=True)
+    with pytest.warns(UserWarning, match="allow_unsafe_model=True"):
+        dp(torch.randn(8, 3, 4))
+
+
+def test_check_reads_flat_inputs_with_their_offsets():
+    """fxdp.check takes privatize's input_batch_dims: flat token ids beside offsets. Read
+    along dimension 0 as a batch, the 11 token ids were reported as a model that
+    hard-codes its batch size."""
+    report = fxdp.check(Bags(), (_TEXT, _OFFSETS), input_batch_dims=[None, 0])
+    assert report.ok, report
+    assert report.example_batch_size == 4 and "batch dimension of each input none, 0" in str(report)
+    report = fxdp.check(Bags("centered"), (_TEXT, _OFFSETS), input_batch_dims=[None, 0])
+    assert [(f.code, f.source) for f in report.errors] == [("batch-reduction", "h = h - h.mean(0)")]
+    assert not fxdp.check(Bags(), (_TEXT, _OFFSETS)).ok  # without them, no batch dimension fits
+    with pytest.raises(ValueError, match="dynamic=True.*input_batch_dims"):
+        fxdp.check(Bags(), (_TEXT, _OFFSETS), input_batch_dims=[None, 0], dynamic=True)

@@ -19,7 +19,7 @@ import torch.fx as fx
 from torch import Tensor
 from torch.utils._pytree import tree_flatten, tree_map
 
-__all__ = ["propagate_batch_dims", "classify", "input_batch_dim", "per_arg"]
+__all__ = ["propagate_batch_dims", "classify", "input_batch_dim", "per_arg", "batch_size"]
 
 SIZES = (5, 7)
 
@@ -43,6 +43,17 @@ def per_arg(args: Sequence[Any], batch_dim: BatchDims) -> List[Optional[int]]:
     if len(dims) < len(args):
         dims += [dims[-1] if dims else 0] * (len(args) - len(dims))
     return dims
+
+
+def batch_size(args: Sequence[Any], batch_dim: "BatchDims") -> Optional[int]:
+    """The batch size of positional inputs ``args``: the first batched tensor's size along
+    its batch dimension (None when no tensor has one)."""
+    for a, bd in zip(args, per_arg(args, batch_dim)):
+        for t in tree_flatten(a)[0]:
+            d = input_batch_dim(t, bd) if isinstance(t, Tensor) else None
+            if d is not None:
+                return int(t.shape[d])
+    return None
 
 
 def classify(v1: Any, v2: Any, b1: int, b2: int) -> Any:

@@ -64,6 +64,9 @@ class PerSampleRule:
     param_args: Tuple[str, ...] = ("weight", "bias")
     input_arg: Optional[str] = "input"
     folds: bool = False
+    #: the rule cuts a flat input (no batch dimension) into samples by its offsets itself
+    #: (``F.embedding_bag``'s 1-D ``input``): there a batch folded into dimension 0 is its bags
+    segments: bool = False
     clipped_sum_into: bool = False
     #: parameters whose per-sample gradient :meth:`grad_factors` gives in factored form
     factored: FrozenSet[str] = frozenset()

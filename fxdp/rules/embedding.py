@@ -338,6 +338,7 @@ class EmbeddingBagRule(PerSampleRule):
     name = "embedding_bag"
     param_args = ("weight",)
     input_arg = None  # bags are always dim 0 of the output; 1-D input + offsets handled here
+    segments = True
 
     def signature(self, input, weight, offsets=None, max_norm=None, norm_type=2, scale_grad_by_freq=False,
                   mode="mean", sparse=False, per_sample_weights=None, include_last_offset=False,

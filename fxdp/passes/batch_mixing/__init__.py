@@ -39,6 +39,8 @@ The package, one job per module:
 * ``analysis``: the interpreter (traversal, state, checks) and
   ``analyze_batch_mixing``;
 * ``execution``: the real runs at two batch sizes;
+* ``ragged``: flat inputs without a batch dimension, cut into samples by their
+  offsets (``nn.EmbeddingBag``): their tags and their inputs at the two sizes;
 * ``report``: findings, results and the explanation of a mixing op.
 """
 from __future__ import annotations

@@ -15,6 +15,7 @@ from .dispatch import resolve
 from .execution import _Run, fork_rng, resize_batch, small_model_threads
 from .fast import fast_tag
 from .ops import _Unknown, op_name
+from .ragged import Segmentation, segmentation, resize_ragged
 from .report import MixingFinding, MixingResult, demote_loss_reductions, describe_mixing
 from .tags import NO, NT, _is_fold, _is_int, combine, const, fit, fmt_hint, ideal, ideal_dim, is_clean, reduce_all, \
     uniform
@@ -44,6 +45,9 @@ class BatchMixingAnalysis:
         self.batch_dim = batch_dim
         #: the batch dimension of each positional input (None: it has none)
         self.input_dims: List[Optional[int]] = per_arg(self.args, batch_dim)
+        #: how inputs without a batch dimension are cut into samples (``ragged.py``): a
+        #: Segmentation, None (no such inputs), or why they cannot be (reported at the input)
+        self.segments = segmentation(self.args, self.input_dims, prefer=_offsets_inputs(gm))
         self.b1, self.b2 = sizes
         self.untraceable = dict(untraceable or {})
         self.tags: Dict[fx.Node, Any] = {}
@@ -62,17 +66,25 @@ class BatchMixingAnalysis:
             with torch.no_grad(), fork_rng(self.args):
                 torch.manual_seed(seed)
                 r2 = _Run(self.gm)
-                r2.run(*resize_batch(self.args, self.batch_dim, self.b2))
+                r2.run(*self._resized(self.b2))
                 self._shapes2 = r2.shapes
                 torch.manual_seed(seed)
                 r1 = _Run(self.gm, on_node=self._visit, pre=self._pre)
-                r1.run(*resize_batch(self.args, self.batch_dim, self.b1))
+                r1.run(*self._resized(self.b1))
         except Exception as e:  # the model does not run at these batch sizes
             where = getattr(locals().get("r1", None) or locals().get("r2", None), "current", None)
             return MixingResult(self.findings, self.hints, {}, self.b1, self.fold_origin,
-                                failed=f"{type(e).__name__}: {e}" + (f" (at node {where.name})" if where else ""))
+                                failed=f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+                                + (f" (at node {where.name})" if where else ""),
+                                failed_at=where.name if where else None)
         demote_loss_reductions(self.findings, self.hints)
         return MixingResult(self.findings, self.hints, r1.shapes, self.b1, self.fold_origin)
+
+    def _resized(self, b: int) -> List[Any]:
+        """The example inputs at batch size ``b`` (flat inputs rebuilt bag by bag)."""
+        if isinstance(self.segments, Segmentation):
+            return resize_ragged(self.args, self.input_dims, self.segments, b, resize_batch)
+        return resize_batch(self.args, self.input_dims, b)
 
     # -- state, for the transfer functions -------------------------------------------------
     def tag(self, a: Any) -> Any:
@@ -275,6 +287,24 @@ class BatchMixingAnalysis:
                         "sample in the loss",
                         dim=h[1], k=h[2],
                     )
+
+
+def _offsets_inputs(gm: fx.GraphModule) -> List[int]:
+    """Positional inputs the graph passes as ``offsets`` to ``nn.EmbeddingBag`` or
+    ``F.embedding_bag``."""
+    phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    mods = dict(gm.named_modules())
+    out = []
+    for n in gm.graph.nodes:
+        if n.op == "call_module" and isinstance(mods.get(str(n.target)), nn.EmbeddingBag):
+            off = n.args[1] if len(n.args) > 1 else n.kwargs.get("offsets")
+        elif n.op == "call_function" and n.target is torch.nn.functional.embedding_bag:
+            off = n.args[2] if len(n.args) > 2 else n.kwargs.get("offsets")
+        else:
+            continue
+        if isinstance(off, fx.Node) and off in phs:
+            out.append(phs.index(off))
+    return out
 
 
 def analyze_batch_mixing(

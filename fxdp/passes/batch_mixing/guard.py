@@ -16,10 +16,11 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch.fx as fx
 from torch import nn
 
-from ...errors import UnsupportedOpError, where
-from ..batch_dims import BatchDims
+from ...errors import BatchDimensionError, UnsupportedOpError, where
+from ..batch_dims import BatchDims, batch_size
 from .analysis import analyze_batch_mixing
-from .report import MixingFinding
+from .report import MixingFinding, failed_run
+
 
 __all__ = ["refuse_mixing", "mixing_refusal", "serve_unsafe", "suppressed", "SUPPRESS", "SOURCE_LINE"]
 
@@ -27,6 +28,9 @@ __all__ = ["refuse_mixing", "mixing_refusal", "serve_unsafe", "suppressed", "SUP
 SUPPRESS = "fxdp: ignore"
 #: ``node.meta["fxdp_source"]``: "file:line: code"
 SOURCE_LINE = re.compile(r"^(?P<file>.+?):(?P<line>\d+)(?:: (?P<code>.*))?$")
+
+#: findings that say the analysis could not run or attribute an input, not that samples mix
+UNPROVEN = ("batch-size", "batch-dimension", "unattributed-input")
 
 FIX = ("Fix: compute the loss outside the model, per sample (e.g. cross_entropy(..., reduction='sum' or 'mean' "
        "over the batch) and do not divide by a count over the batch, such as num_items_in_batch=), and keep "
@@ -64,14 +68,14 @@ def _line(f: MixingFinding) -> str:
 
 
 def refuse_mixing(gm: fx.GraphModule, args: Sequence[Any], *, batch_dim: BatchDims, untraceable: Dict[str, str],
-                  root: nn.Module, allow_unsafe_model: bool = False) -> List[MixingFinding]:
+                  root: nn.Module, allow_unsafe_model: bool = False) -> Optional[List[MixingFinding]]:
     """Run the analysis on ``gm`` with the real inputs ``args``; raise
     ``UnsupportedOpError`` on every error it finds (an op that mixes samples, one it
     could not process), except on source lines marked ``# fxdp: ignore``;
-    ``allow_unsafe_model``: warn instead. A model that does not run at the analysis'
-    batch sizes (5 and 7: a batch size fixed in the code, or inputs without a batch
-    dimension) is left to the capture ops, which refuse a batch they cannot attribute
-    to its samples at every step. Buffers are restored. Returns the errors."""
+    ``allow_unsafe_model``: warn instead. A model the analysis cannot run at its batch
+    sizes (5 and 7: a batch size fixed in the code) is not proven, so it is refused too
+    (``report.failed_run``). Buffers are restored. Returns the errors, or None when the
+    model does not run on ``args`` at all (nothing analysed: its call raises its own error)."""
     saved = [(b, b.detach().clone()) for b in gm.buffers()]
     try:
         result = analyze_batch_mixing(gm, args, batch_dim=batch_dim, untraceable=untraceable, root=root)
@@ -79,11 +83,22 @@ def refuse_mixing(gm: fx.GraphModule, args: Sequence[Any], *, batch_dim: BatchDi
         for b, v in saved:
             if b.shape == v.shape:
                 b.data.copy_(v)
-    errors = [f for f in result.findings if f.severity == "error" and not suppressed(f.node.meta.get("fxdp_source"))]
+    findings = list(result.findings)
+    if result.failed:
+        failed = failed_run(gm, args, result.failed, batch_size(args, batch_dim), result.failed_at)
+        if failed.code == "run-failed":  # fails on these inputs too: the call raises the model's own error
+            return None
+        findings.append(failed)
+    errors = [f for f in findings if f.severity == "error" and not suppressed(f.node.meta.get("fxdp_source"))]
     lines = [_line(f) for f in errors]
     if not lines:
         return errors
     if allow_unsafe_model:
         serve_unsafe(lines)
         return errors
+    if all(f.code in UNPROVEN for f in errors):  # nothing found mixing: nothing proven either
+        if any(f.code == "batch-dimension" for f in errors):
+            raise BatchDimensionError("fxdp cannot read the batch dimension of this call:\n" + "\n".join(lines))
+        raise UnsupportedOpError("fxdp cannot prove that samples stay apart in this model, so it does not serve it "
+                                 "(per-sample gradients and the DP guarantee would be unchecked):\n" + "\n".join(lines))
     raise mixing_refusal(lines)

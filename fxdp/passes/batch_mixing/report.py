@@ -3,12 +3,15 @@ and the user-facing explanation (code, problem, fix) of a node that mixes sample
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, NamedTuple, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
+import torch
 import torch.fx as fx
+from torch.utils._pytree import tree_flatten
 from torch import Tensor, nn
 from torch.nn.modules import batchnorm, rnn
 
+from .execution import fork_rng
 from .ops import _FUNCS, _REDUCTIONS, _family, _hashable, op_name
 from .tags import MIX, NO, _is_fold, _is_int, const, fmt_hint, uniform
 from .transfer.reduction import reduce_dims
@@ -37,6 +40,38 @@ class MixingResult:
     batch_size: int  # b1
     fold_origin: Dict[str, str]
     failed: Optional[str] = None  # why the analysis could not run
+    failed_at: Optional[str] = None  # the node it failed at
+
+
+def failed_run(gm: fx.GraphModule, args: Sequence[Any], why: str, B0: Optional[int],
+               at: Optional[str] = None) -> MixingFinding:
+    """The error for a model the analysis could not run at its batch sizes (``why``, at
+    node ``at``): nothing is proven (fail closed). Code ``"run-failed"`` when it fails on
+    ``args`` (batch size ``B0``) too; ``"batch-size"`` when a node passes ``B0`` as a
+    literal (a batch size fixed in the code, located there); else ``"batch-dimension"``
+    (an input whose batch dimension is not where it is read)."""
+    nodes = {n.name: n for n in gm.graph.nodes}
+    first = next((n for n in gm.graph.nodes if n.op == "placeholder"), None) or next(iter(gm.graph.nodes))
+    try:
+        with torch.no_grad(), fork_rng(args):
+            fx.Interpreter(gm).run(*args)  # not gm(*args): GraphModule prints failures to stderr
+    except Exception:
+        return MixingFinding(first, "run-failed", "error", f"the model fails on the example inputs ({why})",
+                             "check the example input shapes and dtypes (--input-shape/--dtype on the command line)")
+    fixed = next((n for n in gm.graph.nodes if n.op != "placeholder" and B0 is not None and B0 > 1 and any(
+        type(v) is int and v == B0 for v in tree_flatten((n.args, n.kwargs))[0])), None)
+    if fixed is not None:
+        return MixingFinding(
+            fixed, "batch-size", "error",
+            f"the model runs on this batch (size {B0}) but fails at other batch sizes ({why}): it hard-codes the "
+            "batch size, and DP-SGD's Poisson sampling gives every step a different one",
+            "use the runtime batch size (`x.shape[0]`, `x.view(x.shape[0], -1)`) instead of a constant")
+    return MixingFinding(
+        nodes.get(at or "", first), "batch-dimension", "error",
+        f"the model runs on this batch (size {B0}) but fails when the batch dimension changes ({why}): an input "
+        "has no batch dimension where fxdp reads one, so per-sample gradients cannot be attributed",
+        "pass a single sample with its batch dimension (`x.unsqueeze(0)`); batch_first=False for [T, B, ...] "
+        "inputs; input_batch_dims for inputs without a batch dimension (flat indices next to their offsets)")
 
 
 def _arg_dims(a: "BatchMixingAnalysis", n: fx.Node) -> Optional[List[int]]:

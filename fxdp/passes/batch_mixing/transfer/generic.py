@@ -12,6 +12,7 @@ from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from ...batch_dims import input_batch_dim
 from ..ops import op_name, shape_args
+from ..ragged import Segmentation, flat_inputs, segment_tags
 from ..tags import NO, NT, _is_fold, _is_int, _NoTag, along, combine, const, fit, ideal, reduce_all, uniform
 
 if TYPE_CHECKING:
@@ -28,6 +29,17 @@ def input_tags(an: "BatchMixingAnalysis", n: fx.Node, out: Any, name: Optional[s
     phs = [p for p in n.graph.nodes if p.op == "placeholder"]
     k = phs.index(n)
     bd = an.input_dims[k] if k < len(an.input_dims) else (an.batch_dim if isinstance(an.batch_dim, int) else 0)
+
+    seg = an.segments
+    if isinstance(seg, Segmentation) and k in seg.flat:  # flat data: each row is its bag's sample
+        return segment_tags(out.shape, seg.bag_len(), an.b1)
+    if isinstance(seg, str) and k in flat_inputs(an.args, an.input_dims):
+        an.add(n, "unattributed-input", "error",
+               f"input `{n.target}` has no batch dimension, yet it is not a value every sample shares that "
+               f"fxdp can tell: {seg}, so its elements cannot be attributed to samples",
+               "give it a batch dimension (input_batch_dims), pass a tensor every sample shares as a buffer of "
+               "the model (register_buffer), or pass flat per-sample data with the offsets that cut it into "
+               "samples (nn.EmbeddingBag's input and offsets, input_batch_dims=[None, 0])")
 
     def one(v: Any) -> Any:
         if not isinstance(v, Tensor):

@@ -248,7 +248,7 @@ def index(an: "BatchMixingAnalysis", n: fx.Node, out: Any, name: str) -> Any:
 
 def embedding_bag(an: "BatchMixingAnalysis", n: fx.Node, out: Tensor, inp: Any, offsets: Any, psw: Any,
                   include_last: bool, weight: Any) -> Tensor:
-    """Each bag combines its indices (and their per-sample weights and offsets)."""
+    """Each bag combines its indices (and their per-sample weights) and its offset."""
     it = an.tag(inp)
     iv = an.V(inp)
     w = reduce_all(an.tag(weight)) if weight is not None else const(())
@@ -265,6 +265,8 @@ def embedding_bag(an: "BatchMixingAnalysis", n: fx.Node, out: Tensor, inp: Any, 
         seg = it[lo:hi]
         if pt is not None:
             seg = combine(seg, pt[lo:hi])
-        r = combine(reduce_all(seg) if seg.numel() else const(()), ot[j], ot[min(j + 1, ot.shape[0] - 1)])
+        # bag j is its rows and its start; offsets[j + 1], its end, is bag j + 1's start: where the
+        # bags meet, not a value of another sample
+        r = combine(reduce_all(seg) if seg.numel() else const(()), ot[j])
         bags.append(r)
     return fit(combine(torch.stack(bags).reshape(-1, 1), w), out.shape)
