@@ -28,7 +28,8 @@ from torch.utils._pytree import tree_flatten, tree_map
 from .errors import PerSampleGradientError
 from .example_inputs import call_inputs
 from .model_state import ModelState
-from .passes.batch_dims import input_batch_dim
+from .passes.batch_dims import BatchDims, batch_size, input_batch_dim, per_arg
+from .passes.batch_mixing.ragged import Segmentation, one_bag, segmentation
 from .passes.batch_mixing import fork_rng, small_model_threads
 
 __all__ = ["verify", "cross_check", "FirstStepCrossCheck", "VerifyResult", "CrossCheckResult"]
@@ -98,26 +99,34 @@ class CrossCheckResult:
 
 # --- helpers ---------------------------------------------------------------------------------
 
-def _batch(args: Sequence[Any], batch_dim: int) -> int:
-    for t in tree_flatten(list(args))[0]:
-        if isinstance(t, Tensor):
-            d = input_batch_dim(t, batch_dim)
-            if d is not None:
-                return int(t.shape[d])
-    raise ValueError("inputs must contain at least one batched tensor")
+def _batch(args: Sequence[Any], batch_dim: BatchDims) -> int:
+    B = batch_size(list(args), batch_dim)
+    if B is None:
+        raise ValueError("inputs must contain at least one batched tensor")
+    return B
 
 
-def _narrow(args: Sequence[Any], batch_dim: int, i: int) -> Tuple[Any, ...]:
-    def f(t: Any) -> Any:
-        if not isinstance(t, Tensor):
-            return t
-        d = input_batch_dim(t, batch_dim)
-        return t if d is None else t.narrow(d, i, 1)
+def _narrow(args: Sequence[Any], batch_dim: BatchDims, i: int) -> Tuple[Any, ...]:
+    """Sample ``i``'s inputs (``batch_dim``: one for every input, or one per positional
+    input; flat inputs without one give bag ``i``'s rows, ``passes/batch_mixing/ragged.py``)."""
+    dims = per_arg(args, batch_dim)
+    seg = segmentation(args, dims)
+    if isinstance(seg, Segmentation):
+        args, dims = one_bag(args, seg, i), [None if k == seg.offsets else d for k, d in enumerate(dims)]
 
-    return tuple(tree_map(f, a) for a in args)
+    def narrow(bd: Optional[int]) -> Callable[[Any], Any]:
+        def f(t: Any) -> Any:
+            if not isinstance(t, Tensor):
+                return t
+            d = input_batch_dim(t, bd)
+            return t if d is None else t.narrow(d, i, 1)
+
+        return f
+
+    return tuple(tree_map(narrow(bd), a) for a, bd in zip(args, dims))
 
 
-def _out_dim(o: Tensor, B: int, batch_dim: int, single: Optional[Tensor] = None) -> Optional[int]:
+def _out_dim(o: Tensor, B: int, batch_dim: BatchDims, single: Optional[Tensor] = None) -> Optional[int]:
     """Batch dimension of an output: the dim of size B that has size 1 on one
     sample's output (``single``); by size alone when that cannot tell."""
     cands = [d for d, s in enumerate(o.shape) if s == B]
@@ -125,12 +134,13 @@ def _out_dim(o: Tensor, B: int, batch_dim: int, single: Optional[Tensor] = None)
         exact = [d for d in cands if single.shape[d] == 1
                  and all(single.shape[k] == o.shape[k] for k in range(o.dim()) if k != d)]
         cands = exact or cands  # e.g. a [B, B] output: one sample gives [1, 1]
-    if batch_dim in cands:
-        return batch_dim
+    first = batch_dim if isinstance(batch_dim, int) else next((d for d in batch_dim if d is not None), 0)
+    if first in cands:
+        return first
     return cands[0] if cands else None
 
 
-def _output_dims(run: Callable[[Tuple[Any, ...]], Any], args: Sequence[Any], batch_dim: int, B: int,
+def _output_dims(run: Callable[[Tuple[Any, ...]], Any], args: Sequence[Any], batch_dim: BatchDims, B: int,
                  outs: List[Tensor], seed: int) -> List[Optional[int]]:
     """Batch dimension of each (floating) output, from a run (``run(inputs)``) on the first
     sample alone."""

@@ -160,6 +160,47 @@ def test_accepts_privatized_module_and_dp_optimizer():
 # --- the DP step ---------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("mode", ["bk", "materialize"])
+def test_make_private_trains_a_text_classifier_on_flat_token_ids(mode):
+    """PyTorch's text-classification pattern: nn.EmbeddingBag on flat token ids and their
+    offsets (a collate_fn concatenates the samples), privatized with input_batch_dims=[None, 0]
+    and handed to make_private: Poisson batches, the first step's
+    cross-check against each bag alone, the accountant. Before, the cross-check raised
+    TypeError on the per-input batch dims."""
+
+    class Bags(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bag = nn.EmbeddingBag(40, 8, mode="mean")
+            self.fc = nn.Linear(8, 2)
+
+        def forward(self, text, offsets):
+            return self.fc(self.bag(text, offsets))
+
+    def collate(batch):
+        lens = torch.tensor([len(t) for t, _ in batch], dtype=torch.long)
+        offsets = torch.cat([lens.new_zeros(1), lens.cumsum(0)[:-1]]) if batch else lens
+        text = torch.cat([t for t, _ in batch]) if batch else torch.zeros(0, dtype=torch.long)
+        return text, offsets, torch.tensor([y for _, y in batch], dtype=torch.long)
+
+    g = torch.Generator().manual_seed(0)
+    data = [(torch.randint(0, 40, (int(torch.randint(2, 9, (), generator=g)),), generator=g), i % 2)
+            for i in range(64)]
+    torch.manual_seed(0)
+    dp = fxdp.privatize(Bags(), input_batch_dims=[None, 0], grad_sample_mode=mode)
+    engine = PrivacyEngine()
+    model, opt, loader = engine.make_private(
+        module=dp, optimizer=torch.optim.SGD(dp.parameters(), lr=0.5), grad_sample_mode=mode,
+        data_loader=DataLoader(data, batch_size=16, collate_fn=collate), noise_multiplier=1.0, max_grad_norm=1.0)
+    before = model.fc.weight.detach().clone()
+    for text, offsets, y in loader:
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(text, offsets), y).backward()
+        opt.step()
+    assert engine.steps == len(loader) and 0 < engine.get_epsilon(1e-5) < math.inf
+    assert not torch.equal(before, model.fc.weight)
+
+
 def test_sigma0_huge_clip_equals_sgd():
     """sigma = 0 and C = 1e6: one DP step is exactly non-private SGD on the same batch."""
     model = make_model()
