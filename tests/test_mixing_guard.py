@@ -283,3 +283,71 @@ def test_check_reads_flat_inputs_with_their_offsets():
     assert not fxdp.check(Bags(), (_TEXT, _OFFSETS)).ok  # without them, no batch dimension fits
     with pytest.raises(ValueError, match="dynamic=True.*input_batch_dims"):
         fxdp.check(Bags(), (_TEXT, _OFFSETS), input_batch_dims=[None, 0], dynamic=True)
+
+
+class Spectral(nn.Module):
+    """An op the analysis has no transfer function for, along a chosen dimension."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.fc = nn.Linear(4, 2)
+        self.dim = dim
+
+    def forward(self, x):
+        return self.fc(torch.fft.fft(x, dim=self.dim).real)
+
+
+def test_an_unknown_op_is_probed_sample_by_sample(f64):
+    """An op not in the table was assumed per-sample (a warning of fxdp.check, nothing at
+    privatize): ``torch.fft.fft(x, dim=0)`` mixes the batch and was served. Now each sample's
+    inputs are perturbed in turn: moving another sample's output is an error; moving only its
+    own, the op is served with a warning (evidence on this batch, not a proof), exactly."""
+    x = torch.randn(6, 4)
+    dp = fxdp.privatize(Spectral(0), capture="fx")
+    with pytest.raises(fxdp.UnsupportedOpError, match="fft.*perturbing sample 0's inputs changed sample 1's output"):
+        dp(x)
+    assert [f.code for f in fxdp.check(Spectral(0), x).errors] == ["unknown-op"]
+    torch.manual_seed(0)
+    model = Spectral(1).double()
+    dp = fxdp.privatize(model, capture="fx", loss_reduction="sum")
+    with pytest.warns(UserWarning, match="(?s)not in fxdp's op table.*fft"):
+        dp(x).pow(2).sum().backward()
+    got = model.fc.weight.grad_sample.clone()
+    for i in range(6):
+        model.zero_grad()
+        model(x[i:i + 1]).pow(2).sum().backward()
+        torch.testing.assert_close(got[i], model.fc.weight.grad, rtol=1e-10, atol=1e-12)
+
+
+def _noisy(x):
+    return x + torch.rand_like(x)
+
+
+def _shifted(x, idx):
+    return x + idx.float().unsqueeze(1)
+
+
+torch.fx.wrap("_noisy")
+torch.fx.wrap("_shifted")
+
+
+def test_an_unknown_op_that_cannot_be_probed_is_refused():
+    """A random op gives another result when run again; integer inputs cannot be perturbed:
+    nothing is shown, so both are refused."""
+
+    class Noisy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.fc(_noisy(x))
+
+    class Shifted(Noisy):
+        def forward(self, x, idx):
+            return self.fc(_shifted(x, idx))
+
+    with pytest.raises(fxdp.UnsupportedOpError, match="same result when run again"):
+        fxdp.privatize(Noisy(), capture="fx")(torch.randn(5, 4))
+    with pytest.raises(fxdp.UnsupportedOpError, match="integer or boolean inputs carry samples"):
+        fxdp.privatize(Shifted(), capture="fx")(torch.randn(5, 4), torch.arange(5))

@@ -27,7 +27,8 @@ own sample (the index along the batch dimension) or 0; a folded value
 sample. The first op whose clean inputs give an unclean output is the one that
 mixes samples: it is reported, and its output is repaired so that later mixing
 ops are reported too. Ops without a transfer function are assumed per-sample and
-reported as unproven.
+probed (``probe``: each sample's inputs perturbed in turn): an error when another
+sample's output moves or the op cannot be probed, otherwise a warning (unproven).
 
 The package, one job per module:
 
@@ -39,6 +40,7 @@ The package, one job per module:
 * ``analysis``: the interpreter (traversal, state, checks) and
   ``analyze_batch_mixing``;
 * ``execution``: the real runs at two batch sizes;
+* ``probe``: ops without a transfer function, run again on perturbed samples;
 * ``ragged``: flat inputs without a batch dimension, cut into samples by their
   offsets (``nn.EmbeddingBag``): their tags and their inputs at the two sizes;
 * ``report``: findings, results and the explanation of a mixing op.

@@ -12,6 +12,7 @@ from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from ...batch_dims import input_batch_dim
 from ..ops import op_name, shape_args
+from ..probe import probe_samples
 from ..ragged import Segmentation, flat_inputs, segment_tags
 from ..tags import NO, NT, _is_fold, _is_int, _NoTag, along, combine, const, fit, ideal, reduce_all, uniform
 
@@ -125,14 +126,23 @@ def assume(an: "BatchMixingAnalysis", n: fx.Node, out: Any, name: Optional[str] 
         else:
             g = combine(*[reduce_all(t) for t in ins]) if ins else const(())
             res.append(g.expand(v.shape))
+    tags = tree_unflatten(res, spec)
     if unknown and carries:
-        report_unknown(an, n, unknown)
-    return tree_unflatten(res, spec)
+        report_unknown(an, n, unknown, out, tags)
+    return tags
 
 
-def report_unknown(an: "BatchMixingAnalysis", n: fx.Node, reason: str) -> None:
-    an.add(
-        n, "unknown-op", "warning",
-        f"{op_name(n)} is not in fxdp's op table ({reason}); it could not be proven to keep samples apart",
-        "run fxdp.verify(model, example_inputs) to test it dynamically, or express it with known torch ops",
-    )
+def report_unknown(an: "BatchMixingAnalysis", n: fx.Node, reason: str, out: Any, tags: Any) -> None:
+    """An op not in the table that carries samples, probed (``probe.py``): a warning when
+    each sample's perturbation moved only its own outputs, an error otherwise."""
+    found = probe_samples(an, n, out, tags)
+    if found is None:
+        an.add(n, "unknown-op", "warning",
+               f"{op_name(n)} is not in fxdp's op table ({reason}); perturbing each sample's inputs moved only "
+               "that sample's outputs on this batch, but it could not be proven to keep samples apart",
+               "run fxdp.verify(model, example_inputs) to test it dynamically, or express it with known torch ops")
+        return
+    an.add(n, "unknown-op", "error",
+           f"{op_name(n)} is not in fxdp's op table ({reason}) and could not be shown to keep samples apart: {found}",
+           "express it with known torch ops that keep each sample in its own rows (or, if it is per-sample, "
+           "fxdp.passes.batch_mixing.register_semantics(op, 'per_sample'))")
