@@ -367,6 +367,7 @@ def _check_exported(root: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, An
                     outer: Set[Tuple[str, int]]) -> Tuple[List[Finding], List[LayerInfo]]:
     """Findings and layer table from the ``torch.export`` graph privatize runs."""
     from .exported_module import exported_graph, instrument, leaf_batch_dims
+    from .passes.probe_batch import probe_batch
     from .passes.symbolic_batch import mixing_findings
 
     def finding(node: Optional[fx.Node], code: str, problem: str, fix: str) -> Finding:
@@ -393,8 +394,11 @@ def _check_exported(root: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, An
              "batch-index": "keep every sample in its own row (index or slice per-sample dimensions only)",
              "batch-norm": "use GroupNorm/LayerNorm, or nn.BatchNorm modules (privatize replaces those)",
              "batch-fold": "move the batch dimension with .transpose/.permute, and fold or unfold it only next to "
-                           "its own dimensions ([B, T, d] <-> [B*T, d])"}
-    findings = [finding(n, code, problem, fixes[code]) for n, code, problem in mixing_findings(gm)]
+                           "its own dimensions ([B, T, d] <-> [B*T, d])",
+             "batch-probe": "express it with ops that keep each sample in its own rows (or capture='fx', whose "
+                            "analysis reads ops by their semantics)"}
+    found = mixing_findings(gm) or probe_batch(gm, tree_flatten((args, kwargs))[0], dims)
+    findings = [finding(n, code, problem, fixes[code]) for n, code, problem in found]
     captures = None
     if not findings:
         try:

@@ -30,6 +30,7 @@ from .passes.export_graph import example_for_export, export_graph
 from .errors import BatchDimensionError, where
 from .passes.symbolic_batch import annotate_batch, batch_symbol, mixing_findings
 from .passes.per_sample_loss import rewrite_in_forward_losses
+from .passes.probe_batch import probe_batch
 
 __all__ = ["ExportedDPModule"]
 
@@ -82,7 +83,7 @@ class ExportedDPModule(DPModule):
     # -- capture ----------------------------------------------------------------------
     def _capture(self, args: Tuple[Any, ...], kwargs: Dict[str, Any], dims: List[Optional[int]]) -> tuple:
         gm = exported_graph(self._source_root, args, kwargs, dims, self.recorder.loss_reduction)
-        _refuse_mixing(gm, self.allow_unsafe_model)
+        _refuse_mixing(gm, self.allow_unsafe_model, tree_flatten((args, kwargs))[0], dims)
         captures = instrument(gm, self.recorder)
         container = getattr(self, CAPTURES)
         prefix = f"g{len(self._graphs)}_" if self._graphs else ""
@@ -213,10 +214,12 @@ def instrument(gm: fx.GraphModule, recorder: Recorder) -> List[CaptureOp]:
     return captures
 
 
-def _refuse_mixing(gm: fx.GraphModule, allow_unsafe_model: bool = False) -> None:
+def _refuse_mixing(gm: fx.GraphModule, allow_unsafe_model: bool, flat: List[Any],
+                   dims: List[Optional[int]]) -> None:
     """Fail closed: an op through which samples can influence each other is an error
-    (a warning with ``allow_unsafe_model``)."""
-    found = mixing_findings(gm)
+    (a warning with ``allow_unsafe_model``): by the batch dimensions' shapes
+    (``symbolic_batch``), then by probing each op on this call's inputs (``probe_batch``)."""
+    found = mixing_findings(gm) or probe_batch(gm, flat, dims)
     if not found:
         return
     lines = [f"  {where(n.meta.get('fxdp_module'), str(n.target), n.meta.get('fxdp_source'))}: {code}: {problem}"

@@ -327,27 +327,95 @@ def _shifted(x, idx):
     return x + idx.float().unsqueeze(1)
 
 
+def _shifted_by_another(x, idx):
+    return x + idx.flip(0).float().unsqueeze(1)
+
+
 torch.fx.wrap("_noisy")
 torch.fx.wrap("_shifted")
+torch.fx.wrap("_shifted_by_another")
 
 
-def test_an_unknown_op_that_cannot_be_probed_is_refused():
-    """A random op gives another result when run again; integer inputs cannot be perturbed:
-    nothing is shown, so both are refused."""
+class _Noisy(nn.Module):
+    def __init__(self, f=None):
+        super().__init__()
+        self.fc = nn.Linear(4, 2)
+        self.f = f
 
-    class Noisy(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.fc = nn.Linear(4, 2)
+    def forward(self, x):
+        return self.fc(_noisy(x))
 
-        def forward(self, x):
-            return self.fc(_noisy(x))
 
-    class Shifted(Noisy):
-        def forward(self, x, idx):
-            return self.fc(_shifted(x, idx))
+class _Shifted(_Noisy):
+    def forward(self, x, idx):
+        return self.fc(_shifted(x, idx))
 
-    with pytest.raises(fxdp.UnsupportedOpError, match="same result when run again"):
-        fxdp.privatize(Noisy(), capture="fx")(torch.randn(5, 4))
-    with pytest.raises(fxdp.UnsupportedOpError, match="integer or boolean inputs carry samples"):
-        fxdp.privatize(Shifted(), capture="fx")(torch.randn(5, 4), torch.arange(5))
+
+class _ShiftedByAnother(_Noisy):
+    def forward(self, x, idx):
+        return self.fc(_shifted_by_another(x, idx))
+
+
+def test_an_unknown_op_is_probed_through_its_integer_inputs_and_under_one_seed():
+    """Integer inputs (token ids, positions) are perturbed to other valid values: an op
+    that reads another sample's ids is refused, one that reads its own is served (with a
+    warning). A random op runs under one seed each time, so it is probed like any other."""
+    x, idx = torch.randn(5, 4), torch.arange(5)
+    with pytest.raises(fxdp.UnsupportedOpError, match="perturbing sample 0's inputs changed sample 4's output"):
+        fxdp.privatize(_ShiftedByAnother(), capture="fx")(x, idx)
+    for model, inputs in [(_Shifted(), (x, idx)), (_Noisy(), (x,))]:
+        with pytest.warns(UserWarning, match="(?s)not in fxdp's op table.*(_shifted|_noisy)"):
+            fxdp.privatize(model, capture="fx")(*inputs).sum().backward()
+
+
+class _Along(nn.Module):
+    """An op that keeps the batch dimension's shape and combines samples along it (or not)."""
+
+    def __init__(self, op):
+        super().__init__()
+        self.fc = nn.Linear(4, 2)
+        self.op = op
+
+    def forward(self, x):
+        if self.op == "cummax":
+            x = torch.cummax(x, 0).values
+        elif self.op == "renorm":
+            x = torch.renorm(x, 2, 1, 1.0)  # each column over the batch renormalized
+        elif self.op == "einsum":
+            x = torch.einsum("bi,ci->bi", x, x)  # sums over every sample c
+        elif self.op == "index_add":
+            x = torch.zeros_like(x).index_add(0, torch.zeros(x.shape[0], dtype=torch.long), x)
+        elif self.op == "take":
+            x = torch.take(x, torch.arange(x.numel()).flip(0)).view_as(x)
+        elif self.op == "own-einsum":
+            x = torch.einsum("bi,bi->bi", x, x)
+        elif self.op == "own-renorm":
+            x = torch.renorm(x, 2, 0, 1.0)  # each sample renormalized
+        return self.fc(x)
+
+
+@pytest.mark.parametrize("op", ["cummax", "renorm", "einsum", "index_add", "take"])
+def test_the_export_path_refuses_ops_that_combine_samples_along_the_batch(op):
+    """On the torch.export path (every Hugging Face model) the analysis read shapes: an op
+    that keeps the batch dimension and combines samples along it was served. Each op of
+    the graph is now also probed on the first call's inputs (``passes/probe_batch.py``),
+    or read as the reshape it is (``view_as`` of a fold of unknown order)."""
+    x = torch.randn(6, 4)
+    dp = fxdp.privatize(_Along(op), capture="export")
+    with pytest.raises(fxdp.UnsupportedOpError, match="batch-probe|batch-fold"):
+        dp(x)
+    assert not fxdp.check(_Along(op), x).ok
+
+
+@pytest.mark.parametrize("op", ["own-einsum", "own-renorm"])
+def test_the_export_path_serves_the_same_ops_within_each_sample_exactly(op, f64):
+    torch.manual_seed(0)
+    model = _Along(op).double()
+    x = torch.randn(6, 4)
+    dp = fxdp.privatize(model, capture="export", loss_reduction="sum")
+    dp(x).pow(2).sum().backward()
+    got = model.fc.weight.grad_sample.clone()
+    for i in range(6):
+        model.zero_grad()
+        model(x[i:i + 1]).pow(2).sum().backward()
+        torch.testing.assert_close(got[i], model.fc.weight.grad, rtol=1e-10, atol=1e-12)

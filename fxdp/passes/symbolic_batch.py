@@ -28,7 +28,8 @@ __all__ = ["annotate_batch", "batch_symbol", "hint_of", "is_shape_value"]
 aten = torch.ops.aten
 
 #: ops that reshape their first argument (output dims are merged/split input dims)
-_RESHAPES = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.flatten.using_ints}
+_RESHAPES = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.flatten.using_ints,
+             aten.view_as.default, aten.reshape_as.default}
 
 
 def _expr(size: Any) -> Any:
