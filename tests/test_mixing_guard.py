@@ -1,8 +1,10 @@
-"""fxdp.privatize fails closed on the symbolic-tracing path: the batch-mixing analysis
+"""fxdp.privatize fails closed: on the symbolic-tracing path the batch-mixing analysis
 (``fxdp/passes/batch_mixing/guard.py``) runs once per input signature, at the first
-training call, and refuses a model in which samples influence each other. Before it,
-``privatize(model)`` served these with wrong ``grad_sample`` (only ``fxdp.check`` and
-``make_private``'s check refused them)."""
+training call, and refuses a model in which samples influence each other (flat inputs
+beside their offsets included; ops without known semantics probed); on the torch.export
+path every op that reads batch data is probed too (``fxdp/passes/probe_batch.py``).
+Before the guard, ``privatize(model)`` served these with wrong ``grad_sample`` (only
+``fxdp.check`` and ``make_private``'s check refused them)."""
 from __future__ import annotations
 
 import warnings
