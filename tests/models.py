@@ -133,3 +133,16 @@ def randomize(m: nn.Module) -> nn.Module:
 
 def seq(T, d, batch_first, n=B):
     return torch.randn(n, T, d) if batch_first else torch.randn(T, n, d)
+
+
+class FlatBags(nn.Module):
+    """A text classifier on flat token ids and their offsets (``nn.EmbeddingBag``, PyTorch's
+    text-classification tutorial): privatized with ``input_batch_dims=[None, 0]``."""
+
+    def __init__(self, vocab: int = 20, dim: int = 4):
+        super().__init__()
+        self.bag = nn.EmbeddingBag(vocab, dim, mode="mean")
+        self.fc = nn.Linear(dim, 2)
+
+    def forward(self, idx, offsets):
+        return self.fc(self.bag(idx, offsets))

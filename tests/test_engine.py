@@ -17,6 +17,7 @@ from fxdp import PrivacyBudgetExceeded, PrivacyEngine
 from fxdp.accountants import RDPAccountant, create_accountant
 from fxdp.data import DPDataLoader
 from fxdp.optim import DPOptimizer
+from models import FlatBags
 
 DT = torch.float64
 
@@ -168,15 +169,6 @@ def test_make_private_trains_a_text_classifier_on_flat_token_ids(mode):
     cross-check against each bag alone, the accountant. Before, the cross-check raised
     TypeError on the per-input batch dims."""
 
-    class Bags(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.bag = nn.EmbeddingBag(40, 8, mode="mean")
-            self.fc = nn.Linear(8, 2)
-
-        def forward(self, text, offsets):
-            return self.fc(self.bag(text, offsets))
-
     def collate(batch):
         lens = torch.tensor([len(t) for t, _ in batch], dtype=torch.long)
         offsets = torch.cat([lens.new_zeros(1), lens.cumsum(0)[:-1]]) if batch else lens
@@ -187,7 +179,7 @@ def test_make_private_trains_a_text_classifier_on_flat_token_ids(mode):
     data = [(torch.randint(0, 40, (int(torch.randint(2, 9, (), generator=g)),), generator=g), i % 2)
             for i in range(64)]
     torch.manual_seed(0)
-    dp = fxdp.privatize(Bags(), input_batch_dims=[None, 0], grad_sample_mode=mode)
+    dp = fxdp.privatize(FlatBags(40, 8), input_batch_dims=[None, 0], grad_sample_mode=mode)
     engine = PrivacyEngine()
     model, opt, loader = engine.make_private(
         module=dp, optimizer=torch.optim.SGD(dp.parameters(), lr=0.5), grad_sample_mode=mode,

@@ -58,6 +58,14 @@ class Counter(nn.Module):
         return self.fc(x)
 
 
+def _assert_each_sample_alone(model, weight, x, got, loss=lambda out: out.pow(2).sum()):
+    """``got`` (``weight``'s grad_sample) is ``weight``'s gradient on each sample alone."""
+    for i in range(x.shape[0]):
+        model.zero_grad()
+        loss(model(x[i:i + 1])).backward()
+        torch.testing.assert_close(got[i], weight.grad, rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.parametrize("model, shape, match", [
     (Centered, (6, 4), r"x - x\.mean\(0\)"),
     (SeqFirstView, (6, 5, 4), r"h\.reshape\(x\.shape\)"),
@@ -112,11 +120,7 @@ def test_the_analysis_leaves_buffers_and_clean_models_alone(f64):
         warnings.simplefilter("error")
         dp(x).sum().backward()
     assert model.seen.item() == 1
-    got = dp.fc.weight.grad_sample.clone()
-    for i in range(5):
-        model.zero_grad()
-        model(x[i:i + 1]).sum().backward()
-        torch.testing.assert_close(got[i], model.fc.weight.grad, rtol=1e-10, atol=1e-12)
+    _assert_each_sample_alone(model, model.fc.weight, x, dp.fc.weight.grad_sample.clone(), lambda out: out.sum())
 
 
 def test_check_reads_multihead_attention_masks_as_per_sample():
@@ -162,11 +166,7 @@ def test_a_view_of_a_permuted_copy_is_analysed(f64):
     dp = fxdp.privatize(model, capture="fx", loss_reduction="sum")
     x = torch.randn(4, 4, 6, 3)
     dp(x).pow(2).sum().backward()
-    got = model.l.weight.grad_sample.clone()
-    for i in range(4):
-        model.zero_grad()
-        model(x[i:i + 1]).pow(2).sum().backward()
-        torch.testing.assert_close(got[i], model.l.weight.grad, rtol=1e-10, atol=1e-12)
+    _assert_each_sample_alone(model, model.l.weight, x, model.l.weight.grad_sample.clone())
 
 
 class Bags(nn.Module):
@@ -287,16 +287,32 @@ def test_check_reads_flat_inputs_with_their_offsets():
         fxdp.check(Bags(), (_TEXT, _OFFSETS), input_batch_dims=[None, 0], dynamic=True)
 
 
-class Spectral(nn.Module):
-    """An op the analysis has no transfer function for, along a chosen dimension."""
+class _Along(nn.Module):
+    """An op that keeps the batch dimension's shape and combines samples along it (or not)."""
 
-    def __init__(self, dim):
+    def __init__(self, op):
         super().__init__()
         self.fc = nn.Linear(4, 2)
-        self.dim = dim
+        self.op = op
 
     def forward(self, x):
-        return self.fc(torch.fft.fft(x, dim=self.dim).real)
+        if self.op == "cummax":
+            x = torch.cummax(x, 0).values
+        elif self.op == "renorm":
+            x = torch.renorm(x, 2, 1, 1.0)  # each column over the batch renormalized
+        elif self.op == "einsum":
+            x = torch.einsum("bi,ci->bi", x, x)  # sums over every sample c
+        elif self.op == "index_add":
+            x = torch.zeros_like(x).index_add(0, torch.zeros(x.shape[0], dtype=torch.long), x)
+        elif self.op == "take":
+            x = torch.take(x, torch.arange(x.numel()).flip(0)).view_as(x)
+        elif self.op == "own-einsum":
+            x = torch.einsum("bi,bi->bi", x, x)
+        elif self.op == "own-renorm":
+            x = torch.renorm(x, 2, 0, 1.0)  # each sample renormalized
+        elif self.op in ("fft-batch", "fft-features"):  # not in the symbolic path's op table
+            x = torch.fft.fft(x, dim=0 if self.op == "fft-batch" else 1).real
+        return self.fc(x)
 
 
 def test_an_unknown_op_is_probed_sample_by_sample(f64):
@@ -305,20 +321,16 @@ def test_an_unknown_op_is_probed_sample_by_sample(f64):
     inputs are perturbed in turn: moving another sample's output is an error; moving only its
     own, the op is served with a warning (evidence on this batch, not a proof), exactly."""
     x = torch.randn(6, 4)
-    dp = fxdp.privatize(Spectral(0), capture="fx")
+    dp = fxdp.privatize(_Along("fft-batch"), capture="fx")
     with pytest.raises(fxdp.UnsupportedOpError, match="fft.*perturbing sample 0's inputs changed sample 1's output"):
         dp(x)
-    assert [f.code for f in fxdp.check(Spectral(0), x).errors] == ["unknown-op"]
+    assert [f.code for f in fxdp.check(_Along("fft-batch"), x).errors] == ["unknown-op"]
     torch.manual_seed(0)
-    model = Spectral(1).double()
+    model = _Along("fft-features").double()
     dp = fxdp.privatize(model, capture="fx", loss_reduction="sum")
     with pytest.warns(UserWarning, match="(?s)not in fxdp's op table.*fft"):
         dp(x).pow(2).sum().backward()
-    got = model.fc.weight.grad_sample.clone()
-    for i in range(6):
-        model.zero_grad()
-        model(x[i:i + 1]).pow(2).sum().backward()
-        torch.testing.assert_close(got[i], model.fc.weight.grad, rtol=1e-10, atol=1e-12)
+    _assert_each_sample_alone(model, model.fc.weight, x, model.fc.weight.grad_sample.clone())
 
 
 def _noisy(x):
@@ -370,32 +382,6 @@ def test_an_unknown_op_is_probed_through_its_integer_inputs_and_under_one_seed()
             fxdp.privatize(model, capture="fx")(*inputs).sum().backward()
 
 
-class _Along(nn.Module):
-    """An op that keeps the batch dimension's shape and combines samples along it (or not)."""
-
-    def __init__(self, op):
-        super().__init__()
-        self.fc = nn.Linear(4, 2)
-        self.op = op
-
-    def forward(self, x):
-        if self.op == "cummax":
-            x = torch.cummax(x, 0).values
-        elif self.op == "renorm":
-            x = torch.renorm(x, 2, 1, 1.0)  # each column over the batch renormalized
-        elif self.op == "einsum":
-            x = torch.einsum("bi,ci->bi", x, x)  # sums over every sample c
-        elif self.op == "index_add":
-            x = torch.zeros_like(x).index_add(0, torch.zeros(x.shape[0], dtype=torch.long), x)
-        elif self.op == "take":
-            x = torch.take(x, torch.arange(x.numel()).flip(0)).view_as(x)
-        elif self.op == "own-einsum":
-            x = torch.einsum("bi,bi->bi", x, x)
-        elif self.op == "own-renorm":
-            x = torch.renorm(x, 2, 0, 1.0)  # each sample renormalized
-        return self.fc(x)
-
-
 @pytest.mark.parametrize("op", ["cummax", "renorm", "einsum", "index_add", "take"])
 def test_the_export_path_refuses_ops_that_combine_samples_along_the_batch(op):
     """On the torch.export path (every Hugging Face model) the analysis read shapes: an op
@@ -416,8 +402,4 @@ def test_the_export_path_serves_the_same_ops_within_each_sample_exactly(op, f64)
     x = torch.randn(6, 4)
     dp = fxdp.privatize(model, capture="export", loss_reduction="sum")
     dp(x).pow(2).sum().backward()
-    got = model.fc.weight.grad_sample.clone()
-    for i in range(6):
-        model.zero_grad()
-        model(x[i:i + 1]).pow(2).sum().backward()
-        torch.testing.assert_close(got[i], model.fc.weight.grad, rtol=1e-10, atol=1e-12)
+    _assert_each_sample_alone(model, model.fc.weight, x, model.fc.weight.grad_sample.clone())

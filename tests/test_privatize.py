@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fxdp
-from models import ExpandParams, Nested, RawParams, TiedLM
+from models import ExpandParams, FlatBags, Nested, RawParams, TiedLM
 from oracle import assert_grad_samples_match, check_privatized as check, quiet_privatize
 
 pytestmark = pytest.mark.usefixtures("f64")
@@ -410,17 +410,8 @@ def test_folded_batch_is_refused_with_a_fix():
 def test_embedding_bag_with_flat_indices_and_offsets():
     """Flat indices have no batch dimension; the batch is the number of bags."""
 
-    class Bags(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.bag = nn.EmbeddingBag(20, 4, mode="mean")
-            self.fc = nn.Linear(4, 2)
-
-        def forward(self, idx, offsets):
-            return self.fc(self.bag(idx, offsets))
-
     torch.manual_seed(18)
-    model = Bags()
+    model = FlatBags(20, 4)
     dp = privatize(model, input_batch_dims=(None, 0))
     idx = torch.randint(0, 20, (9,))
     offsets = torch.tensor([0, 2, 3, 7])

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 import fxdp
 from fxdp.verify import FirstStepCrossCheck, cross_check
+from models import FlatBags
 
 pytestmark = pytest.mark.usefixtures("quiet")
 
@@ -166,20 +167,11 @@ def test_cross_check_takes_a_batch_dimension_per_input(f64):
         def forward(self, x, h0, c0):
             return self.fc(self.rnn(x, (h0, c0))[0][:, -1])
 
-    class Bags(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.bag = nn.EmbeddingBag(30, 4, mode="mean")
-            self.fc = nn.Linear(4, 2)
-
-        def forward(self, text, offsets):
-            return self.fc(self.bag(text, offsets))
-
     torch.manual_seed(0)
     dp = fxdp.privatize(StatefulLSTM().double(), input_batch_dims=[0, 1, 1])
     res = cross_check(dp, (torch.randn(3, 6, 4), torch.randn(1, 3, 5), torch.randn(1, 3, 5)))
     assert res.ok and res.samples == [0, 1, 2] and max(res.max_rel_error.values()) < 1e-10, str(res)
-    dp = fxdp.privatize(Bags().double(), input_batch_dims=[None, 0])
+    dp = fxdp.privatize(FlatBags(30, 4).double(), input_batch_dims=[None, 0])
     res = cross_check(dp, (torch.randint(0, 30, (9,)), torch.tensor([0, 2, 2, 6])))
     assert res.ok and res.samples == [0, 1, 2, 3] and max(res.max_rel_error.values()) < 1e-10, str(res)
 
