@@ -310,6 +310,8 @@ class _Along(nn.Module):
             x = torch.einsum("bi,bi->bi", x, x)
         elif self.op == "own-renorm":
             x = torch.renorm(x, 2, 0, 1.0)  # each sample renormalized
+        elif self.op == "own-in-place":  # aten.hardswish_ writes its input (MobileNetV3's activation)
+            x = nn.functional.hardswish(x * 1.0, inplace=True)
         elif self.op in ("fft-batch", "fft-features"):  # not in the symbolic path's op table
             x = torch.fft.fft(x, dim=0 if self.op == "fft-batch" else 1).real
         return self.fc(x)
@@ -395,7 +397,7 @@ def test_the_export_path_refuses_ops_that_combine_samples_along_the_batch(op):
     assert not fxdp.check(_Along(op), x).ok
 
 
-@pytest.mark.parametrize("op", ["own-einsum", "own-renorm"])
+@pytest.mark.parametrize("op", ["own-einsum", "own-renorm", "own-in-place"])
 def test_the_export_path_serves_the_same_ops_within_each_sample_exactly(op, f64):
     torch.manual_seed(0)
     model = _Along(op).double()

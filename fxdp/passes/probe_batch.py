@@ -129,8 +129,8 @@ class _Run(fx.Interpreter):
             flat, spec = tree_flatten((n.args, n.kwargs))
             vals = [self.env[a] if isinstance(a, fx.Node) else a for a in flat]
 
-            def run(values: List[Any]) -> Any:
-                args, kwargs = tree_unflatten(values, spec)
+            def run(values: List[Any]) -> Any:  # on copies: an in-place op (hardswish_) writes its input
+                args, kwargs = tree_unflatten([v.clone() if isinstance(v, Tensor) else v for v in values], spec)
                 torch.manual_seed(0)  # a random op (attention dropout) draws the same numbers each run
                 return n.target(*args, **kwargs)
 

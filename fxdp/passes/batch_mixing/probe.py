@@ -87,8 +87,8 @@ def probe_samples(an: "BatchMixingAnalysis", n: fx.Node, out: Any, out_tags: Any
     buffers = [(b, b.detach().clone()) for b in an.submodule(n).buffers()] if n.op == "call_module" else []
     gen = torch.Generator().manual_seed(0)
 
-    def run(values: List[Any]) -> List[Any]:
-        args, kwargs = tree_unflatten(values, spec)
+    def run(values: List[Any]) -> List[Any]:  # on copies: an in-place op writes its input
+        args, kwargs = tree_unflatten([v.clone() if isinstance(v, Tensor) else v for v in values], spec)
         try:
             with torch.no_grad(), torch.random.fork_rng():
                 torch.manual_seed(0)  # a random op draws the same numbers each run
