@@ -167,6 +167,7 @@ class PrivacyEngine:
         example_inputs: Union[torch.Tensor, Sequence[Any], Mapping[str, Any], None] = None,
         allow_unsafe_model: bool = False,
         bk_methods: str = "model",
+        input_batch_dims: Optional[Sequence[Optional[int]]] = None,
         **kwargs: Any,
     ) -> Tuple[DPModule, DPOptimizer, DataLoader]:
         """Make ``module``, ``optimizer`` and ``data_loader`` private (Opacus' signature).
@@ -179,6 +180,10 @@ class PrivacyEngine:
             noise_multiplier: sigma, noise std over the clip bound.
             max_grad_norm: clip bound C (a list of per-parameter bounds for ``"per_layer"``).
             batch_first: ``False`` for ``[T, B, ...]`` inputs.
+            input_batch_dims: the batch dimension of each positional model input,
+                ``None`` for one without (``nn.EmbeddingBag``'s flat token ids beside
+                their offsets: ``[None, 0]``), as in ``fxdp.privatize``; overrides
+                ``batch_first`` for the model and its checks.
             loss_reduction: ``"mean"`` or ``"sum"``, as the training loss.
             poisson_sampling: draw Poisson batches (what the accountants analyse); ``False``
                 keeps the loader's shuffled batches, warns, and records a caveat.
@@ -262,10 +267,11 @@ class PrivacyEngine:
             self.compatibility_report = static_check(
                 module, data_loader, example_inputs, batch_first=batch_first,
                 rewrite_options=rewrite_options, allow_unsafe_model=allow_unsafe_model,
+                input_batch_dims=input_batch_dims,
             )
         dp_module = self._prepare_model(module, batch_first=batch_first, loss_reduction=loss_reduction,
                                         rewrite_options=rewrite_options, bk=bk,
-                                        allow_unsafe_model=allow_unsafe_model)
+                                        allow_unsafe_model=allow_unsafe_model, input_batch_dims=input_batch_dims)
         if not isinstance(module, DPModule):
             MADE_PRIVATE.add(module)
         # 2. the data: Poisson batches at rate q (what the accountant analyses)
@@ -490,9 +496,14 @@ class PrivacyEngine:
 
     def _prepare_model(self, module: nn.Module, *, batch_first: bool, loss_reduction: str,
                        rewrite_options: Optional[Dict[str, Any]] = None, bk: bool = False,
-                       allow_unsafe_model: bool = False) -> DPModule:
+                       allow_unsafe_model: bool = False,
+                       input_batch_dims: Optional[Sequence[Optional[int]]] = None) -> DPModule:
         if isinstance(module, DPModule):
             module.recorder.set_mode("bk" if bk else "materialize")  # the same graph serves both
+            if input_batch_dims is not None and module.batch_dim != list(input_batch_dims):
+                raise ValueError(f"the module is already privatized with batch dimensions {module.batch_dim}, but "
+                                 f"make_private got input_batch_dims={list(input_batch_dims)}. Fix: pass matching "
+                                 "arguments, or pass the original model")
             if module.recorder.loss_reduction != loss_reduction or module.batch_first != batch_first:
                 raise ValueError(
                     "the module is already privatized with "
@@ -503,7 +514,7 @@ class PrivacyEngine:
             return module
         return privatize(module, loss_reduction=loss_reduction, batch_first=batch_first,
                          rewrite_options=rewrite_options, grad_sample_mode="bk" if bk else "materialize",
-                         allow_unsafe_model=allow_unsafe_model)
+                         allow_unsafe_model=allow_unsafe_model, input_batch_dims=input_batch_dims)
 
     def _prepare_data_loader(self, data_loader: DataLoader, *, poisson_sampling: bool, batch_first: bool,
                              keep: bool = False) -> DataLoader:

@@ -107,7 +107,8 @@ def example_from_loader(data_loader: DataLoader,
 
 
 def static_check(module: nn.Module, data_loader: DataLoader, example_inputs: Union[Sequence[Any], Mapping[str, Any], None], *,
-                  batch_first: bool, rewrite_options: Optional[Dict[str, Any]], allow_unsafe_model: bool) -> Any:
+                  batch_first: bool, rewrite_options: Optional[Dict[str, Any]], allow_unsafe_model: bool,
+                  input_batch_dims: Optional[Sequence[Optional[int]]] = None) -> Any:
     """Run ``fxdp.check`` on the model; refuse it when an op breaks DP, unless overridden."""
     from .check import check
 
@@ -123,7 +124,7 @@ def static_check(module: nn.Module, data_loader: DataLoader, example_inputs: Uni
     try:
         inputs, kwargs = example
         report = check(module, inputs, batch_first=batch_first, rewrite_options=rewrite_options,
-                       example_kwargs=kwargs)
+                       example_kwargs=kwargs, input_batch_dims=input_batch_dims)
     except Exception as e:  # inputs that do not fit the model's forward: the check cannot run
         warnings.warn(
             f"PrivacyEngine: the static compatibility check (fxdp.check) could not run on example inputs "

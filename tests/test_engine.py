@@ -161,13 +161,14 @@ def test_accepts_privatized_module_and_dp_optimizer():
 # --- the DP step ---------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("privatized", [False, True])
 @pytest.mark.parametrize("mode", ["bk", "materialize"])
-def test_make_private_trains_a_text_classifier_on_flat_token_ids(mode):
+def test_make_private_trains_a_text_classifier_on_flat_token_ids(mode, privatized):
     """PyTorch's text-classification pattern: nn.EmbeddingBag on flat token ids and their
-    offsets (a collate_fn concatenates the samples), privatized with input_batch_dims=[None, 0]
-    and handed to make_private: Poisson batches, the first step's
-    cross-check against each bag alone, the accountant. Before, the cross-check raised
-    TypeError on the per-input batch dims."""
+    offsets (a collate_fn concatenates the samples), with input_batch_dims=[None, 0] given to
+    make_private, or to privatize before it: the static check on the loader's batch, Poisson
+    batches, the first step's cross-check against each bag alone, the accountant. Before,
+    make_private had no input_batch_dims and the cross-check raised TypeError on them."""
 
     def collate(batch):
         lens = torch.tensor([len(t) for t, _ in batch], dtype=torch.long)
@@ -179,11 +180,15 @@ def test_make_private_trains_a_text_classifier_on_flat_token_ids(mode):
     data = [(torch.randint(0, 40, (int(torch.randint(2, 9, (), generator=g)),), generator=g), i % 2)
             for i in range(64)]
     torch.manual_seed(0)
-    dp = fxdp.privatize(FlatBags(40, 8), input_batch_dims=[None, 0], grad_sample_mode=mode)
+    module = FlatBags(40, 8)
+    if privatized:
+        module = fxdp.privatize(module, input_batch_dims=[None, 0], grad_sample_mode=mode)
     engine = PrivacyEngine()
     model, opt, loader = engine.make_private(
-        module=dp, optimizer=torch.optim.SGD(dp.parameters(), lr=0.5), grad_sample_mode=mode,
-        data_loader=DataLoader(data, batch_size=16, collate_fn=collate), noise_multiplier=1.0, max_grad_norm=1.0)
+        module=module, optimizer=torch.optim.SGD(module.parameters(), lr=0.5), grad_sample_mode=mode,
+        data_loader=DataLoader(data, batch_size=16, collate_fn=collate), noise_multiplier=1.0, max_grad_norm=1.0,
+        input_batch_dims=[None, 0])
+    assert privatized or engine.compatibility_report.ok
     before = model.fc.weight.detach().clone()
     for text, offsets, y in loader:
         opt.zero_grad()

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 import fxdp
-from models import Centered
+from models import Centered, FlatBags
 
 
 class CenteredAccepted(Centered):
@@ -282,7 +282,10 @@ def test_check_reads_flat_inputs_with_their_offsets():
     assert report.example_batch_size == 4 and "batch dimension of each input none, 0" in str(report)
     report = fxdp.check(Bags("centered"), (_TEXT, _OFFSETS), input_batch_dims=[None, 0])
     assert [(f.code, f.source) for f in report.errors] == [("batch-reduction", "h = h - h.mean(0)")]
-    assert not fxdp.check(Bags(), (_TEXT, _OFFSETS)).ok  # without them, no batch dimension fits
+    unread = fxdp.check(Bags(), (_TEXT, _OFFSETS)).errors  # without them, the flat ids read as a batch
+    assert len(unread) == 1 and "input_batch_dims" in unread[0].fix, unread
+    unread = fxdp.check(FlatBags(), (torch.randint(0, 20, (9,)), torch.tensor([0, 2, 5]))).errors
+    assert [f.code for f in unread] == ["batch-mixing"] and "input_batch_dims=[None, 0]" in unread[0].fix
     with pytest.raises(ValueError, match="dynamic=True.*input_batch_dims"):
         fxdp.check(Bags(), (_TEXT, _OFFSETS), input_batch_dims=[None, 0], dynamic=True)
 

@@ -149,6 +149,13 @@ def _describe_module(c: _Case) -> tuple:
                 f"{type(m).__name__} `{n.target}` (batch_first={bf}) runs over the dimension that holds the "
                 f"batch (input has {fmt_hint(bd)}): it treats samples as time steps or features and mixes them",
                 f"pass batch_first={not bf} to match the data layout, or transpose the input")
+    flat = a.V(n.args[0]) if n.args else None
+    if isinstance(m, nn.EmbeddingBag) and isinstance(flat, Tensor) and flat.dim() == 1:
+        return ("batch-mixing",
+                f"{type(m).__name__} `{n.target}` takes flat indices read as a batch: each bag mixes the rows of "
+                f"several of them (output {out_desc})",
+                "flat indices beside offsets have no batch dimension: pass input_batch_dims=[None, 0] "
+                "(fxdp.privatize, make_private, fxdp.check), so each bag is one sample")
     return ("batch-mixing",
             f"{type(m).__name__} `{n.target}` mixes samples (output {out_desc})",
             "keep the batch dimension separate, or run fxdp.verify to see which samples influence each other")
