@@ -13,12 +13,16 @@ single-sample evaluation.
 ``torch.vmap`` batches the per-sample evaluations; where an op has no batching
 rule, a loop over samples gives the same result more slowly. Ops that draw random
 numbers (dropout inside a fallback layer) are refused: re-evaluating them per
-sample would not reproduce the forward pass's randomness.
+sample would not reproduce the forward pass's randomness; unless the layer reads
+no batched input (a parameter-only subgraph repeated over the batch), whose one
+draw every sample shares: it is replayed from the generator's state before the
+forward (``vmap(randomness="same")``), and the outputs' check proves it each step.
 """
 from __future__ import annotations
 
+import contextlib
 import warnings
-from typing import Any, Callable, Dict, List, Sequence
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -38,6 +42,8 @@ class FuncCapture(CaptureOp):
 
     kind = "functorch"
     checks_outputs = True  # its inside is not analysed: prove independence on every batch
+    #: a batch-major fold of dimension 0 (``w.repeat(B, 1, 1)``): one sample's rows are its block
+    folds = True
 
     def __init__(self, *, fn: Callable[..., Any], description: str = "", **kw: Any) -> None:
         super().__init__(**kw)
@@ -54,6 +60,12 @@ class FuncCapture(CaptureOp):
         state = torch.random.get_rng_state()
         out = self.fn(*dyn)
         if not torch.equal(state, torch.random.get_rng_state()):
+            if all(i in self.param_index or i in self.buffer_index or not isinstance(x, Tensor)
+                   for i, x in enumerate(dyn)):
+                # no batched input (DeBERTa's dropout on its relative embeddings, repeated over the
+                # batch): one draw every sample shares, replayed for each (``LayerRecord.rng_state``)
+                self.__dict__["_rng_before"] = state
+                return out
             raise UnsupportedOpError(
                 f"{self.where()} draws random numbers (e.g. dropout) inside a fallback layer; its per-sample "
                 "gradients cannot be recomputed exactly. Fix: set its dropout to 0, move the dropout out of "
@@ -106,17 +118,19 @@ class FuncCapture(CaptureOp):
             outs, vjp = torch.func.vjp(f, *[rec.inputs[i] for i in pidx])
             return tuple(vjp(tuple(gs))) + tuple(outs)
 
-        xs = [rec.inputs[i] for i in bidx]
-        gs = [rec.grads[j] for j in oidx]
+        xs, xdims = zip(*[_per_sample(rec.inputs[i], dims_in[i], B) for i in bidx]) if bidx else ((), ())
+        gs, gdims = zip(*[_per_sample(rec.grads[j], dims_out[j], B) for j in oidx])
         try:
             def vmapped(*args: Tensor) -> tuple:
                 k = len(bidx)
-                xs1 = [a.unsqueeze(dims_in[i]) for a, i in zip(args[:k], bidx)]
-                gs1 = [g.unsqueeze(dims_out[j]) for g, j in zip(args[k:], oidx)]
+                xs1 = [_one_sample(a, d) for a, d in zip(args[:k], xdims)]
+                gs1 = [_one_sample(g, d) for g, d in zip(args[k:], gdims)]
                 return one(xs1, gs1)
 
-            in_dims = tuple(dims_in[i] for i in bidx) + tuple(dims_out[j] for j in oidx)
-            out = torch.func.vmap(vmapped, in_dims=in_dims)(*xs, *gs)
+            in_dims = tuple(d if d is not None else 0 for d in xdims + gdims)
+            with _replayed(rec.rng_state):  # each sample draws the forward's numbers again
+                out = torch.func.vmap(vmapped, in_dims=in_dims,
+                                      randomness="error" if rec.rng_state is None else "same")(*xs, *gs)
         except Exception as e:  # no batching rule for some op: loop over samples
             key = (self.capture_name, type(e).__name__)
             if key not in _warned:
@@ -128,9 +142,10 @@ class FuncCapture(CaptureOp):
                 )
             rows: List[tuple] = []
             for s in range(B):
-                xs1 = [x.narrow(dims_in[i], s, 1) for x, i in zip(xs, bidx)]
-                gs1 = [g.narrow(dims_out[j], s, 1) for g, j in zip(gs, oidx)]
-                rows.append(one(xs1, gs1))
+                xs1 = [x[s] if d is None else x.narrow(d, s, 1) for x, d in zip(xs, xdims)]
+                gs1 = [g[s] if d is None else g.narrow(d, s, 1) for g, d in zip(gs, gdims)]
+                with _replayed(rec.rng_state):
+                    rows.append(one(xs1, gs1))
             out = tuple(torch.stack([r[k] for r in rows]) for k in range(len(rows[0])))
         if rec.outputs is not None:
             self._check_independent(rec, out[len(pidx):], oidx, dims_out)
@@ -141,8 +156,10 @@ class FuncCapture(CaptureOp):
         """Each sample's output computed alone must equal its output in the batch:
         the proof, on this batch, that the unanalysed layer keeps samples apart."""
         for j, a in zip(oidx, alone):
-            batched = rec.outputs[j].movedim(dims_out[j], 0)
-            a = a.squeeze(dims_out[j] + 1)  # [B, ...]: the singleton batch of each evaluation
+            batched, d = _per_sample(rec.outputs[j], dims_out[j], rec.batch_size)
+            if d is not None:
+                batched = batched.movedim(d, 0)
+                a = a.squeeze(d + 1)  # [B, ...]: the singleton batch of each evaluation
             if a.shape != batched.shape or not torch.allclose(a, batched, rtol=1e-5, atol=1e-6, equal_nan=True):
                 diff = (a - batched).abs().flatten(1).amax(1) if a.shape == batched.shape else None
                 who = f" (sample {int(diff.argmax())} differs by {float(diff.max()):.3g})" if diff is not None else ""
@@ -153,3 +170,29 @@ class FuncCapture(CaptureOp):
                     "part of the model traceable (fxdp.check shows the line), or remove the cross-sample "
                     "computation"
                 )
+
+
+def _per_sample(t: Tensor, dim: Any, B: int) -> tuple:
+    """``(t, dim)`` for ``vmap`` over samples: a batch-major fold of dimension 0
+    (``[B*k, ...]``) as ``[B, k, ...]`` with ``dim`` None (one sample's value is its
+    ``[k, ...]`` block, the fold of a batch of one); otherwise as given."""
+    if isinstance(dim, tuple):
+        return t.reshape(B, t.shape[0] // B, *t.shape[1:]), None
+    return t, dim
+
+
+def _one_sample(t: Tensor, dim: Any) -> Tensor:
+    """One sample's value inside ``vmap``: its batch dimension restored as size 1, or its
+    block of a batch-major fold as is."""
+    return t if dim is None else t.unsqueeze(dim)
+
+
+@contextlib.contextmanager
+def _replayed(state: Optional[Tensor]) -> Iterator[None]:
+    """The CPU generator at ``state`` inside, as it was after (nothing when ``state`` is None)."""
+    if state is None:
+        yield
+        return
+    with torch.random.fork_rng(devices=[]):
+        torch.random.set_rng_state(state)
+        yield

@@ -121,6 +121,7 @@ class _CaptureFunction(torch.autograd.Function):
         ctx.generation = rec.generation
         ctx.batch_dims = rec.batch_dims.get(op.capture_name, op.default_batch_dims)
         ctx.outputs = [o.detach() for o in flat] if op.checks_outputs else None
+        ctx.rng_state = op.__dict__.pop("_rng_before", None)  # FuncCapture: a draw to replay
         nondiff = [o for o in flat if not o.is_floating_point() and not o.is_complex()]
         if nondiff:
             ctx.mark_non_differentiable(*nondiff)
@@ -166,6 +167,7 @@ class _CaptureFunction(torch.autograd.Function):
                 batch_dims=ctx.batch_dims,
                 outputs=ctx.outputs,
                 saved=saved,
+                rng_state=ctx.rng_state,
             )
             ctx.outputs = None
             for i, g in op.recorder.on_backward(rec).items():

@@ -42,6 +42,9 @@ class LayerRecord:
     released: bool = False
     #: what the forward computed for the closed-form gradients (``PerSampleRule.forward_saving``)
     saved: Any = None
+    #: the CPU generator's state before a fallback layer without batched inputs drew random
+    #: numbers in the forward (``FuncCapture``): its per-sample evaluations draw them again
+    rng_state: Optional[Tensor] = None
     #: the capture op's values derived from ``inputs`` and ``grads`` (its batch-first
     #: arguments), formed once per record: book-keeping reads them up to four times a step;
     #: ``memo["scratch"]``: what the rule's norms left for its clipped sum (``rules.base.SCRATCH``)

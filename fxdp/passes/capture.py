@@ -124,6 +124,8 @@ class _CaptureBuilder:
         self.input_dep: Dict[fx.Node, bool] = {}
         self.pdeps: Dict[fx.Node, Set[str]] = {}
         self.shapes: Set[fx.Node] = set()
+        #: parameter-only nodes copied into a capture op's subgraph (it computes them)
+        self.absorbed: Set[fx.Node] = set()
 
     # -- analysis ---------------------------------------------------------------
     def _attr(self, n: fx.Node) -> Any:
@@ -200,10 +202,12 @@ class _CaptureBuilder:
         for c in made:  # tied parameters, known before the first backward pass
             c.shared = frozenset(p for p in c.param_index.values() if uses[p] > 1)
         # drop parameter-only nodes the capture ops absorbed; a general dead-code
-        # elimination would also drop in-place ops whose results are unused (x.mul_(2))
+        # elimination would also drop in-place ops whose results are unused (x.mul_(2)). A
+        # random op the capture absorbed (dropout on DeBERTa's relative embeddings) counts
+        # as impure, yet left here it would draw its numbers a second time
         for n in reversed(list(self.graph.nodes)):
             if n.op in ("get_attr", "call_function", "call_method") and not self.input_dep.get(n, True) \
-                    and not n.users and not n.is_impure():
+                    and not n.users and (not n.is_impure() or n in self.absorbed and _seeded(n)):
                 self.graph.erase_node(n)
         self.gm.recompile()
         return made
@@ -398,6 +402,7 @@ class _CaptureBuilder:
             visit(a)
         order = {x: i for i, x in enumerate(self.graph.nodes)}
         region.sort(key=order.__getitem__)
+        self.absorbed.update(region)
         acts = [a for a in n.all_input_nodes if self.input_dep[a]]
         attrs = [x for x in region if x.op == "get_attr"]
         for x in region:
@@ -558,3 +563,9 @@ def _swaps_two_dims(t: fx.Node) -> bool:
 def insert_captures(gm: fx.GraphModule, recorder: Recorder) -> List[CaptureOp]:
     """Insert capture ops into ``gm`` in place; returns them in graph order."""
     return _CaptureBuilder(gm, recorder).run()
+
+
+def _seeded(n: fx.Node) -> bool:
+    """An ATen op that draws from the random generator (and writes nothing else)."""
+    return isinstance(n.target, torch._ops.OpOverload) and torch.Tag.nondeterministic_seeded in n.target.tags \
+        and not n.target._schema.is_mutable

@@ -176,10 +176,23 @@ def annotate_batch(gm: fx.GraphModule, s: Any) -> None:
                     lay = None
             layouts.append(lay)
         hints = [(h[0], h[1], h[2], "major") if isinstance(h, tuple) and h[0] == "fold" and lay is not None
-                 and lay != FREE and sympy.simplify(lay[0] - 1) == 0 else h for h, lay in zip(hints, layouts)]
+                 and (lay != FREE and sympy.simplify(lay[0] - 1) == 0 or lay == FREE and _repeats_major(n, h, s))
+                 else h for h, lay in zip(hints, layouts)]
         n.meta["fxdp_batch"] = hints
         n.meta["fxdp_layout"] = layouts
         _check_layouts(n, hints, flat, at)
+
+
+def _repeats_major(n: fx.Node, h: tuple, s: Any) -> bool:
+    """Whether ``n`` repeats a batch-free value ``B`` times along dimension 0 and nowhere
+    else (``w.repeat(B, 1, 1)``: DeBERTa's position keys): copy ``b`` is the rows ``b*k ..
+    (b+1)*k``, so row ``r`` is sample ``r // k``'s, whatever pairs it with batch data."""
+    if n.target is not aten.repeat.default or h[1] != 0 or len(n.args) < 2:
+        return False
+    reps = list(n.args[1])
+    first = reps[0].meta.get("val") if isinstance(reps[0], fx.Node) else reps[0]
+    return (isinstance(first, torch.SymInt) and _expr(first) == s
+            and all(not isinstance(r, fx.Node) and r == 1 for r in reps[1:]))
 
 
 def _example_sizes(gm: fx.GraphModule) -> dict:

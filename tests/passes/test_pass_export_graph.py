@@ -540,3 +540,43 @@ def test_embedding_bag_with_offsets_on_the_export_path_is_exact(f64):
         model(x[bounds[i]:bounds[i + 1]], torch.tensor([0])).pow(2).sum().backward()
         for n, p in model.named_parameters():
             torch.testing.assert_close(got[n][i], p.grad, rtol=1e-10, atol=1e-12, msg=f"{n}, bag {i}")
+
+
+class RepeatedPositions(nn.Module):
+    """A parameter-only value, with dropout, repeated over the batch along dimension 0
+    (``w.repeat(B, 1)``: DeBERTa's relative position keys) and met by a batch-major fold."""
+
+    def __init__(self, p):
+        super().__init__()
+        self.pos = nn.Parameter(torch.randn(5, 3))
+        self.fc = nn.Linear(3, 2)
+        self.p = p
+
+    def forward(self, x):
+        B, T, d = x.shape
+        pos = nn.functional.dropout(self.pos * 2.0, self.p, self.training).repeat(B, 1)  # copy b: rows b*T..
+        return self.fc(torch.tanh((x.reshape(B * T, d) * pos).reshape(B, T, d)))
+
+
+@pytest.mark.parametrize("p", [0.0, 0.5])
+def test_a_parameter_subgraph_repeated_over_the_batch_is_exact(p, f64):
+    """``repeat(B, 1)`` of a batch-free value is a batch-major fold (copy b is sample b's), so
+    the raw-parameter capture serves it; its dropout, drawn once for every sample, is replayed
+    for each (and drawn once a step: the absorbed node is not left in the graph to draw again,
+    so the DP model draws the same numbers as the model). Before: refused as a folded batch."""
+    torch.manual_seed(0)
+    model = RepeatedPositions(p).train()
+    x = torch.randn(4, 5, 3)
+    dp = fxdp.privatize(model, capture="export", loss_reduction="sum")
+    dp(x)  # captured on this call
+    torch.manual_seed(7)
+    out = dp(x)
+    torch.manual_seed(7)
+    torch.testing.assert_close(out, model(x), rtol=0, atol=0)
+    out.pow(2).sum().backward()
+    got = model.pos.grad_sample.clone()
+    for i in range(4):
+        model.zero_grad()
+        torch.manual_seed(7)  # the same dropout mask as the batch's
+        model(x[i:i + 1]).pow(2).sum().backward()
+        torch.testing.assert_close(got[i], model.pos.grad, rtol=1e-10, atol=1e-12)
