@@ -276,15 +276,25 @@ def test_tied_embeddings_are_clipped_exactly_without_per_sample_gradients(name, 
     Book-keeping norms the tied weight from its uses' factored gradients (no ``[B, V, d]``
     per-sample gradients, which at GPT-2's vocabulary take 2.5 GB a use at B = 16) and every
     clipped sum equals materialize mode's (float64)."""
-    import copy
-
     from fxdp import bookkeeping
-    from oracle import bk_clipped_sums
 
     formed = []
     real = bookkeeping._per_sample_grads
     monkeypatch.setattr(bookkeeping, "_per_sample_grads", lambda r: formed.append(r) or real(r))
-    model, kind, x, y = _float64_case(name, 6)
+    params = _assert_bk_sums_are_materialized(*_float64_case(name, 6))
+    emb = max(params, key=lambda p: p.numel())  # [V, d]
+    assert not [r for r in formed if any(p is emb for p in r.params.values())]
+    # (T5's relative-position bias, a small raw parameter used by several ops, is materialized)
+
+
+def _assert_bk_sums_are_materialized(model, kind, x, y):
+    """Book-keeping's clipped sums equal those of materialized per-sample gradients (float64,
+    a bound that clips some samples and not others); returns the book-keeping model's
+    trainable parameters."""
+    import copy
+
+    from oracle import bk_clipped_sums
+
     dpm = fxdp.privatize(copy.deepcopy(model), loss_reduction="sum")
     _loss(kind, dpm(**x), x, y).backward()
     gs = [p.grad_sample for p in dpm.parameters() if p.requires_grad]
@@ -296,9 +306,14 @@ def test_tied_embeddings_are_clipped_exactly_without_per_sample_gradients(name, 
     params = [p for p in dpb.parameters() if p.requires_grad]
     for p, s in zip(params, gs):
         torch.testing.assert_close(sums[id(p)], torch.einsum("b,b...->...", factors, s), rtol=1e-9, atol=1e-12)
-    emb = max(params, key=lambda p: p.numel())  # [V, d]
-    assert not [r for r in formed if any(p is emb for p in r.params.values())]
-    # (T5's relative-position bias, a small raw parameter used by several ops, is materialized)
+    return params
+
+
+@pytest.mark.parametrize("name", sorted(ZOO_REPEAT))
+def test_book_keeping_serves_deberta_exactly(name, f64):
+    """DeBERTa's repeated relative-position subgraphs (torch.func captures, their weights tied
+    to the content path's query and key projections in v3) clip as materialize mode does."""
+    _assert_bk_sums_are_materialized(*_float64_case(name, 6))
 
 
 @pytest.mark.parametrize("name", ["bert", "gpt2"])
