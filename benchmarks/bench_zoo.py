@@ -114,6 +114,12 @@ def build(name: str, T: int) -> tuple:
             vocab_size=V, hidden_size=HID, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
             num_key_value_heads=HEADS, intermediate_size=FF, max_position_embeddings=max(512, T),
             use_cache=False)), "lm"
+    if name == "deberta":  # DeBERTa-v3's layer: shared attention keys, relative positions only
+        return t.DebertaV2ForSequenceClassification(t.DebertaV2Config(
+            vocab_size=V, hidden_size=HID, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+            intermediate_size=FF, max_position_embeddings=max(512, T), num_labels=2, relative_attention=True,
+            pos_att_type=["p2c", "c2p"], position_buckets=256, max_relative_positions=-1, share_att_key=True,
+            norm_rel_ebd="layer_norm", position_biased_input=False)), "cls"
     if name == "vit":
         return t.ViTForImageClassification(t.ViTConfig(
             image_size=IMAGE, patch_size=PATCH, num_channels=3, hidden_size=HID, num_hidden_layers=LAYERS,
@@ -122,6 +128,8 @@ def build(name: str, T: int) -> tuple:
 
 
 MODELS = ["bert", "roberta", "distilbert", "gpt2", "llama", "vit", "lora-gpt2"]
+#: ``--models deberta`` too (not in the saved zoo tables, which predate it)
+EXTRA_MODELS = ["deberta"]
 
 
 def batch(kind: str, B: int, T: int) -> tuple:
