@@ -85,8 +85,9 @@ def _deberta(p=0.1, v3=True):
 
 ZOO = {"bert": _bert, "roberta": _roberta, "distilbert": _distilbert, "gpt2": _gpt2, "llama": _llama,
        "t5": _t5, "vit": _vit, "lora-gpt2": _lora_gpt2}
-#: served with a raw-parameter capture (torch.func) where a parameter subgraph is repeated over
-#: the batch (DeBERTa's relative position keys and queries, ``w.repeat(B, 1, 1)``)
+#: served with raw-parameter captures (torch.func) where a parameter subgraph is repeated over
+#: the batch (DeBERTa's relative position keys and queries, ``w.repeat(B, 1, 1)``), the dropout
+#: on the relative embeddings replayed per sample
 ZOO_REPEAT = {"deberta-v2": lambda p=0.1: _deberta(p, v3=False), "deberta-v3": _deberta}
 ALL = {**ZOO, **ZOO_REPEAT}
 

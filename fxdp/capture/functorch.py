@@ -60,10 +60,9 @@ class FuncCapture(CaptureOp):
         state = torch.random.get_rng_state()
         out = self.fn(*dyn)
         if not torch.equal(state, torch.random.get_rng_state()):
-            if all(i in self.param_index or i in self.buffer_index or not isinstance(x, Tensor)
-                   for i, x in enumerate(dyn)):
-                # no batched input (DeBERTa's dropout on its relative embeddings, repeated over the
-                # batch): one draw every sample shares, replayed for each (``LayerRecord.rng_state``)
+            if self.draws_batch_free(dyn):
+                # one draw every sample shares (DeBERTa's dropout on its relative embeddings),
+                # replayed for each (``LayerRecord.rng_state``)
                 self.__dict__["_rng_before"] = state
                 return out
             raise UnsupportedOpError(
@@ -72,6 +71,13 @@ class FuncCapture(CaptureOp):
                 "this layer, or register a per-sample rule for it (docs/custom_rules.md)."
             )
         return out
+
+    def draws_batch_free(self, dyn: Sequence[Any]) -> bool:
+        """Whether the random numbers this op drew are drawn from no sample's data, so that
+        every sample shares them: when it reads no batched input. (A random op that meets the
+        batch, ``torch.normal(x, self.sigma)``, draws per sample: refused.)"""
+        return all(i in self.param_index or i in self.buffer_index or not isinstance(x, Tensor)
+                   for i, x in enumerate(dyn))
 
     def per_sample_grads(self, rec: LayerRecord) -> Dict[int, Tensor]:
         B = rec.batch_size

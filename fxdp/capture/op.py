@@ -120,8 +120,9 @@ class _CaptureFunction(torch.autograd.Function):
         ctx.batch_size = rec.batch_size
         ctx.generation = rec.generation
         ctx.batch_dims = rec.batch_dims.get(op.capture_name, op.default_batch_dims)
-        ctx.outputs = [o.detach() for o in flat] if op.checks_outputs else None
         ctx.rng_state = op.__dict__.pop("_rng_before", None)  # FuncCapture: a draw to replay
+        # a replayed draw is proven like an unanalysed layer: each sample's output against the batch's
+        ctx.outputs = [o.detach() for o in flat] if op.checks_outputs or ctx.rng_state is not None else None
         nondiff = [o for o in flat if not o.is_floating_point() and not o.is_complex()]
         if nondiff:
             ctx.mark_non_differentiable(*nondiff)

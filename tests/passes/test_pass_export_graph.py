@@ -580,3 +580,23 @@ def test_a_parameter_subgraph_repeated_over_the_batch_is_exact(p, f64):
         torch.manual_seed(7)  # the same dropout mask as the batch's
         model(x[i:i + 1]).pow(2).sum().backward()
         torch.testing.assert_close(got[i], model.pos.grad, rtol=1e-10, atol=1e-12)
+
+
+class NoiseMeetsTheBatch(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.sigma = nn.Parameter(torch.ones(4))
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.fc(torch.normal(x, self.sigma.abs()))  # draws one number per sample and feature
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_a_random_op_that_meets_the_batch_in_a_parameter_use_is_refused(capture):
+    """Only a draw from no sample's data is replayed per sample (the test above): a random op
+    that takes batched data and a parameter draws per sample, and replaying the generator for
+    one sample cannot give each sample its own numbers, so it stays refused."""
+    dp = fxdp.privatize(NoiseMeetsTheBatch(), capture=capture)
+    with pytest.raises(fxdp.UnsupportedOpError, match="draws random numbers"):
+        dp(torch.randn(5, 4))
