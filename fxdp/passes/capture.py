@@ -419,7 +419,9 @@ class _CaptureBuilder:
         for x in region:
             if x.op != "get_attr":
                 env[x] = sub.node_copy(x, env.__getitem__)
-        sub.output(sub.node_copy(n, env.__getitem__))
+        use = sub.node_copy(n, env.__getitem__)
+        use.target = self._out_of_place(n, acts)
+        sub.output(use)
         fn = fx.GraphModule(self.gm, sub, "ParamUse")
         dyn = acts + shapes + attrs
         params, buffers = self._indices(dyn)
@@ -440,6 +442,25 @@ class _CaptureBuilder:
         cap = ParamCapture(fn=fn, description=_op_name(n), fast="expand+cat" if cat else fast, param_pos=pos,
                            cat=cat, param_index=params, buffer_index=buffers, **self._common(n))
         return self._install(n, cap, dyn)
+
+    def _out_of_place(self, n: fx.Node, acts: List[fx.Node]) -> Any:
+        """The op a capture runs for the use ``n``: an in-place ATen op on an activation
+        (``h += self.bias``, ConvBERT's separable convolution) as its out-of-place form, since
+        the capture's inputs are leaves it may not write, and its output is what the graph
+        reads after it (torch.export points later reads of the activation at the op's output). Refused
+        where another op reads the activation itself: a view taken before the write sees the write."""
+        t = n.target
+        if not (isinstance(t, torch._ops.OpOverload) and t._schema.is_mutable and n.args
+                and isinstance(n.args[0], fx.Node) and n.args[0] in acts):
+            return t
+        functional = getattr(getattr(torch.ops.aten, t._schema.name.split("::")[-1].rstrip("_"), None),
+                             t._overloadname, None)
+        if functional is None or len(n.args[0].users) > 1:
+            raise UnsupportedOpError(
+                f"{_where(n)} writes a parameter into an activation in place ({t}) that another op also reads "
+                "(a view taken before the write sees it); the capture cannot reproduce that write. Fix: use the "
+                "out-of-place op (h = h + self.bias instead of h += self.bias)")
+        return functional
 
     def _cat_plan(self, n: fx.Node, region: List[fx.Node], params: Dict[int, str],
                   dyn: List[Any]) -> Optional[Dict[str, Any]]:

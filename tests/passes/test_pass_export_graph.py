@@ -600,3 +600,36 @@ def test_a_random_op_that_meets_the_batch_in_a_parameter_use_is_refused(capture)
     dp = fxdp.privatize(NoiseMeetsTheBatch(), capture=capture)
     with pytest.raises(fxdp.UnsupportedOpError, match="draws random numbers"):
         dp(torch.randn(5, 4))
+
+
+class AddsBiasInPlace(nn.Module):
+    """``h += self.bias`` (ConvBERT's separable convolution), optionally through a view of ``h``
+    taken before the write (which sees the write)."""
+
+    def __init__(self, read_again=False):
+        super().__init__()
+        self.lin = nn.Linear(4, 3, bias=False)
+        self.b = nn.Parameter(torch.randn(3))
+        self.fc = nn.Linear(3, 2)
+        self.read_again = read_again
+
+    def forward(self, x):
+        h = self.lin(x)
+        v = h[:, :1] if self.read_again else None
+        h += self.b
+        out = self.fc(torch.tanh(h))
+        return out + v if self.read_again else out
+
+
+def test_a_parameter_added_in_place_is_exact_on_the_export_path(f64):
+    """The capture at ``aten.add_`` ran the in-place op on its detached input, a leaf that
+    requires grad: RuntimeError, so ConvBERT could not be privatized. It runs the out-of-place
+    op now, and a write the graph reads again elsewhere is refused with the fix."""
+    torch.manual_seed(0)
+    model = AddsBiasInPlace()
+    x = torch.randn(5, 4)
+    dp = fxdp.privatize(model, capture="export", loss_reduction="sum")
+    dp(x).pow(2).sum().backward()
+    assert_grad_samples_match(model, batch_of_one_grads(model, [x], lambda out, i: out.pow(2).sum()))
+    with pytest.raises(fxdp.UnsupportedOpError, match=r"in place .*h = h \+ self.bias"):
+        fxdp.privatize(AddsBiasInPlace(read_again=True), capture="export")(x)
