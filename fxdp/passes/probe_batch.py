@@ -80,14 +80,14 @@ def _batched(hint: Any) -> bool:
     return hint is not None and hint != "B"
 
 
-def _probe(n: fx.Node, run: Callable[[List[Any]], Any], vals: List[Any], nodes: List[Any], out: Any,
+def _probe(n: fx.Node, run: Callable[[List[Any]], Any], vals: List[Any], nodes: List[Any],
            B: int, dep: Dict[fx.Node, bool]) -> Optional[str]:
     """What perturbing the first and the last sample finds (None: nothing)."""
     live = [i for i, a in enumerate(nodes) if isinstance(a, fx.Node) and isinstance(vals[i], Tensor) and dep.get(a)
             and _batched((a.meta.get("fxdp_batch") or [None])[0])]
     if not live:
         return None
-    del out  # the graph's run drew other random numbers: compare runs under one seed
+    # the op's output in the graph's run drew other random numbers: compare runs under one seed
     outs = tree_flatten(run(list(vals)))[0]
     hints = list(n.meta.get("fxdp_batch") or [])
     again = tree_flatten(run(list(vals)))[0]
@@ -135,7 +135,7 @@ class _Run(fx.Interpreter):
                 return n.target(*args, **kwargs)
 
             try:
-                problem = _probe(n, run, vals, flat, out, self.B, self.dep)
+                problem = _probe(n, run, vals, flat, self.B, self.dep)
             except Exception as e:  # the op does not run on perturbed values: nothing shown
                 problem = f"it could not be run on perturbed inputs ({type(e).__name__}: {e})"
             if problem is not None:

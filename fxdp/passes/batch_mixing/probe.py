@@ -73,14 +73,13 @@ def perturbed(x: Tensor, mask: Tensor, gen: torch.Generator) -> Tensor:
     return torch.where(mask, (x + 1) % (int(x.max()) + 1), x)
 
 
-def probe_samples(an: "BatchMixingAnalysis", n: fx.Node, out: Any, out_tags: Any) -> Optional[str]:
+def probe_samples(an: "BatchMixingAnalysis", n: fx.Node, out_tags: Any) -> Optional[str]:
     """None when perturbing each sample's input elements in turn changes only that
     sample's outputs (``out_tags``: the op's assumed tags); otherwise what was found."""
     vals, spec = tree_flatten((an.V(n.args), an.V(n.kwargs)))
     tags = tree_flatten((an.tag(n.args), an.tag(n.kwargs)))[0]
     if len(tags) != len(vals):
         return "its arguments could not be matched to their tags"
-    del out  # the analysis' run drew other random numbers: compare runs under one seed
     otags = tree_flatten(out_tags)[0]
     live = [i for i, (v, t) in enumerate(zip(vals, tags)) if isinstance(v, Tensor) and isinstance(t, Tensor)
             and tuple(t.shape) == tuple(v.shape) and uniform(t) != NO]

@@ -128,14 +128,14 @@ def assume(an: "BatchMixingAnalysis", n: fx.Node, out: Any, name: Optional[str] 
             res.append(g.expand(v.shape))
     tags = tree_unflatten(res, spec)
     if unknown and carries:
-        report_unknown(an, n, unknown, out, tags)
+        report_unknown(an, n, unknown, tags)
     return tags
 
 
-def report_unknown(an: "BatchMixingAnalysis", n: fx.Node, reason: str, out: Any, tags: Any) -> None:
+def report_unknown(an: "BatchMixingAnalysis", n: fx.Node, reason: str, tags: Any) -> None:
     """An op not in the table that carries samples, probed (``probe.py``): a warning when
     each sample's perturbation moved only its own outputs, an error otherwise."""
-    found = probe_samples(an, n, out, tags)
+    found = probe_samples(an, n, tags)
     if found is None:
         an.add(n, "unknown-op", "warning",
                f"{op_name(n)} is not in fxdp's op table ({reason}); perturbing each sample's inputs moved only "

@@ -192,7 +192,7 @@ def _other(an: "BatchMixingAnalysis", n: fx.Node, m: nn.Module, out: Any, first:
         f"leaf module {type(m).__name__} without known semantics"
     tag = assume(an, n, out)
     if str(n.target) not in an.untraceable and any(uniform(t) != NO for t in an.flat_tags(n.args, n.kwargs)):
-        report_unknown(an, n, reason, out, tag)
+        report_unknown(an, n, reason, tag)
     return tag
 
 
