@@ -742,12 +742,12 @@ def test_flat_noise_released_with_its_views_unless_kept():
     c = released.draw(like, 0.5, generator=torch.Generator().manual_seed(5))  # views alive: reused
     assert released.buffer.data_ptr() == ptr and all(v._base is released.buffer for v in c)
     del b, c
-    gc.collect()
+    gc.collect(0)
     assert released.buffer is None  # the last view gone: nothing of ours holds it
     d = released.draw(like, 0.5, generator=torch.Generator().manual_seed(4))
     assert all(torch.equal(x, y) for x, y in zip(a, d))
     del a, d
-    gc.collect()
+    gc.collect(0)
     assert kept.buffer is not None and released.buffer is None
 
 
@@ -808,7 +808,7 @@ def _probed(monkeypatch, draws, **draw_kw) -> FlatNoise:
     for _ in range(9):
         views = mech.draw(like, 0.5, **draw_kw)
         del views  # zero_grad(): a released buffer goes with its views
-        gc.collect()
+        gc.collect(0)
     return mech
 
 
@@ -832,7 +832,7 @@ def test_flat_noise_on_cpu_is_released_when_its_page_faults_are_cheap(monkeypatc
         assert all(torch.equal(v, r) for v, r in zip(views, ref.draw(like, 0.5, generator=g_ref)))
         assert mech.keeps(cpu) == (k < 2 or 5 <= k < 8 or (k == 8 and kept))
         del views  # zero_grad(): the released buffer goes with its views
-        gc.collect()
+        gc.collect(0)
     d = mech.decision
     assert d["keep"] is kept and d["extra_faults_per_step"] == 900
     assert d["fault_us"] == pytest.approx(10.0)
@@ -842,7 +842,7 @@ def test_flat_noise_on_cpu_is_released_when_its_page_faults_are_cheap(monkeypatc
     views = mech.draw(like, 0.5, generator=g)  # decided: no more timing
     assert all(torch.equal(v, r) for v, r in zip(views, ref.draw(like, 0.5, generator=g_ref)))
     del views
-    gc.collect()
+    gc.collect(0)
     assert (mech.buffer is not None) == kept
     assert FlatNoise(keep=True).decision is None and FlatNoise().keeps(cpu)  # undecided: kept
 
@@ -909,7 +909,7 @@ def test_optimizer_frees_the_noise_buffer_at_zero_grad_unless_kept(keep):
         opt.step()
         assert all(p.grad._base is opt.flat_noise.buffer for p in model.parameters())
         opt.zero_grad()
-        gc.collect()
+        gc.collect(0)
         assert (opt.flat_noise.buffer is not None) == k
         results.append(flat_params(model))
     assert torch.equal(results[0], results[1])
