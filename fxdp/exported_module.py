@@ -26,7 +26,7 @@ from .module import DPModule, adopt
 from .passes.batch_dims import input_batch_dim, per_arg
 from .passes.batch_mixing.guard import mixing_refusal, serve_unsafe
 from .passes.capture import CAPTURES, insert_captures
-from .passes.export_graph import example_for_export, export_graph
+from .passes.export_graph import example_for_export, export_graph, static_sizes
 from .errors import BatchDimensionError, where
 from .passes.symbolic_batch import annotate_batch, batch_symbol, mixing_findings
 from .passes.per_sample_loss import rewrite_in_forward_losses
@@ -75,7 +75,7 @@ class ExportedDPModule(DPModule):
         leaves = []
         for t, d in zip(flat, dims):
             if isinstance(t, Tensor):
-                leaves.append(("T", t.dtype, t.dim(), t.device.type, d))
+                leaves.append(("T", t.dtype, t.dim(), t.device.type, d, static_sizes(t, d)))
             else:
                 leaves.append(("V", type(t).__name__, repr(t)))
         return (str(spec), tuple(leaves))

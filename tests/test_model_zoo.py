@@ -66,6 +66,16 @@ def _vit(p=0.1):
     return transformers.ViTForImageClassification(cfg), "image"
 
 
+def _swin(p=0.1):
+    # 2x2 windows over 8x8 then 4x4 patches: every other block shifts its windows (roll, masked attention).
+    # Swin's defaults: stochastic depth on, attention dropout off (its relative-position bias enters the
+    # attention as its mask, so the attention is that parameter's use and a dropout there is refused)
+    cfg = transformers.SwinConfig(hidden_dropout_prob=p, attention_probs_dropout_prob=0.0, drop_path_rate=p, image_size=16,
+                                  patch_size=2, num_channels=3, embed_dim=16, depths=[2, 2], num_heads=[2, 2],
+                                  window_size=2, mlp_ratio=1.5, num_labels=3)
+    return transformers.SwinForImageClassification(cfg), "image"
+
+
 def _lora_gpt2(p=0.1):
     peft = pytest.importorskip("peft")
     model, _ = _gpt2(p)
@@ -84,7 +94,7 @@ def _deberta(p=0.1, v3=True):
 
 
 ZOO = {"bert": _bert, "roberta": _roberta, "distilbert": _distilbert, "gpt2": _gpt2, "llama": _llama,
-       "t5": _t5, "vit": _vit, "lora-gpt2": _lora_gpt2}
+       "t5": _t5, "vit": _vit, "swin": _swin, "lora-gpt2": _lora_gpt2}
 #: served with raw-parameter captures (torch.func) where a parameter subgraph is repeated over
 #: the batch (DeBERTa's relative position keys and queries, ``w.repeat(B, 1, 1)``), the dropout
 #: on the relative embeddings replayed per sample

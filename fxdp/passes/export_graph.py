@@ -7,7 +7,7 @@ that symbolic tracing cannot read: optional and keyword arguments, ``*args`` /
 (``aten.linear``, ``aten.addmm``, ``aten.embedding``, ``aten.layer_norm``,
 ``aten.dropout``, ...). The batch is one symbol shared by every input
 (``Dim("batch")``); other dimensions are ``Dim.AUTO`` (symbolic where the model
-allows, e.g. sequence lengths). Control flow on tensor values or on the batch
+allows, e.g. sequence lengths), except an image's (``static_sizes``). Control flow on tensor values or on the batch
 size is an export error, so such a model is refused instead of served.
 
 Each node gets ``meta["fxdp_module"]`` (module path, from ``nn_module_stack``)
@@ -70,9 +70,22 @@ class ModelCall(nn.Module):
         return self.model(*args, **kwargs)
 
 
+def static_sizes(t: Tensor, batch_dim: Optional[int]) -> Optional[Tuple[int, ...]]:
+    """The sizes other than the batch that a capture fixes, or None where they stay symbolic.
+
+    Images and volumes (floating-point, four dimensions or more) keep their sizes: a
+    training pipeline crops them to one size, and symbolic heights and widths cost
+    ``torch.export`` minutes of shape algebra on a model that pads them to its windows
+    (Swin: 110 s for two stages, 2 s static). Another size is another graph."""
+    if t.dim() >= 4 and t.is_floating_point():
+        return tuple(int(n) for k, n in enumerate(t.shape) if k != batch_dim)
+    return None
+
+
 def _dynamic_shapes(model: nn.Module, args: tuple, kwargs: dict, dims: Dict[int, Optional[int]]) -> Any:
     """``dynamic_shapes`` for ``torch.export``: the shared batch Dim at each batched
-    leaf, ``Dim.AUTO`` elsewhere (any input structure: ``**kwargs``, nested dicts)."""
+    leaf, ``Dim.AUTO`` elsewhere except where ``static_sizes`` fixes them (any input
+    structure: ``**kwargs``, nested dicts)."""
     from torch.export import Dim, ShapesCollection
 
     batch = Dim("batch")
@@ -80,7 +93,8 @@ def _dynamic_shapes(model: nn.Module, args: tuple, kwargs: dict, dims: Dict[int,
     flat, _ = tree_flatten((args, kwargs))
     for i, t in enumerate(flat):
         if isinstance(t, Tensor) and t.dim() > 0:
-            shapes[t] = {k: (batch if k == dims.get(i) else Dim.AUTO) for k in range(t.dim())}
+            other = Dim.STATIC if static_sizes(t, dims.get(i)) is not None else Dim.AUTO
+            shapes[t] = {k: (batch if k == dims.get(i) else other) for k in range(t.dim())}
     return shapes.dynamic_shapes(model, (args, kwargs))
 
 

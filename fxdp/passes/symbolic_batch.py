@@ -68,14 +68,18 @@ def _equals_batch(e: Any, s: Any) -> bool:
     if s not in e.free_symbols:
         return False
     syms = sorted(e.free_symbols, key=str)
-    for k, point in enumerate(((2, 3), (5, 7), (11, 2), (64, 128))):
+    agree = 0
+    for k, point in enumerate(((2, 3), (5, 7), (11, 2), (64, 128), (17, 19), (96, 33))):
         values = {x: point[j % 2] + j for j, x in enumerate(syms)}
         try:
             if int(e.subs(values)) != int(s.subs(values)):
                 return False
+        except ZeroDivisionError:  # a size undefined at this point (a padding's // of a difference)
+            continue
         except (TypeError, ValueError):
             return False
-    return True
+        agree += 1
+    return agree >= 3
 
 
 def _tensor_hint(v: torch.Tensor, s: Any) -> Any:

@@ -217,6 +217,56 @@ def test_windows_and_transposed_folds_are_exact(f64):
     _per_sample_ok(Patches().double(), torch.randn(3, 3, 4, 6))
 
 
+def test_images_keep_their_sizes_and_another_size_is_another_graph(f64):
+    """An image's height and width are fixed in its graph (symbolic sizes cost ``torch.export``
+    minutes on models that pad to their windows): padded to whole 4x4 windows as Swin does,
+    a 16x16 and an 11x13 batch take a graph each, both exact; token ids of another length
+    reuse their graph."""
+    import torch.nn.functional as F
+
+    class PaddedWindows(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l = nn.Linear(3, 3)
+
+        def forward(self, x):  # [B, C, H, W]
+            B, C, H, W = x.shape
+            x = F.pad(x, (0, (4 - W % 4) % 4, 0, (4 - H % 4) % 4))
+            h, w = x.shape[2] // 4, x.shape[3] // 4
+            win = x.view(B, C, h, 4, w, 4).permute(0, 2, 4, 3, 5, 1).reshape(-1, 16, C)
+            return self.l(win).view(B, h * w * 16, C).tanh()
+
+    torch.manual_seed(6)
+    model = PaddedWindows().double()
+    dp = fxdp.privatize(model, loss_reduction="sum", capture="export")
+    for k, x in enumerate((torch.randn(3, 3, 16, 16), torch.randn(2, 3, 11, 13), torch.randn(4, 3, 16, 16)), 1):
+        for p in model.parameters():
+            p.grad, p.grad_sample = None, None
+        dp(x).pow(2).sum().backward()
+        assert_grad_samples_match(model, batch_of_one_grads(model, [x], lambda out, i: out.pow(2).sum()))
+        assert len(dp.graphs) == min(k, 2)
+
+    emb = nn.Sequential(nn.Embedding(11, 4), nn.Linear(4, 2)).double()
+    dp = fxdp.privatize(emb, loss_reduction="sum", capture="export")
+    for T in (5, 9):
+        dp(torch.randint(0, 11, (3, T))).sum().backward()
+    assert len(dp.graphs) == 1
+
+
+def test_a_size_undefined_at_a_sample_point_still_matches_the_batch():
+    """``_equals_batch`` compares a size with the batch symbol at sample points; a padding
+    size such as ``s0 + (s1 - 4) // (s1*(s1 - 4))`` divides by zero at one of them (a crash
+    on Swin before): that point is skipped, the others decide."""
+    import sympy
+    from torch.utils._sympy.functions import FloorDiv
+
+    from fxdp.passes.symbolic_batch import _equals_batch
+
+    s0, s1 = sympy.symbols("s0 s1", integer=True, positive=True)
+    assert _equals_batch(s0 + FloorDiv(s1 - 4, s1 * (s1 - 4)), s0)
+    assert not _equals_batch(s0 + FloorDiv(s1 - 4, s1 * (s1 - 4)) + 1, s0)
+
+
 def test_a_table_repeated_over_the_batch_lines_up_with_any_fold(f64):
     """DeBERTa's relative positions: a batch-free table ``repeat``ed to ``[B*H, ...]`` and added
     to (or gathered with) a batch-major fold. It holds no sample's data, so it takes the other
