@@ -76,6 +76,23 @@ def _swin(p=0.1):
     return transformers.SwinForImageClassification(cfg), "image"
 
 
+def _swinv2(p=0.1):
+    # Swin-v2: cosine attention (F.normalize over each window's rows), a continuous position bias (an MLP)
+    cfg = transformers.Swinv2Config(hidden_dropout_prob=p, attention_probs_dropout_prob=0.0, drop_path_rate=p,
+                                    image_size=16, patch_size=2, num_channels=3, embed_dim=16, depths=[2, 2],
+                                    num_heads=[2, 2], window_size=2, mlp_ratio=1.5, num_labels=3)
+    return transformers.Swinv2ForImageClassification(cfg), "image"
+
+
+def _beit(p=0.1):
+    # relative-position bias per layer: its index is built in forward by slice assignments (in place)
+    cfg = transformers.BeitConfig(hidden_dropout_prob=p, attention_probs_dropout_prob=0.0, drop_path_rate=p,
+                                  image_size=16, patch_size=4, hidden_size=32, num_hidden_layers=2,
+                                  num_attention_heads=2, intermediate_size=48, num_labels=3,
+                                  use_relative_position_bias=True)
+    return transformers.BeitForImageClassification(cfg), "image"
+
+
 def _lora_gpt2(p=0.1):
     peft = pytest.importorskip("peft")
     model, _ = _gpt2(p)
@@ -94,7 +111,8 @@ def _deberta(p=0.1, v3=True):
 
 
 ZOO = {"bert": _bert, "roberta": _roberta, "distilbert": _distilbert, "gpt2": _gpt2, "llama": _llama,
-       "t5": _t5, "vit": _vit, "swin": _swin, "lora-gpt2": _lora_gpt2}
+       "t5": _t5, "vit": _vit, "swin": _swin, "swinv2": _swinv2, "beit": _beit,
+       "lora-gpt2": _lora_gpt2}
 #: served with raw-parameter captures (torch.func) where a parameter subgraph is repeated over
 #: the batch (DeBERTa's relative position keys and queries, ``w.repeat(B, 1, 1)``), the dropout
 #: on the relative embeddings replayed per sample

@@ -31,6 +31,7 @@ from ..capture import CaptureOp, FuncCapture, Recorder, RuleCapture
 from ..errors import SymbolicGraphError, UnsupportedModelError, UnsupportedOpError, where
 from ..rules import module_call_for, rule_for_op
 from ..capture.params import CAT, ELEMENTWISE, EXPAND, MATMUL, BroadcastRuleCapture, ParamCapture
+from .aliasing import writes_into
 from .symbolic_batch import is_shape_value
 
 __all__ = ["insert_captures", "CAPTURES"]
@@ -401,6 +402,17 @@ class _CaptureBuilder:
         for a in n.all_input_nodes:
             visit(a)
         order = {x: i for i, x in enumerate(self.graph.nodes)}
+        # writes in place into the region's values before n (BEiT's relative-position index,
+        # built by slice assignments into zeros) are copied with it, or the copy reads them unwritten
+        while extra := sorted((w for w in writes_into(region) if w not in seen and order[w] < order[n]),
+                              key=order.__getitem__):
+            for w in extra:
+                if self.input_dep[w]:
+                    raise UnsupportedOpError(
+                        f"{_where(w)} writes batched data in place into a value that {_where(n)} combines with "
+                        "parameters; its per-sample gradients cannot be captured. Fix: build that value out of "
+                        "place (torch.where, torch.cat) from data and parameters")
+                visit(w)
         region.sort(key=order.__getitem__)
         self.absorbed.update(region)
         acts = [a for a in n.all_input_nodes if self.input_dep[a]]

@@ -252,7 +252,14 @@ _ALONG = {
     aten.slice.Tensor: 1, aten.select.int: 1, aten.narrow.default: 1, aten.index_select.default: 1,
     aten.split.Tensor: 2, aten.split_with_sizes.default: 2, aten.chunk.default: 2, aten.unbind.int: 1,
     aten.cat.default: 1, aten.stack.default: 1, aten.unsqueeze.default: None, aten.squeeze.dim: None,
-    aten.squeeze.dims: None, aten.expand.default: None, aten.gather.default: 1,
+    aten.squeeze.dims: None, aten.expand.default: None, aten.expand_as.default: None, aten.gather.default: 1,
+}
+#: reductions -> position of their dims argument: rows of the dimensions they keep stay whole
+#: (``F.normalize``'s norm over the last dimension of Swin-v2's windows)
+_REDUCE = {
+    aten.linalg_vector_norm.default: 2, aten.sum.dim_IntList: 1, aten.mean.dim: 1, aten.amax.default: 1,
+    aten.amin.default: 1, aten.logsumexp.default: 1, aten.norm.ScalarOpt_dim: 2, aten.var.correction: 1,
+    aten.std.correction: 1,
 }
 #: losses -> position of their reduction argument (0: none, one loss per row)
 _ROW_LOSSES = {aten.cross_entropy_loss.default: 3, aten.mse_loss.default: 2,
@@ -281,6 +288,15 @@ def _keeps_fold(n: fx.Node, d_out: int) -> bool:
         if not (isinstance(fold, tuple) and isinstance(dim, int) and rank):
             return False
         return dim % rank != fold[1] and (t is not aten.stack.default or dim % (rank + 1) != d_out)
+    if t in _REDUCE:
+        x, pos = n.args[0], _REDUCE[t]
+        fold = _first(x)[0] if isinstance(x, fx.Node) else None
+        dims = n.args[pos] if len(n.args) > pos else n.kwargs.get("dim")
+        dims = [dims] if isinstance(dims, int) else list(dims or [])  # None or []: every dimension
+        if not (isinstance(fold, tuple) and dims and all(isinstance(d, int) for d in dims)):
+            return False
+        rank = x.meta["val"].dim()
+        return fold[1] not in {d % rank for d in dims}
     if t in _BATCHED:
         return d_out == 0
     if t in _ROW_LOSSES:  # unreduced: loss row r from input and target rows r

@@ -267,6 +267,67 @@ def test_a_size_undefined_at_a_sample_point_still_matches_the_batch():
     assert not _equals_batch(s0 + FloorDiv(s1 - 4, s1 * (s1 - 4)) + 1, s0)
 
 
+def test_a_reduction_within_each_folded_row_keeps_the_fold_order(f64):
+    """Swin-v2's cosine attention normalizes each window's rows (``F.normalize``: a norm over
+    the last dimension of a ``[B*nW, ...]`` fold, expanded back): the fold keeps its order,
+    so unfolding it afterwards is served exactly (it was refused as an unfold of unknown
+    order); a norm over the folded dimension itself still mixes the windows of samples."""
+    import torch.nn.functional as F
+
+    class CosineWindows(nn.Module):
+        def __init__(self, over_fold=False):
+            super().__init__()
+            self.l = nn.Linear(3, 3)
+            self.over_fold = over_fold
+
+        def forward(self, x):  # [B, 8, 8, C] -> windows [B*4, 16, C]
+            B, H, W, C = x.shape
+            w = x.view(B, 2, 4, 2, 4, C).permute(0, 1, 3, 2, 4, 5).reshape(-1, 16, C)
+            w = F.normalize(self.l(w), dim=0 if self.over_fold else -1)
+            return w.view(B, 2, 2, 4, 4, C).permute(0, 1, 3, 2, 4, 5).reshape(B, H, W, C)
+
+    torch.manual_seed(8)
+    _per_sample_ok(CosineWindows().double(), torch.randn(3, 8, 8, 3))
+    with pytest.raises(fxdp.UnsupportedOpError, match="samples can influence each other"):
+        fxdp.privatize(CosineWindows(True).double(), capture="export")(torch.randn(3, 8, 8, 3))
+
+
+class RelativeBias(nn.Module):
+    """BEiT's relative-position bias: an index built by slice assignments into ``zeros``
+    (in place: the writes are users of ``zeros``, not ancestors of its read) picks rows of a
+    parameter table, added to batched attention scores."""
+
+    def __init__(self):
+        super().__init__()
+        self.q = nn.Linear(4, 4)
+        self.table = nn.Parameter(torch.randn(7, 2))
+
+    def forward(self, x):  # [B, 4, 4]
+        B, T = x.shape[0], 4
+        idx = torch.zeros(T, T, dtype=torch.long)
+        pos = torch.arange(T)
+        idx[1:, 1:] = pos[1:, None] - pos[None, 1:] + 3
+        idx[0, :] = 6
+        idx[1:, 0] += 5
+        bias = self.table[idx.view(-1)].view(T, T, 2).permute(2, 0, 1)
+        q = self.q(x).view(B, T, 2, 2).transpose(1, 2)
+        return (q @ q.transpose(-1, -2) + bias).softmax(-1)
+
+
+@pytest.mark.parametrize("capture", ["export", "fx"])
+def test_a_constant_written_in_place_keeps_its_writes_in_the_capture(capture, f64):
+    """The capture op of ``scores + table[idx]`` copies the parameter's subgraph with the
+    in-place writes that build ``idx`` (before: all-zero indices, every per-sample gradient
+    of BEiT's and of this table wrong, silently)."""
+    torch.manual_seed(7)
+    model = RelativeBias().double()
+    x = torch.randn(3, 4, 4)
+    dp = fxdp.privatize(model, loss_reduction="sum", capture=capture)
+    dp(x).pow(2).sum().backward()
+    assert not [c for c in dp.captures if c.kind == "functorch"], dp.capture_table()
+    assert_grad_samples_match(model, batch_of_one_grads(model, [x], lambda out, i: out.pow(2).sum()))
+
+
 def test_a_table_repeated_over_the_batch_lines_up_with_any_fold(f64):
     """DeBERTa's relative positions: a batch-free table ``repeat``ed to ``[B*H, ...]`` and added
     to (or gathered with) a batch-major fold. It holds no sample's data, so it takes the other
