@@ -383,13 +383,29 @@ _MIXED = {
 }
 
 
+#: factories that read only their input's dtype, device or shape (Funnel's
+#: ``inputs_embeds.new_ones([T - 1, T - 1])`` holds no sample's data)
+_NO_DATA = {aten.new_ones.default, aten.new_zeros.default, aten.new_empty.default, aten.new_full.default,
+            aten.zeros_like.default, aten.ones_like.default, aten.empty_like.default, aten.full_like.default}
+
+
 def _data_dependent(gm: fx.GraphModule) -> dict:
-    """Nodes whose value depends on the inputs' data (shape arithmetic excluded)."""
-    dep: dict = {}
-    for n in gm.graph.nodes:
-        args = [a for a in n.all_input_nodes if not is_shape_value(a)]
-        dep[n] = not is_shape_value(n) and (n.op == "placeholder" or any(dep[a] for a in args))
-    return dep
+    """Nodes whose value depends on the inputs' data (shape arithmetic excluded); a value
+    data is written into in place (``buf = zeros(...); buf[:] = x``) depends on it."""
+    from .aliasing import writes_into
+
+    nodes = list(gm.graph.nodes)
+    dep: dict = {n: False for n in nodes}
+    while True:
+        for n in nodes:
+            args = [] if n.target in _NO_DATA else [a for a in n.all_input_nodes if not is_shape_value(a)]
+            dep[n] = dep[n] or (not is_shape_value(n) and (n.op == "placeholder" or any(dep[a] for a in args)))
+        written = [n for n in nodes if not dep[n] and n.op == "call_function" and not is_shape_value(n)
+                   and any(dep[w] for w in writes_into([n]))]
+        if not written:
+            return dep
+        for n in written:
+            dep[n] = True
 
 
 def _dims_arg(n: fx.Node, pos: int) -> list:

@@ -292,6 +292,48 @@ def test_a_reduction_within_each_folded_row_keeps_the_fold_order(f64):
         fxdp.privatize(CosineWindows(True).double(), capture="export")(torch.randn(3, 8, 8, 3))
 
 
+def test_a_factory_that_reads_only_a_dtype_holds_no_sample(f64):
+    """Funnel's ``inputs_embeds.new_ones([T - 1, T - 1])`` reads its input's dtype and device,
+    not its data: no batch reduction (it was refused as one); served exactly."""
+    import torch.nn.functional as F
+
+    class ClsMask(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l = nn.Linear(4, 4)
+
+        def forward(self, x):  # [B, T, 4]
+            T = x.shape[1]
+            cls = F.pad(x.new_ones([T - 1, T - 1]), (1, 0, 1, 0))
+            h = self.l(x)
+            return (h @ h.transpose(1, 2) * cls).softmax(-1)
+
+    torch.manual_seed(9)
+    _per_sample_ok(ClsMask().double(), torch.randn(3, 5, 4))
+
+
+@pytest.mark.parametrize("factory", ["zeros", "new_zeros"])
+def test_a_value_written_into_a_buffer_carries_its_data(factory):
+    """``buf = zeros(x.shape); buf[:, 1:] = x[:, 1:]; buf.mean(0)``: the write is into a view,
+    so the later read is of ``zeros`` itself; the analysis counts what is written into a
+    value (a batch reduction found on the graph; before, only the first call's probe saw it)."""
+    from fxdp.exported_module import exported_graph
+    from fxdp.passes.symbolic_batch import mixing_findings
+
+    class WrittenBuffer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l = nn.Linear(3, 3)
+
+        def forward(self, x):
+            buf = torch.zeros(x.shape, dtype=x.dtype) if factory == "zeros" else x.new_zeros(x.shape)
+            buf[:, 1:] = x[:, 1:]
+            return self.l(x) + buf.mean(0)
+
+    gm = exported_graph(WrittenBuffer(), (torch.randn(4, 3),), {}, [0])
+    assert [(n.name, code) for n, code, _ in mixing_findings(gm)] == [("mean", "batch-reduction")]
+
+
 class RelativeBias(nn.Module):
     """BEiT's relative-position bias: an index built by slice assignments into ``zeros``
     (in place: the writes are users of ``zeros``, not ancestors of its read) picks rows of a
