@@ -376,3 +376,21 @@ def test_poisson_batch_sizes_0_and_1_train(name, mode):
         opt.step()
         moved = any(not torch.equal(p, b) for p, b in zip(params, before))
         assert moved == (n > 0)  # sigma = 0: an empty batch leaves the weights as they are
+
+
+def test_a_cache_in_the_output_is_refused_with_the_use_cache_fix():
+    """BART returns an ``EncoderDecoderCache`` (``use_cache`` on by default) that torch.export
+    cannot flatten: the error names the fix, and with ``use_cache=False`` the capture goes on
+    (BART's classification head is then refused for its batch-wide check that every sample has
+    as many end-of-sequence tokens)."""
+    cfg = transformers.BartConfig(vocab_size=V, d_model=16, encoder_layers=1, decoder_layers=1,
+                                  encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=16,
+                                  decoder_ffn_dim=16, max_position_embeddings=32, num_labels=3)
+    ids = torch.randint(3, V, (B, T))
+    ids[:, -1] = cfg.eos_token_id
+    with pytest.raises(fxdp.UnsupportedModelError, match=r"use_cache = False"):
+        fxdp.privatize(transformers.BartForSequenceClassification(cfg))(input_ids=ids)
+    cfg.use_cache = False
+    with pytest.raises(fxdp.UnsupportedOpError, match=r"unique_consecutive.*batch-reduction"):
+        fxdp.privatize(transformers.BartForSequenceClassification(cfg))(input_ids=ids)
+

@@ -137,6 +137,9 @@ def _explain(e: Exception, model: nn.Module) -> UnsupportedModelError:
         fix = ("the model branches on tensor values (e.g. `if x.mean() > 0`); such a branch can depend on other "
                "samples and cannot be analysed. Fix: compute both branches and select with torch.where, or "
                "torch.cond")
+    elif re.search(r"Found <class '[\w.]*Cache'> in output", text):
+        fix = ("it returns a cache of past keys and values that torch.export cannot flatten (training does not "
+               "read it). Fix: model.config.use_cache = False, or call it with use_cache=False")
     else:
         fix = ("torch.export cannot capture it. Fix: make forward exportable (see the torch.export docs), or "
                "privatize the submodules that hold the trainable parameters")
