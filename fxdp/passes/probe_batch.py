@@ -47,7 +47,9 @@ TRUSTED = {
     aten.unflatten.int, aten.movedim.int, aten.dropout.default, aten.native_dropout.default,
     aten.feature_dropout.default, aten.alpha_dropout.default, aten.empty_like.default, aten.zeros_like.default,
     aten.ones_like.default, aten.full_like.default, aten.rand_like.default, aten.randn_like.default,
-    aten.bernoulli.p, aten.embedding.default, aten.embedding_bag.default, aten.embedding_bag.padding_idx,
+    aten.bernoulli.p, aten.new_empty.default, aten.new_zeros.default, aten.new_ones.default, aten.new_full.default,
+    # draws written over their input (timm's DropPath: ``x.new_empty((B, 1, 1, 1)).bernoulli_(keep)``)
+    aten.bernoulli_.float, aten.uniform_.default, aten.normal_.default, aten.exponential_.default, aten.embedding.default, aten.embedding_bag.default, aten.embedding_bag.padding_idx,
     aten._embedding_bag.default, aten.sym_size.int, aten.sym_numel.default, aten.sym_stride.int, aten.lift_fresh_copy.default,
     operator.getitem,
 }

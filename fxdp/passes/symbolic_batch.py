@@ -17,6 +17,8 @@ size), ``("fold", dim, k, "major" | "unknown")`` or ``"ambiguous"``.
 """
 from __future__ import annotations
 
+import operator
+
 from typing import Any, List, Tuple
 
 import torch
@@ -220,8 +222,17 @@ def _fold_layout(n: fx.Node, v: torch.Tensor, h: tuple, at: dict) -> Any:
     args = [a for a in n.all_input_nodes if isinstance(a.meta.get("val"), torch.Tensor)]
     if n.op != "call_function":
         return None
-    if all(_first(a)[0] is None for a in args):  # no input holds the batch: made or repeated over it
-        return FREE
+    if n.target is operator.getitem:  # one output of a multi-output op (unbind, split): its layout
+        src, i = n.args[0], n.args[1]
+        hs, lays = src.meta.get("fxdp_batch") or [], src.meta.get("fxdp_layout") or []
+        if isinstance(i, int) and -len(lays) <= i < len(lays) and isinstance(hs[i], tuple) and hs[i][:3] == h[:3]:
+            return lays[i]
+        return None
+    held = [a for a in n.all_input_nodes if isinstance(a.meta.get("val"), (list, tuple))
+            and any(isinstance(x, torch.Tensor) for x in a.meta["val"])]
+    if all(_first(a)[0] is None for a in args) \
+            and not any(hh is not None for a in held for hh in a.meta.get("fxdp_batch") or []):
+        return FREE  # no input holds the batch: made or repeated over it
     if n.target in _RESHAPES:
         x = n.args[0]
         src, layout = _first(x)

@@ -334,6 +334,51 @@ def test_a_value_written_into_a_buffer_carries_its_data(factory):
     assert [(n.name, code) for n, code, _ in mixing_findings(gm)] == [("mean", "batch-reduction")]
 
 
+class UnbindWindows(nn.Module):
+    """timm's Swin attention: windows folded batch-major, ``qkv(x).reshape(..).permute(2, 0, ..)
+    .unbind(0)``, a relative-position bias (a parameter) added to the folded scores; stochastic
+    depth drawn as timm does (``x.new_empty((B, 1, 1)).bernoulli_(keep)``)."""
+
+    def __init__(self, keep=1.0):
+        super().__init__()
+        self.qkv = nn.Linear(3, 12)
+        self.bias = nn.Parameter(torch.randn(2, 4, 4))
+        self.keep = keep
+
+    def forward(self, x):  # [B, 4, 4, 3] -> 4 windows of 2x2
+        B = x.shape[0]
+        w = x.view(B, 2, 2, 2, 2, 3).permute(0, 1, 3, 2, 4, 5).reshape(-1, 4, 3)
+        q, k, v = self.qkv(w).reshape(w.shape[0], 4, 3, 2, 2).permute(2, 0, 3, 1, 4).unbind(0)
+        a = ((q * 0.5) @ k.transpose(-2, -1) + self.bias.unsqueeze(0)).softmax(-1)
+        out = (a @ v).transpose(1, 2).reshape(B, 16, 4)
+        return out * out.new_empty((B, 1, 1)).bernoulli_(self.keep)
+
+
+def test_one_output_of_a_multi_output_op_keeps_its_fold_order(f64):
+    """An output of ``unbind``/``split`` (a ``getitem`` of a list) has the fold order of that
+    output; it was marked as holding no sample (``free``), so the bias added to it was refused
+    (timm's Swin) and a fold of another order combined with it would have passed the check.
+    Served exactly; timm's stochastic depth is served (not refused as a probe mismatch)."""
+    torch.manual_seed(10)
+    _per_sample_ok(UnbindWindows().double(), torch.randn(3, 4, 4, 3))
+    dp = fxdp.privatize(UnbindWindows(keep=0.5).double(), capture="export")
+    dp(torch.randn(3, 4, 4, 3)).sum().backward()
+
+    class SplitOrders(nn.Module):  # a batch-major fold plus a piece of a batch-minor one
+        def __init__(self):
+            super().__init__()
+            self.l = nn.Linear(3, 3)
+
+        def forward(self, x):  # [B, T, 3]
+            B, T, _ = x.shape
+            major = x.reshape(B * T, 3)
+            minor = torch.cat([x.transpose(0, 1).reshape(T * B, 3), x.reshape(B * T, 3)], 1).split(3, 1)[0]
+            return self.l(major + minor).view(B, T, 3)
+
+    with pytest.raises(fxdp.UnsupportedOpError, match="samples can influence each other"):
+        fxdp.privatize(SplitOrders(), capture="export")(torch.randn(3, 5, 3))
+
+
 class RelativeBias(nn.Module):
     """BEiT's relative-position bias: an index built by slice assignments into ``zeros``
     (in place: the writes are users of ``zeros``, not ancestors of its read) picks rows of a
