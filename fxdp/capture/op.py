@@ -50,7 +50,9 @@ def _batch_of(t: Tensor, B: Optional[int], hint: Any, what: str, op: "CaptureOp"
         raise BatchDimensionError(
             f"{what} of {op.where()} folds the batch into dimension {hint[1]} (size B*{hint[2]}): per-sample "
             "gradients need each sample's rows apart. Fix: keep the batch dimension separate before this layer "
-            "(e.g. apply the layer to a [B, T, d] tensor instead of x.view(B*T, d); Linear accepts any rank)."
+            "(e.g. apply the layer to a [B, T, d] tensor instead of x.view(B*T, d); Linear accepts any rank), or, "
+            "for a model you cannot change (windows, patches), fxdp.privatize(model, capture='export'): its graph "
+            "follows where each sample's rows go."
         )
     if hint == "unknown":  # propagation could not run: use the unique dimension of size B
         if B is None:

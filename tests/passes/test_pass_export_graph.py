@@ -361,6 +361,9 @@ def test_one_output_of_a_multi_output_op_keeps_its_fold_order(f64):
     Served exactly; timm's stochastic depth is served (not refused as a probe mismatch)."""
     torch.manual_seed(10)
     _per_sample_ok(UnbindWindows().double(), torch.randn(3, 4, 4, 3))
+    # the module-level graph (symbolic tracing reads this model) cannot serve the fold: it says where to go
+    with pytest.raises(fxdp.BatchDimensionError, match=r"folds the batch.*capture='export'"):
+        fxdp.privatize(UnbindWindows(), capture="fx")(torch.randn(3, 4, 4, 3)).sum().backward()
     dp = fxdp.privatize(UnbindWindows(keep=0.5).double(), capture="export")
     dp(torch.randn(3, 4, 4, 3)).sum().backward()
 
