@@ -448,7 +448,9 @@ def mixing_findings(gm: fx.GraphModule) -> list:
         if lost:
             found.append((lost[0], "batch-reduction", "a value computed from the whole batch is used by the model"))
             continue
-        if n.target is aten.batch_norm.default and ins and (len(n.args) <= 5 or n.args[5] is not False):
+        # batch statistics of the data (a weight standardized with F.batch_norm, as NF-ResNet's
+        # ScaledStdConv2d does, holds no sample)
+        if n.target is aten.batch_norm.default and ins and dep[ins[0]] and (len(n.args) <= 5 or n.args[5] is not False):
             found.append((n, "batch-norm", "batch normalization with batch statistics (training=True): each "
                                            "sample's output depends on the others"))
             continue

@@ -382,6 +382,33 @@ def test_one_output_of_a_multi_output_op_keeps_its_fold_order(f64):
         fxdp.privatize(SplitOrders(), capture="export")(torch.randn(3, 5, 3))
 
 
+def test_a_weight_standardized_with_batch_norm_is_not_a_batch_statistic(f64):
+    """NF-ResNet's ``ScaledStdConv2d`` standardizes its weight with ``F.batch_norm(w.reshape(1,
+    out, -1), None, None, training=True)``: statistics of a parameter, not of the batch (the
+    export path refused it as batch normalization); served exactly. Batch statistics of the
+    data stay refused."""
+    import torch.nn.functional as F
+
+    class StdConv(nn.Conv2d):
+        def forward(self, x):
+            w = F.batch_norm(self.weight.reshape(1, self.out_channels, -1), None, None, training=True,
+                             momentum=0.0, eps=1e-6).reshape_as(self.weight)
+            return F.conv2d(x, w, self.bias, self.stride, self.padding)
+
+    class DataBatchNorm(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l = nn.Linear(3, 3)
+
+        def forward(self, x):
+            return F.batch_norm(self.l(x), None, None, training=True)
+
+    torch.manual_seed(11)
+    _per_sample_ok(StdConv(2, 3, 3, padding=1).double(), torch.randn(3, 2, 5, 5))
+    with pytest.raises(fxdp.UnsupportedOpError, match="batch statistics"):
+        fxdp.privatize(DataBatchNorm(), capture="export")(torch.randn(4, 3))
+
+
 class RelativeBias(nn.Module):
     """BEiT's relative-position bias: an index built by slice assignments into ``zeros``
     (in place: the writes are users of ``zeros``, not ancestors of its read) picks rows of a
