@@ -18,12 +18,13 @@ size), ``("fold", dim, k, "major" | "unknown")`` or ``"ambiguous"``.
 from __future__ import annotations
 
 import operator
-
 from typing import Any, List, Tuple
 
 import torch
 import torch.fx as fx
 from torch.utils._pytree import tree_flatten
+
+from .aliasing import writes_into
 
 __all__ = ["annotate_batch", "batch_symbol", "hint_of", "is_shape_value"]
 
@@ -403,8 +404,6 @@ _NO_DATA = {aten.new_ones.default, aten.new_zeros.default, aten.new_empty.defaul
 def _data_dependent(gm: fx.GraphModule) -> dict:
     """Nodes whose value depends on the inputs' data (shape arithmetic excluded); a value
     data is written into in place (``buf = zeros(...); buf[:] = x``) depends on it."""
-    from .aliasing import writes_into
-
     nodes = list(gm.graph.nodes)
     dep: dict = {n: False for n in nodes}
     while True:
