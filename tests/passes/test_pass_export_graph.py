@@ -364,8 +364,17 @@ def test_one_output_of_a_multi_output_op_keeps_its_fold_order(f64):
     # the module-level graph (symbolic tracing reads this model) cannot serve the fold: it says where to go
     with pytest.raises(fxdp.BatchDimensionError, match=r"folds the batch.*capture='export'"):
         fxdp.privatize(UnbindWindows(), capture="fx")(torch.randn(3, 4, 4, 3)).sum().backward()
-    dp = fxdp.privatize(UnbindWindows(keep=0.5).double(), capture="export")
-    dp(torch.randn(3, 4, 4, 3)).sum().backward()
+    model = UnbindWindows(keep=0.5).double()
+    dp = fxdp.privatize(model, loss_reduction="sum", capture="export")
+    torch.manual_seed(3)
+    out = dp(torch.randn(6, 4, 4, 3))
+    out.pow(2).sum().backward()
+    dropped = out.flatten(1).abs().amax(1) == 0  # this draw: 0 and 1 both occur at seed 3
+    assert 0 < int(dropped.sum()) < 6
+    for p in model.parameters():  # a dropped sample's gradient is zero; they sum to the draw's gradient
+        per = p.grad_sample.flatten(1).abs().amax(1)
+        assert torch.equal(per == 0, dropped), (per, dropped)
+        torch.testing.assert_close(p.grad_sample.sum(0), p.grad, rtol=1e-10, atol=1e-12)
 
     class SplitOrders(nn.Module):  # a batch-major fold plus a piece of a batch-minor one
         def __init__(self):
