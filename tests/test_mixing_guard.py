@@ -390,12 +390,13 @@ def test_an_unknown_op_is_probed_through_its_integer_inputs_and_under_one_seed()
 @pytest.mark.parametrize("op", ["cummax", "renorm", "einsum", "index_add", "take"])
 def test_the_export_path_refuses_ops_that_combine_samples_along_the_batch(op):
     """On the torch.export path (every Hugging Face model) the analysis read shapes: an op
-    that keeps the batch dimension and combines samples along it was served. Each op of
-    the graph is now also probed on the first call's inputs (``passes/probe_batch.py``),
-    or read as the reshape it is (``view_as`` of a fold of unknown order)."""
+    that keeps the batch dimension and combines samples along it was served. Each op is
+    now read by its batch rule (``passes/batch_rules.py``; ``take``, on flat indices, has
+    none, so it is refused too), or as the reshape it is (``view_as`` of a fold of
+    unknown order)."""
     x = torch.randn(6, 4)
     dp = fxdp.privatize(_Along(op), capture="export")
-    with pytest.raises(fxdp.UnsupportedOpError, match="batch-probe|batch-fold"):
+    with pytest.raises(fxdp.UnsupportedOpError, match="batch-op|batch-rule|batch-fold"):
         dp(x)
     assert not fxdp.check(_Along(op), x).ok
 

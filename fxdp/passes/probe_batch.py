@@ -2,10 +2,10 @@
 on real inputs: perturb one sample's rows of an op's inputs, run the op again, and
 see whether another sample's rows of its outputs move.
 
-``symbolic_batch.mixing_findings`` reads shapes: it finds a batch dimension lost, or an
-op from its list run along the batch. An op that keeps the batch dimension and still
-combines samples passes it: ``torch.einsum("bi,ci->bi", x, x)``, ``torch.cummax(x, 0)``,
-``torch.renorm(x, 2, 1, c)``, ``x.index_add(0, idx, y)``. This pass runs the graph
+A second check after ``symbolic_batch.mixing_findings``, which reads shapes and each
+op's batch rule (``batch_rules``: an op that combines samples along the batch, as
+``torch.cummax(x, 0)`` or ``x.index_add(0, idx, y)``, or that has no rule, is refused
+there). This pass runs the graph
 once (no autograd) at the call that captures it and probes every op that reads
 batched data, except elementwise ops, views and the ops whose rows the batch
 annotation already follows (``TRUSTED``): the first and the last sample are

@@ -25,6 +25,7 @@ import torch.fx as fx
 from torch.utils._pytree import tree_flatten
 
 from .aliasing import writes_into
+from .batch_rules import NO_DATA, op_finding
 
 __all__ = ["annotate_batch", "batch_symbol", "hint_of", "is_shape_value"]
 
@@ -376,15 +377,6 @@ def _row_preserving(n: fx.Node) -> bool:
 
 
 # --------------------------------------------------------------------------- mixing
-#: ops that combine the entries of a dimension: along the batch they mix samples
-_ALONG_DIM = {
-    aten.cumsum.default: 1, aten.cumprod.default: 1, aten.softmax.int: 1, aten._softmax.default: 1,
-    aten.log_softmax.int: 1, aten._log_softmax.default: 1, aten.sort.default: 1, aten.argsort.default: 1,
-    aten.index_select.default: 1, aten.gather.default: 1, aten.cat.default: 1, aten.roll.default: 2,
-    aten.flip.default: 1,
-}
-
-
 _MIXED = {
     "reshape": "this reshape moves elements of one sample into rows of others (e.g. a [T, B, d] tensor viewed "
                "as [B, T, d]; use .transpose(0, 1) to move the batch dimension)",
@@ -395,12 +387,6 @@ _MIXED = {
 }
 
 
-#: factories that read only their input's dtype, device or shape (Funnel's
-#: ``inputs_embeds.new_ones([T - 1, T - 1])`` holds no sample's data)
-_NO_DATA = {aten.new_ones.default, aten.new_zeros.default, aten.new_empty.default, aten.new_full.default,
-            aten.zeros_like.default, aten.ones_like.default, aten.empty_like.default, aten.full_like.default}
-
-
 def _data_dependent(gm: fx.GraphModule) -> dict:
     """Nodes whose value depends on the inputs' data (shape arithmetic excluded); a value
     data is written into in place (``buf = zeros(...); buf[:] = x``) depends on it."""
@@ -408,7 +394,7 @@ def _data_dependent(gm: fx.GraphModule) -> dict:
     dep: dict = {n: False for n in nodes}
     while True:
         for n in nodes:
-            args = [] if n.target in _NO_DATA else [a for a in n.all_input_nodes if not is_shape_value(a)]
+            args = [] if n.target in NO_DATA else [a for a in n.all_input_nodes if not is_shape_value(a)]
             dep[n] = dep[n] or (not is_shape_value(n) and (n.op == "placeholder" or any(dep[a] for a in args)))
         written = [n for n in nodes if not dep[n] and n.op == "call_function" and not is_shape_value(n)
                    and any(dep[w] for w in writes_into([n]))]
@@ -418,20 +404,14 @@ def _data_dependent(gm: fx.GraphModule) -> dict:
             dep[n] = True
 
 
-def _dims_arg(n: fx.Node, pos: int) -> list:
-    v = n.args[pos] if len(n.args) > pos else n.kwargs.get("dim", n.kwargs.get("dims", 0 if pos == 1 else None))
-    if v is None:
-        return []
-    return list(v) if isinstance(v, (list, tuple)) else [v]
-
-
 def mixing_findings(gm: fx.GraphModule) -> list:
     """``[(node, code, problem)]`` for ops through which one sample's value can depend on
     another's: a value computed from batch data that lost the batch dimension (a
     reduction over the batch, a loss averaged inside ``forward``) and is used
-    again or returned, and ops along the batch dimension (``cumsum``, ``flip``,
-    ``roll``, ``sort``, ``cat``, ``gather``/``index_select``, a slice of the batch,
-    softmax over the batch). Needs :func:`annotate_batch` first."""
+    again or returned, batch statistics, a slice of the batch, and every op whose
+    batch rule (:mod:`fxdp.passes.batch_rules`) finds samples combined (``cumsum``,
+    ``flip``, ``sort``, a contraction over the batch, ``h @ h.T``) or that has
+    none. Needs :func:`annotate_batch` first."""
     dep = _data_dependent(gm)
     found = []
     for n in gm.graph.nodes:
@@ -453,19 +433,17 @@ def mixing_findings(gm: fx.GraphModule) -> list:
             found.append((n, "batch-norm", "batch normalization with batch statistics (training=True): each "
                                            "sample's output depends on the others"))
             continue
-        pos = _ALONG_DIM.get(n.target)
-        if pos is not None and ins:
-            bd = (ins[0].meta.get("fxdp_batch") or [None])[0]
-            dims = _dims_arg(n, pos)
-            rank = ins[0].meta["val"].dim() if n.target is not aten.cat.default else None
-            if isinstance(bd, int) and any((d % rank if rank else d) == bd for d in dims if isinstance(d, int)):
-                found.append((n, "batch-op", f"{n.target} runs along the batch dimension"))
         if n.target is aten.slice.Tensor and ins:
             bd = (ins[0].meta.get("fxdp_batch") or [None])[0]
             dim = n.args[1] if len(n.args) > 1 else 0
             out = (n.meta.get("fxdp_batch") or [None])[0]
             if isinstance(bd, int) and dim == bd and out != bd:
                 found.append((n, "batch-index", "a slice of the batch shifts or drops samples"))
+                continue
+        # every other op: its batch rule (fails closed: an op without one is a finding)
+        rule = op_finding(n, dep)
+        if rule is not None:
+            found.append((n, *rule))
     out_node = next(n for n in gm.graph.nodes if n.op == "output")
     for a in tree_flatten(out_node.args)[0]:
         if isinstance(a, fx.Node) and isinstance(a.meta.get("val"), torch.Tensor) and dep.get(a) \

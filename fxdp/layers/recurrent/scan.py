@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ...passes.batch_rules import BatchedArg, register_batch_rule
 from .graph_op import _EXPORT_FORMS, _graph_op, _is_fake, _transforms_active
 
 _GATES = {"RNN_TANH": 1, "RNN_RELU": 1, "GRU": 3, "LSTM": 4}
@@ -414,6 +415,15 @@ def _rnn_scan_backward(ctx: Any, dS: Tensor) -> tuple:
 
 
 rnn_scan_op.register_autograd(_rnn_scan_backward, setup_context=_rnn_scan_setup)
+
+
+def _rnn_scan_batch(u: BatchedArg) -> Optional[int]:
+    """Sample b's states come from its own gates, initial states and length (batch first);
+    the weights are shared."""
+    return 0 if u.name in ("gates_x", "h0", "c0", "lengths") and u.dim == 0 else None
+
+
+register_batch_rule(torch.ops.fxdp.rnn_scan.default, _rnn_scan_batch)
 
 
 def _export_rnn_scan(gates_x: Tensor, weight_hh: Tensor, bias_hh: Optional[Tensor] = None,

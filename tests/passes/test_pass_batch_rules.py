@@ -1,0 +1,143 @@
+"""Batch rules (``fxdp/passes/batch_rules.py``): on the export path every op that reads
+batched data has a rule saying where each input's batch goes, or the model is refused.
+
+Each case is one op after a linear layer. Kept apart: privatize serves it and each
+sample's gradient equals the gradient of that sample alone (float64). Mixing: refused
+at the first call, by the rule, also where the first call's probe (which perturbs the
+first and the last sample) would see nothing: a permutation of the batch that fixes
+both ends, an ``index_add`` that adds sample 1 into sample 2, ``h @ h.T @ h``.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fxdp
+from fxdp.passes.batch_rules import RULES
+from oracle import assert_grad_samples_match, batch_of_one_grads
+
+B, D = 5, 6
+
+
+def _arange(h):
+    return torch.arange(h.shape[0])
+
+
+def _middle_swap(h):
+    """A permutation of the batch that swaps samples 1 and 2 and fixes 0 and B-1."""
+    i = _arange(h)
+    return torch.where(i == 1, 2, torch.where(i == 2, 1, i))
+
+
+def _index_put(h):
+    out = torch.zeros_like(h)
+    out[_arange(h), 0] = h[:, 1]
+    return out + h
+
+
+def _scatter_add(h):
+    idx = torch.arange(D).flip(0).expand(h.shape[0], D)
+    return torch.zeros_like(h).scatter_add(1, idx, h)
+
+
+def _attention(h):
+    q = h.view(h.shape[0], 2, 3, 1).expand(-1, 2, 3, 4)  # [B, heads, T, d]
+    return F.scaled_dot_product_attention(q, q * 0.5, q + 1).flatten(1)[:, :D]
+
+
+def _no_grad_cumsum(h):
+    """Other samples' values, detached, in each sample's output (a torch.no_grad() block
+    is a higher-order op in the exported graph: fxdp cannot read inside it)."""
+    with torch.no_grad():
+        c = h.cumsum(0)
+    return (h - c) ** 2
+
+
+#: one op after the layer, each sample kept apart
+KEPT = {
+    "softmax": lambda h: h.softmax(-1),
+    "cumsum": lambda h: h.cumsum(1),
+    "cummax": lambda h: torch.cummax(h, 1).values,
+    "sort": lambda h: h.sort(-1).values,
+    "topk": lambda h: h.topk(2, -1).values.repeat(1, 3),
+    "flip_roll": lambda h: h.flip(-1).roll(2, 1),
+    "logsumexp_var": lambda h: h - h.logsumexp(-1, keepdim=True) * h.var(-1, keepdim=True),
+    "normalize": lambda h: F.normalize(h, dim=-1),
+    "cosine": lambda h: h * F.cosine_similarity(h, h.flip(-1), dim=-1).unsqueeze(1),
+    "outer_per_sample": lambda h: (h.unsqueeze(-1) @ h.unsqueeze(-2)).sum(-1),
+    "einsum_per_sample": lambda h: torch.einsum("bi,bj->bij", h, h).sum(1),
+    "einsum_ellipsis": lambda h: torch.einsum("...i,ij->...j", h, torch.ones(D, D))
+    + torch.einsum("...ij,...jk->...ik", h.view(-1, 2, 3), h.view(-1, 3, 2)).flatten(1).repeat(1, 2)[:, :D],
+    "one_hot": lambda h: h + F.one_hot(h.argmax(-1), D),
+    "bmm_baddbmm": lambda h: torch.baddbmm(h.unsqueeze(1), h.unsqueeze(1), torch.ones(D, D).expand(h.shape[0], D, D)).squeeze(1),
+    "gather": lambda h: h.gather(1, h.argsort(-1)),
+    "index_arange": lambda h: h + h[_arange(h), h.argmax(-1)].unsqueeze(1),
+    "index_put_arange": _index_put,
+    "scatter_add": _scatter_add,
+    "pad": lambda h: F.pad(h, (1, 2))[:, 1:-2] + F.pad(h.unsqueeze(1), (0, 0, 0, 1, 0, 0)).sum(1),
+    "cat_stack_unbind": lambda h: torch.cat([h, h], -1)[:, :D] + torch.stack([h, h * 2], 1).unbind(1)[1],
+    "norms_pools": lambda h: F.avg_pool1d(F.group_norm(h.view(-1, 2, 3), 1), 1).flatten(1)
+    + F.layer_norm(h, (D,)) + F.interpolate(h.unsqueeze(1), size=D).squeeze(1),
+    "tril_repeat": lambda h: torch.tril(h.unsqueeze(1).repeat(1, D, 1)).sum(1),
+    "attention": _attention,
+}
+
+#: one op after the layer that mixes samples: (op, the rule's code)
+MIXING = {
+    "matmul_outer": (lambda h: (h @ h.T) @ h, "batch-op"),
+    "einsum_over_batch": (lambda h: torch.einsum("bi,ci->bi", h, h), "batch-op"),
+    "index_add_middle": (lambda h: h.index_add(0, _middle_swap(h), h), "batch-op"),
+    "permute_middle": (lambda h: h + h[_middle_swap(h)], "batch-op"),
+    "cummax_batch": (lambda h: torch.cummax(h, 0).values, "batch-op"),
+    "sort_batch": (lambda h: h.sort(0).values, "batch-op"),
+    "gather_batch": (lambda h: h.gather(0, h.argsort(0)), "batch-op"),
+    "pad_shift": (lambda h: F.pad(h, (0, 0, 1, 0))[:-1], "batch-op"),
+    "attention_over_batch": (lambda h: F.scaled_dot_product_attention(h[None], h[None], h[None])[0], "batch-op"),
+    "no_grad_block": (_no_grad_cumsum, "batch-rule"),
+    "renorm_columns": (lambda h: h.renorm(2, 1, 0.5), "batch-op"),
+    "take_reversed": (lambda h: torch.take(h, torch.arange(h.numel()).flip(0)).view_as(h), "batch-rule|batch-fold"),
+}
+
+
+class OneOp(nn.Module):
+    def __init__(self, f):
+        super().__init__()
+        self.l = nn.Linear(D, D)
+        self.f = f
+
+    def forward(self, x):
+        return self.f(self.l(x)).tanh()
+
+
+@pytest.mark.parametrize("name", sorted(KEPT))
+def test_an_op_that_keeps_samples_apart_is_served_exactly(name, f64):
+    torch.manual_seed(0)
+    model = OneOp(KEPT[name]).double()
+    x = torch.randn(B, D)
+    dp = fxdp.privatize(model, loss_reduction="sum", capture="export")
+    dp(x).pow(2).sum().backward()
+    assert_grad_samples_match(model, batch_of_one_grads(model, [x], lambda out, i: out.pow(2).sum()))
+
+
+@pytest.mark.parametrize("name", sorted(MIXING))
+def test_an_op_that_mixes_samples_is_refused_by_its_rule(name):
+    f, code = MIXING[name]
+    dp = fxdp.privatize(OneOp(f), capture="export")
+    with pytest.raises(fxdp.UnsupportedOpError, match=code):
+        dp(torch.randn(B, D))
+
+
+def test_every_rule_is_keyed_by_an_aten_overload():
+    assert all(isinstance(op, torch._ops.OpOverload) for op in RULES)
+
+
+def test_an_op_without_a_rule_is_refused_with_its_name():
+    lib = torch.library.Library("fxdp_test_rules", "DEF")
+    lib.define("rowwise(Tensor x) -> Tensor")
+    lib.impl("rowwise", lambda x: x * 2, "CompositeExplicitAutograd")
+    lib.impl("rowwise", lambda x: torch.empty_like(x), "Meta")
+    dp = fxdp.privatize(OneOp(lambda h: torch.ops.fxdp_test_rules.rowwise(h)), capture="export")
+    with pytest.raises(fxdp.UnsupportedOpError, match="no batch rule for fxdp_test_rules.rowwise"):
+        dp(torch.randn(B, D))
