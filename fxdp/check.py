@@ -395,8 +395,9 @@ def _check_exported(root: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, An
              "batch-norm": "use GroupNorm/LayerNorm, or nn.BatchNorm modules (privatize replaces those)",
              "batch-fold": "move the batch dimension with .transpose/.permute, and fold or unfold it only next to "
                            "its own dimensions ([B, T, d] <-> [B*T, d])",
-             "batch-rule": "express it with ops fxdp has batch rules for (fxdp/passes/batch_rules.py), or add a rule "
-                           "for this op there with a test that it keeps samples apart",
+             "batch-rule": "express it with ops fxdp has batch rules for (fxdp/passes/batch_rules.py), or register "
+                           "one for a custom op (fxdp.passes.batch_rules.register_batch_rule) with a test that it "
+                           "keeps samples apart",
              "batch-probe": "express it with ops that keep each sample in its own rows (or capture='fx', whose "
                             "analysis reads ops by their semantics)"}
     found = mixing_findings(gm) or probe_batch(gm, tree_flatten((args, kwargs))[0], dims)

@@ -10,12 +10,13 @@ another dimension than the output's batch mix samples too: ``h @ h.T`` puts its
 left operand's batch on rows and its right operand's on columns, an outer product
 over samples.
 
-:func:`batch_rule_findings` fails closed: an op that reads batched data and has no
+:func:`op_finding` fails closed: an op that reads batched data and has no
 rule here is a finding (fxdp cannot show that it keeps samples apart). Reshapes are
 not here: :mod:`fxdp.passes.symbolic_batch` follows the batch through them (the
-layouts of folded batches); nor are ops that read only shapes. Needs
-``symbolic_batch.annotate_batch`` first. The first call's probe
-(:mod:`fxdp.passes.probe_batch`) runs after this, as a second check.
+layouts of folded batches), and reads these rules to follow a folded batch's order
+through every other op (a rule maps a dimension only where the order is kept); nor
+are ops that read only shapes. Needs ``symbolic_batch.annotate_batch`` first. The
+first call's probe (:mod:`fxdp.passes.probe_batch`) runs after this, as a second check.
 """
 from __future__ import annotations
 
@@ -30,7 +31,8 @@ from torch.utils._pytree import tree_flatten
 
 from .per_sample_loss import PER_SAMPLE_LOSS
 
-__all__ = ["RULES", "NO_DATA", "BatchedArg", "batch_rule_findings", "register_batch_rule", "rule_of", "samples_first"]
+__all__ = ["RULES", "NO_DATA", "BatchedArg", "batched_inputs", "lands_on", "op_finding",
+           "register_batch_rule", "rule_of", "samples_first"]
 
 aten = torch.ops.aten
 
@@ -349,9 +351,17 @@ def _stack(u: BatchedArg) -> Optional[int]:
 
 
 def _slice(u: BatchedArg) -> Optional[int]:
-    """Along the batch only the whole batch (its size stays the batch's)."""
+    """Along the batch (or a folded batch) only the whole of it: its size unchanged."""
     d = u.args["dim"] % max(u.rank, 1)
-    return u.dim if u.dim != d or u.out_dim == u.dim else None
+    if u.dim != d:
+        return u.dim
+    size_in = u.args["input"].meta["val"].shape[d]
+    size_out = u.node.meta["val"].shape[d]
+    return u.dim if _size_expr(size_in) == _size_expr(size_out) else None
+
+
+def _size_expr(size: Any) -> Any:
+    return size.node.expr if isinstance(size, torch.SymInt) else int(size)
 
 
 def _select(u: BatchedArg) -> Optional[int]:
@@ -628,23 +638,48 @@ def _batch_dim(h: Any) -> Any:
     return h  # None, "B", "ambiguous"
 
 
-def _holds_batch(a: Any, dep: Dict[fx.Node, bool]) -> bool:
-    """A data-dependent tensor with a batch (or folded batch) dimension."""
-    return isinstance(a, fx.Node) and bool(dep.get(a)) and isinstance(a.meta.get("val"), torch.Tensor) \
+def _holds_batch(a: Any, dep: Optional[Dict[fx.Node, bool]] = None) -> bool:
+    """A tensor with a batch (or folded batch) dimension (and data-dependent, given ``dep``)."""
+    return isinstance(a, fx.Node) and (dep is None or bool(dep.get(a))) \
+        and isinstance(a.meta.get("val"), torch.Tensor) \
         and _batch_dim((a.meta.get("fxdp_batch") or [None])[0]) not in (None, "B")
 
 
-def _batched_args(n: fx.Node, dep: Dict[fx.Node, bool]) -> Optional[Tuple[List[tuple], Dict[str, Any]]]:
-    """``[(name, item, node)]`` of the batched arguments, and the op's arguments by
-    schema name (``None``: its arguments do not bind to its schema)."""
-    norm = normalize_function(n.target, tuple(n.args), dict(n.kwargs), normalize_to_only_use_kwargs=True)
-    if norm is None:
+def _arguments(n: fx.Node) -> Optional[Dict[str, Any]]:
+    """The op's arguments by schema name, defaults filled in (``None``: not an ATen-style
+    op, or its arguments do not bind to its schema)."""
+    if not isinstance(n.target, torch._ops.OpOverload):
         return None
+    norm = normalize_function(n.target, tuple(n.args), dict(n.kwargs), normalize_to_only_use_kwargs=True)
+    return None if norm is None else norm.kwargs
+
+
+def batched_inputs(n: fx.Node, dep: Optional[Dict[fx.Node, bool]] = None) -> List[tuple]:
+    """``[(name, item, node, args)]``: the batched arguments of ``n`` (``item``: the index
+    in a list argument; ``args``: all arguments by name)."""
+    args = _arguments(n)
+    if args is None:
+        return []
     found = []
-    for name, v in norm.kwargs.items():
+    for name, v in args.items():
         items = list(enumerate(v)) if isinstance(v, (list, tuple)) else [(None, v)]
-        found += [(name, i, a) for i, a in items if _holds_batch(a, dep)]
-    return found, norm.kwargs
+        found += [(name, i, a, args) for i, a in items if _holds_batch(a, dep)]
+    return found
+
+
+def lands_on(n: fx.Node, args: Dict[str, Any], name: str, item: Optional[int], a: fx.Node, out_dim: Any,
+             out: Optional[torch.Tensor]) -> Optional[int]:
+    """The output dimension that argument ``name`` (node ``a``)'s batch lands on by the
+    rule of ``n`` (``None``: no rule, or the op combines along it)."""
+    rule = rule_of(n.target)
+    b = _batch_dim((a.meta.get("fxdp_batch") or [None])[0])
+    if rule is None or not isinstance(b, int):
+        return None
+    u = BatchedArg(n, args, name, item, b, a.meta["val"].dim(), out.dim() if out is not None else 0, out_dim)
+    try:
+        return rule(u)
+    except (KeyError, TypeError, ValueError, IndexError, ZeroDivisionError, AttributeError):
+        return None  # arguments the rule cannot read: fail closed
 
 
 def op_finding(n: fx.Node, dep: Dict[fx.Node, bool]) -> Optional[Tuple[str, str]]:
@@ -660,45 +695,26 @@ def op_finding(n: fx.Node, dep: Dict[fx.Node, bool]) -> Optional[Tuple[str, str]
         return ("batch-rule", f"fxdp cannot read inside {name}, which takes batched data, so it cannot show "
                               f"that it keeps samples apart (move the batched computation out of the "
                               f"torch.no_grad()/autocast block or torch.cond)")
-    got = _batched_args(n, dep)
-    if got is None:
+    if _arguments(n) is None:
         return ("batch-rule", f"fxdp cannot read the arguments of {n.target} by its schema")
-    batched, args = got
-    rule = rule_of(n.target)
-    if rule is None:
+    if rule_of(n.target) is None:
         return ("batch-rule", f"fxdp has no batch rule for {n.target}, so it cannot show that this op keeps "
                               f"samples apart (fxdp/passes/batch_rules.py lists the ops it reads)")
-    out_val = next((v for v in tree_flatten(n.meta.get("val"))[0] if isinstance(v, torch.Tensor)), None)
-    out_rank = out_val.dim() if out_val is not None else 0
+    out = next((v for v in tree_flatten(n.meta.get("val"))[0] if isinstance(v, torch.Tensor)), None)
     out_dim = _batch_dim((n.meta.get("fxdp_batch") or [None])[0])
-    for name, item, a in batched:
+    for arg, item, a, args in batched_inputs(n, dep):
         b = _batch_dim(a.meta["fxdp_batch"][0])
         if b == "ambiguous":
-            return ("batch-rule", f"its argument '{name}' has several dimensions of the batch's size: which one "
+            return ("batch-rule", f"its argument '{arg}' has several dimensions of the batch's size: which one "
                                   f"holds the samples is unknown")
-        u = BatchedArg(n, args, name, item, b, a.meta["val"].dim(), out_rank, out_dim)
-        try:
-            d = rule(u)
-        except (KeyError, TypeError, ValueError, IndexError, ZeroDivisionError):
-            d = None
+        d = lands_on(n, args, arg, item, a, out_dim, out)
         if d is None and out_dim is None:
             continue  # reduced over the batch: symbolic_batch's batch-reduction finding, where the value is used
         if d is None:
             return ("batch-op", f"{n.target} combines entries along the batch (dimension {b} of its argument "
-                                f"'{name}'), so one sample's result depends on the others")
+                                f"'{arg}'), so one sample's result depends on the others")
         if d != out_dim:
-            return ("batch-op", f"{n.target}: its argument '{name}' puts the batch on dimension {d} of the result, "
+            return ("batch-op", f"{n.target}: its argument '{arg}' puts the batch on dimension {d} of the result, "
                                 f"whose batch is on {out_dim if out_dim is not None else 'no dimension'}: samples "
                                 f"meet (an outer product over the batch, as h @ h.T)")
     return None
-
-
-def batch_rule_findings(gm: fx.GraphModule, dep: Dict[fx.Node, bool]) -> list:
-    """``[(node, code, problem)]`` (see :func:`op_finding`) for the ops of ``gm``
-    (``dep``: which nodes depend on the inputs' data)."""
-    found = []
-    for n in gm.graph.nodes:
-        problem = op_finding(n, dep)
-        if problem is not None:
-            found.append((n, *problem))
-    return found

@@ -25,7 +25,7 @@ import torch.fx as fx
 from torch.utils._pytree import tree_flatten
 
 from .aliasing import writes_into
-from .batch_rules import NO_DATA, op_finding
+from .batch_rules import NO_DATA, batched_inputs, lands_on, op_finding, rule_of
 
 __all__ = ["annotate_batch", "batch_symbol", "hint_of", "is_shape_value"]
 
@@ -259,64 +259,17 @@ def _fold_layout(n: fx.Node, v: torch.Tensor, h: tuple, at: dict) -> Any:
     return known[0] if all(_same(lay, known[0]) for lay in known) else None
 
 
-#: ops that work along a dimension given by argument ``pos`` (rows of other dimensions
-#: stay whole); ``None``: along no dimension (they add, drop or broadcast size-1 ones)
-_ALONG = {
-    aten.slice.Tensor: 1, aten.select.int: 1, aten.narrow.default: 1, aten.index_select.default: 1,
-    aten.split.Tensor: 2, aten.split_with_sizes.default: 2, aten.chunk.default: 2, aten.unbind.int: 1,
-    aten.cat.default: 1, aten.stack.default: 1, aten.unsqueeze.default: None, aten.squeeze.dim: None,
-    aten.squeeze.dims: None, aten.expand.default: None, aten.expand_as.default: None, aten.gather.default: 1,
-}
-#: reductions -> position of their dims argument: rows of the dimensions they keep stay whole
-#: (``F.normalize``'s norm over the last dimension of Swin-v2's windows)
-_REDUCE = {
-    aten.linalg_vector_norm.default: 2, aten.sum.dim_IntList: 1, aten.mean.dim: 1, aten.amax.default: 1,
-    aten.amin.default: 1, aten.logsumexp.default: 1, aten.norm.ScalarOpt_dim: 2, aten.var.correction: 1,
-    aten.std.correction: 1,
-}
-#: losses -> position of their reduction argument (0: none, one loss per row)
-_ROW_LOSSES = {aten.cross_entropy_loss.default: 3, aten.mse_loss.default: 2,
-               aten.binary_cross_entropy_with_logits.default: 4}
-#: ops batched over their leading dimensions (attention, batched matmuls)
-_BATCHED = {aten.bmm.default, aten.baddbmm.default, aten.scaled_dot_product_attention.default,
-            aten._scaled_dot_product_flash_attention_for_cpu.default}
-
-
 def _keeps_fold(n: fx.Node, d_out: int) -> bool:
-    """Whether ``n`` keeps its input's folded dimension whole, in order (it works along
-    other dimensions, or element by element)."""
-    import operator
-
-    t = n.target
-    if t is operator.getitem:  # one output of a multi-output op: as that op decided
+    """Whether ``n`` keeps its inputs' folded dimension whole, in order: every batched
+    input lands on output dimension ``d_out`` by its batch rule (a rule maps a
+    dimension only when output slice i along it is input slice i's result)."""
+    if n.target is operator.getitem:  # one output of a multi-output op: as that op decided
         return True
-    if t in _ALONG:
-        pos = _ALONG[t]
-        if pos is None:
-            return True
-        x = n.args[0][0] if t in (aten.cat.default, aten.stack.default) else n.args[0]
-        fold = _first(x)[0] if isinstance(x, fx.Node) else None
-        dim = n.args[pos] if len(n.args) > pos else n.kwargs.get("dim", 0)
-        rank = x.meta["val"].dim() if isinstance(x, fx.Node) else None
-        if not (isinstance(fold, tuple) and isinstance(dim, int) and rank):
-            return False
-        return dim % rank != fold[1] and (t is not aten.stack.default or dim % (rank + 1) != d_out)
-    if t in _REDUCE:
-        x, pos = n.args[0], _REDUCE[t]
-        fold = _first(x)[0] if isinstance(x, fx.Node) else None
-        dims = n.args[pos] if len(n.args) > pos else n.kwargs.get("dim")
-        dims = [dims] if isinstance(dims, int) else list(dims or [])  # None or []: every dimension
-        if not (isinstance(fold, tuple) and dims and all(isinstance(d, int) for d in dims)):
-            return False
-        rank = x.meta["val"].dim()
-        return fold[1] not in {d % rank for d in dims}
-    if t in _BATCHED:
-        return d_out == 0
-    if t in _ROW_LOSSES:  # unreduced: loss row r from input and target rows r
-        pos = _ROW_LOSSES[t]
-        reduction = n.args[pos] if len(n.args) > pos else n.kwargs.get("reduction", 1)
-        return reduction == 0 and d_out == 0
-    return _row_preserving(n)
+    got = batched_inputs(n)
+    if not got:
+        return False
+    out = next((v for v in tree_flatten(n.meta.get("val"))[0] if isinstance(v, torch.Tensor)), None)
+    return all(lands_on(n, args, name, item, a, d_out, out) == d_out for name, item, a, args in got)
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -342,7 +295,7 @@ def _check_layouts(n: fx.Node, hints: List[Any], flat: List[Any], at: dict) -> N
         elif lay is None and isinstance(src, tuple):
             n.meta["fxdp_batch_mixed"] = "unfold"
         return
-    if n.target in _RESHAPES or n.target in _TRANSPOSES or not _row_preserving(n):
+    if n.target in _RESHAPES or n.target in _TRANSPOSES or rule_of(n.target) is None:
         return
     found = [_first(a) for a in n.all_input_nodes if isinstance(a.meta.get("val"), torch.Tensor)]
     folds = [(ah, lay) for ah, lay in found if isinstance(ah, tuple) and ah[0] == "fold" and ah[1] == 0
@@ -354,27 +307,6 @@ def _check_layouts(n: fx.Node, hints: List[Any], flat: List[Any], at: dict) -> N
 
 #: ops that permute dimensions (each output dimension is one input dimension)
 _TRANSPOSES = {aten.transpose.int, aten.permute.default, aten.t.default}
-
-#: non-pointwise ops whose output row r is computed from input row r alone
-_ROW_OPS = {
-    aten.linear.default, aten.addmm.default, aten.mm.default, aten.matmul.default, aten.embedding.default,
-    aten.layer_norm.default, aten.rms_norm.default, aten.dropout.default, aten.clone.default,
-    aten.contiguous.default, aten._to_copy.default, aten.to.dtype, aten.to.dtype_layout, aten.softmax.int,
-    aten._softmax.default, aten.log_softmax.int, aten._log_softmax.default, aten.gelu.default, aten.silu.default,
-    aten.relu.default, aten.tanh.default, aten.sigmoid.default, aten.alias.default, aten.bmm.default,
-    aten.baddbmm.default,
-}
-
-
-def _row_preserving(n: fx.Node) -> bool:
-    """Whether output rows (dim 0) are the matching input rows' results: pointwise
-    ops and a short list; reductions along the last dims (softmax) only."""
-    t = n.target
-    if t in (aten.softmax.int, aten._softmax.default, aten.log_softmax.int, aten._log_softmax.default):
-        dim = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim")
-        return isinstance(dim, int) and dim != 0
-    return t in _ROW_OPS or torch.Tag.pointwise in getattr(t, "tags", ())
-
 
 # --------------------------------------------------------------------------- mixing
 _MIXED = {
