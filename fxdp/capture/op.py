@@ -47,12 +47,16 @@ def _batch_of(t: Tensor, B: Optional[int], hint: Any, what: str, op: "CaptureOp"
                     f"{what} of {op.where()} has {t.shape[0]} rows, not a multiple of the batch size {B}"
                 )
             return hint
+        # a rule that serves folds meets one it cannot read here (the export path follows its order); a
+        # rule that serves none (a group norm's per-channel sums) cannot serve it on either path
+        export = ("or, for a model you cannot change (windows, patches), fxdp.privatize(model, capture='export'): "
+                  "its graph follows where each sample's rows go." if op.folds else
+                  f"this layer's per-sample rule ({op.rule_name()}) does not serve a folded batch on either capture "
+                  "path.")
         raise BatchDimensionError(
             f"{what} of {op.where()} folds the batch into dimension {hint[1]} (size B*{hint[2]}): per-sample "
             "gradients need each sample's rows apart. Fix: keep the batch dimension separate before this layer "
-            "(e.g. apply the layer to a [B, T, d] tensor instead of x.view(B*T, d); Linear accepts any rank), or, "
-            "for a model you cannot change (windows, patches), fxdp.privatize(model, capture='export'): its graph "
-            "follows where each sample's rows go."
+            f"(e.g. apply the layer to a [B, T, d] tensor instead of x.view(B*T, d); Linear accepts any rank); {export}"
         )
     if hint == "unknown":  # propagation could not run: use the unique dimension of size B
         if B is None:
