@@ -96,6 +96,8 @@ MIXING = {
     "pad_shift": (lambda h: F.pad(h, (0, 0, 1, 0))[:-1], "batch-op"),
     "attention_over_batch": (lambda h: F.scaled_dot_product_attention(h[None], h[None], h[None])[0], "batch-op"),
     "no_grad_block": (_no_grad_cumsum, "batch-rule"),
+    # MRA's mask: [B, K] tiled per head as [1, H*B, K], then read as [B*H, K] (batch-major)
+    "repeat_tiles_batch": (lambda h: h * h.unsqueeze(0).repeat(1, 2, 1).reshape(-1, 2, D)[:, 0], "batch-op"),
     "renorm_columns": (lambda h: h.renorm(2, 1, 0.5), "batch-op"),
     "take_reversed": (lambda h: torch.take(h, torch.arange(h.numel()).flip(0)).view_as(h), "batch-rule|batch-fold"),
 }
