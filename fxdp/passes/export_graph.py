@@ -17,9 +17,11 @@ and ``meta["fxdp_source"]`` (the user's ``file:line: code``, from
 from __future__ import annotations
 
 import inspect
+import linecache
 import os
 import re
 import sys
+import traceback
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
@@ -125,6 +127,30 @@ def _annotate(gm: fx.GraphModule) -> None:
             n.meta["fxdp_source"] = src
 
 
+def _branch_site(e: BaseException) -> Optional[Tuple[str, int, str]]:
+    """``(file, line, code)`` of the innermost frame of the model's own code (not torch's
+    or fxdp's) where ``e`` was raised: the line that branched on a tensor value."""
+    skip = (os.path.dirname(torch.__file__), os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    site = None
+    for fr in traceback.extract_tb(e.__traceback__):
+        if fr.filename and not fr.filename.startswith(skip) and fr.lineno is not None:
+            site = (fr.filename, fr.lineno, (fr.line or "").strip())
+    return site
+
+
+def _branch_fix(e: BaseException) -> str:
+    site = _branch_site(e)
+    where = f" (at {site[0]}:{site[1]}: {site[2]})" if site else ""
+    near = "".join(linecache.getline(site[0], k) for k in range(max(1, site[1] - 3), site[1] + 1)) if site else ""
+    if "layerdrop" in near.lower():  # Hugging Face's LayerDrop: `torch.rand([]) < config.layerdrop`, then `if`
+        return (f"the model branches on a random number{where}: LayerDrop skips a layer for the whole batch "
+                "when a draw is below config.layerdrop, a Python branch torch.export cannot capture. Fix: "
+                "model.config.layerdrop = 0.0 (or build the model with layerdrop=0.0)")
+    return (f"the model branches on tensor values (e.g. `if x.mean() > 0`){where}; such a branch can depend on "
+            "other samples and cannot be analysed. Fix: compute both branches and select with torch.where, or "
+            "torch.cond")
+
+
 def _explain(e: Exception, model: nn.Module) -> UnsupportedModelError:
     text = str(e).strip()
     first = "\n".join(text.splitlines()[:8])
@@ -134,9 +160,7 @@ def _explain(e: Exception, model: nn.Module) -> UnsupportedModelError:
                "batch), so one sample's output depends on how many others are in the batch. Fix: make forward "
                "independent of the batch size")
     elif "data-dependent" in text.lower() or "GuardOnDataDependent" in type(e).__name__:
-        fix = ("the model branches on tensor values (e.g. `if x.mean() > 0`); such a branch can depend on other "
-               "samples and cannot be analysed. Fix: compute both branches and select with torch.where, or "
-               "torch.cond")
+        fix = _branch_fix(e)
     elif re.search(r"Found <class '[\w.]*Cache'> in output", text):
         fix = ("it returns a cache of past keys and values that torch.export cannot flatten (training does not "
                "read it). Fix: model.config.use_cache = False, or call it with use_cache=False")

@@ -135,7 +135,7 @@ class UnfoldWrongOrder(nn.Module):
 
 
 @pytest.mark.parametrize("model, match, shape", [
-    (BranchOnData, "branches on tensor values", (6, 4)),
+    (BranchOnData, r"branches on tensor values .*\(at .*test_pass_export_graph.py:70: return self.l\(x\) if", (6, 4)),
     (BranchOnBatchSize, "depends on the batch size", (6, 4)),
     (CenterOverBatch, "batch-reduction", (6, 4)),
     (ShiftBatch, "along the batch dimension", (6, 4)),
@@ -152,6 +152,35 @@ def test_samples_mixing_is_refused_with_its_location(model, match, shape):
     dp = fxdp.privatize(model(), capture="export")
     with pytest.raises(fxdp.FxdpError, match=match):
         dp(torch.randn(*shape))
+
+
+class LayerDrop(nn.Module):
+    """Hugging Face's LayerDrop (wav2vec2, HuBERT, WavLM: on by default, 0.1): a layer
+    skipped for the whole batch when one draw is below ``config.layerdrop``."""
+
+    def __init__(self, layerdrop):
+        super().__init__()
+        self.l = nn.Linear(4, 4)
+        self.layerdrop = layerdrop
+
+    def forward(self, x):
+        skip_the_layer = False
+        if self.training and self.layerdrop > 0.0:
+            dropout_probability = torch.rand([])
+            skip_the_layer = dropout_probability < self.layerdrop
+        if not skip_the_layer:
+            x = x + self.l(x)
+        return x
+
+
+def test_layerdrop_is_refused_with_the_layerdrop_fix(f64):
+    """A branch on a random draw is no sample's data, but torch.export cannot capture a
+    Python branch on a tensor: the error names the line and the fix (layerdrop = 0)."""
+    with pytest.raises(fxdp.UnsupportedModelError,
+                       match=r"(?s)branches on a random number \(at .*test_pass_export_graph.py:\d+: if not skip_the_"
+                             r"layer:\).*layerdrop = 0.0"):
+        fxdp.privatize(LayerDrop(0.1), capture="export")(torch.randn(5, 4))
+    _per_sample_ok(LayerDrop(0.0).double(), torch.randn(5, 4))
 
 
 def test_check_reports_a_scattering_reshape_with_its_fix():
