@@ -174,31 +174,27 @@ def _einsum(u: BatchedArg) -> Optional[int]:
     terms = ins.split(",")
     if u.item is None or u.item >= len(terms):
         return None
-    term = terms[u.item]
-    if "..." not in term:
-        if len(term) != u.rank:
-            return None
-        return out.index(term[u.dim]) if term[u.dim] in out else None
-    head, tail = term.split("...")
-    n_ell = u.rank - len(head) - len(tail)
-    if u.dim < len(head) or u.dim >= len(head) + n_ell:
-        letter = head[u.dim] if u.dim < len(head) else tail[u.dim - len(head) - n_ell]
-        return out.index(letter) if letter in out.replace("...", "") and "..." not in out \
-            else _out_letter(out, letter, u.out_rank)
+    head, _, tail = terms[u.item].partition("...")
+    n_ell = u.rank - len(head) - len(tail) if "..." in terms[u.item] else 0
+    if n_ell < 0 or ("..." not in terms[u.item] and len(head) != u.rank):
+        return None
+    if u.dim < len(head):
+        return _letter_dim(out, head[u.dim], u.out_rank)
+    if u.dim >= len(head) + n_ell:
+        return _letter_dim(out, tail[u.dim - len(head) - n_ell], u.out_rank)
     if "..." not in out:
-        return None  # summed over
-    k = u.dim - len(head)  # its place in the ellipsis, aligned from the right in the output's
-    o_head, o_tail = out.split("...")
+        return None  # an ellipsis dimension summed over
+    o_head, _, o_tail = out.partition("...")
     out_ell = u.out_rank - len(o_head) - len(o_tail)
-    return len(o_head) + out_ell - n_ell + k
+    return len(o_head) + out_ell - n_ell + (u.dim - len(head))  # aligned from the right
 
 
-def _out_letter(out: str, letter: str, out_rank: int) -> Optional[int]:
-    """A letter's dimension in an output that has an ellipsis."""
-    o_head, o_tail = out.split("...")
+def _letter_dim(out: str, letter: str, out_rank: int) -> Optional[int]:
+    """A letter's dimension in the output (``None``: summed over)."""
+    o_head, ell, o_tail = out.partition("...")
     if letter in o_head:
         return o_head.index(letter)
-    if letter in o_tail:
+    if ell and letter in o_tail:
         return out_rank - len(o_tail) + o_tail.index(letter)
     return None
 

@@ -143,3 +143,20 @@ def test_an_op_without_a_rule_is_refused_with_its_name():
     dp = fxdp.privatize(OneOp(lambda h: torch.ops.fxdp_test_rules.rowwise(h)), capture="export")
     with pytest.raises(fxdp.UnsupportedOpError, match="no batch rule for fxdp_test_rules.rowwise"):
         dp(torch.randn(B, D))
+
+
+@pytest.mark.parametrize("eq, item, dim, rank, out_rank, lands", [
+    ("bi,bj->bij", 1, 0, 2, 3, 0),
+    ("bi,ci->bi", 1, 0, 2, 2, None),        # c: summed over
+    ("...i,ij->...j", 0, 1, 3, 3, 1),
+    ("...i,ij->...j", 0, 2, 3, 3, None),    # i: contracted
+    ("bi,...i->...b", 0, 0, 2, 3, 2),       # a letter after the output's ellipsis
+    ("b...d->...", 0, 0, 4, 2, None),
+    ("...d->...", 0, 1, 3, 2, 1),           # an ellipsis dimension, aligned from the right
+    ("bij", 0, 0, 3, 3, None),              # implicit output: not read
+])
+def test_the_einsum_rule_follows_letters_and_ellipses(eq, item, dim, rank, out_rank, lands):
+    from fxdp.passes.batch_rules import BatchedArg, rule_of
+
+    u = BatchedArg(None, {"equation": eq}, "tensors", item, dim, rank, out_rank, None)
+    assert rule_of(torch.ops.aten.einsum.default)(u) == lands
