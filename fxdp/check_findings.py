@@ -212,7 +212,10 @@ def _capture_findings(originals: Dict[str, fx.Node], result: Any,
                     f"{h[1]} (size B*{h[2]}){where}: it would treat the {h[2]} rows of each sample as separate "
                     "samples, and privatize cannot attribute its per-sample gradients",
                     "apply the layer to the unfolded tensor (e.g. nn.Linear/F.linear to [B, T, d] instead of "
-                    "x.view(B * T, d)); the layer accepts any number of leading dimensions"), None))
+                    "x.view(B * T, d)); the layer accepts any number of leading dimensions"
+                    + (". For a model you cannot change (windows, patches, a norm over x.flatten(0, 1)): "
+                       "fxdp.privatize(model, capture='export') follows each sample's rows through the fold"
+                       if getattr(op, "folds", False) else "")), None))
                 break
     return out
 

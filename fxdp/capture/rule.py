@@ -7,7 +7,7 @@ from typing import Any, Callable, Dict, FrozenSet, List, Optional, Sequence, Tup
 import torch
 from torch import Tensor
 
-from ..rules.base import SAVED, SCRATCH, weighted_sum
+from ..rules.base import FOLDED, SAVED, SCRATCH, weighted_sum
 from ..rules.tied import GradFactors
 from .op import CaptureOp, move_to_front
 from .record import LayerRecord
@@ -131,6 +131,8 @@ class RuleCapture(CaptureOp):
             i = self.names.index(self.rule.input_arg)
             x = args[self.rule.input_arg]
             args[self.rule.input_arg] = move_to_front(x, dims_in[i], "the input", self, rec.batch_size)
+            if isinstance(dims_in[i], tuple):  # a batch-major fold [B*k, ...], now [B, k, ...]
+                args[FOLDED] = True
             if rec.saved is not None:  # batch first like the input: moved with it, or left out
                 saved = _move_saved(rec.saved, x, dims_in[i], self, rec.batch_size)
                 if saved is not None:

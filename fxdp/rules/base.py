@@ -31,6 +31,7 @@ __all__ = [
     "samples_per_slice",
     "gram_inner",
     "gram_strip_rows",
+    "FOLDED",
 ]
 
 
@@ -40,6 +41,10 @@ SAVED = "saved"
 #: leave what they formed for its clipped sum to reuse (a convolution's patch rows); freed with
 #: the record
 SCRATCH = "scratch"
+#: set (``True``) when a rule that ``folds`` gets its input as a batch-major fold
+#: ``[B*k, ...]`` viewed ``[B, k, ...]``: a rule whose per-sample dimensions are not
+#: trailing (a group norm's channels) reads its rows as the forward did
+FOLDED = "folded"
 
 
 class PerSampleRule:

@@ -40,7 +40,7 @@ from torch import Tensor, nn
 
 from ..errors import UnsupportedOpError
 from ..layers.batchnorm import FrozenBatchNorm
-from .base import SAVED, ModuleCall, PerSampleRule, batch_sum, register_module, register_rule, samples_per_slice
+from .base import FOLDED, SAVED, ModuleCall, PerSampleRule, batch_sum, register_module, register_rule, samples_per_slice
 
 __all__ = ["LayerNormRule", "GroupNormRule", "InstanceNormRule", "RMSNormRule"]
 
@@ -61,9 +61,11 @@ def _native_layout(x: Tensor) -> Tensor:
     return x.contiguous()
 
 
-def _channel_sum(t: Tensor) -> Tensor:
-    """``[B, C, *spatial] -> [B, C]``."""
-    return t.sum(dim=tuple(range(2, t.dim()))) if t.dim() > 2 else t
+def _channel_sum(t: Tensor, folded: bool = False) -> Tensor:
+    """``[B, C, *spatial] -> [B, C]`` (``folded``: ``[B, k, C, *spatial]``, each sample's
+    ``k`` rows summed too)."""
+    dims = (1,) + tuple(range(3, t.dim())) if folded else tuple(range(2, t.dim()))
+    return t.sum(dim=dims) if dims else t
 
 
 class _AffineNormRule(PerSampleRule):
@@ -114,7 +116,7 @@ class _ChannelNormRule(_AffineNormRule):
     """Per-channel parameters (dim 1): group norm, instance norm."""
 
     def _reduce(self, t: Tensor, args: Mapping[str, Any], name: str) -> Tensor:
-        return _channel_sum(t)
+        return _channel_sum(t, bool(args.get(FOLDED)))
 
     def _weight_grads(self, args: Mapping[str, Any], g: Tensor) -> Tensor:
         # the statistics are each sample's own: normalizing a slice of the batch is exact
@@ -215,9 +217,12 @@ def _rms_norm_call(m: nn.RMSNorm) -> ModuleCall:
 
 @register_rule(F.group_norm)
 class GroupNormRule(_ChannelNormRule):
-    """``F.group_norm(input, num_groups, weight=None, bias=None, eps=1e-5)`` on ``[B, C, *]``."""
+    """``F.group_norm(input, num_groups, weight=None, bias=None, eps=1e-5)`` on ``[B, C, *]``,
+    or on a batch-major fold ``[B*k, C, *]`` (LeViT normalizes ``x.flatten(0, 1)``; each
+    of a sample's ``k`` rows is normalized alone, and its gradients summed)."""
 
     name = "group_norm"
+    folds = True
 
     def signature(self, input, num_groups, weight=None, bias=None, eps=1e-5):  # noqa: D401
         pass
@@ -243,13 +248,16 @@ class GroupNormRule(_ChannelNormRule):
                                                x[0, 0].numel(), G, [True, False, False])[0]
 
     def _normalized(self, args: Mapping[str, Any]) -> Tensor:
-        saved = args.get(SAVED)
+        x, saved = args["input"], args.get(SAVED)
+        if args.get(FOLDED):  # [B, k, C, *]: the forward normalized its B*k rows
+            rows = x.flatten(0, 1)
+            saved = tuple(t.flatten(0, 1) for t in saved) if saved is not None else None
+            return self._normalized(dict(args, input=rows, **{FOLDED: False, SAVED: saved})).reshape(x.shape)
         if saved is not None:  # the forward's per-(sample, group) mean and 1/std
-            x = args["input"]
             mean, rstd = saved
             groups = x.reshape(x.shape[0], mean.shape[1], -1)
             return torch.sub(groups, mean.unsqueeze(-1)).mul_(rstd.unsqueeze(-1)).reshape(x.shape)
-        return F.group_norm(args["input"], int(args["num_groups"]), None, None, args.get("eps", 1e-5))
+        return F.group_norm(x, int(args["num_groups"]), None, None, args.get("eps", 1e-5))
 
 
 @register_rule(torch.group_norm, torch.ops.aten.group_norm.default)

@@ -421,20 +421,21 @@ def test_one_output_of_a_multi_output_op_keeps_its_fold_order(f64):
 
 
 def test_a_fold_into_a_rule_without_folds_names_no_capture_path():
-    """LeViT normalizes ``x.flatten(0, 1)`` (its BatchNorm, a GroupNorm after privatize):
-    the group norm's per-channel rule cannot serve a folded batch on either path, so the
-    error says so instead of pointing at ``capture='export'``, which was this path."""
-    class FoldedNorm(nn.Module):
+    """A convolution over ``x.flatten(0, 1)``: the convolution's rule does not serve a
+    folded batch on either path, so the error says so instead of pointing at
+    ``capture='export'``, which was this path. (LeViT's group norm over such a fold is
+    served: ``tests/rules/test_rule_norms.py``.)"""
+    class FoldedConv(nn.Module):
         def __init__(self):
             super().__init__()
             self.l = nn.Linear(4, 4)
-            self.norm = nn.GroupNorm(2, 4)
+            self.conv = nn.Conv1d(4, 4, 1)
 
         def forward(self, x):  # [B, T, 4]
             h = self.l(x)
-            return self.norm(h.flatten(0, 1)).reshape_as(h)
+            return self.conv(h.flatten(0, 1).unsqueeze(-1)).reshape_as(h)
 
-    dp = fxdp.privatize(FoldedNorm(), capture="export")
+    dp = fxdp.privatize(FoldedConv(), capture="export")
     with pytest.raises(fxdp.BatchDimensionError, match="does not serve a folded batch on either") as err:
         dp(torch.randn(3, 5, 4)).sum().backward()
     assert "capture='export'" not in str(err.value)

@@ -447,3 +447,52 @@ def test_privatize_refuses_instance_norm_running_stats():
     m = nn.Sequential(nn.InstanceNorm1d(3, affine=True, track_running_stats=True), nn.Flatten(), nn.Linear(12, 2))
     with pytest.raises(UnsupportedOpError, match="track_running_stats=False"):
         fxdp.privatize(m, rewrite_options={"batchnorm": "off"})  # without the pass that turns them off
+
+
+class _FoldedNorms(nn.Module):
+    """LeViT's ``bn(x.flatten(0, 1)).reshape_as(x)`` (a GroupNorm once privatize replaces
+    BatchNorm): group norms over a batch-major fold, 2-d rows and ``[B*k, C, L]`` rows."""
+
+    def __init__(self):
+        super().__init__()
+        self.l = nn.Linear(4, 4)
+        self.gn = nn.GroupNorm(2, 4)
+        self.gn3 = nn.GroupNorm(1, 4)
+
+    def forward(self, x):  # [B, T, 4]
+        h = self.l(x)
+        h = self.gn(h.flatten(0, 1)).reshape_as(h)
+        return self.gn3(torch.tanh(h).unsqueeze(-1).expand(-1, -1, -1, 3).flatten(0, 1)).reshape(x.shape[0], -1)
+
+
+@needs_privatize
+def test_group_norm_over_a_folded_batch_is_exact():
+    """Served on the export path, which follows the fold's order; symbolic tracing does
+    not, and its error names capture='export'."""
+    from oracle import bk_clipped_sums, clipped_sums_materialized
+
+    torch.manual_seed(24)
+    m = _randomize(_FoldedNorms().to(DT))
+    x = torch.randn(5, 3, 4, dtype=DT)
+    with pytest.raises(fxdp.BatchDimensionError, match="capture='export'"):
+        fxdp.privatize(m, capture="fx")(x).sum().backward()
+    report = fxdp.check(m, x)  # the same analysis, the same fix
+    assert [e.code for e in report.errors] == ["batch-fold", "batch-fold"]
+    assert all("capture='export'" in e.fix for e in report.errors)
+    for p in m.parameters():
+        p.grad = None
+    dp = fxdp.privatize(m, loss_reduction="sum", capture="export")
+    dp(x).pow(2).sum().backward()
+    assert all(row["rule"] != "functorch" for row in dp.capture_table()), dp.capture_table()
+    assert_grad_samples_match(dp, batch_of_one_grads(m, [x], lambda o, i: o.pow(2).sum()))
+    # book-keeping: clipped sums equal those of the materialized gradients
+    for p in m.parameters():
+        p.grad = p.grad_sample = None
+    w = torch.randn(dp(x).shape, dtype=DT)
+    expected = clipped_sums_materialized(fxdp.privatize(m, capture="export"), x, w, 0.3, False)
+    dpb = fxdp.privatize(m, capture="export", grad_sample_mode="bk")
+    for p in m.parameters():
+        p.grad = None
+    sums = bk_clipped_sums(dpb, lambda: dpb(x).mul(w).sum().div(x.shape[0]).backward(), 0.3)
+    for p, e in zip(m.parameters(), expected):
+        torch.testing.assert_close(sums[id(p)], e, rtol=1e-9, atol=1e-12)
