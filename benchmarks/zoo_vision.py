@@ -8,8 +8,9 @@ Their wheels need a newer torch than CI's (torchvision does not import beside to
 
 Each model is built with random weights (``weights=None`` / ``pretrained=False``, no
 download), in train mode (BatchNorm is replaced by privatize's GroupNorm rewrite),
-and privatized twice: ``capture="auto"`` (what a user gets: symbolic tracing when
-it reads the whole model) and ``capture="export"`` (``torch.export``). For each,
+and privatized twice: ``capture="auto"`` with the batch as ``example_inputs`` (what a
+``make_private`` user gets: symbolic tracing when it reads the whole model and serves
+its folds) and ``capture="export"`` (``torch.export``). For each,
 in float64 on a batch of 3: the largest relative difference between ``grad_sample``
 and each sample's gradient computed alone, the capture ops served by the
 ``torch.func`` fallback (must be none), and the time to privatize and capture.
@@ -123,7 +124,9 @@ def per_sample_error(model: nn.Module, capture: str, x: torch.Tensor) -> Dict[st
     t0 = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        dp = fxdp.privatize(model, loss_reduction="sum", capture=capture)
+        # "auto" with the batch as example inputs, as make_private privatizes (its loader's batch)
+        example = (x,) if capture == "auto" else None
+        dp = fxdp.privatize(model, loss_reduction="sum", capture=capture, example_inputs=example)
         out = dp(x)
     t_capture = time.perf_counter() - t0
     w = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=out.dtype)
@@ -187,8 +190,9 @@ def main() -> None:
         f"{platform.machine()}; float64, batch {a.batch_size}, random weights, train mode, dropout and stochastic depth off (the batch and each sample alone would draw different masks). "
         "`max rel err`: largest |grad_sample[i] - grad of sample i alone| / max |grad| over parameters and samples "
         "(a parameter's max |grad| taken as at least 1e-9 of the sample's largest: a gradient that is zero in exact "
-        "arithmetic, such as an attention key's bias, is rounding noise). With the default capture a model whose "
-        "windows symbolic tracing reads but cannot serve is refused with the fix, `capture='export'`.",
+        "arithmetic, such as an attention key's bias, is rounding noise). `auto`: privatize's default capture given "
+        "the batch as example inputs, as make_private gives it its loader's batch (a model whose windows symbolic "
+        "tracing reads but cannot serve takes the export path).",
         "",
         "| model | capture | module | capture ops | on torch.func fallback | without grad_sample | max rel err | "
         "privatize + first call | verdict |",

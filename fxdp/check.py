@@ -46,6 +46,7 @@ from .check_findings import (
     _user_line,
 )
 from .check_graph import _graph
+from .capture.op import unserved_folds
 from .check_layers import _bk_plans, _bk_plans_exported, _layers
 from .errors import FxdpError, SymbolicGraphError, UnsupportedModelError
 from .example_inputs import call_inputs
@@ -243,7 +244,8 @@ def _check(model: nn.Module, args: Tuple[Any, ...], batch_dim: Any, B0: int, bat
             graph = _graph(gm, result, rewrites)
             originals = {n.name: n for n in gm.graph.nodes}
             captures, cap_error, cap_nodes = _captures(gm)  # privatize's capture pass, in place: gm is done
-            raw += _capture_findings(originals, result, cap_nodes)
+            folds = _capture_findings(originals, result, cap_nodes)
+            raw += folds
             if cap_error is not None:
                 raw.append((_privatize_error(originals, cap_error, raw), None))
             layers = _layers(root, captures, rewrites, batch_size or B0, gm=gm if captures is None else None,
@@ -251,8 +253,10 @@ def _check(model: nn.Module, args: Tuple[Any, ...], batch_dim: Any, B0: int, bat
             findings = [_finding(f, loc, outer) for f, loc in raw] + [_refusal(m) for m in refusals]
             findings += [_autograd_function(*a, outer) for a in tracer.autograd_functions]
             if cap_error is not None and (not isinstance(cap_error, FxdpError)
-                                          or isinstance(cap_error, SymbolicGraphError)):
-                # privatize serves this model through torch.export instead: report that graph's analysis
+                                          or isinstance(cap_error, SymbolicGraphError)) \
+                    or any(f.details.get("export_serves") for f, _ in folds):
+                # privatize serves this model through torch.export instead (given example inputs, as here and
+                # in make_private, also for a fold the export path follows): report that graph's analysis
                 findings, layers = _check_exported(root, args, {}, batch_dim, rewrites, batch_size or B0, outer)
                 findings += [_refusal(m) for m in refusals]
         if dynamic:
@@ -408,5 +412,14 @@ def _check_exported(root: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, An
             captures = instrument(gm, Recorder())
         except FxdpError as e:
             findings.append(finding(None, "capture", str(e), "see the message"))
+        for c in captures or ():  # a fold its rule cannot serve: privatize refuses it at the first backward
+            for h in unserved_folds(c, c.default_batch_dims[0]):
+                node = next((n for n in gm.graph.nodes if n.meta.get("fxdp_capture") == c.capture_name), None)
+                findings.append(finding(node, "batch-fold", f"a layer with trainable parameters receives a batch "
+                                        f"folded into dimension {h[1]} (size B*{h[2]}), which its per-sample rule "
+                                        f"({c.rule_name()}) does not serve",
+                                        "keep the batch dimension separate before this layer (a [B, k, ...] tensor "
+                                        "instead of x.flatten(0, 1))"))
+                break
     return findings, _layers(root, captures, rewrites, batch_size,
                              plans=_bk_plans_exported(gm, batch_size) if captures is not None else None)

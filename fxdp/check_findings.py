@@ -215,7 +215,8 @@ def _capture_findings(originals: Dict[str, fx.Node], result: Any,
                     "x.view(B * T, d)); the layer accepts any number of leading dimensions"
                     + (". For a model you cannot change (windows, patches, a norm over x.flatten(0, 1)): "
                        "fxdp.privatize(model, capture='export') follows each sample's rows through the fold"
-                       if getattr(op, "folds", False) else "")), None))
+                       if getattr(op, "folds", False) else ""),
+                    {"export_serves": True} if getattr(op, "folds", False) else {}), None))
                 break
     return out
 

@@ -263,15 +263,17 @@ class PrivacyEngine:
         bk = grad_sample_mode in ("auto", "bk", "ghost")
         if grad_sample_mode == "ghost":
             criterion = check_ghost_criterion(criterion, loss_reduction)
+        checked = None  # the inputs the check analysed: privatize captures the graph the check read
         if not isinstance(module, DPModule):
-            self.compatibility_report = static_check(
+            self.compatibility_report, checked = static_check(
                 module, data_loader, example_inputs, batch_first=batch_first,
                 rewrite_options=rewrite_options, allow_unsafe_model=allow_unsafe_model,
                 input_batch_dims=input_batch_dims,
             )
         dp_module = self._prepare_model(module, batch_first=batch_first, loss_reduction=loss_reduction,
                                         rewrite_options=rewrite_options, bk=bk,
-                                        allow_unsafe_model=allow_unsafe_model, input_batch_dims=input_batch_dims)
+                                        allow_unsafe_model=allow_unsafe_model, input_batch_dims=input_batch_dims,
+                                        example_inputs=checked)
         if not isinstance(module, DPModule):
             MADE_PRIVATE.add(module)
         # 2. the data: Poisson batches at rate q (what the accountant analyses)
@@ -497,7 +499,8 @@ class PrivacyEngine:
     def _prepare_model(self, module: nn.Module, *, batch_first: bool, loss_reduction: str,
                        rewrite_options: Optional[Dict[str, Any]] = None, bk: bool = False,
                        allow_unsafe_model: bool = False,
-                       input_batch_dims: Optional[Sequence[Optional[int]]] = None) -> DPModule:
+                       input_batch_dims: Optional[Sequence[Optional[int]]] = None,
+                       example_inputs: Any = None) -> DPModule:
         if isinstance(module, DPModule):
             module.recorder.set_mode("bk" if bk else "materialize")  # the same graph serves both
             if input_batch_dims is not None and module.batch_dim != list(input_batch_dims):
@@ -514,7 +517,8 @@ class PrivacyEngine:
             return module
         return privatize(module, loss_reduction=loss_reduction, batch_first=batch_first,
                          rewrite_options=rewrite_options, grad_sample_mode="bk" if bk else "materialize",
-                         allow_unsafe_model=allow_unsafe_model, input_batch_dims=input_batch_dims)
+                         allow_unsafe_model=allow_unsafe_model, input_batch_dims=input_batch_dims,
+                         example_inputs=example_inputs)
 
     def _prepare_data_loader(self, data_loader: DataLoader, *, poisson_sampling: bool, batch_first: bool,
                              keep: bool = False) -> DataLoader:

@@ -108,8 +108,11 @@ def example_from_loader(data_loader: DataLoader,
 
 def static_check(module: nn.Module, data_loader: DataLoader, example_inputs: Union[Sequence[Any], Mapping[str, Any], None], *,
                   batch_first: bool, rewrite_options: Optional[Dict[str, Any]], allow_unsafe_model: bool,
-                  input_batch_dims: Optional[Sequence[Optional[int]]] = None) -> Any:
-    """Run ``fxdp.check`` on the model; refuse it when an op breaks DP, unless overridden."""
+                  input_batch_dims: Optional[Sequence[Optional[int]]] = None) -> Tuple[Any, Any]:
+    """Run ``fxdp.check`` on the model; refuse it when an op breaks DP, unless overridden.
+    Returns the report and the inputs it analysed, as ``privatize``'s ``example_inputs``
+    (``None`` where the check did not run on them), so privatize captures the graph the
+    check read."""
     from .check import check
 
     example: Any = (call_inputs(example_inputs) if example_inputs is not None
@@ -120,7 +123,7 @@ def static_check(module: nn.Module, data_loader: DataLoader, example_inputs: Uni
             "compatibility check (fxdp.check) did not run. Fix: pass example_inputs=(x,) to make_private.",
             stacklevel=3,
         )
-        return None
+        return None, None
     try:
         inputs, kwargs = example
         report = check(module, inputs, batch_first=batch_first, rewrite_options=rewrite_options,
@@ -132,7 +135,7 @@ def static_check(module: nn.Module, data_loader: DataLoader, example_inputs: Uni
             "make_private.",
             stacklevel=3,
         )
-        return None
+        return None, None
     if example_inputs is None and any(f.code == "export" for f in report.errors):
         # the loader's batch as positional inputs may not be how the model is called (keyword
         # inputs of a Hugging Face model); the DP model captures and checks the graph of the real
@@ -143,7 +146,7 @@ def static_check(module: nn.Module, data_loader: DataLoader, example_inputs: Uni
             "call instead. Fix: pass example_inputs=(...) to make_private to check it now.",
             stacklevel=3,
         )
-        return None
+        return None, None
     if not report.ok:
         if not allow_unsafe_model:
             report.raise_if_errors()
@@ -152,7 +155,7 @@ def static_check(module: nn.Module, data_loader: DataLoader, example_inputs: Uni
             f"guarantee does not hold:\n{report}",
             stacklevel=3,
         )
-    return report
+    return report, (inputs if not kwargs else dict(kwargs) if not inputs else None)
 
 
 def check_ghost_criterion(criterion: Any, loss_reduction: str) -> Any:

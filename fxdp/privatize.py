@@ -12,6 +12,7 @@ import torch.fx as fx
 from torch import Tensor, nn
 
 from .capture import Recorder
+from .capture.op import unserved_folds
 from .errors import FxdpError, SymbolicGraphError, UnsupportedModelError
 from .example_inputs import call_inputs
 from .module import DPModule
@@ -231,7 +232,10 @@ def privatize(
             fallback); ``"export"``: ``torch.export`` (ATen graphs, on the first
             training call of each input structure, see ``fxdp.exported_module``);
             ``"auto"`` (default): symbolic tracing when it reads the whole model,
-            ``torch.export`` otherwise (Hugging Face models, ``**kwargs``, hooks).
+            ``torch.export`` otherwise (Hugging Face models, ``**kwargs``, hooks), and,
+            given ``example_inputs`` (``make_private`` passes its loader's batch), when
+            a layer gets a folded batch whose order symbolic tracing does not follow
+            (windows, a norm over ``x.flatten(0, 1)``).
         allow_unsafe_model: serve a model in which samples influence each other
             (``x - x.mean(0)``, ops along the batch) with a warning instead of
             refusing it; its per-sample gradients are then not each sample's own and
@@ -326,5 +330,16 @@ def privatize(
         )
     if example is not None:
         args, kwargs = example
-        dp.batch_dims_for(dp._positional(args, dict(kwargs)) if kwargs else args)
+        dims = dp.batch_dims_for(dp._positional(args, dict(kwargs)) if kwargs else args)
+        if capture == "auto" and _folds_for_export(dp, dims):
+            # a layer that reads [B, k, ...] gets a folded batch whose order symbolic tracing does not
+            # follow (windows, a norm over x.flatten(0, 1)): the ATen graph follows it
+            return _exported(model, root, rewrites, loss_reduction, batch_first, input_batch_dims, example,
+                             grad_sample_mode, allow_unsafe_model)
     return dp
+
+
+def _folds_for_export(dp: DPModule, dims: Dict[str, Any]) -> bool:
+    """Whether a trainable layer of ``dp`` whose rule reads a batch-major fold gets a fold
+    the symbolic graph cannot serve (``dims``: capture name -> (input hints, output hints))."""
+    return any(c.folds and unserved_folds(c, dims.get(c.capture_name, ((), ()))[0]) for c in dp.captures)

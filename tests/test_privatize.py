@@ -518,3 +518,55 @@ def test_capture_ops_hold_their_outputs_only_for_an_inner_backward(mode):
         todo += [f for f, _ in n.next_functions]
     held = sorted(n.inner[1] is not None for n in nodes)
     assert held == [False, False, True], held  # the two Linears drop it, the fallback keeps it
+
+
+class _WindowNorm(nn.Module):
+    """LeViT's norm of ``x.flatten(0, 1)`` (a GroupNorm once privatize replaces its
+    BatchNorm): symbolic tracing does not follow the fold's order, the export path does."""
+
+    def __init__(self):
+        super().__init__()
+        self.l = nn.Linear(4, 4)
+        self.norm = nn.GroupNorm(2, 4)
+        self.head = nn.Linear(12, 3)
+
+    def forward(self, x):  # [B, 3, 4]
+        h = self.l(x)
+        return self.head(self.norm(h.flatten(0, 1)).reshape_as(h).flatten(1))
+
+
+def test_auto_capture_takes_the_export_path_for_a_fold_symbolic_tracing_cannot_serve(f64):
+    """Given example inputs (as make_private has its loader's batch), capture="auto" reads
+    the folds the symbolic graph's layers would get and takes the export path when it
+    serves them; fxdp.check reads that graph too. Without examples the decision cannot
+    be made up front: the first backward refuses with the capture='export' fix."""
+    from fxdp.exported_module import ExportedDPModule
+    from oracle import batch_of_one_grads
+    from torch.utils.data import DataLoader, TensorDataset
+
+    torch.manual_seed(6)
+    model = _WindowNorm()
+    x = torch.randn(5, 3, 4)
+    dp = privatize(model, example_inputs=(x,), loss_reduction="sum")
+    assert isinstance(dp, ExportedDPModule)
+    dp(x).pow(2).sum().backward()
+    assert_grad_samples_match(dp, batch_of_one_grads(model, [x], lambda o, i: o.pow(2).sum()))
+    assert fxdp.check(model, x).ok
+    for p in model.parameters():
+        p.grad = p.grad_sample = None
+    with pytest.raises(fxdp.BatchDimensionError, match="capture='export'"):
+        privatize(model)(x).sum().backward()
+    # make_private checks a batch of its loader, and privatizes on the graph it checked
+    for p in model.parameters():
+        p.grad = p.grad_sample = None
+    loader = DataLoader(TensorDataset(torch.randn(32, 3, 4), torch.randint(0, 3, (32,))), batch_size=8)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    dp_model, dp_opt, dp_loader = fxdp.PrivacyEngine().make_private(
+        module=model, optimizer=opt, data_loader=loader, noise_multiplier=1.0, max_grad_norm=1.0)
+    assert isinstance(dp_model, ExportedDPModule)
+    before = [p.detach().clone() for p in model.parameters()]
+    xb, yb = next(iter(dp_loader))
+    dp_opt.zero_grad()
+    F.cross_entropy(dp_model(xb), yb).backward()
+    dp_opt.step()
+    assert all(not torch.equal(b, p) for b, p in zip(before, model.parameters()))

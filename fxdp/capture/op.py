@@ -25,7 +25,21 @@ from ..rules.base import sq_norms, weighted_sum
 from ..rules.tied import GradFactors
 from .record import LayerRecord, Recorder
 
-__all__ = ["CaptureOp", "move_to_front"]
+__all__ = ["CaptureOp", "move_to_front", "serves_fold", "unserved_folds"]
+
+
+def serves_fold(op: "CaptureOp", hint: Any) -> bool:
+    """Whether ``op`` serves an input folded as ``hint``: a rule that reads ``[B, k, ...]``
+    (``folds``) given a batch-major fold of dimension 0, whose order is known (the
+    export path follows it; symbolic tracing's hints carry no order)."""
+    return op.folds and hint[1] == 0 and len(hint) > 3 and hint[3] == "major"
+
+
+def unserved_folds(op: "CaptureOp", hints: Sequence[Any]) -> List[Any]:
+    """The fold hints among a trainable capture op's input ``hints`` it cannot serve."""
+    if not op.param_index:
+        return []
+    return [h for h in hints if isinstance(h, tuple) and h and h[0] == "fold" and not serves_fold(op, h)]
 
 
 def _batch_of(t: Tensor, B: Optional[int], hint: Any, what: str, op: "CaptureOp", strict: bool) -> Optional[int]:
@@ -40,7 +54,7 @@ def _batch_of(t: Tensor, B: Optional[int], hint: Any, what: str, op: "CaptureOp"
     if hint is None:
         return None
     if isinstance(hint, tuple) and hint and hint[0] == "fold":
-        if op.folds and hint[1] == 0 and len(hint) > 3 and hint[3] == "major":
+        if serves_fold(op, hint):
             # rows of one sample are contiguous (batch-major fold): served as [B, k, ...]
             if B is not None and (t.shape[0] % B if B else t.shape[0]):
                 raise BatchDimensionError(
@@ -50,7 +64,8 @@ def _batch_of(t: Tensor, B: Optional[int], hint: Any, what: str, op: "CaptureOp"
         # a rule that serves folds meets one it cannot read here (the export path follows its order); a
         # rule that serves none (a group norm's per-channel sums) cannot serve it on either path
         export = ("or, for a model you cannot change (windows, patches), fxdp.privatize(model, capture='export'): "
-                  "its graph follows where each sample's rows go." if op.folds else
+                  "its graph follows where each sample's rows go (given example_inputs, capture='auto' takes it "
+                  "by itself, as make_private does)." if op.folds else
                   f"this layer's per-sample rule ({op.rule_name()}) does not serve a folded batch on either capture "
                   "path.")
         raise BatchDimensionError(

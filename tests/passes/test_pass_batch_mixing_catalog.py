@@ -17,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fxdp
+from oracle import assert_grad_samples_match, batch_of_one_grads
 
 pytestmark = pytest.mark.usefixtures("quiet")
 
@@ -377,7 +378,9 @@ class DataDependentIndex(nn.Module):
 
 
 class FoldIntoLinear(nn.Module):
-    """[B, T, D] -> [B*T, D] into a layer with weights: rows are not samples."""
+    """[B, T, D] -> [B*T, D] into a layer with weights: symbolic tracing cannot attribute
+    these rows to samples; the export path follows the batch-major fold (auto capture takes
+    it given example inputs, as fxdp.check and make_private have)."""
 
     def __init__(self):
         super().__init__()
@@ -385,7 +388,7 @@ class FoldIntoLinear(nn.Module):
 
     def forward(self, x):
         B, T, d = x.shape
-        return self.fc(x.reshape(B * T, d))  # MIX
+        return self.fc(x.reshape(B * T, d))
 
 
 class ScrambledUnfold(nn.Module):
@@ -489,7 +492,6 @@ MIXING = [
     (ShiftedBatch, lambda: torch.randn(4, D), {}, False),
     (PermutedBatch, lambda: torch.randn(4, D), {}, True),
     (DataDependentIndex, lambda: torch.randn(4, D), {}, True),
-    (FoldIntoLinear, lambda: torch.randn(4, 5, D), {}, False),
     (ScrambledUnfold, lambda: torch.randn(4, 5, D), {}, True),
     (FoldedReduction, lambda: torch.randn(4, 5, D), {}, True),
     (RunningStatistic, lambda: torch.randn(4, 5, D), {}, False),
@@ -536,7 +538,7 @@ def test_mixing_families_are_named():
     assert "batch-matmul" in codes["GramMatrix"] and "batch-matmul" in codes["EinsumOverBatch"]
     assert "batch-cat" in codes["CatMemoryBank"]
     assert "batch-index" in codes["FirstSample"] and "batch-index" in codes["PermutedBatch"]
-    assert "batch-fold" in codes["FoldIntoLinear"] and "batch-fold" in codes["ScrambledUnfold"]
+    assert "batch-fold" in codes["ScrambledUnfold"]
     assert "state-update" in codes["RunningStatistic"] and "state-update" in codes["StoredStatistic"]
     assert "batch-layout" in codes["LSTMWrongLayout"]
 
@@ -807,6 +809,25 @@ CLEAN = [
     (InPlaceZoo, lambda: (torch.randn(4, D),), {}),
     (_frozen_eval, lambda: (torch.randn(4, 3, 6, 6),), {}),
 ]
+
+
+def test_a_fold_into_a_linear_layer_is_served_on_the_export_path(f64):
+    """Checked on the graph privatize runs given the same inputs (the export path), and
+    exact there; privatize without inputs takes symbolic tracing, whose first backward
+    refuses the fold with the fix."""
+    from fxdp.exported_module import ExportedDPModule
+
+    torch.manual_seed(1)
+    model, x = FoldIntoLinear(), torch.randn(4, 5, D)
+    assert run_check(model, (x,)).ok
+    dp = fxdp.privatize(model, example_inputs=(x,), loss_reduction="sum")
+    assert isinstance(dp, ExportedDPModule)
+    dp(x).pow(2).sum().backward()
+    assert_grad_samples_match(dp, batch_of_one_grads(model, [x], lambda o, i: o.pow(2).sum()))
+    for p in model.parameters():
+        p.grad = p.grad_sample = None
+    with pytest.raises(fxdp.BatchDimensionError, match="capture='export'"):
+        fxdp.privatize(model)(x).sum().backward()
 
 
 @pytest.mark.parametrize("factory,make_x,kw", CLEAN, ids=[c[0].__name__.strip("_") for c in CLEAN])
