@@ -440,6 +440,14 @@ def test_a_fold_into_a_rule_without_folds_names_no_capture_path():
         dp(torch.randn(3, 5, 4)).sum().backward()
     assert "capture='export'" not in str(err.value)
 
+    class FoldedConvKw(FoldedConv):  # **kwargs: fxdp.check reads the exported graph, as privatize does
+        def forward(self, x, **kw):
+            return super().forward(x)
+
+    report = fxdp.check(FoldedConvKw(), torch.randn(3, 5, 4))
+    assert [e.code for e in report.errors] == ["batch-fold"]
+    assert "does not serve" in report.errors[0].problem
+
 
 def test_a_weight_standardized_with_batch_norm_is_not_a_batch_statistic(f64):
     """NF-ResNet's ``ScaledStdConv2d`` standardizes its weight with ``F.batch_norm(w.reshape(1,
