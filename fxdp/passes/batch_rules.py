@@ -32,7 +32,7 @@ from torch.utils._pytree import tree_flatten
 from .per_sample_loss import PER_SAMPLE_LOSS
 
 __all__ = ["RULES", "NO_DATA", "BatchedArg", "batched_inputs", "lands_on", "op_finding",
-           "register_batch_rule", "rule_of", "samples_first"]
+           "register_batch_rule", "rule_of"]
 
 aten = torch.ops.aten
 
