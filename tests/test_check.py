@@ -198,17 +198,36 @@ class UsesMystery(nn.Module):
         return self.fc(mystery(x))  # unknown op
 
 
-def test_unknown_op_is_a_warning_suggesting_verify():
-    r = fxdp.check(UsesMystery(), torch.randn(4, 4))
-    assert r.ok
-    w = [w for w in r.warnings if w.code == "unknown-op"]
-    assert len(w) == 1 and w[0].op == "mystery" and w[0].line == line_of(UsesMystery, "# unknown op")
-    assert "could not be proven" in w[0].problem and "fxdp.verify" in w[0].fix
-    bm.register_semantics(mystery, "per_sample")
+def mystery_taken(x):
+    return torch.take(x, torch.arange(x.numel())).view_as(x)
+
+
+torch.fx.wrap("mystery_taken")
+
+
+class UsesMysteryTaken(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.fc(mystery_taken(x))  # unknown op without batch rules
+
+
+def test_unknown_op_is_proven_from_its_aten_graph_or_an_error_naming_the_ways_out():
+    r = fxdp.check(UsesMystery(), torch.randn(4, 4))  # flip(-1) * 2: proven
+    assert r.ok and not r.warnings, str(r)
+    r = fxdp.check(UsesMysteryTaken(), torch.randn(4, 4))
+    assert not r.ok
+    e = [e for e in r.errors if e.code == "unproven-op"]
+    assert len(e) == 1 and e[0].op == "mystery_taken" and e[0].line == line_of(UsesMysteryTaken, "# unknown op")
+    assert "cannot prove" in e[0].problem and "aten.take" in e[0].problem
+    assert "fxdp.verify" in e[0].fix and "register_semantics" in e[0].fix
+    bm.register_semantics(mystery_taken, "per_sample")
     try:
-        assert not fxdp.check(UsesMystery(), torch.randn(4, 4)).warnings
+        assert fxdp.check(UsesMysteryTaken(), torch.randn(4, 4)).ok
     finally:
-        bm._SEMANTICS.pop(mystery)
+        bm._SEMANTICS.pop(mystery_taken)
     with pytest.raises(ValueError, match="kind"):
         bm.register_semantics(mystery, "magic")
 

@@ -1,7 +1,8 @@
 """fxdp.privatize fails closed: on the symbolic-tracing path the batch-mixing analysis
 (``fxdp/passes/batch_mixing/guard.py``) runs once per input signature, at the first
 training call, and refuses a model in which samples influence each other (flat inputs
-beside their offsets included; ops without known semantics probed); on the torch.export
+beside their offsets included; ops without known semantics lowered to ATen and read by
+the batch rules, and probed); on the torch.export
 path every op that reads batch data is probed too (``fxdp/passes/probe_batch.py``).
 Before the guard, ``privatize(model)`` served these with wrong ``grad_sample`` (only
 ``fxdp.check`` and ``make_private``'s check refused them)."""
@@ -320,11 +321,12 @@ class _Along(nn.Module):
         return self.fc(x)
 
 
-def test_an_unknown_op_is_probed_sample_by_sample(f64):
-    """An op not in the table was assumed per-sample (a warning of fxdp.check, nothing at
-    privatize): ``torch.fft.fft(x, dim=0)`` mixes the batch and was served. Now each sample's
-    inputs are perturbed in turn: moving another sample's output is an error; moving only its
-    own, the op is served with a warning (evidence on this batch, not a proof), exactly."""
+def test_an_unknown_op_is_proven_by_its_aten_graph_or_refused(f64):
+    """An op not in the symbolic path's table was probed (each sample's inputs perturbed in
+    turn) and, when only that sample's outputs moved, served with a warning: evidence on one
+    batch, not a proof. It is now lowered to ATen alone (``batch_mixing/lowering.py``) and read
+    by the export path's batch rules: ``fft(x, dim=1)`` is proven and served exactly, without
+    a warning; ``fft(x, dim=0)`` is refused."""
     x = torch.randn(6, 4)
     dp = fxdp.privatize(_Along("fft-batch"), capture="fx")
     with pytest.raises(fxdp.UnsupportedOpError, match="fft.*perturbing sample 0's inputs changed sample 1's output"):
@@ -333,9 +335,58 @@ def test_an_unknown_op_is_probed_sample_by_sample(f64):
     torch.manual_seed(0)
     model = _Along("fft-features").double()
     dp = fxdp.privatize(model, capture="fx", loss_reduction="sum")
-    with pytest.warns(UserWarning, match="(?s)not in fxdp's op table.*fft"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
         dp(x).pow(2).sum().backward()
     _assert_each_sample_alone(model, model.fc.weight, x, model.fc.weight.grad_sample.clone())
+    assert not fxdp.check(_Along("fft-features"), x).warnings
+
+
+def _mixes_beyond_a_threshold(x):
+    return x + x.flip(0) * (x.flip(0).abs() > 1e3)  # another sample's row, where its values are large
+
+
+def _taken(x):
+    return torch.take(x, torch.arange(x.numel())).view_as(x)  # aten.take: flat indices, no batch rule
+
+
+torch.fx.wrap("_mixes_beyond_a_threshold")
+torch.fx.wrap("_taken")
+
+
+class _Wrapped(nn.Module):
+    def __init__(self, f):
+        super().__init__()
+        self.fc = nn.Linear(4, 2)
+        self.f = f
+
+    def forward(self, x):
+        if self.f == "threshold":
+            return self.fc(_mixes_beyond_a_threshold(x))
+        if self.f == "take-accepted":
+            return self.fc(_taken(x))  # fxdp: ignore
+        return self.fc(_taken(x))
+
+
+def test_an_op_the_probe_cannot_see_mixing_is_refused_by_its_batch_rules():
+    """A helper that adds another sample's row only where its values are large: the probe's
+    perturbations do not reach the threshold, so it was served (with a warning) and samples
+    could influence each other. Its ATen graph flips the batch: refused."""
+    x = torch.randn(6, 4)
+    with pytest.raises(fxdp.UnsupportedOpError, match="(?s)_mixes_beyond_a_threshold.*aten.flip"):
+        fxdp.privatize(_Wrapped("threshold"), capture="fx")(x)
+    assert [f.code for f in fxdp.check(_Wrapped("threshold"), x).errors] == ["unknown-op"]
+
+
+def test_an_op_without_batch_rules_is_refused_unless_accepted():
+    """Lowered to ``aten.take`` (flat indices: no batch rule), an op cannot be proven: it is
+    refused with the ways out, though its probe is clean; ``# fxdp: ignore`` on its line
+    accepts it."""
+    x = torch.randn(6, 4)
+    with pytest.raises(fxdp.UnsupportedOpError, match="(?s)cannot prove.*_taken.*aten.take.*register_semantics"):
+        fxdp.privatize(_Wrapped("take"), capture="fx")(x)
+    assert [f.code for f in fxdp.check(_Wrapped("take"), x).errors] == ["unproven-op"]
+    fxdp.privatize(_Wrapped("take-accepted"), capture="fx")(x).sum().backward()
 
 
 def _noisy(x):
@@ -375,15 +426,50 @@ class _ShiftedByAnother(_Noisy):
         return self.fc(_shifted_by_another(x, idx))
 
 
-def test_an_unknown_op_is_probed_through_its_integer_inputs_and_under_one_seed():
-    """Integer inputs (token ids, positions) are perturbed to other valid values: an op
-    that reads another sample's ids is refused, one that reads its own is served (with a
-    warning). A random op runs under one seed each time, so it is probed like any other."""
+class _RowScale(nn.Module):
+    """A leaf module without weights fxdp has no semantics for: each row scaled by a fixed
+    vector, or by the batch's column maxima (samples combined)."""
+
+    def __init__(self, pooled=False):
+        super().__init__()
+        self.register_buffer("scale", torch.linspace(0.5, 2.0, 4))
+        self.pooled = pooled
+
+    def forward(self, x):
+        return x * self.scale * (x.amax(0) if self.pooled else 1.0)
+
+
+class _UsesRowScale(nn.Module):
+    def __init__(self, pooled=False):
+        super().__init__()
+        self.leaf = _RowScale(pooled)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.fc(self.leaf(x))
+
+
+def test_a_leaf_module_without_semantics_is_lowered_and_read():
+    """A module kept whole (``leaf_modules=``) without known semantics is lowered with its
+    buffers: per-sample, it is served without a warning; pooling over the batch, refused."""
+    x = torch.randn(6, 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fxdp.privatize(_UsesRowScale(), capture="fx", leaf_modules=[_RowScale])(x).sum().backward()
+    with pytest.raises(fxdp.UnsupportedOpError, match="(?s)_RowScale.*amax"):
+        fxdp.privatize(_UsesRowScale(pooled=True), capture="fx", leaf_modules=[_RowScale])(x)
+
+
+def test_an_unknown_op_with_integer_inputs_or_random_draws():
+    """Integer inputs (token ids, positions) are perturbed to other valid values by the
+    probe: an op that reads another sample's ids is refused; one that reads its own, and a
+    random op, are proven by their ATen graphs and served without a warning."""
     x, idx = torch.randn(5, 4), torch.arange(5)
     with pytest.raises(fxdp.UnsupportedOpError, match="perturbing sample 0's inputs changed sample 4's output"):
         fxdp.privatize(_ShiftedByAnother(), capture="fx")(x, idx)
     for model, inputs in [(_Shifted(), (x, idx)), (_Noisy(), (x,))]:
-        with pytest.warns(UserWarning, match="(?s)not in fxdp's op table.*(_shifted|_noisy)"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
             fxdp.privatize(model, capture="fx")(*inputs).sum().backward()
 
 

@@ -26,9 +26,10 @@ own sample (the index along the batch dimension) or 0; a folded value
 (``[B*k, ...]``) must not mix; a value without a batch dimension must carry no
 sample. The first op whose clean inputs give an unclean output is the one that
 mixes samples: it is reported, and its output is repaired so that later mixing
-ops are reported too. Ops without a transfer function are assumed per-sample and
-probed (``probe``: each sample's inputs perturbed in turn): an error when another
-sample's output moves or the op cannot be probed, otherwise a warning (unproven).
+ops are reported too. An op without a transfer function is lowered alone to ATen
+and read by the export path's batch rules (``lowering``), and probed (``probe``:
+each sample's inputs perturbed in turn): served when the rules prove it, an error
+when they or the probe find samples combined, and an error when nothing proves it.
 
 The package, one job per module:
 
@@ -40,6 +41,7 @@ The package, one job per module:
 * ``analysis``: the interpreter (traversal, state, checks) and
   ``analyze_batch_mixing``;
 * ``execution``: the real runs at two batch sizes;
+* ``lowering``: ops without a transfer function, exported alone and read by the batch rules;
 * ``probe``: ops without a transfer function, run again on perturbed samples;
 * ``ragged``: flat inputs without a batch dimension, cut into samples by their
   offsets (``nn.EmbeddingBag``): their tags and their inputs at the two sizes;

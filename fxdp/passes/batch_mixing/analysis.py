@@ -57,6 +57,8 @@ class BatchMixingAnalysis:
         self._dep: Dict[str, bool] = {}
         self._shapes2: Dict[str, List[Any]] = {}
         self._modules = dict(gm.named_modules())
+        #: verdicts of ops proven by lowering them to ATen (``lowering.py``), per op and input signature
+        self.lowered: Dict[Any, Tuple[str, str]] = {}
 
     # -- driver ----------------------------------------------------------------------------
     def run(self) -> MixingResult:

@@ -30,7 +30,7 @@ SUPPRESS = "fxdp: ignore"
 SOURCE_LINE = re.compile(r"^(?P<file>.+?):(?P<line>\d+)(?:: (?P<code>.*))?$")
 
 #: findings that say the analysis could not run or attribute an input, not that samples mix
-UNPROVEN = ("batch-size", "batch-dimension", "unattributed-input")
+UNPROVEN = ("batch-size", "batch-dimension", "unattributed-input", "unproven-op")
 
 FIX = ("Fix: compute the loss outside the model, per sample (e.g. cross_entropy(..., reduction='sum' or 'mean' "
        "over the batch) and do not divide by a count over the batch, such as num_items_in_batch=), and keep "
@@ -91,12 +91,6 @@ def refuse_mixing(gm: fx.GraphModule, args: Sequence[Any], *, batch_dim: BatchDi
         findings.append(failed)
     errors = [f for f in findings if f.severity == "error" and not suppressed(f.node.meta.get("fxdp_source"))]
     lines = [_line(f) for f in errors]
-    probed = [_line(f) for f in findings if f.code == "unknown-op" and f.severity == "warning"
-              and not suppressed(f.node.meta.get("fxdp_source"))]
-    if probed and not lines:  # served on the probe's evidence, not a proof: said, not silent
-        warnings.warn("fxdp.privatize: serving ops that are not in fxdp's op table (each sample's perturbation "
-                      "moved only its own outputs on this batch; mark the line `# fxdp: ignore` to accept):\n"
-                      + "\n".join(probed), stacklevel=5)
     if not lines:
         return errors
     if allow_unsafe_model:

@@ -12,6 +12,7 @@ from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from ...batch_dims import input_batch_dim
 from ..ops import op_name, shape_args
+from ..lowering import prove_by_lowering
 from ..probe import probe_samples
 from ..ragged import Segmentation, flat_inputs, segment_tags
 from ..tags import NO, NT, _is_fold, _is_int, _NoTag, along, combine, const, fit, ideal, reduce_all, uniform
@@ -133,16 +134,24 @@ def assume(an: "BatchMixingAnalysis", n: fx.Node, out: Any, name: Optional[str] 
 
 
 def report_unknown(an: "BatchMixingAnalysis", n: fx.Node, reason: str, tags: Any) -> None:
-    """An op not in the table that carries samples, probed (``probe.py``): a warning when
-    each sample's perturbation moved only its own outputs, an error otherwise."""
-    found = probe_samples(an, n, tags)
-    if found is None:
-        an.add(n, "unknown-op", "warning",
-               f"{op_name(n)} is not in fxdp's op table ({reason}); perturbing each sample's inputs moved only "
-               "that sample's outputs on this batch, but it could not be proven to keep samples apart",
-               "run fxdp.verify(model, example_inputs) to test it dynamically, or express it with known torch ops")
+    """An op not in the table that carries samples: proven when the ATen graph it lowers
+    to keeps them apart by the batch rules (``lowering.py``); otherwise an error, whether
+    the rules or the probe (``probe.py``) find samples combined or nothing proves the op."""
+    verdict, why = prove_by_lowering(an, n)
+    if verdict == "proven":
         return
-    an.add(n, "unknown-op", "error",
-           f"{op_name(n)} is not in fxdp's op table ({reason}) and could not be shown to keep samples apart: {found}",
-           "express it with known torch ops that keep each sample in its own rows (or, if it is per-sample, "
-           "fxdp.passes.batch_mixing.register_semantics(op, 'per_sample'))")
+    found = probe_samples(an, n, tags)
+    if found is not None or verdict == "mixes":
+        an.add(n, "unknown-op", "error",
+               f"{op_name(n)} is not in fxdp's op table ({reason}) and could not be shown to keep samples apart: "
+               + "; ".join(x for x in (found, why if verdict == "mixes" else None) if x),
+               "express it with known torch ops that keep each sample in its own rows (or, if it is per-sample, "
+               "fxdp.passes.batch_mixing.register_semantics(op, 'per_sample'))")
+        return
+    an.add(n, "unproven-op", "error",
+           f"{op_name(n)} is not in fxdp's op table ({reason}) and fxdp cannot prove that it keeps samples apart: "
+           f"{why}. Perturbing each sample's inputs moved only that sample's outputs on this batch, which is "
+           "evidence, not a proof",
+           "express it with torch ops fxdp reads; or, if it is per-sample, declare it with "
+           "fxdp.passes.batch_mixing.register_semantics(op, 'per_sample'), or test it with "
+           "fxdp.verify(model, example_inputs) and mark the line `# fxdp: ignore`")
