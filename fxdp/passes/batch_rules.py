@@ -576,6 +576,72 @@ for _name in ("fft_fft", "fft_ifft", "fft_rfft", "fft_irfft", "fft_hfft", "fft_i
 RULES.update({aten.pad.default: _pad, aten.constant_pad_nd.default: _pad, aten._pad_circular.default: _pad})
 
 
+def _overloads(name: str) -> List[Any]:
+    packet = getattr(aten, name, None)
+    return [getattr(packet, ov) for ov in packet.overloads()] if packet is not None else []
+
+
+def trailing(k: int) -> Rule:
+    """Works on the last ``k`` dimensions of every argument (a matrix function over
+    ``[*, n, n]``, ``linalg_vander`` over ``[*, n]``): the batch must be among the
+    leading dimensions, which the result keeps in place."""
+    def rule(u: BatchedArg) -> Optional[int]:
+        return u.dim if u.dim < u.rank - k else None
+    return rule
+
+
+def _grid_sampler(u: BatchedArg) -> Optional[int]:
+    """``input [N, C, *]`` sampled at ``grid [N, *, d]``: sample ``n`` reads its own image."""
+    return 0 if u.name in ("input", "grid") and u.dim == 0 else None
+
+
+def _cross(u: BatchedArg) -> Optional[int]:
+    """``linalg_cross``: broadcast like a pointwise op, combined along ``dim``."""
+    d = elementwise(u)
+    return None if d == u.args.get("dim", -1) % u.out_rank else d
+
+
+def _stft(u: BatchedArg) -> Optional[int]:
+    """A batch of signals ``[B, L]`` (``istft``: of spectra ``[B, F, N]``): one transform each;
+    the window holds no sample."""
+    return 0 if u.name in ("self", "input") and u.dim == 0 and u.rank >= 2 else None
+
+
+# aliases ATen does not tag ``pointwise`` (CompositeImplicitAutograd: export keeps them by name),
+# each the elementwise op it names (``torch.multiply``, ``torch.special.erf``, ``torch.greater``)
+for _name in ("absolute", "arccos", "arccosh", "arcsin", "arcsinh", "arctan", "arctan2", "arctanh", "fix",
+              "negative", "multiply", "divide", "subtract", "greater", "greater_equal", "less", "less_equal",
+              "not_equal", "isclose", "chalf", "special_digamma", "special_erf", "special_erfc", "special_erfinv",
+              "special_exp2", "special_expit", "special_expm1", "special_gammainc", "special_gammaincc",
+              "special_gammaln", "special_i0", "special_log1p", "special_logit", "special_ndtr", "special_psi",
+              "special_round", "special_sinc", "special_xlogy", "special_polygamma", "special_multigammaln"):
+    for _op in _overloads(_name):
+        if any(isinstance(a.type, torch.TensorType) for a in _op._schema.arguments):
+            RULES.setdefault(_op, elementwise)
+for _op in _overloads("special_softmax") + _overloads("special_log_softmax"):
+    RULES.setdefault(_op, along())
+for _op in _overloads("special_logsumexp"):
+    RULES.setdefault(_op, reduction())
+# matrix functions over the last two dimensions, and vector ones over the last
+for _name in ("linalg_det", "_linalg_det", "det", "linalg_slogdet", "_linalg_slogdet", "slogdet", "logdet",
+              "linalg_inv", "linalg_inv_ex", "inverse", "linalg_matrix_exp", "matrix_exp", "linalg_cholesky",
+              "linalg_cholesky_ex", "cholesky", "linalg_eigh", "_linalg_eigh", "linalg_eigvalsh", "linalg_svdvals",
+              "linalg_svd", "_linalg_svd", "linalg_qr", "linalg_pinv", "linalg_matrix_power", "matrix_power"):
+    for _op in _overloads(_name):
+        RULES.setdefault(_op, trailing(2))
+for _op in _overloads("linalg_vander"):
+    RULES.setdefault(_op, trailing(1))
+for _op in _overloads("linalg_cross"):
+    RULES.setdefault(_op, _cross)
+for _op in _overloads("diff"):
+    RULES.setdefault(_op, along())
+for _name in ("grid_sampler", "grid_sampler_2d", "grid_sampler_3d", "cudnn_grid_sampler"):
+    for _op in _overloads(_name):
+        RULES.setdefault(_op, _grid_sampler)
+for _op in _overloads("stft") + _overloads("istft"):
+    RULES.setdefault(_op, _stft)
+
+
 def _batch_norm(u: BatchedArg) -> Optional[int]:
     """Running statistics (eval) are a per-channel affine map; batch statistics of the
     data are ``symbolic_batch``'s ``batch-norm`` finding."""

@@ -55,6 +55,17 @@ def _no_grad_cumsum(h):
     return (h - c) ** 2
 
 
+def _linalg(h):
+    m = h[:, :4].reshape(-1, 2, 2) + 3 * torch.eye(2, dtype=h.dtype)
+    out = torch.cat([torch.linalg.inv(m).flatten(1), torch.linalg.matrix_exp(m).flatten(1)[:, :2]], 1)
+    return out * torch.linalg.det(m).unsqueeze(1)
+
+
+def _grid_sample(h):
+    grid = h.tanh().view(-1, 3, 1, 2).expand(-1, 3, 2, 2)  # each sample reads its own image
+    return F.grid_sample(h.view(-1, 1, 2, 3), grid, align_corners=False).flatten(1)
+
+
 #: one op after the layer, each sample kept apart
 KEPT = {
     "softmax": lambda h: h.softmax(-1),
@@ -82,6 +93,15 @@ KEPT = {
     + F.layer_norm(h, (D,)) + F.interpolate(h.unsqueeze(1), size=D).squeeze(1),
     "tril_repeat": lambda h: torch.tril(h.unsqueeze(1).repeat(1, D, 1)).sum(1),
     "attention": _attention,
+    # aliases ATen does not tag pointwise (kept by name in exported graphs)
+    "aliases": lambda h: torch.multiply(torch.absolute(h), torch.negative(h)).arctan() + torch.special.erf(h)
+    * torch.greater(h, 0) + torch.special.logsumexp(h, -1, keepdim=True) + torch.special.softmax(h, -1),
+    "linalg": _linalg,
+    "diff_cross_vander": lambda h: torch.diff(h, dim=1, append=h[:, :1]) + torch.linalg.cross(h[:, :3], h[:, 3:])
+    .repeat(1, 2) + torch.linalg.vander(h[:, :2], N=3).flatten(1),
+    "grid_sample": _grid_sample,
+    "stft": lambda h: torch.stft(h, n_fft=4, hop_length=2, window=torch.hann_window(4, dtype=h.dtype),
+                                 return_complex=True).abs().flatten(1)[:, :D],
 }
 
 #: one op after the layer that mixes samples: (op, the rule's code)
@@ -99,6 +119,8 @@ MIXING = {
     # MRA's mask: [B, K] tiled per head as [1, H*B, K], then read as [B*H, K] (batch-major)
     "repeat_tiles_batch": (lambda h: h * h.unsqueeze(0).repeat(1, 2, 1).reshape(-1, 2, D)[:, 0], "batch-op"),
     "renorm_columns": (lambda h: h.renorm(2, 1, 0.5), "batch-op"),
+    "diff_batch": (lambda h: torch.diff(h, dim=0, prepend=torch.zeros(1, D, dtype=h.dtype)), "batch-op"),
+    "svdvals_over_batch": (lambda h: h * torch.linalg.svdvals(h.T).sum(), "batch-op"),
     "take_reversed": (lambda h: torch.take(h, torch.arange(h.numel()).flip(0)).view_as(h), "batch-rule|batch-fold"),
 }
 
