@@ -601,6 +601,31 @@ def _cross(u: BatchedArg) -> Optional[int]:
     return None if d == u.args.get("dim", -1) % u.out_rank else d
 
 
+def _solve(u: BatchedArg) -> Optional[int]:
+    """``linalg_solve(A [*, n, n], B [*, n, k] or [*, n])``: one system per leading index,
+    and ``B``'s ``k`` right-hand sides solved apart; the result has ``B``'s shape, its
+    leading dimensions broadcast from both."""
+    a_rank = _rank(u.args.get("A"))
+    vector = u.out_rank == a_rank - 1
+    if u.name == "B" and not vector:  # its right-hand sides, columns (left) or rows, are solved apart
+        sides = u.rank - 1 if u.args.get("left", True) else u.rank - 2
+        if u.dim == sides:
+            return u.dim + u.out_rank - u.rank
+    own = 2 if u.name == "A" or not vector else 1  # the trailing dimensions one system reads
+    if u.dim >= u.rank - own:
+        return None
+    return u.dim + (u.out_rank - (1 if vector else 2)) - (u.rank - own)
+
+
+def _searchsorted(u: BatchedArg) -> Optional[int]:
+    """Each value of ``self`` searched in its row of ``sorted_sequence`` (or in the one
+    sequence, 1-d): the batch must be before the searched (last) dimension."""
+    seq = u.args.get("sorted_sequence")
+    if u.name == "sorted_sequence":
+        return u.dim if u.dim < u.rank - 1 else None
+    return u.dim if _rank(seq) == 1 or u.dim < u.rank - 1 else None
+
+
 def _stft(u: BatchedArg) -> Optional[int]:
     """A batch of signals ``[B, L]`` (``istft``: of spectra ``[B, F, N]``): one transform each;
     the window holds no sample."""
@@ -633,8 +658,14 @@ for _op in _overloads("linalg_vander"):
     RULES.setdefault(_op, trailing(1))
 for _op in _overloads("linalg_cross"):
     RULES.setdefault(_op, _cross)
-for _op in _overloads("diff"):
+for _op in _overloads("diff") + _overloads("cumulative_trapezoid"):
     RULES.setdefault(_op, along())
+for _op in _overloads("trapezoid"):
+    RULES.setdefault(_op, reduction(keepdim=None))
+for _op in _overloads("linalg_solve") + _overloads("linalg_solve_ex") + _overloads("_linalg_solve_ex"):
+    RULES.setdefault(_op, _solve)
+for _op in _overloads("searchsorted"):
+    RULES.setdefault(_op, _searchsorted)
 for _name in ("grid_sampler", "grid_sampler_2d", "grid_sampler_3d", "cudnn_grid_sampler"):
     for _op in _overloads(_name):
         RULES.setdefault(_op, _grid_sampler)

@@ -61,6 +61,14 @@ def _linalg(h):
     return out * torch.linalg.det(m).unsqueeze(1)
 
 
+def _solve_search_trapezoid(h):
+    a = 3 * torch.eye(2, dtype=h.dtype) + h[:, :4].reshape(-1, 2, 2)
+    x = torch.linalg.solve(a, h[:, 4:]).repeat(1, 3)  # a system per sample
+    cols = torch.linalg.solve(2 * torch.eye(D, dtype=h.dtype) + 1, h.T).T  # samples as right-hand sides
+    steps = torch.searchsorted(torch.tensor([-0.5, 0.0, 0.5], dtype=h.dtype), h.contiguous()).to(h.dtype)
+    return x + cols + steps + torch.trapezoid(h, dim=1).unsqueeze(1) + torch.cumulative_trapezoid(h, dim=1).sum(1, True)
+
+
 def _grid_sample(h):
     grid = h.tanh().view(-1, 3, 1, 2).expand(-1, 3, 2, 2)  # each sample reads its own image
     return F.grid_sample(h.view(-1, 1, 2, 3), grid, align_corners=False).flatten(1)
@@ -100,6 +108,7 @@ KEPT = {
     "diff_cross_vander": lambda h: torch.diff(h, dim=1, append=h[:, :1]) + torch.linalg.cross(h[:, :3], h[:, 3:])
     .repeat(1, 2) + torch.linalg.vander(h[:, :2], N=3).flatten(1),
     "grid_sample": _grid_sample,
+    "solve_search_trapezoid": _solve_search_trapezoid,
     "stft": lambda h: torch.stft(h, n_fft=4, hop_length=2, window=torch.hann_window(4, dtype=h.dtype),
                                  return_complex=True).abs().flatten(1)[:, :D],
 }
@@ -120,6 +129,7 @@ MIXING = {
     "repeat_tiles_batch": (lambda h: h * h.unsqueeze(0).repeat(1, 2, 1).reshape(-1, 2, D)[:, 0], "batch-op"),
     "renorm_columns": (lambda h: h.renorm(2, 1, 0.5), "batch-op"),
     "diff_batch": (lambda h: torch.diff(h, dim=0, prepend=torch.zeros(1, D, dtype=h.dtype)), "batch-op"),
+    "solve_along_batch": (lambda h: torch.linalg.solve(2 * torch.eye(h.shape[0]) + 1, h), "batch-op"),
     "svdvals_over_batch": (lambda h: h * torch.linalg.svdvals(h.T).sum(), "batch-op"),
     "take_reversed": (lambda h: torch.take(h, torch.arange(h.numel()).flip(0)).view_as(h), "batch-rule|batch-fold"),
 }
