@@ -20,6 +20,7 @@ from torch.utils._pytree import tree_flatten
 from .bookkeeping import BookKeeping
 from .loss_check import watch_loss_reduction
 from .capture import CaptureOp, Recorder
+from .capture.op import unserved_folds
 from .passes.batch_dims import input_batch_dim, per_arg, propagate_batch_dims
 from .passes.batch_mixing.guard import refuse_mixing
 from .passes.capture import CAPTURES
@@ -115,7 +116,39 @@ class DPModule(fx.GraphModule):
     # -- capture ops ----------------------------------------------------------------
     @property
     def captures(self) -> List[CaptureOp]:
+        moved = self.__dict__.get("_export_path")
+        if moved is not None:
+            return moved.captures
         return list(getattr(self, CAPTURES).children())
+
+    @property
+    def capture_path(self) -> str:
+        """``"fx"`` (symbolic tracing) or ``"export"`` (``torch.export``): how the graph
+        that trains was captured. ``privatize(model)`` (``capture="auto"``, no example
+        inputs) starts on ``"fx"`` and moves to ``"export"`` at the first training call
+        where a layer gets a folded batch whose order only the ATen graph follows."""
+        return "export" if self.__dict__.get("_export_path") is not None else "fx"
+
+    def folds_for_export(self, dims: Dict[str, Any]) -> bool:
+        """Whether a trainable layer whose rule reads a batch-major fold gets a fold this
+        symbolic graph cannot serve (``dims``: capture name -> (input hints, output hints),
+        :meth:`batch_dims_for`): the export path follows where each sample's rows go."""
+        return any(c.folds and unserved_folds(c, dims.get(c.capture_name, ((), ()))[0])
+                   for c in getattr(self, CAPTURES).children())
+
+    def _move_to_export(self, dims: Dict[str, Any]) -> Optional["DPModule"]:
+        """At a training call whose folds this graph cannot serve, the model captured
+        with ``torch.export`` (same parameters and recorder), which serves this and every
+        later call as this module's ``forward`` (its hooks run as before); ``None`` where
+        this graph serves the call, or where ``capture`` was not ``"auto"``."""
+        build = self.__dict__.get("_export_builder")
+        if build is None or not self.folds_for_export(dims):
+            return None
+        moved = build(self)
+        moved.train(self.training)
+        self.__dict__["_export_path"] = moved
+        self.__dict__["forward"] = moved  # this module's call (its hooks) runs the moved graph
+        return moved
 
     def capture_table(self) -> List[Dict[str, Any]]:
         """One row per capture op: module path, op, rule, parameters, source line."""
@@ -174,15 +207,26 @@ class DPModule(fx.GraphModule):
         self._proven.add(key)  # refused signatures are analysed (and refused) again
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        moved = self.__dict__.get("_export_path")
+        if moved is not None:  # captured again with torch.export (see _move_to_export): its graph is forward
+            if moved.training != self.training:
+                moved.train(self.training)
+            return super().__call__(*args, **kwargs)
         variant = self._variant(args, kwargs)
         if variant is not None:
             return variant(*args, **kwargs)
         if self.training and torch.is_grad_enabled():
+            given = (args, kwargs)
             if kwargs:
                 args = self._positional(args, kwargs)
                 kwargs = {}
             B, key = _signature(args, self.batch_dim)  # once a step: the batch size and the cache key
-            self.recorder.begin_forward(B, self._batch_dims(args, key))
+            dims = self._batch_dims(args, key)
+            moved = self._move_to_export(dims) if key not in self.__dict__.setdefault("_served", set()) else None
+            if moved is not None:
+                return super().__call__(*given[0], **given[1])
+            self._served.add(key)
+            self.recorder.begin_forward(B, dims)
             return self._watch_loss(super().__call__(*args, **kwargs), B)
         return super().__call__(*args, **kwargs)
 

@@ -12,7 +12,6 @@ import torch.fx as fx
 from torch import Tensor, nn
 
 from .capture import Recorder
-from .capture.op import unserved_folds
 from .errors import FxdpError, SymbolicGraphError, UnsupportedModelError
 from .example_inputs import call_inputs
 from .module import DPModule
@@ -89,10 +88,11 @@ CAPTURE_MODES = ("auto", "fx", "export")
 def _exported(model: nn.Module, root: nn.Module, rewrites: List[Rewrite], loss_reduction: str, batch_first: bool,
               input_batch_dims: Optional[Sequence[Optional[int]]],
               example: Optional[Tuple[Tuple[Any, ...], Dict[str, Any]]], grad_sample_mode: str,
-              allow_unsafe_model: bool) -> DPModule:
+              allow_unsafe_model: bool, recorder: Optional[Recorder] = None) -> DPModule:
     from .exported_module import ExportedDPModule
 
-    dp = ExportedDPModule(root, recorder=Recorder(loss_reduction=loss_reduction, mode=grad_sample_mode),
+    recorder = recorder or Recorder(loss_reduction=loss_reduction, mode=grad_sample_mode)
+    dp = ExportedDPModule(root, recorder=recorder,
                           batch_first=batch_first, input_batch_dims=input_batch_dims,
                           class_name=type(model).__name__, rewrites=rewrites)
     dp.allow_unsafe_model = allow_unsafe_model
@@ -232,10 +232,11 @@ def privatize(
             fallback); ``"export"``: ``torch.export`` (ATen graphs, on the first
             training call of each input structure, see ``fxdp.exported_module``);
             ``"auto"`` (default): symbolic tracing when it reads the whole model,
-            ``torch.export`` otherwise (Hugging Face models, ``**kwargs``, hooks), and,
-            given ``example_inputs`` (``make_private`` passes its loader's batch), when
-            a layer gets a folded batch whose order symbolic tracing does not follow
-            (windows, a norm over ``x.flatten(0, 1)``).
+            ``torch.export`` otherwise (Hugging Face models, ``**kwargs``, hooks), and
+            when a layer gets a folded batch whose order symbolic tracing does not follow
+            (windows, a norm over ``x.flatten(0, 1)``): here given ``example_inputs``
+            (``make_private`` passes its loader's batch), else at the first training
+            call (``DPModule.capture_path``).
         allow_unsafe_model: serve a model in which samples influence each other
             (``x - x.mean(0)``, ops along the batch) with a warning instead of
             refusing it; its per-sample gradients are then not each sample's own and
@@ -328,18 +329,17 @@ def privatize(
             "if not):\n" + "\n".join(lines),
             stacklevel=2,
         )
+    if capture == "auto" and not whole:  # at the first training call whose folds this graph cannot serve
+        # from the module's own root and recorder: a deep copy of it builds on its copies
+        object.__setattr__(dp, "_export_builder", lambda mod: _exported(
+            model, mod._source_root, mod.rewrites, loss_reduction, batch_first, input_batch_dims, None,
+            grad_sample_mode, mod.allow_unsafe_model, recorder=mod.recorder))
     if example is not None:
         args, kwargs = example
         dims = dp.batch_dims_for(dp._positional(args, dict(kwargs)) if kwargs else args)
-        if capture == "auto" and _folds_for_export(dp, dims):
+        if capture == "auto" and dp.folds_for_export(dims):
             # a layer that reads [B, k, ...] gets a folded batch whose order symbolic tracing does not
             # follow (windows, a norm over x.flatten(0, 1)): the ATen graph follows it
             return _exported(model, root, rewrites, loss_reduction, batch_first, input_batch_dims, example,
                              grad_sample_mode, allow_unsafe_model)
     return dp
-
-
-def _folds_for_export(dp: DPModule, dims: Dict[str, Any]) -> bool:
-    """Whether a trainable layer of ``dp`` whose rule reads a batch-major fold gets a fold
-    the symbolic graph cannot serve (``dims``: capture name -> (input hints, output hints))."""
-    return any(c.folds and unserved_folds(c, dims.get(c.capture_name, ((), ()))[0]) for c in dp.captures)

@@ -402,9 +402,18 @@ def test_folded_batch_is_refused_with_a_fix():
             B, T, D = x.shape
             return self.fc(x.reshape(B * T, D)).reshape(B, T, 2)
 
-    dp = privatize(Folded())
-    with pytest.raises(fxdp.BatchDimensionError, match="folds the batch"):
+    dp = privatize(Folded(), capture="fx")
+    with pytest.raises(fxdp.BatchDimensionError, match="folds the batch.*capture='export'"):
         dp(torch.randn(3, 5, 4)).sum().backward()
+    # capture="auto" (the default) moves to the export path at that call, which serves the fold
+    torch.manual_seed(3)
+    model = Folded().double()
+    x = torch.randn(3, 5, 4, dtype=torch.float64)
+    dp = privatize(model, loss_reduction="sum")
+    dp(x).pow(2).sum().backward()
+    assert dp.capture_path == "export"
+    from oracle import batch_of_one_grads
+    assert_grad_samples_match(dp, batch_of_one_grads(model, [x], lambda o, i: o.pow(2).sum()))
 
 
 def test_embedding_bag_with_flat_indices_and_offsets():
@@ -539,7 +548,8 @@ def test_auto_capture_takes_the_export_path_for_a_fold_symbolic_tracing_cannot_s
     """Given example inputs (as make_private has its loader's batch), capture="auto" reads
     the folds the symbolic graph's layers would get and takes the export path when it
     serves them; fxdp.check reads that graph too. Without examples the decision cannot
-    be made up front: the first backward refuses with the capture='export' fix."""
+    be made up front: the first training call takes it (it refused at the first backward,
+    naming capture='export'); with capture="fx" that refusal stands."""
     from fxdp.exported_module import ExportedDPModule
     from oracle import batch_of_one_grads
     from torch.utils.data import DataLoader, TensorDataset
@@ -555,7 +565,34 @@ def test_auto_capture_takes_the_export_path_for_a_fold_symbolic_tracing_cannot_s
     for p in model.parameters():
         p.grad = p.grad_sample = None
     with pytest.raises(fxdp.BatchDimensionError, match="capture='export'"):
-        privatize(model)(x).sum().backward()
+        privatize(model, capture="fx")(x).sum().backward()
+    for p in model.parameters():
+        p.grad = p.grad_sample = None
+    seen = []
+    dp = privatize(model, loss_reduction="sum")
+    dp.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    assert dp.capture_path == "fx"
+    dp(x).pow(2).sum().backward()
+    assert dp.capture_path == "export" and seen == [(5, 3)] and len(dp.capture_table()) == 3
+    assert_grad_samples_match(dp, batch_of_one_grads(model, [x], lambda o, i: o.pow(2).sum()))
+    dp.eval()
+    torch.testing.assert_close(dp(x), model(x))
+    dp.train()
+    # book-keeping through the optimizer: the moved graph reports to the recorder it attached
+    for p in model.parameters():
+        p.grad = p.grad_sample = None
+    dp = privatize(model, grad_sample_mode="bk")
+    opt = fxdp.optim.DPOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), noise_multiplier=0.0,
+                                 max_grad_norm=1e6, expected_batch_size=5)
+    opt.attach_bookkeeping(dp.bookkeeping)
+    before = [p.detach().clone() for p in model.parameters()]
+    plain = torch.autograd.grad(model(x).pow(2).sum(1).mean(), list(model.parameters()))
+    opt.zero_grad()
+    dp(x).pow(2).sum(1).mean().backward()
+    opt.step()
+    assert dp.capture_path == "export"
+    for b, p, g in zip(before, model.parameters(), plain):  # unclipped, noiseless: the plain gradient step
+        torch.testing.assert_close(p.detach(), b - 0.1 * g)
     # make_private checks a batch of its loader, and privatizes on the graph it checked
     for p in model.parameters():
         p.grad = p.grad_sample = None

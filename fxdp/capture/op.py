@@ -64,8 +64,8 @@ def _batch_of(t: Tensor, B: Optional[int], hint: Any, what: str, op: "CaptureOp"
         # a rule that serves folds meets one it cannot read here (the export path follows its order); a
         # rule that serves none (a group norm's per-channel sums) cannot serve it on either path
         export = ("or, for a model you cannot change (windows, patches), fxdp.privatize(model, capture='export'): "
-                  "its graph follows where each sample's rows go (given example_inputs, capture='auto' takes it "
-                  "by itself, as make_private does)." if op.folds else
+                  "its graph follows where each sample's rows go (capture='auto', the default, takes it by "
+                  "itself)." if op.folds else
                   f"this layer's per-sample rule ({op.rule_name()}) does not serve a folded batch on either capture "
                   "path.")
         raise BatchDimensionError(

@@ -632,45 +632,30 @@ def _stft(u: BatchedArg) -> Optional[int]:
     return 0 if u.name in ("self", "input") and u.dim == 0 and u.rank >= 2 else None
 
 
-# aliases ATen does not tag ``pointwise`` (CompositeImplicitAutograd: export keeps them by name),
-# each the elementwise op it names (``torch.multiply``, ``torch.special.erf``, ``torch.greater``)
-for _name in ("absolute", "arccos", "arccosh", "arcsin", "arcsinh", "arctan", "arctan2", "arctanh", "fix",
-              "negative", "multiply", "divide", "subtract", "greater", "greater_equal", "less", "less_equal",
-              "not_equal", "isclose", "chalf", "special_digamma", "special_erf", "special_erfc", "special_erfinv",
-              "special_exp2", "special_expit", "special_expm1", "special_gammainc", "special_gammaincc",
-              "special_gammaln", "special_i0", "special_log1p", "special_logit", "special_ndtr", "special_psi",
-              "special_round", "special_sinc", "special_xlogy", "special_polygamma", "special_multigammaln"):
-    for _op in _overloads(_name):
-        if any(isinstance(a.type, torch.TensorType) for a in _op._schema.arguments):
-            RULES.setdefault(_op, elementwise)
-for _op in _overloads("special_softmax") + _overloads("special_log_softmax"):
-    RULES.setdefault(_op, along())
-for _op in _overloads("special_logsumexp"):
-    RULES.setdefault(_op, reduction())
-# matrix functions over the last two dimensions, and vector ones over the last
-for _name in ("linalg_det", "_linalg_det", "det", "linalg_slogdet", "_linalg_slogdet", "slogdet", "logdet",
-              "linalg_inv", "linalg_inv_ex", "inverse", "linalg_matrix_exp", "matrix_exp", "linalg_cholesky",
-              "linalg_cholesky_ex", "cholesky", "linalg_eigh", "_linalg_eigh", "linalg_eigvalsh", "linalg_svdvals",
-              "linalg_svd", "_linalg_svd", "linalg_qr", "linalg_pinv", "linalg_matrix_power", "matrix_power"):
-    for _op in _overloads(_name):
-        RULES.setdefault(_op, trailing(2))
-for _op in _overloads("linalg_vander"):
-    RULES.setdefault(_op, trailing(1))
-for _op in _overloads("linalg_cross"):
-    RULES.setdefault(_op, _cross)
-for _op in _overloads("diff") + _overloads("cumulative_trapezoid"):
-    RULES.setdefault(_op, along())
-for _op in _overloads("trapezoid"):
-    RULES.setdefault(_op, reduction(keepdim=None))
-for _op in _overloads("linalg_solve") + _overloads("linalg_solve_ex") + _overloads("_linalg_solve_ex"):
-    RULES.setdefault(_op, _solve)
-for _op in _overloads("searchsorted"):
-    RULES.setdefault(_op, _searchsorted)
-for _name in ("grid_sampler", "grid_sampler_2d", "grid_sampler_3d", "cudnn_grid_sampler"):
-    for _op in _overloads(_name):
-        RULES.setdefault(_op, _grid_sampler)
-for _op in _overloads("stft") + _overloads("istft"):
-    RULES.setdefault(_op, _stft)
+# by name, every overload: aliases ATen does not tag ``pointwise`` (CompositeImplicitAutograd: export
+# keeps them by name: ``torch.multiply``, ``torch.special.erf``), matrix functions over ``[*, n, n]``
+for _rule, _names in (
+        (elementwise, ("absolute", "arccos", "arccosh", "arcsin", "arcsinh", "arctan", "arctan2", "arctanh", "fix",
+                       "negative", "multiply", "divide", "subtract", "greater", "greater_equal", "less", "less_equal",
+                       "not_equal", "isclose", "chalf", "special_digamma", "special_erf", "special_erfc",
+                       "special_erfinv", "special_exp2", "special_expit", "special_expm1", "special_gammainc",
+                       "special_gammaincc", "special_gammaln", "special_i0", "special_log1p", "special_logit",
+                       "special_ndtr", "special_psi", "special_round", "special_sinc", "special_xlogy",
+                       "special_polygamma", "special_multigammaln")),
+        (along(), ("special_softmax", "special_log_softmax", "diff", "cumulative_trapezoid")),
+        (reduction(), ("special_logsumexp",)), (reduction(keepdim=None), ("trapezoid",)),
+        (trailing(2), ("linalg_det", "_linalg_det", "det", "linalg_slogdet", "_linalg_slogdet", "slogdet", "logdet",
+                       "linalg_inv", "linalg_inv_ex", "inverse", "linalg_matrix_exp", "matrix_exp", "linalg_cholesky",
+                       "linalg_cholesky_ex", "cholesky", "linalg_eigh", "_linalg_eigh", "linalg_eigvalsh",
+                       "linalg_svdvals", "linalg_svd", "_linalg_svd", "linalg_qr", "linalg_pinv",
+                       "linalg_matrix_power", "matrix_power")),
+        (trailing(1), ("linalg_vander",)), (_cross, ("linalg_cross",)),
+        (_solve, ("linalg_solve", "linalg_solve_ex", "_linalg_solve_ex")), (_searchsorted, ("searchsorted",)),
+        (_grid_sampler, ("grid_sampler", "grid_sampler_2d", "grid_sampler_3d", "cudnn_grid_sampler")),
+        (_stft, ("stft", "istft"))):
+    for _name in _names:
+        for _op in _overloads(_name):
+            RULES.setdefault(_op, _rule)
 
 
 def _batch_norm(u: BatchedArg) -> Optional[int]:

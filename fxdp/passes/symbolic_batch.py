@@ -211,7 +211,8 @@ def _example_sizes(gm: fx.GraphModule) -> dict:
                 for size in v.shape:
                     if isinstance(size, torch.SymInt):
                         env = size.node.shape_env
-                        return {k: int(val) for k, val in getattr(env, "backed_var_to_val", env.var_to_val).items()}
+                        values = env.backed_var_to_val if hasattr(env, "backed_var_to_val") else env.var_to_val
+                        return {k: int(val) for k, val in values.items()}
     return {}
 
 
