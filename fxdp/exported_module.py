@@ -64,6 +64,8 @@ class ExportedDPModule(DPModule):
         object.__setattr__(self, "_original_model", root)  # strip() gives back the model itself
         #: input structure -> (instrumented graph module, [(flat leaf index, batch dim)])
         object.__setattr__(self, "_graphs", {})
+        # forward on the instance: GraphModule sets its (empty) graph's code on this instance's class
+        self.__dict__["forward"] = self._run
 
     # -- inputs ---------------------------------------------------------------------
     def _leaf_batch_dims(self, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> List[Optional[int]]:
@@ -106,6 +108,12 @@ class ExportedDPModule(DPModule):
             gm.forward = torch.compile(gm.forward, **self.__dict__["_compile_options"])
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        # nn.Module's call: this module's hooks, then forward (GraphModule's own call would skip them)
+        return nn.Module.__call__(self, *args, **kwargs)
+
+    def _run(self, *args: Any, **kwargs: Any) -> Any:
+        """``forward``: the captured graph of these inputs' structure in training, the model
+        itself otherwise."""
         if not (self.training and torch.is_grad_enabled()):
             return self._source_root(*args, **kwargs)
         dims = self._leaf_batch_dims(args, kwargs)
@@ -137,9 +145,6 @@ class ExportedDPModule(DPModule):
         leaves = [t.narrow(h, 0, 0) if isinstance(t, Tensor) and isinstance(h, int) else t
                   for t, h in zip(leaves, hints)]
         return tree_unflatten(leaves, out_spec)
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
-        return self(*args, **kwargs)
 
     def capture_example(self, *args: Any, **kwargs: Any) -> None:
         """Capture the graph for inputs like these now (instead of on the first call)."""

@@ -928,3 +928,21 @@ def test_a_parameter_added_in_place_is_exact_on_the_export_path(f64):
     assert_grad_samples_match(model, batch_of_one_grads(model, [x], lambda out, i: out.pow(2).sum()))
     with pytest.raises(fxdp.UnsupportedOpError, match=r"in place .*h = h \+ self.bias"):
         fxdp.privatize(AddsBiasInPlace(read_again=True), capture="export")(x)
+
+
+def test_the_dp_model_runs_its_own_hooks_and_forward():
+    """The exported DP model's call skipped nn.Module's: hooks registered on it never ran
+    (in training or eval), and ``dp.forward(x)`` ran the empty placeholder graph (TypeError)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2))
+    dp = fxdp.privatize(model, capture="export")
+    seen = []
+    dp.register_forward_pre_hook(lambda m, i: seen.append("pre"))
+    dp.register_forward_hook(lambda m, i, o: seen.append(tuple(o.shape)))
+    x = torch.randn(5, 4)
+    dp(x).sum().backward()
+    assert model[0].weight.grad_sample.shape == (5, 3, 4)
+    dp.eval()
+    torch.testing.assert_close(dp.forward(x), model(x))
+    dp(x)
+    assert seen == ["pre", (5, 2), "pre", (5, 2)]
