@@ -426,6 +426,46 @@ class _ShiftedByAnother(_Noisy):
         return self.fc(_shifted_by_another(x, idx))
 
 
+def _spectrum(h):
+    return torch.fft.rfft(h, dim=-1).abs()  # per row
+
+
+def _rows_rolled(h):
+    return h + h.roll(1, 0)  # each row with the row before it: across samples at their first rows
+
+
+torch.fx.wrap("_spectrum")
+torch.fx.wrap("_rows_rolled")
+
+
+class _OnFoldedRows(nn.Module):
+    def __init__(self, f):
+        super().__init__()
+        self.fc = nn.Linear(3, 2)
+        self.f = f
+
+    def forward(self, x):  # [B, T, 4]
+        h = _spectrum(x.flatten(0, 1)) if self.f == "spectrum" else _rows_rolled(x.flatten(0, 1))[:, :3]
+        return self.fc(h.view(x.shape[0], x.shape[1], 3))
+
+
+def test_an_unknown_op_on_a_batch_major_fold_is_lowered_with_its_rows(f64):
+    """An unknown op on ``x.flatten(0, 1)`` (``[B*T, d]``, each sample's rows together) is
+    lowered with the batch a dimension of its own and flattened in the captured call:
+    per row, it is proven and served exactly; rolling the rows (a sample's first row
+    gets the previous sample's last), refused."""
+    torch.manual_seed(0)
+    model = _OnFoldedRows("spectrum").double()
+    x = torch.randn(4, 5, 4)
+    dp = fxdp.privatize(model, capture="fx", loss_reduction="sum")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        dp(x).pow(2).sum().backward()
+    _assert_each_sample_alone(model, model.fc.weight, x, model.fc.weight.grad_sample.clone())
+    with pytest.raises(fxdp.UnsupportedOpError, match="(?s)_rows_rolled.*aten.roll"):
+        fxdp.privatize(_OnFoldedRows("roll"), capture="fx")(x)
+
+
 class _RowScale(nn.Module):
     """A leaf module without weights fxdp has no semantics for: each row scaled by a fixed
     vector, or by the batch's column maxima (samples combined)."""

@@ -8,10 +8,12 @@ read by the same batch rules as a model captured on the export path
 (:mod:`fxdp.passes.batch_rules`, via ``symbolic_batch.mixing_findings``): every
 ATen op must put each argument's batch on its output's batch dimension.
 
-The verdict is ``proven`` (no finding), ``mixes`` (a rule finds samples combined:
-``fft(x, dim=0)``, a flip of the batch) or ``unproven`` (it does not export, an
-ATen op has no rule, an input's samples are folded or spread over several
-dimensions). The probe (``probe.py``) is evidence on one batch, never a proof:
+An input folded batch-major (``[B*k, ...]``, sample i's rows together, as the
+analysis's tags show) is passed unflattened and flattened inside the captured
+call, so the rules follow its rows. The verdict is ``proven`` (no finding),
+``mixes`` (a rule finds samples combined: ``fft(x, dim=0)``, a flip of the batch)
+or ``unproven`` (it does not export, an ATen op has no rule, an input's samples
+are spread otherwise). The probe (``probe.py``) is evidence on one batch, never a proof:
 an unproven op is refused (``transfer/generic.report_unknown``).
 """
 from __future__ import annotations
@@ -43,13 +45,20 @@ _MIXING = ("batch-op", "batch-reduction", "batch-norm", "batch-index")
 
 
 class _OpCall(nn.Module):
-    """The op alone, as a module ``torch.export`` can capture."""
+    """The op alone, as a module ``torch.export`` can capture. ``folds``: flat input leaf
+    -> dimension of a batch-major fold, passed as ``[.., B, k, ..]`` and flattened back
+    here, so the graph follows where each sample's rows are."""
 
-    def __init__(self, call: Callable[..., Any]) -> None:
+    def __init__(self, call: Callable[..., Any], folds: Optional[Dict[int, int]] = None) -> None:
         super().__init__()
         self.call = call
+        self.folds = dict(folds or {})
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self.folds:
+            flat, spec = tree_flatten((args, kwargs))
+            flat = [v.flatten(self.folds[i], self.folds[i] + 1) if i in self.folds else v for i, v in enumerate(flat)]
+            args, kwargs = tree_unflatten(flat, spec)
         return self.call(*args, **kwargs)
 
 
@@ -64,16 +73,31 @@ def _callable(an: "BatchMixingAnalysis", n: fx.Node) -> Callable[..., Any]:
     return n.target
 
 
-def _batch_dim(v: Tensor, t: Any, b: int) -> Tuple[bool, Optional[int]]:
-    """``(readable, dim)``: the dimension that holds the samples of value ``v`` by its
-    tags ``t`` (``None``: it holds none); unreadable when no single dimension does
-    (a fold, samples combined, several dimensions of the batch's size)."""
+def _batch_dim(v: Tensor, t: Any, b: int) -> Tuple[bool, Optional[int], int]:
+    """``(readable, dim, k)``: the dimension that holds the samples of value ``v`` by its
+    tags ``t`` (``None``: it holds none), ``k`` rows a sample along it (``k > 1``: a
+    batch-major fold ``[B*k, ...]``, sample i's rows ``i*k .. i*k+k-1``); unreadable when no
+    single dimension does (samples combined, several dimensions of the batch's size, a
+    fold of another order)."""
     if not isinstance(t, Tensor) or tuple(t.shape) != tuple(v.shape):
-        return False, None
+        return False, None, 1
     if uniform(t) == NO:
-        return True, None
+        return True, None, 1
     dims = [d for d in range(v.dim()) if v.shape[d] == b and is_clean(t, d, b)]
-    return (True, dims[0]) if len(dims) == 1 else (False, None)
+    if len(dims) == 1:
+        return True, dims[0], 1
+    if dims:
+        return False, None, 1
+    for d in range(v.dim()):
+        k = v.shape[d] // b
+        if k > 1 and v.shape[d] == b * k:
+            rows = torch.arange(1, b + 1).repeat_interleave(k)
+            view = [1] * v.dim()
+            view[d] = -1
+            own = rows.view(view).expand(v.shape)
+            if bool(((t == own) | (t == NO)).all()):
+                return True, d, k
+    return False, None, 1
 
 
 def _key(n: fx.Node, vals: List[Any], dims: List[Optional[int]]) -> Optional[tuple]:
@@ -111,23 +135,30 @@ def prove_by_lowering(an: "BatchMixingAnalysis", n: fx.Node) -> Verdict:
     if len(tags) != len(vals):
         return "unproven", "its arguments could not be matched to their tags"
     dims: List[Optional[int]] = []
-    for v, t in zip(vals, tags):
-        readable, d = _batch_dim(v, t, an.b1) if isinstance(v, Tensor) else (True, None)
+    folds: Dict[int, int] = {}
+    inputs: List[Any] = []
+    for i, (v, t) in enumerate(zip(vals, tags)):
+        readable, d, k = _batch_dim(v, t, an.b1) if isinstance(v, Tensor) else (True, None, 1)
         if not readable:
             return "unproven", "an argument's samples are not along one dimension of the batch's size"
         dims.append(d)
+        if isinstance(v, Tensor):
+            v = v.detach().clone()
+            if k > 1:  # [.., B*k, ..] as [.., B, k, ..]: the batch a dimension of its own
+                v, folds[i] = v.unflatten(d, (an.b1, k)), d
+        inputs.append(v)
     if not any(d is not None for d in dims):
         return "unproven", "no argument holds samples along a dimension"
     key = _key(n, vals, dims)
     cache: Dict[Any, Verdict] = an.lowered
     if key is not None and key in cache:
         return cache[key]
-    args, kwargs = _plain(tree_unflatten([v.detach().clone() if isinstance(v, Tensor) else v for v in vals], spec))
+    args, kwargs = _plain(tree_unflatten(inputs, spec))
     op = _callable(an, n)
     state = [(b, b.detach().clone()) for b in op.buffers()] if isinstance(op, nn.Module) else []
     try:
         with _quiet(), torch.random.fork_rng():
-            gm, batched = export_graph(_OpCall(op), tuple(args), dict(kwargs), dims)
+            gm, batched = export_graph(_OpCall(op, folds), tuple(args), dict(kwargs), dims)
             annotate_batch(gm, batch_symbol(gm, batched))
             found = mixing_findings(gm)
     except Exception as e:  # it does not export: nothing read
