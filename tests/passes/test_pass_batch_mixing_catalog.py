@@ -813,8 +813,9 @@ CLEAN = [
 
 def test_a_fold_into_a_linear_layer_is_served_on_the_export_path(f64):
     """Checked on the graph privatize runs given the same inputs (the export path), and
-    exact there; privatize without inputs takes symbolic tracing, whose first backward
-    refuses the fold with the fix."""
+    exact there; privatize without inputs starts on symbolic tracing and moves to the
+    export path at the first training call (with capture="fx", that backward refuses the
+    fold with the fix)."""
     from fxdp.exported_module import ExportedDPModule
 
     torch.manual_seed(1)
@@ -827,7 +828,13 @@ def test_a_fold_into_a_linear_layer_is_served_on_the_export_path(f64):
     for p in model.parameters():
         p.grad = p.grad_sample = None
     with pytest.raises(fxdp.BatchDimensionError, match="capture='export'"):
-        fxdp.privatize(model)(x).sum().backward()
+        fxdp.privatize(model, capture="fx")(x).sum().backward()
+    for p in model.parameters():
+        p.grad = p.grad_sample = None
+    dp = fxdp.privatize(model, loss_reduction="sum")
+    dp(x).pow(2).sum().backward()
+    assert dp.capture_path == "export"
+    assert_grad_samples_match(dp, batch_of_one_grads(model, [x], lambda o, i: o.pow(2).sum()))
 
 
 @pytest.mark.parametrize("factory,make_x,kw", CLEAN, ids=[c[0].__name__.strip("_") for c in CLEAN])
