@@ -162,11 +162,15 @@ class ExportedDPModule(DPModule):
         return {}  # static: every capture op carries its symbolic batch dimensions
 
     def _apply(self, fn: Any, *a: Any, **kw: Any) -> "ExportedDPModule":
-        # .to()/.double() replace buffers: recapture rather than run graphs holding the old ones
+        self.drop_graphs()
+        return super()._apply(fn, *a, **kw)
+
+    def drop_graphs(self) -> None:
+        """Forget the captured graphs: ``.to()``/``.double()`` replace buffers, so the next
+        call captures again rather than run graphs holding the old ones."""
         self._graphs.clear()
         for name in list(getattr(self, CAPTURES)._modules):
             delattr(getattr(self, CAPTURES), name)
-        return super()._apply(fn, *a, **kw)
 
     def __deepcopy__(self, memo: Dict[int, Any]) -> "ExportedDPModule":
         raise TypeError("an ExportedDPModule cannot be deep-copied; privatize a copy of the model instead")

@@ -129,6 +129,12 @@ class DPModule(fx.GraphModule):
         where a layer gets a folded batch whose order only the ATen graph follows."""
         return "export" if self.__dict__.get("_export_path") is not None else "fx"
 
+    def _apply(self, fn: Any, *a: Any, **kw: Any) -> "DPModule":
+        moved = self.__dict__.get("_export_path")
+        if moved is not None:  # not a submodule (no second state_dict): its graphs hold the old buffers
+            moved.drop_graphs()
+        return super()._apply(fn, *a, **kw)
+
     def folds_for_export(self, dims: Dict[str, Any]) -> bool:
         """Whether a trainable layer whose rule reads a batch-major fold gets a fold this
         symbolic graph cannot serve (``dims``: capture name -> (input hints, output hints),

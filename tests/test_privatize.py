@@ -544,6 +544,35 @@ class _WindowNorm(nn.Module):
         return self.head(self.norm(h.flatten(0, 1)).reshape_as(h).flatten(1))
 
 
+class _ScaledWindowNorm(_WindowNorm):
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("scale", torch.linspace(0.5, 1.5, 4))
+
+    def forward(self, x):
+        return super().forward(x * self.scale)
+
+
+def test_a_model_moved_to_the_export_path_follows_dtype_changes():
+    """The exported graph is not a submodule of the symbolic DP module it was moved from
+    (no second state_dict keys); ``dp.double()`` reaches it (its captured graphs are
+    dropped and captured again, as an exported DP model's are) and stays exact."""
+    from oracle import batch_of_one_grads
+
+    torch.manual_seed(6)
+    model = _ScaledWindowNorm()
+    x = torch.randn(5, 3, 4)
+    dp = privatize(model, loss_reduction="sum")
+    dp(x).pow(2).sum().backward()
+    assert dp.capture_path == "export" and sorted(dp.state_dict()) == sorted(model.state_dict())
+    for p in model.parameters():
+        p.grad = p.grad_sample = None
+    dp.double()
+    x = x.double()
+    dp(x).pow(2).sum().backward()
+    assert_grad_samples_match(dp, batch_of_one_grads(model, [x], lambda o, i: o.pow(2).sum()))
+
+
 def test_auto_capture_takes_the_export_path_for_a_fold_symbolic_tracing_cannot_serve(f64):
     """Given example inputs (as make_private has its loader's batch), capture="auto" reads
     the folds the symbolic graph's layers would get and takes the export path when it
