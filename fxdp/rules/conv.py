@@ -596,7 +596,11 @@ class ConvRule(_ConvMath, PerSampleRule):
 
     def forward(self, op, args: Mapping[str, Any]) -> Any:
         n = _sizes(op, args)
-        return op(args["input"], args["weight"], args["bias"], n(args["stride"]), n(args["padding"]),
+        padding = args["padding"]
+        if getattr(op, "_overloadname", None) == "padding" and not isinstance(padding, str):
+            # the string overload's own default ("valid"), which exported graphs leave out (HF EfficientNet)
+            padding = "valid"
+        return op(args["input"], args["weight"], args["bias"], n(args["stride"]), n(padding),
                   n(args["dilation"]), args["groups"])
 
     def _setup(self, args, grad_output):

@@ -946,3 +946,27 @@ def test_the_dp_model_runs_its_own_hooks_and_forward():
     torch.testing.assert_close(dp.forward(x), model(x))
     dp(x)
     assert seen == ["pre", (5, 2), "pre", (5, 2)]
+
+
+class _StringPadding(nn.Module):
+    """Convolutions with ``padding="valid"`` and ``"same"`` (Hugging Face EfficientNet): the
+    exported graph calls ``aten.conv2d.padding`` and leaves out its default, ``"valid"``."""
+
+    def __init__(self):
+        super().__init__()
+        self.valid = nn.Conv2d(3, 4, 3, padding="valid")
+        self.same = nn.Conv2d(4, 2, 3, padding="same")
+
+    def forward(self, x):
+        return self.same(self.valid(x)).flatten(1)
+
+
+def test_string_padded_convolutions_are_exact_on_the_export_path(f64):
+    """The rule filled the left-out padding with its own default, 0, and called the string
+    overload with ``[0, 0]``: a TypeError at the first call, so HF EfficientNet was refused."""
+    torch.manual_seed(0)
+    model = _StringPadding().double()
+    x = torch.randn(3, 3, 6, 6)
+    dp = fxdp.privatize(model, loss_reduction="sum", capture="export")
+    dp(x).pow(2).sum().backward()
+    assert_grad_samples_match(dp, batch_of_one_grads(model, [x], lambda o, i: o.pow(2).sum()))
