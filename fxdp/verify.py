@@ -371,6 +371,7 @@ def cross_check(
     rtol: Optional[float] = None,
     atol: Optional[float] = None,
     seed: int = 0,
+    kwargs: Optional[Dict[str, Any]] = None,
 ) -> CrossCheckResult:
     """Compare a DPModule's ``p.grad_sample`` with batch-of-one gradients.
 
@@ -380,7 +381,8 @@ def cross_check(
     same loss on that sample alone. ``nn.Dropout`` modules are switched off for
     both; a model that draws other random numbers is skipped. Everything the
     check touches (``grad``, ``grad_sample``, recorder state, buffers, RNG) is
-    restored, so it can run in the middle of a training step.
+    restored, so it can run in the middle of a training step. ``kwargs``: keyword inputs
+    (a Hugging Face batch), batched along dimension 0 (1 with ``batch_first=False``).
     """
     from .module import DPModule
 
@@ -388,6 +390,15 @@ def cross_check(
         raise TypeError("cross_check expects a privatized model (fxdp.privatize / PrivacyEngine.make_private)")
     args = (inputs,) if isinstance(inputs, Tensor) else tuple(inputs)
     bd = dp_model.batch_dim
+    keys, npos = list(kwargs or {}), len(args)
+    if keys:  # keyword inputs ride as positional ones after the others, each at the keyword batch dimension
+        args = args + tuple(kwargs[k] for k in keys)  # type: ignore[index]
+        if not isinstance(bd, int):
+            bd = list(bd) + [None] * (npos - len(bd)) + [0 if dp_model.batch_first else 1] * len(keys)
+
+    def call(*xs: Any) -> Any:
+        return dp_model(*xs[:npos], **dict(zip(keys, xs[npos:])))
+
     B = _batch(args, bd)
     if B == 0:
         return CrossCheckResult(True, [], {}, skipped="empty batch")
@@ -410,12 +421,12 @@ def cross_check(
                 p.grad_sample = None
             rng = torch.get_rng_state()
             with torch.enable_grad():
-                out = dp_model(*args)
+                out = call(*args)
             if not torch.equal(rng, torch.get_rng_state()):
                 return CrossCheckResult(True, [], {}, skipped="the model draws random numbers outside nn.Dropout "
                                                               "modules, so batch and single-sample runs differ")
             outs = _flat_out(out)
-            dims = _output_dims(lambda xs: dp_model(*xs), args, bd, B, outs, seed)
+            dims = _output_dims(lambda xs: call(*xs), args, bd, B, outs, seed)
             weights = [torch.randn(o.shape, generator=gen, dtype=torch.float64).to(o) for o in outs]
             with torch.enable_grad():
                 loss = loss_fn(out, *targets) if loss_fn is not None else _linear_loss(out, weights, dims, B, reduction)
@@ -429,7 +440,7 @@ def cross_check(
                 for i in chosen:
                     xi = _narrow(args, bd, i)
                     with torch.enable_grad():
-                        oi = dp_model(*xi)
+                        oi = call(*xi)
                         if loss_fn is not None:
                             ti = tuple(t.narrow(0, i, 1) if isinstance(t, Tensor) else t for t in targets)
                             li = loss_fn(oi, *ti)
@@ -490,11 +501,14 @@ class FirstStepCrossCheck:
         if self.done or self.inputs is None:
             return None
         self.done = True
+        from .exported_module import ExportedDPModule
+
         args, kwargs = self.inputs
         self.inputs = None
-        if kwargs:
-            args = self.model._positional(args, kwargs)
-        self.result = cross_check(self.model, args, samples=self.samples, rtol=self.rtol, atol=self.atol)
+        if kwargs and not isinstance(self.model, ExportedDPModule):  # the symbolic graph's inputs, in order
+            args, kwargs = self.model._positional(args, kwargs), {}
+        self.result = cross_check(self.model, args, samples=self.samples, rtol=self.rtol, atol=self.atol,
+                                  kwargs=kwargs)
         if self.raise_on_failure:
             self.result.raise_if_failed()
         return self.result

@@ -252,6 +252,44 @@ def test_first_step_cross_check_raises_on_mismatch(monkeypatch):
     g2.close()
 
 
+class _KeywordModel(nn.Module):
+    """Keyword inputs, as a Hugging Face model takes its batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(10, 4)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, input_ids, attention_mask=None):
+        h = self.emb(input_ids) * attention_mask.unsqueeze(-1)
+        return {"logits": self.fc(h).sum(1)}
+
+
+def test_first_step_cross_check_runs_on_the_export_path_with_keyword_inputs(monkeypatch):
+    """The exported DP model's call skipped nn.Module's, so the check's forward pre-hook never
+    recorded a batch: make_private's first-step cross-check (on by default) never ran on a
+    model captured with torch.export (every Hugging Face model). It runs now, on the keyword
+    inputs, and catches a wrong per-sample gradient there."""
+    from fxdp.rules.embedding import EmbeddingRule
+
+    torch.manual_seed(0)
+    batch = {"input_ids": torch.randint(0, 10, (5, 6)), "attention_mask": torch.ones(5, 6)}
+    batch["attention_mask"][1, 4:] = 0
+    dp = fxdp.privatize(_KeywordModel(), capture="export")
+    guard = FirstStepCrossCheck(dp)
+    dp(**batch)["logits"].sum().backward()
+    res = guard.run()
+    assert res is not None and res.ok and set(res.max_rel_error) == {"emb.weight", "fc.weight", "fc.bias"}
+    real = EmbeddingRule.grad_sample
+    monkeypatch.setattr(EmbeddingRule, "grad_sample",
+                        lambda self, a, g, n: {k: v * 2 for k, v in real(self, a, g, n).items()})
+    dp = fxdp.privatize(_KeywordModel(), capture="export")
+    guard = FirstStepCrossCheck(dp)
+    dp(**batch)["logits"].sum().backward()
+    with pytest.raises(fxdp.PerSampleGradientError, match="emb.weight"):
+        guard.run()
+
+
 def test_output_batch_dim_is_found_when_sizes_coincide():
     """[T, B, D] inputs, a [B, 3] output with B == 3 == T: the output's batch dim is
     the one that shrinks to 1 for one sample, not the first of size B."""
