@@ -400,7 +400,10 @@ class DPModule(fx.GraphModule):
         cls = type(self)
         res = cls.__new__(cls)
         memo[id(self)] = res
-        state = copy.deepcopy(self.__dict__, memo)
+        moved = self.__dict__.get("_export_path")
+        # a module moved to the export path is copied as it was before: the copy moves at its first call
+        own = {k: v for k, v in self.__dict__.items() if k != "_export_path" and not (k == "forward" and v is moved)}
+        state = copy.deepcopy(own, memo)
         graph = state.pop("_graph")
         res.__dict__.update(state)
         res.graph = graph  # re-owns the graph and regenerates the code

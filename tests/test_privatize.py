@@ -571,6 +571,15 @@ def test_a_model_moved_to_the_export_path_follows_dtype_changes():
     x = x.double()
     dp(x).pow(2).sum().backward()
     assert_grad_samples_match(dp, batch_of_one_grads(model, [x], lambda o, i: o.pow(2).sum()))
+    # a deep copy starts symbolic again, on its own parameters, and moves at its first call
+    twin = copy.deepcopy(dp)
+    assert twin.capture_path == "fx"
+    twin(x).pow(2).sum().backward()
+    mine = twin._source_root
+    assert twin.capture_path == "export" and all(p.grad_sample is not None for p in mine.parameters())
+    assert not any(p is q for p, q in zip(mine.parameters(), model.parameters()))
+    torch.testing.assert_close([p.grad_sample for p in mine.parameters()],
+                               [p.grad_sample for p in model.parameters()])
 
 
 def test_auto_capture_takes_the_export_path_for_a_fold_symbolic_tracing_cannot_serve(f64):
