@@ -152,6 +152,8 @@ class DPModule(fx.GraphModule):
             return None
         moved = build(self)
         moved.train(self.training)
+        if "_compile_options" in self.__dict__:
+            moved.compile(**self.__dict__["_compile_options"])
         self.__dict__["_export_path"] = moved
         self.__dict__["forward"] = moved  # this module's call (its hooks) runs the moved graph
         return moved
@@ -324,6 +326,9 @@ class DPModule(fx.GraphModule):
         parameters, attention) are compiled. ``torch.nn.Module.compile`` would compile
         the recorder's Python state changes too and fail. Returns ``self``."""
         self.__dict__["_compile_options"] = dict(options)
+        moved = self.__dict__.get("_export_path")
+        if moved is not None:
+            moved.compile(**options)
         self._compile_graph_code()
         return self
 

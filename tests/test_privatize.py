@@ -571,6 +571,13 @@ def test_a_model_moved_to_the_export_path_follows_dtype_changes():
     x = x.double()
     dp(x).pow(2).sum().backward()
     assert_grad_samples_match(dp, batch_of_one_grads(model, [x], lambda o, i: o.pow(2).sum()))
+    # compiled before the move: the exported graph is compiled too
+    for p in model.parameters():
+        p.grad = p.grad_sample = None
+    dp2 = privatize(model, loss_reduction="sum").compile(backend="eager")
+    dp2(x).pow(2).sum().backward()
+    assert dp2.capture_path == "export" and "forward" in dp2._export_path.graphs[0].__dict__
+    assert_grad_samples_match(dp2, batch_of_one_grads(model, [x], lambda o, i: o.pow(2).sum()))
     # a deep copy starts symbolic again, on its own parameters, and moves at its first call
     twin = copy.deepcopy(dp)
     assert twin.capture_path == "fx"
