@@ -131,7 +131,7 @@ class DPModule(fx.GraphModule):
 
     def _apply(self, fn: Any, *a: Any, **kw: Any) -> "DPModule":
         moved = self.__dict__.get("_export_path")
-        if moved is not None:  # not a submodule (no second state_dict): its graphs hold the old buffers
+        if moved is not None:  # not a submodule (no second state_dict): dropped as its own _apply would
             moved.drop_graphs()
         return super()._apply(fn, *a, **kw)
 
