@@ -89,3 +89,39 @@ def test_gram_strip_rows():
 
     assert gram_strip_rows(65) == 65  # ViT's 65 tokens: one piece (strips measured no faster)
     assert gram_strip_rows(128) == 64 and gram_strip_rows(512) == 64 and gram_strip_rows(1024) == 128
+
+
+def test_rules_on_aten_overloads_bind_the_schema_defaults():
+    """An exported graph leaves out arguments at their ATen default, and the rule's
+    signature fills them in: a rule default that differs from the overload's would run
+    the op with another argument (the string-padding convolutions' ``"valid"`` had been
+    filled as ``0``, a call that raised). Every rule keyed on an ATen overload binds its
+    arguments in the schema's order with the schema's defaults, but where its
+    ``forward`` maps them (``ConvRule``: ``.padding`` overloads)."""
+    import inspect
+
+    from fxdp.rules.base import _RULES
+    from fxdp.rules.conv import ConvRule
+
+    def same(rule_default, schema_default):
+        if isinstance(schema_default, (list, tuple)) and isinstance(rule_default, int):
+            return all(v == rule_default for v in schema_default)  # an int for every spatial dimension
+        return list(rule_default) == list(schema_default) if isinstance(rule_default, (list, tuple)) \
+            else rule_default == schema_default
+
+    checked, bad = 0, []
+    for op, rule in _RULES.items():
+        if not isinstance(op, torch._ops.OpOverload):
+            continue
+        checked += 1
+        params = list(inspect.signature(rule.signature).parameters.values())
+        schema = op._schema.arguments
+        if len(params) < sum(not a.kwarg_only for a in schema):
+            bad.append(f"{op}: fewer parameters than the schema's positional ones")
+        for p, a in zip(params, schema):
+            if a.has_default_value() and p.default is not inspect.Parameter.empty \
+                    and not same(p.default, a.default_value):
+                if isinstance(rule, ConvRule) and op._overloadname == "padding" and a.name == "padding":
+                    continue  # ConvRule.forward gives the string overload its "valid"
+                bad.append(f"{op} {a.name}: rule {p.default!r}, schema {a.default_value!r}")
+    assert checked > 10 and not bad, bad
