@@ -282,15 +282,19 @@ def sq_norms(g: Tensor) -> Tensor:
     return torch.linalg.vector_norm(flat, dim=1, dtype=norm_dtype(g.dtype)).square()
 
 
-#: the ghost norm forms its Gram matrices in strips of about this many rows (at most
-#: ``GRAM_MAX_STRIPS``); at T below 1.5x this, in one piece (see :func:`gram_inner`)
-GRAM_STRIP_ROWS = 64
+#: the ghost norm forms its Gram matrices in strips of at least this many rows (twice
+#: this from T = 256, at most ``GRAM_MAX_STRIPS``); at T below twice this, in one piece
+#: (see :func:`gram_inner`)
+GRAM_STRIP_ROWS = 32
 GRAM_MAX_STRIPS = 8
 
 
 def gram_strip_rows(T: int) -> int:
-    """Rows per strip of :func:`gram_inner` at sequence length ``T`` (``T``: one piece)."""
-    k = min(GRAM_MAX_STRIPS, max(1, round(T / GRAM_STRIP_ROWS)))
+    """Rows per strip of :func:`gram_inner` at sequence length ``T`` (``T``: one piece):
+    strips of equal height, about 32 rows below T = 256 and 64 from there (where 32-row
+    strips measured 4-6% slower), at most 8."""
+    rows = GRAM_STRIP_ROWS if T < 8 * GRAM_STRIP_ROWS else 2 * GRAM_STRIP_ROWS
+    k = min(GRAM_MAX_STRIPS, max(1, T // rows))
     return -(-T // k)
 
 
@@ -303,7 +307,9 @@ def gram_inner(a: Tensor, g: Tensor) -> Tensor:
     flops for ``k`` strips, and ``[N, T/k, T]`` temporaries instead of ``[N, T, T]``).
     ms, 1 thread, full / strips: ``[16, 128, 128 | 512]`` 5.2 / 4.1, ``[16, 256, 128 |
     128]`` 8.6 / 7.0, ``[4, 512, 768 | 3072]`` 95 / 69, ``[2, 1024, 768 | 3072]`` 207 /
-    102; at T = 65 (ViT's MLP) 1.29 / 1.26, so short sequences stay in one piece."""
+    102. Strips of 32-40 rows against 64 (``benchmarks/README.md``, Round 27), µs, ``[16, T,
+    128 | 512]``: T = 65 1033 / 825, 128 2492 / 2247, 197 6153 / 5686; ``| 768 | 3072]``
+    T = 65 6551 / 5246; below T = 64 one piece (a strip under 32 rows gains nothing)."""
     T = a.shape[1]
     h = gram_strip_rows(T)
     if h >= T:

@@ -68,7 +68,8 @@ def test_custom_rule_is_used_and_exact():
 import pytest  # noqa: E402
 
 
-@pytest.mark.parametrize("T, rows", [(1, 64), (7, 64), (7, 2), (7, 3), (9, 4), (64, 64), (130, 64), (600, 64)])
+@pytest.mark.parametrize("T, rows", [(1, 64), (7, 64), (7, 2), (7, 3), (9, 4), (64, 64), (65, 32), (130, 64),
+                                     (600, 64)])
 def test_gram_inner_in_strips_equals_the_materialized_norm(T, rows, monkeypatch):
     """``<a aᵀ, g gᵀ>`` formed from the upper triangle in strips (off-diagonal blocks twice)
     equals ``||aᵀ g||²`` of each sample's own gradient, float64, for strip heights that
@@ -87,8 +88,10 @@ def test_gram_inner_in_strips_equals_the_materialized_norm(T, rows, monkeypatch)
 def test_gram_strip_rows():
     from fxdp.rules.base import gram_strip_rows
 
-    assert gram_strip_rows(65) == 65  # ViT's 65 tokens: one piece (strips measured no faster)
-    assert gram_strip_rows(128) == 64 and gram_strip_rows(512) == 64 and gram_strip_rows(1024) == 128
+    assert gram_strip_rows(50) == 50  # short sequences: one piece
+    assert gram_strip_rows(65) == 33  # ViT's 65 tokens: two strips (20% faster than one piece)
+    assert gram_strip_rows(128) == 32 and gram_strip_rows(197) == 33
+    assert gram_strip_rows(256) == 64 and gram_strip_rows(512) == 64 and gram_strip_rows(1024) == 128
 
 
 def test_rules_on_aten_overloads_bind_the_schema_defaults():
