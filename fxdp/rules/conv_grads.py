@@ -334,6 +334,7 @@ def sum_patch_rows(geo: Geom, rows: Tensor, channels_last: bool, g: Tensor,
     T = math.prod(g.shape[2:])
     P = rows.reshape(B, G, T, -1).transpose(0, 1).reshape(G, B * T, -1)
     gg = g.reshape(B, G, O // G, T).permute(1, 2, 0, 3).reshape(G, O // G, B * T)
+    channels_last = channels_last and math.prod(geo.k) > 1  # a 1x1 kernel's two orders are one
     if into is not None and not channels_last:  # the weight's own order: no fresh [O, d]
         into.view(G, O // G, -1).baddbmm_(gg, P)
         return None

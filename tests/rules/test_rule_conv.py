@@ -466,6 +466,9 @@ BK_CASES = [
     # a 1x1 output map (ResNet's last stage at 32x32 inputs): the rank-one ghost norm
     ("mod", nn.Conv2d, dict(in_channels=4, out_channels=6, kernel_size=3, stride=2, padding=1, groups=2),
      (3, 4, 2, 2)),
+    # 1x1 kernels: pointwise (ConvNeXt's MLP, EfficientNet's expansions), and strided, grouped (a shortcut)
+    ("mod", nn.Conv2d, dict(in_channels=5, out_channels=7, kernel_size=1), (3, 5, 4, 3)),
+    ("mod", nn.Conv2d, dict(in_channels=4, out_channels=6, kernel_size=1, stride=2, groups=2), (3, 4, 5, 4)),
 ]
 
 
