@@ -103,6 +103,57 @@ def test_concatenated_parameters_take_their_slice_of_the_gradient():
     assert rules["scaled"] == "raw parameter (torch.func)"
 
 
+class ViewedParams(nn.Module):
+    """Parameters read through views that keep their elements' order, then combined
+    elementwise with activations: timm ConvNeXt's ``x.mul(self.gamma.reshape(1, -1, 1, 1))``,
+    indexing by ``None``, ``unsqueeze``, ``view`` + ``flatten`` into a divisor, a subtrahend;
+    and one through a transpose (not order-keeping: torch.func)."""
+
+    def __init__(self, C=3):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.randn(C))
+        self.beta = nn.Parameter(torch.randn(C))
+        self.shift = nn.Parameter(torch.randn(C))
+        self.scale = nn.Parameter(torch.rand(1, C, 1) + 0.5)
+        self.sub = nn.Parameter(torch.randn(C))
+        self.w = nn.Parameter(torch.randn(4, C))
+        self.conv = nn.Conv2d(C, C, 1)
+
+    def forward(self, x):  # x: [B, C, 4, 4]
+        h = self.conv(x).mul(self.gamma.reshape(1, -1, 1, 1))
+        h = h + self.beta[:, None, None]
+        h = h * self.shift.unsqueeze(-1).unsqueeze(-1)
+        h = h / self.scale.view(1, -1, 1).flatten(1)[..., None, None]
+        h = self.sub[None, :, None, None] - h
+        return h.mean((2, 3)) @ self.w.t().t().t()  # [B, C] @ [C, 4]
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_parameters_through_order_keeping_views_take_the_elementwise_rule(capture):
+    """Per-sample gradients of parameters read through order-keeping views equal each
+    sample's alone (float64), by the elementwise rules, not torch.func; the transposed use
+    stays on torch.func (exact)."""
+    torch.manual_seed(13)
+    dp = check(ViewedParams().double(), torch.randn(3, 3, 4, 4, dtype=torch.float64), capture=capture)
+    rules = {p: c["rule"] for c in dp.capture_table() for p in c["params"]}
+    assert rules["gamma"] == rules["shift"] == "raw parameter (mul)"
+    assert rules["beta"] == "raw parameter (add)" and rules["sub"] == "raw parameter (sub)"
+    assert rules["scale"] == "raw parameter (div)"
+    assert rules["w"] == "raw parameter (torch.func)"
+    # book-keeping: the same clipped sums as the materialized per-sample gradients
+    from oracle import bk_clipped_sums, clipped_sums_materialized
+
+    torch.manual_seed(14)
+    model, x = ViewedParams().double(), torch.randn(3, 3, 4, 4, dtype=torch.float64)
+    w = torch.randn(3, 4, dtype=torch.float64)
+    dpm = quiet_privatize(copy.deepcopy(model), capture=capture)
+    want = clipped_sums_materialized(dpm, x, w, 0.5, False)
+    dpb = quiet_privatize(copy.deepcopy(model), capture=capture, grad_sample_mode="bk")
+    got = bk_clipped_sums(dpb, lambda: dpb(x).mul(w).sum().div(x.shape[0]).backward(), 0.5)
+    for p, ref in zip([p for p in dpb.parameters() if p.requires_grad], want):
+        torch.testing.assert_close(got[id(p)], ref, rtol=1e-10, atol=1e-12)
+
+
 # -- batch_first=False --------------------------------------------------------------
 
 class SeqModel(nn.Module):

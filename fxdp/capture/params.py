@@ -65,10 +65,12 @@ class ParamCapture(FuncCapture):
     checks_outputs = False  # a traced region of the graph: analysed like the rest
 
     def __init__(self, *, fast: Optional[str] = None, param_pos: int = 1, cat: Optional[Dict[str, Any]] = None,
-                 **kw: Any) -> None:
+                 view_shape: Optional[Tuple[int, ...]] = None, **kw: Any) -> None:
         super().__init__(**kw)
         self.fast = fast  # "add" | "sub" | "mul" | "div" | "matmul" | "expand" | "expand+cat" | None
         self.param_pos = param_pos  # position of the parameter in the op's two arguments
+        #: the op reads the parameter through order-keeping views of this shape (an elementwise op)
+        self.view_shape = view_shape
         #: ``expand+cat``: the ``cat`` dim and, per concatenated tensor, ``("input", slot, None)``
         #: or ``("param", slot, sizes)`` with the expand's sizes as ``("const", v)`` / ``("dyn", slot)``
         self.cat = cat
@@ -89,14 +91,17 @@ class ParamCapture(FuncCapture):
             got = self._cat_grads(rec, dims_out[0])
             return got if got is not None else super().per_sample_grads(rec)
         (pi,) = rec.params
-        p = rec.inputs[pi]
+        shape = tuple(rec.inputs[pi].shape)
+        # the parameter as the op read it: its views keep the elements' order, so the view's
+        # per-sample gradient reshaped is the parameter's
+        p = rec.inputs[pi] if self.view_shape is None else rec.inputs[pi].reshape(self.view_shape)
         xi = 1 - pi  # dynamic inputs are [activation, parameter] or [parameter, activation]
         x = rec.inputs[xi]
         g, bo = rec.grads[0], dims_out[0]
         if bo is None:
             raise BatchDimensionError(_NO_BATCH.format(where=self.where()))
         if g.shape[bo] == 0:  # empty batch
-            return {pi: p.new_zeros((0,) + tuple(p.shape))}
+            return {pi: p.new_zeros((0,) + shape)}
         if self.fast == "expand":  # d out / d p = 1: the output gradient summed back to p's shape
             per_sample = broadcast_grad(g, bo, tuple(p.shape))
             if per_sample is None:
@@ -124,7 +129,7 @@ class ParamCapture(FuncCapture):
         per_sample = broadcast_grad(d.expand(g.shape), bo, tuple(p.shape))
         if per_sample is None:
             return super().per_sample_grads(rec)
-        return {pi: per_sample[0].reshape((g.shape[bo],) + tuple(p.shape))}
+        return {pi: per_sample[0].reshape((g.shape[bo],) + shape)}
 
 
     def _cat_grads(self, rec: LayerRecord, bo: Optional[int]) -> Optional[Dict[int, Tensor]]:

@@ -449,10 +449,10 @@ class _CaptureBuilder:
             cap: CaptureOp = BroadcastRuleCapture(fn=fn, description=_op_name(n), param_index=params,
                                                   buffer_index=buffers, **broadcast, **self._common(n))
             return self._install(n, cap, dyn)
-        fast, pos = self._fast_param_rule(n, params, dyn)
+        fast, pos, view = self._fast_param_rule(n, params, dyn, region)
         cat = None if fast else self._cat_plan(n, region, params, dyn)
         cap = ParamCapture(fn=fn, description=_op_name(n), fast="expand+cat" if cat else fast, param_pos=pos,
-                           cat=cat, param_index=params, buffer_index=buffers, **self._common(n))
+                           cat=cat, view_shape=view, param_index=params, buffer_index=buffers, **self._common(n))
         return self._install(n, cap, dyn)
 
     def _out_of_place(self, n: fx.Node, acts: List[fx.Node]) -> Any:
@@ -551,24 +551,82 @@ class _CaptureBuilder:
             return None
         return dict(rule=rule, op=v.target, value=env[v].name, param_names=names)
 
-    def _fast_param_rule(self, n: fx.Node, params: Dict[int, str], dyn: List[Any]) -> Tuple[Optional[str], int]:
+    def _fast_param_rule(self, n: fx.Node, params: Dict[int, str], dyn: List[Any],
+                         region: List[fx.Node]) -> Tuple[Optional[str], int, Optional[Tuple[int, ...]]]:
         """An explicit raw-parameter rule applies to ``op(x, p)`` / ``op(p, x)`` with a
-        parameter used directly (no parameter-only ops before it), and to ``p.expand(...)``."""
+        parameter used directly (no parameter-only ops before it) or, for elementwise ops,
+        through views that keep its elements' order (``x * self.gamma.reshape(1, -1, 1, 1)``,
+        timm's ConvNeXt layer scale; the view's shape is returned), and to ``p.expand(...)``."""
         expand = (n.op == "call_method" and n.target == "expand") or (n.op == "call_function" and n.target in EXPAND)
         if expand and len(params) == 1 and not n.kwargs and n.args and n.args[0] is dyn[next(iter(params))]:
-            return "expand", 0
+            return "expand", 0, None
         if n.kwargs or len(n.args) != 2 or len(dyn) != 2 or len(params) != 1:
-            return None, 1
+            return None, 1, None
         (pi,) = params
-        if not all(isinstance(a, fx.Node) for a in n.args) or set(n.args) != set(dyn) or dyn[pi] not in n.args:
-            return None, 1
-        pos = n.args.index(dyn[pi])  # the parameter's position in the op's arguments
+        if not all(isinstance(a, fx.Node) for a in n.args) or dyn[1 - pi] not in n.args:
+            return None, 1, None
+        view = None
+        if dyn[pi] not in n.args:  # the parameter through views: its elements in order, reshaped
+            v = n.args[1] if n.args[0] is dyn[1 - pi] else n.args[0]
+            view = self._order_kept_view(v, dyn[pi], region) if n.target in ELEMENTWISE else None
+            if view is None:
+                return None, 1, None
+            pos = n.args.index(v)
+        elif set(n.args) != set(dyn):
+            return None, 1, None
+        else:
+            pos = n.args.index(dyn[pi])  # the parameter's position in the op's arguments
         key = n.target
         if key in ELEMENTWISE:
-            return ELEMENTWISE[key], pos
+            return ELEMENTWISE[key], pos, view
         if key in MATMUL and pos == 1:
-            return "matmul", pos
-        return None, 1
+            return "matmul", pos, None
+        return None, 1, None
+
+    def _order_kept_view(self, v: fx.Node, p: fx.Node, region: List[fx.Node]) -> Optional[Tuple[int, ...]]:
+        """The shape of ``v`` where it is the parameter ``p`` through views that keep the
+        order of its elements (reshape, view, unsqueeze, squeeze, flatten, indexing by
+        ``None``/``:``/``...``) and nothing else of the region; ``None`` otherwise."""
+        chain: List[fx.Node] = []
+        while v is not p:
+            if v not in region or not _keeps_order(v):
+                return None
+            chain.append(v)
+            v = v.args[0]
+        if set(region) != {p, *chain}:
+            return None
+        t = torch.empty(self._attr(p).shape, device="meta")
+        for c in reversed(chain):
+            rest = c.args[1:]
+            t = getattr(t, c.target)(*rest, **c.kwargs) if c.op == "call_method" else c.target(t, *rest, **c.kwargs)
+        return tuple(t.shape) if t.numel() == self._attr(p).numel() else None
+
+
+#: views that keep a tensor's elements in order (a parameter's per-sample gradient through
+#: one is the view's, reshaped back)
+_ORDER_KEPT_METHODS = {"reshape", "view", "unsqueeze", "squeeze", "flatten", "contiguous"}
+_ORDER_KEPT_FUNCTIONS = {torch.reshape, torch.unsqueeze, torch.squeeze, torch.flatten, torch.ops.aten.view.default,
+                         torch.ops.aten.reshape.default, torch.ops.aten._unsafe_view.default,
+                         torch.ops.aten.unsqueeze.default, torch.ops.aten.squeeze.dim, torch.ops.aten.squeeze.dims,
+                         torch.ops.aten.squeeze.default, torch.ops.aten.flatten.using_ints,
+                         torch.ops.aten.alias.default}
+
+
+def _keeps_order(v: fx.Node) -> bool:
+    """``v`` is a view of its first argument that keeps its elements' order, with constant
+    sizes (ints, not a dtype: ``view(torch.float16)`` reinterprets the bits)."""
+    if not v.args or not isinstance(v.args[0], fx.Node) or v.kwargs:
+        return False
+    rest = v.args[1:]
+    if v.op == "call_function" and v.target is operator.getitem:
+        idx = rest[0] if len(rest) == 1 else None
+        idx = idx if isinstance(idx, tuple) else (idx,)
+        return all(i is None or i is Ellipsis or i == slice(None) for i in idx)
+    if not ((v.op == "call_method" and v.target in _ORDER_KEPT_METHODS)
+            or (v.op == "call_function" and v.target in _ORDER_KEPT_FUNCTIONS)):
+        return False
+    flat = [d for a in rest for d in (a if isinstance(a, (list, tuple)) else (a,))]
+    return all(type(d) is int for d in flat)
 
 
 _TRANSPOSE = {"t", "transpose", "permute", torch.t, torch.transpose, torch.permute, torch.ops.aten.t.default,
