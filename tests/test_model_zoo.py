@@ -54,6 +54,14 @@ def _llama(p=0.0):
     return transformers.LlamaForCausalLM(cfg), "lm"
 
 
+def _gemma(p=0.0):
+    """Gemma's RMSNorm scales by ``1 + weight``: a value computed from a parameter, multiplied in."""
+    cfg = transformers.GemmaConfig(attention_dropout=p, vocab_size=V, hidden_size=32, num_hidden_layers=2,
+                                   num_attention_heads=2, num_key_value_heads=1, head_dim=16, intermediate_size=48,
+                                   max_position_embeddings=32, use_cache=False)
+    return transformers.GemmaForCausalLM(cfg), "lm"
+
+
 def _t5(p=0.1):
     cfg = transformers.T5Config(dropout_rate=p, vocab_size=V, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=2,
                                 use_cache=False, decoder_start_token_id=0)
@@ -111,7 +119,7 @@ def _deberta(p=0.1, v3=True):
 
 
 ZOO = {"bert": _bert, "roberta": _roberta, "distilbert": _distilbert, "gpt2": _gpt2, "llama": _llama,
-       "t5": _t5, "vit": _vit, "swin": _swin, "swinv2": _swinv2, "beit": _beit,
+       "gemma": _gemma, "t5": _t5, "vit": _vit, "swin": _swin, "swinv2": _swinv2, "beit": _beit,
        "lora-gpt2": _lora_gpt2}
 #: served with raw-parameter captures (torch.func) where a parameter subgraph is repeated over
 #: the batch (DeBERTa's relative position keys and queries, ``w.repeat(B, 1, 1)``), the dropout
@@ -284,8 +292,8 @@ def test_check_analyses_the_exported_graph(name):
 def test_check_plans_what_book_keeping_runs(name):
     """fxdp.check's book-keeping plan of every layer equals the rule's plan at the shapes the
     layer's record arrives with (the report's shapes rebuilt from the export's, the batch at
-    the report's batch size); a tied parameter (GPT-2's and T5's embeddings and heads) is
-    planned as tied."""
+    the report's batch size); a tied parameter (GPT-2's, Gemma's and T5's embeddings and heads)
+    is planned as tied."""
     torch.manual_seed(0)
     model, kind = ZOO[name](0.0)
     model.train()
@@ -296,7 +304,7 @@ def test_check_plans_what_book_keeping_runs(name):
     assert_check_plans_as_run({lay.name: lay.bookkeeping for lay in layers}, dp,
                               lambda: _loss(kind, dp(**x), x, _targets(kind, x, g)).backward())
     tied = [lay.name for lay in layers if (lay.bookkeeping or "").startswith("tied")]
-    assert bool(tied) == (name in ("gpt2", "t5"))  # LoRA freezes the embedding its head shares
+    assert bool(tied) == (name in ("gpt2", "gemma", "t5"))  # LoRA freezes the embedding its head shares
 
 
 @pytest.mark.parametrize("name", ["gpt2", "t5"])

@@ -154,6 +154,125 @@ def test_parameters_through_order_keeping_views_take_the_elementwise_rule(captur
         torch.testing.assert_close(got[id(p)], ref, rtol=1e-10, atol=1e-12)
 
 
+class ComputedWeights(nn.Module):
+    """Layers whose weights are computed from parameters alone: a weight-standardized
+    convolution with a gain (NF-ResNet's ScaledStdConv2d, its ``F.batch_norm`` over the
+    weight) and a weight-normalized linear (``g * V / ||V||``), each with a direct bias."""
+
+    def __init__(self, C=3, O=4, k=3):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(O, C, k, k))
+        self.gain = nn.Parameter(torch.rand(O, 1, 1, 1) + 0.5)
+        self.bias = nn.Parameter(torch.randn(O))
+        self.v = nn.Parameter(torch.randn(5, O))
+        self.g = nn.Parameter(torch.rand(5, 1) + 0.5)
+        self.b = nn.Parameter(torch.randn(5))
+
+    def forward(self, x):  # x: [B, C, H, W]
+        O = self.weight.shape[0]
+        w = F.batch_norm(self.weight.reshape(1, O, -1), None, None, weight=(self.gain * 0.7).view(-1),
+                         training=True, momentum=0.0, eps=1e-5).reshape_as(self.weight)
+        h = F.conv2d(x, w, self.bias, padding=1).relu().mean((2, 3))
+        return F.linear(h, self.g * self.v / self.v.norm(dim=1, keepdim=True), self.b)
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_rules_serve_layers_with_weights_computed_from_parameters(capture):
+    """A rule-served op whose weight is computed from parameters alone: per-sample gradients
+    of the parameters behind it (and of its direct bias) equal each sample's alone in float64,
+    by the op's rule and the computation's batched vector-Jacobian product; book-keeping's
+    clipped sums equal the materialized ones."""
+    torch.manual_seed(15)
+    model, x = ComputedWeights().double(), torch.randn(3, 3, 5, 5, dtype=torch.float64)
+    dp = check(copy.deepcopy(model), x, capture=capture)
+    rules = {p: c["rule"] for c in dp.capture_table() for p in c["params"]}
+    assert rules["weight"] == rules["gain"] == rules["bias"] == "conv (computed weights)"
+    assert rules["v"] == rules["g"] == rules["b"] == "linear (computed weights)"
+    from oracle import bk_clipped_sums, clipped_sums_materialized
+
+    w = torch.randn(3, 5, dtype=torch.float64)
+    want = clipped_sums_materialized(quiet_privatize(copy.deepcopy(model), capture=capture), x, w, 0.5, False)
+    dpb = quiet_privatize(copy.deepcopy(model), capture=capture, grad_sample_mode="bk")
+    got = bk_clipped_sums(dpb, lambda: dpb(x).mul(w).sum().div(x.shape[0]).backward(), 0.5)
+    for p, ref in zip([p for p in dpb.parameters() if p.requires_grad], want):
+        torch.testing.assert_close(got[id(p)], ref, rtol=1e-10, atol=1e-12)
+
+
+class ComputedValues(nn.Module):
+    """Activations combined elementwise with values computed from parameters and buffers
+    alone: a relative-position bias gathered from its table by an index buffer, viewed,
+    permuted and broadcast over the batch (Swin, BEiT), an exponentiated scale, a divisor
+    and a subtrahend of a reduced parameter."""
+
+    def __init__(self, T=4, H=2):
+        super().__init__()
+        self.table = nn.Parameter(torch.randn(2 * T - 1, H))
+        idx = torch.arange(T)
+        self.register_buffer("index", (idx[:, None] - idx[None, :] + T - 1).reshape(-1))
+        self.a = nn.Parameter(torch.randn(H, 1, 1) * 0.3)
+        self.s = nn.Parameter(torch.randn(T))
+        self.c = nn.Parameter(torch.randn(3, T))
+        self.T, self.H = T, H
+
+    def forward(self, x):  # x: [B, H, T, T]
+        bias = self.table[self.index].view(self.T, self.T, self.H).permute(2, 0, 1).unsqueeze(0)
+        h = (x + bias).softmax(-1)
+        h = h * self.a.exp()
+        h = h / (self.s.abs() + 1)
+        return (self.c.sum(0) - h).mean((1, 2))
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_values_computed_from_parameters_take_the_elementwise_rule(capture):
+    """Per-sample gradients of parameters behind a computed value combined elementwise with
+    activations equal each sample's alone (float64), by the elementwise rule on the value and
+    its batched vector-Jacobian product, not torch.func over the op; book-keeping's clipped
+    sums equal the materialized ones."""
+    torch.manual_seed(16)
+    model, x = ComputedValues().double(), torch.randn(3, 2, 4, 4, dtype=torch.float64)
+    dp = check(copy.deepcopy(model), x, capture=capture)
+    rules = {p: c["rule"] for c in dp.capture_table() for p in c["params"]}
+    assert rules["table"] == "raw parameter (add of a computed value)"
+    assert rules["a"] == "raw parameter (mul of a computed value)"
+    assert rules["s"] == "raw parameter (div of a computed value)"
+    assert rules["c"] == "raw parameter (sub of a computed value)"
+    from oracle import bk_clipped_sums, clipped_sums_materialized
+
+    w = torch.randn(3, 4, dtype=torch.float64)
+    want = clipped_sums_materialized(quiet_privatize(copy.deepcopy(model), capture=capture), x, w, 0.5, False)
+    dpb = quiet_privatize(copy.deepcopy(model), capture=capture, grad_sample_mode="bk")
+    got = bk_clipped_sums(dpb, lambda: dpb(x).mul(w).sum().div(x.shape[0]).backward(), 0.5)
+    for p, ref in zip([p for p in dpb.parameters() if p.requires_grad], want):
+        torch.testing.assert_close(got[id(p)], ref, rtol=1e-10, atol=1e-12)
+
+
+class DroppedComputedValues(nn.Module):
+    """A value computed from parameters alone that draws random numbers (dropout on a
+    bias), added to activations, or a weight computed the same way: computing it again for
+    the per-sample gradients would draw other numbers."""
+
+    def __init__(self, where):
+        super().__init__()
+        self.bias = nn.Parameter(torch.randn(4, 4))
+        self.w = nn.Parameter(torch.randn(3, 4))
+        self.where = where
+
+    def forward(self, x):  # x: [B, 4, 4]
+        if self.where == "value":
+            x = x + F.dropout(self.bias * 2, 0.5, training=True)
+        w = F.dropout(self.w, 0.5, training=True) if self.where == "weight" else self.w
+        return F.linear(x.mean(1), w)
+
+
+@pytest.mark.parametrize("where", ["value", "weight"])
+def test_computed_values_that_draw_are_refused_not_drawn_again(where):
+    """The computed value's or weight's draw is met in the op that reads the batch: refused
+    with the fix named, as on the torch.func path, never computed again with other numbers."""
+    dp = quiet_privatize(DroppedComputedValues(where))
+    with pytest.raises(fxdp.UnsupportedOpError, match="draws random numbers"):
+        dp(torch.randn(3, 4, 4)).sum().backward()
+
+
 # -- batch_first=False --------------------------------------------------------------
 
 class SeqModel(nn.Module):

@@ -21,7 +21,7 @@ Other raw-parameter uses (``self.W.t()`` before the op, ...) go through
 from __future__ import annotations
 
 import operator
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -31,7 +31,8 @@ from ..rules.base import batch_sum
 from .functorch import FuncCapture
 from .record import LayerRecord
 
-__all__ = ["ParamCapture", "BroadcastRuleCapture", "ELEMENTWISE", "EXPAND", "MATMUL", "CAT"]
+__all__ = ["ParamCapture", "BroadcastRuleCapture", "ComputedArgsRuleCapture", "ELEMENTWISE", "EXPAND", "MATMUL",
+           "CAT"]
 
 #: op -> kind for elementwise binary ops with a fast rule
 ELEMENTWISE: Dict[Any, str] = {
@@ -65,8 +66,11 @@ class ParamCapture(FuncCapture):
     checks_outputs = False  # a traced region of the graph: analysed like the rest
 
     def __init__(self, *, fast: Optional[str] = None, param_pos: int = 1, cat: Optional[Dict[str, Any]] = None,
-                 view_shape: Optional[Tuple[int, ...]] = None, **kw: Any) -> None:
+                 view_shape: Optional[Tuple[int, ...]] = None, value_fn: Any = None, **kw: Any) -> None:
         super().__init__(**kw)
+        #: the op's parameter-side argument computed from parameters, buffers and constants (its
+        #: value from the dynamic inputs): the elementwise rule on it, then its batched VJP
+        object.__setattr__(self, "value_fn", value_fn)
         self.fast = fast  # "add" | "sub" | "mul" | "div" | "matmul" | "expand" | "expand+cat" | None
         self.param_pos = param_pos  # position of the parameter in the op's two arguments
         #: the op reads the parameter through order-keeping views of this shape (an elementwise op)
@@ -76,17 +80,24 @@ class ParamCapture(FuncCapture):
         self.cat = cat
 
     def rule_name(self) -> str:
+        if self.fast and self.value_fn is not None:
+            return f"raw parameter ({self.fast} of a computed value)"
         return f"raw parameter ({self.fast})" if self.fast else "raw parameter (torch.func)"
 
     def compute_for_capture(self, dyn: Any) -> Any:
-        if self.fast is not None:  # one known op on the parameter itself: nothing random to check
+        if self.fast is not None and self.value_fn is None:  # one known op on the parameter (or a view of it)
             return self.fn(*dyn)
+        # a computed value is computed again for the per-sample gradients: a random draw in it is
+        # checked for (and replayed by the torch.func path)
         return super().compute_for_capture(dyn)
 
     def per_sample_grads(self, rec: LayerRecord) -> Dict[int, Tensor]:
         if self.fast is None or rec.grads[0] is None:
             return super().per_sample_grads(rec)
         dims_in, dims_out = self.resolve_batch_dims(rec)
+        if self.value_fn is not None:
+            got = self._computed_value_grads(rec, dims_in, dims_out)
+            return got if got is not None else super().per_sample_grads(rec)
         if self.fast == "expand+cat":
             got = self._cat_grads(rec, dims_out[0])
             return got if got is not None else super().per_sample_grads(rec)
@@ -100,6 +111,8 @@ class ParamCapture(FuncCapture):
         g, bo = rec.grads[0], dims_out[0]
         if bo is None:
             raise BatchDimensionError(_NO_BATCH.format(where=self.where()))
+        if isinstance(bo, tuple) or isinstance(dims_in[xi], tuple):
+            return super().per_sample_grads(rec)  # a batch-major fold ([B*k, ...]): torch.func serves it
         if g.shape[bo] == 0:  # empty batch
             return {pi: p.new_zeros((0,) + shape)}
         if self.fast == "expand":  # d out / d p = 1: the output gradient summed back to p's shape
@@ -131,6 +144,39 @@ class ParamCapture(FuncCapture):
             return super().per_sample_grads(rec)
         return {pi: per_sample[0].reshape((g.shape[bo],) + shape)}
 
+
+    def _computed_value_grads(self, rec: LayerRecord, dims_in: Any, dims_out: Any) -> Optional[Dict[int, Tensor]]:
+        """``x op f(params)``: sample i's gradient w.r.t. ``v = f(...)`` by the elementwise rule,
+        carried to the parameters by ``f``'s vector-Jacobian product batched over the samples
+        (``f`` runs once; ``None``: not this layout, torch.func serves it)."""
+        g, bo = rec.grads[0], dims_out[0]
+        if bo is None:
+            raise BatchDimensionError(_NO_BATCH.format(where=self.where()))
+        if isinstance(bo, tuple) or isinstance(dims_in[0], tuple) or rec.rng_state is not None:
+            return None  # a fold, or a random draw to replay: the torch.func path
+        slots = sorted(rec.params)
+        if g.shape[bo] == 0:  # empty batch
+            return {i: rec.inputs[i].new_zeros((0,) + tuple(rec.inputs[i].shape)) for i in slots}
+
+        def f(*pv: Tensor) -> Tensor:
+            vals = list(rec.inputs)
+            for i, v in zip(slots, pv):
+                vals[i] = v
+            return self.value_fn(*vals)
+
+        v, vjp_fn = torch.func.vjp(f, *[rec.inputs[i] for i in slots])
+        x = rec.inputs[0]  # the activation (the capture's only batched input)
+        if self.fast in ("add", "sub"):
+            d = g if self.fast == "add" or self.param_pos == 0 else -g
+        elif self.fast == "mul":
+            d = g * x
+        else:  # div
+            d = g / x if self.param_pos == 0 else -g * x / (v * v)
+        got = broadcast_grad(d.expand(g.shape), bo, tuple(v.shape))
+        if got is None:
+            return None
+        cot = got[0].reshape((g.shape[bo],) + tuple(v.shape))
+        return dict(zip(slots, torch.func.vmap(vjp_fn)(cot)))
 
     def _cat_grads(self, rec: LayerRecord, bo: Optional[int]) -> Optional[Dict[int, Tensor]]:
         """``cat([p.expand(...), x, ...], d)``: each parameter's per-sample gradient from the
@@ -272,3 +318,65 @@ class BroadcastRuleCapture(ParamCapture):
         for i, f in factors.items():
             out[i] = self.rule.clipped_sum(args, d, f, frozenset({names[i]}))[names[i]]
         return out
+
+
+class ComputedArgsRuleCapture(ParamCapture):
+    """``op(x, f(W, ...))``: a rule-served op whose parameter arguments are computed from
+    parameters alone (weight standardization: NF-ResNet's ``ScaledStdConv2d``, ``conv2d(x,
+    gain * (W - mean) / std)``; weight normalization). Sample i's gradient w.r.t. a computed
+    argument ``w = f(W)`` is the rule's; w.r.t. ``W`` it is ``J_f(W)^T`` applied to it, one
+    vector-Jacobian product of ``f`` batched over the samples (``torch.func.vmap``): ``f``
+    runs once per step more, not once per sample, and the op itself is never re-run."""
+
+    def __init__(self, *, rule: Any, args_fn: Any, use: str, computed: Sequence[str], **kw: Any) -> None:
+        super().__init__(fast=None, **kw)
+        self.rule = rule
+        object.__setattr__(self, "args_fn", args_fn)  # the computed arguments from the dynamic inputs
+        self.use = use  # the op's node in the capture's subgraph
+        self.computed = list(computed)  # the names of the op's computed arguments there, args_fn's outputs
+
+    def rule_name(self) -> str:
+        return f"{self.rule.describe()} (computed weights)"
+
+    def per_sample_grads(self, rec: LayerRecord) -> Dict[int, Tensor]:
+        g = rec.grads[0]
+        dims_in, dims_out = self.resolve_batch_dims(rec)
+        if (len(rec.grads) != 1 or g is None or dims_out[0] != 0 or any(d not in (None, 0) for d in dims_in)
+                or rec.rng_state is not None):
+            return super().per_sample_grads(rec)  # not batch-first, or a draw to replay: the torch.func path
+        nodes = {n.name: n for n in self.fn.graph.nodes}
+        placeholders = [n for n in self.fn.graph.nodes if n.op == "placeholder"]
+        slots = sorted(rec.params)
+
+        def f(*pv: Tensor) -> tuple:
+            vals = list(rec.inputs)
+            for i, v in zip(slots, pv):
+                vals[i] = v
+            return tuple(self.args_fn(*vals))
+
+        values, vjp_fn = torch.func.vjp(f, *[rec.inputs[i] for i in slots])
+        lookup = {p: rec.inputs[k] for k, p in enumerate(placeholders)}
+        lookup.update({nodes[name]: v for name, v in zip(self.computed, values)})
+        use = nodes[self.use]
+        args = self.rule.bind(tuple(fx_map(use.args, lookup)), dict(fx_map(use.kwargs, lookup)))
+        computed, direct = {}, {}  # rule argument -> args_fn output / dynamic input
+        for k, v in self.rule.bind(tuple(use.args), dict(use.kwargs)).items():
+            if getattr(v, "name", None) in self.computed:
+                computed[k] = self.computed.index(v.name)
+            elif v in placeholders and placeholders.index(v) in rec.params:
+                direct[k] = placeholders.index(v)
+        got = self.rule.grad_sample(args, g, frozenset(computed) | frozenset(direct))
+        cot = [None] * len(values)
+        for k, j in computed.items():
+            cot[j] = got[k]
+        out = dict(zip(slots, torch.func.vmap(vjp_fn)(tuple(cot))))
+        for k, i in direct.items():
+            out[i] = out[i] + got[k]
+        return out
+
+
+def fx_map(a: Any, lookup: Dict[Any, Any]) -> Any:
+    """``a`` (a node's args or kwargs) with its nodes replaced by ``lookup``'s values."""
+    import torch.fx as fx
+
+    return fx.node.map_arg(a, lookup.__getitem__)

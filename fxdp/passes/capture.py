@@ -30,7 +30,8 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from ..capture import CaptureOp, FuncCapture, Recorder, RuleCapture
 from ..errors import SymbolicGraphError, UnsupportedModelError, UnsupportedOpError, where
 from ..rules import module_call_for, rule_for_op
-from ..capture.params import CAT, ELEMENTWISE, EXPAND, MATMUL, BroadcastRuleCapture, ParamCapture
+from ..capture.params import (CAT, ELEMENTWISE, EXPAND, MATMUL, BroadcastRuleCapture, ComputedArgsRuleCapture,
+                              ParamCapture)
 from .aliasing import writes_into
 from .symbolic_batch import is_shape_value
 
@@ -444,6 +445,11 @@ class _CaptureBuilder:
                 "and then broadcast over the batch; the module-level graph cannot give them per-sample "
                 "gradients. Fix: privatize(..., capture='export') (the default capture='auto' does so)"
             )
+        computed = self._computed_args_rule(n, region, dyn, env, sub, use)
+        if computed is not None:
+            cap = ComputedArgsRuleCapture(fn=fn, description=_op_name(n), param_index=params, buffer_index=buffers,
+                                          **computed, **self._common(n))
+            return self._install(n, cap, dyn)
         broadcast = self._broadcast_rule(n, region, params, dyn, env)
         if broadcast is not None:
             cap: CaptureOp = BroadcastRuleCapture(fn=fn, description=_op_name(n), param_index=params,
@@ -451,9 +457,36 @@ class _CaptureBuilder:
             return self._install(n, cap, dyn)
         fast, pos, view = self._fast_param_rule(n, params, dyn, region)
         cat = None if fast else self._cat_plan(n, region, params, dyn)
+        value = None if fast or cat else self._computed_value(n, region, dyn, env, sub)
+        if value is not None:
+            fast, pos, value = value
         cap = ParamCapture(fn=fn, description=_op_name(n), fast="expand+cat" if cat else fast, param_pos=pos,
-                           cat=cat, view_shape=view, param_index=params, buffer_index=buffers, **self._common(n))
+                           cat=cat, view_shape=view, value_fn=value, param_index=params, buffer_index=buffers,
+                           **self._common(n))
         return self._install(n, cap, dyn)
+
+    def _computed_value(self, n: fx.Node, region: List[fx.Node], dyn: List[Any], env: Dict[fx.Node, fx.Node],
+                        sub: fx.Graph) -> Optional[Tuple[str, int, fx.GraphModule]]:
+        """``x + f(W, ...)`` (``-``, ``*``, ``/``) with ``f`` reading parameters, buffers and
+        constants only (a relative-position bias gathered from its table: Swin, BEiT, MaxViT,
+        LeViT): the elementwise rule on ``f``'s value, ``f``'s batched vector-Jacobian product
+        for the parameters (:class:`ParamCapture` ``value_fn``). ``(kind, position, f)``."""
+        kind = ELEMENTWISE.get(n.target)
+        if kind is None or n.kwargs or len(n.args) != 2 or not all(isinstance(a, fx.Node) for a in n.args):
+            return None
+        acts = [a for a in dyn if self.input_dep.get(a, False)]
+        if len(acts) != 1 or dyn[0] is not acts[0] or acts[0] not in n.args:
+            return None
+        pos = 1 - n.args.index(acts[0])
+        v = n.args[pos]
+        if v not in region or v.op == "get_attr":
+            return None
+        g = fx.Graph()
+        copied: Dict[fx.Node, fx.Node] = {}
+        g.graph_copy(sub, copied)
+        g.output(copied[env[v]])
+        g.eliminate_dead_code()
+        return kind, pos, fx.GraphModule(self.gm, g, "ComputedValue")
 
     def _out_of_place(self, n: fx.Node, acts: List[fx.Node]) -> Any:
         """The op a capture runs for the use ``n``: an in-place ATen op on an activation
@@ -518,6 +551,42 @@ class _CaptureBuilder:
             else:
                 return None
         return out
+
+    def _computed_args_rule(self, n: fx.Node, region: List[fx.Node], dyn: List[Any], env: Dict[fx.Node, fx.Node],
+                            sub: fx.Graph, use: fx.Node) -> Optional[Dict[str, Any]]:
+        """``op(x, f(W, ...))``: an op with a per-sample rule whose parameter arguments are
+        computed from parameters alone (weight standardization, NF-ResNet's ``ScaledStdConv2d``;
+        weight normalization): the rule serves the computed arguments, ``f``'s batched
+        vector-Jacobian product the parameters (:class:`ComputedArgsRuleCapture`)."""
+        rule = rule_for_op(n.target) if n.op == "call_function" else None
+        if rule is None or rule.input_arg is None:
+            return None
+        try:
+            bound = rule.bind(tuple(n.args), dict(n.kwargs))
+        except Exception:
+            return None
+        x = bound.get(rule.input_arg)
+        if not isinstance(x, fx.Node) or not self.input_dep.get(x, False):
+            return None
+        computed: List[fx.Node] = []
+        for k, v in bound.items():
+            if k == rule.input_arg or not isinstance(v, fx.Node):
+                continue
+            if v in region and v.op != "get_attr":
+                if k not in rule.param_args or v in computed:
+                    return None
+                computed.append(v)
+            elif v not in dyn:  # another activation
+                return None
+        if not computed:
+            return None
+        g = fx.Graph()
+        copied: Dict[fx.Node, fx.Node] = {}
+        g.graph_copy(sub, copied)
+        g.output(tuple(copied[env[v]] for v in computed))
+        g.eliminate_dead_code()
+        return dict(rule=rule, args_fn=fx.GraphModule(self.gm, g, "ComputedArgs"), use=use.name,
+                    computed=[env[v].name for v in computed])
 
     def _broadcast_rule(self, n: fx.Node, region: List[fx.Node], params: Dict[int, str], dyn: List[Any],
                         env: Dict[fx.Node, fx.Node]) -> Optional[Dict[str, Any]]:
