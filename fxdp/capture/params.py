@@ -66,11 +66,8 @@ class ParamCapture(FuncCapture):
     checks_outputs = False  # a traced region of the graph: analysed like the rest
 
     def __init__(self, *, fast: Optional[str] = None, param_pos: int = 1, cat: Optional[Dict[str, Any]] = None,
-                 view_shape: Optional[Tuple[int, ...]] = None, value_fn: Any = None, **kw: Any) -> None:
+                 view_shape: Optional[Tuple[int, ...]] = None, **kw: Any) -> None:
         super().__init__(**kw)
-        #: the op's parameter-side argument computed from parameters, buffers and constants (its
-        #: value from the dynamic inputs): the elementwise rule on it, then its batched VJP
-        object.__setattr__(self, "value_fn", value_fn)
         self.fast = fast  # "add" | "sub" | "mul" | "div" | "matmul" | "expand" | "expand+cat" | None
         self.param_pos = param_pos  # position of the parameter in the op's two arguments
         #: the op reads the parameter through order-keeping views of this shape (an elementwise op)
@@ -80,24 +77,17 @@ class ParamCapture(FuncCapture):
         self.cat = cat
 
     def rule_name(self) -> str:
-        if self.fast and self.value_fn is not None:
-            return f"raw parameter ({self.fast} of a computed value)"
         return f"raw parameter ({self.fast})" if self.fast else "raw parameter (torch.func)"
 
     def compute_for_capture(self, dyn: Any) -> Any:
-        if self.fast is not None and self.value_fn is None:  # one known op on the parameter (or a view of it)
+        if self.fast is not None:  # one known op on the parameter (or an order-keeping view of it)
             return self.fn(*dyn)
-        # a computed value is computed again for the per-sample gradients: a random draw in it is
-        # checked for (and replayed by the torch.func path)
         return super().compute_for_capture(dyn)
 
     def per_sample_grads(self, rec: LayerRecord) -> Dict[int, Tensor]:
         if self.fast is None or rec.grads[0] is None:
             return super().per_sample_grads(rec)
         dims_in, dims_out = self.resolve_batch_dims(rec)
-        if self.value_fn is not None:
-            got = self._computed_value_grads(rec, dims_in, dims_out)
-            return got if got is not None else super().per_sample_grads(rec)
         if self.fast == "expand+cat":
             got = self._cat_grads(rec, dims_out[0])
             return got if got is not None else super().per_sample_grads(rec)
@@ -144,39 +134,6 @@ class ParamCapture(FuncCapture):
             return super().per_sample_grads(rec)
         return {pi: per_sample[0].reshape((g.shape[bo],) + shape)}
 
-
-    def _computed_value_grads(self, rec: LayerRecord, dims_in: Any, dims_out: Any) -> Optional[Dict[int, Tensor]]:
-        """``x op f(params)``: sample i's gradient w.r.t. ``v = f(...)`` by the elementwise rule,
-        carried to the parameters by ``f``'s vector-Jacobian product batched over the samples
-        (``f`` runs once; ``None``: not this layout, torch.func serves it)."""
-        g, bo = rec.grads[0], dims_out[0]
-        if bo is None:
-            raise BatchDimensionError(_NO_BATCH.format(where=self.where()))
-        if isinstance(bo, tuple) or isinstance(dims_in[0], tuple) or rec.rng_state is not None:
-            return None  # a fold, or a random draw to replay: the torch.func path
-        slots = sorted(rec.params)
-        if g.shape[bo] == 0:  # empty batch
-            return {i: rec.inputs[i].new_zeros((0,) + tuple(rec.inputs[i].shape)) for i in slots}
-
-        def f(*pv: Tensor) -> Tensor:
-            vals = list(rec.inputs)
-            for i, v in zip(slots, pv):
-                vals[i] = v
-            return self.value_fn(*vals)
-
-        v, vjp_fn = torch.func.vjp(f, *[rec.inputs[i] for i in slots])
-        x = rec.inputs[0]  # the activation (the capture's only batched input)
-        if self.fast in ("add", "sub"):
-            d = g if self.fast == "add" or self.param_pos == 0 else -g
-        elif self.fast == "mul":
-            d = g * x
-        else:  # div
-            d = g / x if self.param_pos == 0 else -g * x / (v * v)
-        got = broadcast_grad(d.expand(g.shape), bo, tuple(v.shape))
-        if got is None:
-            return None
-        cot = got[0].reshape((g.shape[bo],) + tuple(v.shape))
-        return dict(zip(slots, torch.func.vmap(vjp_fn)(cot)))
 
     def _cat_grads(self, rec: LayerRecord, bo: Optional[int]) -> Optional[Dict[int, Tensor]]:
         """``cat([p.expand(...), x, ...], d)``: each parameter's per-sample gradient from the

@@ -457,36 +457,9 @@ class _CaptureBuilder:
             return self._install(n, cap, dyn)
         fast, pos, view = self._fast_param_rule(n, params, dyn, region)
         cat = None if fast else self._cat_plan(n, region, params, dyn)
-        value = None if fast or cat else self._computed_value(n, region, dyn, env, sub)
-        if value is not None:
-            fast, pos, value = value
         cap = ParamCapture(fn=fn, description=_op_name(n), fast="expand+cat" if cat else fast, param_pos=pos,
-                           cat=cat, view_shape=view, value_fn=value, param_index=params, buffer_index=buffers,
-                           **self._common(n))
+                           cat=cat, view_shape=view, param_index=params, buffer_index=buffers, **self._common(n))
         return self._install(n, cap, dyn)
-
-    def _computed_value(self, n: fx.Node, region: List[fx.Node], dyn: List[Any], env: Dict[fx.Node, fx.Node],
-                        sub: fx.Graph) -> Optional[Tuple[str, int, fx.GraphModule]]:
-        """``x + f(W, ...)`` (``-``, ``*``, ``/``) with ``f`` reading parameters, buffers and
-        constants only (a relative-position bias gathered from its table: Swin, BEiT, MaxViT,
-        LeViT): the elementwise rule on ``f``'s value, ``f``'s batched vector-Jacobian product
-        for the parameters (:class:`ParamCapture` ``value_fn``). ``(kind, position, f)``."""
-        kind = ELEMENTWISE.get(n.target)
-        if kind is None or n.kwargs or len(n.args) != 2 or not all(isinstance(a, fx.Node) for a in n.args):
-            return None
-        acts = [a for a in dyn if self.input_dep.get(a, False)]
-        if len(acts) != 1 or dyn[0] is not acts[0] or acts[0] not in n.args:
-            return None
-        pos = 1 - n.args.index(acts[0])
-        v = n.args[pos]
-        if v not in region or v.op == "get_attr":
-            return None
-        g = fx.Graph()
-        copied: Dict[fx.Node, fx.Node] = {}
-        g.graph_copy(sub, copied)
-        g.output(copied[env[v]])
-        g.eliminate_dead_code()
-        return kind, pos, fx.GraphModule(self.gm, g, "ComputedValue")
 
     def _out_of_place(self, n: fx.Node, acts: List[fx.Node]) -> Any:
         """The op a capture runs for the use ``n``: an in-place ATen op on an activation
