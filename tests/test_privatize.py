@@ -103,6 +103,18 @@ def test_concatenated_parameters_take_their_slice_of_the_gradient():
     assert rules["scaled"] == "raw parameter (torch.func)"
 
 
+def _assert_bk_sums_match_materialized(model, x, w, capture):
+    """Book-keeping's clipped sums (flat bound 0.5, loss ``mean(w * model(x))``) equal those of
+    the materialized per-sample gradients (float64)."""
+    from oracle import bk_clipped_sums, clipped_sums_materialized
+
+    want = clipped_sums_materialized(quiet_privatize(copy.deepcopy(model), capture=capture), x, w, 0.5, False)
+    dpb = quiet_privatize(copy.deepcopy(model), capture=capture, grad_sample_mode="bk")
+    got = bk_clipped_sums(dpb, lambda: dpb(x).mul(w).sum().div(x.shape[0]).backward(), 0.5)
+    for p, ref in zip([p for p in dpb.parameters() if p.requires_grad], want):
+        torch.testing.assert_close(got[id(p)], ref, rtol=1e-10, atol=1e-12)
+
+
 class ViewedParams(nn.Module):
     """Parameters read through views that keep their elements' order, then combined
     elementwise with activations: timm ConvNeXt's ``x.mul(self.gamma.reshape(1, -1, 1, 1))``,
@@ -140,18 +152,9 @@ def test_parameters_through_order_keeping_views_take_the_elementwise_rule(captur
     assert rules["beta"] == "raw parameter (add)" and rules["sub"] == "raw parameter (sub)"
     assert rules["scale"] == "raw parameter (div)"
     assert rules["w"] == "raw parameter (torch.func)"
-    # book-keeping: the same clipped sums as the materialized per-sample gradients
-    from oracle import bk_clipped_sums, clipped_sums_materialized
-
-    torch.manual_seed(14)
-    model, x = ViewedParams().double(), torch.randn(3, 3, 4, 4, dtype=torch.float64)
-    w = torch.randn(3, 4, dtype=torch.float64)
-    dpm = quiet_privatize(copy.deepcopy(model), capture=capture)
-    want = clipped_sums_materialized(dpm, x, w, 0.5, False)
-    dpb = quiet_privatize(copy.deepcopy(model), capture=capture, grad_sample_mode="bk")
-    got = bk_clipped_sums(dpb, lambda: dpb(x).mul(w).sum().div(x.shape[0]).backward(), 0.5)
-    for p, ref in zip([p for p in dpb.parameters() if p.requires_grad], want):
-        torch.testing.assert_close(got[id(p)], ref, rtol=1e-10, atol=1e-12)
+    torch.manual_seed(14)  # book-keeping: the same clipped sums as the materialized per-sample gradients
+    _assert_bk_sums_match_materialized(ViewedParams().double(), torch.randn(3, 3, 4, 4, dtype=torch.float64),
+                                       torch.randn(3, 4, dtype=torch.float64), capture)
 
 
 class ComputedWeights(nn.Module):
@@ -188,14 +191,7 @@ def test_rules_serve_layers_with_weights_computed_from_parameters(capture):
     rules = {p: c["rule"] for c in dp.capture_table() for p in c["params"]}
     assert rules["weight"] == rules["gain"] == rules["bias"] == "conv (computed weights)"
     assert rules["v"] == rules["g"] == rules["b"] == "linear (computed weights)"
-    from oracle import bk_clipped_sums, clipped_sums_materialized
-
-    w = torch.randn(3, 5, dtype=torch.float64)
-    want = clipped_sums_materialized(quiet_privatize(copy.deepcopy(model), capture=capture), x, w, 0.5, False)
-    dpb = quiet_privatize(copy.deepcopy(model), capture=capture, grad_sample_mode="bk")
-    got = bk_clipped_sums(dpb, lambda: dpb(x).mul(w).sum().div(x.shape[0]).backward(), 0.5)
-    for p, ref in zip([p for p in dpb.parameters() if p.requires_grad], want):
-        torch.testing.assert_close(got[id(p)], ref, rtol=1e-10, atol=1e-12)
+    _assert_bk_sums_match_materialized(model, x, torch.randn(3, 5, dtype=torch.float64), capture)
 
 
 class ComputedValues(nn.Module):
@@ -232,14 +228,7 @@ def test_values_computed_from_parameters_are_served_exactly(capture):
     dp = check(copy.deepcopy(model), x, capture=capture)
     rules = {p: c["rule"] for c in dp.capture_table() for p in c["params"]}
     assert rules["table"] == rules["a"] == rules["s"] == rules["c"] == "raw parameter (torch.func)"
-    from oracle import bk_clipped_sums, clipped_sums_materialized
-
-    w = torch.randn(3, 4, dtype=torch.float64)
-    want = clipped_sums_materialized(quiet_privatize(copy.deepcopy(model), capture=capture), x, w, 0.5, False)
-    dpb = quiet_privatize(copy.deepcopy(model), capture=capture, grad_sample_mode="bk")
-    got = bk_clipped_sums(dpb, lambda: dpb(x).mul(w).sum().div(x.shape[0]).backward(), 0.5)
-    for p, ref in zip([p for p in dpb.parameters() if p.requires_grad], want):
-        torch.testing.assert_close(got[id(p)], ref, rtol=1e-10, atol=1e-12)
+    _assert_bk_sums_match_materialized(model, x, torch.randn(3, 4, dtype=torch.float64), capture)
 
 
 class DroppedComputedValues(nn.Module):
