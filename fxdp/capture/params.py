@@ -13,7 +13,10 @@ same sum with ``d out/d p`` = 1, and so is ``torch.cat([p.expand(B, ...), x], d)
 on the slice of the output gradient that ``p`` fills along ``d`` (the module-level
 graph captures the ``cat``: there the batch size is a shape, not a value). For
 ``out = x @ W`` (``W`` of shape [k, n]), as for Linear: ``grad W_i = sum_t
-x_{i,t}^T g_{i,t}``.
+x_{i,t}^T g_{i,t}``. A parameter read through views that keep its elements' order
+(``p.reshape(1, -1, 1, 1)``) is the same sum on the view, reshaped back. A rule-served op
+whose weight ``w = f(W)`` is computed from parameters alone gets ``grad W_i = J_f^T grad
+w_i`` (:class:`ComputedArgsRuleCapture`).
 
 Other raw-parameter uses (``self.W.t()`` before the op, ...) go through
 ``torch.func`` on the same capture (exact, slower); see ``fxdp/capture/functorch.py``.
@@ -25,6 +28,7 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
+from torch.fx.node import map_arg
 
 from ..errors import BatchDimensionError
 from ..rules.base import batch_sum
@@ -315,7 +319,8 @@ class ComputedArgsRuleCapture(ParamCapture):
         lookup = {p: rec.inputs[k] for k, p in enumerate(placeholders)}
         lookup.update({nodes[name]: v for name, v in zip(self.computed, values)})
         use = nodes[self.use]
-        args = self.rule.bind(tuple(fx_map(use.args, lookup)), dict(fx_map(use.kwargs, lookup)))
+        value = lookup.__getitem__
+        args = self.rule.bind(tuple(map_arg(use.args, value)), dict(map_arg(use.kwargs, value)))
         computed, direct = {}, {}  # rule argument -> args_fn output / dynamic input
         for k, v in self.rule.bind(tuple(use.args), dict(use.kwargs)).items():
             if getattr(v, "name", None) in self.computed:
@@ -330,10 +335,3 @@ class ComputedArgsRuleCapture(ParamCapture):
         for k, i in direct.items():
             out[i] = out[i] + got[k]
         return out
-
-
-def fx_map(a: Any, lookup: Dict[Any, Any]) -> Any:
-    """``a`` (a node's args or kwargs) with its nodes replaced by ``lookup``'s values."""
-    import torch.fx as fx
-
-    return fx.node.map_arg(a, lookup.__getitem__)

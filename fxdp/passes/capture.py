@@ -661,8 +661,9 @@ def _keeps_order(v: fx.Node) -> bool:
         return False
     rest = v.args[1:]
     if v.op == "call_function" and v.target is operator.getitem:
-        idx = rest[0] if len(rest) == 1 else None
-        idx = idx if isinstance(idx, tuple) else (idx,)
+        if len(rest) != 1:
+            return False
+        idx = rest[0] if isinstance(rest[0], tuple) else (rest[0],)
         return all(i is None or i is Ellipsis or i == slice(None) for i in idx)
     if not ((v.op == "call_method" and v.target in _ORDER_KEPT_METHODS)
             or (v.op == "call_function" and v.target in _ORDER_KEPT_FUNCTIONS)):
