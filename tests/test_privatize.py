@@ -191,6 +191,15 @@ def test_rules_serve_layers_with_weights_computed_from_parameters(capture):
     rules = {p: c["rule"] for c in dp.capture_table() for p in c["params"]}
     assert rules["weight"] == rules["gain"] == rules["bias"] == "conv (computed weights)"
     assert rules["v"] == rules["g"] == rules["b"] == "linear (computed weights)"
+    for B in (0, 1):  # Poisson batches of no sample and of one
+        for p in dp.parameters():
+            p.grad = p.grad_sample = None
+        xb = torch.randn(B, 3, 5, 5, dtype=torch.float64)
+        dp(xb).sum().backward()
+        for p in dp.parameters():
+            assert p.grad_sample.shape == (B,) + p.shape
+            if B:
+                torch.testing.assert_close(p.grad_sample[0], p.grad, rtol=1e-12, atol=1e-12)
     _assert_bk_sums_match_materialized(model, x, torch.randn(3, 5, dtype=torch.float64), capture)
 
 

@@ -305,6 +305,8 @@ class ComputedArgsRuleCapture(ParamCapture):
         if (len(rec.grads) != 1 or g is None or dims_out[0] != 0 or any(d not in (None, 0) for d in dims_in)
                 or rec.rng_state is not None):
             return super().per_sample_grads(rec)  # not batch-first, or a draw to replay: the torch.func path
+        if g.shape[0] == 0:  # an empty Poisson batch
+            return {i: rec.inputs[i].new_zeros((0,) + tuple(rec.inputs[i].shape)) for i in rec.params}
         nodes = {n.name: n for n in self.fn.graph.nodes}
         placeholders = [n for n in self.fn.graph.nodes if n.op == "placeholder"]
         slots = sorted(rec.params)
