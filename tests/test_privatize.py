@@ -203,6 +203,62 @@ def test_rules_serve_layers_with_weights_computed_from_parameters(capture):
     _assert_bk_sums_match_materialized(model, x, torch.randn(3, 5, dtype=torch.float64), capture)
 
 
+class ParametrizedWeights(nn.Module):
+    """Weight-normalized layers (``torch.nn.utils.parametrizations.weight_norm``: the weight a
+    property computed from ``original0``/``original1``) and a weight passed through a
+    parameter-free module before a linear layer."""
+
+    def __init__(self):
+        super().__init__()
+        from torch.nn.utils.parametrizations import weight_norm
+
+        self.conv = weight_norm(nn.Conv1d(3, 4, 3))
+        self.fc = weight_norm(nn.Linear(4 * 6, 5))
+        self.w = nn.Parameter(torch.randn(2, 5))
+        self.squash = nn.Tanh()
+
+    def forward(self, x):  # x: [B, 3, 8]
+        h = self.fc(self.conv(x).relu().flatten(1))
+        return F.linear(h, self.squash(self.w))
+
+
+def test_parametrized_layers_take_the_export_graph_and_are_exact():
+    """On the module-level graph a parametrized layer's rule would read its computed weight as
+    the parameter and leave ``original0``/``original1`` without per-sample gradients: refused
+    there, naming ``capture='export'``; the default capture takes the export graph, where the
+    rule serves the computed weight and its batched VJP the parameters (float64, each sample
+    alone), as it serves a weight passed through a parameter-free module."""
+    torch.manual_seed(18)
+    from fxdp.errors import SymbolicGraphError
+
+    with pytest.raises(SymbolicGraphError, match="parametrizations.*capture='export'"):
+        quiet_privatize(ParametrizedWeights(), capture="fx")(torch.randn(2, 3, 8))
+    dp = check(ParametrizedWeights().double(), torch.randn(3, 3, 8, dtype=torch.float64))
+    rules = {p: c["rule"] for c in dp.capture_table() for p in c["params"]}
+    assert rules["conv.parametrizations.weight.original0"] == "conv (computed weights)"
+    assert rules["fc.parametrizations.weight.original1"] == rules["w"] == "linear (computed weights)"
+
+
+class SquashedWeight(nn.Module):
+    """A weight passed through a parameter-free module (a ``call_module`` in the module-level
+    graph) before a linear layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(2, 5))
+        self.squash = nn.Tanh()
+
+    def forward(self, x):  # x: [B, 5]
+        return F.linear(x, self.squash(self.w))
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_a_weight_through_a_parameter_free_module_is_a_computed_weight(capture):
+    torch.manual_seed(19)
+    dp = check(SquashedWeight().double(), torch.randn(3, 5, dtype=torch.float64), capture=capture)
+    assert [c["rule"] for c in dp.capture_table()] == ["linear (computed weights)"]
+
+
 class ComputedValues(nn.Module):
     """Activations combined elementwise with values computed from parameters and buffers
     alone: a relative-position bias gathered from its table by an index buffer, viewed,

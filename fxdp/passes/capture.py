@@ -25,6 +25,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ..capture import CaptureOp, FuncCapture, Recorder, RuleCapture
@@ -289,6 +290,12 @@ class _CaptureBuilder:
         adapter = module_call_for(m)
         if adapter is None:
             return None
+        if parametrize.is_parametrized(m):  # its rule would read the computed weight as the parameter
+            raise SymbolicGraphError(
+                f"{_where(n)}: {type(m).__name__} has parametrizations (weight_norm, spectral_norm, ...): its "
+                "weight is computed from other parameters, which the module-level graph does not see, so they "
+                "would get no per-sample gradients. Fix: privatize(..., capture='export') (the default "
+                "capture='auto' does so)")
         try:
             return adapter(m)
         except UnsupportedOpError as e:
@@ -557,9 +564,10 @@ class _CaptureBuilder:
         copied: Dict[fx.Node, fx.Node] = {}
         g.graph_copy(sub, copied)
         g.output(tuple(copied[env[v]] for v in computed))
-        g.eliminate_dead_code()
-        return dict(rule=rule, args_fn=fx.GraphModule(self.gm, g, "ComputedArgs"), use=use.name,
-                    computed=[env[v].name for v in computed])
+        args_fn = fx.GraphModule(self.gm, g, "ComputedArgs")
+        args_fn.graph.eliminate_dead_code()  # the op itself (a module's purity is read from args_fn)
+        args_fn.recompile()
+        return dict(rule=rule, args_fn=args_fn, use=use.name, computed=[env[v].name for v in computed])
 
     def _broadcast_rule(self, n: fx.Node, region: List[fx.Node], params: Dict[int, str], dyn: List[Any],
                         env: Dict[fx.Node, fx.Node]) -> Optional[Dict[str, Any]]:
