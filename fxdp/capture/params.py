@@ -31,8 +31,9 @@ from torch import Tensor
 from torch.fx.node import map_arg
 
 from ..errors import BatchDimensionError
-from ..rules.base import batch_sum
+from ..rules.base import SCRATCH, batch_sum, norm_dtype
 from .functorch import FuncCapture
+from .normalized import probe_normalized
 from .record import LayerRecord
 
 __all__ = ["ParamCapture", "BroadcastRuleCapture", "ComputedArgsRuleCapture", "ELEMENTWISE", "EXPAND", "MATMUL",
@@ -299,41 +300,258 @@ class ComputedArgsRuleCapture(ParamCapture):
     def rule_name(self) -> str:
         return f"{self.rule.describe()} (computed weights)"
 
-    def per_sample_grads(self, rec: LayerRecord) -> Dict[int, Tensor]:
+    def _batch_first(self, rec: LayerRecord) -> bool:
+        """One output gradient, batch first as every batched input, no draw to replay."""
         g = rec.grads[0]
         dims_in, dims_out = self.resolve_batch_dims(rec)
-        if (len(rec.grads) != 1 or g is None or dims_out[0] != 0 or any(d not in (None, 0) for d in dims_in)
-                or rec.rng_state is not None):
-            return super().per_sample_grads(rec)  # not batch-first, or a draw to replay: the torch.func path
-        if g.shape[0] == 0:  # an empty Poisson batch
-            return {i: rec.inputs[i].new_zeros((0,) + tuple(rec.inputs[i].shape)) for i in rec.params}
-        nodes = {n.name: n for n in self.fn.graph.nodes}
-        placeholders = [n for n in self.fn.graph.nodes if n.op == "placeholder"]
-        slots = sorted(rec.params)
+        return not (len(rec.grads) != 1 or g is None or dims_out[0] != 0
+                    or any(d not in (None, 0) for d in dims_in) or rec.rng_state is not None)
 
+    def _graph(self) -> Tuple[Dict[str, Any], list]:
+        """The capture's subgraph: its nodes by name and its placeholders, in order."""
+        got = self.__dict__.get("_graph_index")
+        if got is None:
+            got = self.__dict__["_graph_index"] = (
+                {n.name: n for n in self.fn.graph.nodes}, [n for n in self.fn.graph.nodes if n.op == "placeholder"])
+        return got
+
+    def _args_vjp(self, dyn: Sequence[Any], slots: Sequence[int]) -> tuple:
+        """``args_fn``'s outputs and their VJP w.r.t. the parameters at ``slots``."""
         def f(*pv: Tensor) -> tuple:
-            vals = list(rec.inputs)
+            vals = list(dyn)
             for i, v in zip(slots, pv):
                 vals[i] = v
             return tuple(self.args_fn(*vals))
 
-        values, vjp_fn = torch.func.vjp(f, *[rec.inputs[i] for i in slots])
-        lookup = {p: rec.inputs[k] for k, p in enumerate(placeholders)}
+        return torch.func.vjp(f, *[dyn[i] for i in slots])
+
+    def _bind(self, dyn: Sequence[Any], values: Sequence[Tensor]) -> Dict[str, Any]:
+        """The rule's arguments: the dynamic inputs and the computed values."""
+        nodes, placeholders = self._graph()
+        lookup = {p: dyn[k] for k, p in enumerate(placeholders)}
         lookup.update({nodes[name]: v for name, v in zip(self.computed, values)})
         use = nodes[self.use]
-        value = lookup.__getitem__
-        args = self.rule.bind(tuple(map_arg(use.args, value)), dict(map_arg(use.kwargs, value)))
+        return self.rule.bind(tuple(map_arg(use.args, lookup.__getitem__)), dict(map_arg(use.kwargs, lookup.__getitem__)))
+
+    # the forward computes the weights once with their VJP, and the input gradient by the rule's
+    # formula: no inner autograd graph, and the step's norms and sums reuse the VJP
+
+    def explicit_input_grad(self, dyn: Sequence[Any], needs_grad: Sequence[bool]) -> bool:
+        self.__dict__.pop("_pending", None)
+        nodes, placeholders = self._graph()
+        use = nodes[self.use]
+        x = self.rule.bind(tuple(use.args), dict(use.kwargs)).get(self.rule.input_arg)
+        if x not in placeholders or sum(needs_grad) != 1 or not needs_grad[placeholders.index(x)]:
+            return False
+        slots = sorted(self.param_index)
+        state = torch.random.get_rng_state()
+        values, vjp_fn = self._args_vjp(dyn, slots)
+        if not torch.equal(state, torch.random.get_rng_state()):
+            torch.random.set_rng_state(state)  # a draw: the recorded path draws it again, and replays it
+            return False
+        if not self.rule.has_input_grad(self._bind(dyn, values)):
+            return False
+        self.__dict__["_pending"] = (values, vjp_fn, slots)
+        return True
+
+    def compute_saving(self, dyn: Sequence[Any]) -> Tuple[Any, Any]:
+        saved = self.__dict__.pop("_pending")
+        return self.rule.forward(self._graph()[0][self.use].target, self._bind(dyn, saved[0])), saved
+
+    def input_grads(self, dyn: Sequence[Any], grads: Sequence[Optional[Tensor]],
+                    saved: Any = None) -> Dict[int, Tensor]:
+        nodes, placeholders = self._graph()
+        use = nodes[self.use]
+        k = placeholders.index(self.rule.bind(tuple(use.args), dict(use.kwargs))[self.rule.input_arg])
+        return {k: self.rule.input_grad(self._bind(dyn, saved[0]), grads[0])}
+
+    def _bound(self, rec: LayerRecord) -> tuple:
+        """The computed arguments' values and VJP (the forward's, when it kept them) with the
+        parameter slots it is taken at, the rule's bound arguments, and which of them are
+        computed (rule argument -> ``args_fn`` output) or parameters read directly (rule
+        argument -> dynamic-input index), and the op."""
+        nodes, placeholders = self._graph()
+        if rec.saved is not None:
+            values, vjp_fn, slots = rec.saved
+        else:
+            slots = sorted(rec.params)
+            values, vjp_fn = self._args_vjp(rec.inputs, slots)
+        args = self._bind(rec.inputs, values)
+        use = nodes[self.use]
         computed, direct = {}, {}  # rule argument -> args_fn output / dynamic input
         for k, v in self.rule.bind(tuple(use.args), dict(use.kwargs)).items():
             if getattr(v, "name", None) in self.computed:
                 computed[k] = self.computed.index(v.name)
             elif v in placeholders and placeholders.index(v) in rec.params:
                 direct[k] = placeholders.index(v)
+        return values, vjp_fn, slots, args, computed, direct, use.target
+
+    def per_sample_grads(self, rec: LayerRecord) -> Dict[int, Tensor]:
+        g = rec.grads[0]
+        if not self._batch_first(rec):
+            return super().per_sample_grads(rec)  # not batch-first, or a draw to replay: the torch.func path
+        if g.shape[0] == 0:  # an empty Poisson batch
+            return {i: rec.inputs[i].new_zeros((0,) + tuple(rec.inputs[i].shape)) for i in rec.params}
+        values, vjp_fn, slots, args, computed, direct, _ = self._bound(rec)
         got = self.rule.grad_sample(args, g, frozenset(computed) | frozenset(direct))
         cot = [None] * len(values)
         for k, j in computed.items():
             cot[j] = got[k]
-        out = dict(zip(slots, torch.func.vmap(vjp_fn)(tuple(cot))))
+        out = {i: v for i, v in zip(slots, torch.func.vmap(vjp_fn)(tuple(cot))) if i in rec.params}
         for k, i in direct.items():
             out[i] = out[i] + got[k]
+        return out
+
+    # -- book-keeping of per-channel normalized weights (fxdp/capture/normalized.py) ----------
+
+    #: set when the first step's probe found another form: the materialized path from then on
+    not_normalized = False
+    #: the form the last probe found (standardized weights are centered, normalized ones not)
+    centered_form = True
+
+    def bk_plan(self, dyn: Sequence[Any], out: Tensor, dims_in: Sequence[Any], dim_out: Any,
+                batch_size: Optional[int] = None) -> Dict[str, str]:
+        from ..rules.conv import ConvRule
+        from ..rules.linear import LinearRule
+
+        how = f"materialized per sample ({self.rule_name()}, this layer only)"
+        if isinstance(self.rule, (ConvRule, LinearRule)) and not self.not_normalized:
+            how = (f"{self.rule.name} rule's norms less the closed form of a per-channel normalized weight "
+                   "(standardized or normalized; its VJP checked each step, else " + how + ")")
+        return {n: how for n in sorted(set(self.param_index.values()))}
+
+    def _normalized(self, rec: LayerRecord) -> Optional[Dict[str, Any]]:
+        """The normalized-weight plan of this record (formed once, on ``rec.memo``), or ``None``:
+        the computed weight is not ``γ φ(V)`` per output channel, or the layout is not served."""
+        if "normalized" not in rec.memo:
+            rec.memo["normalized"] = self._plan_normalized(rec)
+        return rec.memo["normalized"]
+
+    def _plan_normalized(self, rec: LayerRecord) -> Optional[Dict[str, Any]]:
+        from ..rules.conv import ConvRule
+        from ..rules.linear import LinearRule
+
+        if (self.not_normalized or not isinstance(self.rule, (ConvRule, LinearRule)) or not self._batch_first(rec)
+                or rec.grads[0].shape[0] == 0):
+            return None
+        values, vjp_fn, slots, args, computed, direct, op = self._bound(rec)
+        W = args.get("weight")
+        if list(computed) != ["weight"] or len(values) != 1 or not isinstance(W, Tensor) or W.dim() < 2:
+            self.not_normalized = True
+            return None
+        O = W.shape[0]
+        nodes, placeholders = self._graph()
+        read = {placeholders.index(v) for v in self.rule.bind(tuple(nodes[self.use].args),
+                                                              dict(nodes[self.use].kwargs)).values()
+                if v in placeholders}
+        free = [i for i in slots if i not in read]  # the parameters W is computed from
+        V = [i for i in free if tuple(rec.inputs[i].shape) == tuple(W.shape)]
+        gain = [i for i in free if i not in V and rec.inputs[i].numel() == O]
+        if len(V) != 1 or len(V) + len(gain) != len(free) or len(gain) > 1:
+            self.not_normalized = True
+            return None
+        pos = {i: k for k, i in enumerate(slots)}
+
+        def vjp(g: Tensor) -> Tuple[Tensor, Optional[Tensor]]:
+            got = vjp_fn((g,))
+            return got[pos[V[0]]], (got[pos[gain[0]]] if gain else None)
+
+        form = probe_normalized(vjp, rec.inputs[V[0]], bool(gain), self._probe_generator(W.device),
+                                first=self.centered_form)
+        if form is None:
+            self.not_normalized = True
+            return None
+        self.centered_form = form.centered  # the next step's probe tries it first
+        args[SCRATCH] = {}  # the ghost norm's patch rows, for the clipped sum
+        return {"form": form, "args": args, "vjp": vjp, "op": op, "V": V[0], "gain": gain[0] if gain else None,
+                "direct": direct}
+
+    def _probe_generator(self, device: torch.device) -> torch.Generator:
+        """The probes' own generator, a fresh seed each step (the user's random stream is left
+        alone); the check's power needs numbers independent of the weights, not secret ones."""
+        self.probes = getattr(self, "probes", 0) + 1
+        return torch.Generator(device=device).manual_seed(0x5EED + self.probes)
+
+    def _channel_dots(self, plan: Dict[str, Any], g: Tensor) -> Tuple[Optional[Tensor], Tensor]:
+        """Per sample and output channel, ``1 · G_io`` (centered forms only) and ``u_o · G_io``
+        ``[B, O]``, from the op run on the input with the all-ones and the ``u`` weights:
+        ``G_io = Σ_t g_iot a_it`` so ``w · G_io = Σ_t g_iot (w · a_it)``."""
+        from ..rules.conv import ConvRule
+
+        form, args, op = plan["form"], plan["args"], plan["op"]
+        W = args["weight"]
+        B, O = g.shape[0], W.shape[0]
+        x = args["input"]
+        acc = norm_dtype(g.dtype)
+        U = form.u.reshape(W.shape).to(x.dtype)
+        if isinstance(self.rule, ConvRule):
+            G = args.get("groups", 1) or 1
+            z = self.rule.forward(op, {**args, "weight": U, "bias": None})
+            u_dot = (g.to(acc) * z.to(acc)).reshape(B, O, -1).sum(2)
+            ones_dot = None
+            if form.centered:  # the patch sums: one output channel a group
+                s = self.rule.forward(op, {**args, "weight": W.new_ones((G,) + tuple(W.shape[1:])).to(x.dtype),
+                                           "bias": None, "groups": G})
+                gg = g.to(acc).reshape(B * G, O // G, -1)
+                ones_dot = torch.bmm(gg, s.to(acc).reshape(B * G, -1, 1)).reshape(B, O)
+            return ones_dot, u_dot
+        a = x.reshape(B, -1, x.shape[-1]).to(acc)
+        gg = g.reshape(B, -1, O).to(acc)
+        u_dot = (gg * (a @ form.u.to(acc).t())).sum(1)
+        ones_dot = torch.einsum("bto,bt->bo", gg, a.sum(2)) if form.centered else None
+        return ones_dot, u_dot
+
+    def _channel_scaled(self, g: Tensor, c: Tensor) -> Tensor:
+        """``g`` with output channel o scaled by ``c_o`` (conv: dim 1; linear: the last)."""
+        from ..rules.conv import ConvRule
+
+        c = c.to(g.dtype)
+        return g * (c.reshape((1, -1) + (1,) * (g.dim() - 2)) if isinstance(self.rule, ConvRule) else c)
+
+    def keeps_per_sample_grads(self, rec: LayerRecord, idx: Any) -> bool:
+        return self._normalized(rec) is None  # the closed form needs the record for its clipped sum
+
+    def norm_sample_sq(self, rec: LayerRecord, idx: Any, measure: bool = False) -> Dict[int, Tensor]:
+        plan = self._normalized(rec)
+        if plan is None:
+            return super().norm_sample_sq(rec, idx, measure)
+        form, args, g = plan["form"], plan["args"], rec.grads[0]
+        out: Dict[int, Tensor] = {}
+        V, gain = plan["V"], plan["gain"]
+        if V in idx or gain in idx:
+            ones_dot, u_dot = self._channel_dots(plan, g)
+            if V in idx:  # ‖J_V^T G_i‖²: the rule's norm of c G_i less the form's correction
+                whole = self.rule.norm_sample_sq(args, self._channel_scaled(g, form.c), frozenset({"weight"}))
+                whole = whole["weight"]
+                corr = form.sq_norm_correction(ones_dot, u_dot).to(whole.dtype)
+                out[V] = (whole - corr).clamp_min(0)
+            if gain is not None and gain in idx:
+                out[gain] = (u_dot * u_dot) @ (form.kappa * form.kappa).to(u_dot.dtype)
+        for name, i in plan["direct"].items():
+            if i in idx:
+                out[i] = self.rule.norm_sample_sq(args, g, frozenset({name}))[name]
+        return out
+
+    def clipped_sum(self, rec: LayerRecord, factors: Dict[int, Tensor],
+                    into: Optional[Dict[int, Tensor]] = None) -> Dict[int, Tensor]:
+        plan = self._normalized(rec)
+        if plan is None:
+            return super().clipped_sum(rec, factors, into)
+        args, g = plan["args"], rec.grads[0]
+        out: Dict[int, Tensor] = {}
+        V, gain = plan["V"], plan["gain"]
+        # the form's J^T of the rule's clipped sum for the computed weight: the one linear map the
+        # norms took (each sample's term within the bound); it is the VJP, checked this step
+        by_factor: Dict[int, list] = {}
+        for i in (V, gain):
+            if i is not None and i in factors:
+                by_factor.setdefault(id(factors[i]), []).append(i)
+        for ids in by_factor.values():
+            s = self.rule.clipped_sum(args, g, factors[ids[0]], frozenset({"weight"}))["weight"]
+            jv, jg = plan["form"].apply(s)
+            for i in ids:
+                out[i] = jv if i == V else jg.reshape(rec.inputs[i].shape)
+        for name, i in plan["direct"].items():
+            if i in factors:
+                out[i] = self.rule.clipped_sum(args, g, factors[i], frozenset({name}))[name]
         return out
