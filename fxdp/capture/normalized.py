@@ -50,8 +50,9 @@ class NormalizedWeight:
         """``(J_V^T g, J_γ^T g)`` by the form for a weight-shaped ``g`` (a clipped sum: the norms
         and the sum then take one linear map, so each sample's term is at most the bound)."""
         rows = g.reshape(self.u.shape).to(self.u.dtype)
-        ug = _rows_dot(self.u, rows)
-        out = torch.addcmul(rows, self.u, (self.beta * ug)[:, None], value=-1)
+        out = torch.mul(self.u, rows)
+        ug = out.sum(1)
+        torch.addcmul(rows, self.u, (self.beta * ug)[:, None], value=-1, out=out)  # the products' memory
         if self.centered:
             out.sub_(rows.mean(1, keepdim=True))
         out.mul_(self.c[:, None])
@@ -65,10 +66,6 @@ class NormalizedWeight:
         if self.centered:
             out = out + (ones_dot * ones_dot) @ (self.c * self.c / self.n)
         return out
-
-
-def _rows_dot(a: Tensor, b: Tensor) -> Tensor:
-    return torch.linalg.vecdot(a, b, dim=1)  # no product temporary (fresh memory costs page faults)
 
 
 def _unit_rows(t: Tensor) -> Tensor:
@@ -109,8 +106,9 @@ def probe_normalized(
         q = torch.addcmul(t.expand_as(u), u, (1 - alpha)[:, None])
         jv, jg = vjp(q.reshape(V.shape))
         jv = jv.reshape(O, -1)
-        a2 = _rows_dot(u, jv)
-        c = (jv @ t - alpha * a2) / (t @ t - alpha * alpha).clamp_min(tiny)
+        jt = jv @ t
+        a2 = torch.mul(u, jv, out=q).sum(1)  # q is spent: its memory holds the products
+        c = (jt - alpha * a2) / (t @ t - alpha * alpha).clamp_min(tiny)
         beta = torch.where(c != 0, 1 - a2 / torch.where(c != 0, c, 1), 0)
         if has_gain != (jg is not None):
             return None
@@ -126,8 +124,9 @@ def probe_normalized(
         cx, cbb = c * xi, c * beta * b
         tt = t2c @ t2c
         pred_sq = cx * cx * tt - 2 * cx * cbb * (u @ t2c) + cbb * cbb
-        err_sq = (torch.linalg.vector_norm(sv, dim=1).square() - 2 * (cx * (sv @ t2c) - cbb * _rows_dot(sv, u))
-                  + pred_sq)
+        sv_sq, sv_t = torch.linalg.vector_norm(sv, dim=1).square(), sv @ t2c
+        sv_u = torch.mul(sv, u, out=q).sum(1)  # last: sv may be a view of s, in q
+        err_sq = sv_sq - 2 * (cx * sv_t - cbb * sv_u) + pred_sq
         scale = cx.abs() * tt.sqrt()
         ok = bool((err_sq.clamp_min(0).sqrt() <= tol * scale + tiny).all())
         if ok and kappa is not None:

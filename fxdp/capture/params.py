@@ -288,7 +288,10 @@ class ComputedArgsRuleCapture(ParamCapture):
     gain * (W - mean) / std)``; weight normalization). Sample i's gradient w.r.t. a computed
     argument ``w = f(W)`` is the rule's; w.r.t. ``W`` it is ``J_f(W)^T`` applied to it, one
     vector-Jacobian product of ``f`` batched over the samples (``torch.func.vmap``): ``f``
-    runs once per step more, not once per sample, and the op itself is never re-run."""
+    runs once per step more, not once per sample, and the op itself is never re-run.
+    Book-keeping of a conv or linear weight normalized per output channel (standardized or
+    normalized) forms no per-sample gradient: the rule's norms less the form's closed terms,
+    read and checked each step (``fxdp/capture/normalized.py``)."""
 
     def __init__(self, *, rule: Any, args_fn: Any, use: str, computed: Sequence[str], **kw: Any) -> None:
         super().__init__(fast=None, **kw)
