@@ -195,14 +195,14 @@ def test_normalized_weights_take_the_closed_form_and_match_materialized(make, sh
     model = make().double()
     dpb = _bk_matches_materialized(model, torch.randn(*shape, dtype=torch.float64).abs(), capture)
     (cap,) = _captures(dpb)
-    assert not cap.not_normalized and cap.probes >= 1 and cap.centered_form is centered
+    assert cap.checks_passed == 1 and cap.checks_failed == 0 and cap.centered_form is centered
 
 
 def test_torch_weight_norm_takes_the_uncentered_form():
     torch.manual_seed(22)
     dpb = _bk_matches_materialized(WeightNormConv().double(), torch.randn(3, 3, 5, 5, dtype=torch.float64), "export")
     (cap,) = _captures(dpb)
-    assert not cap.not_normalized and cap.centered_form is False
+    assert cap.checks_passed == 1 and cap.centered_form is False
 
 
 @pytest.mark.parametrize("make", [Squashed, GlobalNorm, ColumnStd, MixedRows])
@@ -212,7 +212,7 @@ def test_other_computed_weights_fail_the_check_and_are_materialized(make):
     torch.manual_seed(23)
     dpb = _bk_matches_materialized(make().double(), torch.randn(3, 3, 5, 5, dtype=torch.float64), "export")
     (cap,) = _captures(dpb)
-    assert cap.not_normalized
+    assert cap.checks_failed == 1 and cap.checks_passed == 0
 
 
 def test_empty_and_single_sample_batches():
@@ -227,7 +227,7 @@ def test_frozen_gain_leaves_the_direction_served():
     model.gain.requires_grad_(False)
     dpb = _bk_matches_materialized(model, torch.randn(3, 3, 5, 5, dtype=torch.float64), "export")
     (cap,) = _captures(dpb)
-    assert not cap.not_normalized
+    assert cap.checks_passed == 1
 
 
 def test_float32_norms_stay_close_on_positive_inputs():
@@ -244,7 +244,7 @@ def test_float32_norms_stay_close_on_positive_inputs():
     want = clipped_sums_materialized(dpm, x, w, bounds, True)
     dpb = quiet_privatize(copy.deepcopy(model), capture="export", grad_sample_mode="bk")
     got = bk_clipped_sums(dpb, lambda: dpb(x).mul(w).sum().div(x.shape[0]).backward(), bounds, True)
-    assert not _captures(dpb)[0].not_normalized
+    assert _captures(dpb)[0].checks_passed == 1
     for p, ref in zip(dpb.parameters(), want):
         torch.testing.assert_close(got[id(p)], ref, rtol=1e-4, atol=1e-7)
 
@@ -292,3 +292,22 @@ def test_probe_check_refuses_any_other_linear_map(what):
     }[what]
     V, vjp, _ = _form_vjp(O, n, perturb)
     assert probe_normalized(vjp, V, True, torch.Generator().manual_seed(0)) is None
+
+
+def test_float32_checks_pass_on_wide_layers():
+    """float32, a 1x1 convolution's 2048 rows (NF-ResNet's widest), twenty probes: the check's
+    tolerance sits above the VJP's rounding in every channel (the gain's against its own scale:
+    some channel's ``u · t`` is near zero by chance in most draws)."""
+    torch.manual_seed(28)
+    O, n = 2048, 512
+    V = torch.randn(O, n, dtype=torch.float32) * 0.03
+    gain = torch.rand(O, dtype=torch.float32) + 0.5
+
+    def f(V, gain):
+        return F.batch_norm(V.reshape(1, O, n), None, None, weight=gain * 1.7, training=True, momentum=0.0,
+                            eps=1e-5).reshape(O, n)
+
+    _, vjp_fn = torch.func.vjp(f, V, gain)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        assert probe_normalized(lambda g: vjp_fn(g), V, True, gen) is not None

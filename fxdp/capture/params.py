@@ -407,8 +407,11 @@ class ComputedArgsRuleCapture(ParamCapture):
 
     # -- book-keeping of per-channel normalized weights (fxdp/capture/normalized.py) ----------
 
-    #: set when the first step's probe found another form: the materialized path from then on
+    #: set when the layer cannot take the closed form (its computed arguments or rule): materialized
     not_normalized = False
+    #: steps whose probe found a per-channel normalized weight, and steps whose check refused it
+    checks_passed = 0
+    checks_failed = 0
     #: the form the last probe found (standardized weights are centered, normalized ones not)
     centered_form = True
 
@@ -462,8 +465,11 @@ class ComputedArgsRuleCapture(ParamCapture):
         form = probe_normalized(vjp, rec.inputs[V[0]], bool(gain), self._probe_generator(W.device),
                                 first=self.centered_form)
         if form is None:
-            self.not_normalized = True
+            # this step materializes; the next probes again (the form is the graph's, but a check
+            # may also fail on rounding alone)
+            self.checks_failed += 1
             return None
+        self.checks_passed += 1
         self.centered_form = form.centered  # the next step's probe tries it first
         args[SCRATCH] = {}  # the ghost norm's patch rows, for the clipped sum
         return {"form": form, "args": args, "vjp": vjp, "op": op, "V": V[0], "gain": gain[0] if gain else None,
