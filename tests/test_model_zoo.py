@@ -101,6 +101,13 @@ def _beit(p=0.1):
     return transformers.BeitForImageClassification(cfg), "image"
 
 
+def _bit(p=0.1):
+    """Big Transfer (BiT): weight-standardized convolutions (``WeightStandardizedConv2d``) and
+    GroupNorm, the ResNet family of DP image classification (De et al. 2022); no dropout."""
+    cfg = transformers.BitConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], num_groups=2, num_labels=3)
+    return transformers.BitForImageClassification(cfg), "image"
+
+
 def _lora_gpt2(p=0.1):
     peft = pytest.importorskip("peft")
     model, _ = _gpt2(p)
@@ -120,7 +127,7 @@ def _deberta(p=0.1, v3=True):
 
 ZOO = {"bert": _bert, "roberta": _roberta, "distilbert": _distilbert, "gpt2": _gpt2, "llama": _llama,
        "gemma": _gemma, "t5": _t5, "vit": _vit, "swin": _swin, "swinv2": _swinv2, "beit": _beit,
-       "lora-gpt2": _lora_gpt2}
+       "bit": _bit, "lora-gpt2": _lora_gpt2}
 #: served with raw-parameter captures (torch.func) where a parameter subgraph is repeated over
 #: the batch (DeBERTa's relative position keys and queries, ``w.repeat(B, 1, 1)``), the dropout
 #: on the relative embeddings replayed per sample
@@ -351,6 +358,25 @@ def test_book_keeping_serves_deberta_exactly(name, f64):
     """DeBERTa's repeated relative-position subgraphs (torch.func captures, their weights tied
     to the content path's query and key projections in v3) clip as materialize mode does."""
     _assert_bk_sums_are_materialized(*_float64_case(name, 6))
+
+
+def test_book_keeping_serves_weight_standardized_convolutions_in_closed_form(f64, monkeypatch):
+    """BiT's weight-standardized convolutions: book-keeping takes the closed form (every probe
+    finds the centered form, no per-sample gradient of them is formed) and clips as materialize
+    mode does (float64)."""
+    from fxdp.capture import params as P
+
+    forms, formed = [], []
+    probe, real = P.probe_normalized, P.ComputedArgsRuleCapture.per_sample_grads
+    monkeypatch.setattr(P, "probe_normalized", lambda *a, **k: forms.append(probe(*a, **k)) or forms[-1])
+    _assert_bk_sums_are_materialized(*_float64_case("bit", 6))  # (its materialize mode runs first)
+    monkeypatch.setattr(P.ComputedArgsRuleCapture, "per_sample_grads", lambda self, r: formed.append(r) or real(self, r))
+    model, kind, x, y = _float64_case("bit", 7)
+    dpb = fxdp.privatize(model, grad_sample_mode="bk", loss_reduction="sum")
+    from oracle import bk_clipped_sums
+
+    bk_clipped_sums(dpb, lambda: _loss(kind, dpb(**x), x, y).backward(), 1.0)
+    assert len(forms) >= 10 and all(f is not None and f.centered for f in forms) and not formed
 
 
 @pytest.mark.parametrize("name", ["bert", "gpt2"])
