@@ -533,7 +533,10 @@ class ComputedArgsRuleCapture(ParamCapture):
                 whole = self.rule.norm_sample_sq(args, self._channel_scaled(g, form.c), frozenset({"weight"}))
                 whole = whole["weight"]
                 corr = form.sq_norm_correction(ones_dot, u_dot).to(whole.dtype)
-                out[V] = (whole - corr).clamp_min(0)
+                # the subtraction cancels where the per-sample gradient lies mostly along the mean
+                # and direction (positive inputs): a margin of a few ulps of ``whole`` keeps the
+                # rounding from lowering the norm the clip factor divides by
+                out[V] = (whole - corr).clamp_min(0) + whole * (4 * torch.finfo(whole.dtype).eps)
             if gain is not None and gain in idx:
                 out[gain] = (u_dot * u_dot) @ (form.kappa * form.kappa).to(u_dot.dtype)
         for name, i in plan["direct"].items():
