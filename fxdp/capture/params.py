@@ -472,7 +472,7 @@ class ComputedArgsRuleCapture(ParamCapture):
         self.checks_passed += 1
         self.centered_form = form.centered  # the next step's probe tries it first
         args[SCRATCH] = {}  # the ghost norm's patch rows, for the clipped sum
-        return {"form": form, "args": args, "vjp": vjp, "op": op, "V": V[0], "gain": gain[0] if gain else None,
+        return {"form": form, "args": args, "op": op, "V": V[0], "gain": gain[0] if gain else None,
                 "direct": direct}
 
     def _probe_generator(self, device: torch.device) -> torch.Generator:
