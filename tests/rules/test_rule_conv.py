@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import fxdp
 from fxdp.errors import FxdpError, UnsupportedOpError
@@ -239,6 +240,56 @@ def test_correlate_clipped_sum_in_batch_slices(samples_per_slice, monkeypatch):
     alone = batch_of_one_grads(m, [x], lambda out, i: (out * g[i:i + 1]).sum())
     for n in ("weight", "bias"):
         torch.testing.assert_close(sums[n], torch.einsum("b,b...->...", factors, alone[n]), rtol=1e-9, atol=1e-12)
+
+
+# one input channel a group on a one-position output map (the last stage of an ImageNet
+# network at 32x32): padding above the input, channel multipliers, dilation, stride, 1-d/3-d
+ONE_POSITION_CASES = [
+    (F.conv2d, (4, 6, 1, 1), (6, 1, 5, 5), True, dict(padding=2, groups=6)),  # EfficientNet's 5x5
+    (F.conv2d, (3, 4, 1, 1), (8, 1, 3, 3), False, dict(padding=1, groups=4)),  # multiplier 2
+    (F.conv2d, (3, 3, 1, 1), (3, 1, 3, 3), True, dict(padding=2, dilation=2, groups=3)),
+    (F.conv2d, (3, 4, 2, 2), (4, 1, 3, 3), True, dict(stride=2, padding=1, groups=4)),
+    (F.conv2d, (3, 5, 3, 3), (5, 1, 3, 3), False, dict(groups=5)),  # valid, the kernel covers the map
+    (F.conv2d, (3, 1, 4, 4), (3, 1, 4, 4), True, {}),  # one input channel
+    (F.conv1d, (3, 4, 1), (8, 1, 5), True, dict(padding=2, groups=4)),
+    (F.conv3d, (2, 3, 1, 1, 1), (3, 1, 3, 3, 3), True, dict(padding=1, groups=3)),
+]
+
+
+class _GroupedConvCalls(TorchDispatchMode):
+    """The grouped convolutions issued with a one-position kernel (PyTorch's slow path)."""
+
+    def __init__(self):
+        super().__init__()
+        self.slow = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten.convolution.default and args[-1] > 1 and math.prod(args[1].shape[2:]) == 1:
+            self.slow.append(tuple(args[1].shape))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("case", range(len(ONE_POSITION_CASES)))
+def test_correlate_on_one_position_maps(case):
+    """Per-sample gradients of a layer whose output map is one position are the output gradient
+    times the taps it read (no grouped convolution: PyTorch loops over a one-tap kernel's groups):
+    equal to batch-of-one gradients (float64), and book-keeping's clipped sum to the factors'
+    combination of them."""
+    op, xs, ws, bias, kw = ONE_POSITION_CASES[case]
+    rule = rule_for_op(op)
+    torch.manual_seed(_seed("one-position", case))
+    x, w = torch.randn(xs, dtype=DT), torch.randn(ws, dtype=DT)
+    b = torch.randn(ws[0], dtype=DT) if bias else None
+    with _GroupedConvCalls() as calls:
+        args, g, needs = _check_fn(op, x, w, b, kw, ("sum", "mean", "square")[case % 3], _seed("one-position", case))
+    assert math.prod(g.shape[2:]) == 1 and rule.method(*rule._setup(args, g)) == "correlate"
+    factors = torch.rand(xs[0], dtype=DT)
+    with _GroupedConvCalls() as sum_calls:
+        sums = rule.clipped_sum(args, g, factors, needs)
+    ps = rule.grad_sample(args, g, needs)
+    for n in needs:
+        torch.testing.assert_close(sums[n], torch.einsum("b,b...->...", factors, ps[n]), rtol=1e-12, atol=1e-12)
+    assert calls.slow == [] and sum_calls.slow == []
 
 
 # ----------------------------------------------------------------------------
