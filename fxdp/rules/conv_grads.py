@@ -513,12 +513,25 @@ def sum_correlate(geo: Geom, g: Tensor) -> Tensor:
     return out
 
 
+#: :func:`sum_unfold` copies the patches channels-last (runs of ``C/G k``) where the permuted
+#: ``[O, d]`` result it adds is at most this many times the ``B T`` rows, not channel-first
+#: (runs of the output row: 2 on a 2x2 map). µs, 1 thread, 3x3 at 2x2, channel-first /
+#: channels-last: B = 16 128->32 394 / 135 (DenseNet's third block at 32x32 inputs), 64->64 234 /
+#: 116, 128->128 531 / 329, 256->256 930 / 1116, 512->512 4012 / 4403; B = 128 64->64 1694 / 585;
+#: at one position channel-first wins (128->32 32 / 61, 512->512 837 / 1965)
+SUM_ROWS_MAX_OUT_PER_ROW = 2
+
+
 def sum_unfold(geo: Geom, g: Tensor, into: Optional[Tensor] = None) -> Optional[Tensor]:
     """``sum_i grad W_i``: patches and one batched matmul over the groups, contracting
     samples and positions together (the weight gradient of ``g``, :func:`sum_patch_rows`);
     added into ``into`` (contiguous, the weight's shape and dtype) when given, returning
     ``None``."""
-    # channel-first patches: T <= 4 keeps them small, and the [O, d] result needs no permuted copy
+    B, O, G = g.shape[0], g.shape[1], geo.groups
+    T = math.prod(g.shape[2:])
+    if T > 1 and O // G <= SUM_ROWS_MAX_OUT_PER_ROW * B * T and _rows_channels_last(geo, g.shape[2:]):
+        return sum_patch_rows(geo, patch_rows(geo, g.shape[2:]), True, g, into)
+    # channel-first patches: the [O, d] result needs no permuted copy
     return sum_patch_rows(geo, grouped(geo, g)[0], False, g, into)
 
 

@@ -523,7 +523,7 @@ BK_CASES = [
 ]
 
 
-@pytest.mark.parametrize("sum_by", ["wgrad", "unfold"])
+@pytest.mark.parametrize("sum_by", ["wgrad", "unfold", "unfold_rows"])
 @pytest.mark.parametrize("ghost", [True, False])
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("case", range(len(BK_CASES)))
@@ -712,7 +712,11 @@ def _check_book_keeping(case, method, ghost, sum_by, monkeypatch):
     _force(monkeypatch, rule, method)
     monkeypatch.setattr(rule, "ghost_ratio", float("inf") if ghost else 0.0)
     # the clipped sum by the weight-gradient convolution, or by patches + matmul
-    monkeypatch.setattr(rule, "sum_unfold_max_positions", 10**9 if sum_by == "unfold" else 0)
+    monkeypatch.setattr(rule, "sum_unfold_max_positions", 10**9 if sum_by.startswith("unfold") else 0)
+    # patches + matmul on channel-first patches, or on channels-last rows wherever T > 1
+    rows = sum_by == "unfold_rows"
+    monkeypatch.setattr(conv_grads, "SUM_ROWS_MAX_OUT_PER_ROW", float("inf") if rows else 0)
+    monkeypatch.setattr(conv_grads, "CHANNELS_LAST_MIN_RUN", 0 if rows else conv_grads.CHANNELS_LAST_MIN_RUN)
     out = rule.forward(op, bound)
     g = torch.randn_like(out)
     needs = frozenset({"weight", "bias"})
