@@ -15,12 +15,20 @@ in float64 on a batch of 3: the largest relative difference between ``grad_sampl
 and each sample's gradient computed alone, the capture ops served by the
 ``torch.func`` fallback (must be none), and the time to privatize and capture.
 Results: ``results/zoo_vision.md``.
+
+``--steps`` times the same models' training steps instead (float32, batch 16 at the sizes
+above, 1 thread): the non-private step of the model as the user has it (BatchNorm kept)
+and fxdp's book-keeping DP-SGD step (``privatize(..., example_inputs=batch)`` and
+``DPOptimizer``), interleaved in one process; the median of per-round ratios, and the
+noise draw alone against the non-private step (a floor no DP step avoids). Results:
+``results/zoo_vision_steps.md``.
 """
 from __future__ import annotations
 
 import argparse
 import os
 import platform
+import statistics
 import sys
 import time
 import traceback
@@ -155,12 +163,102 @@ def per_sample_error(model: nn.Module, capture: str, x: torch.Tensor) -> Dict[st
             "fxdp_warnings": [str(m.message)[:120] for m in caught if "fxdp" in str(m.message)]}
 
 
+def step_times(make: Callable[[], nn.Module], size: int, batch: int, rounds: int) -> Dict[str, float]:
+    """Non-private and book-keeping DP-SGD steps of one model, interleaved: median ms and the
+    median per-round ratio, and the noise draw of its trainable parameters alone."""
+    import copy
+
+    import torch.nn.functional as F
+
+    from fxdp.optim import DPOptimizer
+
+    torch.manual_seed(0)
+    x, y = torch.randn(batch, 3, size, size), torch.randint(0, 10, (batch,))
+    plain = make().train()
+    dp_model = copy.deepcopy(plain)
+    opt = torch.optim.SGD(plain.parameters(), lr=1e-3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dp = fxdp.privatize(dp_model, grad_sample_mode="bk", example_inputs=(x,))
+    params = [p for p in dp.parameters() if p.requires_grad]
+    dp_opt = DPOptimizer(torch.optim.SGD(params, lr=1e-3), noise_multiplier=1.0, max_grad_norm=1.0,
+                         expected_batch_size=batch, generator=torch.Generator().manual_seed(1))
+    dp_opt.attach_bookkeeping(dp.bookkeeping)
+
+    def step(model: nn.Module, o: Any) -> float:
+        t = time.perf_counter()
+        o.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        o.step()
+        return (time.perf_counter() - t) * 1e3
+
+    for _ in range(9):  # past the noise buffer's keep decision
+        step(plain, opt), step(dp, dp_opt)
+    ms: Dict[str, List[float]] = {"np": [], "bk": []}
+    for _ in range(rounds):
+        ms["np"].append(step(plain, opt))
+        ms["bk"].append(step(dp, dp_opt))
+    noise = torch.empty(sum(p.numel() for p in params))
+    draws = []
+    for _ in range(3):
+        t = time.perf_counter()
+        noise.normal_()
+        draws.append((time.perf_counter() - t) * 1e3)
+    med = statistics.median
+    return {"params": noise.numel(), "np_ms": med(ms["np"]), "bk_ms": med(ms["bk"]),
+            "ratio": med(b / a for a, b in zip(ms["np"], ms["bk"])), "noise": min(draws) / med(ms["np"])}
+
+
+def steps_main(a: argparse.Namespace) -> None:
+    torch.set_num_threads(a.threads)
+    rows: List[str] = []
+    for name in a.models:
+        make, size = MODELS[name]
+        try:
+            r = step_times(make, size, a.batch_size, a.rounds)
+            rows.append(f"| {name} | {size} | {r['params'] / 1e6:.2f}M | {r['np_ms']:.1f} | {r['bk_ms']:.1f} | "
+                        f"**{r['ratio']:.2f}x** | {r['noise']:.2f}x |")
+        except Exception as e:  # a refusal or a failure is a result
+            traceback.print_exc(limit=3)
+            rows.append(f"| {name} | {size} | - | - | - | failed: `{type(e).__name__}: {str(e).splitlines()[0][:120]}` | - |")
+        print(rows[-1], flush=True)
+    import torchvision
+    import timm
+
+    head = [
+        "# torchvision / timm zoo: book-keeping DP-SGD step time (benchmarks/zoo_vision.py --steps)",
+        "",
+        f"torch {torch.__version__}, torchvision {torchvision.__version__}, timm {timm.__version__}, "
+        f"{platform.machine()}, {a.threads} thread(s); float32, batch {a.batch_size}, random weights, train mode. "
+        f"Non-private: the model as the user has it (BatchNorm kept), SGD. fxdp: `privatize(model, "
+        f"grad_sample_mode=\"bk\", example_inputs=batch)` (BatchNorm replaced by GroupNorm) and `DPOptimizer`. "
+        f"Interleaved in one process, {a.rounds} rounds after 9 warm-up steps each; ratio: median of per-round "
+        "ratios. `noise alone`: drawing the trainable parameters' Gaussian noise (`normal_`) against the "
+        "non-private step, a floor every DP-SGD step pays.",
+        "",
+        "| model | input | trainable params | non-private ms | fxdp bk ms | bk / non-private | noise alone / non-private |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    os.makedirs(os.path.dirname(a.out), exist_ok=True)
+    with open(a.out, "w") as f:
+        f.write("\n".join(head + rows) + "\n")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=list(MODELS))
-    ap.add_argument("--batch-size", type=int, default=3)
-    ap.add_argument("--out", default=os.path.join(HERE, "results", "zoo_vision.md"))
+    ap.add_argument("--steps", action="store_true", help="time training steps (float32) instead")
+    ap.add_argument("--batch-size", type=int, default=None, help="3 (per-sample check) or 16 (--steps)")
+    ap.add_argument("--rounds", type=int, default=7, help="--steps: interleaved rounds")
+    ap.add_argument("--threads", type=int, default=1, help="--steps: intra-op threads")
+    ap.add_argument("--out", default=None)
     a = ap.parse_args()
+    if a.steps:
+        a.batch_size = a.batch_size or 16
+        a.out = a.out or os.path.join(HERE, "results", "zoo_vision_steps.md")
+        return steps_main(a)
+    a.batch_size = a.batch_size or 3
+    a.out = a.out or os.path.join(HERE, "results", "zoo_vision.md")
     torch.set_default_dtype(torch.float64)
     rows: List[str] = []
     for name in a.models:
