@@ -56,7 +56,8 @@ def steps(build, size: int, batch: int) -> tuple:
     x, y = torch.randn(batch, 3, size, size), torch.randint(0, 10, (batch,))
     plain = build().train()
     opt = torch.optim.SGD(plain.parameters(), lr=0.01)
-    dp = fxdp.privatize(build().train(), grad_sample_mode="bk")
+    # the batch as example inputs, as make_private privatizes (windowed models take the export path)
+    dp = fxdp.privatize(build().train(), grad_sample_mode="bk", example_inputs=(x,))
     dp_opt = DPOptimizer(torch.optim.SGD(dp.parameters(), lr=0.01), noise_multiplier=1.0, max_grad_norm=1.0,
                          expected_batch_size=batch)
     dp_opt.attach_bookkeeping(dp.bookkeeping)
@@ -77,8 +78,9 @@ def steps(build, size: int, batch: int) -> tuple:
 
 
 def ratio(build, size: int, batch: int, rounds: int) -> tuple:
-    """(bk / non-private, noise draw / non-private): medians of per-round ratios, and
-    whether the step's noise buffer is kept between steps (``FlatNoise``'s decision)."""
+    """(bk / non-private, noise draw / non-private): medians of per-round ratios, whether
+    the step's noise buffer is kept between steps (``FlatNoise``'s decision), and the
+    non-private step's median ms."""
     plain_step, bk_step, dp = steps(build, size, batch)
     noise = torch.empty(sum(p.numel() for p in dp.parameters() if p.requires_grad))
 
@@ -88,7 +90,7 @@ def ratio(build, size: int, batch: int, rounds: int) -> tuple:
     for _ in range(WARMUP_STEPS):  # warm-up, past the noise buffer's keep decision
         for f in (plain_step, bk_step, noise_draw):
             f()
-    ratios, noise_share = [], []
+    ratios, noise_share, plain_ms = [], [], []
     for _ in range(rounds):
         t0 = time.perf_counter()
         plain_step()
@@ -98,8 +100,9 @@ def ratio(build, size: int, batch: int, rounds: int) -> tuple:
         noise_draw()
         ratios.append((t2 - t1) / (t1 - t0))
         noise_share.append((time.perf_counter() - t2) / (t1 - t0))
+        plain_ms.append((t1 - t0) * 1e3)
     kept = bk_step.zero.__self__.flat_noise.keeps(torch.device("cpu"))
-    return statistics.median(ratios), statistics.median(noise_share), kept
+    return statistics.median(ratios), statistics.median(noise_share), kept, statistics.median(plain_ms)
 
 
 def memory_child(name: str, batch: int, which: str) -> None:
@@ -166,7 +169,7 @@ def main() -> None:
     for name, (build, size) in _models().items():
         if args.models and not any(m in name for m in args.models):
             continue
-        r, n, kept = ratio(build, size, args.batch_size, args.rounds)
+        r, n, kept, _ = ratio(build, size, args.batch_size, args.rounds)
         mem = {} if args.no_memory else peaks(name, args.batch_size)
         lines.append(f"| {name} | {size}x{size} | {r:.2f}x | {n:.2f}x | {_kept(kept)} | {_mem_cells(mem)}")
         print(lines[-1], flush=True)

@@ -17,18 +17,16 @@ and each sample's gradient computed alone, the capture ops served by the
 Results: ``results/zoo_vision.md``.
 
 ``--steps`` times the same models' training steps instead (float32, batch 16 at the sizes
-above, 1 thread): the non-private step of the model as the user has it (BatchNorm kept)
-and fxdp's book-keeping DP-SGD step (``privatize(..., example_inputs=batch)`` and
-``DPOptimizer``), interleaved in one process; the median of per-round ratios, and the
-noise draw alone against the non-private step (a floor no DP step avoids). Results:
-``results/zoo_vision_steps.md``.
+above, 1 thread) with ``bench_vision.py``'s harness: the non-private step of the model as
+the user has it (BatchNorm kept) and fxdp's book-keeping DP-SGD step, interleaved in one
+process; the median of per-round ratios, and the noise draw alone against the non-private
+step (a floor no DP step avoids). Results: ``results/zoo_vision_steps.md``.
 """
 from __future__ import annotations
 
 import argparse
 import os
 import platform
-import statistics
 import sys
 import time
 import traceback
@@ -163,64 +161,24 @@ def per_sample_error(model: nn.Module, capture: str, x: torch.Tensor) -> Dict[st
             "fxdp_warnings": [str(m.message)[:120] for m in caught if "fxdp" in str(m.message)]}
 
 
-def step_times(make: Callable[[], nn.Module], size: int, batch: int, rounds: int) -> Dict[str, float]:
-    """Non-private and book-keeping DP-SGD steps of one model, interleaved: median ms and the
-    median per-round ratio, and the noise draw of its trainable parameters alone."""
-    import copy
-
-    import torch.nn.functional as F
-
-    from fxdp.optim import DPOptimizer
-
-    torch.manual_seed(0)
-    x, y = torch.randn(batch, 3, size, size), torch.randint(0, 10, (batch,))
-    plain = make().train()
-    dp_model = copy.deepcopy(plain)
-    opt = torch.optim.SGD(plain.parameters(), lr=1e-3)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        dp = fxdp.privatize(dp_model, grad_sample_mode="bk", example_inputs=(x,))
-    params = [p for p in dp.parameters() if p.requires_grad]
-    dp_opt = DPOptimizer(torch.optim.SGD(params, lr=1e-3), noise_multiplier=1.0, max_grad_norm=1.0,
-                         expected_batch_size=batch, generator=torch.Generator().manual_seed(1))
-    dp_opt.attach_bookkeeping(dp.bookkeeping)
-
-    def step(model: nn.Module, o: Any) -> float:
-        t = time.perf_counter()
-        o.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        o.step()
-        return (time.perf_counter() - t) * 1e3
-
-    for _ in range(9):  # past the noise buffer's keep decision
-        step(plain, opt), step(dp, dp_opt)
-    ms: Dict[str, List[float]] = {"np": [], "bk": []}
-    for _ in range(rounds):
-        ms["np"].append(step(plain, opt))
-        ms["bk"].append(step(dp, dp_opt))
-    noise = torch.empty(sum(p.numel() for p in params))
-    draws = []
-    for _ in range(3):
-        t = time.perf_counter()
-        noise.normal_()
-        draws.append((time.perf_counter() - t) * 1e3)
-    med = statistics.median
-    return {"params": noise.numel(), "np_ms": med(ms["np"]), "bk_ms": med(ms["bk"]),
-            "ratio": med(b / a for a, b in zip(ms["np"], ms["bk"])), "noise": min(draws) / med(ms["np"])}
-
-
 def steps_main(a: argparse.Namespace) -> None:
+    sys.path.insert(0, HERE)
+    from bench_vision import ratio  # the step harness of issue 13's vision table
+
     torch.set_num_threads(a.threads)
     rows: List[str] = []
     for name in a.models:
         make, size = MODELS[name]
         try:
-            r = step_times(make, size, a.batch_size, a.rounds)
-            rows.append(f"| {name} | {size} | {r['params'] / 1e6:.2f}M | {r['np_ms']:.1f} | {r['bk_ms']:.1f} | "
-                        f"**{r['ratio']:.2f}x** | {r['noise']:.2f}x |")
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                r, noise, kept, plain_ms = ratio(make, size, a.batch_size, a.rounds)
+            params = sum(p.numel() for p in make().parameters() if p.requires_grad)
+            rows.append(f"| {name} | {size} | {params / 1e6:.2f}M | {plain_ms:.1f} | **{r:.2f}x** | {noise:.2f}x | "
+                        f"{'kept' if kept else 'released'} |")
         except Exception as e:  # a refusal or a failure is a result
             traceback.print_exc(limit=3)
-            rows.append(f"| {name} | {size} | - | - | - | failed: `{type(e).__name__}: {str(e).splitlines()[0][:120]}` | - |")
+            rows.append(f"| {name} | {size} | - | - | failed: `{type(e).__name__}: {str(e).splitlines()[0][:120]}` | - | - |")
         print(rows[-1], flush=True)
     import torchvision
     import timm
@@ -230,13 +188,14 @@ def steps_main(a: argparse.Namespace) -> None:
         "",
         f"torch {torch.__version__}, torchvision {torchvision.__version__}, timm {timm.__version__}, "
         f"{platform.machine()}, {a.threads} thread(s); float32, batch {a.batch_size}, random weights, train mode. "
-        f"Non-private: the model as the user has it (BatchNorm kept), SGD. fxdp: `privatize(model, "
-        f"grad_sample_mode=\"bk\", example_inputs=batch)` (BatchNorm replaced by GroupNorm) and `DPOptimizer`. "
-        f"Interleaved in one process, {a.rounds} rounds after 9 warm-up steps each; ratio: median of per-round "
-        "ratios. `noise alone`: drawing the trainable parameters' Gaussian noise (`normal_`) against the "
-        "non-private step, a floor every DP-SGD step pays.",
+        "Non-private: the model as the user has it (BatchNorm kept), SGD. fxdp: `privatize(model, "
+        "grad_sample_mode=\"bk\", example_inputs=batch)` (BatchNorm replaced by GroupNorm) and `DPOptimizer`. "
+        f"`bench_vision.py`'s harness: interleaved in one process, {a.rounds} rounds after its warm-up; medians of "
+        "per-round ratios. `noise alone`: fxdp's draw of the trainable parameters' Gaussian noise into a held "
+        "buffer, in the same rounds, against the non-private step (a floor every DP-SGD step pays). `noise buffer`: "
+        "held between steps or released, as fxdp decided.",
         "",
-        "| model | input | trainable params | non-private ms | fxdp bk ms | bk / non-private | noise alone / non-private |",
+        "| model | input | trainable params | non-private ms | bk / non-private | noise alone / non-private | noise buffer |",
         "|---|---|---|---|---|---|---|",
     ]
     os.makedirs(os.path.dirname(a.out), exist_ok=True)

@@ -456,10 +456,10 @@ def _ps_one_position(geo: Geom, x: Tensor, g: Tensor, pad: Tuple[int, ...]) -> T
     its output gradient times the taps it read, at the dilation from the padded input's
     start. PyTorch runs a one-tap grouped kernel on one sample, one thread, unstrided and
     undilated, as a loop over the groups: 1.7 µs a group (ms, B = 16: EfficientNet-B0's
-    1152-channel 5x5 at 1x1 16.7 a slice against 0.03 here)."""
+    1152-channel 5x5 at 1x1 16.7 a slice against 0.03 here). ``x`` comes padded: a one-tap
+    kernel is never larger than a nonzero padding (:func:`_correlate_padding`)."""
     B, C, O = x.shape[0], x.shape[1], g.shape[1]
-    if any(pad):
-        x = F.pad(x, f_pad_arg([(p, p) for p in pad]))
+    assert not any(pad), "_correlate_padding pads the input for a one-position output map"
     taps = x[(slice(None), slice(None)) + tuple(slice(0, (k - 1) * d + 1, d) for k, d in zip(geo.k, geo.dilation))]
     taps = taps.unsqueeze(2).expand(B, C, O // C, *geo.k).reshape(B, O, *geo.k)  # output o reads channel o // m
     return (taps * g.reshape(B, O, *(1,) * geo.n)).unsqueeze(2)
