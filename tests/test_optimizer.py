@@ -754,21 +754,24 @@ def test_flat_noise_released_with_its_views_unless_kept():
 def test_flat_noise_drawn_slice_by_slice_is_the_same_draw(monkeypatch):
     """``draw(lazy=True)`` of a released CPU buffer draws each view's slice (and every
     slice before it, whole slices of at least ``MIN_ELEMENTS`` a call) when the view is
-    first read: slices aligned to 16 make the numbers those of one ``normal_`` over the
-    buffer, in any order of reading."""
-    like = [torch.zeros(3, 4), torch.zeros(5), torch.zeros(40), torch.zeros(2, 8), torch.zeros(1)]
+    first read, into storage of that piece alone (no flat buffer): slices aligned to 16
+    make the numbers those of one ``normal_`` over the buffer, in any order of reading."""
+    like = [torch.zeros(3, 4), torch.zeros(5), torch.zeros(40), torch.zeros(2, 0, 3), torch.zeros(2, 8),
+            torch.zeros(1), torch.zeros(0)]
     eager = FlatNoise(keep=False).draw(like, 0.5, generator=torch.Generator().manual_seed(7))
     monkeypatch.setattr(SliceDraw, "MIN_ELEMENTS", 20)  # whole slices, at least 20 elements a draw
-    for order, drawn in (([0, 1, 2, 3, 4], [32, 32, 80, 112, 112]), ([2, 0, 4], [80, 80, 112]), ([4], [112]),
-                         ([3, 1, 0, 2, 4], [96, 96, 96, 96, 112])):
+    for order, drawn, pieces in (([0, 1, 2, 4, 5], [32, 32, 80, 112, 112], 3), ([2, 0, 5], [80, 80, 112], 2),
+                                 ([5], [112], 1), ([6, 3], [112, 112], 1), ([4, 1, 0, 2, 5], [96, 96, 96, 96, 112], 2)):
         mech, g = FlatNoise(keep=False), torch.Generator().manual_seed(7)
         lazy = mech.draw(like, 0.5, generator=g, lazy=True)
         assert isinstance(lazy, SliceDraw) and len(lazy) == len(like)
-        for k, n in zip(order, drawn):  # slices end at 16, 32, 80, 96, 112
+        for k, n in zip(order, drawn):  # slices end at 16, 32, 80, 80 (empty), 96, 112, 112 (empty)
             assert torch.equal(lazy[k], eager[k]) and lazy._drawn == n
         views = list(lazy)  # the rest
-        assert lazy._drawn == mech.buffer.numel() == 112
-        assert all(torch.equal(v, e) and v.shape == e.shape for v, e in zip(views, eager))
+        assert lazy._drawn == 112 and mech.buffer is None
+        assert all(torch.equal(v, e) and v.shape == e.shape and v.is_contiguous() for v, e in zip(views, eager))
+        storages = {v.untyped_storage().data_ptr(): v.untyped_storage().nbytes() for v in views if v.numel()}
+        assert len(storages) == pieces and sum(storages.values()) == 112 * 4  # the pieces, and nothing more
     assert not isinstance(FlatNoise(keep=True).draw(like, 0.5, lazy=True), SliceDraw)  # kept: one draw
     assert not isinstance(FlatNoise(keep=False).draw(like, 0.0, lazy=True), SliceDraw)  # zeros
     assert not isinstance(FlatNoise().draw(like, 0.5, lazy=True), SliceDraw)  # measuring: the whole draw
@@ -870,6 +873,26 @@ def test_flat_noise_probe_without_fault_counts_times_the_draws(monkeypatch):
     assert mech.decision["keep"] is True and mech.decision["extra_faults_per_step"] == 0
     assert mech.decision["fault_us"] == pytest.approx(1e6 * FlatNoise.FAULT_SECONDS)
     assert mech.decision["released_extra_ms"] == pytest.approx(9.0)
+
+
+def test_flat_noise_probe_draws_released_steps_as_they_run_after_it(monkeypatch):
+    """The probe's released draws (the fourth to the sixth) of a book-keeping step (``lazy``)
+    are drawn as released steps draw after the decision, in pieces as their views are read
+    (``SliceDraw``): the faults the probe counts in those steps are the ones releasing costs.
+    The numbers are the same draw as a kept buffer's."""
+    import gc
+
+    _probe_clock(monkeypatch, _probe_draws(1.0))
+    like = [torch.zeros(3, 4), torch.zeros(5)]
+    mech, ref = FlatNoise(), FlatNoise(keep=True)
+    g, g_ref = torch.Generator().manual_seed(2), torch.Generator().manual_seed(2)
+    for k in range(9):
+        out = mech.draw(like, 0.5, generator=g, lazy=True, held_bytes=lambda: 1024)
+        assert isinstance(out, SliceDraw) is (3 <= k < 6)
+        assert all(torch.equal(v, r) for v, r in zip(out, ref.draw(like, 0.5, generator=g_ref)))
+        del out
+        gc.collect(0)
+    assert mech.decision is not None and mech.decision["extra_faults_per_step"] == 900
 
 
 @pytest.mark.parametrize("held,step_s,kept", [(0, 0.25, True), (4, 0.25, True), (16, 0.25, False),

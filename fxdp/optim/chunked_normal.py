@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-__all__ = ["CHUNK", "ChunkStreams", "chunked"]
+__all__ = ["CHUNK", "ChunkStreams", "chunked", "chunked_size"]
 
 #: elements per chunk (a multiple of 16, so a chunk drawn in aligned pieces, in order, has
 #: the numbers of one ``normal_`` over it): 2 MiB of float32, about 1.7 ms to draw here
@@ -66,8 +66,12 @@ def _state_template() -> np.ndarray | None:
 def chunked(buf: Tensor) -> bool:
     """Whether ``buf`` is drawn by chunk streams: a contiguous CPU float buffer of more than
     ``CHUNK`` elements, where PyTorch's generator state has the layout known here."""
-    return (buf.device.type == "cpu" and buf.is_contiguous() and buf.dtype.is_floating_point
-            and buf.numel() > CHUNK and _state_template() is not None)
+    return buf.is_contiguous() and chunked_size(buf.numel(), buf.dtype, buf.device)
+
+
+def chunked_size(numel: int, dtype: torch.dtype, device: torch.device) -> bool:
+    """:func:`chunked` for a contiguous buffer of ``numel`` elements of ``dtype`` on ``device``."""
+    return device.type == "cpu" and dtype.is_floating_point and numel > CHUNK and _state_template() is not None
 
 
 def _splitmix64(x: np.ndarray) -> np.ndarray:
@@ -135,10 +139,12 @@ class ChunkStreams:
             self._gens.append(g)
 
     def fill_(self, buf: Tensor, std: float, start: int = 0, end: int | None = None,
-              threads: int | None = None) -> None:
-        """Draw ``buf[start:end]`` as ``N(0, std^2)`` from the chunks' streams. Ranges cut at
-        multiples of 16 and drawn in increasing order give the numbers of one whole draw
-        (``SliceDraw``); the end of a buffer may be anywhere."""
+              threads: int | None = None, base: int = 0) -> None:
+        """Draw elements ``start:end`` of the buffer as ``N(0, std^2)`` from the chunks' streams
+        into ``buf``, which holds the buffer's elements from ``base`` on (``buf[k - base]`` is
+        element ``k``: a piece of it). Ranges cut at multiples of 16 and drawn in increasing
+        order give the numbers of one whole draw (``SliceDraw``); the end of a buffer may be
+        anywhere."""
         end = self.numel if end is None else end
         pieces = []  # (start, end, chunk) cut at chunk boundaries
         while start < end:
@@ -155,7 +161,7 @@ class ChunkStreams:
 
         def draw() -> None:
             for a, b, k in queue:
-                buf[a:b].normal_(0.0, std, generator=self._gens[k])
+                buf[a - base:b - base].normal_(0.0, std, generator=self._gens[k])
 
         if threads <= 1:
             draw()

@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from .chunked_normal import ChunkStreams, chunked
+from .chunked_normal import ChunkStreams, chunked, chunked_size
 from .secure import SecureGenerator, is_secure, secure_gaussian_mechanism, secure_normal
 
 try:
@@ -120,24 +120,33 @@ def _padded(n: int) -> int:
 
 
 class SliceDraw(Sequence):
-    """The views of one flat noise buffer, filled in order as they are first read:
-    reading view ``k`` draws every slice up to and including ``k`` that is not drawn
-    yet (one ``normal_``, of at least ``MIN_ELEMENTS`` in whole slices, so small layers
-    do not cost a sampler call each). The numbers are those of the whole buffer's draw
-    (:func:`fill_normal`; slices aligned to 16); iterating draws the rest. No view is handed out
-    before its slice is drawn. Book-keeping reads a layer's views just before adding its
-    clipped sums into them and frees the layer's record after, so the buffer's pages
-    are touched as the records' memory is given back."""
+    """The noise of a released CPU buffer, drawn in order as its views are first read: reading
+    view ``k`` draws every slice up to and including ``k`` that is not drawn yet (one
+    ``normal_``, of at least ``MIN_ELEMENTS`` in whole slices, so small layers do not cost a
+    sampler call each) into storage allocated for those slices then: there is no flat
+    buffer. The numbers are those of the whole buffer's draw (:func:`fill_normal`; slices
+    aligned to 16); iterating draws the rest. No view is handed out before its slice is
+    drawn. Book-keeping reads a layer's views just before adding its clipped sums into them
+    and frees the layer's record after, so each piece is allocated as records give their
+    memory back, and the C library hands it that memory; one flat buffer, allocated before
+    any record was freed, took pages the kernel had to zero at their first touch (timm
+    ConvNeXt-atto at 64x64, B = 16: 6,200 page faults a step; ``benchmarks/README.md``,
+    Round 30)."""
 
     #: each draw covers at least this many elements (whole slices; 256 KiB of float32)
     MIN_ELEMENTS = 1 << 16
 
-    def __init__(self, buf: Tensor, views: list[Tensor], ends: list[int], std: float,
-                 generator: torch.Generator | None) -> None:
-        self._buf, self._views, self._ends = buf, views, ends
+    def __init__(self, numel: int, dtype: torch.dtype, device: torch.device, offsets: Sequence[int],
+                 shapes: Sequence[torch.Size], std: float, generator: torch.Generator | None) -> None:
+        self._numel, self._dtype, self._device = numel, dtype, device
+        self._offsets, self._shapes = list(offsets), list(shapes)
+        self._ends = self._offsets[1:] + [numel]
+        # empty slices take no storage: made now, never drawn
+        self._views: list[Tensor | None] = [torch.empty(s, dtype=dtype, device=device) if s.numel() == 0 else None
+                                            for s in self._shapes]
         self._std, self._generator = std, generator
         # a large buffer's chunk streams, keyed now: the generator moves on at the draw, as eagerly
-        self._streams = ChunkStreams(buf.numel(), generator) if chunked(buf) else None
+        self._streams = ChunkStreams(numel, generator) if chunked_size(numel, dtype, device) else None
         self._drawn = 0  # elements of the buffer drawn so far
 
     def _draw_to(self, end: int) -> None:
@@ -146,11 +155,17 @@ class SliceDraw(Sequence):
             if self._streams is not None and threads > 1:  # a chunk per thread a call, or it runs on one
                 least = max(least, threads * self._streams.chunk)
             k = bisect.bisect_left(self._ends, max(end, self._drawn + least))
-            end = self._ends[k] if k < len(self._ends) else self._buf.numel()
+            start, end = self._drawn, (self._ends[k] if k < len(self._ends) else self._numel)
+            piece = torch.empty(end - start, dtype=self._dtype, device=self._device)
             if self._streams is not None:
-                self._streams.fill_(self._buf, self._std, self._drawn, end)
+                self._streams.fill_(piece, self._std, start, end, base=start)
             else:
-                self._buf[self._drawn:end].normal_(0.0, self._std, generator=self._generator)
+                piece.normal_(0.0, self._std, generator=self._generator)
+            first, stop = bisect.bisect_left(self._offsets, start), bisect.bisect_left(self._offsets, end)
+            held = [j for j in range(first, stop) if self._views[j] is None]  # the piece's non-empty slices
+            for j, view in zip(held, _views(piece, [self._offsets[j] - start for j in held],
+                                            [self._shapes[j] for j in held])):
+                self._views[j] = view
             self._drawn = end
 
     def __len__(self) -> int:
@@ -164,7 +179,7 @@ class SliceDraw(Sequence):
         return self._views[k]
 
     def __iter__(self):
-        self._draw_to(self._buf.numel())
+        self._draw_to(self._numel)
         return iter(self._views)
 
 
@@ -180,8 +195,8 @@ class FlatNoise:
     ResNet18's 11.2M parameters the per-parameter draw took 61 ms plus 18 ms for the
     sums, the flat draw 41 ms plus 3 ms (``benchmarks/README.md``, "Round 3"). Each
     parameter's slice starts at a multiple of 16 elements, so a released CPU buffer can be
-    drawn slice by slice as book-keeping adds each layer's sums (``draw(lazy=True)``,
-    :class:`SliceDraw`) with the same numbers as one draw.
+    drawn slice by slice, each piece in storage of its own, as book-keeping adds each layer's
+    sums (``draw(lazy=True)``, :class:`SliceDraw`) with the same numbers as one draw.
 
     ``keep``: hold the buffer (and its per-parameter views, sliced once per layout)
     between steps (``True``), or release it with the last view (``False``:
@@ -196,11 +211,12 @@ class FlatNoise:
     (:meth:`_measure`). The buffer stays released when that costs at most
     ``RELEASE_MAX_SHARE`` (2%) of a step, or up to ``RELEASE_FOR_MEMORY_MAX_SHARE`` (5%) where
     releasing saves at least that share of the step's peak memory (``memory_saved_share``,
-    below), else it is kept from then on. timm's ViT-tiny at 64x64, B = 16 (21 MiB): the
-    first released draw takes 7 ms more (glibc grows its heap once), the next ones none, and
-    steps fault no more (released); ResNet18 at 32x32 (45 MB, above glibc's 32 MiB mmap
-    ceiling): 16 ms on every released draw, 11% of a step, for 11% of its peak (kept); Llama
-    768 wide at T = 512 (44 MB): 16-54 ms of a 0.9-1.2 s step for 38% (released).
+    below), else it is kept from then on. A book-keeping step's released draws, the probe's
+    included, are pieces allocated as the records are freed (:class:`SliceDraw`); other
+    released draws are one flat buffer. timm's ViT-tiny at 64x64, B = 16 (21 MiB): released
+    steps fault no more than kept ones (released); ResNet18 at 32x32 (45 MB): 6,300 page
+    faults a released step while the probe runs (glibc growing its heap for the pieces),
+    about 10 ms (kept where that is over 5% of a step).
     ``decision`` reports what was measured, and ``memory_saved_share``: a held buffer stacks
     on what the step holds at the draw (``held_bytes``: book-keeping's records), so releasing
     saves about ``min(buffer, held) / (buffer + held)`` of the step's peak (ViT-tiny: 21 MiB
@@ -323,8 +339,8 @@ class FlatNoise:
              lazy: bool = False, held_bytes: Callable[[], int] | None = None) -> Sequence[Tensor]:
         """``N(0, std^2)`` noise shaped like each of ``like`` (for which :meth:`fits`), as
         views of the buffer: the optimizer adds the clipped sums into them in place.
-        ``lazy``: a released CPU buffer is drawn slice by slice as the views are read
-        (:class:`SliceDraw`, the same numbers). ``held_bytes()``: what the caller holds at the
+        ``lazy``: a released CPU buffer is drawn slice by slice as the views are read, into
+        storage allocated then (:class:`SliceDraw`, the same numbers). ``held_bytes()``: what the caller holds at the
         draw (book-keeping's records), read while the first draws are measured."""
         _check_std(std)
         dtype, device = like[0].dtype, like[0].device
@@ -332,26 +348,28 @@ class FlatNoise:
         offsets, numel = self._offsets(shapes)
         measuring = self.keep is None and device.type == "cpu" and self.decision is None
         start, faults = (time.perf_counter(), _minor_faults()) if measuring else (0.0, 0)
+        # sliced draws on CPU only (another device's sampler numbers its draws per call)
+        if lazy and std != 0 and not self.keeps(device) and device.type == "cpu":
+            self._kept, self._views, self._weak = None, ((), []), None  # no flat buffer: pieces
+            pieces = SliceDraw(numel, dtype, device, offsets, shapes, float(std), generator)
+            if measuring:  # a released draw of the probe: its pieces are drawn, and fault, in the step it counts
+                self._measure(start, time.perf_counter(), (faults, _minor_faults()), True,
+                              held_bytes() if held_bytes else 0, numel * like[0].element_size())
+            return pieces
         buf = self.buffer
         fresh = buf is None or buf.numel() != numel or buf.dtype != dtype or buf.device != device
         if fresh:
             buf = torch.empty(numel, dtype=dtype, device=device)
-        # sliced draws on CPU only (another device's sampler numbers its draws per call) and
-        # not while timing the probe's draws
-        sliced = lazy and std != 0 and not self.keeps(device) and device.type == "cpu" and not measuring
         if std == 0:
             buf.zero_()  # draws nothing: a non-private run leaves the generator untouched
-        elif not sliced:  # the probe's draws on one thread: faults taken in parallel would look cheap
+        else:  # the probe's draws on one thread: faults taken in parallel would look cheap
             fill_normal(buf, float(std), generator, threads=1 if measuring else None)
         if measuring:
             end, faults = time.perf_counter(), (faults, _minor_faults())
             self._measure(start, end, faults, fresh, held_bytes() if held_bytes else 0, numel * buf.element_size())
         if not self.keeps(device):  # no reference of ours keeps it alive past the views
             self._kept, self._views, self._weak = None, ((), []), weakref.ref(buf)
-            views = _views(buf, offsets, shapes)
-            if sliced:
-                return SliceDraw(buf, views, offsets[1:] + [numel], float(std), generator)
-            return views
+            return _views(buf, offsets, shapes)
         self._kept, self._weak = buf, None
         if self._views[0] != shapes or not self._views[1] or self._views[1][0]._base is not buf:
             self._views = (shapes, _views(buf, offsets, shapes))
