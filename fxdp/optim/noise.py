@@ -340,8 +340,9 @@ class FlatNoise:
         """``N(0, std^2)`` noise shaped like each of ``like`` (for which :meth:`fits`), as
         views of the buffer: the optimizer adds the clipped sums into them in place.
         ``lazy``: a released CPU buffer is drawn slice by slice as the views are read, into
-        storage allocated then (:class:`SliceDraw`, the same numbers). ``held_bytes()``: what the caller holds at the
-        draw (book-keeping's records), read while the first draws are measured."""
+        storage allocated then (:class:`SliceDraw`, the same numbers). ``held_bytes()``: what
+        the caller holds at the draw (book-keeping's records), read while the first draws are
+        measured."""
         _check_std(std)
         dtype, device = like[0].dtype, like[0].device
         shapes = tuple(s.shape for s in like)
