@@ -601,8 +601,8 @@ def test_noise_first_step_equals_add_noise_then_scale(passes, clipping, monkeypa
 def test_released_noise_is_drawn_layer_by_layer_as_records_are_freed(monkeypatch):
     """With the noise buffer released (``flat_noise.keep = False``) a book-keeping step
     draws each layer's slice of the noise as it adds that layer's sums (in the order of
-    the parameters), and frees each record once its sums are formed: the buffer's pages
-    are touched as the records' memory is given back. The step is the same as with the
+    the parameters), into pieces allocated as it goes, and frees each record once its sums
+    are formed, so each piece can take memory a record gave back. The step is the same as with the
     buffer kept (one draw); ``held_bytes`` is what the records held at the draw."""
     from fxdp.optim.noise import SliceDraw
 
