@@ -93,6 +93,28 @@ def test_closed_form_input_grads_match_autograd(case, mode, monkeypatch):
             torch.testing.assert_close(sums[id(p)], q.grad, rtol=1e-9, atol=1e-12, msg=n)
 
 
+@pytest.mark.parametrize("per_slice", [1, 2])
+@pytest.mark.parametrize("case", ["conv1d-stride-dilation", "conv2d-groups", "conv3d"])
+def test_conv_input_grad_in_batch_slices_is_autograds(case, per_slice, monkeypatch):
+    """On CPU a large convolution's input gradient runs a slice of the batch at a time
+    (``INPUT_GRAD_SLICE_BYTES``): forced here to 1 and 2 samples a slice (the last slice
+    short), the input gradient is still autograd's for every sample."""
+    import fxdp.rules.conv as conv_rules
+
+    slices = []
+    monkeypatch.setattr(conv_rules, "samples_per_slice", lambda *a, **k: slices.append(1) or per_slice)
+    build, shape = CASES[case]
+    torch.manual_seed(4)
+    model = build().to(DT)
+    ref = copy.deepcopy(model)
+    x = torch.randn(5, *shape[1:], dtype=DT, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    quiet_privatize(model)(x).pow(2).sum().backward()
+    ref(x_ref).pow(2).sum().backward()
+    assert slices, "the sliced input gradient was not used"
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("beta, alpha", [(1, 1), (0.5, 2.0)])
 def test_addmm_input_grad_is_autograds(beta, alpha):
     """addmm's closed-form gradient w.r.t. ``mat1`` (``alpha * g @ W^T``) against autograd."""
