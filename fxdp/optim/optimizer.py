@@ -30,6 +30,7 @@ from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
 from ..accountants.validation import check_nonneg, check_positive, is_real
+from ..utils.allocator import adapt_malloc_thresholds
 from .clip import NONFINITE_POLICIES, ClipResult, Clipping, ClipStats, clip_statistics
 from .grad_source import ClippedSumSource, MaterializedGradients, is_processed, mark_as_processed
 from .noise import FlatNoise, secure_generator
@@ -385,6 +386,10 @@ class DPOptimizer(Optimizer):
             )
         bookkeeping.attached = True
         self.grad_source = bookkeeping
+        if any(p.device.type == "cpu" for p in self.params):
+            # each step frees its records at once: glibc's dynamic thresholds, where still at
+            # their start, would give that memory back and the next backward pass fault it in again
+            adapt_malloc_thresholds()
 
     def _clip_and_accumulate(self) -> None:
         """``p.summed_grad += sum_i c_i g_i`` from the grad source, with this step's clipping."""

@@ -12,12 +12,21 @@ non-private (``benchmarks/README.md``, Round 9).
 
 The cost: freed memory stays in the process (its resident set keeps the step's peak, as
 CUDA's caching allocator does) instead of going back to the system between steps.
+
+:func:`adapt_malloc_thresholds` is the mild form that book-keeping applies by itself on CPU:
+glibc's thresholds are dynamic (``mallopt(3)``): the first free of a block above the mmap
+threshold raises it to that block's size, and the trim threshold to twice it, up to 32 and
+64 MiB, which a program reaches once it frees its first 32 MiB tensor. A process whose
+largest freed block is still small trims each step's freed records, and the next backward
+pass faults them in again (Hugging Face's BERT at T = 128, ViT at T = 65: 1,400-6,500 page
+faults a step). Thresholds a user set (``mallopt``, ``MALLOC_*_`` variables) are fixed and
+stay as set.
 """
 from __future__ import annotations
 
 import ctypes
 
-__all__ = ["keep_freed_memory"]
+__all__ = ["adapt_malloc_thresholds", "keep_freed_memory"]
 
 # mallopt(3) parameters
 _M_TRIM_THRESHOLD = -1
@@ -61,4 +70,31 @@ def keep_freed_memory(mmap_threshold: int = MAX_MMAP_THRESHOLD, trim_threshold: 
                 f"mallopt({param}, {value}) was refused by the C library. Fix: start Python with "
                 f"MALLOC_MMAP_THRESHOLD_={mmap_threshold} MALLOC_TRIM_THRESHOLD_={trim_threshold} set instead"
             )
+    return True
+
+
+_adapted = False
+
+
+def adapt_malloc_thresholds(nbytes: int = MAX_MMAP_THRESHOLD - (64 << 10)) -> bool:
+    """Move glibc's *dynamic* mmap and trim thresholds to where freeing one ``nbytes`` block
+    puts them (``nbytes`` and twice it; at most glibc's 32 MiB ceiling), as any program that
+    frees a large tensor does: one ``malloc`` and ``free`` of a block no page of which is
+    touched (mapped and unmapped). Blocks below it then come from the heap and are reused, and
+    a step's freed top of the heap is kept up to twice it, instead of being faulted in again
+    at the next step. Once per process; where the thresholds were set (``mallopt``,
+    ``MALLOC_MMAP_THRESHOLD_`` and the like) glibc keeps them and this changes nothing.
+    Returns ``False`` where the C library is not glibc."""
+    global _adapted
+    if not 0 < nbytes < MAX_MMAP_THRESHOLD:
+        raise ValueError(f"nbytes must be in (0, {MAX_MMAP_THRESHOLD}) (glibc's dynamic ceiling), got {nbytes}")
+    libc = _glibc()
+    if libc is None:
+        return False
+    if not _adapted:
+        libc.malloc.restype = ctypes.c_void_p
+        ptr = libc.malloc(ctypes.c_size_t(nbytes))
+        if ptr:
+            libc.free(ctypes.c_void_p(ptr))
+        _adapted = True
     return True
