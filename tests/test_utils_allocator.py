@@ -9,6 +9,17 @@ import pytest
 
 from fxdp.utils import allocator, keep_freed_memory
 
+#: a child's last lines: four warm-up cycles, then the page faults of four more
+_MEASURE = textwrap.dedent(
+    """
+    for _ in range(4):
+        cycle()
+    f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(4):
+        cycle()
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
+    """
+)
 _CYCLES = textwrap.dedent(
     """
     import ctypes, resource, sys, torch
@@ -23,14 +34,8 @@ _CYCLES = textwrap.dedent(
     def cycle():  # a step's temporaries: 8 x 2 MiB, touched, all freed at its end
         ts = [torch.empty(1 << 19).fill_(1.0) for _ in range(8)]
         del ts
-    for _ in range(4):
-        cycle()
-    f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    for _ in range(4):
-        cycle()
-    print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
     """
-)
+) + _MEASURE
 #: 4 cycles x 16 MiB of 4 KiB pages
 _PAGES = 4 * 16 * 256
 
@@ -88,14 +93,8 @@ _ADAPT = textwrap.dedent(
             ctypes.memset(p, 1, 6 << 20)
         for p in ps:
             libc.free(ctypes.c_void_p(p))
-    for _ in range(4):
-        cycle()
-    f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    for _ in range(4):
-        cycle()
-    print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
     """
-)
+) + _MEASURE
 
 
 def _adapt_faults(mode: str) -> tuple[str, int]:
