@@ -74,9 +74,11 @@ def keep_freed_memory(mmap_threshold: int = MAX_MMAP_THRESHOLD, trim_threshold: 
 
 
 _adapted = False
+#: the largest block whose mapping (with glibc's header, rounded to pages) stays within the ceiling
+_MAX_ADAPT_BYTES = MAX_MMAP_THRESHOLD - (64 << 10)
 
 
-def adapt_malloc_thresholds(nbytes: int = MAX_MMAP_THRESHOLD - (64 << 10)) -> bool:
+def adapt_malloc_thresholds(nbytes: int = _MAX_ADAPT_BYTES) -> bool:
     """Move glibc's *dynamic* mmap and trim thresholds to where freeing one ``nbytes`` block
     puts them (``nbytes`` and twice it; at most glibc's 32 MiB ceiling), as any program that
     frees a large tensor does: one ``malloc`` and ``free`` of a block no page of which is
@@ -86,8 +88,9 @@ def adapt_malloc_thresholds(nbytes: int = MAX_MMAP_THRESHOLD - (64 << 10)) -> bo
     ``MALLOC_MMAP_THRESHOLD_`` and the like) glibc keeps them and this changes nothing.
     Returns ``False`` where the C library is not glibc."""
     global _adapted
-    if not 0 < nbytes < MAX_MMAP_THRESHOLD:
-        raise ValueError(f"nbytes must be in (0, {MAX_MMAP_THRESHOLD}) (glibc's dynamic ceiling), got {nbytes}")
+    if not 0 < nbytes <= _MAX_ADAPT_BYTES:
+        raise ValueError(f"nbytes must be in (0, {_MAX_ADAPT_BYTES}] (below glibc's 32 MiB dynamic ceiling with its "
+                         f"header and page rounding), got {nbytes}")
     libc = _glibc()
     if libc is None:
         return False
