@@ -90,7 +90,7 @@ def adapt_malloc_thresholds(nbytes: int = _MAX_ADAPT_BYTES) -> bool:
     global _adapted
     if not 0 < nbytes <= _MAX_ADAPT_BYTES:
         raise ValueError(f"nbytes must be in (0, {_MAX_ADAPT_BYTES}] (below glibc's 32 MiB dynamic ceiling with its "
-                         f"header and page rounding), got {nbytes}")
+                         f"header and page rounding), got {nbytes}. Fix: call it without nbytes (its default is the largest)")
     libc = _glibc()
     if libc is None:
         return False
