@@ -31,6 +31,7 @@ from .errors import BatchDimensionError, where
 from .passes.symbolic_batch import annotate_batch, batch_symbol, mixing_findings
 from .passes.per_sample_loss import rewrite_in_forward_losses
 from .passes.probe_batch import probe_batch
+from .utils.pytree import input_leaves, input_structure
 
 __all__ = ["ExportedDPModule"]
 
@@ -73,20 +74,23 @@ class ExportedDPModule(DPModule):
 
     @staticmethod
     def _key(args: Tuple[Any, ...], kwargs: Dict[str, Any], dims: List[Optional[int]]) -> tuple:
-        flat, spec = tree_flatten((args, kwargs))
+        flat, structure = input_structure((args, kwargs))  # no reference cycle a step (tree_flatten's)
         leaves = []
         for t, d in zip(flat, dims):
             if isinstance(t, Tensor):
                 leaves.append(("T", t.dtype, t.dim(), t.device.type, d, static_sizes(t, d)))
             else:
                 leaves.append(("V", type(t).__name__, repr(t)))
-        return (str(spec), tuple(leaves))
+        return (structure, tuple(leaves))
 
     # -- capture ----------------------------------------------------------------------
     def _capture(self, args: Tuple[Any, ...], kwargs: Dict[str, Any], dims: List[Optional[int]]) -> tuple:
         gm = exported_graph(self._source_root, args, kwargs, dims, self.recorder.loss_reduction)
         _refuse_mixing(gm, self.allow_unsafe_model, tree_flatten((args, kwargs))[0], dims)
         captures = instrument(gm, self.recorder)
+        # a graph serves the input structure of its key (``_key``): torch.export's check of the
+        # structure on every call (a forward pre-hook) repeats it, leaving reference cycles a step
+        gm.validate_inputs = False
         container = getattr(self, CAPTURES)
         prefix = f"g{len(self._graphs)}_" if self._graphs else ""
         for c in captures:
@@ -122,10 +126,10 @@ class ExportedDPModule(DPModule):
         if entry is None:
             entry = self._graphs[key] = self._capture(args, kwargs, dims)
         gm, batched = entry
-        flat, spec = tree_flatten((args, kwargs))
+        flat = input_leaves((args, kwargs))
         B = flat[batched[0][0]].shape[batched[0][1]] if batched else None
         if B == 0:
-            return self._empty_batch(gm, flat, spec, dims)
+            return self._empty_batch(gm, flat, tree_flatten((args, kwargs))[1], dims)
         self.recorder.begin_forward(B, {})
         return self._watch_loss(gm(tuple(args), kwargs), B)
 
@@ -182,9 +186,9 @@ def leaf_batch_dims(args: Tuple[Any, ...], kwargs: Dict[str, Any], batch_dim: An
     ``batch_dim``, keyword inputs at ``default``; ``None`` for non-tensors)."""
     dims: List[Optional[int]] = []
     for arg, bd in zip(args, per_arg(args, batch_dim)):
-        for t in tree_flatten(arg)[0]:
+        for t in input_leaves(arg):
             dims.append(input_batch_dim(t, bd) if isinstance(t, Tensor) else None)
-    for t in tree_flatten(kwargs)[0]:
+    for t in input_leaves(kwargs):
         dims.append(input_batch_dim(t, default) if isinstance(t, Tensor) else None)
     return dims
 

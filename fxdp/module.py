@@ -15,7 +15,6 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.fx as fx
 from torch import Tensor, nn
-from torch.utils._pytree import tree_flatten
 
 from .bookkeeping import BookKeeping
 from .loss_check import watch_loss_reduction
@@ -24,6 +23,7 @@ from .capture.op import unserved_folds
 from .passes.batch_dims import input_batch_dim, per_arg, propagate_batch_dims
 from .passes.batch_mixing.guard import refuse_mixing
 from .passes.capture import CAPTURES
+from .utils.pytree import input_structure
 
 __all__ = ["DPModule", "adopt"]
 
@@ -54,8 +54,8 @@ def _signature(args: Tuple[Any, ...], batch_dim: Any) -> Tuple[Optional[int], tu
     B: Optional[int] = None
     key: List[Any] = []
     for arg, bd in zip(args, per_arg(args, batch_dim)):
-        flat, spec = tree_flatten(arg)
-        key.append(str(spec))
+        flat, structure = input_structure(arg)  # a tree_flatten a step left a reference cycle
+        key.append(structure)
         for t in flat:
             if isinstance(t, Tensor):
                 d = input_batch_dim(t, bd)

@@ -27,6 +27,7 @@ import operator
 from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
+import torch.fx as fx
 from torch import Tensor
 from torch.fx.node import map_arg
 
@@ -190,6 +191,27 @@ def broadcast_grad(g: Tensor, bo: int, shape: Tuple[int, ...]) -> Optional[Tuple
     return batch_sum(g, torch.Size(kept)).reshape((g.shape[0],) + tuple(kept)), k
 
 
+class _ValueGrab(fx.Interpreter):
+    """Runs a capture's subgraph and keeps the arguments and output of its node ``name``.
+    A module-level class: one defined per call is a reference cycle left every step."""
+
+    def __init__(self, gm: fx.GraphModule, name: str) -> None:
+        super().__init__(gm)
+        self.name = name
+        self.seen: Dict[str, Any] = {}
+
+    def grab(self, *inputs: Any) -> Dict[str, Any]:
+        self.run(*inputs)
+        return self.seen
+
+    def run_node(self, n: Any) -> Any:
+        out = super().run_node(n)
+        if n.name == self.name:
+            self.seen.update(args=self.map_nodes_to_values(n.args, n), kwargs=self.map_nodes_to_values(n.kwargs, n),
+                             out=out)
+        return out
+
+
 class BroadcastRuleCapture(ParamCapture):
     """``x + op(W, idx)``: a rule-served op applied to a parameter and parameter-free
     inputs (position embeddings of ``arange(T)``), its output broadcast over the batch.
@@ -209,22 +231,8 @@ class BroadcastRuleCapture(ParamCapture):
 
     def _prepared(self, rec: LayerRecord) -> tuple:
         """The rule's arguments (input repeated per sample) and the per-sample output gradient."""
-        import torch.fx as fx
-
-        seen: Dict[str, Any] = {}
-
-        class _Grab(fx.Interpreter):
-            def run_node(self, n: Any) -> Any:
-                out = super().run_node(n)
-                if n.name == outer.value:
-                    seen["args"] = self.map_nodes_to_values(n.args, n)
-                    seen["kwargs"] = self.map_nodes_to_values(n.kwargs, n)
-                    seen["out"] = out
-                return out
-
-        outer = self
         with torch.no_grad():
-            _Grab(self.fn).run(*rec.inputs)
+            seen = _ValueGrab(self.fn, self.value).grab(*rec.inputs)
         args = self.rule.bind(tuple(seen["args"]), dict(seen["kwargs"]))
         v = seen["out"]
         dims_in, dims_out = self.resolve_batch_dims(rec)
