@@ -73,7 +73,8 @@ class ExportedDPModule(DPModule):
         return leaf_batch_dims(args, kwargs, self.batch_dim, 0 if self.batch_first else 1)
 
     @staticmethod
-    def _key(args: Tuple[Any, ...], kwargs: Dict[str, Any], dims: List[Optional[int]]) -> tuple:
+    def _key(args: Tuple[Any, ...], kwargs: Dict[str, Any], dims: List[Optional[int]]) -> Tuple[tuple, List[Any]]:
+        """``(key, flat)``: the graph cache key of these inputs and their flat leaves."""
         flat, structure = input_structure((args, kwargs))  # no reference cycle a step (tree_flatten's)
         leaves = []
         for t, d in zip(flat, dims):
@@ -81,7 +82,7 @@ class ExportedDPModule(DPModule):
                 leaves.append(("T", t.dtype, t.dim(), t.device.type, d, static_sizes(t, d)))
             else:
                 leaves.append(("V", type(t).__name__, repr(t)))
-        return (structure, tuple(leaves))
+        return (structure, tuple(leaves)), flat
 
     # -- capture ----------------------------------------------------------------------
     def _capture(self, args: Tuple[Any, ...], kwargs: Dict[str, Any], dims: List[Optional[int]]) -> tuple:
@@ -121,12 +122,11 @@ class ExportedDPModule(DPModule):
         if not (self.training and torch.is_grad_enabled()):
             return self._source_root(*args, **kwargs)
         dims = self._leaf_batch_dims(args, kwargs)
-        key = self._key(args, kwargs, dims)
+        key, flat = self._key(args, kwargs, dims)
         entry = self._graphs.get(key)
         if entry is None:
             entry = self._graphs[key] = self._capture(args, kwargs, dims)
         gm, batched = entry
-        flat = input_leaves((args, kwargs))
         B = flat[batched[0][0]].shape[batched[0][1]] if batched else None
         if B == 0:
             return self._empty_batch(gm, flat, tree_flatten((args, kwargs))[1], dims)
@@ -153,7 +153,7 @@ class ExportedDPModule(DPModule):
     def capture_example(self, *args: Any, **kwargs: Any) -> None:
         """Capture the graph for inputs like these now (instead of on the first call)."""
         dims = self._leaf_batch_dims(args, kwargs)
-        key = self._key(args, kwargs, dims)
+        key, _ = self._key(args, kwargs, dims)
         if key not in self._graphs:
             self._graphs[key] = self._capture(args, kwargs, dims)
 
