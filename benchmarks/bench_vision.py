@@ -2,7 +2,7 @@
 
 Needs torch 2.14.1 + torchvision + timm in their own venv (see ``zoo_vision.py``)::
 
-    venv-vision/bin/python benchmarks/bench_vision.py [--rounds 7] [--batch-size 16]
+    venv-vision/bin/python benchmarks/bench_vision.py [--rounds 7] [--batch-size 16] [--image-size 224]
 
 One thread (``--threads``); each round runs one non-private step and one full
 book-keeping DP step (forward, backward, norms, clipped sums, noise, SGD update) back to
@@ -11,7 +11,9 @@ times fxdp's draw of the model's parameter count alone (``fill_normal``: the sam
 floor no DP step on this CPU avoids) in the same rounds, as a share of the non-private
 step; then the peak memory of one step of each (``_memory.py``, 1 thread). Random
 weights, train mode.
-Results: ``results/vision_steps.md``.
+Results: ``results/vision_steps.md`` (each model at its own small input, 32x32 or 64x64, as
+issue 13's table), ``results/vision_steps_b64.md`` (B = 64) and ``results/vision_steps_224.md``
+(``--image-size 224``: every model at ImageNet's input side, as such models are trained).
 """
 from __future__ import annotations
 
@@ -33,12 +35,13 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _memory import MEM_SLACK_MIB, WARMUP_STEPS, in_child, noise_held, peak_step_memory  # noqa: E402
 
 
-def _models():
+def _models(image_size: int | None = None):
+    """``{name: (build, input side)}``: each model at its own input side, or all at ``image_size``."""
     import timm
     import torchvision
 
     tv = torchvision.models
-    return {
+    models = {
         "torchvision resnet18": (lambda: tv.resnet18(weights=None, num_classes=10), 32),
         "torchvision mobilenet_v3_small": (lambda: tv.mobilenet_v3_small(weights=None, num_classes=10), 64),
         "torchvision efficientnet_b0": (lambda: tv.efficientnet_b0(weights=None, num_classes=10), 64),
@@ -46,8 +49,9 @@ def _models():
         "timm convnext_atto": (lambda: timm.create_model("convnext_atto", pretrained=False, num_classes=10), 64),
         # issue 13's own transformer row: 16 patches + the class token, 12 blocks 192 wide
         "timm vit_tiny_patch16": (lambda: timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=10,
-                                                              img_size=64), 64),
+                                                              img_size=image_size or 64), 64),
     }
+    return {k: (b, image_size or size) for k, (b, size) in models.items()}
 
 
 def steps(build, size: int, batch: int) -> tuple:
@@ -105,9 +109,9 @@ def ratio(build, size: int, batch: int, rounds: int) -> tuple:
     return statistics.median(ratios), statistics.median(noise_share), kept, statistics.median(plain_ms)
 
 
-def memory_child(name: str, batch: int, which: str) -> None:
+def memory_child(name: str, batch: int, which: str, image_size: int | None) -> None:
     """Peak memory one step of ``which`` (``plain`` or ``bk``) adds (``_memory.py``)."""
-    build, size = _models()[name]
+    build, size = _models(image_size)[name]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         plain_step, bk_step, _ = steps(build, size, batch)
@@ -117,11 +121,13 @@ def memory_child(name: str, batch: int, which: str) -> None:
     print(json.dumps({which: peak_step_memory(step, step.zero, step.held)}))
 
 
-def peaks(name: str, batch: int) -> dict:
+def peaks(name: str, batch: int, image_size: int | None) -> dict:
     out, kept = {}, []
+    side = ["--image-size", str(image_size)] if image_size else []
     for which in ("plain", "bk"):
         try:
-            out.update(in_child(__file__, ["--memory-child", name, str(batch), which], decisions=kept if which == "bk" else None))
+            out.update(in_child(__file__, ["--memory-child", name, str(batch), which] + side,
+                                decisions=kept if which == "bk" else None))
         except Exception as e:  # a miss is reported, not hidden
             print(f"memory measurement failed for {name} {which}: {e}", file=sys.stderr)
     if kept:
@@ -147,15 +153,20 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--threads", type=int, default=1, help="intra-op threads of the timed steps")
     ap.add_argument("--models", nargs="*", help="only the models whose name contains one of these")
+    ap.add_argument("--image-size", type=int, help="every model at this input side (default: each its own, 32 or 64)")
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory children")
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "vision_steps.md"))
+    ap.add_argument("--out", help="the table (default: results/vision_steps[_b<B>][_<side>].md, batch 16 and "
+                    "each model's own side left out of the name)")
     ap.add_argument("--memory-child", nargs=3, metavar=("MODEL", "B", "WHICH"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     torch.set_num_threads(1 if args.memory_child else args.threads)
     if args.memory_child:
         name, batch, which = args.memory_child
-        memory_child(name, int(batch), which)
+        memory_child(name, int(batch), which, args.image_size)
         return
+    if args.out is None:
+        tag = (f"_b{args.batch_size}" if args.batch_size != 16 else "") + (f"_{args.image_size}" if args.image_size else "")
+        args.out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"vision_steps{tag}.md")
     lines = ["# torchvision / timm: fxdp book-keeping step time / non-private (benchmarks/bench_vision.py)", "",
              f"torch {torch.__version__}, {args.threads} thread(s), batch {args.batch_size}, median of {args.rounds} interleaved "
              "rounds; targets of issue 13: CNNs <= 1.5x, transformers (the ViT) <= 1.3x. Peak memory one step "
@@ -166,11 +177,11 @@ def main() -> None:
              "| model | input | bk / non-private | of which the noise draw | noise buffer | non-private MiB | bk MiB | "
              "noise buffer | memory target |",
              "|---|---|---|---|---|---|---|---|---|"]
-    for name, (build, size) in _models().items():
+    for name, (build, size) in _models(args.image_size).items():
         if args.models and not any(m in name for m in args.models):
             continue
         r, n, kept, _ = ratio(build, size, args.batch_size, args.rounds)
-        mem = {} if args.no_memory else peaks(name, args.batch_size)
+        mem = {} if args.no_memory else peaks(name, args.batch_size, args.image_size)
         lines.append(f"| {name} | {size}x{size} | {r:.2f}x | {n:.2f}x | {_kept(kept)} | {_mem_cells(mem)}")
         print(lines[-1], flush=True)
     with open(args.out, "w") as f:
