@@ -68,6 +68,12 @@ class BookKeeping(ClippedSumSource):
     """
 
     sums_into = True
+    #: drop an output gradient that the next capture op's record gives through a ReLU, and form
+    #: it again when the pass ends (``fxdp.passes.relu_grads``); ``False``: hold it to the step
+    recompute_relu_grads = True
+    #: ... where the gradient takes at least this many bytes: below it the memory is nothing
+    #: beside the step's, and forming it again costs kernel calls (MNIST's ``[32, 32]``)
+    recompute_min_bytes = 1 << 18
 
     def __init__(self, loss_reduction: str = "mean") -> None:
         self.loss_reduction = loss_reduction
@@ -104,13 +110,53 @@ class BookKeeping(ClippedSumSource):
                 rec.sq = rec.op.norm_sample_sq(rec, single, self.measure)
                 if rec.params and all(i in rec.kept for i in rec.params):
                     rec.release()
+            self._defer_grad(rec)
         except BaseException:
             self.records = []  # the pass is abandoned (autograd drops its queued close with it)
             raise
 
+    def _defer_grad(self, rec: LayerRecord) -> None:
+        """Drop ``rec``'s output gradient where the record of the capture op it feeds through a
+        ReLU (``CaptureOp.grad_from``; this pass, the same forward) holds that op's input and
+        output gradient: :meth:`_restore_grads` forms it again when the pass ends. Only a record
+        whose norms wait for the pass's end (nothing formed from its gradient yet)."""
+        link = rec.op.grad_from
+        if (link is None or not self.recompute_relu_grads or rec.stand_in or rec.released or rec.sq or rec.kept
+                or set(rec.memo) - {"prepared", "scratch"} or rec.memo.get("scratch")
+                or len(rec.grads) != 1 or rec.grads[0] is None
+                or rec.grads[0].numel() * rec.grads[0].element_size() < self.recompute_min_bytes):
+            return
+        dst, i = link
+        found = [r for r in self.records if r.op is dst and r.generation == rec.generation]
+        if len(found) != 1:  # the op ran more than once in this forward: which record is ambiguous
+            return
+        src = found[0]
+        if (src.released or src.stand_in or len(src.grads) != 1 or (src.grads[0] is None and src.grad_source is None)
+                or i >= len(src.inputs) or not isinstance(src.inputs[i], Tensor)
+                or src.inputs[i].shape != rec.grads[0].shape
+                or not src.op.explicit_input_grad(src.inputs, [j == i for j in range(len(src.inputs))])):
+            return
+        rec.grads, rec.grad_source = [None], (src, i)
+        rec.memo = {}  # its batch-first view of the gradient too (``RuleCapture.prepared``: formed again)
+
+    @staticmethod
+    def _restore_grads(records: List[LayerRecord]) -> None:
+        """The output gradients :meth:`_defer_grad` dropped, formed again in arrival order (the
+        later layer of a chain first): the next op's input gradient by its own closed form, as
+        the backward pass formed it, through the ReLU's derivative ``threshold_backward(g, x, 0)``.
+        Before any norm: a layer's norms and clipped sums read the same tensor."""
+        with torch.no_grad():
+            for r in records:
+                if r.grad_source is None:
+                    continue
+                src, i = r.grad_source
+                g_in = src.op.input_grads(src.inputs, src.grads, src.saved)[i]
+                r.grads, r.grad_source = [torch.ops.aten.threshold_backward(g_in, src.inputs[i], 0)], None
+
     def _close_pass(self) -> None:
         """The per-sample norms of the pass that just ended (errors surface in backward)."""
         records, self.records = self.records, []
+        self._restore_grads(records)
         records = [r for r in records if not r.stand_in]
         B = records[0].batch_size if records else 0
         if any(r.batch_size != B for r in records):

@@ -765,3 +765,91 @@ def test_dropped_samples_are_left_out_without_per_sample_gradients(masked_sum_fi
     for got, q in zip(sums, gs):
         torch.testing.assert_close(got, torch.einsum("b,b...->...", factors, q), rtol=1e-9, atol=1e-12)
     assert [r.op.rule_name() for r in formed] == ([] if masked_sum_finite else ["linear"])
+
+
+class ReluChain(nn.Module):
+    """Linear -> ReLU -> Linear -> ReLU -> Linear on [B, T, d] (T = 5: ghost norms, formed at the
+    pass's end), then a conv -> ReLU -> conv pair: each earlier layer's output gradient is the next
+    layer's input gradient through a ReLU (``fxdp.passes.relu_grads``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.l1, self.l2, self.l3 = nn.Linear(8, 16), nn.Linear(16, 16), nn.Linear(16, 12)
+        self.c1, self.c2 = nn.Conv2d(12, 16, 3, padding=1), nn.Conv2d(16, 8, 3, padding=1)
+
+    def forward(self, x):  # [B, 5, 8]
+        h = self.l3(F.relu(self.l2(F.relu(self.l1(x)))))  # [B, 5, 12]
+        img = h.transpose(1, 2).unsqueeze(-1).expand(-1, -1, -1, 5)  # [B, 12, 5, 5]
+        return self.c2(F.relu(self.c1(img))).mean((2, 3))
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_output_gradients_formed_again_through_a_relu_give_the_same_clipped_sums(capture, monkeypatch):
+    """Where a layer's output reaches the next captured layer only through a ReLU, book-keeping drops
+    its output gradient as its record arrives (the backward pass goes on without it) and forms it
+    again from the next layer's record when the pass ends: ``threshold_backward(dL/dx, x, 0)``. The
+    clipped sums equal the materialized ones (float64), a chain included (l1's from l2's record,
+    itself formed again from l3's), and equal book-keeping's without the recomputation."""
+    from fxdp.bookkeeping import BookKeeping
+
+    monkeypatch.setattr(BookKeeping, "recompute_min_bytes", 0)
+    torch.manual_seed(0)
+    model = ReluChain()
+    x = torch.randn(6, 5, 8)
+    dpm = privatize(model)
+    w = torch.randn_like(dpm(x))
+    expected = clipped_sums_materialized(dpm, x, w, 0.3, False)
+    held = []  # at the first layer's input gradient: which records hold their output gradient (or a view)
+
+    def run(dpb):
+        def go():
+            xx = x.clone().requires_grad_(True)
+            xx.register_hook(lambda g: held.append({r.op.module_path: (r.grads[0] is not None or "prepared" in r.memo,
+                                                                       r.grad_source is not None)
+                                                    for r in dpb.bookkeeping.records}))
+            dpb(xx).mul(w).sum().div(x.shape[0]).backward()
+        return go
+
+    sums = {}
+    for on in (True, False):
+        monkeypatch.setattr(BookKeeping, "recompute_relu_grads", on)
+        dpb = privatize(copy.deepcopy(model), grad_sample_mode="bk", capture=capture)
+        got = bk_clipped_sums(dpb, run(dpb), 0.3)
+        sums[on] = [got[id(p)] for p in dpb.parameters() if p.requires_grad]
+        for s, e in zip(sums[on], expected):
+            torch.testing.assert_close(s, e, rtol=1e-9, atol=1e-12)
+    for a, b in zip(sums[True], sums[False]):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-15)
+    dropped = {k for k, (has, _) in held[0].items() if not has}
+    assert dropped == {"l1", "l2", "c1"}, held[0]  # each formed again at the pass's end
+    assert all(src for k, (_, src) in held[0].items() if k in dropped)
+    assert all(has for k, (has, _) in held[1].items())  # without: every output gradient held
+
+
+def test_output_gradients_through_a_relu_stay_exact_when_training():
+    """The same DP-SGD steps (noise, per-layer clipping, two forwards in one backward pass, whose
+    records pair by forward) with and without the recomputation, and against materialize mode."""
+    from fxdp.bookkeeping import BookKeeping
+
+    torch.manual_seed(1)
+    model = ReluChain()
+    runs = []
+    for mode, on in (("materialize", False), ("bk", True), ("bk", False)):
+        dp = privatize(copy.deepcopy(model), grad_sample_mode=mode)
+        n = len(list(dp.parameters()))
+        opt = DPOptimizer(torch.optim.SGD(dp.parameters(), lr=0.1), noise_multiplier=0.7, max_grad_norm=[0.2] * n,
+                          expected_batch_size=4, generator=torch.Generator().manual_seed(7), clipping="per_layer")
+        if mode == "bk":
+            opt.attach_bookkeeping(dp.bookkeeping)
+            dp.bookkeeping.recompute_relu_grads, dp.bookkeeping.recompute_min_bytes = on, 0
+        data = torch.Generator().manual_seed(3)
+        for step in range(3):
+            opt.zero_grad()
+            x1, x2 = torch.randn(4, 5, 8, generator=data), torch.randn(4, 5, 8, generator=data)
+            (dp(x1).pow(2).sum() + dp(x2).sum()).div(8).backward() if step == 1 else dp(x1).pow(2).mean().backward()
+            opt.step()
+        runs.append([p.detach().clone() for p in dp.parameters()])
+    assert BookKeeping.recompute_relu_grads is True  # an instance's switch, not the class's
+    for other in runs[1:]:
+        for a, b in zip(runs[0], other):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)

@@ -214,6 +214,10 @@ class CaptureOp(nn.Module):
     #: whether the batch's outputs are kept to check, every step, that each sample's
     #: output alone equals its output in the batch (ops whose inside is not analysed)
     checks_outputs = False
+    #: ``(next capture op, its input index)`` where this op's output reaches only that input,
+    #: through a ReLU: book-keeping forms this op's output gradient again from the next op's
+    #: record instead of holding it (``fxdp.passes.relu_grads``)
+    grad_from: Optional[Tuple["CaptureOp", int]] = None
 
     def __init__(
         self,

@@ -49,6 +49,9 @@ class LayerRecord:
     #: arguments), formed once per record: book-keeping reads them up to four times a step;
     #: ``memo["scratch"]``: what the rule's norms left for its clipped sum (``rules.base.SCRATCH``)
     memo: Dict[str, Any] = field(default_factory=dict)
+    #: book-keeping: the output gradient was dropped as the record arrived, to be formed again
+    #: from this record of the next capture op when the pass ends (``CaptureOp.grad_from``)
+    grad_source: Optional[Tuple["LayerRecord", int]] = None
 
     def release(self) -> None:
         """Drop the activations and output gradients once ``kept`` holds every

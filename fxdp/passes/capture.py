@@ -34,6 +34,7 @@ from ..rules import module_call_for, rule_for_op
 from ..capture.params import (CAT, ELEMENTWISE, EXPAND, MATMUL, BroadcastRuleCapture, ComputedArgsRuleCapture,
                               ParamCapture)
 from .aliasing import writes_into
+from .relu_grads import link_relu_grads
 from .symbolic_batch import is_shape_value
 
 __all__ = ["insert_captures", "CAPTURES"]
@@ -703,8 +704,11 @@ def _swaps_two_dims(t: fx.Node) -> bool:
 
 
 def insert_captures(gm: fx.GraphModule, recorder: Recorder) -> List[CaptureOp]:
-    """Insert capture ops into ``gm`` in place; returns them in graph order."""
-    return _CaptureBuilder(gm, recorder).run()
+    """Insert capture ops into ``gm`` in place; returns them in graph order, those whose output
+    gradient the next op's record gives marked (:func:`~fxdp.passes.relu_grads.link_relu_grads`)."""
+    made = _CaptureBuilder(gm, recorder).run()
+    link_relu_grads(gm)
+    return made
 
 
 def _seeded(n: fx.Node) -> bool:
