@@ -71,9 +71,13 @@ class BookKeeping(ClippedSumSource):
     #: drop an output gradient that the next capture op's record gives through a ReLU, and form
     #: it again when the pass ends (``fxdp.passes.relu_grads``); ``False``: hold it to the step
     recompute_relu_grads = True
-    #: ... where the gradient takes at least this many bytes: below it the memory is nothing
-    #: beside the step's, and forming it again costs kernel calls (MNIST's ``[32, 32]``)
+    #: ... where the gradient takes at least this many bytes (below, the memory is nothing beside
+    #: the step's, and forming it again costs kernel calls: MNIST's ``[32, 32]``) and at least this
+    #: fraction of the trainable parameters' bytes (from the last step): where parameter-sized
+    #: buffers dwarf it, it does not move the step's peak (torchvision VGG11 at 32x32, B = 32:
+    #: 1.030x -> 1.028x non-private's peak for 3.7% of the step, ``benchmarks/README.md``, Round 34)
     recompute_min_bytes = 1 << 18
+    recompute_min_param_fraction = 0.125
 
     def __init__(self, loss_reduction: str = "mean") -> None:
         self.loss_reduction = loss_reduction
@@ -86,6 +90,7 @@ class BookKeeping(ClippedSumSource):
         #: norms), time them on the first batch of each shape and keep the faster, per layer
         self.measure = False
         self._clipping: List[_Pass] = []  # the passes being clipped (for :meth:`held_bytes`)
+        self._params = (0, 0)  # (count, bytes) of the trainable parameters the last step clipped
 
     # -- capture side ---------------------------------------------------------------
     def record(self, rec: LayerRecord) -> None:
@@ -124,7 +129,8 @@ class BookKeeping(ClippedSumSource):
         if (link is None or not self.recompute_relu_grads or rec.stand_in or rec.released or rec.sq or rec.kept
                 or set(rec.memo) - {"prepared", "scratch"} or rec.memo.get("scratch")
                 or len(rec.grads) != 1 or rec.grads[0] is None
-                or rec.grads[0].numel() * rec.grads[0].element_size() < self.recompute_min_bytes):
+                or rec.grads[0].numel() * rec.grads[0].element_size()
+                < max(self.recompute_min_bytes, self.recompute_min_param_fraction * self._params[1])):
             return
         dst, i = link
         # a capture op runs once a forward (each graph node is an op of its own), and its record
@@ -203,6 +209,8 @@ class BookKeeping(ClippedSumSource):
                     "before make_private, or call make_private again (on the original model) after unfreezing"
                 )
         params = list(params)
+        if len(params) != self._params[0]:  # once: the parameters a step clips rarely change
+            self._params = (len(params), sum(p.numel() * p.element_size() for p in params))
         position = {id(p): k for k, p in enumerate(params)}
         clipped = [self._factors(ps, params, position, clipping) for ps in passes]  # may raise
         self._clipping = passes

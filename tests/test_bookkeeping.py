@@ -853,3 +853,28 @@ def test_output_gradients_through_a_relu_stay_exact_when_training():
     for other in runs[1:]:
         for a, b in zip(runs[0], other):
             torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_output_gradients_small_beside_the_parameters_are_held(monkeypatch):
+    """A gradient under ``recompute_min_param_fraction`` of the trainable parameters' bytes (known
+    from the last step) is held, not formed again: parameter-sized buffers set the step's peak there."""
+    from fxdp.bookkeeping import BookKeeping
+
+    monkeypatch.setattr(BookKeeping, "recompute_min_bytes", 0)
+    deferred, restore = [], BookKeeping._restore_grads
+    monkeypatch.setattr(BookKeeping, "_restore_grads", staticmethod(
+        lambda records: deferred.append(sorted(r.op.module_path for r in records if r.grad_source)) or restore(records)))
+    torch.manual_seed(2)
+    dp = privatize(ReluChain(), grad_sample_mode="bk")
+    opt = DPOptimizer(torch.optim.SGD(dp.parameters(), lr=0.1), noise_multiplier=0.0, max_grad_norm=0.5,
+                      expected_batch_size=4)
+    opt.attach_bookkeeping(dp.bookkeeping)
+    x = torch.randn(4, 5, 8)
+    param_bytes = sum(p.numel() * p.element_size() for p in dp.parameters())
+    g_bytes = {"l1": 4 * 5 * 16 * 8, "l2": 4 * 5 * 16 * 8, "c1": 4 * 16 * 5 * 5 * 8}
+    assert g_bytes["l1"] < param_bytes / 8 < g_bytes["c1"]
+    for _ in range(2):
+        opt.zero_grad()
+        dp(x).pow(2).mean().backward()
+        opt.step()
+    assert deferred == [["c1", "l1", "l2"], ["c1"]]  # the first pass, before any step knew the parameters
