@@ -137,7 +137,8 @@ class BookKeeping(ClippedSumSource):
         # arrived shortly before this one (it is downstream): the latest of this forward's
         src = next((r for r in reversed(self.records) if r.op is dst and r.generation == rec.generation), None)
         if (src is None or src.released or src.stand_in or len(src.grads) != 1
-                or (src.grads[0] is None and src.grad_source is None) or i >= len(src.inputs) or not isinstance(src.inputs[i], Tensor)
+                or (src.grads[0] is None and src.grad_source is None)
+                or i >= len(src.inputs) or not isinstance(src.inputs[i], Tensor)
                 or src.inputs[i].shape != rec.grads[0].shape
                 or not src.op.explicit_input_grad(src.inputs, [j == i for j in range(len(src.inputs))])):
             return
