@@ -23,6 +23,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .capture import CaptureOp, Recorder
 from .module import DPModule, adopt
+from .passes.attention_masks import drop_all_true_masks
 from .passes.batch_dims import input_batch_dim, per_arg
 from .passes.batch_mixing.guard import mixing_refusal, serve_unsafe
 from .passes.capture import CAPTURES, insert_captures
@@ -195,10 +196,12 @@ def leaf_batch_dims(args: Tuple[Any, ...], kwargs: Dict[str, Any], batch_dim: An
 
 def exported_graph(root: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any],
                    dims: List[Optional[int]], loss_reduction: str = "mean") -> fx.GraphModule:
-    """Capture (``torch.export``), annotate batch dimensions and make a loss computed
+    """Capture (``torch.export``), drop the attention masks that attend everywhere
+    (:mod:`fxdp.passes.attention_masks`), annotate batch dimensions and make a loss computed
     inside ``forward`` per-sample (:mod:`fxdp.passes.per_sample_loss`): the graph that
     ``fxdp.check`` analyses and :func:`instrument` turns into the DP graph."""
     gm, batched = export_graph(root, args, kwargs, dims)
+    drop_all_true_masks(gm)
     s = batch_symbol(gm, batched)
     annotate_batch(gm, s)
     if rewrite_in_forward_losses(gm, loss_reduction):
