@@ -127,12 +127,32 @@ class ExportedDPModule(DPModule):
         entry = self._graphs.get(key)
         if entry is None:
             entry = self._graphs[key] = self._capture(args, kwargs, dims)
+        pinned = entry[0].meta.get("fxdp_pinned")
+        if pinned and any(flat[i].shape[d] != n for i, d, n in pinned):
+            entry = self._graph_for_sizes(key, pinned, flat, args, kwargs, dims)
         gm, batched = entry
         B = flat[batched[0][0]].shape[batched[0][1]] if batched else None
         if B == 0:
             return self._empty_batch(gm, flat, tree_flatten((args, kwargs))[1], dims)
         self.recorder.begin_forward(B, {})
         return self._watch_loss(gm(tuple(args), kwargs), B)
+
+    def _graph_for_sizes(self, key: tuple, pinned: List[Tuple[int, int, int]], flat: List[Any],
+                         args: Tuple[Any, ...], kwargs: Dict[str, Any], dims: List[Optional[int]]) -> tuple:
+        """The graph of inputs whose sizes differ from those the graph of ``key`` fixed
+        (``export_graph._pinned_sizes``: captured on a sequence of one token, say). A graph
+        captured on these inputs that fixes none takes ``key`` (it serves every size, as
+        one graph serves every batch size); the first moves to a key of its own sizes."""
+        sized = (key, tuple(flat[i].shape[d] for i, d, _ in pinned))
+        entry = self._graphs.get(sized)
+        if entry is None:
+            entry = self._capture(args, kwargs, dims)
+            if entry[0].meta.get("fxdp_pinned"):
+                self._graphs[sized] = entry
+            else:
+                self._graphs[(key, tuple(n for _, _, n in pinned))] = self._graphs[key]
+                self._graphs[key] = entry
+        return entry
 
     def _empty_batch(self, gm: fx.GraphModule, flat: List[Any], spec: Any, dims: List[Optional[int]]) -> Any:
         """An empty Poisson batch on a graph that cannot run on zero rows (a reshape

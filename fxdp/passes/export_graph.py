@@ -216,6 +216,7 @@ def export_graph(
     batched: List[Tuple[int, Optional[int]]] = []
     if len(phs) == len(flat):
         batched = [(i, batch_dims[i]) for i in range(len(flat)) if batch_dims[i] is not None]
+        leaf_phs = list(enumerate(phs))
     else:
         k = 0
         for i in range(len(flat)):
@@ -223,7 +224,24 @@ def export_graph(
                 if batch_dims[i] is not None:
                     batched.append((k, batch_dims[i]))
                 k += 1
+        leaf_phs = list(zip(tensor_leaves, phs))
+    gm.meta["fxdp_pinned"] = _pinned_sizes(flat, batch_dims, leaf_phs)
     return gm, batched
+
+
+def _pinned_sizes(flat: List[Any], batch_dims: List[Optional[int]],
+                  leaf_phs: List[Tuple[int, fx.Node]]) -> List[Tuple[int, int, int]]:
+    """``(leaf, dim, size)`` of the sizes asked to stay symbolic that the graph fixed: export
+    specializes a size of 0 or 1 (a sequence of one token in the example) and any size the
+    model's code fixes. The graph serves only inputs of those sizes (its guards refuse others):
+    ``ExportedDPModule`` captures another graph for another size."""
+    pinned = []
+    for i, ph in leaf_phs:
+        t, val = flat[i], ph.meta.get("val")
+        if not isinstance(t, Tensor) or not isinstance(val, Tensor) or static_sizes(t, batch_dims[i]) is not None:
+            continue
+        pinned += [(i, d, n) for d, n in enumerate(val.shape) if d != batch_dims[i] and type(n) is int]
+    return pinned
 
 
 def symbolic_tracing_drops(root: nn.Module) -> Optional[str]:

@@ -970,3 +970,22 @@ def test_string_padded_convolutions_are_exact_on_the_export_path(f64):
     dp = fxdp.privatize(model, loss_reduction="sum", capture="export")
     dp(x).pow(2).sum().backward()
     assert_grad_samples_match(dp, batch_of_one_grads(model, [x], lambda o, i: o.pow(2).sum()))
+
+
+def test_a_length_of_one_fixed_by_the_first_capture_gets_a_graph_for_other_lengths(f64):
+    """Export fixes a size of 1 it was asked to keep symbolic (a first batch of one-token
+    sequences, or an example input of one): that graph's guards refuse other lengths. The
+    next length is captured too, and its symbolic graph serves every length after, 1 included;
+    per-sample gradients stay each sample's alone throughout."""
+    torch.manual_seed(3)
+    model = KwargsAndOptional().double()
+    dp = fxdp.privatize(model, loss_reduction="sum", capture="export")
+    for T in (1, 5, 1, 3):
+        for p in model.parameters():
+            p.grad = p.grad_sample = None
+        x = torch.randn(4, T, 4)
+        dp(x).pow(2).sum().backward()
+        assert_grad_samples_match(model, batch_of_one_grads(model, [x], lambda out, i: out.pow(2).sum()))
+        if T == 1 and len(dp.graphs) == 1:
+            assert dp.graphs[0].meta["fxdp_pinned"] == [(0, 1, 1)]  # leaf 0 (x), dimension 1, size 1
+    assert len(dp.graphs) == 2 and [g.meta["fxdp_pinned"] for g in dp.graphs].count([]) == 1
