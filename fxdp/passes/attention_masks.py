@@ -10,12 +10,13 @@ every forward (HF ViT at T = 65, B = 16: about 0.5% of a book-keeping step on CP
 which takes no mask.
 
 This pass proves, by the ranges of values (an interval analysis over a few ops:
-``arange``, shifts by constants, comparisons, boolean algebra, ``where``, constant fills
-and the ops that only move elements), that a mask is all-true (boolean) or all-zero
-(additive) for *every* value of the symbolic sizes, then drops it from the call. A mask
-that depends on any input's values (a padding mask), on a buffer or parameter, or on an
-op outside that list is left alone: the pass fails closed. A causal mask is not
-all-true (``kv <= q`` has ``hi(kv) > lo(q)``), so it stays, whatever the example's length.
+``arange``, shifts and scalings by constants, comparisons, boolean algebra, ``where``,
+``masked_fill``, constant fills and the ops that only move elements), that a mask is
+all-true (boolean) or all-zero (additive) for *every* value of the symbolic sizes, then
+drops it from the call. A mask that depends on any input's values (a padding mask), on a
+buffer or parameter, or on an op outside that list is left alone: the pass fails closed.
+A causal mask on a symbolic length is not all-true (``kv <= q`` has ``hi(kv) > lo(q)``),
+so it stays; a size the graph fixed is a fact of that graph (its guards refuse others).
 """
 from __future__ import annotations
 
@@ -161,6 +162,13 @@ def _range(n: fx.Node, memo: Dict[fx.Node, Range]) -> Range:
         if cond.hi <= 0:
             return b
         return Range(min(a.lo, b.lo), max(a.hi, b.hi))
+    if t in (aten.masked_fill.Scalar, aten.masked_fill.Tensor):  # value where the mask is true
+        a, m, v = arg(0), arg(1), arg(2)
+        if m.hi <= 0:
+            return a
+        if m.lo >= 1:
+            return v
+        return Range(min(a.lo, v.lo), max(a.hi, v.hi))
     if t in _FILLS:
         v = _literal(args[_FILLS[t]]) if len(args) > _FILLS[t] else None
         return Range(v, v) if v is not None and not math.isnan(v) else _ANY

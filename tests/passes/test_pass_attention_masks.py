@@ -159,6 +159,10 @@ def test_value_ranges_of_the_ops_modelled():
         call(aten.le.Tensor, (a4, call(aten.add.Tensor, (a4, 3)))): Range(1, 1),  # 0..3 <= 3..6
         call(aten.where.self, (call(aten.ge.Scalar, (a4, 0)), call(aten.full.default, ([2], 5.0)), x)): Range(5, 5),
         call(aten.where.self, (call(aten.gt.Scalar, (a4, 0)), 1.0, a4)): Range(0, 3),
+        call(aten.masked_fill.Scalar, (call(aten.zeros.default, ([2],)), call(aten.lt.Scalar, (a4, 0)), -9.0)):
+            Range(0, 0),  # filled nowhere
+        call(aten.masked_fill.Scalar, (call(aten.zeros.default, ([2],)), call(aten.gt.Scalar, (a4, 0)), -9.0)):
+            Range(-9, 0),
         call(aten.add.Tensor, (a4, x)): Range(float("-inf"), float("inf")),
         call(aten.add.Tensor, (a4, 2**60)): Range(float("-inf"), float("inf")),
         call(aten.full.default, ([2], float("nan"))): Range(float("-inf"), float("inf")),
