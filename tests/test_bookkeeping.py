@@ -828,7 +828,8 @@ def test_output_gradients_formed_again_through_a_relu_give_the_same_clipped_sums
 
 def test_output_gradients_through_a_relu_stay_exact_when_training():
     """The same DP-SGD steps (noise, per-layer clipping, two forwards in one backward pass, whose
-    records pair by forward) with and without the recomputation, and against materialize mode."""
+    records pair by forward, and two backward passes in one step) with and without the
+    recomputation, and against materialize mode."""
     from fxdp.bookkeeping import BookKeeping
 
     torch.manual_seed(1)
@@ -846,7 +847,13 @@ def test_output_gradients_through_a_relu_stay_exact_when_training():
         for step in range(3):
             opt.zero_grad()
             x1, x2 = torch.randn(4, 5, 8, generator=data), torch.randn(4, 5, 8, generator=data)
-            (dp(x1).pow(2).sum() + dp(x2).sum()).div(8).backward() if step == 1 else dp(x1).pow(2).mean().backward()
+            if step == 1:
+                (dp(x1).pow(2).sum() + dp(x2).sum()).div(8).backward()
+            elif step == 2:  # two backward passes in one step: each forms its own gradients again
+                dp(x1).pow(2).mean().backward()
+                dp(x2).sum(1).mean().backward()
+            else:
+                dp(x1).pow(2).mean().backward()
             opt.step()
         runs.append([p.detach().clone() for p in dp.parameters()])
     assert BookKeeping.recompute_relu_grads is True  # an instance's switch, not the class's
