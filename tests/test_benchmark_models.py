@@ -168,3 +168,22 @@ def test_ab_step_applies_each_variants_overrides_to_its_own_steps_only():
     assert conv._ConvMath.keeps_patch_rows.__name__ == "keeps_patch_rows"
     with pytest.raises(AttributeError, match="no attribute 'keep_ratoi'"):
         ab.parse_override("fxdp.rules.conv:_ConvMath.keep_ratoi=3.0")
+
+
+def test_the_targets_figure_reads_every_saved_cell():
+    """``plot_targets.py`` finds every row of the saved tables it plots (its reader of
+    ``bench_vision.py``'s markdown included) and judges each against its target."""
+    spec = importlib.util.spec_from_file_location(
+        "fxdp_plot_targets", os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", "plot_targets.py"))
+    P = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(P)
+    res = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", "results")
+    vision = P.vision_cells(os.path.join(res, "vision_steps.md"))
+    assert len(vision) == 6 and all(c.time and c.memory for c in vision)
+    vit = next(c for c in vision if "vit" in c.label)
+    assert vit.time_target == 1.3 and next(c for c in vision if "resnet18" in c.label).time_target == 1.5
+    models = P.models_cells(os.path.join(res, "models.json"))
+    assert {c.label.split(",")[0] for c in models} == {"MNIST CNN", "CIFAR-10 CNN", "IMDb embedding", "IMDb LSTM"}
+    assert [c.time_target for c in models if c.label == "IMDb embedding, B=32"] == [None]  # from B = 128
+    assert all(c.time is not None and c.memory_met is not None for c in models)
+    assert len(P.zoo_cells(os.path.join(res, "zoo_t128.json"))) == 7
