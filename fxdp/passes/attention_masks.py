@@ -28,7 +28,7 @@ from typing import Any, Dict, List, Optional
 import torch
 import torch.fx as fx
 
-__all__ = ["drop_all_true_masks", "mask_range"]
+__all__ = ["Range", "drop_all_true_masks", "mask_range"]
 
 aten = torch.ops.aten
 
