@@ -117,15 +117,17 @@ def _range(n: fx.Node, memo: Dict[fx.Node, Range]) -> Range:
         # a cast keeps the bounds only between types that hold them exactly (bool -> any, or none)
         src, dst = _dtype(args[0]), _dtype(n)
         return arg(0) if src is not None and (src == dst or src == torch.bool) else _ANY
-    if t is aten.arange.default:  # arange(end): 0 .. end - 1 (empty for end <= 0: no element to bound)
-        end = _literal(args[0])
-        return Range(0.0, end - 1 if end is not None else math.inf)
-    if t in (aten.arange.start, aten.arange.start_step):
-        start, end = _literal(args[0]), _literal(args[1]) if len(args) > 1 else None
-        step = _literal(args[2]) if len(args) > 2 else _literal(kw.get("step", 1))
-        if start is None or step is None or step <= 0:
+    if t in (aten.arange.default, aten.arange.start, aten.arange.start_step):
+        # start, start + step, ... below end (none for end <= start: no element to bound)
+        start, end, step = ((0, args[0], 1) if t is aten.arange.default else
+                            (args[0], args[1], args[2] if len(args) > 2 else kw.get("step", 1)))
+        lo, hi, by = _literal(start), _literal(end), _literal(step)
+        if lo is None or by is None or by <= 0:
             return _ANY
-        return Range(start, end - 1 if end is not None else math.inf)
+        if hi is None:  # a symbolic end: unbounded above
+            return Range(lo, math.inf)
+        exact = all(type(v) is int for v in (start, end, step))  # integers below end: at most end - 1
+        return Range(lo, hi - 1 if exact else hi)
     if t in (aten.add.Tensor, aten.add.Scalar, aten.sub.Tensor, aten.sub.Scalar):
         if kw.get("alpha", 1) != 1:
             return _ANY
@@ -146,12 +148,12 @@ def _range(n: fx.Node, memo: Dict[fx.Node, Range]) -> Range:
         return Range(c - a.hi, c - a.lo)
     if t in _COMPARE:
         return _compare(_COMPARE[t], arg(0), arg(1))
-    if t in _AND:
+    if (t in _AND or t in _OR) and _dtype(n) == torch.bool:  # bitwise ops of integers: unknown
         a, b = arg(0), arg(1)
-        return Range(min(a.lo, b.lo), min(a.hi, b.hi)) if _is_bool(a) and _is_bool(b) else _BOOL
-    if t in _OR:
-        a, b = arg(0), arg(1)
-        return Range(max(a.lo, b.lo), max(a.hi, b.hi)) if _is_bool(a) and _is_bool(b) else _BOOL
+        if not (_is_bool(a) and _is_bool(b)):
+            return _BOOL
+        pick = min if t in _AND else max
+        return Range(pick(a.lo, b.lo), pick(a.hi, b.hi))
     if t in _NOT and _dtype(n) == torch.bool:
         a = arg(0)
         return Range(1 - a.hi, 1 - a.lo) if _is_bool(a) else _BOOL

@@ -163,6 +163,10 @@ def test_value_ranges_of_the_ops_modelled():
             Range(0, 0),  # filled nowhere
         call(aten.masked_fill.Scalar, (call(aten.zeros.default, ([2],)), call(aten.gt.Scalar, (a4, 0)), -9.0)):
             Range(-9, 0),
+        call(aten.arange.start_step, (0, 5.5, 1)): Range(0, 5.5),  # 0..5: below 5.5, not 4.5
+        call(aten.arange.start_step, (0.5, 3, 0.5)): Range(0.5, 3),
+        call(aten.le.Scalar, (call(aten.arange.default, (5.5,)), 4.6)): Range(0, 1),
+        call(aten.bitwise_and.Tensor, (a4, a4)): Range(float("-inf"), float("inf")),  # integers (no bool dtype)
         call(aten.add.Tensor, (a4, x)): Range(float("-inf"), float("inf")),
         call(aten.add.Tensor, (a4, 2**60)): Range(float("-inf"), float("inf")),
         call(aten.full.default, ([2], float("nan"))): Range(float("-inf"), float("inf")),
