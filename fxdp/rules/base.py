@@ -287,15 +287,28 @@ def sq_norms(g: Tensor) -> Tensor:
 #: (see :func:`gram_inner`)
 GRAM_STRIP_ROWS = 32
 GRAM_MAX_STRIPS = 8
+#: a Gram strip's columns come in multiples of this many (16 float32s, one AVX-512
+#: register): MKL's batched matmul forms ``[16, T, 768] @ [16, 768, T]`` at 82 GFLOP/s for
+#: T = 16, 49 for T = 17; the rows past the last multiple are a strip of their own
+GRAM_LANE = 16
+
+
+def _gram_aligned(T: int) -> int:
+    """The rows of ``T`` that :func:`gram_inner` forms in strips of whole lanes (all of
+    them up to ``GRAM_LANE``)."""
+    return T if T <= GRAM_LANE else T - T % GRAM_LANE
 
 
 def gram_strip_rows(T: int) -> int:
     """Rows per strip of :func:`gram_inner` at sequence length ``T`` (``T``: one piece):
-    strips of equal height, about 32 rows below T = 256 and 64 from there (where 32-row
-    strips measured 4-6% slower), at most 8."""
-    rows = GRAM_STRIP_ROWS if T < 8 * GRAM_STRIP_ROWS else 2 * GRAM_STRIP_ROWS
-    k = min(GRAM_MAX_STRIPS, max(1, T // rows))
-    return -(-T // k)
+    strips of equal height over the lane-aligned rows, about 32 rows below T = 256 and 64
+    from there (where 32-row strips measured 4-6% slower), at most 8, each a whole number
+    of lanes; the rows past them (fewer than a lane) are one more strip, no taller."""
+    aligned = _gram_aligned(T)
+    rows = GRAM_STRIP_ROWS if aligned < 8 * GRAM_STRIP_ROWS else 2 * GRAM_STRIP_ROWS
+    k = min(GRAM_MAX_STRIPS, max(1, aligned // rows))
+    h = -(-aligned // k)
+    return min(aligned, -(-h // GRAM_LANE) * GRAM_LANE) if aligned >= GRAM_LANE else h
 
 
 def gram_inner(a: Tensor, g: Tensor) -> Tensor:
@@ -307,22 +320,31 @@ def gram_inner(a: Tensor, g: Tensor) -> Tensor:
     flops for ``k`` strips, and ``[N, T/k, T]`` temporaries instead of ``[N, T, T]``).
     ms, 1 thread, full / strips: ``[16, 128, 128 | 512]`` 5.2 / 4.1, ``[16, 256, 128 |
     128]`` 8.6 / 7.0, ``[4, 512, 768 | 3072]`` 95 / 69, ``[2, 1024, 768 | 3072]`` 207 /
-    102. Strips of 32-40 rows against 64 (``benchmarks/README.md``, Round 27), µs, ``[16, T,
-    128 | 512]``: T = 65 1033 / 825, 128 2492 / 2247, 197 6153 / 5686; ``| 768 | 3072]``
-    T = 65 6551 / 5246; below T = 64 one piece (a strip under 32 rows gains nothing)."""
+    102 (``benchmarks/README.md``, Round 27). Strips span whole lanes of columns
+    (``GRAM_LANE``) and the rows past the last lane are a strip against every column, µs,
+    ``[16, T, 192 | 768]``: T = 17 192 / 150, 33 512 / 406, 65 1316 / 1132, 197 11022 /
+    10225 (Round 36)."""
     T = a.shape[1]
+    aligned = _gram_aligned(T)
     h = gram_strip_rows(T)
     if h >= T:
         return (torch.bmm(a, a.transpose(1, 2)) * torch.bmm(g, g.transpose(1, 2))).sum((1, 2))
     out = a.new_zeros(a.shape[0], dtype=torch.promote_types(a.dtype, g.dtype))
-    for s in range(0, T, h):
-        e = min(s + h, T)
-        prod = torch.bmm(a[:, s:e], a[:, s:].transpose(1, 2))
-        gram_g = torch.bmm(g[:, s:e], g[:, s:].transpose(1, 2))
-        prod = prod.mul_(gram_g) if prod.dtype == out.dtype else prod * gram_g
+
+    def strip(s: int, e: int, c: int, cols: int) -> Tensor:  # rows [s:e] of both Grams' columns [c:cols]
+        prod = torch.bmm(a[:, s:e], a[:, c:cols].transpose(1, 2))
+        gram_g = torch.bmm(g[:, s:e], g[:, c:cols].transpose(1, 2))
+        return prod.mul_(gram_g) if prod.dtype == out.dtype else prod * gram_g
+
+    for s in range(0, aligned, h):
+        e = min(s + h, aligned)
+        prod = strip(s, e, s, aligned)
         out += prod[:, :, :e - s].sum((1, 2))  # the diagonal block, once
-        if e < T:
+        if e < aligned:
             out += 2 * prod[:, :, e - s:].sum((1, 2))  # the block right of it stands for its transpose too
+    if aligned < T:  # the rows past the last lane against every column: left of their corner twice
+        prod = strip(aligned, T, 0, T)
+        out += 2 * prod[:, :, :aligned].sum((1, 2)) + prod[:, :, aligned:].sum((1, 2))
     return out
 
 

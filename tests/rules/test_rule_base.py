@@ -68,30 +68,38 @@ def test_custom_rule_is_used_and_exact():
 import pytest  # noqa: E402
 
 
-@pytest.mark.parametrize("T, rows", [(1, 64), (7, 64), (7, 2), (7, 3), (9, 4), (64, 64), (65, 32), (130, 64),
-                                     (600, 64)])
-def test_gram_inner_in_strips_equals_the_materialized_norm(T, rows, monkeypatch):
+@pytest.mark.parametrize("lane", [16, 1, 3])
+@pytest.mark.parametrize("T, rows", [(1, 64), (7, 64), (7, 2), (7, 3), (9, 4), (17, 64), (33, 2), (64, 64), (65, 32),
+                                     (130, 64), (600, 64)])
+def test_gram_inner_in_strips_equals_the_materialized_norm(T, rows, lane, monkeypatch):
     """``<a aᵀ, g gᵀ>`` formed from the upper triangle in strips (off-diagonal blocks twice)
     equals ``||aᵀ g||²`` of each sample's own gradient, float64, for strip heights that
-    divide ``T`` and that leave a short last strip."""
+    divide ``T`` and that leave a short last strip, with the rows past the last lane a
+    strip of their own (lanes of 16 and 3) or none (lanes of 1)."""
     import fxdp.rules.base as base
 
     monkeypatch.setattr(base, "GRAM_STRIP_ROWS", rows)
+    monkeypatch.setattr(base, "GRAM_LANE", lane)
     torch.manual_seed(T)
     a, g = torch.randn(3, T, 5, dtype=torch.float64), torch.randn(3, T, 4, dtype=torch.float64)
     want = torch.stack([(a[i].t() @ g[i]).pow(2).sum() for i in range(3)])
     torch.testing.assert_close(base.gram_inner(a, g), want, rtol=1e-12, atol=1e-12)
     h = base.gram_strip_rows(T)
-    assert 1 <= h <= T and -(-T // h) <= base.GRAM_MAX_STRIPS
+    assert 1 <= h <= T and -(-T // h) <= base.GRAM_MAX_STRIPS + 1
+    aligned = base._gram_aligned(T)
+    assert aligned == T or (T - aligned < lane and aligned % lane == 0 and h % lane == 0)
 
 
 def test_gram_strip_rows():
-    from fxdp.rules.base import gram_strip_rows
+    from fxdp.rules.base import _gram_aligned, gram_strip_rows
 
-    assert gram_strip_rows(50) == 50  # short sequences: one piece
-    assert gram_strip_rows(65) == 33  # ViT's 65 tokens: two strips (20% faster than one piece)
-    assert gram_strip_rows(128) == 32 and gram_strip_rows(197) == 33
+    assert gram_strip_rows(16) == 16 and gram_strip_rows(15) == 15  # up to one lane: one piece
+    assert gram_strip_rows(50) == 48 and _gram_aligned(50) == 48  # 48 rows in one piece, then the last 2
+    assert gram_strip_rows(17) == 16 and _gram_aligned(17) == 16  # timm ViT-tiny's 17 tokens at 64x64
+    assert gram_strip_rows(65) == 32 and _gram_aligned(65) == 64  # HF ViT's 65 tokens: two strips and a row
+    assert gram_strip_rows(128) == 32 and gram_strip_rows(197) == 32 and _gram_aligned(197) == 192
     assert gram_strip_rows(256) == 64 and gram_strip_rows(512) == 64 and gram_strip_rows(1024) == 128
+    assert gram_strip_rows(600) == 80  # 592 aligned rows in 8 strips of whole lanes
 
 
 def test_rules_on_aten_overloads_bind_the_schema_defaults():
