@@ -291,6 +291,11 @@ GRAM_MAX_STRIPS = 8
 #: register): MKL's batched matmul forms ``[16, T, 768] @ [16, 768, T]`` at 82 GFLOP/s for
 #: T = 16, 49 for T = 17; the rows past the last multiple are a strip of their own
 GRAM_LANE = 16
+#: below this many multiply-adds ``N T^2 (d + p)`` a sequence short enough for one piece
+#: stays one piece: the lanes' extra strip costs about 25 µs of calls, more than it saves
+#: there (µs, one piece / lanes: ``[32, 25, 16 | 32]`` 46 / 72, ``[16, 17, 192 | 192]``
+#: 97 / 109; ``[16, 17, 192 | 576]`` 178 / 167)
+GRAM_LANE_MIN_WORK = 4_000_000
 
 
 def _gram_aligned(T: int) -> int:
@@ -324,10 +329,10 @@ def gram_inner(a: Tensor, g: Tensor) -> Tensor:
     (``GRAM_LANE``) and the rows past the last lane are a strip against every column, µs,
     ``[16, T, 192 | 768]``: T = 17 192 / 150, 33 512 / 406, 65 1316 / 1132, 197 11022 /
     10225 (Round 36)."""
-    T = a.shape[1]
+    N, T = a.shape[:2]
     aligned = _gram_aligned(T)
     h = gram_strip_rows(T)
-    if h >= T:
+    if h >= T or (T < 2 * GRAM_STRIP_ROWS and N * T * T * (a.shape[2] + g.shape[2]) < GRAM_LANE_MIN_WORK):
         return (torch.bmm(a, a.transpose(1, 2)) * torch.bmm(g, g.transpose(1, 2))).sum((1, 2))
     out = a.new_zeros(a.shape[0], dtype=torch.promote_types(a.dtype, g.dtype))
 

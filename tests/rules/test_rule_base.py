@@ -80,6 +80,7 @@ def test_gram_inner_in_strips_equals_the_materialized_norm(T, rows, lane, monkey
 
     monkeypatch.setattr(base, "GRAM_STRIP_ROWS", rows)
     monkeypatch.setattr(base, "GRAM_LANE", lane)
+    monkeypatch.setattr(base, "GRAM_LANE_MIN_WORK", 0)
     torch.manual_seed(T)
     a, g = torch.randn(3, T, 5, dtype=torch.float64), torch.randn(3, T, 4, dtype=torch.float64)
     want = torch.stack([(a[i].t() @ g[i]).pow(2).sum() for i in range(3)])

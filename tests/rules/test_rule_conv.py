@@ -549,6 +549,7 @@ def test_ghost_norms_with_gram_strips(case, monkeypatch):
 
     monkeypatch.setattr(base, "GRAM_STRIP_ROWS", 2)
     monkeypatch.setattr(base, "GRAM_LANE", 2)  # an odd T's last row a strip of its own
+    monkeypatch.setattr(base, "GRAM_LANE_MIN_WORK", 0)
     _check_book_keeping(case, "groups", True, "wgrad", monkeypatch)
 
 
