@@ -29,6 +29,7 @@ __all__ = [
     "weighted_sum",
     "into_target",
     "samples_per_slice",
+    "gram_bytes",
     "gram_inner",
     "gram_strip_rows",
     "FOLDED",
@@ -316,9 +317,19 @@ def gram_strip_rows(T: int) -> int:
     return min(aligned, -(-h // GRAM_LANE) * GRAM_LANE) if aligned >= GRAM_LANE else h
 
 
+def gram_bytes(T: int, d: int, p: int, dtype: torch.dtype) -> int:
+    """Bytes of :func:`gram_inner`'s temporaries per sample for ``a: [T, d]`` and
+    ``g: [T, p]`` of ``dtype``: three Gram strips in the norm's dtype and, for a half
+    precision, ``a`` and ``g`` in it."""
+    size = torch.empty((), dtype=norm_dtype(dtype)).element_size()
+    return (3 * gram_strip_rows(T) * T + (T * (d + p) if norm_dtype(dtype) != dtype else 0)) * size
+
+
 def gram_inner(a: Tensor, g: Tensor) -> Tensor:
     """``[N]``: ``<a_n a_n^T, g_n g_n^T> = ||a_n^T g_n||_F^2`` for ``a: [N, T, d]`` and
-    ``g: [N, T, p]``, the ghost norm (Goodfellow 2015; Li et al. 2021) in ``T^2 (d + p)``.
+    ``g: [N, T, p]``, the ghost norm (Goodfellow 2015; Li et al. 2021) in ``T^2 (d + p)``,
+    in at least float32 (a half-precision Gram matrix and its sum are off by ~0.5%, and a
+    norm read low lets a clipped gradient exceed the clip bound).
 
     Both Gram matrices are symmetric: only their upper triangle is formed, in strips of
     rows ``[s:e, s:]`` whose off-diagonal blocks count twice (``(k + 1) / 2k`` of the
@@ -329,17 +340,18 @@ def gram_inner(a: Tensor, g: Tensor) -> Tensor:
     (``GRAM_LANE``) and the rows past the last lane are a strip against every column, µs,
     ``[16, T, 192 | 768]``: T = 17 192 / 150, 33 512 / 406, 65 1316 / 1132, 197 11022 /
     10225 (Round 36)."""
+    dtype = norm_dtype(torch.promote_types(a.dtype, g.dtype))
+    a, g = a.to(dtype), g.to(dtype)  # no copy where they are already
     N, T = a.shape[:2]
     aligned = _gram_aligned(T)
     h = gram_strip_rows(T)
     if h >= T or (T < 2 * GRAM_STRIP_ROWS and N * T * T * (a.shape[2] + g.shape[2]) < GRAM_LANE_MIN_WORK):
         return (torch.bmm(a, a.transpose(1, 2)) * torch.bmm(g, g.transpose(1, 2))).sum((1, 2))
-    out = a.new_zeros(a.shape[0], dtype=torch.promote_types(a.dtype, g.dtype))
+    out = a.new_zeros(N)
 
     def strip(s: int, e: int, c: int, cols: int) -> Tensor:  # rows [s:e] of both Grams' columns [c:cols]
         prod = torch.bmm(a[:, s:e], a[:, c:cols].transpose(1, 2))
-        gram_g = torch.bmm(g[:, s:e], g[:, c:cols].transpose(1, 2))
-        return prod.mul_(gram_g) if prod.dtype == out.dtype else prod * gram_g
+        return prod.mul_(torch.bmm(g[:, s:e], g[:, c:cols].transpose(1, 2)))
 
     for s in range(0, aligned, h):
         e = min(s + h, aligned)

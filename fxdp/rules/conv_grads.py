@@ -87,7 +87,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import gram_inner, gram_strip_rows, norm_dtype, samples_per_slice
+from .base import gram_bytes, gram_inner, norm_dtype, samples_per_slice
 
 __all__ = [
     "Geom", "weight_shape", "wgrad", "ghost_norms", "gram_from_pixels", "patch_gram_costs", "ps_groups",
@@ -294,7 +294,9 @@ def ghost_norms(geo: Geom, g: Tensor) -> Tensor:
             gram_p = _patch_gram_from_pixels(geo, out_spatial)
             return (gram_p * gram_g).sum((1, 2)).reshape(g.shape[0], G).sum(1)
     else:
-        temp = (T * geo.x.shape[1] * math.prod(geo.k) + 3 * G * gram_strip_rows(T) * T) * g.element_size()
+        d = geo.x.shape[1] // G * math.prod(geo.k)
+        dtype = torch.promote_types(geo.x.dtype, g.dtype)
+        temp = T * G * d * geo.x.element_size() + G * gram_bytes(T, d, g.shape[1] // G, dtype)
         n = samples_per_slice(GHOST_SLICE_BYTES, extra_bytes=temp)  # patches and Gram strips
 
         def norms(geo: Geom, g: Tensor) -> Tensor:

@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import UnsupportedOpError
-from .base import ModuleCall, PerSampleRule, into_target, register_module, register_rule, samples_per_slice
+from .base import ModuleCall, PerSampleRule, into_target, norm_dtype, register_module, register_rule, samples_per_slice
 from .tied import GradFactors
 
 __all__ = ["EmbeddingRule", "TorchEmbeddingRule", "EmbeddingBagRule", "AtenEmbeddingBagRule"]
@@ -168,13 +168,14 @@ def _embedding_norms(idx: Tensor, g: Tensor, V: int, padding_idx: Optional[int])
 
     Rows of distinct tokens are orthogonal, so the norm is ``Σ_t ‖g_{i,t}‖²`` over
     tokens seen once plus ``‖Σ g‖²`` per repeated (sample, token) group; only the
-    (few) repeated positions are grouped.
+    (few) repeated positions are grouped. In at least float32 (a bfloat16 norm and its
+    sum over the tokens read up to 1% off).
     """
     B = idx.shape[0]
     idx = idx.reshape(B, -1).long()
     L, D = idx.shape[1], g.shape[-1]
     g = g.reshape(B, L, D)
-    sq = torch.linalg.vector_norm(g, dim=-1).pow_(2)
+    sq = torch.linalg.vector_norm(g, dim=-1, dtype=norm_dtype(g.dtype)).pow_(2)
     rep = _repeated(idx, V)
     if padding_idx is not None:
         pad = idx == padding_idx
@@ -187,7 +188,7 @@ def _embedding_norms(idx: Tensor, g: Tensor, V: int, padding_idx: Optional[int])
     keys = idx.reshape(-1)[src] + torch.div(src, L, rounding_mode="floor") * V
     uniq, inv = torch.unique(keys, return_inverse=True)
     # reshape, not view: the output gradient may be a non-contiguous view (a transpose after the embedding)
-    sums = _row_sums(uniq.shape[0], inv, g.reshape(B * L, D).index_select(0, src))
+    sums = _row_sums(uniq.shape[0], inv, g.reshape(B * L, D).index_select(0, src).to(out.dtype))
     return out.index_add_(0, torch.div(uniq, V, rounding_mode="floor"), sums.pow(2).sum(1))
 
 
@@ -441,16 +442,18 @@ class EmbeddingBagRule(PerSampleRule):
         if "weight" not in needs:
             return {}
         g = grad_output
-        gsq = g.pow(2).sum(1)
+        dtype = norm_dtype(g.dtype)  # a bfloat16 norm reads up to 1% off
+        gsq = torch.linalg.vector_norm(g, dim=1, dtype=dtype).pow_(2)
         if args.get("mode", "mean") == "max":
             _, valid = self._max_indices(args)
-            return {"weight": gsq * valid.to(g.dtype)}
+            return {"weight": gsq * valid.to(dtype)}
         bag, tok, coef, B, V = self._entries(args)
-        out = torch.zeros(B, dtype=g.dtype, device=g.device)
+        out = torch.zeros(B, dtype=dtype, device=g.device)
         if bag.numel() == 0:
             return {"weight": out}
         uniq, inv = torch.unique(bag * V + tok, return_inverse=True)
-        c = torch.zeros(uniq.shape[0], dtype=g.dtype, device=g.device).index_add_(0, inv, coef.to(g.dtype))
+        # the coefficients as the clipped sum applies them (in g's dtype), summed in the norm's
+        c = torch.zeros(uniq.shape[0], dtype=dtype, device=g.device).index_add_(0, inv, coef.to(g.dtype).to(dtype))
         out.index_add_(0, torch.div(uniq, V, rounding_mode="floor"), c.pow(2))
         return {"weight": out * gsq}
 

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .base import (
-    KEPT_PASSES, ModuleCall, PerSampleRule, gram_inner, gram_strip_rows, into_target, register_module,
+    KEPT_PASSES, ModuleCall, PerSampleRule, gram_bytes, gram_inner, into_target, register_module,
     register_rule, samples_per_slice, sq_norms, weighted_sum,
 )
 from .tied import GradFactors
@@ -59,8 +59,8 @@ _GHOST_SLICE_BYTES = 1 << 22
 def _ghost_norms(a: Tensor, g: Tensor) -> Tensor:
     """``[B]``: ``<a_i a_i^T, g_i g_i^T>`` (Li et al. 2021), a slice of the batch at a time."""
     B, T = a.shape[0], a.shape[1]
-    strip = 3 * gram_strip_rows(T) * T * max(a.element_size(), g.element_size())
-    n = samples_per_slice(_GHOST_SLICE_BYTES, extra_bytes=strip)
+    temp = gram_bytes(T, a.shape[2], g.shape[2], torch.promote_types(a.dtype, g.dtype))
+    n = samples_per_slice(_GHOST_SLICE_BYTES, extra_bytes=temp)
     if n >= B:
         return gram_inner(a, g)
     return torch.cat([gram_inner(a[s:s + n], g[s:s + n]) for s in range(0, B, n)])

@@ -91,6 +91,25 @@ def test_gram_inner_in_strips_equals_the_materialized_norm(T, rows, lane, monkey
     assert aligned == T or (T - aligned < lane and aligned % lane == 0 and h % lane == 0)
 
 
+@pytest.mark.parametrize("T", [5, 17, 65])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gram_inner_in_half_precision_is_float32(T, dtype, monkeypatch):
+    """Half-precision records (a bfloat16 model, autocast): the Gram matrices and their sum
+    run in float32, so the ghost norm is that of the half-precision inputs to float32
+    rounding (in bfloat16 it read up to 0.5% low: a clipped gradient up to 0.25% over the
+    clip bound), in one piece and in lanes."""
+    import fxdp.rules.base as base
+
+    monkeypatch.setattr(base, "GRAM_LANE_MIN_WORK", 0)
+    torch.manual_seed(T)
+    a, g = torch.randn(8, T, 96).to(dtype), torch.randn(8, T, 80).to(dtype)
+    want = torch.stack([(a[i].double().t() @ g[i].double()).pow(2).sum() for i in range(8)])
+    got = base.gram_inner(a, g)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=0)
+    assert base.gram_bytes(T, 96, 80, dtype) == base.gram_bytes(T, 96, 80, torch.float32) + T * 176 * 4
+
+
 def test_gram_strip_rows():
     from fxdp.rules.base import _gram_aligned, gram_strip_rows
 

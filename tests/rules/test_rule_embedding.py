@@ -367,6 +367,32 @@ def test_embedding_bag_offsets(case, reduction):
     _check_bookkeeping(rule, bound, g, needs, gs)
 
 
+@pytest.mark.parametrize("mode", ["embedding", "sum", "mean", "max"])
+def test_bfloat16_norms_are_float32(mode):
+    """A bfloat16 embedding's per-sample norms are its per-sample gradients' to float32
+    rounding, repeated tokens and bag coefficients included (in bfloat16 they read up to 1%
+    off: a clipped gradient up to 0.5% over the clip bound)."""
+    torch.manual_seed(seed_of(f"bf16-{mode}"))
+    V, D = 20, 96
+    w = torch.randn(V, D).bfloat16()
+    if mode == "embedding":
+        idx = torch.randint(0, V, (6, 48))  # many repeats per sample
+        rule = rule_for_op(F.embedding)
+        args = rule.bind((idx, w), {})
+        g = torch.randn(6, 48, D).bfloat16()
+    else:
+        idx, offsets = torch.randint(0, V, (40,)), torch.tensor([0, 7, 15, 22, 30, 36])
+        rule = rule_for_op(F.embedding_bag)
+        args = rule.bind((idx, w, offsets), dict(mode=mode))
+        g = torch.randn(6, D).bfloat16()
+    needs = frozenset({"weight"})
+    norms = rule.norm_sample_sq(args, g, needs)["weight"]
+    # the bag coefficients as the rule forms them for a bfloat16 weight (1/7 rounded), all else exact
+    want = rule.grad_sample(args, g.double(), needs)["weight"].flatten(1).pow(2).sum(1)
+    assert norms.dtype == torch.float32
+    torch.testing.assert_close(norms.double(), want, rtol=1e-5, atol=0)
+
+
 def test_embedding_bag_module_call():
     torch.manual_seed(3)
     m = nn.EmbeddingBag(7, 3, mode="sum", padding_idx=2).to(DT)

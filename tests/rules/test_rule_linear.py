@@ -96,6 +96,22 @@ def test_book_keeping_norms_and_clipped_sums(shape, method, strip_rows, monkeypa
             torch.testing.assert_close(into[n] - start[n], sums[n], rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("T", [5, 17, 65])
+def test_ghost_norms_of_a_bfloat16_layer_are_float32(T):
+    """A bfloat16 layer's ghost norms are its per-sample gradients' to float32 rounding (the
+    Gram matrices in float32), as the materialized norms are: not up to 0.5% low."""
+    from fxdp.rules import rule_for_op
+
+    torch.manual_seed(T)
+    rule = rule_for_op(F.linear)
+    x, w, g = torch.randn(8, T, 96).bfloat16(), torch.randn(80, 96).bfloat16(), torch.randn(8, T, 80).bfloat16()
+    args = rule.bind((x, w), {})
+    want = torch.stack([(g[i].double().t() @ x[i].double()).pow(2).sum() for i in range(8)])
+    norms, _ = rule.norm_sample_sq_keep(args, g, frozenset({"weight"}), "ghost")
+    assert norms["weight"].dtype == torch.float32
+    torch.testing.assert_close(norms["weight"].double(), want, rtol=1e-5, atol=0)
+
+
 @pytest.mark.parametrize("samples_per_slice", [1, 2, 5])
 def test_ghost_norms_in_batch_slices(samples_per_slice, monkeypatch):
     """Ghost norms form their [T, T] Gram matrices a slice of the batch at a time (one
