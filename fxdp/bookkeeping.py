@@ -35,7 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import PerSampleGradientError
-from .optim.clip import ClipResult, Clipping, factor_of
+from .optim.clip import ClipResult, Clipping, factor_of, factors_as
 from .optim.grad_source import ClippedSumSource
 from .rules.base import sq_norms, weighted_sum
 from .rules.tied import cross_inner, use_factors
@@ -315,6 +315,16 @@ class BookKeeping(ClippedSumSource):
         # one factor tensor per parameter; flat clipping shares one object, so a layer's
         # rule is called once for all its parameters (RuleCapture groups by identity)
         column = {k: factor_of(scaled, k) for k in range(len(params))} if scaled.dim() == 2 else None
+        cast: Dict[Tuple[Optional[int], torch.dtype], Tensor] = {}
+
+        def factor(k: int, dtype: torch.dtype) -> Tensor:
+            """Parameter ``k``'s factors in a record's dtype, rounded down (``factors_as``);
+            one object per dtype under flat clipping."""
+            key = (None if column is None else k, dtype)
+            if key not in cast:
+                cast[key] = factors_as(scaled if column is None else column[k], dtype)
+            return cast[key]
+
         sums: Dict[int, Tensor] = {}
 
         def add(k: int, v: Tensor) -> None:
@@ -326,7 +336,8 @@ class BookKeeping(ClippedSumSource):
         first = {id(r): min((position[id(p)] for p in r.params.values() if id(p) in position), default=len(params))
                  for r in ps.records}
         for r in sorted(ps.records, key=lambda r: first[id(r)]):
-            want = {i: (scaled if column is None else column[position[id(p)]]) for i, p in r.params.items()
+            dtype = _least_precise(r, scaled.dtype)
+            want = {i: factor(position[id(p)], dtype) for i, p in r.params.items()
                     if id(p) in position and (ps.uses[id(p)] == 1 or id(p) in ps.factored)}
             dropping = r.op.clipped_sum_dropping(r, want, ok) if want and ok is not None else None
             if dropping is not None:  # the dropped samples' rows zeroed: a^T (0 * nan) would be nan
@@ -336,7 +347,7 @@ class BookKeeping(ClippedSumSource):
                 gs = _per_sample_grads(r)
                 for i, f in want.items():
                     g = torch.where(ok.view(-1, *[1] * (gs[i].dim() - 1)), gs[i], 0)
-                    add(position[id(r.params[i])], torch.einsum("b,b...->...", f.to(g.dtype), g))
+                    add(position[id(r.params[i])], torch.einsum("b,b...->...", factors_as(f, g.dtype), g))
             elif want and r.released:  # sum_i c_i g_i of the kept per-sample gradients
                 for i, f in want.items():
                     k = position[id(r.params[i])]
@@ -354,12 +365,18 @@ class BookKeeping(ClippedSumSource):
             k = position[pid]
             if ok is not None:
                 g = torch.where(ok.view(-1, *[1] * (g.dim() - 1)), g, 0)
-            f = scaled if column is None else column[k]
-            add(k, torch.einsum("b,b...->...", f.to(g.dtype), g))
+            add(k, torch.einsum("b,b...->...", factor(k, g.dtype), g))
         if out is not None:
             return []
         return [sums[k].to(p.dtype).reshape(p.shape) if k in sums else torch.zeros_like(p)
                 for k, p in enumerate(params)]
+
+
+def _least_precise(r: LayerRecord, default: torch.dtype) -> torch.dtype:
+    """The least precise floating dtype among a record's tensors: its clip factors, rounded
+    down to it (``factors_as``), are cast exactly to whatever dtype its rule computes in."""
+    dtypes = {t.dtype for t in (*r.inputs, *r.grads, *r.kept.values()) if isinstance(t, Tensor) and t.is_floating_point()}
+    return max(dtypes, key=lambda d: torch.finfo(d).eps, default=default)
 
 
 def _tied_norms(uses: List[Tuple[LayerRecord, int]], measure: bool) -> Optional[Tensor]:

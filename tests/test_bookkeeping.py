@@ -885,3 +885,50 @@ def test_output_gradients_small_beside_the_parameters_are_held(monkeypatch):
         dp(x).pow(2).mean().backward()
         opt.step()
     assert deferred == [["c1", "l1", "l2"], ["c1"]]  # the first pass, before any step knew the parameters
+
+
+@pytest.mark.parametrize("mode", ["bk", "materialize"])
+def test_bfloat16_clip_factors_are_rounded_down(mode, monkeypatch):
+    """A bfloat16 model's clip factors are applied rounded toward zero (``factors_as``):
+    rounded to nearest, a factor is up to 0.4% above ``C / ||g_i||``, and that sample's
+    clipped gradient exceeds the bound the noise is calibrated to. Every sample here is
+    clipped (T = 17: ghost norms in book-keeping); the factors the clipped sums apply are
+    compared with ``C / (||g_i|| + 1e-6)`` of the same bfloat16 gradients in float64."""
+    import fxdp.optim.clip as clip
+    from fxdp.rules.linear import LinearRule
+
+    torch.manual_seed(17)
+    model = nn.Linear(96, 80, bias=False).bfloat16()
+    x, r = torch.randn(16, 17, 96).bfloat16(), torch.randn(16, 17, 80).bfloat16()
+    C = 1e-3
+    applied = []
+    if mode == "bk":
+        real = LinearRule.clipped_sum
+
+        def spy(self, args, grad_output, factors, needs, into=None):
+            applied.append(factors)
+            return real(self, args, grad_output, factors, needs, into)
+
+        monkeypatch.setattr(LinearRule, "clipped_sum", spy)
+    else:
+        real_einsum = clip.torch.einsum
+
+        def spy(eq, f, g):
+            applied.append(f)
+            return real_einsum(eq, f, g)
+
+        monkeypatch.setattr(clip.torch, "einsum", spy)
+    dp = privatize(model, grad_sample_mode=mode, loss_reduction="sum")
+    opt = DPOptimizer(torch.optim.SGD(dp.parameters(), lr=0.1), noise_multiplier=0.0, max_grad_norm=C,
+                      expected_batch_size=16, loss_reduction="sum")
+    if mode == "bk":
+        opt.attach_bookkeeping(dp.bookkeeping)
+    (dp(x) * r).sum().backward()
+    opt.step()
+    monkeypatch.undo()
+    norms = torch.einsum("btp,btd->bpd", r.double(), x.double()).flatten(1).norm(dim=1)
+    want = C / (norms + 1e-6)
+    (f,) = applied
+    assert f.dtype == torch.bfloat16 and f.shape == (16,)
+    assert bool((f.double() <= want * (1 + 1e-5)).all()), (f.double() / want).max()
+    assert bool((f.double() >= want * (1 - 2 ** -7)).all())

@@ -680,6 +680,25 @@ def test_clip_functions_match_loops():
     assert [s.shape for s in clipped_sum(empty, clip_factors(per_sample_norms(empty), 1.0))] == [(3, 2), ()]
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_factors_as_rounds_toward_zero(dtype):
+    """Clip factors cast to a narrower dtype never round up (a factor above ``C / ||g||``
+    would let a clipped gradient exceed ``C``), stay within one step of the nearest value,
+    and pass unchanged, or widen exactly, otherwise."""
+    from fxdp.optim.clip import factors_as
+
+    f = torch.cat([torch.rand(10_000, generator=torch.Generator().manual_seed(3)), torch.tensor([0.0, 1.0, 0.5])])
+    low = factors_as(f, dtype)
+    assert low.dtype == dtype
+    normal = f >= torch.finfo(dtype).tiny  # below: subnormal steps, still never up
+    assert bool((low.float() <= f).all())
+    assert bool((low.float()[normal] >= f[normal] * (1 - 2 * torch.finfo(dtype).eps)).all())
+    assert bool((low.float() < f).any())  # rounding to nearest would have gone up here
+    assert low[-3:].tolist() == [0.0, 1.0, 0.5]  # representable: kept
+    assert factors_as(f, torch.float32) is f
+    torch.testing.assert_close(factors_as(low, torch.float32), low.float(), rtol=0, atol=0)
+
+
 def test_gaussian_noise_zero_std_draws_nothing():
     g = torch.Generator().manual_seed(0)
     state = g.get_state()
