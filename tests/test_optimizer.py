@@ -699,6 +699,19 @@ def test_factors_as_rounds_toward_zero(dtype):
     torch.testing.assert_close(factors_as(low, torch.float32), low.float(), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_noisy_sum_of_half_precision_rounds_once_after_the_noise(dtype):
+    """A half-precision sum gets float32 noise and one rounding after it (post-processing of
+    the Gaussian mechanism), not noise rounded to the half-precision grid and a second
+    rounding of the addition."""
+    x = (torch.randn(50_000, generator=torch.Generator().manual_seed(5)) * 3).to(dtype)
+    got = noisy_sum(x, 0.7, generator=torch.Generator().manual_seed(6))
+    noise = gaussian_noise(0.7, x.shape, dtype=torch.float32, generator=torch.Generator().manual_seed(6))
+    assert got.dtype == dtype
+    assert torch.equal(got, (x.float() + noise).to(dtype))
+    assert not torch.equal(got, x + noise.to(dtype))  # rounding twice differs somewhere
+
+
 def test_gaussian_noise_zero_std_draws_nothing():
     g = torch.Generator().manual_seed(0)
     state = g.get_state()

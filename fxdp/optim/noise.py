@@ -86,10 +86,15 @@ def noisy_sum(x: Tensor, std: float, *, generator: torch.Generator | None = None
     (CSPRNG noise, sum formed in float64 and snapped to a fixed power-of-two grid, so
     the low bits of the result do not reveal ``x``); otherwise ``x +
     gaussian_noise(std, x.shape, ...)``, bit for bit what an optimizer adding the noise
-    itself computes.
+    itself computes. A half-precision sum gets its noise in float32 and is rounded once,
+    after it: the rounding is then post-processing of the mechanism's output, where noise
+    rounded to bfloat16's 8 bits first would be a Gaussian on a grid the sum shifts.
     """
     if is_secure(generator):
         return secure_gaussian_mechanism(x, std)
+    if x.dtype in _LOW_PRECISION and std > 0:
+        noise = gaussian_noise(std, x.shape, dtype=torch.float32, device=x.device, generator=generator)
+        return noise.add_(x).to(x.dtype)
     return x + gaussian_noise(std, x.shape, dtype=x.dtype, device=x.device, generator=generator)
 
 
@@ -222,8 +227,8 @@ class FlatNoise:
     saves about ``min(buffer, held) / (buffer + held)`` of the step's peak (ViT-tiny: 21 MiB
     of noise on 39 MiB of records, 34%).
 
-    Sums of mixed dtype or device, half-precision sums (noise drawn in float32 and
-    rounded once) and secure generators keep :func:`noisy_sum` per sum. The noise has
+    Sums of mixed dtype or device, half-precision sums (noise drawn and added in float32,
+    the result rounded once) and secure generators keep :func:`noisy_sum` per sum. The noise has
     the same distribution either way; the draw order over parameters differs, so the
     bits differ from a per-parameter draw with the same seed.
     """
