@@ -81,7 +81,10 @@ def cross_inner(f: GradFactors, h: GradFactors) -> Tensor:
     a slice of the batch at a time (the ``[T_f, T_h]`` products of the whole batch would
     outgrow the records at long sequences)."""
     B, Tf, Th = f.right.shape[0], f.positions(), h.positions()
-    n = samples_per_slice(_SLICE_BYTES, extra_bytes=3 * Tf * Th * max(f.right.element_size(), 8))
+    dtype = _cross_dtype(f, h)
+    dense = (f.left, h.left) if f.left is not None and h.left is not None else ()  # gathers copy no rows
+    copies = sum(t[:1].numel() for t in (f.right, h.right, *dense) if t.dtype != dtype)
+    n = samples_per_slice(_SLICE_BYTES, extra_bytes=(3 * Tf * Th + copies) * max(f.right.element_size(), 8))
     parts = [_cross(_rows(f, s, s + n), _rows(h, s, s + n)) for s in range(0, B, n)]
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
@@ -91,8 +94,14 @@ def _rows(f: GradFactors, s: int, e: int) -> GradFactors:
                        None if f.index is None else f.index[s:e], f.m)
 
 
+def _cross_dtype(f: GradFactors, h: GradFactors) -> torch.dtype:
+    """The cross term's dtype: at least float32 (a half-precision product of the two uses'
+    rows is rounded entry by entry before the sum)."""
+    return norm_dtype(torch.promote_types(f.right.dtype, h.right.dtype))
+
+
 def _cross(f: GradFactors, h: GradFactors) -> Tensor:
-    dtype = torch.promote_types(f.right.dtype, h.right.dtype)
+    dtype = _cross_dtype(f, h)
     right = torch.bmm(f.right.to(dtype), h.right.to(dtype).transpose(1, 2))  # [b, T_f, T_h]
     if f.left is not None and h.left is not None:
         left = torch.bmm(f.left.to(dtype), h.left.to(dtype).transpose(1, 2))

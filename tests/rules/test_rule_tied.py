@@ -50,6 +50,22 @@ def test_cross_inner_equals_the_inner_product_of_materialized_gradients(kinds, s
     torch.testing.assert_close(cross_inner(h, f), want, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("kinds", [("dense", "dense"), ("index", "dense"), ("dense", "index"), ("index", "index")])
+def test_cross_inner_of_bfloat16_uses_is_float32(kinds):
+    """Half-precision uses (a bfloat16 model's tied embedding and head): the cross term is
+    formed in float32, equal to that of the same bfloat16 factors in float64 (its rows'
+    products rounded to bfloat16 first read up to 1% off)."""
+    g = torch.Generator().manual_seed(1)
+    f, h = _factors(kinds[0], 6, 24, 9, 64, g), _factors(kinds[1], 6, 16, 9, 64, g)
+    low = [GradFactors(right=x.right.bfloat16(), left=None if x.left is None else x.left.bfloat16(), index=x.index,
+                       m=x.m) for x in (f, h)]
+    exact = [GradFactors(right=x.right.double(), left=None if x.left is None else x.left.double(), index=x.index,
+                         m=x.m) for x in low]
+    got = cross_inner(*low)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), cross_inner(*exact), rtol=1e-5, atol=1e-5)
+
+
 def _bound(op, *args, **kw):
     rule = rule_for_op(op)
     return rule, rule.bind(args, kw)
