@@ -321,8 +321,8 @@ def gram_bytes(T: int, d: int, p: int, dtype: torch.dtype) -> int:
     """Bytes of :func:`gram_inner`'s temporaries per sample for ``a: [T, d]`` and
     ``g: [T, p]`` of ``dtype``: three Gram strips in the norm's dtype and, for a half
     precision, ``a`` and ``g`` in it."""
-    size = torch.empty((), dtype=norm_dtype(dtype)).element_size()
-    return (3 * gram_strip_rows(T) * T + (T * (d + p) if norm_dtype(dtype) != dtype else 0)) * size
+    wide = norm_dtype(dtype)
+    return (3 * gram_strip_rows(T) * T + (T * (d + p) if wide != dtype else 0)) * (torch.finfo(wide).bits // 8)
 
 
 def gram_inner(a: Tensor, g: Tensor) -> Tensor:
