@@ -35,7 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import PerSampleGradientError
-from .optim.clip import ClipResult, Clipping, factor_of, factors_as
+from .optim.clip import ClipResult, Clipping, factor_of, factors_as, sum_dtype
 from .optim.grad_source import ClippedSumSource
 from .rules.base import sq_norms, weighted_sum
 from .rules.tied import cross_inner, use_factors
@@ -111,8 +111,9 @@ class BookKeeping(ClippedSumSource):
         # a layer whose norms keep its per-sample gradients: norms now, and drop a and g
         # (other layers need a and g at the step anyway: their norms wait for the pass's end)
         try:
-            if single and not rec.stand_in and rec.op.keeps_per_sample_grads(rec, single):
-                rec.sq = rec.op.norm_sample_sq(rec, single, self.measure)
+            wide = rec.widened() if single and not rec.stand_in else rec  # half precision: in float32
+            if single and not rec.stand_in and rec.op.keeps_per_sample_grads(wide, single):
+                rec.sq = rec.op.norm_sample_sq(wide, single, self.measure)
                 if rec.params and all(i in rec.kept for i in rec.params):
                     rec.release()
             self._defer_grad(rec)
@@ -228,7 +229,7 @@ class BookKeeping(ClippedSumSource):
         result = None
         for ps, (norms, factors, ok, scale) in zip(passes, clipped):
             if norms is None:  # an empty batch (run on a stand-in sample) or nothing trainable reached
-                sums = [] if out is not None else [torch.zeros_like(p) for p in params]
+                sums = [] if out is not None else [torch.zeros_like(p, dtype=sum_dtype(p.dtype)) for p in params]
                 norms = factors = torch.zeros(ps.batch_size, len(params), device=params[0].device if params else None)
                 if clipping.per_parameter is None:
                     factors = factors[:, 0]
@@ -283,7 +284,7 @@ class BookKeeping(ClippedSumSource):
             multi = [i for i, p in r.params.items() if uses[id(p)] > 1]
             late = [i for i in single if i not in r.sq]  # not formed as the record arrived
             if late:
-                r.sq.update(r.op.norm_sample_sq(r, late, measure))
+                r.sq.update(r.op.norm_sample_sq(r.widened(), late, measure))
                 if not multi and r.params and all(i in r.kept for i in r.params):
                     r.release()  # kept per-sample gradients larger than the record replace it now
             for i in single:
@@ -302,7 +303,7 @@ class BookKeeping(ClippedSumSource):
             for r, i in at:
                 gs = formed.get(id(r))
                 if gs is None:
-                    gs = formed[id(r)] = _per_sample_grads(r)
+                    gs = formed[id(r)] = _per_sample_grads(r.widened())
                 tied[k] = tied[k] + gs[i] if k in tied else gs[i]
             sq[k] = sq_norms(tied[k])
         return sq, tied, factored
@@ -335,7 +336,8 @@ class BookKeeping(ClippedSumSource):
 
         first = {id(r): min((position[id(p)] for p in r.params.values() if id(p) in position), default=len(params))
                  for r in ps.records}
-        for r in sorted(ps.records, key=lambda r: first[id(r)]):
+        for rec in sorted(ps.records, key=lambda r: first[id(r)]):
+            r = rec.widened()  # half precision: summed in float32 from the values its norms read
             dtype = _least_precise(r, scaled.dtype)
             want = {i: factor(position[id(p)], dtype) for i, p in r.params.items()
                     if id(p) in position and (ps.uses[id(p)] == 1 or id(p) in ps.factored)}
@@ -347,7 +349,7 @@ class BookKeeping(ClippedSumSource):
                 gs = _per_sample_grads(r)
                 for i, f in want.items():
                     g = torch.where(ok.view(-1, *[1] * (gs[i].dim() - 1)), gs[i], 0)
-                    add(position[id(r.params[i])], torch.einsum("b,b...->...", factors_as(f, g.dtype), g))
+                    add(position[id(r.params[i])], weighted_sum(f, g))
             elif want and r.released:  # sum_i c_i g_i of the kept per-sample gradients
                 for i, f in want.items():
                     k = position[id(r.params[i])]
@@ -358,18 +360,19 @@ class BookKeeping(ClippedSumSource):
                 into = None if out is None else {i: out[position[id(r.params[i])]] for i in want}
                 for i, v in r.op.clipped_sum(r, want, into).items():
                     add(position[id(r.params[i])], v)
-            r.free()  # its sums are formed: the step's memory falls as the noise buffer fills
+            rec.free()  # its sums are formed: the step's memory falls as the noise buffer fills
         for pid, g in ps.tied.items():
             if pid not in position:
                 continue
             k = position[pid]
             if ok is not None:
                 g = torch.where(ok.view(-1, *[1] * (g.dim() - 1)), g, 0)
-            add(k, torch.einsum("b,b...->...", factor(k, g.dtype), g))
+            add(k, weighted_sum(factor(k, g.dtype), g))
         if out is not None:
             return []
-        return [sums[k].to(p.dtype).reshape(p.shape) if k in sums else torch.zeros_like(p)
-                for k, p in enumerate(params)]
+        # a half-precision parameter's sum stays float32 through the noise (``sum_dtype``)
+        return [sums[k].to(sum_dtype(p.dtype)).reshape(p.shape) if k in sums
+                else torch.zeros_like(p, dtype=sum_dtype(p.dtype)) for k, p in enumerate(params)]
 
 
 def _least_precise(r: LayerRecord, default: torch.dtype) -> torch.dtype:
@@ -383,12 +386,12 @@ def _tied_norms(uses: List[Tuple[LayerRecord, int]], measure: bool) -> Optional[
     """``[B]``: a tied parameter's per-sample squared norms, its uses' own norms plus twice
     their cross terms from their factored gradients (``fxdp.rules.tied``); ``None`` where a
     use has no factored form or materializing costs less."""
-    factors = [r.op.grad_factors(r, i) for r, i in uses]
+    factors = [r.op.grad_factors(r.widened(), i) for r, i in uses]
     if not use_factors(factors):
         return None
     total = None
     for r, i in uses:
-        own = r.sq[i] if i in r.sq else r.op.norm_sample_sq(r, [i], measure)[i]
+        own = r.sq[i] if i in r.sq else r.op.norm_sample_sq(r.widened(), [i], measure)[i]
         total = own if total is None else total + own
     for k, f in enumerate(factors):
         for h in factors[k + 1:]:

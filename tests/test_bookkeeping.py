@@ -888,12 +888,13 @@ def test_output_gradients_small_beside_the_parameters_are_held(monkeypatch):
 
 
 @pytest.mark.parametrize("mode", ["bk", "materialize"])
-def test_bfloat16_clip_factors_are_rounded_down(mode, monkeypatch):
-    """A bfloat16 model's clip factors are applied rounded toward zero (``factors_as``):
-    rounded to nearest, a factor is up to 0.4% above ``C / ||g_i||``, and that sample's
-    clipped gradient exceeds the bound the noise is calibrated to. Every sample here is
-    clipped (T = 17: ghost norms in book-keeping); the factors the clipped sums apply are
-    compared with ``C / (||g_i|| + 1e-6)`` of the same bfloat16 gradients in float64."""
+def test_bfloat16_clip_factors_stay_within_the_bound(mode, monkeypatch):
+    """A bfloat16 model's clipped sums are formed in float32 (``sum_dtype``), so its clip
+    factors are applied in float32, not rounded to bfloat16 (to nearest, a factor was up to
+    0.4% above ``C / ||g_i||``, and that sample's clipped gradient exceeded the bound the
+    noise is calibrated to). Every sample here is clipped (T = 17: ghost norms in
+    book-keeping); the factors the clipped sums apply are compared with ``C / (||g_i|| +
+    1e-6)`` of the same bfloat16 gradients in float64."""
     import fxdp.optim.clip as clip
     from fxdp.rules.linear import LinearRule
 
@@ -926,10 +927,13 @@ def test_bfloat16_clip_factors_are_rounded_down(mode, monkeypatch):
     (dp(x) * r).sum().backward()
     opt.step()
     monkeypatch.undo()
-    norms = torch.einsum("btp,btd->bpd", r.double(), x.double()).flatten(1).norm(dim=1)
+    if mode == "bk":  # each sample's gradient from the record's values (exact in float32)
+        norms = torch.einsum("btp,btd->bpd", r.double(), x.double()).flatten(1).norm(dim=1)
+    else:  # the per-sample gradients summed: the rule's bfloat16 ones
+        norms = model.weight.grad_sample.double().flatten(1).norm(dim=1)
     want = C / (norms + 1e-6)
     (f,) = applied
-    assert f.dtype == torch.bfloat16 and f.shape == (16,)
+    assert f.dtype == torch.float32 and f.shape == (16,)
     assert bool((f.double() <= want * (1 + 1e-5)).all()), (f.double() / want).max()
     assert bool((f.double() >= want * (1 - 2 ** -7)).all())
 
@@ -969,3 +973,87 @@ def test_bfloat16_book_keeping_norms_equal_the_materialized_ones():
         opt.step()
         norms[mode] = opt._last_clip[0].double()
     torch.testing.assert_close(norms["bk"], norms["materialize"], rtol=1e-4, atol=0)
+
+
+def _bf16_sums(mode: str, x: torch.Tensor, r: torch.Tensor, C: float) -> torch.Tensor:
+    """``p.summed_grad`` of a bfloat16 ``Linear`` whose per-sample gradients are ``r_i^T x_i``
+    (loss ``sum(out * r)``, no noise), clipped to ``C`` in ``mode``."""
+    torch.manual_seed(0)
+    model = nn.Linear(x.shape[-1], r.shape[-1], bias=False).bfloat16()
+    dp = fxdp.privatize(model, grad_sample_mode=mode, loss_reduction="sum")
+    opt = DPOptimizer(torch.optim.SGD(dp.parameters(), lr=0.0), noise_multiplier=0.0, max_grad_norm=C,
+                      expected_batch_size=x.shape[0], loss_reduction="sum")
+    if mode == "bk":
+        opt.attach_bookkeeping(dp.bookkeeping)
+    (dp(x) * r).sum().backward()
+    opt.clip_and_accumulate()
+    return model.weight.summed_grad
+
+
+@pytest.mark.parametrize("mode", ["bk", "materialize"])
+@pytest.mark.parametrize("T", [1, 17])
+def test_bfloat16_clipped_sum_is_float32_and_exact(mode, T):
+    """A bfloat16 model's clipped sum is formed in float32 (``sum_dtype``) from the values its
+    norms read: equal to ``sum_i c_i r_i^T x_i`` in float64 to float32 accuracy (book-keeping: of
+    the record's exact bfloat16 values; materialize: of the rule's bfloat16 per-sample gradients).
+    Rounded to bfloat16 before the noise, as it was, it is off by ~2^-9 of itself."""
+    g = torch.Generator().manual_seed(T)
+    shape = (64, 48) if T == 1 else (64, T, 48)
+    common = torch.randn(shape[1:], generator=g)  # aligned samples: a sum far larger than C
+    x = (common + 0.3 * torch.randn(shape, generator=g)).bfloat16()
+    r = (torch.randn(shape[:-1] + (40,), generator=g) * 0.1 + 1.0).bfloat16()
+    C = 1e-2
+    got = _bf16_sums(mode, x, r, C)
+    assert got.dtype == torch.float32
+    eq = "bp,bd->bpd" if T == 1 else "btp,btd->bpd"
+    ps = torch.einsum(eq, r.double(), x.double())
+    if mode == "materialize":  # the rule's per-sample gradients, rounded to bfloat16 once
+        ps = torch.einsum(eq, r, x).double() if T == 1 else torch.bmm(r.transpose(1, 2), x).double()
+    c = (C / (ps.flatten(1).norm(dim=1) + 1e-6)).clamp(max=1)
+    want = torch.einsum("b,bpd->pd", c, ps)
+    assert (got.double() - want).norm() <= 1e-5 * want.norm(), ((got.double() - want).norm() / want.norm())
+
+
+@pytest.mark.parametrize("mode", ["bk", "materialize"])
+def test_bfloat16_neighbouring_batches_clipped_sums_differ_by_at_most_C(mode):
+    """The sensitivity the noise is calibrated to: the clipped sums of two batches that differ
+    in one sample lie at most ``C`` apart. With 1024 aligned samples a bfloat16 sum is ~1000 C
+    long, and rounded to bfloat16 (half an ulp per coordinate, data-dependent) the two sums lay
+    2.24 C (book-keeping) and 2.28 C (materialized) apart here; formed in float32 they lie C
+    apart to ~1e-7 of the sum."""
+    g = torch.Generator().manual_seed(11)
+    B, d, p = 1024, 64, 64
+    x = (torch.randn(d, generator=g) + 0.2 * torch.randn(B, d, generator=g)).bfloat16()
+    r = (torch.randn(p, generator=g) + 0.2 * torch.randn(B, p, generator=g)).bfloat16()
+    C = 1.0
+    both = _bf16_sums(mode, x, r, C).double()
+    without = _bf16_sums(mode, x[1:], r[1:], C).double()
+    assert both.norm() > 900 * C  # the regime where half-precision rounding of the sum is coarse
+    assert (both - without).norm() <= C * (1 + 1e-3), (both - without).norm()
+
+
+def test_half_precision_record_is_widened_once_per_use():
+    """``LayerRecord.widened``: a bfloat16 record's float32 copy shares what its norms leave
+    for its sum (``kept``, ``sq``, the scratch) and forms its own batch-first arguments; a
+    float32 record, and one whose op checks its outputs, is used as it is."""
+    from fxdp.capture.record import LayerRecord
+
+    class Op:
+        checks_outputs = False
+
+    x, gr, w = torch.randn(4, 3).bfloat16(), torch.randn(4, 2).bfloat16(), torch.randn(2, 3).bfloat16()
+    rec = LayerRecord(op=Op(), inputs=[x, w], grads=[gr], params={1: nn.Parameter(w.float())}, batch_size=4,
+                      generation=1, batch_dims=((0, None), (0,)), memo={"prepared": "bf16 args"})
+    wide = rec.widened()
+    assert wide is not rec and rec.half and not wide.half
+    assert [t.dtype for t in wide.inputs + wide.grads] == [torch.float32] * 3
+    assert torch.equal(wide.inputs[0], x.float()) and torch.equal(wide.grads[0], gr.float())
+    assert wide.kept is rec.kept and wide.sq is rec.sq and wide.memo["scratch"] is rec.memo["scratch"]
+    assert "prepared" not in wide.memo and rec.memo["prepared"] == "bf16 args"
+    assert wide.widened() is wide
+    f32 = LayerRecord(op=Op(), inputs=[x.float()], grads=[gr.float()], params={}, batch_size=4, generation=1,
+                      batch_dims=((0,), (0,)))
+    assert f32.widened() is f32
+    Op.checks_outputs = True
+    assert LayerRecord(op=Op(), inputs=[x], grads=[gr], params={}, batch_size=4, generation=1,
+                       batch_dims=((0,), (0,))).widened().inputs[0] is x

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
+import fxdp
 from fxdp.optim import AdaClipDPOptimizer, DPOptimizer, DPPerLayerOptimizer, get_optimizer_class
 from fxdp.optim.clip import (
     adaptive_gradient_noise_multiplier,
@@ -998,3 +999,42 @@ def test_add_param_group_goes_to_wrapped_optimizer():
     opt.add_param_group({"params": [extra], "lr": 0.5})
     assert len(opt.original_optimizer.param_groups) == 2 and opt.params[-1] is extra
     assert extra.summed_grad is None
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_clipped_sum_is_formed_in_float32(dtype, monkeypatch):
+    """``clipped_sum`` of half-precision per-sample gradients is float32 (``sum_dtype``), equal
+    to the float64 sum of the same values to float32 accuracy, also over slices of the batch."""
+    import fxdp.optim.clip as clip
+
+    g = torch.Generator().manual_seed(9)
+    gs = (torch.randn(40, 6, 5, generator=g) + 3).to(dtype)  # aligned rows: a long sum
+    f = torch.rand(40, generator=g)
+    want = torch.einsum("b,bij->ij", f.double(), gs.double())
+    for slice_bytes in (1 << 24, 6 * 5 * 4 * 7):  # one slice; slices of 7 samples
+        monkeypatch.setattr(clip, "_WIDE_SLICE_BYTES", slice_bytes)
+        (got,) = clip.clipped_sum([gs], f)
+        assert got.dtype == torch.float32 and got.shape == (6, 5)
+        torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=0)
+    assert clip.sum_dtype(dtype) == torch.float32 and clip.sum_dtype(torch.float64) == torch.float64
+
+
+def test_half_precision_parameter_gets_its_noisy_sum_rounded_once():
+    """A bfloat16 parameter's clipped sum stays float32 through the noise: ``p.grad`` is
+    ``(S + N).to(bfloat16)`` of the float32 sum and float32 noise (one rounding, after the
+    mechanism), and ``p.summed_grad`` accumulates in float32."""
+    torch.manual_seed(4)
+    model = nn.Linear(12, 7).bfloat16()
+    dp = fxdp.privatize(model, loss_reduction="sum")
+    opt = DPOptimizer(torch.optim.SGD(dp.parameters(), lr=0.0), noise_multiplier=0.8, max_grad_norm=0.5,
+                      expected_batch_size=8, loss_reduction="sum", generator=torch.Generator().manual_seed(2))
+    x = torch.randn(8, 12).bfloat16()
+    dp(x).float().square().sum().backward()
+    opt.clip_and_accumulate()
+    sums = [p.summed_grad.clone() for p in opt.params]
+    assert all(s.dtype == torch.float32 for s in sums)
+    noisy = FlatNoise()(sums, 0.8 * 0.5, generator=torch.Generator().manual_seed(2))
+    opt.add_noise()
+    for p, n in zip(opt.params, noisy):
+        assert p.grad.dtype == torch.bfloat16
+        assert torch.equal(p.grad, n.to(torch.bfloat16))

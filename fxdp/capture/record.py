@@ -3,11 +3,12 @@ that serves them: ``p.grad_sample`` (materialize) or the book-keeping records (b
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
+from torch.utils._pytree import tree_map
 
 from ..bookkeeping import BookKeeping
 from ..errors import BatchDimensionError, PerSampleGradientError
@@ -16,6 +17,8 @@ if TYPE_CHECKING:
     from .op import CaptureOp
 
 __all__ = ["LayerRecord", "Recorder"]
+
+_HALF = (torch.float16, torch.bfloat16)
 
 
 @dataclass
@@ -52,6 +55,29 @@ class LayerRecord:
     #: book-keeping: the output gradient was dropped as the record arrived, to be formed again
     #: from this record of the next capture op when the pass ends (``CaptureOp.grad_from``)
     grad_source: Optional[Tuple["LayerRecord", int]] = None
+    #: whether a tensor of the record is half precision (found once, by :meth:`widened`)
+    half: Optional[bool] = None
+
+    def widened(self) -> "LayerRecord":
+        """The record with its half-precision activations, output gradients, parameters and
+        saved values in float32 (exact conversions), for book-keeping to form its per-sample
+        norms and its clipped sum from the same values in float32 (``fxdp.optim.clip.sum_dtype``);
+        ``self`` where no tensor is half precision, or where the op checks its outputs against
+        per-sample evaluations or replays a random draw (those run in the batch's dtype). A copy
+        of one layer, made at each use: it shares ``kept``, ``sq`` and the norms' scratch with
+        ``self`` (what the norms leave, the sum reads); its batch-first arguments are its own."""
+        if self.half is None:
+            self.half = any(isinstance(t, Tensor) and t.dtype in _HALF
+                            for t in (*self.inputs, *self.grads, *self.kept.values()))
+        if not self.half or self.op.checks_outputs or self.rng_state is not None:
+            return self
+
+        def wide(t: Any) -> Any:
+            return t.float() if isinstance(t, Tensor) and t.dtype in _HALF else t
+
+        scratch = self.memo.setdefault("scratch", {})
+        return replace(self, inputs=[wide(x) for x in self.inputs], grads=[wide(g) for g in self.grads],
+                       saved=tree_map(wide, self.saved), memo={"scratch": scratch}, half=False)
 
     def release(self) -> None:
         """Drop the activations and output gradients once ``kept`` holds every

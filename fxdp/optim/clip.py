@@ -29,6 +29,7 @@ __all__ = [
     "per_sample_norms",
     "clip_factors",
     "factors_as",
+    "sum_dtype",
     "clipped_sum",
     "clip_statistics",
     "first_non_finite",
@@ -94,16 +95,43 @@ def factors_as(factors: Tensor, dtype: torch.dtype) -> Tensor:
     return torch.where(low.to(factors.dtype) > factors, torch.nextafter(low, torch.zeros_like(low)), low)
 
 
+@functools.lru_cache(maxsize=None)
+def sum_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a clipped sum is formed, accumulated and noised in: ``dtype``, at least
+    float32. A half-precision sum rounded before the noise moves each coordinate by up to
+    half an ulp of the *sum*, depending on the data: two neighbouring batches' rounded sums
+    then lie farther apart than the bound ``C`` the noise is calibrated to (bfloat16,
+    1024 aligned clipped gradients: 2.2-2.3 C, ``docs/secure_mode.md``). In float32 that
+    rounding is ~1e-7 of the sum; the one rounding to the parameter's dtype comes after
+    the noise, as post-processing."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+#: a half-precision clipped sum is formed over slices of the batch of about this many bytes of
+#: float32 per-sample gradients (no float32 copy of a whole ``p.grad_sample``)
+_WIDE_SLICE_BYTES = 1 << 24
+
+
 def clipped_sum(grad_samples: Sequence[Tensor], factors: Tensor) -> list[Tensor]:
     """``sum_i factors[i] * g[i]`` for each parameter (one einsum, no clipped copy).
 
     ``factors`` is ``[B]`` (shared by all parameters) or ``[B, K]`` (column ``k`` for
     parameter ``k``), applied in each gradient's dtype (:func:`factors_as`). The result
-    has each parameter's shape and its gradient's dtype.
+    has each parameter's shape, in :func:`sum_dtype` of its gradient's dtype: a
+    half-precision gradient is summed in float32, a slice of the batch at a time.
     """
     out = []
     for k, g in enumerate(grad_samples):
-        out.append(torch.einsum("i,i...->...", factors_as(factor_of(factors, k).to(g.device), g.dtype), g))
+        f = factor_of(factors, k).to(g.device)
+        wide = sum_dtype(g.dtype)
+        if wide == g.dtype:
+            out.append(torch.einsum("i,i...->...", factors_as(f, g.dtype), g))
+            continue
+        f, step = factors_as(f, wide), max(1, _WIDE_SLICE_BYTES // max(1, g[:1].numel() * 4))
+        total = torch.zeros(g.shape[1:], dtype=wide, device=g.device)
+        for s in range(0, g.shape[0], step):
+            total += torch.einsum("i,i...->...", f[s:s + step], g[s:s + step].to(wide))
+        out.append(total)
     return out
 
 

@@ -132,7 +132,8 @@ class MaterializedGradients(ClippedSumSource):
         if ok is not None:  # dropped samples: zero rows (0 * nan is nan) and zero norms
             grad_samples = [torch.where(ok.view(-1, *[1] * (g.dim() - 1)), g, 0) for g in grad_samples]
             norms = torch.where(ok[:, None], norms, 0)
-        # mixed precision: the sums are formed in each parameter's dtype (usually fp32)
+        # in each parameter's dtype, at least float32 (``sum_dtype``: rounded to a half precision
+        # only after the noise)
         sums = clipped_sum([g.to(p.dtype) for p, g in zip(params, grad_samples)], factors)
         for p in params:
             mark_as_processed(p.grad_sample)

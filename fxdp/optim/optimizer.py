@@ -440,7 +440,9 @@ class DPOptimizer(Optimizer):
             return
         noisy = self.noisy_sums([p.summed_grad for p in params], self._noise_std())
         for p, g in zip(params, noisy):
-            p.grad = g.view_as(p)
+            # a half-precision parameter's sum and noise are float32 (``sum_dtype``): rounded
+            # once, after the noise (post-processing of the Gaussian mechanism)
+            p.grad = (g if g.dtype == p.dtype else g.to(p.dtype)).view_as(p)
             mark_as_processed(p.summed_grad)
 
     def _noise_first(self) -> bool:

@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, FrozenSet, Mapping, Optio
 import torch
 from torch import Tensor, nn
 
+from ..optim.clip import sum_dtype
+
 if TYPE_CHECKING:  # rules.tied imports this module; the type only is needed here
     from .tied import GradFactors
 
@@ -251,8 +253,11 @@ def into_target(into: Optional[Dict[str, Tensor]], name: str, dtype: torch.dtype
 
 
 def weighted_sum(f: Tensor, g: Tensor, into: Optional[Tensor] = None) -> Optional[Tensor]:
-    """``sum_i f_i g_i`` over the batch dimension of ``g`` (``[B, ...]``): a fresh tensor,
-    or added into ``into`` (same dtype and element count, contiguous) and ``None``."""
+    """``sum_i f_i g_i`` over the batch dimension of ``g`` (``[B, ...]``), in at least
+    float32 (a clipped sum is not rounded to half-precision rows: ``sum_dtype``): a fresh
+    tensor, or added into ``into`` (that dtype, the element count, contiguous) and ``None``."""
+    wide = sum_dtype(g.dtype)
+    g = g if g.dtype == wide else g.to(wide)
     f = f if f.dtype == g.dtype else f.to(g.dtype)
     if into is not None and into.dtype == g.dtype and into.is_contiguous() and into.numel() * g.shape[0] == g.numel():
         rows = g if g.dim() == 2 else g.reshape(g.shape[0], -1)

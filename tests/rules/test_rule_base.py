@@ -156,3 +156,21 @@ def test_rules_on_aten_overloads_bind_the_schema_defaults():
                     continue  # ConvRule.forward gives the string overload its "valid"
                 bad.append(f"{op} {a.name}: rule {p.default!r}, schema {a.default_value!r}")
     assert checked > 10 and not bad, bad
+
+
+def test_weighted_sum_of_half_precision_rows_is_float32():
+    """``weighted_sum`` (kept per-sample gradients, bias sums) sums half-precision rows in
+    float32, fresh or into a float32 target, equal to float64 to float32 accuracy."""
+    from fxdp.rules.base import weighted_sum
+
+    g = torch.Generator().manual_seed(21)
+    rows = (torch.randn(64, 3, 9, generator=g) + 2).bfloat16()
+    f = torch.rand(64, generator=g)
+    want = torch.einsum("b,bij->ij", f.double(), rows.double())
+    got = weighted_sum(f.bfloat16(), rows)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), torch.einsum("b,bij->ij", f.bfloat16().double(), rows.double()),
+                               rtol=1e-6, atol=0)
+    into = torch.zeros(3, 9)
+    assert weighted_sum(f, rows, into) is None
+    torch.testing.assert_close(into.double(), want, rtol=1e-6, atol=0)
