@@ -228,7 +228,18 @@ def _flat_out(out: Any) -> List[Tensor]:
 
 
 def _default_tol(dtype: torch.dtype) -> Tuple[float, float]:
-    return (1e-9, 1e-12) if dtype == torch.float64 else (1e-4, 1e-6)
+    return (1e-9, 1e-12) if dtype == torch.float64 else _half_tol(dtype, (1e-4, 1e-6))
+
+
+def _half_tol(dtype: torch.dtype, tol: Tuple[float, float]) -> Tuple[float, float]:
+    """``tol``, widened for a half-precision model to what its rounding allows: the batch and
+    a sample alone sum in different orders, each rounding to ``eps`` (bfloat16: 2^-7) per
+    operation, so their gradients differ by a few ``eps`` (a bfloat16 MLP: 0.3% of the
+    gradient's scale, over the float32 tolerance); 2 ``eps`` still fails a mixing op."""
+    if dtype in (torch.float16, torch.bfloat16):
+        eps = torch.finfo(dtype).eps
+        return max(tol[0], 2 * eps), tol[1]
+    return tol
 
 
 # --- verify ------------------------------------------------------------------------------------
@@ -433,7 +444,7 @@ def cross_check(
                 loss.backward()
             got = {n: p.grad_sample.detach().clone() for n, p in params if getattr(p, "grad_sample", None) is not None}
             dtype = outs[0].dtype if outs else torch.float32
-            r_tol, a_tol = (1e-6, 1e-9) if dtype == torch.float64 else (1e-3, 1e-5)
+            r_tol, a_tol = (1e-6, 1e-9) if dtype == torch.float64 else _half_tol(dtype, (1e-3, 1e-5))
             rtol = r_tol if rtol is None else rtol
             atol = a_tol if atol is None else atol
             with _Quiet(dp_model):  # plain ops, ordinary autograd

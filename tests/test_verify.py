@@ -310,3 +310,31 @@ def test_output_batch_dim_is_found_when_sizes_coincide():
     res = cross_check(dp, x)
     assert res.ok and max(res.max_rel_error.values()) < 1e-10, str(res)
     assert fxdp.verify(model, x, batch_first=False).ok
+
+
+def test_bfloat16_model_passes_the_first_step_check_and_a_mixing_one_fails():
+    """A bfloat16 model's per-sample gradients differ from each sample run alone by its
+    rounding (a few ``eps`` = 2^-7 of the scale: the batch and a sample sum in different
+    orders), not by the float32 tolerance (0.1%): ``make_private``'s first-step check refused
+    every bfloat16 model before. A rule off by 5% still fails at bfloat16's tolerance."""
+    from fxdp.rules.linear import LinearRule
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(100, 32), nn.Linear(32, 32), nn.GELU(), nn.LayerNorm(32),
+                          nn.Linear(32, 5)).bfloat16()
+    dp = fxdp.privatize(model)
+    idx, y = torch.randint(0, 100, (32, 9)), torch.randint(0, 5, (32,))
+    res = cross_check(dp, idx, targets=(y,), loss_fn=lambda out, t: F.cross_entropy(out.mean(1).float(), t),
+                      samples=8)
+    assert res.ok, str(res)
+    assert max(res.max_rel_error.values()) > 1e-3  # the float32 tolerance would have refused it
+    real = LinearRule.grad_sample
+
+    def off(self, args, g, needs):
+        return {k: 1.05 * v for k, v in real(self, args, g, needs).items()}
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(LinearRule, "grad_sample", off)
+        res = cross_check(dp, idx, targets=(y,), loss_fn=lambda out, t: F.cross_entropy(out.mean(1).float(), t),
+                          samples=8)
+    assert not res.ok
