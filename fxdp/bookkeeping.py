@@ -111,9 +111,8 @@ class BookKeeping(ClippedSumSource):
         # a layer whose norms keep its per-sample gradients: norms now, and drop a and g
         # (other layers need a and g at the step anyway: their norms wait for the pass's end)
         try:
-            wide = rec.widened() if single and not rec.stand_in else rec  # half precision: in float32
-            if single and not rec.stand_in and rec.op.keeps_per_sample_grads(wide, single):
-                rec.sq = rec.op.norm_sample_sq(wide, single, self.measure)
+            if single and not rec.stand_in and rec.op.keeps_per_sample_grads(rec, single):
+                rec.sq = rec.op.norm_sample_sq(rec.widened(), single, self.measure)  # half precision: float32
                 if rec.params and all(i in rec.kept for i in rec.params):
                     rec.release()
             self._defer_grad(rec)
