@@ -195,6 +195,14 @@ class DPTrainer(Trainer):
                     "which the accountant does not analyse. Fix: set gradient_accumulation_steps=1 and raise "
                     "per_device_train_batch_size (the expected Poisson batch size)"
                 )
+            if getattr(args, "fp16", False) or getattr(args, "bf16", False):
+                raise ValueError(
+                    "DPTrainer: fp16=True / bf16=True ask for mixed precision, which DP training does not run "
+                    "(the DP step runs the model in its own dtype, so the flag would be ignored: per-sample rules "
+                    "cannot serve autocast's lower-precision ops, and fp16's loss scaler would scale each "
+                    "per-sample gradient before clipping). Fix: set fp16=False and bf16=False; to train in "
+                    "bfloat16, load the model in it (from_pretrained(..., dtype=torch.bfloat16) or model.to(torch.bfloat16))"
+                )
             if args.max_grad_norm:
                 args.max_grad_norm = 0.0  # per-sample clipping replaces it (clipping the noisy sum adds nothing)
         self.privacy_args = privacy_args

@@ -196,6 +196,9 @@ def test_refusals_name_the_fix(tmp_path):
     with pytest.raises(ValueError, match="gradient_accumulation_steps"):
         DPTrainer(model=_model("lm"), args=_args(tmp_path, gradient_accumulation_steps=2),
                   train_dataset=_List(_records(4, "lm")), data_collator=_collate, privacy_args=privacy)
+    with pytest.raises(ValueError, match=r"bf16=True ask for mixed precision.*would be ignored.*Fix: set fp16=False"):
+        DPTrainer(model=_model("lm"), args=_args(tmp_path, bf16=True),
+                  train_dataset=_List(_records(4, "lm")), data_collator=_collate, privacy_args=privacy)
     with pytest.raises(ValueError, match="target_epsilon"):
         PrivacyArguments()
     trainer = _trainer(tmp_path, "classification")

@@ -630,6 +630,35 @@ def test_non_finite_per_sample_gradient_names_the_sample():
     assert all(p.summed_grad is None for p in model.parameters())
 
 
+@pytest.mark.parametrize("mode", ["materialize", "bk"])
+def test_grad_scaler_is_refused_before_the_step_and_the_step_then_runs(mode):
+    """A ``torch.amp.GradScaler`` scales each per-sample gradient before clipping (so each
+    would be clipped at ``C / scale``; before, materialize mode trained so and book-keeping
+    failed in the scaler's own assertion): ``scaler.step`` is refused with the fix, nothing
+    changes, and the same gradients then step as without the scaler."""
+    x, y = make_data(6)
+    models = [fxdp.privatize(make_model(), grad_sample_mode=mode) for _ in range(2)]
+    opts = [dp(m) for m in models]
+    if mode == "bk":
+        for m, o in zip(models, opts):
+            o.attach_bookkeeping(m.bookkeeping)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    for m in models:
+        loss = nn.functional.mse_loss(m(x), y)
+        scaler.scale(loss)  # the scaler's scale is set; the gradients stay unscaled to compare below
+        loss.backward()
+    before = flat_params(models[0])
+    with pytest.raises(ValueError, match=r"GradScaler drives this DP optimizer.*clip at max_grad_norm / scale"
+                                         r".*Fix: drop the GradScaler"):
+        scaler.step(opts[0])
+    assert torch.equal(flat_params(models[0]), before)
+    assert not hasattr(opts[0], "found_inf") and not hasattr(opts[0], "grad_scale")
+    for o in opts:
+        o.step()
+    assert torch.equal(flat_params(models[0]), flat_params(models[1]))
+    assert not torch.equal(flat_params(models[0]), before)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_first_non_finite_finds_the_entry_and_trusts_no_overflowing_sum(dtype):
     """The check sums the non-negative norms (finite exactly when every entry is): a NaN or

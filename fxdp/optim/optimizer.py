@@ -111,6 +111,10 @@ class DPOptimizer(Optimizer):
     """
 
     _clipping = "flat"
+    #: ``torch.amp.GradScaler.step`` then hands this optimizer its scale (``grad_scale``,
+    #: ``found_inf``) instead of unscaling ``p.grad``, which holds no per-sample gradient:
+    #: :meth:`pre_step` refuses it (:meth:`_refuse_loss_scaling`)
+    _step_supports_amp_scaling = True
 
     def __new__(cls, *args: Any, clipping: str = "flat", **kwargs: Any) -> DPOptimizer:
         # DPOptimizer(..., clipping="per_layer") builds the per-layer subclass, so code
@@ -511,6 +515,7 @@ class DPOptimizer(Optimizer):
 
     def pre_step(self, closure: Callable[[], Any] | None = None) -> bool:
         """Everything of a DP step except the wrapped update; ``False`` if it was skipped."""
+        self._refuse_loss_scaling()
         if not self.params:
             return True  # nothing trainable: behave as the wrapped optimizer
         self.grad_source.check(self.params)  # raises before anything changes
@@ -531,6 +536,27 @@ class DPOptimizer(Optimizer):
             self.step_hook(self)
         self._is_last_step_skipped = False
         return True
+
+    def _refuse_loss_scaling(self) -> None:
+        """Raise, before anything changes, when a ``torch.amp.GradScaler`` drives the step
+        (``scaler.step(optimizer)`` sets ``grad_scale`` and ``found_inf`` on an optimizer
+        with ``_step_supports_amp_scaling``). The scaler multiplies every per-sample gradient
+        by its scale before clipping, so each would be clipped at ``C / scale`` and the
+        unscaling of ``p.grad`` misses them; and skipping the steps where some sample's
+        scaled gradient overflowed would be a data-dependent decision no accountant counts."""
+        if "found_inf" in self.__dict__ or "grad_scale" in self.__dict__:
+            # the scaler removes them only after a step that returns: without them this
+            # optimizer steps as usual once the scaler is dropped
+            self.__dict__.pop("found_inf", None)
+            self.__dict__.pop("grad_scale", None)
+            raise ValueError(
+                "a torch.amp.GradScaler drives this DP optimizer (scaler.step(optimizer)): loss scaling "
+                "multiplies each per-sample gradient by the scale before it is clipped, so DP-SGD would clip "
+                "at max_grad_norm / scale, and skipping steps whose scaled gradients overflowed would depend on "
+                "the data outside the privacy accounting. The step was not applied. Fix: drop the GradScaler "
+                "and call loss.backward() and optimizer.step() directly; train in float32, or in bfloat16 "
+                "(model.to(torch.bfloat16): float32's range, no loss scaling needed)"
+            )
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """DP step; with a ``closure`` it is evaluated first and its loss returned."""
