@@ -162,6 +162,32 @@ def _warn_when_left_behind_batchnorm_runs(model: nn.Module, rewrites: List[Rewri
 _LEFT_BEHIND_WATCHED: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
 
 
+def _checkpointed(model: nn.Module) -> List[str]:
+    """The modules with activation (gradient) checkpointing switched on: a Hugging Face
+    model's ``gradient_checkpointing`` flags (``gradient_checkpointing_enable()``)."""
+    return [path or type(model).__name__ for path, m in model.named_modules()
+            if getattr(m, "gradient_checkpointing", False) is True]
+
+
+def _warn_checkpointing_not_applied(model: nn.Module) -> None:
+    """Activation checkpointing recomputes a block's forward in the backward pass; the
+    captured graph runs each op once (``torch.export`` and symbolic tracing inline the
+    checkpointed calls), so the flag changes nothing there: say so, with what it costs."""
+    where = _checkpointed(model)
+    if not where:
+        return
+    warnings.warn(
+        f"fxdp: gradient checkpointing is enabled on {type(model).__name__} ({', '.join(where[:3])}"
+        f"{', ...' if len(where) > 3 else ''}) but the DP model does not apply it: its captured graph runs each "
+        "layer once, without recomputation in the backward pass. Per-sample gradients are exact; the step's "
+        "memory is that of the graph without recomputation (book-keeping holds each trainable layer's input and "
+        "output gradient to the optimizer step for its clipped sum, which recomputation would not free). Fix, "
+        "if memory is short: a smaller physical batch with fxdp's BatchMemoryManager (the logical batch and its "
+        "accounting unchanged); call gradient_checkpointing_disable() to silence this",
+        stacklevel=3,
+    )
+
+
 def _variant_builder(model: nn.Module, root: nn.Module, rewrites: List[Rewrite], recorder: Recorder,
                      leaf_modules: Iterable[type], batch_first: bool,
                      input_batch_dims: Optional[Sequence[Optional[int]]],
@@ -260,6 +286,7 @@ def privatize(
         raise ValueError(f"capture must be one of {CAPTURE_MODES}, got {capture!r}")
 
     example = None if example_inputs is None else call_inputs(example_inputs)
+    _warn_checkpointing_not_applied(model)
 
     root, rewrites = apply_rewrites(model, dict(rewrite_options or {}))
     if capture == "auto" and symbolic_tracing_drops(root):
