@@ -17,7 +17,7 @@ import torch.fx as fx
 from torch import Tensor, nn
 
 from .bookkeeping import BookKeeping
-from .loss_check import watch_loss_reduction
+from .loss_check import WATCHED_STEPS, LossWatch
 from .capture import CaptureOp, Recorder
 from .capture.op import unserved_folds
 from .passes.batch_dims import input_batch_dim, per_arg, propagate_batch_dims
@@ -279,11 +279,13 @@ class DPModule(fx.GraphModule):
         return v
 
     def _watch_loss(self, output: Any, batch_size: Optional[int]) -> Any:
-        """First training forward: check that the loss is reduced as ``loss_reduction``
-        says (:mod:`fxdp.loss_check`)."""
-        if not self.__dict__.get("_loss_watched", False):
-            self.__dict__["_loss_watched"] = True
-            watch_loss_reduction(output, self.recorder.loss_reduction, batch_size)
+        """The first training forwards: check that the loss is a per-sample loss reduced as
+        ``loss_reduction`` says (:mod:`fxdp.loss_check`)."""
+        watch = self.__dict__.get("_loss_watch")
+        if watch is None:
+            watch = self.__dict__["_loss_watch"] = LossWatch()
+        if watch.steps < WATCHED_STEPS:
+            watch.watch(output, self.recorder.loss_reduction, batch_size, self.allow_unsafe_model)
         return output
 
     def _positional(self, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Tuple[Any, ...]:
