@@ -3,9 +3,10 @@ training steps, read from the gradient reaching the model's output.
 
 The loss is outside the model, so these checks read the gradient at the model's output.
 For softmax cross-entropy each row ``r`` of it (a sample of ``[B, C]`` logits, a token of
-``[B, T, C]``) is exactly ``c_r * (softmax(z_r) - e_{y_r})``: ``c_r`` is solved from the
-row's most negative entry and the whole row must match (:func:`row_scales`). Other losses
-(or a sum of several) do not match and are not judged.
+``[B, T, C]``) is exactly ``c_r * (softmax(z_r) - e_{y_r})``, for ``nll_loss`` on
+log-probabilities ``-c_r e_{y_r}``: ``c_r`` is solved from the row's most negative entry and
+the whole row must match (:func:`row_scales`). Other losses (or a sum of several) do not
+match and are not judged.
 
 * **Reduction.** Per-sample gradients follow Opacus' convention: for
   ``loss_reduction="mean"`` the rows are multiplied by the batch size, so a loss summed
@@ -67,31 +68,49 @@ def _logits(output: Any) -> Optional[Tensor]:
 
 
 def row_scales(z: Tensor, g: Tensor) -> Optional[Tuple[Tensor, Tensor, Tensor]]:
-    """Per row of ``[R, C]`` logits ``z`` and their gradient ``g``: ``(c, label, kind)``, float64
-    ``c`` with ``g_r = c_r (softmax(z_r) - e_{label_r})``, ``label_r`` the row's most negative
-    entry, and ``kind_r`` 1 (usable), 0 (ignored: an all-zero row, as ``ignore_index`` and
-    padding give) or -1 (fitted: ``c`` ill-defined). ``None`` where a usable row is of
-    another form (another loss). Read in float64 pieces of rows."""
+    """Per row of ``[R, C]`` outputs ``z`` and their gradient ``g``: ``(c, label, kind)``, float64
+    ``c`` with ``g_r = c_r (softmax(z_r) - e_{label_r})`` (cross-entropy on logits) or, where no
+    row has that form, ``g_r = -c_r e_{label_r}`` (``nll_loss`` on log-probabilities),
+    ``label_r`` the row's most negative entry, and ``kind_r`` 1 (usable), 0 (ignored: an
+    all-zero row, as ``ignore_index`` and padding give) or -1 (fitted: ``c`` ill-defined).
+    ``None`` where the gradient has neither form (another loss). Read in float64 pieces."""
+    return _scales(z, g, _cross_entropy_piece) or _scales(z, g, _nll_piece)
+
+
+def _scales(z: Tensor, g: Tensor, piece: Any) -> Optional[Tuple[Tensor, Tensor, Tensor]]:
     R, C = z.shape
     rows = max(1, _PIECE_ELEMENTS // max(C, 1))
-    cs, labels, kinds = [], [], []
+    out = []
     for s in range(0, R, rows):
-        zz, gg = z[s:s + rows].double(), g[s:s + rows].double()
-        p = torch.softmax(zz, dim=-1)
-        j = gg.argmin(dim=-1, keepdim=True)
-        pj = p.gather(1, j)
-        c = (gg.gather(1, j) / (pj - 1)).squeeze(1)
-        ignored = (gg == 0).all(dim=1)
-        usable = (pj.squeeze(1) < _FITTED) & ~ignored
+        got = piece(z[s:s + rows].double(), g[s:s + rows].double())
+        if got is None:
+            return None
+        out.append(got)
+    return tuple(torch.cat(t) for t in zip(*out))  # type: ignore[return-value]
+
+
+def _cross_entropy_piece(z: Tensor, g: Tensor) -> Optional[Tuple[Tensor, Tensor, Tensor]]:
+    p = torch.softmax(z, dim=-1)
+    j = g.argmin(dim=-1, keepdim=True)
+    pj = p.gather(1, j)
+    c = (g.gather(1, j) / (pj - 1)).squeeze(1)
+    ignored = (g == 0).all(dim=1)
+    usable = (pj.squeeze(1) < _FITTED) & ~ignored
+    if bool(usable.any()):
         pred = c[:, None] * (p - torch.zeros_like(p).scatter_(1, j, 1.0))
-        if bool(usable.any()):
-            scale = float(c[usable].abs().max())
-            if not torch.allclose(gg[usable], pred[usable], rtol=1e-3, atol=1e-6 * scale):
-                return None  # not (only) a softmax cross-entropy
-        cs.append(torch.where(ignored, 0.0, c))
-        labels.append(j.squeeze(1))
-        kinds.append(torch.where(usable, 1, torch.where(ignored, 0, -1)))
-    return torch.cat(cs), torch.cat(labels), torch.cat(kinds)
+        if not torch.allclose(g[usable], pred[usable], rtol=1e-3, atol=1e-6 * float(c[usable].abs().max())):
+            return None  # not (only) a softmax cross-entropy
+    return torch.where(ignored, 0.0, c), j.squeeze(1), torch.where(usable, 1, torch.where(ignored, 0, -1))
+
+
+def _nll_piece(z: Tensor, g: Tensor) -> Optional[Tuple[Tensor, Tensor, Tensor]]:
+    nonzero = (g != 0).sum(dim=1)
+    j = g.argmin(dim=-1)
+    c = -g.gather(1, j[:, None]).squeeze(1)
+    if bool((nonzero > 1).any()) or bool((c[nonzero == 1] <= 0).any()):
+        return None
+    ignored = nonzero == 0
+    return torch.where(ignored, 0.0, c), j, torch.where(ignored, 0, 1)
 
 
 def _close(a: float, b: float, tol: float) -> bool:

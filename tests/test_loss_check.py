@@ -32,6 +32,13 @@ def test_mismatched_reduction_of_cross_entropy_is_warned_with_the_fix(loss_reduc
     assert len(msgs) == 1 and f"loss_reduction={loss_reduction!r}" in msgs[0] and f"reduction={reduction!r}" in msgs[0]
 
 
+def test_mismatched_reduction_of_nll_loss_on_log_probabilities_is_warned():
+    torch.manual_seed(0)
+    dp = fxdp.privatize(nn.Sequential(nn.Linear(5, 3), nn.LogSoftmax(-1)))
+    with pytest.warns(UserWarning, match="looks reduced with 'sum'"):
+        nn.functional.nll_loss(dp(torch.randn(16, 5)), torch.randint(0, 3, (16,)), reduction="sum").backward()
+
+
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 def test_matching_reduction_and_other_losses_are_silent(reduction):
     assert _warnings(reduction, reduction) == []
@@ -43,9 +50,9 @@ def test_matching_reduction_and_other_losses_are_silent(reduction):
 W = torch.tensor([1.0, 1.0, 50.0], dtype=torch.float64)
 
 
-def _classifier(mode="materialize", **kw):
+def _classifier(mode="materialize", log_softmax=False, **kw):
     torch.manual_seed(0)
-    m = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    m = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3), *([nn.LogSoftmax(-1)] if log_softmax else [])).double()
     dp = fxdp.privatize(m, grad_sample_mode=mode, **kw)
     if mode == "bk":
         fxdp.optim.DPOptimizer(torch.optim.SGD(m.parameters(), lr=0.1), noise_multiplier=0.0, max_grad_norm=1.0,
@@ -87,10 +94,12 @@ def test_class_weights_with_a_mean_break_the_clip_bound_a_per_sample_mean_keeps_
     assert float((_clipped_sum(m, x, y, own) - _clipped_sum(m, x[1:], y[1:], own)).norm()) <= 1.0 + 1e-9
 
 
-@pytest.mark.parametrize("mode", ["materialize", "bk"])
-def test_class_weights_normalized_by_the_batch_are_refused_when_batches_show_it(mode):
-    m, dp = _classifier(mode)
-    loss = lambda z, t: nn.functional.cross_entropy(z, t, weight=W)  # noqa: E731
+@pytest.mark.parametrize("mode, kind", [("materialize", "ce"), ("bk", "ce"), ("materialize", "nll")])
+def test_class_weights_normalized_by_the_batch_are_refused_when_batches_show_it(mode, kind):
+    """Cross-entropy on logits, and nll_loss on log-probabilities (a model ending in LogSoftmax)."""
+    m, dp = _classifier(mode, log_softmax=kind == "nll")
+    loss = {"ce": lambda z, t: nn.functional.cross_entropy(z, t, weight=W),
+            "nll": lambda z, t: nn.functional.nll_loss(z, t, weight=W)}[kind]
     x, y = _batch(1, heavy=1)
     loss(dp(x), y).backward()  # one batch cannot tell a batch's denominator from a fixed one
     dp.zero_grad()
