@@ -98,6 +98,14 @@ def _autocast_enabled() -> bool:
         return torch.is_autocast_enabled() or torch.is_autocast_cpu_enabled()
 
 
+def _wants_parameters(probe: Any) -> bool:
+    """Whether the backward pass running now reaches a capture op's parameters (through the
+    view of one of them it took in its forward): ``loss.backward()`` does; so does
+    ``torch.autograd.grad(loss, params)``; ``torch.autograd.grad(loss, x)`` (an input
+    gradient) and ``loss.backward(inputs=[x])`` do not, and record no per-sample gradient."""
+    return probe is None or torch._C._will_engine_execute_node(probe)
+
+
 class _CaptureFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, op: "CaptureOp", *dyn: Any):  # type: ignore[override]
@@ -138,6 +146,12 @@ class _CaptureFunction(torch.autograd.Function):
         ctx.explicit = explicit
         ctx.saved = saved  # what the forward computed for the closed-form gradients (a norm's statistics)
         ctx.params = {i: dyn[i] for i in op.param_index if dyn[i].requires_grad}
+        # the first trainable parameter came in through a view (CaptureOp.forward): the
+        # parameter itself is recorded, the view's node tells backward whether a pass wants it
+        k, param = op.__dict__.pop("_probe", (None, None))
+        ctx.probe = None
+        if k is not None:
+            ctx.params[k], ctx.probe = param, dyn[k].grad_fn
         ctx.batch_size = rec.batch_size
         ctx.generation = rec.generation
         ctx.batch_dims = rec.batch_dims.get(op.capture_name, op.default_batch_dims)
@@ -177,7 +191,7 @@ class _CaptureFunction(torch.autograd.Function):
                 )
                 for i, g in zip(want, got):
                     in_grads[i] = g
-        if ctx.params:
+        if ctx.params and _wants_parameters(ctx.probe):
             rec = LayerRecord(
                 op=op,
                 # detached in the forward; those the inner graph differentiated, again
@@ -340,7 +354,12 @@ class CaptureOp(nn.Module):
                 "Fix: train without torch.autocast, or convert the whole model and its inputs to one dtype "
                 "(e.g. model.to(torch.bfloat16))."
             )
-        flat = _CaptureFunction.apply(self, *dyn)
+        # the first trainable parameter enters through a view, whose backward node says whether a
+        # backward pass reaches the parameters: torch.autograd.grad(loss, x) for an input gradient
+        # (adversarial examples, saliency) reaches none, and records nothing (_wants_parameters)
+        k = next(i for i in self.param_index if isinstance(dyn[i], Tensor) and dyn[i].requires_grad)
+        self.__dict__["_probe"] = (k, dyn[k])
+        flat = _CaptureFunction.apply(self, *dyn[:k], dyn[k].view_as(dyn[k]), *dyn[k + 1:])
         spec = self._last_spec
         return flat[0] if spec is None else tree_unflatten(list(flat), spec)
 
