@@ -187,6 +187,12 @@ def test_per_sample_gradients_equal_batch_of_one(name, f64):
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     got = {n: p.grad_sample for n, p in trainable.items()}
     assert all(v is not None and v.shape == (B,) + p.shape for (n, p), v in zip(trainable.items(), got.values()))
+    _assert_each_sample_alone(name, model, kind, x, y, got)
+
+
+def _assert_each_sample_alone(name, model, kind, x, y, got):
+    """``got[n][i]`` (per-sample gradients) equal each sample's gradient computed alone."""
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     for i in range(B):
         model.zero_grad()
         xi = {k: v[i:i + 1] for k, v in x.items()}
@@ -208,14 +214,7 @@ def test_gradient_checkpointing_is_named_as_not_applied_and_gradients_stay_exact
                                          r"it.*Per-sample gradients are exact.*BatchMemoryManager"):
         dp = fxdp.privatize(model, loss_reduction="sum")
     _loss(kind, dp(**x), x, y).backward()
-    got = {n: p.grad_sample for n, p in model.named_parameters()}
-    for i in range(B):
-        model.zero_grad()
-        xi = {k: v[i:i + 1] for k, v in x.items()}
-        _loss(kind, model(**xi), xi, y[i:i + 1]).backward()
-        for n, p in model.named_parameters():
-            want = p.grad if p.grad is not None else torch.zeros_like(p)
-            torch.testing.assert_close(got[n][i], want, rtol=1e-6, atol=1e-9, msg=f"{name}: {n}, sample {i}")
+    _assert_each_sample_alone(name, model, kind, x, y, {n: p.grad_sample for n, p in model.named_parameters()})
     model.gradient_checkpointing_disable()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
