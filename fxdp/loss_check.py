@@ -113,6 +113,15 @@ def _nll_piece(z: Tensor, g: Tensor) -> Optional[Tuple[Tensor, Tensor, Tensor]]:
     return torch.where(ignored, 0.0, c), j, torch.where(ignored, 0, 1)
 
 
+def _rows_of(z: Tensor, g: Tensor, classes: int) -> Optional[Tuple[Tensor, Tensor, Tensor]]:
+    """:func:`row_scales` with the classes along dimension ``classes`` of ``z`` (rows in
+    batch-major order)."""
+    if classes != -1:
+        z, g = z.movedim(classes, -1), g.movedim(classes, -1)
+    C = z.shape[-1]
+    return row_scales(z.reshape(-1, C), g.reshape(-1, C))
+
+
 def _close(a: float, b: float, tol: float) -> bool:
     return abs(a - b) <= tol * max(abs(a), abs(b))
 
@@ -176,8 +185,9 @@ class LossWatch:
         z.register_hook(hook)
 
     def _read(self, z: Tensor, g: Tensor, loss_reduction: str, B: int, first: bool, allow_unsafe: bool) -> None:
-        C = z.shape[-1]
-        scales = row_scales(z.reshape(-1, C), g.reshape(-1, C))
+        scales = _rows_of(z, g, -1)
+        if scales is None and z.dim() > 2:  # the classes along dimension 1: segmentation's [B, C, H, W]
+            scales = _rows_of(z, g, 1)
         if scales is None:
             return
         c, label, kind = scales
@@ -186,9 +196,10 @@ class LossWatch:
             c, kind = c.view(B, -1), kind.view(B, -1)
             if _token_mean_over_batch(c, kind, B, tol):
                 self._refuse(
-                    "the loss divides by the batch's count of tokens (e.g. cross_entropy(logits.view(-1, V), "
-                    "labels.view(-1), ignore_index=...) with reduction='mean'): each sample's gradient is scaled "
-                    "by 1 / (tokens in the batch), which depends on the other samples' lengths", _FIX_TOKENS,
+                    "the loss divides by the batch's count of tokens or pixels (e.g. cross_entropy(logits.view(-1, "
+                    "V), labels.view(-1), ignore_index=...) with reduction='mean'): each sample's gradient is "
+                    "scaled by 1 / (labelled tokens in the batch), which depends on the other samples' lengths",
+                    _FIX_TOKENS,
                     allow_unsafe)
             return
         usable = kind == 1

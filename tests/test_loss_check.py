@@ -205,3 +205,23 @@ def test_per_sample_token_losses_are_served(lengths, reduce, loss_reduction):
                 "sum": lambda: (t * mask).sum(),
                 "token mean": lambda: t[mask].mean()}[reduce]()
         loss.backward()
+
+
+def test_a_pixel_mean_over_the_batch_with_ignored_pixels_is_refused():
+    """Segmentation: cross_entropy on [B, C, H, W] logits with ignore_index and reduction='mean'
+    divides by the batch's count of labelled pixels; each image's own mean is served."""
+    torch.manual_seed(0)
+    m = nn.Conv2d(2, 3, 1).double()
+    x = torch.randn(4, 2, 5, 5, dtype=torch.float64)
+    y = torch.randint(0, 3, (4, 5, 5))
+    y[0, :3] = 255  # unlabelled pixels, a different count per image
+    y[2, :, :1] = 255
+    dp = fxdp.privatize(m)
+    with pytest.raises(fxdp.PerSampleGradientError, match="count of tokens or pixels"):
+        nn.functional.cross_entropy(dp(x), y, ignore_index=255).backward()
+    dp = fxdp.privatize(m)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        per_pixel = nn.functional.cross_entropy(dp(x), y, ignore_index=255, reduction="none")
+        mask = y != 255
+        ((per_pixel * mask).sum((1, 2)) / mask.sum((1, 2))).mean().backward()
