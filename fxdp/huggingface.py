@@ -115,7 +115,7 @@ def _task(model: nn.Module, logits: Tensor, labels: Tensor) -> str:
     return "token"  # masked LM, token classification, encoder-decoder (labels align with the decoder)
 
 
-def per_sample_loss(logits: Tensor, labels: Tensor, task: str) -> Tensor:
+def per_sample_loss(logits: Tensor, labels: Tensor, task: str, label_smoothing: float = 0.0) -> Tensor:
     """One loss per sample, ``[B]``, computed from that sample's logits and labels only.
 
     - ``"sequence"``: cross-entropy of ``[B, C]`` logits with ``[B]`` class labels;
@@ -124,9 +124,15 @@ def per_sample_loss(logits: Tensor, labels: Tensor, task: str) -> Tensor:
     - ``"token"``: token cross-entropy averaged over the sample's labels that are not
       ``-100`` (padding), 0 for a sample without any;
     - ``"causal_lm"``: the same after shifting (token ``t`` predicts label ``t + 1``).
+
+    ``label_smoothing`` (the cross-entropy tasks): ``(1 - eps) * nll + eps * mean_c(-log p_c)``,
+    the ``Trainer``'s ``LabelSmoother`` of a batch of one sample.
     """
+    if label_smoothing and task not in ("sequence", "token", "causal_lm"):
+        raise ValueError(f"label smoothing applies to the cross-entropy tasks, not to {task!r}. "
+                         "Fix: set label_smoothing_factor=0")
     if task == "sequence":
-        return F.cross_entropy(logits, labels.long(), reduction="none")
+        return F.cross_entropy(logits, labels.long(), reduction="none", label_smoothing=label_smoothing)
     if task == "regression":
         return (logits.squeeze(-1) - labels.to(logits.dtype)) ** 2
     if task == "multi_label":
@@ -135,8 +141,8 @@ def per_sample_loss(logits: Tensor, labels: Tensor, task: str) -> Tensor:
         raise ValueError(f"unknown task {task!r}; expected one of {list(_TASKS)}")
     if task == "causal_lm":
         logits, labels = logits[:, :-1], labels[:, 1:]
-    token = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                            ignore_index=IGNORE_INDEX, reduction="none").view(labels.shape)
+    token = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX,
+                            reduction="none", label_smoothing=label_smoothing).view(labels.shape)
     counted = (labels != IGNORE_INDEX).sum(1)
     return token.sum(1) / counted.clamp(min=1).to(token.dtype)
 
@@ -336,7 +342,8 @@ class DPTrainer(Trainer):
         outputs = self.dp_model(**inputs)
         logits = outputs["logits"] if isinstance(outputs, Mapping) else outputs[0]
         task = self.privacy_args.loss if self.privacy_args.loss != "auto" else _task(unwrapped, logits, labels)
-        losses = per_sample_loss(logits, labels, task)
+        # the Trainer's LabelSmoother would average over the batch's tokens: each sample's own here
+        losses = per_sample_loss(logits, labels, task, label_smoothing=float(self.args.label_smoothing_factor or 0.0))
         loss = losses.sum() / max(1, losses.shape[0])  # loss_reduction="mean"
         return (loss, outputs) if return_outputs else loss
 

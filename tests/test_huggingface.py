@@ -128,6 +128,27 @@ def test_per_sample_loss_ignores_padding_and_shifts_causal_labels():
     torch.testing.assert_close(tok[1], torch.nn.functional.cross_entropy(logits[1, :1], labels[1, :1]))
 
 
+@pytest.mark.parametrize("kind", ["lm", "classification"])
+def test_label_smoothing_is_each_samples_own_trainer_smoothed_loss(tmp_path, kind, f64):
+    """label_smoothing_factor (ignored by the DP steps before): the Trainer's LabelSmoother of each
+    sample alone, averaged over the batch."""
+    from transformers.trainer_pt_utils import LabelSmoother
+
+    trainer = _trainer(tmp_path, kind, dropout=0.0, label_smoothing_factor=0.2)
+    trainer.create_optimizer()
+    batch = _collate(_records(3, kind))
+    batch.pop("user")
+    loss = trainer.compute_loss(trainer.model, dict(batch))
+    smoother = LabelSmoother(epsilon=0.2)
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    logits = trainer.model(**inputs).logits
+    want = torch.stack([smoother({"logits": logits[i:i + 1]}, batch["labels"][i:i + 1], shift_labels=kind == "lm")
+                        for i in range(3)]).mean()
+    torch.testing.assert_close(loss, want, rtol=1e-6, atol=0)  # the LabelSmoother sums the classes in float32
+    with pytest.raises(ValueError, match="label smoothing applies to the cross-entropy tasks"):
+        per_sample_loss(torch.zeros(2, 1), torch.zeros(2), "regression", label_smoothing=0.1)
+
+
 def test_user_level_rows_are_users_and_sum_their_records(tmp_path, f64):
     """With user_column, p.grad_sample has one row per user: the sum of that user's
     records' gradients (clipping then bounds a user's whole contribution)."""
