@@ -235,16 +235,18 @@ class LossWatch:
                     "earlier one: its denominator depends on the batch (cross-entropy with weight= and "
                     "reduction='mean' divides by the batch's sum of class weights; ignore_index with "
                     "reduction='mean', by the batch's count of labelled samples), so each sample's gradient "
-                    "depends on the other samples' labels", _FIX_WEIGHTS, allow_unsafe)
+                    "depends on the other samples' labels", _FIX_WEIGHTS, allow_unsafe, earlier=self.steps - 1)
                 return
         self.class_scales.update(now)
 
     @staticmethod
-    def _refuse(what: str, fix: str, allow_unsafe: bool) -> None:
+    def _refuse(what: str, fix: str, allow_unsafe: bool, earlier: int = 0) -> None:
         msg = (f"fxdp: {what}. Removing one sample then rescales every other sample's gradient, so the clip "
                "bound no longer bounds one sample's influence on the step and the noise does not give the DP "
                f"guarantee. {fix}")
         if allow_unsafe:
             warnings.warn(msg + " (allow_unsafe_model=True: served, without a DP guarantee)", stacklevel=3)
             return
-        raise PerSampleGradientError(msg + ". The step was not applied (this backward pass raised).")
+        ran = (f" The {earlier} training step(s) before it used this loss too: their privacy accounting does not "
+               "hold either." if earlier else "")
+        raise PerSampleGradientError(msg + ". This step was not applied (its backward pass raised)." + ran)
