@@ -48,6 +48,10 @@ WATCHED_STEPS = 4
 _PIECE_ELEMENTS = 1 << 20
 #: rows whose target probability is above this have a tiny gradient: ``c`` is ill-defined there
 _FITTED = 0.99
+#: a token loss's scales are solved from at most this many labelled rows of each sample (its
+#: count of labelled rows from all of them): a language model's ``[B, T, V]`` logits are read
+#: in ``B x 8`` rows
+_ROWS_PER_SAMPLE = 8
 
 _FIX_TOKENS = (
     "Fix: average each sample's own tokens, then over the batch: "
@@ -113,15 +117,6 @@ def _nll_piece(z: Tensor, g: Tensor) -> Optional[Tuple[Tensor, Tensor, Tensor]]:
     return torch.where(ignored, 0.0, c), j, torch.where(ignored, 0, 1)
 
 
-def _rows_of(z: Tensor, g: Tensor, classes: int) -> Optional[Tuple[Tensor, Tensor, Tensor]]:
-    """:func:`row_scales` with the classes along dimension ``classes`` of ``z`` (rows in
-    batch-major order)."""
-    if classes != -1:
-        z, g = z.movedim(classes, -1), g.movedim(classes, -1)
-    C = z.shape[-1]
-    return row_scales(z.reshape(-1, C), g.reshape(-1, C))
-
-
 def _close(a: float, b: float, tol: float) -> bool:
     return abs(a - b) <= tol * max(abs(a), abs(b))
 
@@ -138,16 +133,34 @@ def _reduction(c: Tensor, B: int) -> Optional[str]:
     return None
 
 
-def _token_mean_over_batch(c: Tensor, kind: Tensor, B: int, tol: float) -> bool:
-    """Rows ``[B, n]`` (tokens of each sample): whether each sample's rows are scaled by
-    ``1 / N``, ``N`` the batch's count of rows that are not ignored, while the samples'
-    counts differ (equal counts make it the mean of token means: a per-sample loss)."""
-    counts = (kind != 0).sum(1)
+def _token_rows(z: Tensor, g: Tensor, classes: int) -> Optional[Tuple[Tensor, Tensor, Tensor]]:
+    """``(c [B, r], kind [B, r], counts [B])`` for ``[B, ..., C]`` outputs with the classes along
+    dimension ``classes``: :func:`row_scales` of up to :data:`_ROWS_PER_SAMPLE` labelled rows of
+    each sample (a labelled row's gradient is not all zero) and each sample's count of labelled
+    rows; ``None`` where those rows are of neither form."""
+    if classes != -1:
+        z, g = z.movedim(classes, -1), g.movedim(classes, -1)
+    B, C = z.shape[0], z.shape[-1]
+    z, g = z.reshape(B, -1, C), g.reshape(B, -1, C)
+    labelled = (g != 0).any(dim=-1)
+    r = min(_ROWS_PER_SAMPLE, labelled.shape[1])
+    idx = torch.sort(labelled.to(torch.int8), dim=1, descending=True, stable=True).indices[:, :r, None]
+    got = row_scales(z.gather(1, idx.expand(B, r, C)).reshape(-1, C), g.gather(1, idx.expand(B, r, C)).reshape(-1, C))
+    if got is None:
+        return None
+    c, _, kind = got
+    return c.view(B, r), kind.view(B, r), labelled.sum(1)
+
+
+def _token_mean_over_batch(c: Tensor, kind: Tensor, counts: Tensor, tol: float) -> bool:
+    """Rows of each sample (tokens, pixels): whether each sample's rows are scaled by ``1 / N``,
+    ``N`` the batch's count of labelled rows, while the samples' counts differ (equal counts
+    make it the mean of the samples' means: a per-sample loss)."""
     N = int(counts.sum())
     if N == 0 or int(counts.min()) == int(counts.max()):
         return False
-    for i in range(B):
-        ci = c[i][kind[i] == 1]
+    for ci, ki in zip(c, kind):
+        ci = ci[ki == 1]
         if ci.numel() == 0:
             continue
         if not (_close(float(ci.min()), float(ci.max()), tol) and _close(float(ci[0]) * N, 1.0, tol)):
@@ -185,16 +198,11 @@ class LossWatch:
         z.register_hook(hook)
 
     def _read(self, z: Tensor, g: Tensor, loss_reduction: str, B: int, first: bool, allow_unsafe: bool) -> None:
-        scales = _rows_of(z, g, -1)
-        if scales is None and z.dim() > 2:  # the classes along dimension 1: segmentation's [B, C, H, W]
-            scales = _rows_of(z, g, 1)
-        if scales is None:
-            return
-        c, label, kind = scales
         tol = max(1e-5, 8 * torch.finfo(g.dtype).eps)  # c from the loss's own rounding
         if z.dim() > 2:
-            c, kind = c.view(B, -1), kind.view(B, -1)
-            if _token_mean_over_batch(c, kind, B, tol):
+            # the classes last ([B, T, V]) or along dimension 1 (segmentation's [B, C, H, W])
+            rows = _token_rows(z, g, -1) or _token_rows(z, g, 1)
+            if rows is not None and _token_mean_over_batch(*rows, tol):
                 self._refuse(
                     "the loss divides by the batch's count of tokens or pixels (e.g. cross_entropy(logits.view(-1, "
                     "V), labels.view(-1), ignore_index=...) with reduction='mean'): each sample's gradient is "
@@ -202,6 +210,10 @@ class LossWatch:
                     _FIX_TOKENS,
                     allow_unsafe)
             return
+        scales = row_scales(z, g)
+        if scales is None:
+            return
+        c, label, kind = scales
         usable = kind == 1
         if first and int(usable.sum()) >= 2:
             reduction = _reduction(c[usable], B)
