@@ -135,17 +135,26 @@ def _reduction(c: Tensor, B: int) -> Optional[str]:
 
 def _token_rows(z: Tensor, g: Tensor, classes: int) -> Optional[Tuple[Tensor, Tensor, Tensor]]:
     """``(c [B, r], kind [B, r], counts [B])`` for ``[B, ..., C]`` outputs with the classes along
-    dimension ``classes``: :func:`row_scales` of up to :data:`_ROWS_PER_SAMPLE` labelled rows of
-    each sample (a labelled row's gradient is not all zero) and each sample's count of labelled
-    rows; ``None`` where those rows are of neither form."""
-    if classes != -1:
-        z, g = z.movedim(classes, -1), g.movedim(classes, -1)
-    B, C = z.shape[0], z.shape[-1]
-    z, g = z.reshape(B, -1, C), g.reshape(B, -1, C)
-    labelled = (g != 0).any(dim=-1)
+    dimension ``classes`` (-1 or 1): :func:`row_scales` of up to :data:`_ROWS_PER_SAMPLE`
+    labelled rows of each sample (a labelled row's gradient is not all zero) and each sample's
+    count of labelled rows; ``None`` where those rows are of neither form. Only the picked rows
+    are copied (a language model's logits can take gigabytes)."""
+    B = z.shape[0]
+    C = z.shape[classes]
+    if classes == -1:
+        z, g = z.reshape(B, -1, C), g.reshape(B, -1, C)
+    else:
+        z, g = z.reshape(B, C, -1), g.reshape(B, C, -1)
+    labelled = torch.linalg.vector_norm(g, ord=float("inf"), dim=2 if classes == -1 else 1) > 0
     r = min(_ROWS_PER_SAMPLE, labelled.shape[1])
-    idx = torch.sort(labelled.to(torch.int8), dim=1, descending=True, stable=True).indices[:, :r, None]
-    got = row_scales(z.gather(1, idx.expand(B, r, C)).reshape(-1, C), g.gather(1, idx.expand(B, r, C)).reshape(-1, C))
+    idx = torch.sort(labelled.to(torch.int8), dim=1, descending=True, stable=True).indices[:, :r]
+
+    def pick(t: Tensor) -> Tensor:
+        if classes == -1:
+            return t.gather(1, idx[:, :, None].expand(B, r, C)).reshape(-1, C)
+        return t.gather(2, idx[:, None, :].expand(B, C, r)).transpose(1, 2).reshape(-1, C)
+
+    got = row_scales(pick(z), pick(g))
     if got is None:
         return None
     c, _, kind = got
