@@ -54,6 +54,7 @@ from .model_state import ModelState
 from .passes.batch_dims import batch_size as first_batch_size
 from .passes.batch_mixing import MixingFinding, analyze_batch_mixing, small_model_threads
 from .passes.batch_mixing.report import failed_run
+from .privatize import checkpointed_modules
 from .report import CompatibilityReport, Finding, LayerInfo
 from .tracer import DPTracer, trace
 
@@ -261,6 +262,14 @@ def _check(model: nn.Module, args: Tuple[Any, ...], batch_dim: Any, B0: int, bat
                 findings += [_refusal(m) for m in refusals]
         if dynamic:
             findings.append(_dynamic(model, args, batch_first, dict(rewrite_options or {})))
+        checkpointed = checkpointed_modules(model)
+        if checkpointed:
+            findings.append(Finding(
+                "info", "checkpointing", type(model).__name__, "", checkpointed[0], None, None, None,
+                "gradient checkpointing is on, but the DP model runs each layer once, without recomputation "
+                "(per-sample gradients exact; memory as without it: book-keeping holds each trainable layer's "
+                "input and output gradient to the step)", "a smaller physical batch with BatchMemoryManager if "
+                "memory is short; gradient_checkpointing_disable() to drop the flag"))
         if not model.training:
             findings.append(Finding(
                 "warning", "eval-mode", type(model).__name__, "", "", None, None, None,

@@ -162,7 +162,7 @@ def _warn_when_left_behind_batchnorm_runs(model: nn.Module, rewrites: List[Rewri
 _LEFT_BEHIND_WATCHED: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
 
 
-def _checkpointed(model: nn.Module) -> List[str]:
+def checkpointed_modules(model: nn.Module) -> List[str]:
     """The modules with activation (gradient) checkpointing switched on: a Hugging Face
     model's ``gradient_checkpointing`` flags (``gradient_checkpointing_enable()``)."""
     return [path or type(model).__name__ for path, m in model.named_modules()
@@ -173,7 +173,7 @@ def _warn_checkpointing_not_applied(model: nn.Module) -> None:
     """Activation checkpointing recomputes a block's forward in the backward pass; the
     captured graph runs each op once (``torch.export`` and symbolic tracing inline the
     checkpointed calls), so the flag changes nothing there: say so, with what it costs."""
-    where = _checkpointed(model)
+    where = checkpointed_modules(model)
     if not where:
         return
     warnings.warn(

@@ -215,7 +215,10 @@ def test_gradient_checkpointing_is_named_as_not_applied_and_gradients_stay_exact
         dp = fxdp.privatize(model, loss_reduction="sum")
     _loss(kind, dp(**x), x, y).backward()
     _assert_each_sample_alone(name, model, kind, x, y, {n: p.grad_sample for n, p in model.named_parameters()})
+    report = fxdp.check(model, x)
+    assert report.ok and [f.code for f in report.findings if f.severity == "info"].count("checkpointing") == 1
     model.gradient_checkpointing_disable()
+    assert "checkpointing" not in [f.code for f in fxdp.check(model, x).findings]
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         fxdp.privatize(model, loss_reduction="sum")  # no flag: no warning
