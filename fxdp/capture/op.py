@@ -102,8 +102,15 @@ def _wants_parameters(probe: Any) -> bool:
     """Whether the backward pass running now reaches a capture op's parameters (through the
     view of one of them it took in its forward): ``loss.backward()`` does; so does
     ``torch.autograd.grad(loss, params)``; ``torch.autograd.grad(loss, x)`` (an input
-    gradient) and ``loss.backward(inputs=[x])`` do not, and record no per-sample gradient."""
-    return probe is None or torch._C._will_engine_execute_node(probe)
+    gradient) and ``loss.backward(inputs=[x])`` do not, and record no per-sample gradient.
+    Where the engine cannot answer (a backward run outside its graph tasks) the record is
+    taken, as before the probe existed."""
+    if probe is None:
+        return True
+    try:
+        return torch._C._will_engine_execute_node(probe)
+    except RuntimeError:
+        return True
 
 
 class _CaptureFunction(torch.autograd.Function):
