@@ -28,6 +28,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from .errors import SymbolicGraphError
 from .rules import module_call_for
 
 __all__ = ["DPTracer", "trace"]
@@ -158,7 +159,18 @@ def trace(model: nn.Module, tracer: Optional[DPTracer] = None,
     concrete = _none_defaults(model)
     if none_args is not None:
         concrete = {k: v for k, v in concrete.items() if k in none_args}
+    rng = torch.random.get_rng_state()
     graph = tracer.trace(model, concrete or None)
+    if not torch.equal(rng, torch.random.get_rng_state()) and any(
+            n.op == "get_attr" and str(n.target).startswith("_tensor_constant") for n in graph.nodes):
+        # a draw from values that are not the inputs' (dropout on positions made from arange)
+        # ran once, at tracing, and its numbers became a constant of the graph: every step would
+        # reuse that one dropout mask
+        torch.random.set_rng_state(rng)
+        raise SymbolicGraphError(
+            f"{type(model).__name__} draws random numbers from values that do not come from its inputs (e.g. "
+            "dropout on positions built with torch.arange); symbolic tracing would freeze those numbers into "
+            "the graph. Fix: privatize(model, capture='export') (capture='auto' does so)")
     for n in graph.nodes:  # fx renames a specialized argument's placeholder ("y_1"): keep forward's name
         if n.op == "placeholder" and isinstance(n.target, str) and n.target.endswith("_1") \
                 and n.target[:-2] in concrete:

@@ -395,6 +395,10 @@ class _CaptureBuilder:
         # the parameter-only ancestors of n (stop at batched values)
         region: List[fx.Node] = []
         shapes: List[fx.Node] = []  # scalar shape values the region reads (sizes taken from inputs)
+        # draws from neither parameters nor samples (dropout on Funnel's sinusoid positions): made
+        # once in the model's graph and passed in, so that recomputing the region per sample reads
+        # the forward pass's numbers instead of drawing new ones
+        drawn: List[fx.Node] = []
         seen: Set[fx.Node] = set()
 
         def visit(x: fx.Node) -> None:
@@ -403,6 +407,9 @@ class _CaptureBuilder:
             seen.add(x)
             if self.is_shape(x):
                 shapes.append(x)
+                return
+            if _seeded(x) and not self.pdeps[x]:
+                drawn.append(x)
                 return
             for a in x.all_input_nodes:
                 visit(a)
@@ -433,7 +440,7 @@ class _CaptureBuilder:
         env: Dict[fx.Node, fx.Node] = {}
         for i, a in enumerate(acts):
             env[a] = sub.placeholder(f"act_{i}")
-        for x in shapes:
+        for x in shapes + drawn:
             env[x] = sub.placeholder(x.name)
         for x in attrs:
             env[x] = sub.placeholder(x.name)
@@ -444,7 +451,7 @@ class _CaptureBuilder:
         use.target = self._out_of_place(n, acts)
         sub.output(use)
         fn = fx.GraphModule(self.gm, sub, "ParamUse")
-        dyn = acts + shapes + attrs
+        dyn = acts + shapes + drawn + attrs
         params, buffers = self._indices(dyn)
         hidden = set().union(*(self.pdeps[x] for x in region)) - set(params.values()) if region else set()
         if hidden:  # parameters used inside a module applied to parameter-only values (DETR's queries)

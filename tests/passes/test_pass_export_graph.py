@@ -877,6 +877,67 @@ def test_a_parameter_subgraph_repeated_over_the_batch_is_exact(p, f64):
         torch.testing.assert_close(got[i], model.pos.grad, rtol=1e-10, atol=1e-12)
 
 
+class DroppedSinusoidPositions(nn.Module):
+    """Funnel Transformer's relative attention: sinusoid positions (no parameter, no sample)
+    with dropout, projected by a parameter (``r_head = r @ W``) and met by the batch in an
+    einsum (``bnd,td->bnt``)."""
+
+    def __init__(self, p):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(4, 3))
+        self.fc = nn.Linear(5, 2)
+        self.p = p
+
+    def forward(self, x):
+        T = x.shape[1]
+        r = torch.sin(torch.arange(5.0)[:, None] * torch.arange(1.0, 5.0))
+        r = nn.functional.dropout(r, self.p, self.training)
+        return self.fc(torch.tanh(torch.einsum("btd,sd->bts", x, r @ self.w)).sum(1) / T)
+
+
+@pytest.mark.parametrize("capture", ["auto", "export"])
+def test_a_draw_from_neither_parameters_nor_samples_is_read_not_redrawn(capture, f64):
+    """The dropout on a parameter-free value that a parameter subgraph reads (Funnel's
+    positions) is made once in the model's graph and passed to the capture, which recomputes
+    the subgraph per sample from those numbers. Before: drawn again inside the capture, so
+    refused as "draws random numbers inside a fallback layer" (any Funnel model with dropout);
+    and symbolic tracing (capture="auto" chose it) froze the mask it drew while tracing into
+    the graph, one mask for every step."""
+    torch.manual_seed(0)
+    model = DroppedSinusoidPositions(0.5).train()
+    x = torch.randn(4, 6, 3)
+    dp = fxdp.privatize(model, capture=capture, loss_reduction="sum")
+    assert isinstance(dp, ExportedDPModule)
+    dp(x)  # captured on this call
+    torch.manual_seed(7)
+    out = dp(x)
+    torch.manual_seed(7)
+    torch.testing.assert_close(out, model(x), rtol=0, atol=0)  # the same draws, once
+    out.pow(2).sum().backward()
+    got = {n: p.grad_sample.clone() for n, p in model.named_parameters()}
+    assert got["w"].abs().sum() > 0
+    for i in range(4):
+        model.zero_grad()
+        torch.manual_seed(7)  # the same dropout mask as the batch's
+        model(x[i:i + 1]).pow(2).sum().backward()
+        for n, p in model.named_parameters():
+            torch.testing.assert_close(got[n][i], p.grad, rtol=1e-10, atol=1e-12, msg=n)
+
+
+def test_symbolic_tracing_does_not_freeze_a_draw_into_the_graph():
+    """capture="fx" on the model above: its trace drew the dropout mask once and would reuse it
+    every step; the trace is refused (the model kept whole, whose dropout is then refused)
+    and the generator is left where it was."""
+    torch.manual_seed(3)
+    model = DroppedSinusoidPositions(0.5).train()
+    before = torch.random.get_rng_state()
+    with pytest.warns(UserWarning):
+        dp = fxdp.privatize(model, capture="fx")
+    assert torch.equal(before, torch.random.get_rng_state())
+    with pytest.raises(fxdp.UnsupportedOpError, match="draws random numbers"):
+        dp(torch.randn(4, 6, 3))
+
+
 class NoiseMeetsTheBatch(nn.Module):
     def __init__(self):
         super().__init__()
