@@ -125,9 +125,19 @@ def _deberta(p=0.1, v3=True):
     return transformers.DebertaV2ForSequenceClassification(transformers.DebertaV2Config(**kw)), "cls"
 
 
+def _funnel(p=0.1):
+    """Funnel Transformer: pools the sequence between blocks, and casts its mask with
+    ``attention_mask.type_as(inputs_embeds)`` (the cast reads only ``inputs_embeds``' dtype:
+    refused as mixing samples before the rule ``values_of_self``)."""
+    cfg = transformers.FunnelConfig(hidden_dropout=p, attention_dropout=p, activation_dropout=p, vocab_size=V,
+                                    d_model=32, n_head=2, d_head=16, d_inner=48, block_sizes=[1, 1],
+                                    num_decoder_layers=1, num_labels=3)
+    return transformers.FunnelForSequenceClassification(cfg), "cls"
+
+
 ZOO = {"bert": _bert, "roberta": _roberta, "distilbert": _distilbert, "gpt2": _gpt2, "llama": _llama,
        "gemma": _gemma, "t5": _t5, "vit": _vit, "swin": _swin, "swinv2": _swinv2, "beit": _beit,
-       "bit": _bit, "lora-gpt2": _lora_gpt2}
+       "bit": _bit, "funnel": _funnel, "lora-gpt2": _lora_gpt2}
 #: served with raw-parameter captures (torch.func) where a parameter subgraph is repeated over
 #: the batch (DeBERTa's relative position keys and queries, ``w.repeat(B, 1, 1)``), the dropout
 #: on the relative embeddings replayed per sample

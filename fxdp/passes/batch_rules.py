@@ -72,6 +72,13 @@ def elementwise(u: BatchedArg) -> Optional[int]:
     return u.dim + u.out_rank - u.rank
 
 
+def values_of_self(u: BatchedArg) -> Optional[int]:
+    """``type_as(self, other)``, ``to(self, other)``, ``expand_as(self, other)``: the values are
+    ``self``'s (elementwise); ``other`` gives only its dtype, device or shape, no values, so its
+    batch meets no sample (Funnel's ``attention_mask.type_as(inputs_embeds)``)."""
+    return elementwise(u) if u.name == "self" else u.out_dim
+
+
 def reduction(dim: str = "dim", keepdim: Optional[str] = "keepdim") -> Rule:
     """Reduces over ``dim`` (``None`` or ``[]``: every dimension), dropping it unless
     the ``keepdim`` argument says otherwise."""
@@ -449,9 +456,9 @@ _ELEMENTWISE = [
     aten.normal.Tensor_Tensor, aten.normal.Tensor_float, aten.normal.float_Tensor,
     aten.uniform_.default, aten.normal_.default, aten.exponential_.default, aten.clone.default,
     aten.contiguous.default, aten.alias.default, aten.detach.default, aten._to_copy.default, aten.to.dtype,
-    aten.to.device, aten.to.dtype_layout, aten.to.other, aten.type_as.default, aten.lift_fresh_copy.default,
+    aten.to.device, aten.to.dtype_layout, aten.lift_fresh_copy.default,
     aten.copy_.default, aten.copy.default, aten.fill_.Scalar, aten.fill_.Tensor, aten.zero_.default,
-    aten.expand.default, aten.expand_as.default, aten.broadcast_to.default, aten.log_sigmoid_forward.default,
+    aten.expand.default, aten.broadcast_to.default, aten.log_sigmoid_forward.default,
     aten.__and__.Tensor, aten.__or__.Tensor, aten.__xor__.Tensor, aten.__and__.Scalar, aten.__or__.Scalar,
     aten.__xor__.Scalar, aten.__lshift__.Scalar, aten.__rshift__.Scalar, aten.rand_like.default,
     aten.randn_like.default, aten.randint_like.default, aten.dequantize.self, aten.relu6.default,
@@ -466,6 +473,8 @@ _ELEMENTWISE = [
 ]
 
 RULES: Dict[Any, Rule] = {op: elementwise for op in _ELEMENTWISE}
+RULES.update({aten.type_as.default: values_of_self, aten.to.other: values_of_self,
+              aten.expand_as.default: values_of_self})
 RULES.update({
     # reductions
     aten.sum.dim_IntList: reduction(), aten.mean.dim: reduction(), aten.amax.default: reduction(),

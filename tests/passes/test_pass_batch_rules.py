@@ -109,6 +109,10 @@ KEPT = {
     .repeat(1, 2) + torch.linalg.vander(h[:, :2], N=3).flatten(1),
     "grid_sample": _grid_sample,
     "solve_search_trapezoid": _solve_search_trapezoid,
+    # the second argument gives only its dtype / shape (Funnel's ``attention_mask.type_as(inputs_embeds)``,
+    # a batched mask cast like a batched tensor of another rank)
+    "type_as_expand_as": lambda h: h * (h[:, :1] > 0).type_as(h.unsqueeze(-1)) + h[:, :1].expand_as(h)
+    + h.to(h.unsqueeze(1)),
     "stft": lambda h: torch.stft(h, n_fft=4, hop_length=2, window=torch.hann_window(4, dtype=h.dtype),
                                  return_complex=True).abs().flatten(1)[:, :D],
 }
@@ -131,6 +135,7 @@ MIXING = {
     "diff_batch": (lambda h: torch.diff(h, dim=0, prepend=torch.zeros(1, D, dtype=h.dtype)), "batch-op"),
     "solve_along_batch": (lambda h: torch.linalg.solve(2 * torch.eye(h.shape[0]) + 1, h), "batch-op"),
     "svdvals_over_batch": (lambda h: h * torch.linalg.svdvals(h.T).sum(), "batch-op"),
+    "expand_as_batch_row": (lambda h: h + h[:1].expand_as(h), "batch-index"),
     "take_reversed": (lambda h: torch.take(h, torch.arange(h.numel()).flip(0)).view_as(h), "batch-rule|batch-fold"),
 }
 
