@@ -161,16 +161,15 @@ def trace(model: nn.Module, tracer: Optional[DPTracer] = None,
         concrete = {k: v for k, v in concrete.items() if k in none_args}
     rng = torch.random.get_rng_state()
     graph = tracer.trace(model, concrete or None)
-    if not torch.equal(rng, torch.random.get_rng_state()) and any(
-            n.op == "get_attr" and str(n.target).startswith("_tensor_constant") for n in graph.nodes):
-        # a draw from values that are not the inputs' (dropout on positions made from arange)
-        # ran once, at tracing, and its numbers became a constant of the graph: every step would
-        # reuse that one dropout mask
+    if not torch.equal(rng, torch.random.get_rng_state()):
+        # traced ops draw nothing, so a draw ran once, at tracing, on values that are not the
+        # inputs' and its outcome is now fixed in the graph: a dropout mask on positions built with
+        # arange became a constant, a LayerDrop branch on torch.rand([]) was taken once for all steps
         torch.random.set_rng_state(rng)
         raise SymbolicGraphError(
-            f"{type(model).__name__} draws random numbers from values that do not come from its inputs (e.g. "
-            "dropout on positions built with torch.arange); symbolic tracing would freeze those numbers into "
-            "the graph. Fix: privatize(model, capture='export') (capture='auto' does so)")
+            f"{type(model).__name__} draws random numbers outside the operations on its inputs (e.g. dropout "
+            "on positions built with torch.arange, a LayerDrop test on torch.rand([])); symbolic tracing would "
+            "fix their outcome for every step. Fix: privatize(model, capture='export') (capture='auto' does so)")
     for n in graph.nodes:  # fx renames a specialized argument's placeholder ("y_1"): keep forward's name
         if n.op == "placeholder" and isinstance(n.target, str) and n.target.endswith("_1") \
                 and n.target[:-2] in concrete:

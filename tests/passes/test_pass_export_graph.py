@@ -183,6 +183,17 @@ def test_layerdrop_is_refused_with_the_layerdrop_fix(f64):
     _per_sample_ok(LayerDrop(0.0).double(), torch.randn(5, 4))
 
 
+@pytest.mark.parametrize("seed", [0, 1])
+def test_layerdrop_is_not_decided_once_at_tracing(seed):
+    """Symbolic tracing runs ``torch.rand([])`` once and follows one branch: before, the default
+    capture served LayerDrop with that outcome for every step (the layer always kept, or
+    always skipped and never trained), silently. A draw while tracing now sends capture="auto"
+    to torch.export, which refuses the branch with its fix."""
+    torch.manual_seed(seed)
+    with pytest.raises(fxdp.UnsupportedModelError, match="layerdrop = 0.0"):
+        fxdp.privatize(LayerDrop(0.5))(torch.randn(5, 4))
+
+
 def test_check_reports_a_scattering_reshape_with_its_fix():
     """fxdp.check reads the same graph: the reshape is an error (code batch-fold) with a fix."""
     report = fxdp.check(SeqFirstView(), {"x": torch.randn(6, 5, 4)})
