@@ -25,7 +25,8 @@ import torch.fx as fx
 from torch.utils._pytree import tree_flatten
 
 from .aliasing import writes_into
-from .batch_rules import NO_DATA, batched_inputs, lands_on, op_finding, rule_of
+from .batch_findings import batched_inputs, lands_on, op_finding
+from .batch_rules import NO_DATA, rule_of
 
 __all__ = ["annotate_batch", "batch_symbol", "hint_of", "is_shape_value"]
 
