@@ -30,6 +30,7 @@ from torch import nn
 
 from .errors import SymbolicGraphError
 from .rules import module_call_for
+from .utils.host_rng import watch_draws
 
 __all__ = ["DPTracer", "trace"]
 
@@ -159,17 +160,17 @@ def trace(model: nn.Module, tracer: Optional[DPTracer] = None,
     concrete = _none_defaults(model)
     if none_args is not None:
         concrete = {k: v for k, v in concrete.items() if k in none_args}
-    rng = torch.random.get_rng_state()
-    graph = tracer.trace(model, concrete or None)
-    if not torch.equal(rng, torch.random.get_rng_state()):
+    with watch_draws(torch_too=True) as drew:
+        graph = tracer.trace(model, concrete or None)
+    if drew.names:
         # traced ops draw nothing, so a draw ran once, at tracing, on values that are not the
         # inputs' and its outcome is now fixed in the graph: a dropout mask on positions built with
         # arange became a constant, a LayerDrop branch on torch.rand([]) was taken once for all steps
-        torch.random.set_rng_state(rng)
         raise SymbolicGraphError(
-            f"{type(model).__name__} draws random numbers outside the operations on its inputs (e.g. dropout "
-            "on positions built with torch.arange, a LayerDrop test on torch.rand([])); symbolic tracing would "
-            "fix their outcome for every step. Fix: privatize(model, capture='export') (capture='auto' does so)")
+            f"{type(model).__name__} draws random numbers outside the operations on its inputs "
+            f"({', '.join(drew.names)}: e.g. dropout on positions built with torch.arange, a LayerDrop test on "
+            "torch.rand([])); symbolic tracing would fix their outcome for every step. Fix: "
+            "privatize(model, capture='export') (capture='auto' does so)")
     for n in graph.nodes:  # fx renames a specialized argument's placeholder ("y_1"): keep forward's name
         if n.op == "placeholder" and isinstance(n.target, str) and n.target.endswith("_1") \
                 and n.target[:-2] in concrete:

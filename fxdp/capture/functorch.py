@@ -31,6 +31,7 @@ from torch.utils._pytree import tree_flatten
 from .op import CaptureOp
 from .record import LayerRecord
 from ..errors import BatchDimensionError, PerSampleGradientError, UnsupportedOpError
+from ..utils.host_rng import watch_draws
 
 __all__ = ["FuncCapture"]
 
@@ -58,7 +59,15 @@ class FuncCapture(CaptureOp):
 
     def compute_for_capture(self, dyn: Sequence[Any]) -> Any:
         state = torch.random.get_rng_state()
-        out = self.fn(*dyn)
+        with watch_draws(torch_too=False) as host:  # NumPy's or Python's: never replayed per sample
+            out = self.fn(*dyn)
+        if host.names:
+            raise UnsupportedOpError(
+                f"{self.where()} draws random numbers with {', '.join(host.names)} inside a fallback layer; its "
+                "per-sample recomputation would draw others. Fix: draw with torch ops (torch.rand, dropout) or "
+                "outside the model (for Hugging Face's SpecAugment: config.mask_time_prob = 0, or masks passed "
+                "as mask_time_indices=)."
+            )
         if not torch.equal(state, torch.random.get_rng_state()):
             if self.draws_batch_free(dyn):
                 # one draw every sample shares (DeBERTa's dropout on its relative embeddings),

@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ..errors import UnsupportedModelError
+from ..utils.host_rng import watch_draws
 
 __all__ = ["export_graph", "example_for_export", "symbolic_tracing_drops"]
 
@@ -151,6 +152,15 @@ def _branch_fix(e: BaseException) -> str:
             "torch.cond")
 
 
+_HOST_DRAW = (
+    "cannot capture {name} with torch.export: it draws random numbers outside torch's ops ({gens}), which run "
+    "once, while the model is captured, so their outcome would be the same for every step. Hugging Face's speech "
+    "models do so for SpecAugment (wav2vec2, HuBERT, WavLM, Data2VecAudio, SEW; Whisper with apply_spec_augment): "
+    "set config.mask_time_prob = 0 and config.mask_feature_prob = 0 (or config.apply_spec_augment = False), or "
+    "draw the masks in the data collator and pass mask_time_indices=; wav2vec2's adapter draws its LayerDrop so "
+    "(config.layerdrop = 0). Fix: draw with torch ops (torch.rand, torch.bernoulli, dropout) or outside the model")
+
+
 def _explain(e: Exception, model: nn.Module) -> UnsupportedModelError:
     text = str(e).strip()
     first = "\n".join(text.splitlines()[:8])
@@ -200,14 +210,21 @@ def export_graph(
     ex_args, ex_kwargs = tree_unflatten(example_for_export(flat, batch_dims), spec)
     dims = {i: d for i, d in enumerate(batch_dims) if d is not None}
     _register_output_types()
-    try:
-        call = ModelCall(model)
-        ex = (tuple(ex_args), dict(ex_kwargs))
-        ep = torch.export.export(call, ex, dynamic_shapes=_dynamic_shapes(call, *ex, dims), strict=False)
-    except UnsupportedModelError:
-        raise
-    except Exception as e:  # export errors come in many types
-        raise _explain(e, model) from e
+    failure: Optional[Exception] = None
+    with watch_draws(torch_too=True) as drew:
+        try:
+            call = ModelCall(model)
+            ex = (tuple(ex_args), dict(ex_kwargs))
+            ep = torch.export.export(call, ex, dynamic_shapes=_dynamic_shapes(call, *ex, dims), strict=False)
+        except UnsupportedModelError:
+            raise
+        except Exception as e:  # export errors come in many types
+            failure = e
+    if drew.names:  # whether export then failed or not: the draw is the cause to name
+        raise UnsupportedModelError(_HOST_DRAW.format(name=type(model).__name__, gens=", ".join(drew.names))) \
+            from failure
+    if failure is not None:
+        raise _explain(failure, model) from failure
     gm = ep.module()
     _annotate(gm)
     tensor_leaves = [i for i, t in enumerate(flat) if isinstance(t, Tensor)]

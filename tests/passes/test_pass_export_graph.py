@@ -4,6 +4,10 @@ cannot read: exact where it captures, and fail closed where samples could influe
 each other."""
 from __future__ import annotations
 
+import random
+import warnings
+
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -135,7 +139,7 @@ class UnfoldWrongOrder(nn.Module):
 
 
 @pytest.mark.parametrize("model, match, shape", [
-    (BranchOnData, r"branches on tensor values .*\(at .*test_pass_export_graph.py:70: return self.l\(x\) if", (6, 4)),
+    (BranchOnData, r"branches on tensor values .*\(at .*test_pass_export_graph.py:\d+: return self.l\(x\) if", (6, 4)),
     (BranchOnBatchSize, "depends on the batch size", (6, 4)),
     (CenterOverBatch, "batch-reduction", (6, 4)),
     (ShiftBatch, "along the batch dimension", (6, 4)),
@@ -947,6 +951,42 @@ def test_symbolic_tracing_does_not_freeze_a_draw_into_the_graph():
     assert torch.equal(before, torch.random.get_rng_state())
     with pytest.raises(fxdp.UnsupportedOpError, match="draws random numbers"):
         dp(torch.randn(4, 6, 3))
+
+
+class HostLayerDrop(nn.Module):
+    """LayerDrop drawn from NumPy's or Python's generator (wav2vec2's adapter: ``np.random.random()``)."""
+
+    def __init__(self, draw):
+        super().__init__()
+        self.l = nn.Linear(4, 4)
+        self.draw = draw
+
+    def forward(self, x):
+        if self.training and self.draw() < 0.5:
+            return x
+        return x + self.l(x)
+
+
+@pytest.mark.parametrize("capture", ["auto", "export", "fx"])
+@pytest.mark.parametrize("draw", [np.random.random, random.random], ids=["numpy", "python"])
+def test_a_draw_from_numpy_or_python_while_capturing_is_refused(capture, draw):
+    """Neither capture sees these draws: each ran once while capturing, and before, the graph
+    served its branch for every step, silently (the layer always kept, or never trained). Now
+    refused, naming the generator and SpecAugment's fix; the generators are left as they were.
+    Kept whole (capture="fx"), the fallback refuses the draw: recomputed per sample, it would
+    draw other numbers."""
+    np.random.seed(0)
+    random.seed(0)
+    states = np.random.get_state()[1].copy(), random.getstate()
+    model = HostLayerDrop(draw).train()
+    # capture="fx" keeps the model whole (warned), whose fallback refuses the draw at the first call
+    with pytest.raises(fxdp.UnsupportedOpError if capture == "fx" else fxdp.UnsupportedModelError,
+                       match=r"(?s)draws random numbers (with|outside).*mask_time_prob"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            fxdp.privatize(model, capture=capture)(torch.randn(3, 4))
+    if capture != "fx":  # a capture's draws are undone (the whole model's own call draws as it runs)
+        assert np.array_equal(np.random.get_state()[1], states[0]) and random.getstate() == states[1]
 
 
 class NoiseMeetsTheBatch(nn.Module):
