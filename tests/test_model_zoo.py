@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -466,3 +467,45 @@ def test_a_cache_in_the_output_is_refused_with_the_use_cache_fix():
     with pytest.raises(fxdp.UnsupportedOpError, match=r"unique_consecutive.*batch-reduction"):
         fxdp.privatize(transformers.BartForSequenceClassification(cfg))(input_ids=ids)
 
+
+
+def _wav2vec2(p=0.0):
+    """wav2vec2 for audio classification, with SpecAugment on (its default ``mask_time_prob``
+    0.05); LayerDrop off (a branch on a random draw, refused with its own fix)."""
+    cfg = transformers.Wav2Vec2Config(
+        vocab_size=20, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=48,
+        conv_dim=(8, 8), conv_stride=(5, 2), conv_kernel=(10, 3), num_conv_pos_embeddings=4,
+        num_conv_pos_embedding_groups=2, layerdrop=0.0, num_labels=3, mask_time_length=2, attention_dropout=p,
+        hidden_dropout=p, activation_dropout=p, feat_proj_dropout=p, final_dropout=p)
+    assert cfg.mask_time_prob > 0 and cfg.apply_spec_augment
+    return transformers.Wav2Vec2ForSequenceClassification(cfg)
+
+
+def test_spec_augment_drawn_inside_is_refused_and_masks_from_the_collator_are_exact(f64):
+    """wav2vec2's SpecAugment draws its masks with NumPy inside ``forward``: a capture would run
+    that draw once and mask the same frames every step (before: refused as "torch.export cannot
+    capture it", no reason given). Refused, naming ``mask_time_prob``; masks drawn in the data
+    collator and passed as ``mask_time_indices=`` (a masked write, ``x[mask] = v``) are served,
+    exact for each sample, ``masked_spec_embed`` included."""
+    from transformers.models.wav2vec2.modeling_wav2vec2 import _compute_mask_indices
+
+    torch.manual_seed(0)
+    model = _wav2vec2().double().train()
+    x = torch.randn(B, 400)
+    with pytest.raises(fxdp.UnsupportedModelError, match=r"(?s)NumPy.*SpecAugment.*mask_time_prob = 0"):
+        fxdp.privatize(model)(input_values=x)
+    frames = int(model._get_feat_extract_output_lengths(400))
+    np.random.seed(0)  # the collator's draw (transformers draws with NumPy's global generator)
+    mask = torch.from_numpy(_compute_mask_indices((B, frames), 0.3, 2, min_masks=2))
+    y = torch.randint(0, 3, (B,))
+    dp = fxdp.privatize(model, loss_reduction="sum")
+    nn.functional.cross_entropy(dp(input_values=x, mask_time_indices=mask).logits, y, reduction="sum").backward()
+    got = {n: p.grad_sample.clone() for n, p in model.named_parameters()}
+    assert got["wav2vec2.masked_spec_embed"].norm(dim=1).min() > 0
+    for i in range(B):
+        model.zero_grad()
+        out = model(input_values=x[i:i + 1], mask_time_indices=mask[i:i + 1]).logits
+        nn.functional.cross_entropy(out, y[i:i + 1], reduction="sum").backward()
+        for n, p in model.named_parameters():
+            want = p.grad if p.grad is not None else torch.zeros_like(p)
+            torch.testing.assert_close(got[n][i], want, rtol=1e-6, atol=1e-9, msg=f"{n}, sample {i}")

@@ -324,9 +324,13 @@ def _index_put(u: BatchedArg) -> Optional[int]:
     """``x[indices] = values`` (a result shaped as ``x``): ``x``'s batch stays where an
     index leaves it (unindexed, or ``arange(B)``); a written value's batch must land on
     an unindexed dimension of ``x`` or on the index dimension of ``arange(B)``. Batched
-    indices (writes at per-sample positions) are refused."""
+    indices (writes at per-sample positions) are refused, except one boolean mask written with
+    a value that has no row per selected position: ``x[mask] = v`` is ``where(mask, v, x)``
+    (wav2vec2's SpecAugment, ``hidden[mask_time_indices] = masked_spec_embed``)."""
     ix = _Indexing(u)
-    if ix.masks or u.name == "indices":
+    if ix.masks:
+        return _masked_write(u, ix)
+    if u.name == "indices":
         return None
     if u.name == "input":
         return u.dim if ix.indices[u.dim] is None or ix.arange_dim(u.dim) is not None else None
@@ -336,6 +340,20 @@ def _index_put(u: BatchedArg) -> Optional[int]:
         return d
     q = r - ix.first
     return next((k for k in ix.where if ix.arange_dim(k) == q), None)
+
+
+def _masked_write(u: BatchedArg, ix: _Indexing) -> Optional[int]:
+    """``x[mask] = v`` with one mask over dimensions ``k .. k+m-1`` of ``x`` (its shape, as
+    ATen requires): elementwise where ``v`` broadcasts over the selected positions (no
+    dimension of their count, which the batch's masks share: row ``j`` of a ``[N, ...]`` value
+    goes to the batch's ``j``-th selected position, wherever that sample falls)."""
+    v = u.args.get("values")
+    trailing = ix.x_rank - ix.where[0] - ix.m
+    shape = v.meta["val"].shape if isinstance(v, fx.Node) and isinstance(v.meta.get("val"), torch.Tensor) else ()
+    if len(ix.where) != 1 or u.name == "values" or len(shape) > trailing + 1 \
+            or (len(shape) == trailing + 1 and not (type(shape[0]) is int and shape[0] == 1)):
+        return None
+    return u.dim if u.name == "input" else ix.where[0] + u.dim
 
 
 def _cat(u: BatchedArg) -> Optional[int]:

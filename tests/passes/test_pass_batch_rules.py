@@ -74,6 +74,14 @@ def _grid_sample(h):
     return F.grid_sample(h.view(-1, 1, 2, 3), grid, align_corners=False).flatten(1)
 
 
+def _masked_write(h):
+    """``x[mask] = v``, ``v`` one value for every selected position (wav2vec2's SpecAugment)."""
+    out = h.view(-1, 2, 3).clone()
+    out[out[..., 0] > 0] = torch.tensor([1.0, -2.0, 3.0], dtype=h.dtype)
+    out[out[..., 1] > 0.5] = torch.tensor([[0.5, 0.0, 1.0]], dtype=h.dtype)  # [1, 3]: one row for all
+    return out.flatten(1) * h
+
+
 #: one op after the layer, each sample kept apart
 KEPT = {
     "softmax": lambda h: h.softmax(-1),
@@ -113,6 +121,7 @@ KEPT = {
     # a batched mask cast like a batched tensor of another rank)
     "type_as_expand_as": lambda h: h * (h[:, :1] > 0).type_as(h.unsqueeze(-1)) + h[:, :1].expand_as(h)
     + h.to(h.unsqueeze(1)),
+    "masked_write": _masked_write,
     "stft": lambda h: torch.stft(h, n_fft=4, hop_length=2, window=torch.hann_window(4, dtype=h.dtype),
                                  return_complex=True).abs().flatten(1)[:, :D],
 }
@@ -197,3 +206,25 @@ def test_the_einsum_rule_follows_letters_and_ellipses(eq, item, dim, rank, out_r
 
     u = BatchedArg(None, {"equation": eq}, "tensors", item, dim, rank, out_rank, None)
     assert rule_of(torch.ops.aten.einsum.default)(u) == lands
+
+
+@pytest.mark.parametrize("values, lands", [
+    ((3,), 0), ((1, 3), 0), ((), 0),
+    ((7, 3), None),  # a row per selected position: row j goes to the batch's j-th one, wherever it falls
+    ((2, 3), None),
+])
+def test_a_masked_write_keeps_samples_apart_only_with_one_value_for_every_position(values, lands):
+    """``x[mask] = v`` on ``x: [B, T, 3]``, ``mask: [B, T]``: ``where(mask, v, x)`` when ``v``
+    has no dimension of the selected positions' count."""
+    from torch.fx import Graph
+
+    from fxdp.passes.batch_rules import BatchedArg, rule_of
+
+    g = Graph()
+    x, mask, v = (g.placeholder(n) for n in ("x", "mask", "v"))
+    x.meta["val"], mask.meta["val"] = torch.zeros(4, 5, 3), torch.zeros(4, 5, dtype=torch.bool)
+    v.meta["val"] = torch.zeros(values)
+    args = {"input": x, "indices": [mask], "values": v, "accumulate": False}
+    rule = rule_of(torch.ops.aten.index_put.default)
+    assert rule(BatchedArg(None, args, "input", None, 0, 3, 3, 0)) == lands
+    assert rule(BatchedArg(None, args, "indices", 0, 0, 2, 3, 0)) == lands
