@@ -876,20 +876,26 @@ def test_a_parameter_subgraph_repeated_over_the_batch_is_exact(p, f64):
     so the DP model draws the same numbers as the model). Before: refused as a folded batch."""
     torch.manual_seed(0)
     model = RepeatedPositions(p).train()
-    x = torch.randn(4, 5, 3)
-    dp = fxdp.privatize(model, capture="export", loss_reduction="sum")
+    _assert_draws_once_and_exact(model, fxdp.privatize(model, capture="export", loss_reduction="sum"),
+                                 torch.randn(4, 5, 3))
+
+
+def _assert_draws_once_and_exact(model, dp, x):
+    """The DP model draws the model's numbers (the same outputs from the same seed), and each
+    sample's gradient equals its gradient alone with the batch's dropout masks (seed replayed)."""
     dp(x)  # captured on this call
     torch.manual_seed(7)
     out = dp(x)
     torch.manual_seed(7)
     torch.testing.assert_close(out, model(x), rtol=0, atol=0)
     out.pow(2).sum().backward()
-    got = model.pos.grad_sample.clone()
-    for i in range(4):
+    got = {n: p.grad_sample.clone() for n, p in model.named_parameters()}
+    for i in range(x.shape[0]):
         model.zero_grad()
         torch.manual_seed(7)  # the same dropout mask as the batch's
         model(x[i:i + 1]).pow(2).sum().backward()
-        torch.testing.assert_close(got[i], model.pos.grad, rtol=1e-10, atol=1e-12)
+        for n, p in model.named_parameters():
+            torch.testing.assert_close(got[n][i], p.grad, rtol=1e-10, atol=1e-12, msg=n)
 
 
 class DroppedSinusoidPositions(nn.Module):
@@ -920,23 +926,10 @@ def test_a_draw_from_neither_parameters_nor_samples_is_read_not_redrawn(capture,
     the graph, one mask for every step."""
     torch.manual_seed(0)
     model = DroppedSinusoidPositions(0.5).train()
-    x = torch.randn(4, 6, 3)
     dp = fxdp.privatize(model, capture=capture, loss_reduction="sum")
     assert isinstance(dp, ExportedDPModule)
-    dp(x)  # captured on this call
-    torch.manual_seed(7)
-    out = dp(x)
-    torch.manual_seed(7)
-    torch.testing.assert_close(out, model(x), rtol=0, atol=0)  # the same draws, once
-    out.pow(2).sum().backward()
-    got = {n: p.grad_sample.clone() for n, p in model.named_parameters()}
-    assert got["w"].abs().sum() > 0
-    for i in range(4):
-        model.zero_grad()
-        torch.manual_seed(7)  # the same dropout mask as the batch's
-        model(x[i:i + 1]).pow(2).sum().backward()
-        for n, p in model.named_parameters():
-            torch.testing.assert_close(got[n][i], p.grad, rtol=1e-10, atol=1e-12, msg=n)
+    _assert_draws_once_and_exact(model, dp, torch.randn(4, 6, 3))
+    assert model.w.grad_sample.abs().sum() > 0
 
 
 def test_symbolic_tracing_does_not_freeze_a_draw_into_the_graph():
