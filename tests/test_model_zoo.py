@@ -136,9 +136,19 @@ def _funnel(p=0.1):
     return transformers.FunnelForSequenceClassification(cfg), "cls"
 
 
+def _mamba(p=0.1):
+    """Mamba: a selective state-space model (Transformers' sequential scan on CPU), its mixer's
+    projections cut by ``torch.split`` (``tensor_split`` in ATen, refused for want of a batch
+    rule before); no dropout."""
+    cfg = transformers.MambaConfig(vocab_size=V, hidden_size=32, num_hidden_layers=1, state_size=4, expand=2,
+                                   conv_kernel=3, use_cache=False)
+    return transformers.MambaForCausalLM(cfg), "lm"
+
+
 ZOO = {"bert": _bert, "roberta": _roberta, "distilbert": _distilbert, "gpt2": _gpt2, "llama": _llama,
        "gemma": _gemma, "t5": _t5, "vit": _vit, "swin": _swin, "swinv2": _swinv2, "beit": _beit,
-       "bit": _bit, "funnel": _funnel, "lora-gpt2": _lora_gpt2}
+       "bit": _bit, "funnel": _funnel, "mamba": _mamba,
+       "lora-gpt2": _lora_gpt2}
 #: served with raw-parameter captures (torch.func) where a parameter subgraph is repeated over
 #: the batch (DeBERTa's relative position keys and queries, ``w.repeat(B, 1, 1)``), the dropout
 #: on the relative embeddings replayed per sample
@@ -338,7 +348,7 @@ def test_check_analyses_the_exported_graph(name):
 def test_check_plans_what_book_keeping_runs(name):
     """fxdp.check's book-keeping plan of every layer equals the rule's plan at the shapes the
     layer's record arrives with (the report's shapes rebuilt from the export's, the batch at
-    the report's batch size); a tied parameter (GPT-2's, Gemma's and T5's embeddings and heads)
+    the report's batch size); a tied parameter (GPT-2's, Gemma's, T5's and Mamba's embeddings and heads)
     is planned as tied."""
     torch.manual_seed(0)
     model, kind = ZOO[name](0.0)
@@ -350,7 +360,7 @@ def test_check_plans_what_book_keeping_runs(name):
     assert_check_plans_as_run({lay.name: lay.bookkeeping for lay in layers}, dp,
                               lambda: _loss(kind, dp(**x), x, _targets(kind, x, g)).backward())
     tied = [lay.name for lay in layers if (lay.bookkeeping or "").startswith("tied")]
-    assert bool(tied) == (name in ("gpt2", "gemma", "t5"))  # LoRA freezes the embedding its head shares
+    assert bool(tied) == (name in ("gpt2", "gemma", "t5", "mamba"))  # LoRA freezes the embedding its head shares
 
 
 @pytest.mark.parametrize("name", ["gpt2", "t5"])

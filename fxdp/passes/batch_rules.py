@@ -554,6 +554,7 @@ RULES.update({
     aten.cat.default: _cat, aten.stack.default: _stack, aten.slice.Tensor: _slice, aten.narrow.default: _split,
     aten.select.int: _select, aten.unbind.int: _select, aten.split.Tensor: _split,
     aten.split_with_sizes.default: _split, aten.chunk.default: _split, aten.unsafe_split.Tensor: _split,
+    aten.tensor_split.sections: _split, aten.tensor_split.indices: _split,
     aten.transpose.int: _transpose, aten.permute.default: _permute, aten.t.default: _t,
     aten.numpy_T.default: _t, aten.unsqueeze.default: _unsqueeze, aten.squeeze.dim: _squeeze,
     aten.squeeze.dims: _squeeze, aten.squeeze.default: _squeeze, aten.repeat.default: _repeat,

@@ -34,6 +34,7 @@ from ..rules import module_call_for, rule_for_op
 from ..capture.params import (CAT, ELEMENTWISE, EXPAND, MATMUL, BroadcastRuleCapture, ComputedArgsRuleCapture,
                               ParamCapture)
 from .aliasing import writes_into
+from .batch_rules import NO_DATA
 from .relu_grads import link_relu_grads
 from .symbolic_batch import is_shape_value
 
@@ -195,6 +196,8 @@ class _CaptureBuilder:
                     "depends on the others and per-sample gradients (and the DP guarantee) break. Fix: use "
                     "GroupNorm/LayerNorm, or nn.BatchNorm modules (fxdp.privatize replaces those)."
                 )
+            if n.target in NO_DATA:  # new_zeros(A, ...): A's dtype, not its values (Mamba's scan state)
+                continue
             own = self._own_trainable(n)
             derived = [a for a in n.all_input_nodes if self.param_derived(a)]
             if not own and not derived:

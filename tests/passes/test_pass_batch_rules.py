@@ -122,6 +122,9 @@ KEPT = {
     "type_as_expand_as": lambda h: h * (h[:, :1] > 0).type_as(h.unsqueeze(-1)) + h[:, :1].expand_as(h)
     + h.to(h.unsqueeze(1)),
     "masked_write": _masked_write,
+    # Mamba's mixer: torch.split of its projections, decomposed to tensor_split
+    "tensor_split": lambda h: torch.cat(torch.tensor_split(h, [2, 4], dim=1)[::-1], 1)
+    + torch.cat([c.flip(1) for c in torch.tensor_split(h, 3, dim=1)], 1),
     "stft": lambda h: torch.stft(h, n_fft=4, hop_length=2, window=torch.hann_window(4, dtype=h.dtype),
                                  return_complex=True).abs().flatten(1)[:, :D],
 }
@@ -228,3 +231,13 @@ def test_a_masked_write_keeps_samples_apart_only_with_one_value_for_every_positi
     rule = rule_of(torch.ops.aten.index_put.default)
     assert rule(BatchedArg(None, args, "input", None, 0, 3, 3, 0)) == lands
     assert rule(BatchedArg(None, args, "indices", 0, 0, 2, 3, 0)) == lands
+
+
+@pytest.mark.parametrize("op", [torch.ops.aten.tensor_split.indices, torch.ops.aten.tensor_split.sections])
+def test_tensor_split_along_the_batch_splits_samples(op):
+    """Cut along another dimension the batch passes (the case above); cut along the batch, each
+    piece holds some samples: no rule can keep them apart."""
+    from fxdp.passes.batch_rules import BatchedArg, rule_of
+
+    assert rule_of(op)(BatchedArg(None, {"dim": 1}, "self", None, 0, 2, 2, 0)) == 0
+    assert rule_of(op)(BatchedArg(None, {"dim": 0}, "self", None, 0, 2, 2, 0)) is None
