@@ -68,26 +68,6 @@ class _CheckTracer(DPTracer):
     def __init__(self, *a: Any, **kw: Any) -> None:
         super().__init__(*a, **kw)
         self.trace_errors: Dict[str, BaseException] = {}
-        #: (Function class name, module path, "file:line: code") of custom autograd Functions traced through
-        self.autograd_functions: List[Tuple[str, str, Optional[str]]] = []
-
-    def trace(self, root: Any, concrete_args: Optional[Dict[str, Any]] = None) -> fx.Graph:
-        # torch.fx traces *through* a custom autograd.Function's forward and drops its backward
-        from .tracer import _user_frame
-
-        raw = torch.autograd.Function.__dict__["apply"]
-        tracer = self
-
-        def apply(cls: type, *args: Any, **kwargs: Any) -> Any:
-            if any(isinstance(a, fx.Proxy) for a in tree_flatten((args, kwargs))[0]):
-                tracer.autograd_functions.append((cls.__name__, tracer._path_stack[-1], _user_frame()))
-            return raw.__func__(cls, *args, **kwargs)
-
-        torch.autograd.Function.apply = classmethod(apply)  # type: ignore[assignment]
-        try:
-            return super().trace(root, concrete_args)
-        finally:
-            torch.autograd.Function.apply = raw  # type: ignore[assignment]
 
     def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: Dict[str, Any]) -> Any:
         # torch.fx's lookup scans all named parameters on every attribute access
@@ -252,7 +232,6 @@ def _check(model: nn.Module, args: Tuple[Any, ...], batch_dim: Any, B0: int, bat
             layers = _layers(root, captures, rewrites, batch_size or B0, gm=gm if captures is None else None,
                              plans=_bk_plans(gm, cap_nodes, result, B0, batch_size or B0) if captures is not None else None)
             findings = [_finding(f, loc, outer) for f, loc in raw] + [_refusal(m) for m in refusals]
-            findings += [_autograd_function(*a, outer) for a in tracer.autograd_functions]
             if cap_error is not None and (not isinstance(cap_error, FxdpError)
                                           or isinstance(cap_error, SymbolicGraphError)) \
                     or any(f.details.get("export_serves") for f, _ in folds):
@@ -396,10 +375,12 @@ def _check_exported(root: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, An
     except FxdpError as e:  # cannot be captured: an error, never a pass, at the line that stops export
         msg = str(e)
         problem, _, rest = msg.partition(". Fix: ")
-        f = finding(None, "export", problem, rest.split("\n")[0] if rest else "see the message")
+        f = finding(None, getattr(e, "code", "export"), problem, rest.split("\n")[0] if rest else "see the message")
         loc = _user_line(e.__cause__) if e.__cause__ is not None else None
         if loc is not None and (loc[0], loc[1]) not in outer:
             f.file, f.line, f.source = loc
+        if getattr(e, "source", None):  # where the model calls what is refused (a custom autograd.Function)
+            f.file, f.line, f.source = _parse_source(e.source, outer)
         return [f], _layers(root, None, rewrites, batch_size, whole=True)
     fixes = {"batch-reduction": "compute the loss outside the model, per sample; normalize over per-sample "
                                 "dimensions only",
@@ -415,6 +396,7 @@ def _check_exported(root: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, An
                             "analysis reads ops by their semantics)"}
     found = mixing_findings(gm) or probe_batch(gm, tree_flatten((args, kwargs))[0], dims)
     findings = [finding(n, code, problem, fixes[code]) for n, code, problem in found]
+    findings += [_autograd_function(a.name, a.source, outer) for a in gm.meta.get("fxdp_custom_functions", ())]
     captures = None
     if not findings:
         try:

@@ -13,7 +13,7 @@ from .model_state import ModelState
 from .passes.batch_mixing import MixingFinding, op_name
 from .passes.batch_mixing.guard import SOURCE_LINE, SUPPRESS
 from .report import Finding
-from .tracer import _FXDP_DIR, _TORCH_DIR
+from .utils.source import FXDP_DIR, TORCH_DIR
 
 Ignore = Union[str, Callable[[Finding], bool]]
 _SRC = SOURCE_LINE
@@ -27,7 +27,7 @@ def _user_line(exc: BaseException) -> Optional[Tuple[str, int, str]]:
     best = None
     for fr in traceback.extract_tb(exc.__traceback__):
         fn = fr.filename
-        if not (fn.startswith(_TORCH_DIR) or fn.startswith(_FXDP_DIR) or fn.startswith("<")):
+        if not (fn.startswith(TORCH_DIR) or fn.startswith(FXDP_DIR) or fn.startswith("<")):
             best = (fn, fr.lineno or 0, (fr.line or "").strip())
     return best
 
@@ -66,15 +66,15 @@ def _finding(f: MixingFinding, loc: Optional[Tuple[str, int, str]], outer: Set[T
     )
 
 
-def _autograd_function(name: str, module: str, src: Optional[str], outer: Set[Tuple[str, int]]) -> Finding:
+def _autograd_function(name: str, src: Optional[str], outer: Set[Tuple[str, int]]) -> Finding:
+    """A custom autograd.Function the capture traced through and found, on the example batch, to
+    have the forward's derivative as its backward (``fxdp.utils.custom_backward``)."""
     file, line, code = _parse_source(src, outer)
     return Finding(
-        "warning", "autograd-function", f"{name}.apply", "", module, file, line, code,
-        f"custom autograd.Function {name} is traced through: torch.fx (and so fxdp.privatize) keeps its forward "
-        "and drops its custom backward, so the privatized model's gradients are those of the forward's ops, "
-        "and what the backward does to the batch is not checked",
-        "register a per-sample rule for it (fxdp.register_rule on a torch.fx.wrap-ped function), or check the "
-        "gradients with fxdp.verify(model, example_inputs)")
+        "info", "autograd-function", f"{name}.apply", "", "", file, line, code,
+        f"custom autograd.Function {name}: the DP graph runs its forward's ops and differentiates them; its "
+        "backward gave the same vector-Jacobian product on the example batch (checked at every capture)",
+        "none needed; a backward that departs from the forward's derivative on other inputs is not caught")
 
 
 def _refusal(msg: str) -> Finding:

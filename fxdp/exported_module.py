@@ -69,6 +69,10 @@ class ExportedDPModule(DPModule):
         # forward on the instance: GraphModule sets its (empty) graph's code on this instance's class
         self.__dict__["forward"] = self._run
 
+    @property
+    def capture_path(self) -> str:
+        return "export"
+
     # -- inputs ---------------------------------------------------------------------
     def _leaf_batch_dims(self, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> List[Optional[int]]:
         return leaf_batch_dims(args, kwargs, self.batch_dim, 0 if self.batch_first else 1)

@@ -18,10 +18,6 @@ excluded from differentiation.
 from __future__ import annotations
 
 import inspect
-
-import linecache
-import os
-import sys
 from typing import Any, Callable, Dict, Iterable, Optional, Set
 
 import torch
@@ -30,28 +26,15 @@ from torch import nn
 
 from .errors import SymbolicGraphError
 from .rules import module_call_for
+from .utils.custom_backward import watch_functions
 from .utils.host_rng import watch_draws
+from .utils.source import user_frame
 
 __all__ = ["DPTracer", "trace"]
-
-_TORCH_DIR = os.path.dirname(torch.__file__)
-_FXDP_DIR = os.path.dirname(__file__)
 
 
 def _has_params(m: nn.Module) -> bool:
     return any(True for _ in m.parameters())
-
-
-def _user_frame() -> Optional[str]:
-    """``file:line: code`` of the innermost frame outside torch and fxdp."""
-    f = sys._getframe(2)
-    while f is not None:
-        fn = f.f_code.co_filename
-        if not (fn.startswith(_TORCH_DIR) or fn.startswith(_FXDP_DIR) or fn.startswith("<")):
-            line = linecache.getline(fn, f.f_lineno).strip()
-            return f"{fn}:{f.f_lineno}" + (f": {line}" if line else "")
-        f = f.f_back
-    return None
 
 
 class DPTracer(fx.Tracer):
@@ -113,7 +96,7 @@ class DPTracer(fx.Tracer):
     def create_node(self, kind, target, args, kwargs, name=None, type_expr=None) -> fx.Node:
         node = super().create_node(kind, target, args, kwargs, name, type_expr)
         node.meta["fxdp_module"] = target if kind == "call_module" else self._path_stack[-1]
-        src = _user_frame()
+        src = user_frame()
         if src is not None:
             node.meta["fxdp_source"] = src
         return node
@@ -160,8 +143,16 @@ def trace(model: nn.Module, tracer: Optional[DPTracer] = None,
     concrete = _none_defaults(model)
     if none_args is not None:
         concrete = {k: v for k, v in concrete.items() if k in none_args}
-    with watch_draws(torch_too=True) as drew:
+    with watch_draws(torch_too=True) as drew, watch_functions() as functions:
         graph = tracer.trace(model, concrete or None)
+    if functions:
+        # the graph would hold the Function's forward ops and drop its backward; the export capture
+        # checks on the first batch that the backward is the forward's derivative
+        f = functions[0]
+        raise SymbolicGraphError(
+            f"{type(model).__name__} applies the custom autograd.Function {f.name} (at {f.source}); symbolic "
+            "tracing keeps its forward's ops and drops its backward, unchecked. Fix: privatize(model, "
+            "capture='export'), which checks that the backward is the forward's derivative (capture='auto' does so)")
     if drew.names:
         # traced ops draw nothing, so a draw ran once, at tracing, on values that are not the
         # inputs' and its outcome is now fixed in the graph: a dropout mask on positions built with

@@ -82,8 +82,9 @@ def test_verify_catches_mixing_that_check_ignores():
 
 def test_verify_sees_mixing_in_the_backward_only():
     x = torch.randn(5, 4)
-    r = fxdp.check(BackwardOnlyMixing(), x)
-    assert r.ok and [w.code for w in r.warnings] == ["autograd-function"]  # not provable statically
+    r = fxdp.check(BackwardOnlyMixing(), x)  # its backward is not the forward's derivative: refused
+    assert not r.ok and [(e.code, e.line) for e in r.errors] == [("autograd-function", 68)]
+    assert "GradMix" in r.errors[0].problem
     res = fxdp.verify(BackwardOnlyMixing(), x)
     assert not res.ok and res.max_output_change < 1e-6  # outputs are unchanged ...
     assert any("per-sample gradients of fc1" in f for f in res.failures)  # ... gradients are not

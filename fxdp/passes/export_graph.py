@@ -30,12 +30,13 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ..errors import UnsupportedModelError
+from ..model_state import ModelState
+from ..utils.custom_backward import Application, check_backwards, watch_functions
 from ..utils.host_rng import watch_draws
+from ..utils.source import FXDP_DIR, TORCH_DIR
 
 __all__ = ["export_graph", "example_for_export", "symbolic_tracing_drops"]
 
-_TORCH_DIR = os.path.dirname(torch.__file__)
-_FXDP_DIR = os.path.dirname(os.path.dirname(__file__))
 
 _MIN_EXAMPLE_BATCH = 2  # export specializes sizes 0 and 1
 
@@ -108,7 +109,7 @@ def _location(n: fx.Node) -> Optional[str]:
     lines = trace.strip().splitlines()
     for i in range(len(lines) - 1, -1, -1):  # innermost frame outside torch and fxdp: the model's own line
         m = re.match(r'\s*File "([^"]+)", line (\d+)', lines[i])
-        if m and not m.group(1).startswith((_TORCH_DIR, _FXDP_DIR)):
+        if m and not m.group(1).startswith((TORCH_DIR, FXDP_DIR)):
             code = lines[i + 1].strip() if i + 1 < len(lines) else ""
             return f"{m.group(1)}:{m.group(2)}" + (f": {code}" if code else "")
     return None
@@ -161,6 +162,35 @@ _HOST_DRAW = (
     "(config.layerdrop = 0). Fix: draw with torch ops (torch.rand, torch.bernoulli, dropout) or outside the model")
 
 
+_CUSTOM_BACKWARD = (
+    "{name}: the custom autograd.Function {fn} ({src}) has a backward that is not its forward's derivative "
+    "({why}). A captured graph keeps the forward's ops and differentiates them, so the DP model would train on "
+    "other gradients than your model's code defines. Fix: write the gradient you want with differentiable ops "
+    "(a straight-through estimator: x + (torch.round(x) - x).detach(); gradient reversal by l: "
+    "(1 + l) * x.detach() - l * x), or make the Function's backward the derivative of its forward")
+
+
+def _checked_functions(model: nn.Module, example: Tuple[tuple, dict],
+                       functions: List[Application]) -> List[Application]:
+    """The custom autograd.Functions export traced through, checked on the example batch
+    (``fxdp.utils.custom_backward``): a backward that is not the forward's derivative is refused."""
+    if not functions:
+        return []
+    state = ModelState(model)
+    try:
+        checked = check_backwards(model, *example)
+    finally:
+        state.restore()
+    for a in checked:
+        if not a.same_gradient:
+            why = a.reason or f"relative difference {a.difference:.2g} of the two vector-Jacobian products on this batch"
+            err = UnsupportedModelError(_CUSTOM_BACKWARD.format(
+                name=type(model).__name__, fn=a.name, src=f"at {a.source}" if a.source else "in the model", why=why))
+            err.code, err.source = "autograd-function", a.source  # type: ignore[attr-defined]  # for fxdp.check
+            raise err
+    return checked
+
+
 def _explain(e: Exception, model: nn.Module) -> UnsupportedModelError:
     text = str(e).strip()
     first = "\n".join(text.splitlines()[:8])
@@ -211,7 +241,7 @@ def export_graph(
     dims = {i: d for i, d in enumerate(batch_dims) if d is not None}
     _register_output_types()
     failure: Optional[Exception] = None
-    with watch_draws(torch_too=True) as drew:
+    with watch_draws(torch_too=True) as drew, watch_functions() as functions:
         try:
             call = ModelCall(model)
             ex = (tuple(ex_args), dict(ex_kwargs))
@@ -226,6 +256,7 @@ def export_graph(
     if failure is not None:
         raise _explain(failure, model) from failure
     gm = ep.module()
+    gm.meta["fxdp_custom_functions"] = _checked_functions(model, ex, functions)
     _annotate(gm)
     tensor_leaves = [i for i, t in enumerate(flat) if isinstance(t, Tensor)]
     phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
