@@ -126,7 +126,8 @@ class _CaptureBuilder:
         if not hasattr(gm, CAPTURES):
             gm.add_module(CAPTURES, nn.Module())
         self.container: nn.Module = getattr(gm, CAPTURES)
-        self.input_dep: Dict[fx.Node, bool] = {}
+        self.input_dep: Dict[fx.Node, bool] = {}  # batched, or computed from the inputs
+        self.data: Dict[fx.Node, bool] = {}  # computed from the inputs' values
         self.pdeps: Dict[fx.Node, Set[str]] = {}
         self.shapes: Set[fx.Node] = set()
         #: parameter-only nodes copied into a capture op's subgraph (it computes them)
@@ -160,11 +161,13 @@ class _CaptureBuilder:
             if is_shape_value(n) or _fx_shape(n, self.shapes):
                 self.shapes.add(n)
             # shape arithmetic is not sample data; in an exported graph a value whose symbolic
-            # shape holds the batch is batched (a buffer expanded to B)
+            # shape holds the batch is batched (a buffer expanded to B), and a value cut from such
+            # a constant without its batch is a constant again (peft's prompt tokens, expanded to
+            # the batch and sliced to one row: the prompt embedding is a parameter subgraph)
             args = [a for a in n.all_input_nodes if a not in self.shapes]
             batched = any(h is not None for h in n.meta.get("fxdp_batch", ())) and n not in self.shapes
-            self.input_dep[n] = (n.op == "placeholder" or batched or any(self.input_dep[a] for a in args)) \
-                and n not in self.shapes
+            self.data[n] = (n.op == "placeholder" or any(self.data[a] for a in args)) and n not in self.shapes
+            self.input_dep[n] = self.data[n] or batched
             deps = set(self._own_trainable(n))
             for a in args:
                 deps |= self.pdeps[a]
@@ -232,7 +235,7 @@ class _CaptureBuilder:
     def _get_attr(self, before: fx.Node, target: str) -> fx.Node:
         with self.graph.inserting_before(before):
             node = self.graph.get_attr(target)
-        self.input_dep[node] = False
+        self.input_dep[node] = self.data[node] = False
         self.pdeps[node] = self._own_trainable(node)
         return node
 
@@ -311,7 +314,7 @@ class _CaptureBuilder:
             new = self.graph.call_module(f"{CAPTURES}.{cap.capture_name}", tuple(dyn))
         new.meta.update(n.meta)
         new.meta["fxdp_capture"] = cap.capture_name
-        self.input_dep[new] = True
+        self.input_dep[new] = self.data[new] = True  # never recomputed inside another capture's region
         self.pdeps[new] = set()  # the capture op owns these parameters' per-sample gradients
         n.replace_all_uses_with(new)
         self.graph.erase_node(n)
@@ -403,9 +406,12 @@ class _CaptureBuilder:
         # the forward pass's numbers instead of drawing new ones
         drawn: List[fx.Node] = []
         seen: Set[fx.Node] = set()
+        acts = [a for a in n.all_input_nodes if self.input_dep[a]]
 
         def visit(x: fx.Node) -> None:
-            if x in seen or self.input_dep[x]:
+            # a constant expanded to the batch that the region cuts down again (peft's prompt tokens,
+            # expanded to B and sliced to one row) is recomputed with it, from the batch size
+            if x in seen or self.input_dep[x] and (self.data[x] or x in acts):
                 return
             seen.add(x)
             if self.is_shape(x):
@@ -434,7 +440,6 @@ class _CaptureBuilder:
                 visit(w)
         region.sort(key=order.__getitem__)
         self.absorbed.update(region)
-        acts = [a for a in n.all_input_nodes if self.input_dep[a]]
         attrs = [x for x in region if x.op == "get_attr"]
         for x in region:
             if x.op == "placeholder":  # pragma: no cover - placeholders are input-dependent

@@ -97,7 +97,7 @@ def _tensor_hint(v: torch.Tensor, s: Any) -> Any:
     folded = [d for d, e in enumerate(dims) if s in e.free_symbols]
     if len(folded) == 1:
         d = folded[0]
-        return ("fold", d, dims[d] / s, "unknown")
+        return ("fold", d, _per_sample(dims[d], s), "unknown")
     return "ambiguous" if folded else None
 
 
@@ -111,8 +111,22 @@ def hint_of(v: Any, s: Any) -> Any:
         e = _expr(v)
         if e == s:
             return "B"
-        return ("fold", None, e / s, "unknown") if s in e.free_symbols else None
+        return ("fold", None, _per_sample(e, s), "unknown") if s in e.free_symbols else None
     return None
+
+
+def _per_sample(e: Any, s: Any) -> Any:
+    """A folded size's rows per sample, ``e / s``, in one form for equal sizes: sympy cancels
+    ``s*(T + 4) / s`` but not ``(s*T + 4*s) / s`` (a flattened ``cat`` of two batched tensors)."""
+    q = e / s
+    if s in q.free_symbols:
+        import sympy
+
+        try:
+            q = sympy.cancel(q)
+        except Exception:  # an expression cancel cannot read (floor division): kept as it is
+            pass
+    return q
 
 
 #: layout of a fold whose rows hold no sample's data (a batch-free value repeated over the
@@ -367,7 +381,7 @@ def mixing_findings(gm: fx.GraphModule) -> list:
             found.append((n, "batch-norm", "batch normalization with batch statistics (training=True): each "
                                            "sample's output depends on the others"))
             continue
-        if n.target is aten.slice.Tensor and ins:
+        if n.target is aten.slice.Tensor and ins and dep[ins[0]]:  # a constant expanded to the batch holds no sample
             bd = (ins[0].meta.get("fxdp_batch") or [None])[0]
             dim = n.args[1] if len(n.args) > 1 else 0
             out = (n.meta.get("fxdp_batch") or [None])[0]
