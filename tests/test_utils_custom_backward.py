@@ -166,6 +166,32 @@ def test_check_backwards_reports_each_application():
     assert check_backwards(Two(), (torch.randn(3, 2),), {}) == []
 
 
+class ScaledReverse(torch.autograd.Function):
+    """A keyword argument to apply (bound to forward's signature)."""
+
+    @staticmethod
+    def forward(x, scale=1.0):
+        return x * scale
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.scale = inputs[1]
+
+    @staticmethod
+    def backward(ctx, g):
+        return -g * ctx.scale, None
+
+
+def test_a_function_applied_with_keyword_arguments_is_checked_too():
+    class Kw(nn.Module):
+        def forward(self, x):
+            return ScaledReverse.apply(x, scale=3.0)
+
+    found = check_backwards(Kw(), (torch.randn(3, 2, requires_grad=True),), {})
+    assert [(a.name, a.same_gradient) for a in found] == [("ScaledReverse", False)]
+    assert math.isclose(found[0].difference, 2.0)
+
+
 def test_reentrant_checkpointing_is_not_checked():
     class Ckpt(nn.Module):
         def __init__(self):

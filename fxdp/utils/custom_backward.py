@@ -64,14 +64,15 @@ class Application:
 
 
 @contextlib.contextmanager
-def _patched_apply(hook: Callable[[type, Tuple[Any, ...], Any], Any]) -> Iterator[None]:
-    """``Function.apply`` calls ``hook(cls, args, apply)`` for Functions that are not trusted."""
+def _patched_apply(hook: Callable[[type, Tuple[Any, ...], dict, Callable[..., Any]], Any]) -> Iterator[None]:
+    """``Function.apply`` calls ``hook(cls, args, kwargs, apply)`` for Functions that are not
+    trusted (``apply(*args)`` applies the Function with ``kwargs``)."""
     raw = torch.autograd.Function.__dict__["apply"]
 
     def apply(cls: type, *args: Any, **kwargs: Any) -> Any:
-        if _trusted(cls) or kwargs:
+        if _trusted(cls):
             return raw.__func__(cls, *args, **kwargs)
-        return hook(cls, args, lambda *a: raw.__func__(cls, *a))
+        return hook(cls, args, kwargs, lambda *a: raw.__func__(cls, *a, **kwargs))
 
     torch.autograd.Function.apply = classmethod(apply)  # type: ignore[assignment]
     try:
@@ -85,8 +86,8 @@ def watch_functions() -> Iterator[List[Application]]:
     """Record the custom Functions applied to tensors (or tracing proxies) in the block."""
     seen: List[Application] = []
 
-    def hook(cls: type, args: Tuple[Any, ...], apply: Callable[..., Any]) -> Any:
-        if any(isinstance(a, (Tensor, torch.fx.Proxy)) for a in tree_flatten(list(args))[0]):
+    def hook(cls: type, args: Tuple[Any, ...], kwargs: dict, apply: Callable[..., Any]) -> Any:
+        if any(isinstance(a, (Tensor, torch.fx.Proxy)) for a in tree_flatten((args, kwargs))[0]):
             source = user_frame()
             if not any(a.name == cls.__name__ and a.source == source for a in seen):
                 seen.append(Application(cls.__name__, source))
@@ -120,11 +121,11 @@ class _Ctx:
         self.materialize_grads = value
 
 
-def _forward_ops(cls: type, args: Tuple[Any, ...]) -> Any:
+def _forward_ops(cls: type, args: Tuple[Any, ...], kwargs: dict) -> Any:
     """The Function's forward run as plain ops (what a capture records), with autograd on."""
     old_style = cls.setup_context is torch.autograd.function._SingleLevelFunction.setup_context
     with torch.enable_grad():
-        return cls.forward(_Ctx(args), *args) if old_style else cls.forward(*args)
+        return cls.forward(_Ctx(args), *args, **kwargs) if old_style else cls.forward(*args, **kwargs)
 
 
 def _tolerance(dtype: torch.dtype) -> float:
@@ -133,7 +134,8 @@ def _tolerance(dtype: torch.dtype) -> float:
     return 10 * math.sqrt(torch.finfo(dtype).eps)
 
 
-def _vjp_difference(cls: type, args: Tuple[Any, ...], apply: Callable[..., Any]) -> Tuple[Optional[float], str]:
+def _vjp_difference(cls: type, args: Tuple[Any, ...], kwargs: dict,
+                    apply: Callable[..., Any]) -> Tuple[Optional[float], str]:
     """Relative difference of backward's and forward's vector-Jacobian products at ``args``
     (``None``: no gradient flows through this application)."""
     leaves = {i: a.detach().requires_grad_() for i, a in enumerate(args)
@@ -148,7 +150,7 @@ def _vjp_difference(cls: type, args: Tuple[Any, ...], apply: Callable[..., Any])
 
     custom = outputs(apply(*call))
     try:
-        plain = outputs(_forward_ops(cls, call))
+        plain = outputs(_forward_ops(cls, call, kwargs))
     except Exception as e:  # a forward that only runs inside apply
         return math.inf, f"its forward does not run outside apply ({type(e).__name__}: {e})"
     if len(custom) != len(plain) or any(a.shape != b.shape for a, b in zip(custom, plain)):
@@ -182,10 +184,10 @@ def check_backwards(model: nn.Module, args: Tuple[Any, ...], kwargs: dict) -> Li
     caller restores the model's state."""
     checked: List[Application] = []
 
-    def hook(cls: type, call_args: Tuple[Any, ...], apply: Callable[..., Any]) -> Any:
+    def hook(cls: type, call_args: Tuple[Any, ...], kwargs: dict, apply: Callable[..., Any]) -> Any:
         out = apply(*call_args)
         with torch.random.fork_rng(devices=[]):  # a forward that draws: the same draws twice
-            diff, reason = _vjp_difference(cls, call_args, apply)
+            diff, reason = _vjp_difference(cls, call_args, kwargs, apply)
         if diff is not None:
             found = Application(cls.__name__, user_frame(), diff, reason, _tolerance(_dtype_of(call_args)))
             if not found.same_gradient or not any(c.name == found.name for c in checked):
