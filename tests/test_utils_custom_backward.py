@@ -182,6 +182,31 @@ class ScaledReverse(torch.autograd.Function):
         return -g * ctx.scale, None
 
 
+class MaskedDropout(torch.autograd.Function):
+    """Dropout that draws its mask in forward and reuses it in backward (SEW-D's XDropout)."""
+
+    @staticmethod
+    def forward(ctx, x, p):
+        mask = torch.rand_like(x) < p
+        ctx.save_for_backward(mask)
+        ctx.scale = 1 / (1 - p)
+        return x.masked_fill(mask, 0) * ctx.scale
+
+    @staticmethod
+    def backward(ctx, g):
+        (mask,) = ctx.saved_tensors
+        return g.masked_fill(mask, 0) * ctx.scale, None
+
+
+def test_a_forward_that_draws_is_compared_on_the_same_draws():
+    class Drop(nn.Module):
+        def forward(self, x):
+            return MaskedDropout.apply(x, 0.5)
+
+    found = check_backwards(Drop(), (torch.randn(8, 16, requires_grad=True),), {})
+    assert [(a.name, a.same_gradient) for a in found] == [("MaskedDropout", True)]
+
+
 def test_a_function_applied_with_keyword_arguments_is_checked_too():
     class Kw(nn.Module):
         def forward(self, x):

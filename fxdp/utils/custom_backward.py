@@ -148,9 +148,12 @@ def _vjp_difference(cls: type, args: Tuple[Any, ...], kwargs: dict,
     def outputs(out: Any) -> List[Tensor]:
         return [t for t in tree_flatten(out)[0] if isinstance(t, Tensor) and t.is_floating_point()]
 
-    custom = outputs(apply(*call))
+    # both runs from the same random state: a forward that draws (SEW-D's XDropout) draws the same
+    with torch.random.fork_rng(devices=[]):
+        custom = outputs(apply(*call))
     try:
-        plain = outputs(_forward_ops(cls, call, kwargs))
+        with torch.random.fork_rng(devices=[]):
+            plain = outputs(_forward_ops(cls, call, kwargs))
     except Exception as e:  # a forward that only runs inside apply
         return math.inf, f"its forward does not run outside apply ({type(e).__name__}: {e})"
     if len(custom) != len(plain) or any(a.shape != b.shape for a, b in zip(custom, plain)):
@@ -186,7 +189,7 @@ def check_backwards(model: nn.Module, args: Tuple[Any, ...], kwargs: dict) -> Li
 
     def hook(cls: type, call_args: Tuple[Any, ...], kwargs: dict, apply: Callable[..., Any]) -> Any:
         out = apply(*call_args)
-        with torch.random.fork_rng(devices=[]):  # a forward that draws: the same draws twice
+        with torch.random.fork_rng(devices=[]):  # the model's own draws go on as without the check
             diff, reason = _vjp_difference(cls, call_args, kwargs, apply)
         if diff is not None:
             found = Application(cls.__name__, user_frame(), diff, reason, _tolerance(_dtype_of(call_args)))
