@@ -207,6 +207,33 @@ def test_a_forward_that_draws_is_compared_on_the_same_draws():
     assert [(a.name, a.same_gradient) for a in found] == [("MaskedDropout", True)]
 
 
+class InPlaceSoftmax(torch.autograd.Function):
+    """A softmax whose forward zeroes masked entries in place (SEW-D's XSoftmax): fine inside
+    apply, but its ops cannot be differentiated as a captured graph would."""
+
+    @staticmethod
+    def forward(ctx, x):
+        y = torch.softmax(x, -1)
+        y.masked_fill_(x < -1, 0.0)
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        (y,) = ctx.saved_tensors
+        return y * (g - (g * y).sum(-1, keepdim=True))
+
+
+def test_a_forward_whose_ops_cannot_be_differentiated_is_refused():
+    class Soft(nn.Module):
+        def forward(self, x):
+            return InPlaceSoftmax.apply(x)
+
+    (found,) = check_backwards(Soft(), (torch.randn(3, 5, requires_grad=True),), {})
+    assert not found.same_gradient and found.difference == math.inf
+    assert "cannot be differentiated" in found.reason
+
+
 def test_a_function_applied_with_keyword_arguments_is_checked_too():
     class Kw(nn.Module):
         def forward(self, x):

@@ -147,6 +147,8 @@ class ParamCapture(FuncCapture):
         g = rec.grads[0]
         if bo is None:
             raise BatchDimensionError(_NO_BATCH.format(where=self.where()))
+        if isinstance(bo, tuple):
+            return None  # a batch-major fold ([B*k, ...], multiple-choice inputs): torch.func serves it
         d = self.cat["dim"] % g.dim()
         if d == bo:
             return None  # concatenated along the batch: samples are the entries, not served here
@@ -239,6 +241,8 @@ class BroadcastRuleCapture(ParamCapture):
         g, bo = rec.grads[0], dims_out[0]
         if bo is None:
             raise BatchDimensionError(_NO_BATCH.format(where=self.where()))
+        if isinstance(bo, tuple):
+            return None  # a batch-major fold ([B*k, ...], multiple-choice inputs): torch.func serves it
         got = broadcast_grad(g, bo, tuple(v.shape))
         if got is None:
             raise BatchDimensionError(f"{self.where()}: the broadcast value does not broadcast over the batch")
