@@ -34,6 +34,7 @@ from ..model_state import ModelState
 from ..utils.custom_backward import Application, check_backwards, watch_functions
 from ..utils.host_rng import watch_draws
 from ..utils.source import FXDP_DIR, TORCH_DIR
+from .inline_grad_mode import inline_grad_mode_blocks
 
 __all__ = ["export_graph", "example_for_export", "symbolic_tracing_drops"]
 
@@ -257,6 +258,7 @@ def export_graph(
         raise _explain(failure, model) from failure
     gm = ep.module()
     gm.meta["fxdp_custom_functions"] = _checked_functions(model, ex, functions)
+    inline_grad_mode_blocks(gm)  # torch.no_grad() blocks as ops between grad-mode switches
     _annotate(gm)
     tensor_leaves = [i for i, t in enumerate(flat) if isinstance(t, Tensor)]
     phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
