@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ..errors import UnsupportedModelError
+from ..layers.quantized import opaque_quantized_linears
 from ..model_state import ModelState
 from ..utils.custom_backward import Application, check_backwards, watch_functions
 from ..utils.host_rng import watch_draws
@@ -242,7 +243,7 @@ def export_graph(
     dims = {i: d for i, d in enumerate(batch_dims) if d is not None}
     _register_output_types()
     failure: Optional[Exception] = None
-    with watch_draws(torch_too=True) as drew, watch_functions() as functions:
+    with watch_draws(torch_too=True) as drew, watch_functions() as functions, opaque_quantized_linears(model):
         try:
             call = ModelCall(model)
             ex = (tuple(ex_args), dict(ex_kwargs))
