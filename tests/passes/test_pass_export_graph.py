@@ -1094,3 +1094,47 @@ def test_a_length_of_one_fixed_by_the_first_capture_gets_a_graph_for_other_lengt
         if T == 1 and len(dp.graphs) == 1:
             assert dp.graphs[0].meta["fxdp_pinned"] == [(0, 1, 1)]  # leaf 0 (x), dimension 1, size 1
     assert len(dp.graphs) == 2 and [g.meta["fxdp_pinned"] for g in dp.graphs].count([]) == 1
+
+
+class Choices(nn.Module):
+    """Multiple-choice inputs ``[B, k, T]`` read as ``B*k`` rows, each row also embedding a
+    constant (BERT's token types, expanded to the folded batch: rows that hold no sample);
+    ``minor``: the rows taken choice-major (``[k*B]``: row r is sample r % B's)."""
+
+    def __init__(self, minor=False):
+        super().__init__()
+        self.tok = nn.Embedding(20, 6)
+        self.typ = nn.Embedding(2, 6)
+        self.head = nn.Linear(6, 1)
+        self.minor = minor
+        self.register_buffer("types", torch.zeros(1, 16, dtype=torch.long))
+
+    def forward(self, ids, **kwargs):
+        B, k, T = ids.shape
+        flat = ids.transpose(0, 1).reshape(-1, T) if self.minor else ids.reshape(-1, T)
+        h = self.tok(flat) + self.typ(self.types[:, :T].expand(flat.shape[0], T))
+        out = self.head(torch.tanh(h)).sum((1, 2))
+        return out.view(k, B).t() if self.minor else out.view(B, k)
+
+
+def test_rows_of_a_constant_follow_the_batch_major_fold_they_join(f64):
+    """The constant's rows take the layout of the rows they are added to: batch-major, so the
+    token-type embedding is served as [B, k, ...], exact; choice-major rows stay refused."""
+    torch.manual_seed(0)
+    ids = torch.randint(0, 20, (4, 3, 5))
+    _per_sample_ok(Choices(), ids)
+    with pytest.raises(fxdp.errors.BatchDimensionError, match="folds the batch"):
+        fxdp.privatize(Choices(minor=True), capture="export")(ids).sum().backward()
+
+
+def test_bert_for_multiple_choice(f64):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=30, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                  intermediate_size=24, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    model = transformers.BertForMultipleChoice(cfg).double().train()
+    ids = torch.randint(1, 30, (4, 3, 6), generator=torch.Generator().manual_seed(1))
+    dp = fxdp.privatize(model, loss_reduction="sum")
+    dp(input_ids=ids).logits.pow(2).sum().backward()
+    want = batch_of_one_grads(model, [ids], lambda out, i: out.logits.pow(2).sum())
+    assert_grad_samples_match(model, want)
