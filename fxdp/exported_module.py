@@ -30,6 +30,7 @@ from .passes.capture import CAPTURES, insert_captures
 from .passes.export_graph import example_for_export, export_graph, static_sizes
 from .errors import BatchDimensionError, where
 from .passes.symbolic_batch import annotate_batch, batch_symbol, mixing_findings
+from .passes.masked_rows import regroup_masked_rows
 from .passes.per_sample_loss import rewrite_in_forward_losses
 from .passes.probe_batch import probe_batch
 from .utils.pytree import input_leaves, input_structure
@@ -221,13 +222,16 @@ def leaf_batch_dims(args: Tuple[Any, ...], kwargs: Dict[str, Any], batch_dim: An
 def exported_graph(root: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any],
                    dims: List[Optional[int]], loss_reduction: str = "mean") -> fx.GraphModule:
     """Capture (``torch.export``), drop the attention masks that attend everywhere
-    (:mod:`fxdp.passes.attention_masks`), annotate batch dimensions and make a loss computed
+    (:mod:`fxdp.passes.attention_masks`), annotate batch dimensions, regroup masked rows per
+    sample (:mod:`fxdp.passes.masked_rows`) and make a loss computed
     inside ``forward`` per-sample (:mod:`fxdp.passes.per_sample_loss`): the graph that
     ``fxdp.check`` analyses and :func:`instrument` turns into the DP graph."""
     gm, batched = export_graph(root, args, kwargs, dims)
     drop_all_true_masks(gm)
     s = batch_symbol(gm, batched)
     annotate_batch(gm, s)
+    if regroup_masked_rows(gm, s):  # h[mask].view(B, -1, d): BART's and T5's classification heads
+        annotate_batch(gm, s)
     if rewrite_in_forward_losses(gm, loss_reduction):
         annotate_batch(gm, s)
     out = next(n for n in gm.graph.nodes if n.op == "output")

@@ -26,7 +26,7 @@ from torch import Tensor
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .batch_mixing.probe import moved, perturbed, same
-from .symbolic_batch import _data_dependent
+from .symbolic_batch import _checks_only, _data_dependent
 
 __all__ = ["probe_batch", "TRUSTED"]
 
@@ -123,11 +123,12 @@ class _Run(fx.Interpreter):
         super().__init__(gm)
         self.B = B
         self.dep = _data_dependent(gm)
+        self.checks = _checks_only(gm)  # values that reach only runtime checks reach no sample's output
         self.found: List[Tuple[fx.Node, str, str]] = []
 
     def run_node(self, n: fx.Node) -> Any:
         out = super().run_node(n)
-        if n.op == "call_function" and n.target not in TRUSTED and not _pointwise(n.target):
+        if n.op == "call_function" and n.target not in TRUSTED and not _pointwise(n.target) and n not in self.checks:
             flat, spec = tree_flatten((n.args, n.kwargs))
             vals = [self.env[a] if isinstance(a, fx.Node) else a for a in flat]
 

@@ -370,6 +370,24 @@ def _data_dependent(gm: fx.GraphModule) -> dict:
             dep[n] = True
 
 
+#: runtime checks: they raise or pass, and give the model no value
+_CHECKS = {aten._assert_scalar.default, aten._assert_async.default, aten._assert_async.msg,
+           aten._assert_tensor_metadata.default, aten.sym_constrain_range_for_size.default}
+
+
+def _checks_only(gm: fx.GraphModule) -> set:
+    """Nodes whose value reaches nothing but runtime checks (BART's ``torch.unique_consecutive``
+    of the samples' end-of-sequence counts, asserted to be one value): whatever they combine
+    across the batch reaches no output and no gradient."""
+    only: set = set()
+    for n in reversed(list(gm.graph.nodes)):
+        if n.op == "call_function" and n.target not in _CHECKS and n.users \
+                and all(u.target in _CHECKS or u in only or u.target is operator.getitem and not u.users
+                        for u in n.users):  # (an output of a multi-output op nobody reads)
+            only.add(n)
+    return only
+
+
 def mixing_findings(gm: fx.GraphModule) -> list:
     """``[(node, code, problem)]`` for ops through which one sample's value can depend on
     another's: a value computed from batch data that lost the batch dimension (a
@@ -379,9 +397,10 @@ def mixing_findings(gm: fx.GraphModule) -> list:
     ``flip``, ``sort``, a contraction over the batch, ``h @ h.T``) or that has
     none. Needs :func:`annotate_batch` first."""
     dep = _data_dependent(gm)
+    checks = _checks_only(gm)
     found = []
     for n in gm.graph.nodes:
-        if n.op != "call_function":
+        if n.op != "call_function" or n in checks:
             continue
         mixed = n.meta.get("fxdp_batch_mixed")
         if mixed is not None:
