@@ -48,8 +48,8 @@ def _attention(h):
 
 
 def _no_grad_cumsum(h):
-    """Other samples' values, detached, in each sample's output (a torch.no_grad() block
-    is a higher-order op in the exported graph: fxdp cannot read inside it)."""
+    """Other samples' values, detached, in each sample's output (the torch.no_grad() block is
+    inlined, passes/inline_grad_mode.py: its cumsum along the batch is read by its rule)."""
     with torch.no_grad():
         c = h.cumsum(0)
     return (h - c) ** 2
@@ -140,7 +140,7 @@ MIXING = {
     "gather_batch": (lambda h: h.gather(0, h.argsort(0)), "batch-op"),
     "pad_shift": (lambda h: F.pad(h, (0, 0, 1, 0))[:-1], "batch-op"),
     "attention_over_batch": (lambda h: F.scaled_dot_product_attention(h[None], h[None], h[None])[0], "batch-op"),
-    "no_grad_block": (_no_grad_cumsum, "batch-rule"),
+    "no_grad_block": (_no_grad_cumsum, "batch-op"),
     # MRA's mask: [B, K] tiled per head as [1, H*B, K], then read as [B*H, K] (batch-major)
     "repeat_tiles_batch": (lambda h: h * h.unsqueeze(0).repeat(1, 2, 1).reshape(-1, 2, D)[:, 0], "batch-op"),
     "renorm_columns": (lambda h: h.renorm(2, 1, 0.5), "batch-op"),
