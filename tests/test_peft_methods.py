@@ -40,10 +40,8 @@ METHODS = {
                                            feedforward_modules=["down_proj"])),
     "dora": (_llama, lambda: peft.LoraConfig(task_type=CAUSAL, r=4, lora_alpha=8, target_modules=LLAMA_TARGETS,
                                              lora_dropout=0.0, use_dora=True)),
-    # AdaLoRA adds its orthogonality penalty (a term of no sample) to a labels= loss in place, even at
-    # orth_reg_weight=0: refused as a loss that is not a mean of per-sample losses; its adapters are
-    # served with the loss computed outside the model (see _loss)
-    "adalora": (_llama, lambda: peft.AdaLoraConfig(task_type=CAUSAL, init_r=4, target_r=2,
+    # AdaLoRA adds its orthogonality penalty (parameters alone) to the labels= loss, in place
+    "adalora": (_llama, lambda: peft.AdaLoraConfig(task_type=CAUSAL, init_r=4, target_r=2, orth_reg_weight=0.5,
                                                    target_modules=LLAMA_TARGETS, total_step=10)),
     "vera": (_llama, lambda: peft.VeraConfig(task_type=CAUSAL, r=4, target_modules=["q_proj", "o_proj"])),
     "oft": (_llama, lambda: peft.OFTConfig(task_type=CAUSAL, r=0, oft_block_size=4, target_modules=LLAMA_TARGETS)),
@@ -65,28 +63,17 @@ def _case(name: str):
     return model, dict(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100))
 
 
-def _loss(name: str, model, x):
-    """The model's labels= loss (a mean over the batch); AdaLoRA's: each sample's mean token loss,
-    averaged over the batch, computed outside the model."""
-    if name != "adalora":
-        return model(**x).loss
-    out = model(input_ids=x["input_ids"], attention_mask=x["attention_mask"])
-    logits, labels = out.logits[:, :-1].float(), x["labels"][:, 1:]
-    tokens = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, reduction="none")
-    return (tokens.sum(1) / (labels != -100).sum(1)).mean()
-
-
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_per_sample_gradients_equal_each_sample_alone(name):
     model, x = _case(name)
     dp = fxdp.privatize(model)  # loss_reduction="mean", as the model's loss
-    _loss(name, dp, x).backward()
+    dp(**x).loss.backward()
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     got = {n: p.grad_sample for n, p in trainable.items()}
     assert all(v is not None and v.shape == (B,) + p.shape for (n, p), v in zip(trainable.items(), got.values()))
     for i in range(B):
         model.zero_grad()
-        _loss(name, model, {k: v[i:i + 1] for k, v in x.items()}).backward()
+        model(**{k: v[i:i + 1] for k, v in x.items()}).loss.backward()
         for n, p in trainable.items():
             # HF computes the LM loss on float32 logits: float32 tolerance
             torch.testing.assert_close(got[n][i], p.grad, rtol=1e-5, atol=1e-7, msg=f"{name}: {n}, sample {i}")

@@ -14,9 +14,11 @@ mean-reduced loss that the graph returns by
 which the engine's ``loss_reduction`` scaling turns into exact per-sample gradients
 of ``l_i``. For classification (one label per sample), MSE and BCE the value is the
 model's own; for token losses each sample weighs the same instead of in proportion
-to its token count (dp-transformers does the same). Losses with class weights,
-other reductions, or used again inside the graph are left alone: the mixing
-analysis refuses them.
+to its token count (dp-transformers does the same). A scalar computed from
+parameters alone added to the loss (AdaLoRA's orthogonality penalty) is added to each
+``l_i``: ``mean_i (l_i + R)`` is the model's value, and each sample's loss is its loss
+alone. Losses with class weights, other reductions, or used again inside the graph are
+left alone: the mixing analysis refuses them.
 """
 from __future__ import annotations
 
@@ -79,9 +81,11 @@ def rewrite_in_forward_losses(gm: fx.GraphModule, loss_reduction: str = "mean") 
         return []
     rewritten = []
     for n in list(gm.graph.nodes):
-        if n.op != "call_function" or n.target not in _LOSSES or n not in returned:
+        if n.op != "call_function" or n.target not in _LOSSES:
             continue
-        if set(n.users) != {out_node} or _arg(n, _LOSSES[n.target], "reduction", _MEAN) != _MEAN:
+        tail, term = _plus_term(n, out_node)
+        if tail not in returned or set(tail.users) != {out_node} \
+                or _arg(n, _LOSSES[n.target], "reduction", _MEAN) != _MEAN:
             continue
         x = n.args[0]
         folded = _batch_row(x) if isinstance(x, fx.Node) else None
@@ -92,11 +96,13 @@ def rewrite_in_forward_losses(gm: fx.GraphModule, loss_reduction: str = "mean") 
         if n.target is aten.binary_cross_entropy_with_logits.default and (
                 _arg(n, 2, "weight", None) is not None or _arg(n, 3, "pos_weight", None) is not None):
             continue
-        with gm.graph.inserting_before(n):
-            new = _per_sample_mean(gm, n, source, fake_mode, loss_reduction)
+        with gm.graph.inserting_before(tail):
+            new = _per_sample_mean(gm, n, source, fake_mode, loss_reduction, term)
         new.meta.update({k: v for k, v in n.meta.items() if k not in ("val", "fxdp_batch")})
         new.meta[PER_SAMPLE_LOSS] = loss_reduction
-        n.replace_all_uses_with(new)
+        tail.replace_all_uses_with(new)
+        if tail is not n:
+            gm.graph.erase_node(tail)
         gm.graph.erase_node(n)
         rewritten.append(new)
     if rewritten:
@@ -105,8 +111,43 @@ def rewrite_in_forward_losses(gm: fx.GraphModule, loss_reduction: str = "mean") 
     return rewritten
 
 
+def _plus_term(n: fx.Node, out_node: fx.Node) -> tuple:
+    """``(returned node, term)``: the loss itself (``term`` None), or ``loss + term`` where the
+    term is a scalar computed from parameters alone (AdaLoRA adds its orthogonality penalty to
+    the labels= loss in place: ``outputs.loss += w * R(P, Q)``). A loss of that form is
+    ``mean_i (l_i + term)``: each sample's own loss carries the term, as it does alone."""
+    users = list(n.users)
+    if len(users) != 1 or users[0] is out_node:
+        return n, None
+    t = users[0]
+    if t.op != "call_function" or t.target not in (aten.add.Tensor, aten.add_.Tensor) or t.kwargs \
+            or len(t.args) != 2 or t.args[0] is not n or not isinstance(t.args[1], fx.Node):
+        return n, None
+    term = t.args[1]
+    val = term.meta.get("val")
+    if not isinstance(val, torch.Tensor) or val.dim() != 0 or _reads_inputs(term):
+        return n, None
+    return t, term
+
+
+def _reads_inputs(x: fx.Node) -> bool:
+    """Whether ``x`` is computed from the graph's inputs (sizes aside): their values, not parameters."""
+    seen, todo = set(), [x]
+    while todo:
+        v = todo.pop()
+        if v in seen:
+            continue
+        seen.add(v)
+        if v.op == "placeholder":
+            return True
+        if v.target is aten.sym_size.int:
+            continue
+        todo += v.all_input_nodes
+    return False
+
+
 def _per_sample_mean(gm: fx.GraphModule, n: fx.Node, source: tuple, fake_mode: Any,
-                     loss_reduction: str) -> fx.Node:
+                     loss_reduction: str, term: Optional[fx.Node] = None) -> fx.Node:
     g = gm.graph
 
     def call(target: Callable, *args: Any, **kwargs: Any) -> fx.Node:
@@ -140,4 +181,6 @@ def _per_sample_mean(gm: fx.GraphModule, n: fx.Node, source: tuple, fake_mode: A
             kwargs["reduction"] = 0
         per = call(n.target, *args, **kwargs)
         l_i = call(aten.mean.dim, call(aten.view.default, per, [B, -1]), [1])
+    if term is not None:
+        l_i = call(aten.add.Tensor, l_i, term)
     return call(aten.mean.default if loss_reduction == "mean" else aten.sum.default, l_i)
