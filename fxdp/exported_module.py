@@ -271,4 +271,14 @@ def _refuse_mixing(gm: fx.GraphModule, allow_unsafe_model: bool, flat: List[Any]
     if allow_unsafe_model:
         serve_unsafe(lines)
         return
+    if any("integrations/moe.py" in str(n.meta.get("fxdp_source")) for n, _, _ in found):
+        raise mixing_refusal(lines, _MOE_FIX)
     raise mixing_refusal(lines)
+
+
+#: Hugging Face's mixture-of-experts layers, by default, sort the whole batch's tokens by expert
+_MOE_FIX = ("Fix: this mixture-of-experts layer groups the tokens of the whole batch by expert (a sort, then one "
+            "matrix product per expert). Load the model with experts_implementation=\"batched_mm\" (e.g. "
+            "AutoModelForCausalLM.from_config(config, experts_implementation=\"batched_mm\")): each token's "
+            "chosen experts are applied to it alone, which fxdp serves exactly (its memory grows with the tokens "
+            "times an expert's size: practical for small experts)")

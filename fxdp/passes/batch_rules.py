@@ -95,6 +95,13 @@ def along(dim: str = "dim") -> Rule:
     return rule
 
 
+def _repeat_rows(u: BatchedArg) -> Optional[int]:
+    """``repeat_interleave(x, k, dim)``: along another dimension the batch stays; along the
+    batch's, each sample's rows are repeated within its own block (a fold ``k`` times longer,
+    laid out by ``symbolic_batch``); without ``dim`` it flattens (refused)."""
+    return None if u.args.get("dim") is None else u.dim
+
+
 def leading(trailing: int, arg: str = "input") -> Rule:
     """Works on the last ``trailing`` dimensions of ``arg`` (pools, paddings,
     upsampling, normalizations): the batch must be before them; other arguments
@@ -507,7 +514,7 @@ RULES.update({
     aten.sort.default: along(), aten.sort.stable: along(), aten.argsort.default: along(),
     aten.argsort.stable: along(), aten.topk.default: along(), aten.glu.default: along(),
     aten.flip.default: along("dims"), aten.roll.default: along("dims"), aten.rot90.default: along("dims"),
-    aten.repeat_interleave.self_int: along(), aten.repeat_interleave.self_Tensor: along(),
+    aten.repeat_interleave.self_int: _repeat_rows, aten.repeat_interleave.self_Tensor: along(),
     aten.cosine_similarity.default: _cosine_similarity,
     # contractions
     aten.mm.default: _matrix("input", "mat2"), aten.bmm.default: _matrix("input", "mat2"),

@@ -253,6 +253,26 @@ def _first(a: fx.Node) -> Tuple[Any, Any]:
     return (a.meta.get("fxdp_batch") or [None])[0], (a.meta.get("fxdp_layout") or [None])[0]
 
 
+def _repeated_rows_layout(n: fx.Node, h: tuple) -> Any:
+    """``x.repeat_interleave(k, dim)`` along the batch's dimension: row ``r`` becomes rows
+    ``r*k .. r*k + k - 1``, so each sample's rows stay one block, ``k`` times longer (a MoE
+    layer's tokens repeated once per chosen expert): layout ``(outer, inner * k)``."""
+    import sympy
+
+    x, reps = n.args[0], n.args[1]
+    dim = n.args[2] if len(n.args) > 2 else n.kwargs.get("dim")
+    if not isinstance(x, fx.Node) or not isinstance(reps, int) or dim is None:
+        return None
+    src, layout = _first(x)
+    if dim % x.meta["val"].dim() != h[1]:
+        return None
+    if isinstance(src, int) and src == h[1]:
+        return sympy.Integer(1), sympy.Integer(reps)
+    if isinstance(src, tuple) and src[0] == "fold" and src[1] == h[1] and layout is not None:
+        return FREE if layout == FREE else (layout[0], layout[1] * reps)
+    return None
+
+
 def _fold_layout(n: fx.Node, v: torch.Tensor, h: tuple, at: dict) -> Any:
     """The layout of a folded output value (``None``: unknown; ``"mixed"``)."""
     args = [a for a in n.all_input_nodes if isinstance(a.meta.get("val"), torch.Tensor)]
@@ -269,6 +289,8 @@ def _fold_layout(n: fx.Node, v: torch.Tensor, h: tuple, at: dict) -> Any:
     if all(_first(a)[0] is None for a in args) \
             and not any(hh is not None for a in held for hh in a.meta.get("fxdp_batch") or []):
         return FREE  # no input holds the batch: made or repeated over it
+    if n.target is aten.repeat_interleave.self_int:
+        return _repeated_rows_layout(n, h)
     if n.target in _RESHAPES:
         x = n.args[0]
         src, layout = _first(x)

@@ -125,6 +125,9 @@ KEPT = {
     # Mamba's mixer: torch.split of its projections, decomposed to tensor_split
     "tensor_split": lambda h: torch.cat(torch.tensor_split(h, [2, 4], dim=1)[::-1], 1)
     + torch.cat([c.flip(1) for c in torch.tensor_split(h, 3, dim=1)], 1),
+    # a MoE layer's tokens repeated once per chosen expert (batched_mm experts), then summed back
+    "repeat_interleave_rows": lambda h: (h.repeat_interleave(3, dim=0) * torch.arange(3.0).repeat(h.shape[0])
+                                         .unsqueeze(1)).view(-1, 3, D).sum(1) + h.repeat_interleave(2, dim=1)[:, ::2],
     "stft": lambda h: torch.stft(h, n_fft=4, hop_length=2, window=torch.hann_window(4, dtype=h.dtype),
                                  return_complex=True).abs().flatten(1)[:, :D],
 }
@@ -148,6 +151,7 @@ MIXING = {
     "solve_along_batch": (lambda h: torch.linalg.solve(2 * torch.eye(h.shape[0]) + 1, h), "batch-op"),
     "svdvals_over_batch": (lambda h: h * torch.linalg.svdvals(h.T).sum(), "batch-op"),
     "expand_as_batch_row": (lambda h: h + h[:1].expand_as(h), "batch-index"),
+    "repeat_interleave_flat": (lambda h: h * h.repeat_interleave(2)[1::2].view_as(h), "batch-op"),
     "take_reversed": (lambda h: torch.take(h, torch.arange(h.numel()).flip(0)).view_as(h), "batch-rule|batch-fold"),
 }
 
