@@ -42,24 +42,30 @@ RUNNER = ALIAS + textwrap.dedent('''
 ''')
 
 
-def _run(backend: str, tmp: Path) -> dict:
+def _start(backend: str, tmp: Path) -> subprocess.Popen:
     runner = tmp / f"run_{backend}.py"
     runner.write_text(RUNNER)
-    out = subprocess.run([sys.executable, str(runner), backend, str(HERE), *SCRIPTS], capture_output=True,
-                         text=True, timeout=1200, cwd=tmp)
+    return subprocess.Popen([sys.executable, str(runner), backend, str(HERE), *SCRIPTS], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=tmp)
+
+
+def _results(proc: subprocess.Popen) -> dict:
+    stdout, stderr = proc.communicate(timeout=1200)
     results = {}
-    for line in out.stdout.splitlines():
+    for line in stdout.splitlines():
         if line.startswith("RESULT "):
             r = json.loads(line[len("RESULT "):])
             results[r["script"]] = r
-    assert results, out.stdout[-2000:] + out.stderr[-3000:]
+    assert results, stdout[-2000:] + stderr[-3000:]
     return results
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
+    """Both backends at once (one thread each: the two cores CI has)."""
     tmp = tmp_path_factory.mktemp("opacus_usage")
-    return {"fxdp": _run("fxdp", tmp), "opacus": _run("opacus", tmp)}
+    procs = {backend: _start(backend, tmp) for backend in ("fxdp", "opacus")}
+    return {backend: _results(proc) for backend, proc in procs.items()}
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
