@@ -9,10 +9,14 @@ several files live in ``oracle.py`` (batch-of-one references and checks) and
 name is unique across the tree (pytest's default ``prepend`` import mode, no
 ``__init__.py``), and this directory is on ``sys.path`` for ``oracle``/``models``.
 """
+import os
 import warnings
 
 import pytest
 import torch
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # one worker per core (addopts' -n 2): no oversubscribed intra-op threads
+    torch.set_num_threads(1)
 
 
 @pytest.fixture
