@@ -236,3 +236,24 @@ def assert_check_plans_as_run(plans: Dict[str, str], dp, run: Callable[[], None]
     for param, hows in ran.items():
         expected = hows[0] if len(hows) == 1 else tied_plan(hows, factors[param])
         assert plans[param] == expected, (param, plans[param], hows)
+
+
+def train_hf_epoch(model: nn.Module, x: Dict[str, Tensor], repeats: int = 4, batch_size: int = 4):
+    """make_private (book-keeping, RDP) on a Hugging Face model whose ``labels=`` loss it trains, one
+    epoch over the rows of ``x`` (input_ids, attention_mask, labels) repeated; returns the engine and
+    ``[(parameter, its value before)]`` of the trainable parameters."""
+    import fxdp
+
+    keys = ("input_ids", "attention_mask", "labels")
+    data = torch.utils.data.TensorDataset(*(x[k].repeat(repeats, 1) for k in keys))
+    loader = torch.utils.data.DataLoader(data, batch_size=batch_size)
+    before = [(p, p.detach().clone()) for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD([p for p, _ in before], lr=0.1)
+    engine = fxdp.PrivacyEngine(accountant="rdp")
+    dp, opt, dl = engine.make_private(module=model, optimizer=opt, data_loader=loader, noise_multiplier=1.0,
+                                      max_grad_norm=1.0, grad_sample_mode="bk")
+    for batch in dl:
+        opt.zero_grad()
+        dp(**dict(zip(keys, batch))).loss.backward()
+        opt.step()
+    return engine, before

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import fxdp
+from oracle import train_hf_epoch
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -60,17 +61,6 @@ def test_per_sample_gradients_equal_each_sample_alone(tmp_path, bits):
 
 def test_make_private_trains_the_adapters(tmp_path):
     model, x = _qlora(tmp_path, 4)
-    data = torch.utils.data.TensorDataset(*(x[k].repeat(4, 1) for k in ("input_ids", "attention_mask", "labels")))
-    loader = torch.utils.data.DataLoader(data, batch_size=4)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    before = [p.detach().clone() for p in trainable]
-    opt = torch.optim.SGD(trainable, lr=0.1)
-    engine = fxdp.PrivacyEngine(accountant="rdp")
-    dp, opt, dl = engine.make_private(module=model, optimizer=opt, data_loader=loader, noise_multiplier=1.0,
-                                      max_grad_norm=1.0, grad_sample_mode="bk")
-    for ids, mask, labels in dl:
-        opt.zero_grad()
-        dp(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
-        opt.step()
-    assert all(not torch.equal(p, b) for p, b in zip(trainable, before)) and engine.get_epsilon(1e-5) > 0
+    engine, before = train_hf_epoch(model, x)
+    assert all(not torch.equal(p, b) for p, b in before) and engine.get_epsilon(1e-5) > 0
     assert fxdp.check(model, x).ok
