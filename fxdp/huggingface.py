@@ -125,6 +125,9 @@ def per_sample_loss(logits: Tensor, labels: Tensor, task: str, label_smoothing: 
       ``-100`` (padding), 0 for a sample without any;
     - ``"causal_lm"``: the same after shifting (token ``t`` predicts label ``t + 1``).
 
+    Token logits longer than the labels (prompt tuning and P-tuning prepend virtual tokens) are
+    read at the labels' positions, the last ones.
+
     ``label_smoothing`` (the cross-entropy tasks): ``(1 - eps) * nll + eps * mean_c(-log p_c)``,
     the ``Trainer``'s ``LabelSmoother`` of a batch of one sample.
     """
@@ -139,6 +142,12 @@ def per_sample_loss(logits: Tensor, labels: Tensor, task: str, label_smoothing: 
         return F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype), reduction="none").mean(-1)
     if task not in ("token", "causal_lm"):
         raise ValueError(f"unknown task {task!r}; expected one of {list(_TASKS)}")
+    extra = logits.shape[1] - labels.shape[1]
+    if extra > 0:  # prompt tuning / P-tuning prepend virtual tokens: the labels are the last positions'
+        logits = logits[:, extra:]
+    elif extra < 0:
+        raise ValueError(f"the logits cover {logits.shape[1]} positions but the labels {labels.shape[1]}. Fix: "
+                         "pass labels of the inputs' length")
     if task == "causal_lm":
         logits, labels = logits[:, :-1], labels[:, 1:]
     token = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX,

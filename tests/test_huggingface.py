@@ -128,6 +128,25 @@ def test_per_sample_loss_ignores_padding_and_shifts_causal_labels():
     torch.testing.assert_close(tok[1], torch.nn.functional.cross_entropy(logits[1, :1], labels[1, :1]))
 
 
+def test_token_logits_of_prompt_tuning_are_read_at_the_labels_positions(tmp_path):
+    """Prompt tuning prepends virtual tokens: the logits are longer than the labels, whose positions
+    are the last ones; the Trainer's DP steps train the prompt."""
+    logits = torch.randn(2, 7, 5, dtype=torch.float64)
+    labels = torch.tensor([[1, 2, 3, -100], [4, 1, -100, -100]])
+    torch.testing.assert_close(per_sample_loss(logits, labels, "causal_lm"),
+                               per_sample_loss(logits[:, 3:], labels, "causal_lm"))
+    with pytest.raises(ValueError, match="the logits cover 3 positions but the labels 4"):
+        per_sample_loss(logits[:, :3], labels, "token")
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(_model("lm", 0.0), peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
+    trainer = DPTrainer(model=model, args=_args(tmp_path, max_steps=2), train_dataset=_List(_records(12, "lm")),
+                        data_collator=_collate, privacy_args=PrivacyArguments(noise_multiplier=1.0))
+    prompt = next(p for p in model.parameters() if p.requires_grad)
+    before = prompt.detach().clone()
+    trainer.train()
+    assert not torch.equal(prompt, before)
+
+
 @pytest.mark.parametrize("kind", ["lm", "classification"])
 def test_label_smoothing_is_each_samples_own_trainer_smoothed_loss(tmp_path, kind, f64):
     """label_smoothing_factor (ignored by the DP steps before): the Trainer's LabelSmoother of each
