@@ -21,13 +21,21 @@ _SUPPRESS = SUPPRESS
 
 
 def _user_line(exc: BaseException) -> Optional[Tuple[str, int, str]]:
-    """(file, line, code) of the innermost user frame of an exception's traceback."""
+    """(file, line, code) of the innermost user frame of an exception's traceback (not torch's,
+    fxdp's, NumPy's or Python's own: wav2vec2's SpecAugment fails inside np.put_along_axis, its
+    line is transformers')."""
+    import os
+    import random
     import traceback
 
+    import numpy as np
+
+    skipped = (TORCH_DIR, FXDP_DIR, os.path.dirname(np.__file__), "<")
+    stdlib = os.path.dirname(random.__file__) + os.sep
     best = None
     for fr in traceback.extract_tb(exc.__traceback__):
         fn = fr.filename
-        if not (fn.startswith(TORCH_DIR) or fn.startswith(FXDP_DIR) or fn.startswith("<")):
+        if not (fn.startswith(skipped) or fn.startswith(stdlib) and "site-packages" not in fn):
             best = (fn, fr.lineno or 0, (fr.line or "").strip())
     return best
 

@@ -504,6 +504,8 @@ def test_spec_augment_drawn_inside_is_refused_and_masks_from_the_collator_are_ex
     x = torch.randn(B, 400)
     with pytest.raises(fxdp.UnsupportedModelError, match=r"(?s)NumPy.*SpecAugment.*mask_time_prob = 0"):
         fxdp.privatize(model)(input_values=x)
+    (error,) = fxdp.check(model, {"input_values": x}).errors  # at the model's line, not inside NumPy
+    assert error.file.endswith("modeling_wav2vec2.py") and "mask" in error.source
     frames = int(model._get_feat_extract_output_lengths(400))
     np.random.seed(0)  # the collator's draw (transformers draws with NumPy's global generator)
     mask = torch.from_numpy(_compute_mask_indices((B, frames), 0.3, 2, min_masks=2))
