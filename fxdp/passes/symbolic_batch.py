@@ -212,14 +212,16 @@ def _free_rows_follow_their_users(gm: fx.GraphModule) -> None:
     types for multiple-choice inputs ``[B*k, T]``, and an embedding of them) has the layout of
     the values its rows are combined with: when every user keeps those rows as rows of a
     batch-major fold, row ``r`` is sample ``r // k``'s, so the fold is batch-major too (a capture
-    op on it serves it as ``[B, k, ...]``). Users first: a chain of such values follows the last."""
+    op on it serves it as ``[B, k, ...]``). Users first: a chain of such values (the same fold, on
+    the same dimension) follows the last; an op that moves rows (a flip, a gather) keeps no fold, so
+    the chain stops there."""
     for n in reversed(list(gm.graph.nodes)):
         hints, lays = n.meta.get("fxdp_batch") or [], n.meta.get("fxdp_layout") or []
         if len(hints) != 1 or lays[:1] != [FREE] or not isinstance(hints[0], tuple) or hints[0][0] != "fold" \
                 or hints[0][3] == "major" or not n.users:
             continue
         h = hints[0]
-        if all(any(isinstance(x, tuple) and x[0] == "fold" and x[2] == h[2] and x[3] == "major"
+        if all(any(isinstance(x, tuple) and x[0] == "fold" and x[1] == h[1] and x[2] == h[2] and x[3] == "major"
                    for x in u.meta.get("fxdp_batch") or []) for u in n.users):
             n.meta["fxdp_batch"] = [(h[0], h[1], h[2], "major")]
 

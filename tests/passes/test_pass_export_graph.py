@@ -1101,10 +1101,11 @@ class Choices(nn.Module):
     constant (BERT's token types, expanded to the folded batch: rows that hold no sample);
     ``minor``: the rows taken choice-major (``[k*B]``: row r is sample r % B's)."""
 
-    def __init__(self, minor=False):
+    def __init__(self, minor=False, flipped=False):
         super().__init__()
         self.tok = nn.Embedding(20, 6)
         self.typ = nn.Embedding(2, 6)
+        self.flipped = flipped
         self.head = nn.Linear(6, 1)
         self.minor = minor
         self.register_buffer("types", torch.zeros(1, 16, dtype=torch.long))
@@ -1112,19 +1113,24 @@ class Choices(nn.Module):
     def forward(self, ids, **kwargs):
         B, k, T = ids.shape
         flat = ids.transpose(0, 1).reshape(-1, T) if self.minor else ids.reshape(-1, T)
-        h = self.tok(flat) + self.typ(self.types[:, :T].expand(flat.shape[0], T))
+        typ = self.typ(self.types[:, :T].expand(flat.shape[0], T))
+        h = self.tok(flat) + (typ.flip(0) if self.flipped else typ)
         out = self.head(torch.tanh(h)).sum((1, 2))
         return out.view(k, B).t() if self.minor else out.view(B, k)
 
 
 def test_rows_of_a_constant_follow_the_batch_major_fold_they_join(f64):
     """The constant's rows take the layout of the rows they are added to: batch-major, so the
-    token-type embedding is served as [B, k, ...], exact; choice-major rows stay refused."""
+    token-type embedding is served as [B, k, ...], exact; choice-major rows, and rows moved before
+    they join, stay refused."""
     torch.manual_seed(0)
     ids = torch.randint(0, 20, (4, 3, 5))
     _per_sample_ok(Choices(), ids)
     with pytest.raises(fxdp.errors.BatchDimensionError, match="folds the batch"):
         fxdp.privatize(Choices(minor=True), capture="export")(ids).sum().backward()
+    # rows moved before they join (a flip keeps no fold): which sample each is for is not followed
+    with pytest.raises(fxdp.errors.FxdpError, match="order is not known"):
+        fxdp.privatize(Choices(flipped=True), capture="export")(ids).sum().backward()
 
 
 def test_bert_for_multiple_choice(f64):
