@@ -30,7 +30,8 @@ from .example_inputs import call_inputs
 from .model_state import ModelState
 from .passes.batch_dims import BatchDims, batch_size, input_batch_dim, per_arg
 from .passes.batch_mixing.ragged import Segmentation, one_bag, segmentation
-from .passes.batch_mixing import fork_rng, small_model_threads
+from .passes.batch_mixing import small_model_threads
+from .utils.host_rng import fork_rng
 
 __all__ = ["verify", "cross_check", "FirstStepCrossCheck", "VerifyResult", "CrossCheckResult"]
 

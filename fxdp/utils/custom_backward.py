@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten
 
+from .host_rng import fork_rng
 from .source import user_frame
 
 __all__ = ["Application", "watch_functions", "check_backwards", "SAME_GRADIENT"]
@@ -149,10 +150,10 @@ def _vjp_difference(cls: type, args: Tuple[Any, ...], kwargs: dict,
         return [t for t in tree_flatten(out)[0] if isinstance(t, Tensor) and t.is_floating_point()]
 
     # both runs from the same random state: a forward that draws (SEW-D's XDropout) draws the same
-    with torch.random.fork_rng(devices=[]):
+    with fork_rng(call):
         custom = outputs(apply(*call))
     try:
-        with torch.random.fork_rng(devices=[]):
+        with fork_rng(call):
             plain = outputs(_forward_ops(cls, call, kwargs))
     except Exception as e:  # a forward that only runs inside apply
         return math.inf, f"its forward does not run outside apply ({type(e).__name__}: {e})"
@@ -192,7 +193,7 @@ def check_backwards(model: nn.Module, args: Tuple[Any, ...], kwargs: dict) -> Li
 
     def hook(cls: type, call_args: Tuple[Any, ...], kwargs: dict, apply: Callable[..., Any]) -> Any:
         out = apply(*call_args)
-        with torch.random.fork_rng(devices=[]):  # the model's own draws go on as without the check
+        with fork_rng(call_args, kwargs):  # the model's own draws go on as without the check
             diff, reason = _vjp_difference(cls, call_args, kwargs, apply)
         if diff is not None:
             found = Application(cls.__name__, user_frame(), diff, reason, _tolerance(_dtype_of(call_args)))
@@ -200,7 +201,7 @@ def check_backwards(model: nn.Module, args: Tuple[Any, ...], kwargs: dict) -> Li
                 checked.append(found)
         return out
 
-    with torch.random.fork_rng(devices=[]), _patched_apply(hook), torch.enable_grad():
+    with fork_rng(args, kwargs), _patched_apply(hook), torch.enable_grad():
         model(*args, **kwargs)
     return checked
 

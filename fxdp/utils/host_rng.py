@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import contextlib
 import random
-from typing import Iterator, List
+from typing import Any, Iterator, List
 
 import numpy as np
 import torch
+from torch import Tensor
+from torch.utils._pytree import tree_flatten
 
-__all__ = ["watch_draws"]
+__all__ = ["watch_draws", "fork_rng"]
 
 
 class Draws:
@@ -47,3 +49,11 @@ def watch_draws(torch_too: bool) -> Iterator[Draws]:
         if th is not None and not torch.equal(th, torch.random.get_rng_state()):
             found.names.append("torch's generator (outside the ops on the inputs)")
             torch.random.set_rng_state(th)
+
+
+def fork_rng(*objs: Any) -> Any:
+    """``torch.random.fork_rng`` over the CPU and the CUDA devices of the tensors in ``objs``: an
+    analysis's extra runs draw what they draw and leave the model's random streams as they were."""
+    devices = sorted({t.device.index or 0 for t in tree_flatten(list(objs))[0]
+                      if isinstance(t, Tensor) and t.device.type == "cuda"})
+    return torch.random.fork_rng(devices=devices)

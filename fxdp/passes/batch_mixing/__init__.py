@@ -51,7 +51,7 @@ from __future__ import annotations
 
 # re-exported: the entry point, the registry of declared semantics, the tag algebra
 from .analysis import BatchMixingAnalysis, analyze_batch_mixing  # noqa: F401
-from .execution import fork_rng, resize_batch, small_model_threads  # noqa: F401
+from .execution import resize_batch, small_model_threads  # noqa: F401
 from .ops import _SEMANTICS, SEMANTIC_KINDS, op_name, register_semantics, semantics_for  # noqa: F401
 from .report import MixingFinding, MixingResult, describe_mixing  # noqa: F401
 from .tags import (MIX, NO, NT, along, broadcast_shapes, combine, const, fit, fmt_hint, ideal,  # noqa: F401

@@ -12,7 +12,8 @@ from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from ..batch_dims import SIZES, BatchDims, classify, per_arg
 from .dispatch import resolve
-from .execution import _Run, fork_rng, resize_batch, small_model_threads
+from ...utils.host_rng import fork_rng
+from .execution import _Run, resize_batch, small_model_threads
 from .fast import fast_tag
 from .ops import _Unknown, op_name
 from .ragged import Segmentation, segmentation, resize_ragged

@@ -50,13 +50,6 @@ def small_model_threads(model: nn.Module, limit: int = 5_000_000):
             torch.set_num_threads(n)
 
 
-def fork_rng(*objs: Any) -> Any:
-    """``torch.random.fork_rng`` over the CPU and the CUDA devices of the tensors in ``objs``."""
-    devs = sorted({t.device.index or 0 for t in tree_flatten(list(objs))[0]
-                   if isinstance(t, Tensor) and t.device.type == "cuda"})
-    return torch.random.fork_rng(devices=devs)
-
-
 def _summary(x: Any) -> List[Any]:
     flat, _ = tree_flatten(x)
     return [tuple(v.shape) if isinstance(v, Tensor) else (v if isinstance(v, int) else None) for v in flat]

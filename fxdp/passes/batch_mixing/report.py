@@ -11,7 +11,7 @@ from torch.utils._pytree import tree_flatten
 from torch import Tensor, nn
 from torch.nn.modules import batchnorm, rnn
 
-from .execution import fork_rng
+from ...utils.host_rng import fork_rng
 from .ops import _FUNCS, _REDUCTIONS, _family, _hashable, op_name
 from .tags import MIX, NO, _is_fold, _is_int, const, fmt_hint, uniform
 from .transfer.reduction import reduce_dims
