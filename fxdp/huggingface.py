@@ -376,6 +376,8 @@ class DPTrainer(Trainer):
             stats = self.dp_optimizer.clip_stats
             if stats is not None:
                 logs["clip_fraction"] = round(stats.fraction_clipped, 4)
+            # the Trainer's norm of the batch gradient, never computed (max_grad_norm is 0 here): it would read 0
+            logs.pop("grad_norm", None)
         super().log(logs, *args, **kwargs)
 
 

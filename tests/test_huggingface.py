@@ -221,6 +221,7 @@ def test_train_logs_epsilon_per_epoch_and_stops_at_the_budget(tmp_path):
     assert len(epochs) >= 1 and all(a[1] < b[1] for a, b in zip(epochs, epochs[1:]))
     logged = [h for h in trainer.state.log_history if "loss" in h]
     assert logged and all("epsilon" in h and "clip_fraction" in h for h in logged)
+    assert not any("grad_norm" in h for h in logged)  # the Trainer's batch-gradient norm, not computed: not a 0
 
 
 def test_sigma_is_calibrated_to_spend_the_target_over_the_planned_steps(tmp_path):
