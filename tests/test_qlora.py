@@ -64,3 +64,19 @@ def test_make_private_trains_the_adapters(tmp_path):
     engine, before = train_hf_epoch(model, x)
     assert all(not torch.equal(p, b) for p, b in before) and engine.get_epsilon(1e-5) > 0
     assert fxdp.check(model, x).ok
+
+
+def test_a_copy_of_the_model_calls_its_own_layers(tmp_path):
+    """copy.deepcopy keeps a layer's handle in its __dict__: the copy's graph must still call the
+    copy's layers (here the original's are changed after the copy)."""
+    import copy
+
+    model, x = _qlora(tmp_path, 4)
+    fxdp.privatize(model)(**x).loss.backward()  # the original's layers get handles
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        for m in model.modules():
+            if type(m).__name__ == "Linear4bit":
+                m.weight.data.zero_()  # the original's 4-bit codes: every weight the same value now
+    got = fxdp.privatize(twin)(**x).logits
+    torch.testing.assert_close(got, twin(**x).logits)

@@ -99,7 +99,8 @@ def opaque_quantized_linears(model: nn.Module) -> Iterator[int]:
     layers = frozen_quantized_linears(model)
     for m in layers:
         handle = m.__dict__.get("_fxdp_handle")
-        if handle is None:
+        ref = _LAYERS.get(handle) if handle is not None else None
+        if ref is None or ref() is not m:  # new, or a copy (copy.deepcopy keeps the original's handle)
             handle = m.__dict__["_fxdp_handle"] = next(_HANDLES)
             _LAYERS[handle] = weakref.ref(m)
         out = int(getattr(m, "out_features"))
